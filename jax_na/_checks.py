@@ -1,0 +1,239 @@
+"""Argument normalization and validation: the one place every public entry point goes through.
+
+Every invalid call raises ``ValueError`` or ``TypeError`` naming the argument, the axis and the
+allowed values, before anything is traced into a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_na import _ext
+
+# Backends the library knows. "gemm" and "fused" are planned; asking for them says so.
+KNOWN_BACKENDS = ("reference", "naive")
+PLANNED_BACKENDS = ("gemm", "fused")
+FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+# What each backend accepts: dtypes, and head dims as a predicate with its description.
+BACKEND_DTYPES = {
+    "reference": FLOAT_DTYPES + (jnp.float64,),
+    "naive": FLOAT_DTYPES,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NAParams:
+    """Normalized, hashable window parameters (one entry per spatial axis)."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel_size)
+
+    @property
+    def window_size(self) -> int:
+        return math.prod(self.kernel_size)
+
+
+def _dtype_name(dt) -> str:
+    return jnp.dtype(dt).name
+
+
+def _per_axis(name: str, value: Any, rank: int) -> tuple:
+    """An int/bool or a sequence of one entry per spatial axis -> tuple of length ``rank``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != rank:
+            raise ValueError(f"{name} must be a single value or a tuple of {rank} (one per spatial axis), "
+                             f"got {len(value)} entries: {tuple(value)!r}")
+        return tuple(value)
+    return (value,) * rank
+
+
+def _int_per_axis(name: str, value: Any, rank: int) -> tuple[int, ...]:
+    vals = _per_axis(name, value, rank)
+    out = []
+    for axis, v in enumerate(vals):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be a Python int per spatial axis; axis {axis} got {v!r} "
+                            f"of type {type(v).__name__}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def _bool_per_axis(name: str, value: Any, rank: int) -> tuple[bool, ...]:
+    vals = _per_axis(name, value, rank)
+    out = []
+    for axis, v in enumerate(vals):
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool per spatial axis; axis {axis} got {v!r} "
+                            f"of type {type(v).__name__}")
+        out.append(bool(v))
+    return tuple(out)
+
+
+def window_params(rank: int, spatial: Sequence[int], kernel_size, stride=1, dilation=1,
+                  is_causal=False, scale=None, head_dim: int | None = None) -> NAParams:
+    """Normalize and check the window parameters against the spatial shape."""
+    ks = _int_per_axis("kernel_size", kernel_size, rank)
+    st = _int_per_axis("stride", stride, rank)
+    dl = _int_per_axis("dilation", dilation, rank)
+    ca = _bool_per_axis("is_causal", is_causal, rank)
+    for axis, (L, k, s, d) in enumerate(zip(spatial, ks, st, dl)):
+        if k < 2:
+            raise ValueError(f"kernel_size must be >= 2 on every axis; axis {axis} got {k}")
+        if d < 1:
+            raise ValueError(f"dilation must be >= 1 on every axis; axis {axis} got {d}")
+        if k * d > L:
+            raise ValueError(f"kernel_size * dilation must be <= the axis length; axis {axis} has length "
+                             f"{L}, kernel_size {k}, dilation {d} (allowed: kernel_size <= {L // d} "
+                             f"with this dilation, or dilation <= {L // k} with this kernel_size)")
+        if not 1 <= s <= k:
+            raise ValueError(f"stride must be in [1, kernel_size] on every axis; axis {axis} got "
+                             f"stride {s} with kernel_size {k} (allowed: 1..{k})")
+    if scale is None:
+        if head_dim is None:
+            raise ValueError("scale is required when the head dim is unknown")
+        scale = float(head_dim) ** -0.5
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a Python float (a static value) or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return NAParams(ks, st, dl, ca, scale)
+
+
+def _check_array(name: str, x, ndim: int, layout: str):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim} with layout {layout}, got shape {tuple(x.shape)}")
+    if not any(jnp.dtype(x.dtype) == jnp.dtype(d) for d in FLOAT_DTYPES + (jnp.float64,)):
+        raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64 on the reference backend), "
+                        f"got {_dtype_name(x.dtype)}")
+
+
+def _layout(rank: int, heads: str, dim: str) -> str:
+    axes = ", ".join("XYZ"[:rank])
+    return f"[B, {axes}, {heads}, {dim}]"
+
+
+def resolve_backend(backend: str | None, dtype, what: str = "na") -> str:
+    """Check the backend name; returns "auto" or a concrete backend usable here for ``dtype``."""
+    if backend is None or backend == "auto":
+        return "auto"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
+    if backend in PLANNED_BACKENDS:
+        raise ValueError(f"backend {backend!r} is not implemented yet; allowed: None, 'auto', "
+                         f"{', '.join(repr(b) for b in KNOWN_BACKENDS)}")
+    if backend not in KNOWN_BACKENDS:
+        raise ValueError(f"backend must be one of None, 'auto', "
+                         f"{', '.join(repr(b) for b in KNOWN_BACKENDS)}; got {backend!r}")
+    if backend != "reference" and not _ext.has_cuda_kernels():
+        raise ValueError(f"backend {backend!r} needs jax_na's CUDA kernels, which this installation "
+                         f"does not have (built without nvcc); available: {_ext.available_backends()}")
+    allowed = BACKEND_DTYPES[backend]
+    if not any(jnp.dtype(dtype) == jnp.dtype(d) for d in allowed):
+        supporting = [b for b, ds in BACKEND_DTYPES.items()
+                      if any(jnp.dtype(dtype) == jnp.dtype(d) for d in ds)]
+        raise TypeError(f"backend {backend!r} does not support dtype {_dtype_name(dtype)} "
+                        f"(it supports {', '.join(_dtype_name(d) for d in allowed)}); "
+                        f"backends that do: {supporting}")
+    return backend
+
+
+def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                   additional_keys, additional_values, backend):
+    """Validate a na{1,2,3}d call. Returns (NAParams, backend)."""
+    _check_array("query", query, rank + 3, _layout(rank, "H", "D"))
+    _check_array("key", key, rank + 3, _layout(rank, "H_kv", "D"))
+    _check_array("value", value, rank + 3, _layout(rank, "H_kv", "D_v"))
+    B, *spatial, H, D = query.shape
+    if tuple(key.shape[:-2]) != (B, *spatial):
+        raise ValueError(f"key must have the batch and spatial shape of query {(B, *spatial)}, "
+                         f"got key shape {tuple(key.shape)}")
+    Hkv = key.shape[-2]
+    if key.shape[-1] != D:
+        raise ValueError(f"key head dim must equal query head dim {D}, got key shape {tuple(key.shape)}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"key heads must divide query heads (grouped-query attention): query has {H} "
+                         f"heads, key has {Hkv}; allowed key heads: "
+                         f"{[h for h in range(1, H + 1) if H % h == 0]}")
+    if tuple(value.shape[:-1]) != tuple(key.shape[:-1]):
+        raise ValueError(f"value must have shape [B, *spatial, H_kv, D_v] = {(*key.shape[:-1], 'D_v')}, "
+                         f"got {tuple(value.shape)}")
+    for name, x in (("key", key), ("value", value)):
+        if x.dtype != query.dtype:
+            raise TypeError(f"{name} dtype {_dtype_name(x.dtype)} differs from query dtype "
+                            f"{_dtype_name(query.dtype)}; all inputs must share one dtype")
+    if (additional_keys is None) != (additional_values is None):
+        missing = "additional_values" if additional_values is None else "additional_keys"
+        raise ValueError(f"additional_keys and additional_values must be given together; {missing} is missing")
+    if additional_keys is not None:
+        _check_array("additional_keys", additional_keys, 4, "[B, N_add, H_kv, D]")
+        _check_array("additional_values", additional_values, 4, "[B, N_add, H_kv, D_v]")
+        Na = additional_keys.shape[1]
+        if tuple(additional_keys.shape) != (B, Na, Hkv, D):
+            raise ValueError(f"additional_keys must have shape [B, N_add, H_kv, D] = {(B, 'N_add', Hkv, D)}, "
+                             f"got {tuple(additional_keys.shape)}")
+        if tuple(additional_values.shape) != (B, Na, Hkv, value.shape[-1]):
+            raise ValueError(f"additional_values must have shape [B, N_add, H_kv, D_v] = "
+                             f"{(B, Na, Hkv, value.shape[-1])}, got {tuple(additional_values.shape)}")
+        for name, x in (("additional_keys", additional_keys), ("additional_values", additional_values)):
+            if x.dtype != query.dtype:
+                raise TypeError(f"{name} dtype {_dtype_name(x.dtype)} differs from query dtype "
+                                f"{_dtype_name(query.dtype)}")
+    params = window_params(rank, spatial, kernel_size, stride, dilation, is_causal, scale, D)
+    return params, resolve_backend(backend, query.dtype)
+
+
+def qk_args(rank: int, query, key, kernel_size, dilation, is_causal, rpb, scale, backend):
+    """Validate a na{1,2,3}d_qk call. Returns (NAParams, backend)."""
+    _check_array("query", query, rank + 3, _layout(rank, "H", "D"))
+    _check_array("key", key, rank + 3, _layout(rank, "H_kv", "D"))
+    B, *spatial, H, D = query.shape
+    if tuple(key.shape[:-2]) != (B, *spatial) or key.shape[-1] != D:
+        raise ValueError(f"key must have shape [B, *spatial, H_kv, D] with B, spatial and D of query "
+                         f"{tuple(query.shape)}, got {tuple(key.shape)}")
+    if H % key.shape[-2] != 0:
+        raise ValueError(f"key heads must divide query heads: query has {H}, key has {key.shape[-2]}")
+    if key.dtype != query.dtype:
+        raise TypeError(f"key dtype {_dtype_name(key.dtype)} differs from query dtype {_dtype_name(query.dtype)}")
+    params = window_params(rank, spatial, kernel_size, 1, dilation, is_causal, scale, D)
+    if rpb is not None:
+        want = (H, *(2 * k - 1 for k in params.kernel_size))
+        if not hasattr(rpb, "shape") or tuple(rpb.shape) != want:
+            raise ValueError(f"rpb must have shape [H, 2*k-1 per axis] = {want}, "
+                             f"got {tuple(getattr(rpb, 'shape', ())) or type(rpb).__name__}")
+        if rpb.dtype != query.dtype:
+            raise TypeError(f"rpb dtype {_dtype_name(rpb.dtype)} differs from query dtype "
+                            f"{_dtype_name(query.dtype)}")
+    return params, resolve_backend(backend, query.dtype)
+
+
+def av_args(rank: int, weights, value, kernel_size, dilation, is_causal, backend):
+    """Validate a na{1,2,3}d_av call. Returns (NAParams, backend)."""
+    _check_array("value", value, rank + 3, _layout(rank, "H_kv", "D_v"))
+    _check_array("weights", weights, rank + 3, _layout(rank, "H", "prod(kernel_size)"))
+    B, *spatial, Hkv, _ = value.shape
+    params = window_params(rank, spatial, kernel_size, 1, dilation, is_causal, 1.0)
+    H = weights.shape[-2]
+    if tuple(weights.shape[:-2]) != (B, *spatial) or weights.shape[-1] != params.window_size:
+        raise ValueError(f"weights must have shape [B, *spatial, H, prod(kernel_size)] = "
+                         f"{(B, *spatial, 'H', params.window_size)}, got {tuple(weights.shape)}")
+    if H % Hkv != 0:
+        raise ValueError(f"value heads must divide weights heads: weights have {H}, value has {Hkv}")
+    if weights.dtype != value.dtype:
+        raise TypeError(f"weights dtype {_dtype_name(weights.dtype)} differs from value dtype "
+                        f"{_dtype_name(value.dtype)}")
+    return params, resolve_backend(backend, value.dtype)

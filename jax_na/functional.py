@@ -1,0 +1,237 @@
+"""Functional API: na1d/na2d/na3d (fused-style attention) and the unfused na*d_qk / na*d_av ops.
+
+All functions take heads-last arrays, work under ``jit``, ``vmap``, ``grad`` (and their nestings),
+and check their arguments before anything is traced into a kernel (see ``_checks``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_na import _checks
+from jax_na.primitives import av_bwd_p, av_p, bwd_p, fwd_p, qk_bwd_p, qk_p
+
+__all__ = ["na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av"]
+
+
+# ----------------------------------------------------------------------------- differentiation
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, add_k, add_v, params, backend):
+    return tuple(fwd_p.bind(q, k, v, add_k, add_v, params=params, backend=backend))
+
+
+def _attention_fwd(q, k, v, add_k, add_v, params, backend):
+    out, lse = fwd_p.bind(q, k, v, add_k, add_v, params=params, backend=backend)
+    # The backward recomputes the probabilities from the LSE: save inputs, output and LSE only.
+    return (out, lse), (q, k, v, add_k, add_v, out, lse)
+
+
+def _attention_bwd(params, backend, res, cts):
+    d_out, d_lse = cts
+    return tuple(bwd_p.bind(*res, d_out, d_lse.astype(res[-1].dtype), params=params, backend=backend))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _qk(q, k, rpb, params, backend):
+    return qk_p.bind(q, k, rpb, params=params, backend=backend)
+
+
+def _qk_fwd(q, k, rpb, params, backend):
+    return _qk(q, k, rpb, params, backend), (q, k, rpb)
+
+
+def _qk_bwd(params, backend, res, d_attn):
+    q, k, rpb = res
+    return tuple(qk_bwd_p.bind(d_attn, q, k, rpb, params=params, backend=backend))
+
+
+_qk.defvjp(_qk_fwd, _qk_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _av(attn, v, params, backend):
+    return av_p.bind(attn, v, params=params, backend=backend)
+
+
+def _av_fwd(attn, v, params, backend):
+    return _av(attn, v, params, backend), (attn, v)
+
+
+def _av_bwd(params, backend, res, d_out):
+    return tuple(av_bwd_p.bind(d_out, *res, params=params, backend=backend))
+
+
+_av.defvjp(_av_fwd, _av_bwd)
+
+
+# ----------------------------------------------------------------------------- shared entry points
+
+def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+        additional_values, return_lse, backend):
+    params, backend = _checks.attention_args(rank, query, key, value, kernel_size, stride, dilation,
+                                             is_causal, scale, additional_keys, additional_values, backend)
+    if additional_keys is None:
+        B, Hkv = key.shape[0], key.shape[-2]
+        additional_keys = jnp.zeros((B, 0, Hkv, key.shape[-1]), key.dtype)
+        additional_values = jnp.zeros((B, 0, Hkv, value.shape[-1]), value.dtype)
+    out, lse = _attention(query, key, value, additional_keys, additional_values, params, backend)
+    return (out, lse) if return_lse else out
+
+
+def _na_qk(rank, query, key, kernel_size, dilation, is_causal, rpb, scale, backend):
+    params, backend = _checks.qk_args(rank, query, key, kernel_size, dilation, is_causal, rpb, scale,
+                                      backend)
+    rpb = jnp.zeros((0,), query.dtype) if rpb is None else rpb
+    return _qk(query, key, rpb, params, backend)
+
+
+def _na_av(rank, weights, value, kernel_size, dilation, is_causal, backend):
+    params, backend = _checks.av_args(rank, weights, value, kernel_size, dilation, is_causal, backend)
+    return _av(weights, value, params, backend)
+
+
+_NA_DOC = """{rank}-D neighborhood attention.
+
+    Each query attends to the keys inside its window (``kernel_size`` tokens per axis, shifted inward
+    at the borders), plus ``additional_keys`` if given, in one float32 softmax. Exact semantics:
+    SEMANTICS.md (NATTEN-compatible).
+
+    Args:
+      query: ``{q}``.
+      key: ``{k}``; ``H % H_kv == 0`` (grouped-query attention).
+      value: ``{v}``.
+      kernel_size: window size, an int or one per axis; ``2 <= k``, ``k * dilation <= L``.
+      stride: queries in a stride group share their leader's window; ``1 <= stride <= k``.
+      dilation: attend within interleaved groups of ``dilation`` tokens; ``>= 1``.
+      is_causal: bool or one per axis.
+      scale: score scale, default ``D ** -0.5`` (a static Python float).
+      additional_keys: optional ``[B, N_add, H_kv, D]`` keys seen by every query.
+      additional_values: optional ``[B, N_add, H_kv, D_v]``, required with ``additional_keys``.
+      return_lse: also return the float32 log-sum-exp ``{lse}``.
+      backend: None/"auto" (the best available kernel on the platform), "naive" (CUDA kernels; on
+        other platforms the call lowers to the reference) or "reference" (pure JAX).
+
+    Returns:
+      ``{o}`` in the input dtype, and the LSE when ``return_lse``.
+
+    Example:
+      >>> import jax, jax_na
+      >>> q = k = v = jax.random.normal(jax.random.key(0), {example_shape})
+      >>> jax_na.na{rank}d(q, k, v, kernel_size={example_k}).shape
+      {example_out}
+    """
+
+_SHAPES = {
+    1: dict(q="[B, X, H, D]", k="[B, X, H_kv, D]", v="[B, X, H_kv, D_v]", lse="[B, X, H]",
+            o="[B, X, H, D_v]", example_shape="(2, 16, 4, 32)", example_k=5, example_out="(2, 16, 4, 32)"),
+    2: dict(q="[B, X, Y, H, D]", k="[B, X, Y, H_kv, D]", v="[B, X, Y, H_kv, D_v]", lse="[B, X, Y, H]",
+            o="[B, X, Y, H, D_v]", example_shape="(2, 8, 8, 4, 32)", example_k=3,
+            example_out="(2, 8, 8, 4, 32)"),
+    3: dict(q="[B, X, Y, Z, H, D]", k="[B, X, Y, Z, H_kv, D]", v="[B, X, Y, Z, H_kv, D_v]",
+            lse="[B, X, Y, Z, H]", o="[B, X, Y, Z, H, D_v]", example_shape="(1, 4, 6, 6, 2, 16)",
+            example_k="(2, 3, 3)", example_out="(1, 4, 6, 6, 2, 16)"),
+}
+
+_QK_DOC = """{rank}-D neighborhood attention scores (unfused), with optional relative positional bias.
+
+    ``weights[..., h, w] = scale * q . k[neighbor w] + rpb[h, j - i + k - 1 per axis]``; ``w`` runs
+    row-major over the window axes, counting from each query's window start (positions inside the
+    dilation group). Entries outside a causal window are ``-inf`` (so a softmax gives them 0).
+
+    Args:
+      query: ``{q}``.
+      key: ``{k}``.
+      kernel_size, dilation, is_causal: as in ``na{rank}d`` (stride is always 1 here).
+      rpb: optional ``[H, 2*k-1 per axis]`` bias in the input dtype.
+      scale: default ``D ** -0.5``.
+      backend: None/"auto", "naive" or "reference".
+
+    Returns:
+      ``weights`` of shape ``{w}``.
+
+    Example:
+      >>> import jax, jax_na
+      >>> q = k = jax.random.normal(jax.random.key(0), {example_shape})
+      >>> jax_na.na{rank}d_qk(q, k, kernel_size={example_k}).shape[-1] == {example_w}
+      True
+    """
+
+_AV_DOC = """{rank}-D neighborhood attention: apply weights to values (unfused).
+
+    ``out[..., h, :] = sum_w weights[..., h, w] * value[neighbor w, h // (H // H_kv)]``; entries outside
+    a causal window are ignored.
+
+    Args:
+      weights: ``{w}`` (e.g. the softmax of ``na{rank}d_qk``).
+      value: ``{v}``.
+      kernel_size, dilation, is_causal: as in ``na{rank}d_qk``.
+      backend: None/"auto", "naive" or "reference".
+
+    Returns:
+      ``{o}``.
+    """
+
+
+def _doc(template, rank):
+    s = dict(_SHAPES[rank])
+    ks = s["example_k"]
+    s["example_w"] = ks ** rank if isinstance(ks, int) else 18
+    s["w"] = s["q"].replace("D]", "prod(kernel_size)]")
+    return template.format(rank=rank, **s)
+
+
+def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+         additional_keys=None, additional_values=None, return_lse=False, backend=None):
+    return _na(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+               additional_values, return_lse, backend)
+
+
+def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+         additional_keys=None, additional_values=None, return_lse=False, backend=None):
+    return _na(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+               additional_values, return_lse, backend)
+
+
+def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+         additional_keys=None, additional_values=None, return_lse=False, backend=None):
+    return _na(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+               additional_values, return_lse, backend)
+
+
+def na1d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, backend=None):
+    return _na_qk(1, query, key, kernel_size, dilation, is_causal, rpb, scale, backend)
+
+
+def na2d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, backend=None):
+    return _na_qk(2, query, key, kernel_size, dilation, is_causal, rpb, scale, backend)
+
+
+def na3d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, backend=None):
+    return _na_qk(3, query, key, kernel_size, dilation, is_causal, rpb, scale, backend)
+
+
+def na1d_av(weights, value, kernel_size, dilation=1, is_causal=False, backend=None):
+    return _na_av(1, weights, value, kernel_size, dilation, is_causal, backend)
+
+
+def na2d_av(weights, value, kernel_size, dilation=1, is_causal=False, backend=None):
+    return _na_av(2, weights, value, kernel_size, dilation, is_causal, backend)
+
+
+def na3d_av(weights, value, kernel_size, dilation=1, is_causal=False, backend=None):
+    return _na_av(3, weights, value, kernel_size, dilation, is_causal, backend)
+
+
+for _rank, (_f, _fqk, _fav) in {1: (na1d, na1d_qk, na1d_av), 2: (na2d, na2d_qk, na2d_av),
+                                3: (na3d, na3d_qk, na3d_av)}.items():
+    _f.__doc__ = _doc(_NA_DOC, _rank)
+    _fqk.__doc__ = _doc(_QK_DOC, _rank)
+    _fav.__doc__ = _doc(_AV_DOC, _rank)
+del _rank, _f, _fqk, _fav

@@ -1,0 +1,265 @@
+"""JAX primitives of jax_na: abstract evaluation, batching and per-platform lowering.
+
+Six primitives, each a kernel family's entry:
+
+=====================  ==========================================================  =====================
+primitive              operands -> results                                          CUDA target (naive)
+=====================  ==========================================================  =====================
+``jax_na_fwd``         q, k, v, add_k, add_v -> out, lse                            jax_na_naive_fwd
+``jax_na_bwd``         q, k, v, add_k, add_v, out, lse, d_out, d_lse -> dq, dk,     jax_na_naive_bwd
+                       dv, d_add_k, d_add_v
+``jax_na_qk``          q, k, rpb -> attn                                            jax_na_naive_qk
+``jax_na_qk_bwd``      d_attn, q, k, rpb -> dq, dk, d_rpb                           jax_na_naive_qk_bwd
+``jax_na_av``          attn, v -> out                                               jax_na_naive_av
+``jax_na_av_bwd``      d_out, attn, v -> d_attn, dv                                 jax_na_naive_av_bwd
+=====================  ==========================================================  =====================
+
+Absent additional keys/values are ``[B, 0, H_kv, D]`` arrays and an absent bias is a ``[0]`` array, so
+every primitive has a fixed arity. Every primitive carries ``params`` (``NAParams``) and ``backend``
+("auto" or a backend name). Lowering picks the kernel per platform: on CUDA the requested (or, for
+"auto", the best available) kernel; on every other platform, and for inputs no kernel supports, the
+pure-JAX reference (the backward of the reference is its autodiff).
+
+Batching folds the vmapped axis into the batch axis (a free reshape); the unfused QK ops fold it
+into the heads instead, so that a per-instance ``d_rpb`` is not summed across the vmapped axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from jax_na import _ext, reference
+from jax_na._checks import NAParams
+
+try:  # the standard eager implementation of a primitive: compile it alone and run it
+    from jax._src.dispatch import apply_primitive as _apply_primitive
+except ImportError:  # pragma: no cover
+    _apply_primitive = None
+
+_NAIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
+def _shaped(shape, dtype):
+    return jax.core.ShapedArray(tuple(shape), jnp.dtype(dtype))
+
+
+def _lse_dtype(dtype):
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+# ----------------------------------------------------------------------------- reference impls
+
+def _fwd_ref(q, k, v, add_k, add_v, *, params, backend):
+    return reference.attention_forward(q, k, v, add_k, add_v, params)
+
+
+def _bwd_ref(q, k, v, add_k, add_v, out, lse, d_out, d_lse, *, params, backend):
+    f = lambda *a: reference.attention_forward(*a, params)
+    _, vjp = jax.vjp(f, q, k, v, add_k, add_v)
+    return vjp((d_out, d_lse))
+
+
+def _qk_ref(q, k, rpb, *, params, backend):
+    return reference.qk_forward(q, k, rpb if rpb.size else None, params)
+
+
+def _qk_bwd_ref(d_attn, q, k, rpb, *, params, backend):
+    if rpb.size:
+        _, vjp = jax.vjp(lambda q, k, b: reference.qk_forward(q, k, b, params), q, k, rpb)
+        return vjp(d_attn)
+    _, vjp = jax.vjp(lambda q, k: reference.qk_forward(q, k, None, params), q, k)
+    return (*vjp(d_attn), jnp.zeros_like(rpb))
+
+
+def _av_ref(attn, v, *, params, backend):
+    return reference.av_forward(attn, v, params)
+
+
+def _av_bwd_ref(d_out, attn, v, *, params, backend):
+    _, vjp = jax.vjp(lambda a, v: reference.av_forward(a, v, params), attn, v)
+    return vjp(d_out)
+
+
+# ----------------------------------------------------------------------------- abstract eval
+
+def _fwd_abstract(q, k, v, add_k, add_v, *, params, backend):
+    return (_shaped((*q.shape[:-1], v.shape[-1]), q.dtype), _shaped(q.shape[:-1], _lse_dtype(q.dtype)))
+
+
+def _bwd_abstract(q, k, v, add_k, add_v, out, lse, d_out, d_lse, *, params, backend):
+    return tuple(_shaped(x.shape, x.dtype) for x in (q, k, v, add_k, add_v))
+
+
+def _qk_abstract(q, k, rpb, *, params, backend):
+    return _shaped((*q.shape[:-1], params.window_size), q.dtype)
+
+
+def _qk_bwd_abstract(d_attn, q, k, rpb, *, params, backend):
+    return tuple(_shaped(x.shape, x.dtype) for x in (q, k, rpb))
+
+
+def _av_abstract(attn, v, *, params, backend):
+    return _shaped((*attn.shape[:-1], v.shape[-1]), v.dtype)
+
+
+def _av_bwd_abstract(d_out, attn, v, *, params, backend):
+    return tuple(_shaped(x.shape, x.dtype) for x in (attn, v))
+
+
+# ----------------------------------------------------------------------------- batching
+
+def _as_leading(x, d, size):
+    if d is None:
+        return jnp.broadcast_to(x, (size, *x.shape))
+    return jnp.moveaxis(x, d, 0)
+
+
+def _batch_into_batch(prim, args, dims, **params):
+    """vmap axis V -> the batch axis: [V, B, ...] -> [V*B, ...] for every operand and result."""
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    folded = [_as_leading(x, d, size) for x, d in zip(args, dims)]
+    folded = [x.reshape(size * x.shape[1], *x.shape[2:]) for x in folded]
+    outs = prim.bind(*folded, **params)
+    many = prim.multiple_results
+    outs = [o.reshape(size, o.shape[0] // size, *o.shape[1:]) for o in (outs if many else [outs])]
+    return (outs, [0] * len(outs)) if many else (outs[0], 0)
+
+
+def _heads_fold(x, size):
+    """[V, B, *S, Hx, C] -> [B, *S, V*Hx, C] (V outermost, so GQA's h // G mapping still holds)."""
+    x = jnp.moveaxis(x, 0, -3)
+    return x.reshape(*x.shape[:-3], size * x.shape[-2], x.shape[-1])
+
+
+def _heads_unfold(x, size):
+    x = x.reshape(*x.shape[:-2], size, x.shape[-2] // size, x.shape[-1])
+    return jnp.moveaxis(x, -3, 0)
+
+
+def _fold_rpb(rpb, d, size):
+    if rpb.size == 0 and d is None:
+        return rpb
+    if rpb.size == 0:  # a batched empty bias stays empty
+        return jnp.zeros((0,), rpb.dtype)
+    rpb = _as_leading(rpb, d, size)
+    return rpb.reshape(size * rpb.shape[1], *rpb.shape[2:])
+
+
+def _qk_batch(args, dims, *, params, backend):
+    q, k, rpb = args
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    q, k = (_heads_fold(_as_leading(x, d, size), size) for x, d in zip((q, k), dims))
+    out = qk_p.bind(q, k, _fold_rpb(rpb, dims[2], size), params=params, backend=backend)
+    return _heads_unfold(out, size), 0
+
+
+def _qk_bwd_batch(args, dims, *, params, backend):
+    d_attn, q, k, rpb = args
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    d_attn, q, k = (_heads_fold(_as_leading(x, d, size), size) for x, d in zip((d_attn, q, k), dims))
+    dq, dk, drpb = qk_bwd_p.bind(d_attn, q, k, _fold_rpb(rpb, dims[3], size), params=params,
+                                 backend=backend)
+    if drpb.size:
+        drpb = drpb.reshape(size, drpb.shape[0] // size, *drpb.shape[1:])
+    else:  # no bias: an empty gradient per instance
+        drpb = jnp.zeros((size, 0), rpb.dtype)
+    return (_heads_unfold(dq, size), _heads_unfold(dk, size), drpb), (0, 0, 0)
+
+
+# ----------------------------------------------------------------------------- CUDA lowering
+
+def cuda_kernel(backend: str, dtype) -> str | None:
+    """The CUDA kernel family a call lowers to, or None for the reference."""
+    if not _ext.has_cuda_kernels() or jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NAIVE_DTYPES]:
+        return None
+    if backend in ("auto", "naive"):
+        return "naive"
+    return None
+
+
+def _attrs(params: NAParams, with_scale=True):
+    attrs = dict(
+        kernel_size=np.asarray(params.kernel_size, np.int64),
+        stride=np.asarray(params.stride, np.int64),
+        dilation=np.asarray(params.dilation, np.int64),
+        is_causal=np.asarray(params.is_causal, np.int64),
+    )
+    if with_scale:
+        attrs["scale"] = np.float32(params.scale)
+    return attrs
+
+
+def _tokens(shape, rank):
+    return math.prod(shape[1:1 + rank])
+
+
+def _fwd_workspace(q, k, add_k, params):
+    B, H = q.shape[0], q.shape[-2]
+    return B * _tokens(q.shape, params.rank) * H * (params.window_size + add_k.shape[1])
+
+
+def _fwd_cuda_workspace(ctx, params):
+    q, k, v, add_k, add_v = ctx.avals_in
+    return _fwd_workspace(q, k, add_k, params)
+
+
+def _bwd_cuda_workspace(ctx, params):
+    q, k, v, add_k = ctx.avals_in[:4]
+    B, H = q.shape[0], q.shape[-2]
+    return 2 * _fwd_workspace(q, k, add_k, params) + B * _tokens(q.shape, params.rank) * H
+
+
+def _register(prim, abstract, ref_impl, target, *, multiple_results, workspace=None,
+              with_scale=True, drop_operands=()):
+    """Abstract eval, eager impl, reference lowering everywhere, FFI lowering on CUDA."""
+    prim.multiple_results = multiple_results
+    prim.def_abstract_eval(abstract)
+    if _apply_primitive is not None:
+        prim.def_impl(functools.partial(_apply_primitive, prim))
+    ref_lowering = mlir.lower_fun(ref_impl, multiple_results=multiple_results)
+    mlir.register_lowering(prim, ref_lowering)
+
+    def cuda_lowering(ctx, *args, params, backend):
+        family = cuda_kernel(backend, ctx.avals_in[0].dtype)  # operand 0 has the call's dtype
+        if family is None:
+            return ref_lowering(ctx, *args, params=params, backend=backend)
+        keep = [i for i in range(len(args)) if i not in drop_operands]
+        avals_out = list(ctx.avals_out)
+        if workspace is not None:
+            avals_out.append(_shaped((workspace(ctx, params),), jnp.float32))
+        ctx2 = ctx.replace(avals_in=[ctx.avals_in[i] for i in keep], avals_out=avals_out)
+        results = jax.ffi.ffi_lowering(f"jax_na_{family}_{target}")(
+            ctx2, *[args[i] for i in keep], **_attrs(params, with_scale))
+        return results[: len(ctx.avals_out)]
+
+    mlir.register_lowering(prim, cuda_lowering, platform="cuda")
+
+
+fwd_p = Primitive("jax_na_fwd")
+bwd_p = Primitive("jax_na_bwd")
+qk_p = Primitive("jax_na_qk")
+qk_bwd_p = Primitive("jax_na_qk_bwd")
+av_p = Primitive("jax_na_av")
+av_bwd_p = Primitive("jax_na_av_bwd")
+
+_register(fwd_p, _fwd_abstract, _fwd_ref, "fwd", multiple_results=True, workspace=_fwd_cuda_workspace)
+_register(bwd_p, _bwd_abstract, _bwd_ref, "bwd", multiple_results=True, workspace=_bwd_cuda_workspace)
+_register(qk_p, _qk_abstract, _qk_ref, "qk", multiple_results=False)
+# The bias operand of qk_bwd only tells the shape of d_rpb; the kernel does not read it.
+_register(qk_bwd_p, _qk_bwd_abstract, _qk_bwd_ref, "qk_bwd", multiple_results=True, drop_operands=(3,))
+_register(av_p, _av_abstract, _av_ref, "av", multiple_results=False, with_scale=False)
+_register(av_bwd_p, _av_bwd_abstract, _av_bwd_ref, "av_bwd", multiple_results=True, with_scale=False)
+
+batching.primitive_batchers[fwd_p] = functools.partial(_batch_into_batch, fwd_p)
+batching.primitive_batchers[bwd_p] = functools.partial(_batch_into_batch, bwd_p)
+batching.primitive_batchers[av_p] = functools.partial(_batch_into_batch, av_p)
+batching.primitive_batchers[av_bwd_p] = functools.partial(_batch_into_batch, av_bwd_p)
+batching.primitive_batchers[qk_p] = _qk_batch
+batching.primitive_batchers[qk_bwd_p] = _qk_bwd_batch
