@@ -1,0 +1,44 @@
+// Launch helpers shared by the kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace jax_na {
+
+// Grid for a grid-stride loop over n elements (the loop makes any cap correct).
+inline unsigned int grid_for(int64_t n, int block, int64_t max_blocks = int64_t{1} << 20) {
+  int64_t blocks = (n + block - 1) / block;
+  if (blocks > max_blocks) blocks = max_blocks;
+  if (blocks < 1) blocks = 1;
+  return static_cast<unsigned int>(blocks);
+}
+
+// Grid-stride loop over [0, n) with 64-bit indices.
+#define JNA_GRID_STRIDE_LOOP(i, n)                                                       \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// Block-stride loop over [0, n): one block per output element.
+#define JNA_BLOCK_STRIDE_LOOP(o, n) \
+  for (int64_t o = blockIdx.x; o < (n); o += gridDim.x)
+
+// Deterministic sum of one float per thread over a block of kBlock threads (fixed tree order).
+// The result is valid in thread 0. Leaves smem reusable (ends with a barrier).
+template <int kBlock>
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+  static_assert((kBlock & (kBlock - 1)) == 0, "block size must be a power of two");
+  smem[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int width = kBlock / 2; width > 0; width >>= 1) {
+    if (threadIdx.x < width) smem[threadIdx.x] += smem[threadIdx.x + width];
+    __syncthreads();
+  }
+  const float r = smem[0];
+  __syncthreads();
+  return r;
+}
+
+}  // namespace jax_na
