@@ -36,6 +36,14 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) in (jnp.float32, jnp.float64) else None
 
 
+def _matmul(spec, a, b, cdt):
+    """Half-precision operands go to the matrix units as they are, accumulating in float32 (as the
+    kernels do); float32/float64 operands run at full precision (never TF32)."""
+    if a.dtype == b.dtype and jnp.dtype(a.dtype).itemsize == 2:
+        return jnp.einsum(spec, a, b, preferred_element_type=cdt)
+    return jnp.einsum(spec, a.astype(cdt), b.astype(cdt), precision=_precision(cdt))
+
+
 @dataclasses.dataclass(frozen=True)
 class _AxisTiling:
     """Static tiling of one axis (group-major order)."""
@@ -184,26 +192,24 @@ def attention_forward(q, k, v, add_k, add_v, params: NAParams, tile_shape=None):
     qg = _pad_queries(_to_group_major(q, tilings), tilings)
     kg = _to_group_major(k, tilings)
     vg = _to_group_major(v, tilings)
-    add_k = add_k.astype(cdt)
-    add_v = add_v.astype(cdt)
 
     @jax.checkpoint
     def tile_fn(tid):
         tix = _tile_index(tid, tilings)
         mask, box_starts = _window_mask(tix, tilings)
         box_sizes = [t.box for t in tilings]
-        qt = _slice_tile(qg, *_tile_queries(tix, tilings)).reshape(B, Tq, Hkv, G, D).astype(cdt)
-        kt = _slice_tile(kg, box_starts, box_sizes).reshape(B, box, Hkv, D).astype(cdt)
-        vt = _slice_tile(vg, box_starts, box_sizes).reshape(B, box, Hkv, Dv).astype(cdt)
+        qt = _slice_tile(qg, *_tile_queries(tix, tilings)).reshape(B, Tq, Hkv, G, D)
+        kt = _slice_tile(kg, box_starts, box_sizes).reshape(B, box, Hkv, D)
+        vt = _slice_tile(vg, box_starts, box_sizes).reshape(B, box, Hkv, Dv)
         keys = jnp.concatenate([kt, add_k], axis=1)
         vals = jnp.concatenate([vt, add_v], axis=1)
         full_mask = jnp.concatenate([mask, jnp.ones((Tq, Na), bool)], axis=1)
-        s = jnp.einsum("bqhgd,bkhd->bhgqk", qt, keys, precision=prec) * jnp.asarray(params.scale, cdt)
+        s = _matmul("bqhgd,bkhd->bhgqk", qt, keys, cdt) * jnp.asarray(params.scale, cdt)
         s = jnp.where(full_mask, s, -jnp.inf)
         m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
         p = jnp.exp(s - m)
         l = jnp.sum(p, axis=-1, keepdims=True)  # [B, Hkv, G, Tq, 1]
-        o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vals, precision=prec) / jnp.transpose(l, (0, 3, 1, 2, 4))
+        o = _matmul("bhgqk,bkhd->bqhgd", p.astype(q.dtype), vals, cdt) / jnp.transpose(l, (0, 3, 1, 2, 4))
         lse = jnp.transpose((m + jnp.log(l))[..., 0], (0, 3, 1, 2)).reshape(B, Tq, H)
         return o.reshape(B, Tq, H, Dv).astype(q.dtype), lse.astype(_lse_dtype(cdt))
 
