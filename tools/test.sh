@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a virtual environment, build and install jax_na (with its CUDA kernels when nvcc is
+# found), then run the test suite. GPU tests run only where a GPU is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${JAX_NA_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q ".[test]"
+# When nvcc is here the install must have compiled the kernels; a test asserts it.
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then export JAX_NA_EXPECT_CUDA=1; fi
+# Run from tests/ so that the installed package (with its compiled module) is imported, not ./jax_na.
+cd tests
+exec "../$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" .
