@@ -52,9 +52,9 @@ def has_cuda_device() -> bool:
 
 
 def available_backends() -> list[str]:
-    """Backends that can run a call on this machine, fastest first."""
-    out = []
+    """Backends that can run a call on this machine, fastest first (measured on an H100: the
+    reference beats the naive kernels everywhere; see jax_na.primitives.AUTO_PREFERENCE)."""
+    out = ["reference"]
     if has_cuda_kernels() and has_cuda_device():
         out.append("naive")
-    out.append("reference")
     return out

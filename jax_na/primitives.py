@@ -44,6 +44,11 @@ except ImportError:  # pragma: no cover
     _apply_primitive = None
 
 _NAIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+# CUDA kernel families that "auto" prefers over the reference, fastest first. Empty for now: on an
+# H100 the reference (XLA matmuls over each tile's bounding box) beat the naive kernels by 2x to 75x
+# on every BENCHMARKS.md problem (naive: 0.4-1.0 effective TFLOP/s), so the naive kernels are only
+# used when asked for. The fused kernels will go here.
+AUTO_PREFERENCE: tuple[str, ...] = ()
 
 
 def _shaped(shape, dtype):
@@ -179,9 +184,9 @@ def cuda_kernel(backend: str, dtype) -> str | None:
     """The CUDA kernel family a call lowers to, or None for the reference."""
     if not _ext.has_cuda_kernels() or jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NAIVE_DTYPES]:
         return None
-    if backend in ("auto", "naive"):
-        return "naive"
-    return None
+    if backend == "auto":
+        return AUTO_PREFERENCE[0] if AUTO_PREFERENCE else None
+    return backend if backend == "naive" else None
 
 
 def _attrs(params: NAParams, with_scale=True):
