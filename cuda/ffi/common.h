@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -186,6 +187,29 @@ inline ffi::Error make_problem(const char* target, int64_t B, const Dims& S, int
   }
   *pr = p;
   return ffi::Error::Success();
+}
+
+// Test aid: with JAX_NA_POISON_OUTPUTS=1 in the environment every result is filled with 0xFF bytes
+// (NaN in float32/float16/bfloat16) before the kernels run, so an element that a kernel forgets to
+// write fails the comparison instead of passing on whatever memory held.
+inline bool poison_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("JAX_NA_POISON_OUTPUTS");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+template <typename... Results>
+inline ffi::Error poison(const char* target, cudaStream_t stream, Results&... results) {
+  if (!poison_enabled()) return ffi::Error::Success();
+  cudaError_t status = cudaSuccess;
+  auto fill = [&](auto& r) {
+    if (status == cudaSuccess && r->size_bytes() > 0)
+      status = cudaMemsetAsync(r->untyped_data(), 0xFF, r->size_bytes(), stream);
+  };
+  (fill(results), ...);
+  return cuda_check(target, "the output poisoning memset", status);
 }
 
 inline bool unit_stride(const geo::Problem& pr) {

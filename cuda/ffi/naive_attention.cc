@@ -75,6 +75,7 @@ ffi::Error NaiveFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   const int64_t ncols = pr.W + pr.Na;
   if (auto e = check_workspace(kT, *workspace, pr.rows() * ncols); e.failure()) return e;
 
+  if (auto e = poison(kT, stream, out, lse, workspace); e.failure()) return e;
   float* scores = static_cast<float*>(workspace->untyped_data());
   naive::PNArgs pn;
   pn.mode = naive::PNMode::kScore;
@@ -141,6 +142,7 @@ ffi::Error NaiveBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   const int64_t nrows = pr.rows();
   if (auto e = check_workspace(kT, *workspace, 2 * nrows * ncols + nrows); e.failure()) return e;
 
+  if (auto e = poison(kT, stream, dq, dk, dv, d_add_k, d_add_v, workspace); e.failure()) return e;
   float* P = static_cast<float*>(workspace->untyped_data());
   float* dS = P + nrows * ncols;
   float* delta = dS + nrows * ncols;

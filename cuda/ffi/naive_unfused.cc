@@ -49,6 +49,7 @@ ffi::Error NaiveQK(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (auto e = check_rpb(kT, "rpb", rpb, fdt, pr, qt.S.size(), &has_rpb); e.failure()) return e;
   if (auto e = check_window_tensor(kT, "attn", *attn, fdt, qt, pr); e.failure()) return e;
 
+  if (auto e = poison(kT, stream, attn); e.failure()) return e;
   naive::PNArgs pn;
   pn.mode = naive::PNMode::kScore;
   pn.a = q.untyped_data();
@@ -79,6 +80,7 @@ ffi::Error NaiveAV(cudaStream_t stream, ffi::AnyBuffer attn, ffi::AnyBuffer v, f
   if (auto e = check_window_tensor(kT, "attn", attn, fdt, at, pr); e.failure()) return e;
   if (auto e = check(kT, "out", *out, fdt, token_shape(at.B, at.S, at.heads, vt.last)); e.failure()) return e;
 
+  if (auto e = poison(kT, stream, out); e.failure()) return e;
   naive::NNArgs nn;
   nn.attn = attn.untyped_data();
   nn.attn_f32 = false;
@@ -113,6 +115,7 @@ ffi::Error NaiveQKBwd(cudaStream_t stream, ffi::AnyBuffer d_attn, ffi::AnyBuffer
   bool has_rpb = false;
   if (auto e = check_rpb(kT, "d_rpb", *d_rpb, fdt, pr, qt.S.size(), &has_rpb); e.failure()) return e;
 
+  if (auto e = poison(kT, stream, dq, dk, d_rpb); e.failure()) return e;
   naive::NNArgs nn;
   nn.attn = d_attn.untyped_data();
   nn.attn_f32 = false;
@@ -158,6 +161,7 @@ ffi::Error NaiveAVBwd(cudaStream_t stream, ffi::AnyBuffer d_out, ffi::AnyBuffer 
   if (auto e = check(kT, "dv", *dv, fdt, token_shape(ot.B, ot.S, vt.heads, ot.last)); e.failure()) return e;
 
   // d_attn = d_out . v over the window (0 at masked entries).
+  if (auto e = poison(kT, stream, d_attn, dv); e.failure()) return e;
   naive::PNArgs pn;
   pn.mode = naive::PNMode::kRaw;
   pn.a = d_out.untyped_data();
