@@ -20,6 +20,9 @@ every primitive has a fixed arity. Every primitive carries ``params`` (``NAParam
 "auto", the best available) kernel; on every other platform, and for inputs no kernel supports, the
 pure-JAX reference (the backward of the reference is its autodiff).
 
+Each primitive lowers through ``sharding.partitioned_lowering`` (``custom_partitioning`` with a Shardy
+rule), which runs a per-device twin ``<name>_local`` carrying the platform lowerings on each shard.
+
 Batching folds the vmapped axis into the batch axis (a free reshape); the unfused QK ops fold it
 into the heads instead, so that a per-instance ``d_rpb`` is not summed across the vmapped axis.
 """
@@ -35,7 +38,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jax_na import _ext, reference
+from jax_na import _ext, reference, sharding
 from jax_na._checks import NAParams
 
 try:  # the standard eager implementation of a primitive: compile it alone and run it
@@ -223,13 +226,21 @@ def _bwd_cuda_workspace(ctx, params):
 
 def _register(prim, abstract, ref_impl, target, *, multiple_results, workspace=None,
               with_scale=True, drop_operands=()):
-    """Abstract eval, eager impl, reference lowering everywhere, FFI lowering on CUDA."""
+    """Abstract eval and eager impl of ``prim``; its lowering partitions it over the devices
+    (sharding.py) around a per-device twin ``<name>_local`` that has the platform lowerings: the
+    reference everywhere, the FFI call on CUDA."""
+    abstract = sharding.manual_axes_rule(target, abstract)  # results vary like operands in shard_map
     prim.multiple_results = multiple_results
     prim.def_abstract_eval(abstract)
     if _apply_primitive is not None:
         prim.def_impl(functools.partial(_apply_primitive, prim))
+    local = Primitive(f"{prim.name}_local")
+    local.multiple_results = multiple_results
+    local.def_abstract_eval(abstract)
+    mlir.register_lowering(prim, sharding.partitioned_lowering(target, local))
+    sharding.requires_devices(prim)
     ref_lowering = mlir.lower_fun(ref_impl, multiple_results=multiple_results)
-    mlir.register_lowering(prim, ref_lowering)
+    mlir.register_lowering(local, ref_lowering)
 
     def cuda_lowering(ctx, *args, params, backend):
         family = cuda_kernel(backend, ctx.avals_in[0].dtype)  # operand 0 has the call's dtype
@@ -244,7 +255,7 @@ def _register(prim, abstract, ref_impl, target, *, multiple_results, workspace=N
             ctx2, *[args[i] for i in keep], **_attrs(params, with_scale))
         return results[: len(ctx.avals_out)]
 
-    mlir.register_lowering(prim, cuda_lowering, platform="cuda")
+    mlir.register_lowering(local, cuda_lowering, platform="cuda")
 
 
 fwd_p = Primitive("jax_na_fwd")

@@ -27,7 +27,7 @@ rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   t0=$(date +%s)
   # Poisoned outputs: the handlers fill every result with NaN bytes before their kernels run.
-  JAX_NA_POISON_OUTPUTS=1 "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m gpu "$REPO/tests" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+  JAX_NA_POISON_OUTPUTS=1 "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m gpu ${PYTEST_ARGS:-} "$REPO/tests" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
   rc=${PIPESTATUS[0]}
   echo "gpu tests: rc=$rc, $(( $(date +%s) - t0 )) s"
 fi

@@ -1,0 +1,482 @@
+"""Multi-device checks of jax_na's partitioning, run as a script on 8 forced CPU host devices.
+
+``--xla_force_host_platform_device_count`` only works before jax starts its backend, which the rest of
+the test session does first, so tests/test_sharding.py runs this file in a subprocess:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_checks.py [check ...]
+
+Every check prints ``JAX_NA_CHECK <name> PASS <seconds>`` or ``JAX_NA_CHECK <name> FAIL`` (with the
+traceback) and the exit status is the number of failures. Everything is compared in float64 with the
+unsharded call of the same function (the oracle tests pin that one down against SEMANTICS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+import warnings
+
+CHECKS: dict = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _setup():
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    assert len(jax.devices()) == 8, f"need 8 host devices, got {jax.devices()}"
+
+
+if __name__ == "__main__":  # before jax is imported anywhere
+    _setup()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jax_na  # noqa: E402
+from jax_na import sharding as na_sharding  # noqa: E402
+
+NA = {1: jax_na.na1d, 2: jax_na.na2d, 3: jax_na.na3d}
+QK = {1: jax_na.na1d_qk, 2: jax_na.na2d_qk, 3: jax_na.na3d_qk}
+AV = {1: jax_na.na1d_av, 2: jax_na.na2d_av, 3: jax_na.na3d_av}
+SPATIAL = {1: (12,), 2: (6, 5), 3: (4, 4, 5)}
+KERNEL = {1: 5, 2: (3, 4), 3: (2, 3, 3)}
+
+
+def _mesh(shape=(4, 2), names=("x", "y")):
+    """A mesh of Auto axes (jit's sharding propagation; not sharding-in-types)."""
+    try:
+        from jax.sharding import AxisType
+    except ImportError:  # pragma: no cover - older jax: Auto is the only kind
+        return jax.make_mesh(shape, names)
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def _rand(seed, shape, dtype=jnp.float64):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _put(mesh, x, spec):
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _spec(mesh, x):
+    """x's sharding as a PartitionSpec padded to its rank, trivial (size-1) mesh axes dropped."""
+    spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    out = []
+    for e in spec:
+        axes = (e,) if isinstance(e, str) else tuple(e or ())
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return tuple(out)
+
+
+def _close(a, b, what, tol=1e-10):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    assert np.all(np.isfinite(a)), f"{what}: non-finite values"
+    err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+
+
+def _compiled(f, *args):
+    """(result, optimized HLO text) of jit(f) on args, compiling once."""
+    exe = jax.jit(f).lower(*args).compile()
+    return exe(*args), exe.as_text()
+
+
+def _no_gather(text, what=""):
+    assert "all-gather" not in text, f"{what}: the compiled program all-gathers:\n" + "\n".join(
+        line for line in text.splitlines() if "all-gather" in line)
+    return text
+
+
+def _attention_case(rank, B=4, H=4, Hkv=2, D=4, Dv=3, Na=3, seed=0):
+    S = SPATIAL[rank]
+    q = _rand(seed, (B, *S, H, D))
+    k = _rand(seed + 1, (B, *S, Hkv, D))
+    v = _rand(seed + 2, (B, *S, Hkv, Dv))
+    ak = _rand(seed + 3, (B, Na, Hkv, D)) if Na else None
+    av = _rand(seed + 4, (B, Na, Hkv, Dv)) if Na else None
+    return q, k, v, ak, av
+
+
+def _attention_fns(rank, with_add, **kw):
+    """forward (out, lse) and the gradient of a loss with non-trivial cotangents for both outputs."""
+    def fwd(q, k, v, ak=None, av=None):
+        extra = dict(additional_keys=ak, additional_values=av) if with_add else {}
+        return NA[rank](q, k, v, KERNEL[rank], return_lse=True, **extra, **kw)
+
+    def loss(*args):
+        out, lse = fwd(*args)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(lse))
+
+    return fwd, jax.grad(loss, argnums=tuple(range(5 if with_add else 3)))
+
+
+def _attention_specs(rank, batch, heads):
+    """Specs of q/k/v/out ([B, *S, H, D]), lse ([B, *S, H]) and add_k/add_v ([B, Na, Hkv, D])."""
+    S = (None,) * rank
+    return P(batch, *S, heads, None), P(batch, *S, heads), P(batch, None, heads, None)
+
+
+_REFS: dict = {}
+
+
+def _reference(key, f, *args):
+    """The unsharded result of f (one device), cached under key."""
+    if key not in _REFS:
+        _REFS[key] = jax.jit(f)(*args)
+    return _REFS[key]
+
+
+def _run_attention(mesh, rank, batch, heads, *, gather_ok=False, case=None, **kw):
+    case = case or _attention_case(rank)
+    q, k, v, ak, av = case
+    with_add = ak is not None
+    args = (q, k, v, ak, av) if with_add else (q, k, v)
+    fwd, grad = _attention_fns(rank, with_add, **kw)
+    qs, ls, adds = _attention_specs(rank, batch, heads)
+    specs = (qs, qs, qs, adds, adds)[: len(args)]
+    sargs = tuple(_put(mesh, x, s) for x, s in zip(args, specs))
+    key = (rank, tuple(x.shape for x in args), tuple(sorted(kw.items())))
+    ref_out, ref_lse = _reference(("fwd", key), fwd, *args)
+    (out, lse), fwd_text = _compiled(fwd, *sargs)
+    _close(out, ref_out, "out")
+    _close(lse, ref_lse, "lse")
+    g, grad_text = _compiled(grad, *sargs)
+    for name, a, b in zip(("dq", "dk", "dv", "d_add_k", "d_add_v"), g, _reference(("grad", key), grad, *args)):
+        _close(a, b, name)
+    if not gather_ok:
+        _no_gather(fwd_text, what=f"fwd {rank}-D batch={batch} heads={heads}")
+        _no_gather(grad_text, what=f"grad {rank}-D batch={batch} heads={heads}")
+        assert _spec(mesh, out) == _spec(mesh, sargs[0]), (out.sharding, sargs[0].sharding)
+        assert _spec(mesh, lse) == _spec(mesh, _put(mesh, ref_lse, ls)), lse.sharding
+        for a, x in zip(g, sargs):
+            assert _spec(mesh, a) == _spec(mesh, x), (a.sharding, x.sharding)
+    return out, g
+
+
+@check
+def attention_batch_heads():
+    """na1d/na2d/na3d with GQA and additional KV: batch, heads, batch+heads, batch over 2 mesh axes."""
+    mesh = _mesh()
+    for rank in (1, 2, 3):
+        case = _attention_case(rank, B=8)
+        for batch, heads in (("x", None), (None, "y"), ("x", "y"), (("x", "y"), None)):
+            _run_attention(mesh, rank, batch, heads, case=case, is_causal=rank == 2,
+                           stride=2 if rank == 1 else 1)
+
+
+@check
+def attention_gqa_heads():
+    """Heads on a 4-way axis with GQA (H=8, H_kv=4: one kv head per device), MHA, no additional KV."""
+    mesh = _mesh((2, 4), ("x", "y"))
+    _run_attention(mesh, 2, None, "y", case=_attention_case(2, B=2, H=8, Hkv=4))
+    _run_attention(mesh, 1, "x", "y", case=_attention_case(1, B=2, H=4, Hkv=4, Na=0))
+    _run_attention(mesh, 2, "x", ("y",), case=_attention_case(2, B=2, H=8, Hkv=4, Na=0), dilation=(2, 1))
+
+
+@check
+def unfused_qk_av_rpb():
+    """na*d_qk (with rpb) + softmax + na*d_av, and their gradients (d_rpb psums over the batch)."""
+    mesh = _mesh()
+    for rank in (1, 2, 3):
+        S, ks = SPATIAL[rank], KERNEL[rank]
+        ks_t = ks if isinstance(ks, tuple) else (ks,)
+        B, H, Hkv, D = 4, 4, 2, 4
+        q, k, v = _rand(10, (B, *S, H, D)), _rand(11, (B, *S, Hkv, D)), _rand(12, (B, *S, Hkv, 3))
+        rpb = _rand(13, (H, *(2 * x - 1 for x in ks_t)))
+        causal = rank == 3
+
+        def f(q, k, v, rpb):
+            w = QK[rank](q, k, ks, rpb=rpb, is_causal=causal, dilation=2 if rank == 1 else 1)
+            return AV[rank](jax.nn.softmax(w, -1), v, ks, is_causal=causal, dilation=2 if rank == 1 else 1)
+
+        grad = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2, 3))
+        ref, ref_g = jax.jit(f)(q, k, v, rpb), jax.jit(grad)(q, k, v, rpb)
+        S0 = (None,) * rank
+        for batch, heads in (("x", None), (None, "y"), ("x", "y")):
+            spec = P(batch, *S0, heads, None)
+            sargs = (_put(mesh, q, spec), _put(mesh, k, spec), _put(mesh, v, spec),
+                     _put(mesh, rpb, P(heads)))
+            out, text = _compiled(f, *sargs)
+            _close(out, ref, f"out {rank}-D {batch} {heads}")
+            assert _spec(mesh, out) == _spec(mesh, sargs[0])
+            _no_gather(text, what="unfused fwd")
+            g, text = _compiled(grad, *sargs)
+            for name, a, b, x in zip(("dq", "dk", "dv", "d_rpb"), g, ref_g, sargs):
+                _close(a, b, f"{name} {rank}-D {batch} {heads}")
+                assert _spec(mesh, a) == _spec(mesh, x), (name, a.sharding, x.sharding)
+            _no_gather(text, what="unfused grad")
+            if batch is not None:  # d_rpb's psum over the batch is there
+                assert "all-reduce" in text
+        # the ops alone (no softmax in between), no bias
+        qk = lambda q, k: QK[rank](q, k, ks)
+        spec = P("x", *S0, "y", None)
+        _close(jax.jit(qk)(_put(mesh, q, spec), _put(mesh, k, spec)), qk(q, k), "qk without bias")
+
+
+@check
+def spatial_fallback():
+    """A sharded spatial axis: gathered (one warning), results still exact, with dilation/stride/causal."""
+    mesh = _mesh()
+    na_sharding._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cases = (  # (rank, spec of q/k/v, kwargs)
+            (1, P("y", "x", None, None), dict(dilation=2, is_causal=True)),  # spatial + batch
+            (2, P(None, "y", None, None, None), dict(stride=(2, 1), is_causal=(True, False))),
+            (2, P(None, "y", None, None, None), dict(dilation=(2, 1))),
+            (3, P(None, None, "y", None, None, None), dict(is_causal=(False, True, False), stride=(1, 1, 2))),
+        )
+        for rank, spec, kw in cases:
+            case = _attention_case(rank, B=2, Na=0 if rank == 3 else 2)
+            q, k, v, ak, av = case
+            with_add = ak is not None
+            args = (q, k, v, ak, av)[: 5 if with_add else 3]
+            fwd, grad = _attention_fns(rank, with_add, **kw)
+            sargs = tuple(_put(mesh, x, spec if i < 3 else P()) for i, x in enumerate(args))
+            out, lse = jax.jit(fwd)(*sargs)
+            ref_out, ref_lse = jax.jit(fwd)(*args)
+            _close(out, ref_out, f"out {rank}-D {kw}")
+            _close(lse, ref_lse, f"lse {rank}-D {kw}")
+            assert _spec(mesh, out) == _spec(mesh, sargs[0]), (out.sharding, spec)
+            for name, a, b in zip(("dq", "dk", "dv", "dak", "dav"), jax.jit(grad)(*sargs), jax.jit(grad)(*args)):
+                _close(a, b, f"{name} {rank}-D {kw}")
+        # unfused, spatially sharded
+        q, k = _rand(20, (2, 8, 4, 4)), _rand(21, (2, 8, 4, 4))
+        rpb = _rand(22, (4, 5))
+        f = lambda q, k, rpb: jax_na.na1d_av(jax.nn.softmax(jax_na.na1d_qk(q, k, 3, dilation=2, rpb=rpb), -1),
+                                             k, 3, dilation=2)
+        grad = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))
+        sargs = (_put(mesh, q, P(None, "x")), _put(mesh, k, P(None, "x")), rpb)
+        _close(jax.jit(f)(*sargs), f(q, k, rpb), "unfused spatial")
+        for a, b in zip(jax.jit(grad)(*sargs), grad(q, k, rpb)):
+            _close(a, b, "unfused spatial grad")
+    messages = [str(w.message) for w in caught if "spatial" in str(w.message)]
+    assert len(messages) == 1, messages  # one-time
+    assert "gather" in messages[0] and "halo" in messages[0], messages
+
+
+@check
+def heads_fallback():
+    """Heads that cannot be sharded consistently are replicated (warning), results exact."""
+    mesh = _mesh((2, 4), ("x", "y"))
+    na_sharding._WARNED.clear()
+    q, k, v, _, _ = _attention_case(2, B=2, H=4, Hkv=1, Na=0)  # MQA: 1 kv head on 4 shards
+    fwd, grad = _attention_fns(2, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sargs = (_put(mesh, q, P(None, None, None, "y")), k, v)
+        _close(jax.jit(fwd)(*sargs)[0], fwd(q, k, v)[0], "MQA heads")
+        for a, b in zip(jax.jit(grad)(*sargs), grad(q, k, v)):
+            _close(a, b, "MQA heads grad")
+        q, k, v, _, _ = _attention_case(2, B=2, H=8, Hkv=4, Na=0)  # q heads on x, kv heads on y
+        sargs = (_put(mesh, q, P(None, None, None, "x")), _put(mesh, k, P(None, None, None, ("y",))),
+                 _put(mesh, v, P(None, None, None, "y")))
+        _close(jax.jit(fwd)(*sargs)[0], fwd(q, k, v)[0], "inconsistent heads")
+    assert any("heads cannot be sharded" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+@check
+def eager_sharded_call():
+    """An eager (un-jitted) call on sharded arrays partitions too."""
+    mesh = _mesh()
+    q, k, v, ak, av = _attention_case(2)
+    qs, _, adds = _attention_specs(2, "x", "y")
+    out = jax_na.na2d(_put(mesh, q, qs), _put(mesh, k, qs), _put(mesh, v, qs), KERNEL[2],
+                      additional_keys=_put(mesh, ak, adds), additional_values=_put(mesh, av, adds))
+    _close(out, jax_na.na2d(q, k, v, KERNEL[2], additional_keys=ak, additional_values=av), "eager")
+    assert _spec(mesh, out) == ("x", None, None, "y", None), out.sharding
+
+
+@check
+def pmap_and_shard_map():
+    """pmap over devices, and shard_map (the local op inside, fully manual), forward and gradient."""
+    q, k, v, ak, av = _attention_case(2, B=8, Na=2)
+    fwd, grad = _attention_fns(2, True, is_causal=(True, False))
+    ref_out, ref_g = fwd(q, k, v, ak, av), grad(q, k, v, ak, av)
+    split = lambda x: x.reshape(8, 1, *x.shape[1:])
+    merge = lambda x: x.reshape(8, *x.shape[2:])
+    out = jax.pmap(fwd)(*map(split, (q, k, v, ak, av)))
+    _close(merge(out[0]), ref_out[0], "pmap out")
+    g = jax.pmap(grad)(*map(split, (q, k, v, ak, av)))
+    for a, b in zip(g, ref_g):
+        _close(merge(a), b, "pmap grad")
+
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # pragma: no cover - older jax
+        from jax.experimental.shard_map import shard_map
+    mesh = _mesh()
+    qs, ls, adds = _attention_specs(2, "x", "y")
+    specs = (qs, qs, qs, adds, adds)
+    sm_fwd = jax.jit(shard_map(fwd, mesh=mesh, in_specs=specs, out_specs=(qs, ls)))
+    sm_grad = jax.jit(shard_map(grad, mesh=mesh, in_specs=specs, out_specs=specs))
+    args = tuple(_put(mesh, x, s) for x, s in zip((q, k, v, ak, av), specs))
+    for a, b in zip(sm_fwd(*args), ref_out):
+        _close(a, b, "shard_map out")
+    for a, b in zip(sm_grad(*args), ref_g):
+        _close(a, b, "shard_map grad")
+    assert "all-gather" not in sm_grad.lower(*args).compile().as_text()
+    # grad of a function containing a shard_map
+    loss = lambda *a: jnp.sum(jnp.sin(sm_fwd(*a)[0]))
+    ref_loss = lambda *a: jnp.sum(jnp.sin(fwd(*a)[0]))
+    for a, b in zip(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args), jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v, ak, av)):
+        _close(a, b, "grad of shard_map")
+
+
+@check
+def vmap_grad_nesting():
+    """vmap(grad), grad(vmap) and vmap of the unfused ops under jit with sharded inputs."""
+    mesh = _mesh()
+    V = 2
+    q, k, v, _, _ = _attention_case(1, B=4, Na=0)
+    qv, kv, vv = (jnp.stack([x, x[::-1] * 0.5]) for x in (q, k, v))  # [V, B, X, H, D]
+    fwd, grad = _attention_fns(1, False, is_causal=True)
+    spec = P(None, "x", None, "y", None)
+    sargs = tuple(_put(mesh, x, spec) for x in (qv, kv, vv))
+    for a, b in zip(jax.jit(jax.vmap(grad))(*sargs), jax.vmap(grad)(qv, kv, vv)):
+        _close(a, b, "vmap(grad)")
+    gv = jax.grad(lambda *a: jnp.sum(jnp.sin(jax.vmap(fwd)(*a)[0])), argnums=(0, 1, 2))
+    for a, b in zip(jax.jit(gv)(*sargs), gv(qv, kv, vv)):
+        _close(a, b, "grad(vmap)")
+    # the vmapped axis itself sharded
+    sargs = tuple(_put(mesh, x, P("y", "x")) for x in (qv, kv, vv))
+    for a, b in zip(jax.jit(jax.vmap(grad))(*sargs), jax.vmap(grad)(qv, kv, vv)):
+        _close(a, b, "vmap(grad), vmapped axis sharded")
+    # unfused: vmap folds into heads; with a per-instance bias
+    rpb = _rand(30, (V, 4, 5))
+    f = lambda q, k, rpb: jnp.sum(jnp.sin(jax_na.na1d_qk(q, k, 3, rpb=rpb)))
+    g = jax.vmap(jax.grad(f, argnums=(0, 1, 2)))
+    sargs = (_put(mesh, qv, spec), _put(mesh, kv, spec), rpb)
+    for a, b in zip(jax.jit(g)(*sargs), g(qv, kv, rpb)):
+        _close(a, b, "vmap(grad(qk))")
+
+
+@check
+def gspmd_partitioner():
+    """The GSPMD callbacks (jax_use_shardy_partitioner=False), where this jax still has them."""
+    try:
+        jax.config.update("jax_use_shardy_partitioner", False)
+    except Exception:  # pragma: no cover - a jax without GSPMD
+        print("gspmd_partitioner: this jax has no GSPMD; skipped")
+        return
+    try:
+        mesh = _mesh()
+        _run_attention(mesh, 2, "x", "y", case=_attention_case(2, Na=0))
+        q, k, rpb = _rand(40, (4, 8, 4, 4)), _rand(41, (4, 8, 2, 4)), _rand(42, (4, 5))
+        grad = jax.grad(lambda q, k, b: jnp.sum(jnp.sin(jax_na.na1d_qk(q, k, 3, rpb=b))), argnums=(0, 1, 2))
+        spec = P("x", None, "y", None)
+        sargs = (_put(mesh, q, spec), _put(mesh, k, spec), _put(mesh, rpb, P("y")))
+        g, text = _compiled(grad, *sargs)
+        for a, b in zip(g, grad(q, k, rpb)):
+            _close(a, b, "gspmd qk grad")
+        _no_gather(text, what="gspmd qk grad")
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", True)
+
+
+@check
+def cuda_lowering():
+    """The CUDA lowering goes through the partitioner too: the sharded module has the partitioner's
+    custom call with its Shardy rule, and the per-device function of every primitive lowers to the
+    FFI kernel on the local shapes. Lowering needs only the target names, so no GPU (and no compiled
+    kernels: we pretend they exist, as tests/test_lowering.py does)."""
+    from jax_na import _ext, primitives
+    real = _ext.has_cuda_kernels
+    _ext.has_cuda_kernels = lambda: True
+    jax.clear_caches()
+    try:
+        mesh = _mesh()
+        B, X, Y, H, Hkv, D = 4, 6, 5, 4, 2, 4
+        f32 = jnp.float32
+        q, k, v = _rand(50, (B, X, Y, H, D), f32), _rand(51, (B, X, Y, Hkv, D), f32), _rand(52, (B, X, Y, Hkv, D), f32)
+        rpb = _rand(53, (H, 5, 5), f32)
+        spec = P("x", None, None, "y", None)
+        sq, sk, sv = (_put(mesh, x, spec) for x in (q, k, v))
+        srpb = _put(mesh, rpb, P("y"))
+
+        def loss(q, k, v, rpb):
+            out = jax_na.na2d(q, k, v, 3, backend="naive")
+            w = jax_na.na2d_qk(q, k, 3, rpb=rpb, backend="naive")
+            out2 = jax_na.na2d_av(w, v, 3, backend="naive")
+            return jnp.sum(out) + jnp.sum(out2)
+
+        g = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+        text = jax.jit(g).trace(sq, sk, sv, srpb).lower(lowering_platforms=("cuda",)).as_text()
+        n = text.count('@CustomSPMDPartitioning')
+        assert n == 6, f"expected the 6 primitives behind the partitioner, found {n}:\n{text}"
+        assert text.count("sdy.sharding_rule") >= 6
+        assert "jax_na_naive" not in text  # the kernels live inside the partitioned bodies
+        # the per-device bodies, as the partitioner builds them, for each primitive
+        params = jax_na._checks.window_params(2, (X, Y), 3, head_dim=D)
+        W = params.window_size
+        sds = lambda shape, s: jax.ShapeDtypeStruct(shape, f32, sharding=NamedSharding(mesh, s))
+        Q, K = sds(q.shape, spec), sds(k.shape, spec)
+        AK = sds((B, 0, Hkv, D), P("x", None, "y", None))
+        O, L = sds((B, X, Y, H, D), spec), sds((B, X, Y, H), P("x", None, None, "y"))
+        A = sds((B, X, Y, H, W), spec)
+        R = sds(rpb.shape, P("y"))
+        operands = {"fwd": (Q, K, K, AK, AK), "bwd": (Q, K, K, AK, AK, O, L, O, L), "qk": (Q, K, R),
+                    "qk_bwd": (A, Q, K, R), "av": (A, K), "av_bwd": (O, A, K)}
+        for kind, args in operands.items():
+            local = na_sharding.LOCAL_PRIMITIVES[kind]
+            m, per_device, out_s, arg_s = na_sharding._partition(kind, local, params, "naive", mesh, args)
+            out_s = out_s if isinstance(out_s, tuple) else (out_s,)
+            assert all(s.is_equivalent_to(a.sharding, len(a.shape)) for s, a in zip(arg_s, args)), (kind, arg_s)
+            in_specs = tuple(s.spec for s in arg_s)
+            out_specs = tuple(s.spec for s in out_s)
+            shard_map = getattr(jax, "shard_map", None) or __import__(
+                "jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
+            fn = shard_map(lambda *a: per_device(*a) if len(out_s) > 1 else (per_device(*a),), mesh=m,
+                           in_specs=in_specs, out_specs=out_specs)
+            body = jax.jit(fn).trace(*[jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in args]
+                                     ).lower(lowering_platforms=("cuda",)).as_text()
+            assert f"@jax_na_naive_{kind}(" in body, (kind, body)
+            local_q = f"tensor<{B // 4}x{X}x{Y}x{H // 2}x"  # batch / 4, heads / 2 on each device
+            assert local_q in body, (kind, local_q, body)
+            if kind == "qk_bwd":
+                assert "all_reduce" in body  # d_rpb psum over the batch
+        # and a shard_map over the public op lowers straight to the kernel
+        shard_map = getattr(jax, "shard_map", None) or __import__(
+            "jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
+        sm = shard_map(lambda q, k, v: jax_na.na2d(q, k, v, 3, backend="naive"), mesh=mesh,
+                       in_specs=(spec,) * 3, out_specs=spec)
+        text = jax.jit(sm).trace(sq, sk, sv).lower(lowering_platforms=("cuda",)).as_text()
+        assert "@jax_na_naive_fwd(" in text and "CustomSPMDPartitioning" not in text, text
+        del primitives
+    finally:
+        _ext.has_cuda_kernels = real
+        jax.clear_caches()
+
+
+def main(names):
+    names = names or list(CHECKS)
+    failures = 0
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            CHECKS[name]()
+        except Exception:  # report every check
+            failures += 1
+            traceback.print_exc(file=sys.stdout)
+            print(f"JAX_NA_CHECK {name} FAIL {time.perf_counter() - t0:.1f}", flush=True)
+        else:
+            print(f"JAX_NA_CHECK {name} PASS {time.perf_counter() - t0:.1f}", flush=True)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
