@@ -1,0 +1,44 @@
+"""Test configuration: float64 on, markers, GPU skipping.
+
+- ``gpu``: needs a CUDA GPU visible to jax *and* jax_na's compiled CUDA kernels; skipped otherwise.
+  Setting ``JAX_NA_TEST_GPU_ON_CPU=1`` runs the GPU tests' logic on CPU against the reference
+  backend (to check the tests themselves; they then compare the reference with itself in low precision).
+- ``slow``: long CPU tests (run by default; deselect with ``-m "not slow"``).
+"""
+
+import os
+import sys
+
+import jax
+import pytest
+
+# The oracle comparisons need float64 (fp32 results are compared against float64 evaluations).
+jax.config.update("jax_enable_x64", True)
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import oracle`, `import helpers` from any rootdir
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU and the compiled kernels (skipped elsewhere)")
+    config.addinivalue_line("markers", "slow: long-running CPU test")
+
+
+def gpu_available() -> bool:
+    try:
+        import jax_na._ext as ext
+    except Exception:  # pragma: no cover
+        return False
+    return ext.has_cuda_kernels() and ext.has_cuda_device()
+
+
+def gpu_on_cpu() -> bool:
+    return os.environ.get("JAX_NA_TEST_GPU_ON_CPU") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available() or gpu_on_cpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and jax_na's compiled CUDA kernels")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
