@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build + install jax_na against the local jaxlib, run the GPU test suite,
-# run the benchmarks; logs and JSON under $OUT. Usage: bash tools/gpu_run.sh [tests|bench|all] [bench args]
+# run the benchmarks; logs and JSON under $OUT.
+# Usage: bash tools/gpu_run.sh [tests|bench|models|all] [args for jax_na.profile or benchmarks/models.py]
+# (bench: python -m jax_na.profile on the whole problem set; models: benchmarks/models.py; all: tests + bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."; REPO=$PWD
 OUT=${OUT:-$PWD/out}
@@ -32,6 +34,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "gpu tests: rc=$rc, $(( $(date +%s) - t0 )) s"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  "$PY" "$REPO/benchmarks/bench.py" --json "$OUT/bench.json" "$@" 2> "$OUT/bench_progress.log" | tee "$OUT/bench.txt"
+  "$PY" -m jax_na.profile --problem all --json "$OUT/bench.json" --plot "$OUT/bench.png" "$@" \
+    2> "$OUT/bench_progress.log" | tee "$OUT/bench.txt"
+fi
+if [ "$what" = models ]; then
+  "$PY" "$REPO/benchmarks/models.py" --json "$OUT/models.json" "$@" 2> "$OUT/models_stderr.log" | tee "$OUT/models.txt"
 fi
 exit $rc

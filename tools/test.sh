@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${JAX_NA_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VENV=$(cd "$VENV" && pwd)  # absolute: JAX_NA_VENV may be relative or absolute
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q ".[test]"
 # When nvcc is here the install must have compiled the kernels; a test asserts it.
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then export JAX_NA_EXPECT_CUDA=1; fi
 # Run from tests/ so that the installed package (with its compiled module) is imported, not ./jax_na.
 cd tests
-exec "../$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" .
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" .

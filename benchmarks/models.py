@@ -1,0 +1,200 @@
+"""Model-level throughput: images/s of NAT and DiNAT Mini/Tiny/Small/Base (examples/nat.py).
+
+For every model, dtype (bf16, fp32), mode (inference: forward of a jitted apply; training: one
+jitted step of forward, backward and an AdamW update with donated state) and backend (every backend
+in ``jax_na.available_backends()``, plus the same model with global self attention over each
+level's tokens as a yardstick: cuDNN's fused attention in bf16, XLA's in fp32 where cuDNN has no
+kernel) it times ``--steps`` steps after ``--warmup`` and reports images/s = batch / median step time.
+ImageNet shapes by default: 224x224x3 input, batch 128, 1000 classes.
+
+Relative positional biases are off by default (``--rpb`` turns them on): with them the Flax layer
+runs the unfused qk/softmax/av path, which fused kernels cannot take. The blocks of a level run
+under ``nn.scan`` (one compiled body per dilation pattern) so that the deep models compile fast;
+``--no-scan`` unrolls them. ``--time-limit`` stops starting new entries after that many seconds (the
+rest are reported as skipped), so a default run ends in a few minutes whatever the machine.
+
+Usage: python benchmarks/models.py [--models nat_mini,dinat_tiny] [--dtypes bfloat16] [--modes infer]
+           [--backends reference,naive,self] [--batch 128] [--steps 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jax_na  # noqa: E402
+import nat  # noqa: E402  (examples/nat.py)
+
+ALL_MODELS = [f"{k}_{s}" for s in ("mini", "tiny", "small", "base") for k in ("nat", "dinat")]
+SELF = "self"  # the yardstick's name in --backends
+
+
+def self_attention_impl(dtype, on_gpu: bool) -> tuple[str, str | None]:
+    """(label, implementation) of the global self attention yardstick."""
+    if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn-self", "cudnn"
+    return "xla-self", "xla"
+
+
+def build(name: str, dtype, backend: str, on_gpu: bool, args):
+    kw = dict(dtype=dtype, rel_pos_bias=args.rpb, scan_blocks=not args.no_scan, num_classes=args.classes)
+    if backend == SELF:
+        label, impl = self_attention_impl(dtype, on_gpu)
+        kw.update(attention=impl, rel_pos_bias=False)
+    else:
+        label = backend
+        kw.update(backend=backend)
+    return label, nat.MODELS[name](**kw)
+
+
+def step_times(fn, state, batch, steps: int, warmup: int, carry: bool):
+    """Per-step wall times (device-synchronized). ``carry``: fn returns the next state first."""
+    for _ in range(warmup):
+        out = fn(state, *batch)
+        jax.block_until_ready(out)
+        if carry:
+            state = out[0]
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        out = fn(state, *batch)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t)
+        if carry:
+            state = out[0]
+    return np.array(times)
+
+
+def bench_one(model, params, mode: str, x, y, steps: int, warmup: int):
+    if mode == "infer":
+        f = jax.jit(lambda p, x: model.apply(p, x, train=False))
+        return step_times(f, params, (x,), steps, warmup, carry=False)
+    tx = optax.adamw(1e-3, weight_decay=0.05)
+
+    def train_step(state, x, y, key):
+        p, opt = state
+
+        def loss_fn(p):
+            logits = model.apply(p, x, train=True, rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt = tx.update(grads, opt, p)
+        return (optax.apply_updates(p, updates), opt), loss
+
+    f = jax.jit(train_step, donate_argnums=0)
+    # Copies: the donated state must not alias the shared parameters.
+    state = (jax.tree.map(jnp.copy, params), tx.init(params))
+    return step_times(f, state, (x, y, jax.random.key(1)), steps, warmup, carry=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma list of {', '.join(nat.MODELS)}")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--modes", default="infer,train")
+    ap.add_argument("--backends", default=None,
+                    help=f"comma list of jax_na backends and '{SELF}' (global self attention); "
+                         "default: every available backend and self")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per entry")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per entry (the first compiles)")
+    ap.add_argument("--rpb", action="store_true", help="relative positional biases (unfused path)")
+    ap.add_argument("--no-scan", action="store_true", help="unroll the blocks (slow compilation)")
+    ap.add_argument("--time-limit", type=float, default=540.0,
+                    help="start no new entry after this many seconds (the rest are reported skipped)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    on_gpu = any(d.platform == "gpu" for d in jax.devices())
+    available = jax_na.available_backends()
+    backends = a.backends.split(",") if a.backends else [*available, SELF]
+    for b in backends:
+        if b != SELF and b not in available:
+            print(f"note: backend {b} is not available here ({', '.join(available)}); its entries are skipped")
+    models = a.models.split(",")
+    for m in models:
+        if m not in nat.MODELS:
+            ap.error(f"unknown model {m}; known: {', '.join(nat.MODELS)}")
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__} on {dev.device_kind if on_gpu else dev.platform}; backends {backends}; "
+          f"batch {a.batch}, {a.image_size}x{a.image_size}, rpb {'on' if a.rpb else 'off'}, "
+          f"{a.steps} timed steps")
+    if not on_gpu:
+        print("note: no GPU here: the numbers are CPU numbers (the reference backend, XLA self attention)")
+
+    x32 = jax.random.normal(jax.random.key(0), (a.batch, a.image_size, a.image_size, 3), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (a.batch,), 0, a.classes)
+    rows = []
+    t_start = time.perf_counter()
+    header = f"{'model':<12} {'dtype':<9} {'mode':<6} {'backend':<11} {'images/s':>10} {'ms/step':>9} {'p10-p90 ms':>17}"
+    print(header, flush=True)
+    params_of = {}  # float32 parameters per model, the same for every dtype, mode and backend
+    # bf16 before fp32 and inference before training, so that a --time-limit cut drops the least used.
+    for dtype_name in a.dtypes.split(","):
+        dtype = jnp.dtype(dtype_name)
+        x = x32.astype(dtype)
+        for mode in a.modes.split(","):
+            for name in models:
+                for b in backends:
+                    row = dict(model=name, dtype=dtype.name, mode=mode, backend=b, batch=a.batch)
+                    if b != SELF and b not in available:
+                        row["skipped"] = "not available here"
+                    elif time.perf_counter() - t_start > a.time_limit:
+                        row["skipped"] = f"time limit ({a.time_limit:.0f} s)"
+                    else:
+                        label, model = build(name, dtype, b, on_gpu, a)
+                        row["backend"] = label
+                        try:
+                            if name not in params_of:
+                                t = time.perf_counter()
+                                _, init_model = build(name, jnp.float32, available[0], on_gpu, a)
+                                params_of[name] = jax.jit(init_model.init)(jax.random.key(0), x32[:1])
+                                n_params = sum(v.size for v in jax.tree.leaves(params_of[name]))
+                                print(f"# {name}: {n_params / 1e6:.1f} M parameters "
+                                      f"(init {time.perf_counter() - t:.1f} s)", flush=True)
+                            t = time.perf_counter()
+                            times = bench_one(model, params_of[name], mode, x, y, a.steps, a.warmup)
+                            med = float(np.median(times))
+                            row.update(images_per_s=a.batch / med, ms=1e3 * med,
+                                       p10_ms=1e3 * float(np.percentile(times, 10)),
+                                       p90_ms=1e3 * float(np.percentile(times, 90)), steps=len(times),
+                                       wall_s=time.perf_counter() - t)
+                        except Exception as e:  # noqa: BLE001 - report (OOM, unsupported) and go on
+                            msg = f"{type(e).__name__}: {e}".strip().splitlines()
+                            row["error"] = (msg[0] if msg else type(e).__name__)[:300]
+                    rows.append(row)
+                    print(_fmt(row), flush=True)
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(kind="models", jax=jax.__version__, device=str(dev.device_kind if on_gpu else dev),
+                           available_backends=available, batch=a.batch, image_size=a.image_size,
+                           rpb=a.rpb, scan=not a.no_scan, rows=rows), f, indent=1)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _fmt(r):
+    head = f"{r['model']:<12} {r['dtype']:<9} {r['mode']:<6} {r['backend']:<11}"
+    if "images_per_s" not in r:
+        return f"{head} {r.get('skipped') or 'error: ' + r.get('error', '?')}"
+    spread = f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}"
+    return f"{head} {r['images_per_s']:>10.1f} {r['ms']:>9.2f} {spread:>17}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,639 @@
+"""Profile neighborhood attention: every backend plus dense self attention, in one process.
+
+    python -m jax_na.profile --problem p4-nat-small            # a problem of the repo's problem set
+    python -m jax_na.profile --problem all --json out.json     # the whole set (BENCHMARKS.md)
+    python -m jax_na.profile --spatial 64x64 --heads 4 --head-dim 32 --kernel 7 --dilation 2 \\
+        --batch 8 --dtype bfloat16 --mode fwd,fwdbwd --backends reference,naive --plot out.png
+    python -m jax_na.profile --problem p2-2d --sweep-tiles     # tile-shape sweep of the tunable backends
+
+Installed as the console script ``jax-na-profile`` too.
+
+Metric (BENCHMARKS.md): useful FLOPs forward = 4*B*H*N*W*D (N tokens, W = product of the kernel
+sizes), forward+backward = 3.5x forward; effective TFLOP/s = useful FLOPs / median time; speedup =
+time of dense self attention on the same q/k/v (cuDNN on a GPU, measured in this process) / time of
+NA; fraction of ideal = speedup / (N/W). Bandwidth = bytes of q, k, v, out (forward; forward+backward
+adds out, dout, dq, dk, dv) / median time, shown for memory-bound problems (arithmetic intensity
+below ``RIDGE_FLOP_PER_BYTE``). Timing: warm-up, then the median (and 10th/90th percentiles) of
+``--reps`` device-synchronized calls on fresh random inputs, fewer when one call exceeds the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_na
+
+__all__ = [
+    "PROBLEMS", "BY_ID", "Problem", "TUNABLE_BACKENDS", "TileSweep", "register_tunable", "make_problem",
+    "parse_problem", "run", "timeit", "format_table", "main",
+]
+
+
+# ----------------------------------------------------------------------------- problems
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    id: str
+    B: int
+    spatial: tuple
+    H: int
+    D: int
+    kernel: tuple
+    stride: tuple
+    dilation: tuple
+    causal: tuple
+
+    @property
+    def rank(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def N(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def W(self) -> int:
+        return math.prod(self.kernel)
+
+    def flops(self, mode: str) -> float:
+        """Useful FLOPs of NA (BENCHMARKS.md): 4*B*H*N*W*D forward, 3.5x that forward+backward."""
+        return 4.0 * self.B * self.H * self.N * self.W * self.D * (1.0 if mode == "fwd" else 3.5)
+
+    def dense_flops(self, mode: str) -> float:
+        """FLOPs of dense self attention over all N tokens (half of them when causal)."""
+        f = 4.0 * self.B * self.H * self.N * self.N * self.D * (1.0 if mode == "fwd" else 3.5)
+        return f / 2 if self.dense_causal else f
+
+    @property
+    def dense_causal(self) -> bool:
+        """Dense self attention is causal when every axis is (a 1-D causal problem)."""
+        return all(self.causal)
+
+    def io_bytes(self, mode: str, itemsize: int) -> int:
+        """q, k, v, out read/written once; the backward adds out, dout, dq, dk, dv (and q, k, v again)."""
+        tensor = self.B * self.N * self.H * self.D * itemsize
+        return tensor * (4 if mode == "fwd" else 12)
+
+    def describe(self) -> str:
+        x = lambda t: "x".join(str(int(i)) for i in t)
+        s = (f"{self.rank}-D B={self.B} {x(self.spatial)} H={self.H} D={self.D} kernel {x(self.kernel)}")
+        if any(i != 1 for i in self.stride):
+            s += f" stride {x(self.stride)}"
+        if any(i != 1 for i in self.dilation):
+            s += f" dilation {x(self.dilation)}"
+        if any(self.causal):
+            s += " causal " + "".join("T" if c else "F" for c in self.causal)
+        return s
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(rank=self.rank, N=self.N, W=self.W)
+        return d
+
+
+def make_problem(id, B, spatial, H, D, kernel, stride=1, dilation=1, causal=False) -> Problem:
+    """A Problem; kernel/stride/dilation/causal are an int/bool (every axis) or one per axis."""
+    spatial = tuple(int(s) for s in spatial)
+    r = len(spatial)
+
+    def t(x, name, conv):
+        x = tuple(x) if isinstance(x, (tuple, list)) else (x,) * r
+        if len(x) != r:
+            raise ValueError(f"{name} has {len(x)} entries for a rank-{r} problem")
+        return tuple(conv(i) for i in x)
+
+    return Problem(id, int(B), spatial, int(H), int(D), t(kernel, "kernel", int), t(stride, "stride", int),
+                   t(dilation, "dilation", int), t(causal, "causal", bool))
+
+
+_p = make_problem
+
+# The problem set of BENCHMARKS.md (bf16 unless a run says otherwise).
+PROBLEMS = [
+    _p("p1-1d-long", 1, (32768,), 16, 128, 2048),
+    _p("p2-2d", 1, (128, 128), 16, 128, 31),
+    _p("p3-3d", 1, (16, 32, 32), 16, 128, (7, 13, 13)),
+    _p("p4-nat-small", 64, (56, 56), 4, 32, 7),
+    _p("p5-dinat-dilated", 32, (28, 28), 8, 32, 7, dilation=4),
+    _p("p6-flux", 1, (256, 256), 24, 128, 80),
+    _p("p7-flux-strided", 1, (256, 256), 24, 128, 80, stride=16),
+    _p("p8-video", 1, (30, 48, 80), 24, 128, (18, 24, 24)),
+    _p("p9-video-strided", 1, (30, 48, 80), 24, 128, (18, 24, 24), stride=(16, 8, 8)),
+    _p("p10-video-causal", 1, (16, 32, 32), 16, 128, (7, 13, 13), causal=(True, False, False)),
+    _p("p11-1d-d64", 4, (16384,), 16, 64, 1023, causal=True),
+]
+BY_ID = {p.id: p for p in PROBLEMS}
+
+# What `python -m jax_na.profile` runs without a problem on a machine without a GPU: small enough
+# for the reference backend on a laptop CPU (a 2-D NAT-like layer).
+CPU_DEFAULT = _p("cpu-small", 2, (32, 32), 4, 32, 7)
+
+# The naive backend materializes [B, N, H, W] float32 scores (twice in the backward).
+NAIVE_WORKSPACE_LIMIT = 24 << 30
+# Dense self attention without a fused kernel (the XLA yardstick off-GPU) materializes [B, H, N, N].
+XLA_SELF_LIMIT = 2 << 30
+# Arithmetic intensity (FLOP/byte) under which a problem counts as memory bound: about the H100's
+# bf16 dense FLOP rate over its HBM bandwidth (990 TFLOP/s / 3.35 TB/s).
+RIDGE_FLOP_PER_BYTE = 300.0
+
+
+def _ints(s: str) -> tuple:
+    return tuple(int(i) for i in str(s).replace(",", "x").split("x") if i != "")
+
+
+def _bools(s: str) -> tuple:
+    out = []
+    for i in str(s).replace(",", "x").split("x"):
+        i = i.strip().lower()
+        if i in ("t", "true", "1", "yes", "y"):
+            out.append(True)
+        elif i in ("f", "false", "0", "no", "n"):
+            out.append(False)
+        else:
+            raise ValueError(f"causal: cannot read {i!r} (use T/F, 1/0, true/false per axis)")
+    return tuple(out)
+
+
+def parse_problem(a) -> Problem:
+    """The custom problem given by the --rank/--batch/--spatial/... options."""
+    spatial = _ints(a.spatial)
+    if a.rank is not None:
+        if len(spatial) == 1:
+            spatial = spatial * a.rank
+        elif len(spatial) != a.rank:
+            raise ValueError(f"--spatial {a.spatial} does not have --rank {a.rank} entries")
+    r = len(spatial)
+    if not 1 <= r <= 3:
+        raise ValueError(f"rank must be 1, 2 or 3, got spatial {a.spatial}")
+
+    def per_axis(vals, name):
+        if len(vals) == 1:
+            return vals * r
+        if len(vals) != r:
+            raise ValueError(f"--{name} needs 1 or {r} entries, got {len(vals)}")
+        return vals
+
+    kernel = per_axis(_ints(a.kernel), "kernel")
+    stride = per_axis(_ints(a.stride), "stride")
+    dilation = per_axis(_ints(a.dilation), "dilation")
+    causal = per_axis(_bools(a.causal), "causal")
+    p = make_problem("custom", a.batch, spatial, a.heads, a.head_dim, kernel, stride, dilation, causal)
+    return dataclasses.replace(p, id=a.name or "custom")
+
+
+# ----------------------------------------------------------------------------- timing
+
+def timeit(fn: Callable, args: Sequence, reps: int = 20, budget_s: float = 4.0):
+    """Median, 10th and 90th percentile (seconds) of device-synchronized calls after a warm-up, and
+    the number of timed calls: ``reps``, or fewer (at least 3) when they would exceed ``budget_s``."""
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t
+    reps = max(3, min(reps, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    times = np.array(times)
+    return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90)), reps
+
+
+def make_inputs(p: Problem, dtype, seed: int = 0):
+    """q, k, v and the output cotangent: fresh standard-normal arrays [B, *spatial, H, D]."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shape = (p.B, *p.spatial, p.H, p.D)
+    return [jax.random.normal(k, shape, dtype) for k in keys]
+
+
+def na_fn(p: Problem):
+    return getattr(jax_na, f"na{p.rank}d")
+
+
+def fits(p: Problem, backend: str, mode: str) -> str | None:
+    """None if the backend can run the problem here, else why not."""
+    if backend == "naive":
+        ws = 4 * p.B * p.N * p.H * p.W * (1 if mode == "fwd" else 3)
+        if ws > NAIVE_WORKSPACE_LIMIT:
+            return f"skipped: workspace {ws / 2**30:.0f} GiB"
+    return None
+
+
+def na_callable(p: Problem, backend: str, mode: str):
+    na = na_fn(p)
+    f = lambda q, k, v: na(q, k, v, p.kernel, stride=p.stride, dilation=p.dilation, is_causal=p.causal,
+                           backend=backend)
+    if mode == "fwd":
+        return jax.jit(lambda q, k, v, do: f(q, k, v))
+    return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
+
+
+def self_attention_callable(p: Problem, mode: str, implementation: str):
+    """Dense self attention over all N tokens, ``jax.nn.dot_product_attention`` (cudnn or xla)."""
+    flat = lambda x: x.reshape(p.B, p.N, p.H, p.D)
+
+    def f(q, k, v):
+        return jax.nn.dot_product_attention(flat(q), flat(k), flat(v), is_causal=p.dense_causal,
+                                            implementation=implementation)
+
+    if mode == "fwd":
+        return jax.jit(lambda q, k, v, do: f(q, k, v))
+    return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](flat(do)))
+
+
+# ----------------------------------------------------------------------------- tunable backends
+
+@dataclasses.dataclass(frozen=True)
+class TileSweep:
+    """How to sweep the tile shapes of one backend.
+
+    configs(problem, mode, dtype) -> the candidate tile configurations (dicts, JSON-serializable)
+    that are valid for the problem; make(problem, mode, config) -> a callable (q, k, v, dout) like
+    ``na_callable`` that runs the backend with that configuration.
+    """
+
+    configs: Callable[[Problem, str, object], list]
+    make: Callable[[Problem, str, dict], Callable]
+
+
+# Backends whose kernels take a tile shape. Empty today: no fused kernel exists yet. A fused backend
+# registers itself here (register_tunable) and `--sweep-tiles` then sweeps it.
+TUNABLE_BACKENDS: dict[str, TileSweep] = {}
+
+
+def register_tunable(name: str, sweep: TileSweep) -> None:
+    TUNABLE_BACKENDS[name] = sweep
+
+
+def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None):
+    """Time every tile configuration of every tunable backend; rows as ``run`` plus ``config`` and
+    ``best`` (the fastest configuration per problem, mode and backend)."""
+    rows = []
+    for p in problems:
+        args = make_inputs(p, dtype)
+        for mode in modes:
+            for b in backends:
+                sweep = TUNABLE_BACKENDS[b]
+                entries = []
+                for cfg in sweep.configs(p, mode, dtype):
+                    try:
+                        med, lo, hi, n = timeit(sweep.make(p, mode, cfg), args, reps, budget_s)
+                    except Exception as e:  # noqa: BLE001 - report and continue
+                        rows.append(dict(problem=p.id, mode=mode, backend=b, config=cfg,
+                                         error=_err(e)))
+                        continue
+                    row = dict(problem=p.id, mode=mode, backend=b, config=cfg, ms=1e3 * med,
+                               p10_ms=1e3 * lo, p90_ms=1e3 * hi, reps=n,
+                               eff_tflops=p.flops(mode) / med / 1e12, best=False)
+                    entries.append(row)
+                    rows.append(row)
+                    _say(progress, f"{p.id:<18} {mode:<7} {b:<10} {json.dumps(cfg)} {row['ms']:.3f} ms")
+                if entries:
+                    min(entries, key=lambda r: r["ms"])["best"] = True
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+# ----------------------------------------------------------------------------- running
+
+def _err(e: Exception) -> str:
+    s = f"{type(e).__name__}: {e}".strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:300]
+
+
+class _Quiet:
+    """A progress object that shows nothing (--no-progress)."""
+
+    def update(self, n):
+        pass
+
+    def write(self, msg, file=None):
+        pass
+
+    def close(self):
+        pass
+
+
+def _say(progress, msg):
+    """A live line per timed row: through tqdm when there is a bar, to stderr without one."""
+    if progress is not None and hasattr(progress, "write"):
+        progress.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def yardstick(on_gpu: bool) -> tuple[str, str]:
+    """(row name, jax.nn.dot_product_attention implementation) of the dense self attention baseline."""
+    return ("cudnn-self", "cudnn") if on_gpu else ("xla-self", "xla")
+
+
+def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequence[str], reps: int = 20,
+        budget_s: float = 4.0, self_attention: bool = True, progress=None) -> list[dict]:
+    """Time every backend (and dense self attention) on every problem and mode; one dict per row."""
+    rows = []
+    on_gpu = _on_gpu()
+    sa_name, sa_impl = yardstick(on_gpu)
+    itemsize = jnp.dtype(dtype).itemsize
+    for p in problems:
+        args = make_inputs(p, dtype)
+        for mode in modes:
+            flops = p.flops(mode)
+            io = p.io_bytes(mode, itemsize)
+            memory_bound = flops / io < RIDGE_FLOP_PER_BYTE
+            base = None
+            if self_attention:
+                sa_bytes = 4 * p.B * p.H * p.N * p.N * (1 if mode == "fwd" else 3)
+                if not on_gpu and sa_bytes > XLA_SELF_LIMIT:
+                    rows.append(dict(problem=p.id, mode=mode, backend=sa_name,
+                                     skipped=f"skipped: [B,H,N,N] scores {sa_bytes / 2**30:.1f} GiB"))
+                else:
+                    try:
+                        med, lo, hi, n = timeit(self_attention_callable(p, mode, sa_impl), args, reps,
+                                                budget_s)
+                        base = med
+                        row = dict(problem=p.id, mode=mode, backend=sa_name, ms=1e3 * med, p10_ms=1e3 * lo,
+                                   p90_ms=1e3 * hi, reps=n, dense_tflops=p.dense_flops(mode) / med / 1e12)
+                        rows.append(row)
+                        _say(progress, format_row(row))
+                    except Exception as e:  # noqa: BLE001 - report and continue
+                        rows.append(dict(problem=p.id, mode=mode, backend=sa_name, error=_err(e)))
+            for b in backends:
+                why = fits(p, b, mode)
+                if why:
+                    rows.append(dict(problem=p.id, mode=mode, backend=b, skipped=why))
+                    continue
+                try:
+                    med, lo, hi, n = timeit(na_callable(p, b, mode), args, reps, budget_s)
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(problem=p.id, mode=mode, backend=b, error=_err(e)))
+                    _say(progress, format_row(rows[-1]))
+                    continue
+                row = dict(problem=p.id, mode=mode, backend=b, ms=1e3 * med, p10_ms=1e3 * lo,
+                           p90_ms=1e3 * hi, reps=n, eff_tflops=flops / med / 1e12,
+                           bandwidth_gbs=io / med / 1e9, memory_bound=bool(memory_bound))
+                if base:
+                    row["speedup_vs_self"] = base / med
+                    row["fraction_of_ideal"] = base / med / (p.N / p.W)
+                rows.append(row)
+                _say(progress, format_row(row))
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def _on_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:  # pragma: no cover
+        return False
+
+
+# ----------------------------------------------------------------------------- output
+
+HEADER = (f"{'problem':<18} {'mode':<7} {'backend':<11} {'median ms':>10} {'p10-p90 ms':>17} "
+          f"{'eff TF/s':>9} {'speedup':>8} {'ideal':>6} {'GB/s':>8}")
+
+
+def format_row(r: dict) -> str:
+    head = f"{r['problem']:<18} {r['mode']:<7} {r['backend']:<11}"
+    if "ms" not in r:
+        return f"{head} {r.get('skipped') or 'error: ' + r.get('error', '?')}"
+    spread = f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"
+    s = f"{head} {r['ms']:>10.3f} {spread:>17}"
+    if "eff_tflops" in r:
+        s += f" {r['eff_tflops']:>9.3g}"
+        if "speedup_vs_self" in r:
+            s += f" {r['speedup_vs_self']:>8.2f} {r['fraction_of_ideal']:>6.3f}"
+        else:
+            s += f" {'-':>8} {'-':>6}"
+        s += f" {r['bandwidth_gbs']:>8.1f}" if r.get("memory_bound") else f" {'-':>8}"
+    else:
+        s += f" {'':>9} (dense {r['dense_tflops']:.3g} TFLOP/s)"
+    return s
+
+
+def format_table(rows: list[dict]) -> str:
+    return "\n".join([HEADER, *(format_row(r) for r in rows)])
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> bool:
+    """Bar chart of median times (log scale), grouped by problem and mode; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install 'jax-na[profile]'); no plot written",
+              file=sys.stderr)
+        return False
+    timed = [r for r in rows if "ms" in r and "config" not in r]
+    groups = list(dict.fromkeys((r["problem"], r["mode"]) for r in timed))
+    backends = list(dict.fromkeys(r["backend"] for r in timed))
+    if not groups:
+        print("--plot: nothing was timed; no plot written", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(backends)) / 2), 4.5))
+    width = 0.8 / len(backends)
+    for j, b in enumerate(backends):
+        xs, ys = [], []
+        for i, g in enumerate(groups):
+            hit = [r for r in timed if (r["problem"], r["mode"]) == g and r["backend"] == b]
+            if hit:
+                xs.append(i + (j - (len(backends) - 1) / 2) * width)
+                ys.append(hit[0]["ms"])
+        bars = ax.bar(xs, ys, width, label=b)
+        for x, y, rect in zip(xs, ys, bars):
+            r = [t for t in timed if t["backend"] == b and t["ms"] == y][0]
+            if "eff_tflops" in r:
+                ax.annotate(f"{r['eff_tflops']:.2g}", (x, y), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{p}\n{m}" for p, m in groups], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time (ms, log); labels: effective TFLOP/s")
+    ax.set_title(title or "jax_na neighborhood attention", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _Quiet()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="problems", unit="problem", file=sys.stderr, leave=False,
+                disable=None)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m jax_na.profile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("problem (a named one, or a custom one from --spatial)")
+    g.add_argument("--problem", "--problems", dest="problem", default=None,
+                   help="comma list of problem ids of BENCHMARKS.md, or 'all'; --list shows them")
+    g.add_argument("--list", action="store_true", help="list the named problems and exit")
+    g.add_argument("--spatial", default=None, help="custom problem: spatial shape, e.g. 32768, 64x64, 8x32x32")
+    g.add_argument("--rank", type=int, default=None, help="1, 2 or 3 (default: from --spatial)")
+    g.add_argument("--batch", "-B", type=int, default=1)
+    g.add_argument("--heads", "-H", type=int, default=4)
+    g.add_argument("--head-dim", "-D", type=int, default=32)
+    g.add_argument("--kernel", default="7", help="e.g. 7 or 7x13x13")
+    g.add_argument("--stride", default="1")
+    g.add_argument("--dilation", default="1")
+    g.add_argument("--causal", default="F", help="per axis T/F, e.g. T, TxFxF")
+    g.add_argument("--name", default=None, help="id of the custom problem in the table (default: custom)")
+    r = ap.add_argument_group("what to run")
+    r.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    r.add_argument("--mode", "--modes", dest="mode", default="fwd,fwdbwd",
+                   help="fwd, fwdbwd (forward+backward) or both, comma separated")
+    r.add_argument("--backends", default=None,
+                   help="comma list; default: every backend in jax_na.available_backends()")
+    r.add_argument("--no-self-attention", action="store_true", help="skip the dense self attention baseline")
+    r.add_argument("--reps", type=int, default=20, help="timed calls per entry (at most)")
+    r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
+    r.add_argument("--sweep-tiles", action="store_true",
+                   help="sweep the tile shapes of the tunable (fused) backends instead, report the best")
+    o = ap.add_argument_group("output")
+    o.add_argument("--json", default=None, help="write the rows (and the problems) as JSON")
+    o.add_argument("--plot", default=None, help="write a bar chart (PNG; needs matplotlib)")
+    o.add_argument("--no-progress", action="store_true",
+                   help="no progress bar and no live lines on stderr (only the final table)")
+    return ap
+
+
+def _problems(a, on_gpu: bool) -> list[Problem]:
+    if a.problem and a.spatial:
+        raise ValueError("give either --problem or --spatial, not both")
+    if a.spatial:
+        return [parse_problem(a)]
+    if a.problem in (None, ""):
+        return list(PROBLEMS) if on_gpu else [CPU_DEFAULT]
+    if a.problem == "all":
+        return list(PROBLEMS)
+    out = []
+    for i in a.problem.split(","):
+        if i == CPU_DEFAULT.id:
+            out.append(CPU_DEFAULT)
+        elif i in BY_ID:
+            out.append(BY_ID[i])
+        else:
+            raise ValueError(f"unknown problem {i!r}; known: {', '.join(BY_ID)}, {CPU_DEFAULT.id}")
+    return out
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.list:
+        for p in [*PROBLEMS, CPU_DEFAULT]:
+            print(f"{p.id:<18} {p.describe()}")
+        return 0
+    on_gpu = _on_gpu()
+    try:
+        problems = _problems(a, on_gpu)
+        modes = ["fwd", "fwdbwd"] if a.mode == "both" else a.mode.split(",")
+        if any(m not in ("fwd", "fwdbwd") for m in modes):
+            raise ValueError(f"--mode: fwd, fwdbwd or both, got {a.mode}")
+        dtype = jnp.dtype(a.dtype)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    available = jax_na.available_backends()
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__} on {device.device_kind if on_gpu else device.platform}; "
+          f"jax_na backends here: {', '.join(available)}; dtype {dtype.name}")
+    if not on_gpu:
+        print("note: no GPU here: only the reference backend (pure JAX) runs, and the self attention "
+              "yardstick is XLA's (cuDNN needs a GPU); times are CPU times")
+
+    if a.sweep_tiles:
+        return _main_sweep(a, problems, modes, dtype)
+
+    backends = a.backends.split(",") if a.backends else list(available)
+    missing = [b for b in backends if b not in available]
+    if missing:
+        print(f"note: backend(s) {', '.join(missing)} not available here; running "
+              f"{', '.join(b for b in backends if b in available) or 'nothing'}")
+        backends = [b for b in backends if b in available]
+    for p in problems:
+        print(f"{p.id}: {p.describe()} (N={p.N}, W={p.W}, N/W={p.N / p.W:.1f})")
+    progress = _progress(len(problems), not a.no_progress)
+    rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress)
+    if progress is not None:
+        progress.close()
+    print()
+    print(format_table(rows))
+    print("eff TF/s: useful NA FLOPs / median; speedup: dense self attention time / NA time (same "
+          "process); ideal: speedup / (N/W); GB/s shown for memory-bound problems")
+    if a.json:
+        _write_json(a.json, dict(kind="profile", problems=[p.to_json() for p in problems], rows=rows,
+                                 backends=backends, modes=modes, **_meta(dtype, on_gpu)))
+        print(f"wrote {a.json}")
+    if a.plot and plot(rows, a.plot, f"{dtype.name} on {device.device_kind if on_gpu else 'CPU'}"):
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def _main_sweep(a, problems, modes, dtype) -> int:
+    tunable = sorted(TUNABLE_BACKENDS)
+    wanted = a.backends.split(",") if a.backends else tunable
+    backends = [b for b in wanted if b in TUNABLE_BACKENDS]
+    if not backends:
+        print("--sweep-tiles: no tunable backend is registered "
+              f"({'none at all' if not tunable else 'registered: ' + ', '.join(tunable)}; asked for "
+              f"{', '.join(wanted) or 'any'}). The tile shapes belong to the fused kernels, which do not "
+              "exist yet; nothing was timed.", file=sys.stderr)
+        if a.json:
+            _write_json(a.json, dict(kind="sweep", problems=[p.to_json() for p in problems], rows=[],
+                                     tunable_backends=tunable, note="no tunable backend registered",
+                                     **_meta(dtype, _on_gpu())))
+        return 3
+    progress = _progress(len(problems), not a.no_progress)
+    rows = sweep_tiles(problems, backends, dtype, modes, a.reps, a.budget, progress)
+    if progress is not None:
+        progress.close()
+    print(f"\n{'problem':<18} {'mode':<7} {'backend':<10} {'median ms':>10} {'eff TF/s':>9}  best config")
+    for r in rows:
+        if r.get("best"):
+            print(f"{r['problem']:<18} {r['mode']:<7} {r['backend']:<10} {r['ms']:>10.3f} "
+                  f"{r['eff_tflops']:>9.2f}  {json.dumps(r['config'])}")
+    if a.json:
+        _write_json(a.json, dict(kind="sweep", problems=[p.to_json() for p in problems], rows=rows,
+                                 tunable_backends=tunable, **_meta(dtype, _on_gpu())))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _meta(dtype, on_gpu) -> dict:
+    d = jax.devices()[0]
+    return dict(jax=jax.__version__, jax_na=jax_na.__version__, platform=d.platform,
+                device=d.device_kind if on_gpu else str(d), dtype=jnp.dtype(dtype).name,
+                available_backends=jax_na.available_backends(),
+                self_attention=yardstick(on_gpu)[0])
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""CPU tests of the profiler CLI (jax_na.profile), the examples' models and benchmarks/models.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+pytest.importorskip("flax")
+optax = pytest.importorskip("optax")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+
+from jax_na import profile  # noqa: E402
+
+TINY = ["--spatial", "8x8", "--batch", "1", "--heads", "2", "--head-dim", "8", "--kernel", "3",
+        "--dilation", "2", "--dtype", "float32", "--reps", "3", "--budget", "0.2", "--no-progress"]
+
+
+def test_cli_custom_problem_json(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert profile.main([*TINY, "--mode", "both", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    for k in ("jax", "device", "platform", "dtype", "available_backends", "rows", "problems", "backends"):
+        assert k in d
+    (p,) = d["problems"]
+    assert p["spatial"] == [8, 8] and p["kernel"] == [3, 3] and p["dilation"] == [2, 2] and p["W"] == 9
+    na = [r for r in d["rows"] if r["backend"] == "reference"]
+    assert {r["mode"] for r in na} == {"fwd", "fwdbwd"}
+    for r in na:
+        for k in ("ms", "p10_ms", "p90_ms", "reps", "eff_tflops", "bandwidth_gbs", "memory_bound"):
+            assert k in r, k
+        assert r["ms"] > 0 and r["p10_ms"] <= r["ms"] <= r["p90_ms"] and r["reps"] >= 3
+        assert r["speedup_vs_self"] > 0 and r["fraction_of_ideal"] > 0  # vs XLA self attention on CPU
+    assert any(r["backend"] in ("xla-self", "cudnn-self") and "ms" in r for r in d["rows"])
+    text = capsys.readouterr().out
+    assert "median ms" in text and "reference" in text
+
+
+def test_cli_subprocess_and_plot(tmp_path):
+    out = tmp_path / "o.json"
+    png = tmp_path / "o.png"
+    r = subprocess.run([sys.executable, "-m", "jax_na.profile", *TINY, "--mode", "fwd", "--no-self-attention",
+                        "--json", str(out), "--plot", str(png)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "no GPU" in r.stdout or "gpu" in json.loads(out.read_text())["platform"]
+    assert [row["backend"] for row in json.loads(out.read_text())["rows"]] == ["reference"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists()
+    else:
+        assert png.stat().st_size > 1000
+
+
+def test_problem_table_and_metric():
+    assert len(profile.PROBLEMS) == 11 and profile.BY_ID["p5-dinat-dilated"].dilation == (4, 4)
+    p = profile.BY_ID["p3-3d"]
+    assert p.N == 16 * 32 * 32 and p.W == 7 * 13 * 13
+    assert p.flops("fwd") == 4 * 16 * p.N * p.W * 128
+    assert p.flops("fwdbwd") == 3.5 * p.flops("fwd")
+    assert profile.BY_ID["p11-1d-d64"].causal == (True,)
+
+
+def test_sweep_tiles_reports_no_tunable_backend(tmp_path, capsys):
+    assert profile.TUNABLE_BACKENDS == {}
+    out = tmp_path / "s.json"
+    assert profile.main([*TINY, "--sweep-tiles", "--json", str(out)]) == 3
+    assert "no tunable backend" in capsys.readouterr().err
+    d = json.loads(out.read_text())
+    assert d["rows"] == [] and d["tunable_backends"] == []
+
+
+def test_bad_problem_is_an_error(capsys):
+    assert profile.main(["--problem", "nope"]) == 2
+    assert profile.main(["--spatial", "8x8", "--kernel", "3x3x3"]) == 2
+
+
+def test_nat_dinat_tiny_forward_and_train_step():
+    import nat
+    import train
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 1)), jnp.float32)
+    y = jnp.array([1, 3])
+    for kind, dil in (("nat_tiny32", None), ("dinat_tiny32", ((2,), (1,)))):
+        model = nat.MODELS[kind](depths=(1, 1), embed_dim=16, dilations=dil)
+        params = jax.jit(model.init)(jax.random.key(0), x)
+        assert model.apply(params, x).shape == (2, 10)
+        tx = optax.adam(1e-3)
+        p2, _, loss, _ = train.make_train_step(model, tx)(params, tx.init(params), x, y, jax.random.key(1))
+        assert np.isfinite(float(loss))
+
+
+def test_dinat_paper_model_builds_with_dilations():
+    import nat
+
+    model = nat.dinat_mini(num_classes=10)
+    assert [model.level_dilations(i) for i in range(4)] == [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5]
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape)))
+    n = sum(v.size for v in jax.tree.leaves(params))
+    assert 19e6 < n < 21e6  # DiNAT-Mini: 20 M parameters
+    out = jax.eval_shape(lambda p: model.apply(p, jnp.zeros(x.shape)), params)
+    assert out.shape == (1, 10)
+    # nn.scan over the repeating dilation pattern: same parameter count
+    scanned = jax.eval_shape(lambda: nat.dinat_mini(num_classes=10, scan_blocks=True).init(
+        jax.random.key(0), jnp.zeros(x.shape)))
+    assert sum(v.size for v in jax.tree.leaves(scanned)) == n
+
+
+def test_lm_1d_forward_and_train_step():
+    import lm_1d
+
+    model = lm_1d.NALanguageModel(vocab=11, dim=16, depth=1, num_heads=2, window=5, max_len=32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 17)), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])
+    assert model.apply(params, tokens[:, :-1]).shape == (2, 16, 11)
+    tx = optax.adam(1e-3)
+    _, _, loss = lm_1d.make_train_step(model, tx)(params, tx.init(params), tokens)
+    assert np.isfinite(float(loss))
+    assert lm_1d.check_against_dense(length=16) < 1e-4
+
+
+def test_video_3d_forward_train_step_and_causality():
+    import video_3d
+
+    x, y = video_3d.moving_squares(np.random.default_rng(0), 2, 4, 8)
+    model = video_3d.VideoClassifier(dim=8, depth=1, num_heads=2, kernel_size=(2, 3, 3))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(x))
+    assert model.apply(params, jnp.asarray(x)).shape == (2, 4)
+    assert video_3d.causality_gap(model, params, jnp.asarray(x, jnp.float32), 2) < 1e-5
+    tx = optax.adam(1e-3)
+    _, _, loss, _ = video_3d.make_train_step(model, tx)(params, tx.init(params), x, y)
+    assert np.isfinite(float(loss))
+
+
+def test_models_benchmark_cli_smoke(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_models", os.path.join(ROOT, "benchmarks", "models.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "m.json"
+    # 'nat_tiny32' keeps it small; the ImageNet models need 224x224 (kernel 7 at the 7x7 level).
+    assert mod.main(["--models", "nat_tiny32", "--batch", "2", "--image-size", "32", "--classes", "10",
+                     "--dtypes", "float32", "--modes", "infer", "--backends", "reference,self", "--steps", "1",
+                     "--warmup", "1",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"reference", "xla-self"}
+    assert all(r.get("images_per_s", 0) > 0 for r in rows), rows
