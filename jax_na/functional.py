@@ -115,8 +115,9 @@ _NA_DOC = """{rank}-D neighborhood attention.
       additional_keys: optional ``[B, N_add, H_kv, D]`` keys seen by every query.
       additional_values: optional ``[B, N_add, H_kv, D_v]``, required with ``additional_keys``.
       return_lse: also return the float32 log-sum-exp ``{lse}``.
-      backend: None/"auto" (the best available kernel on the platform), "naive" (CUDA kernels; on
-        other platforms the call lowers to the reference) or "reference" (pure JAX).
+      backend: None/"auto" (the fastest backend for the platform, chosen at lowering time; today
+        the reference everywhere), "naive" (the CUDA kernels: a ValueError when jax_na was built
+        without them; a call lowered for a non-CUDA platform uses the reference) or "reference".
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.

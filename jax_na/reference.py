@@ -190,8 +190,11 @@ def attention_forward(q, k, v, add_k, add_v, params: NAParams, tile_shape=None):
     box = math.prod(t.box for t in tilings)
 
     qg = _pad_queries(_to_group_major(q, tilings), tilings)
-    kg = _to_group_major(k, tilings)
-    vg = _to_group_major(v, tilings)
+    # Keys/values are read by several tiles: upcast them outside the tile loop so that their
+    # gradients accumulate across tiles in float32 (one rounding to the input dtype at the end).
+    kg = _to_group_major(k, tilings).astype(cdt)
+    vg = _to_group_major(v, tilings).astype(cdt)
+    add_k, add_v = add_k.astype(cdt), add_v.astype(cdt)
 
     @jax.checkpoint
     def tile_fn(tid):
@@ -201,8 +204,9 @@ def attention_forward(q, k, v, add_k, add_v, params: NAParams, tile_shape=None):
         qt = _slice_tile(qg, *_tile_queries(tix, tilings)).reshape(B, Tq, Hkv, G, D)
         kt = _slice_tile(kg, box_starts, box_sizes).reshape(B, box, Hkv, D)
         vt = _slice_tile(vg, box_starts, box_sizes).reshape(B, box, Hkv, Dv)
-        keys = jnp.concatenate([kt, add_k], axis=1)
-        vals = jnp.concatenate([vt, add_v], axis=1)
+        # Back to the input dtype (exact) so half-precision operands reach the matrix units as such.
+        keys = jnp.concatenate([kt, add_k], axis=1).astype(k.dtype)
+        vals = jnp.concatenate([vt, add_v], axis=1).astype(v.dtype)
         full_mask = jnp.concatenate([mask, jnp.ones((Tq, Na), bool)], axis=1)
         s = _matmul("bqhgd,bkhd->bhgqk", qt, keys, cdt) * jnp.asarray(params.scale, cdt)
         s = jnp.where(full_mask, s, -jnp.inf)
@@ -268,7 +272,8 @@ def qk_forward(q, k, rpb, params: NAParams, tile_shape=None):
     tilings = _tilings(spatial, params, tile_shape)
     Tq = math.prod(t.tile for t in tilings)
     qg = _pad_queries(_to_group_major(q, tilings), tilings)
-    kg = _to_group_major(k, tilings)
+    kg = _to_group_major(k, tilings).astype(cdt)  # float32 gradient accumulation across tiles
+    rpb = None if rpb is None else rpb.astype(cdt)
 
     @jax.checkpoint
     def tile_fn(tid):
@@ -281,7 +286,7 @@ def qk_forward(q, k, rpb, params: NAParams, tile_shape=None):
         s = jnp.einsum("bqhgd,bqwhd->bqhgw", qt, kw, precision=_precision(cdt)).reshape(B, Tq, H, W)
         s = s * jnp.asarray(params.scale, cdt)
         if rpb is not None:
-            rb = rpb.astype(cdt)[(slice(None), *_outer(bias))]  # [H, T.., k..]
+            rb = rpb[(slice(None), *_outer(bias))]  # [H, T.., k..]
             s = s + jnp.moveaxis(rb.reshape(H, Tq, W), 0, 1)[None]
         s = jnp.where(_valid_window(valid)[None, :, None, :], s, -jnp.inf)
         return s.astype(q.dtype)
@@ -300,7 +305,7 @@ def av_forward(weights, v, params: NAParams, tile_shape=None):
     tilings = _tilings(spatial, params, tile_shape)
     Tq = math.prod(t.tile for t in tilings)
     wg = _pad_queries(_to_group_major(weights, tilings), tilings)
-    vg = _to_group_major(v, tilings)
+    vg = _to_group_major(v, tilings).astype(cdt)  # float32 gradient accumulation across tiles
 
     @jax.checkpoint
     def tile_fn(tid):

@@ -4,12 +4,7 @@
 # profiler table for one problem. Extra arguments go to examples/demo.py (e.g. --steps 1000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${JAX_NA_VENV:-.venv}
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-VENV=$(cd "$VENV" && pwd)  # absolute: JAX_NA_VENV may be relative or absolute
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q ".[examples]"
+source tools/install.sh examples
 # Run from examples/ with the installed package (and its compiled kernels), not ./jax_na.
 cd examples
 exec "$VENV/bin/python" demo.py "$@"

@@ -3,12 +3,7 @@
 # found), then run the test suite. GPU tests run only where a GPU is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${JAX_NA_VENV:-.venv}
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-VENV=$(cd "$VENV" && pwd)  # absolute: JAX_NA_VENV may be relative or absolute
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q ".[test]"
+source tools/install.sh test
 # When nvcc is here the install must have compiled the kernels; a test asserts it.
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then export JAX_NA_EXPECT_CUDA=1; fi
 # Run from tests/ so that the installed package (with its compiled module) is imported, not ./jax_na.
