@@ -184,7 +184,6 @@ def attention_forward(q, k, v, add_k, add_v, params: NAParams, tile_shape=None):
     G = H // Hkv
     Na = add_k.shape[1]
     cdt = _compute_dtype(q.dtype)
-    prec = _precision(cdt)
     tilings = _tilings(spatial, params, tile_shape)
     Tq = math.prod(t.tile for t in tilings)
     box = math.prod(t.box for t in tilings)
