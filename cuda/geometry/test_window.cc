@@ -90,6 +90,26 @@ static long check_axis(int L, int k, int s, int d, int causal) {
             L, k, s, d, causal, g, j, r.begin, r.end, brute.size());
       ++checks;
     }
+    // Key ranges [j0, j1]: queries touching any key / holding every key (tile iteration and
+    // mask-free tiles of the fused backward).
+    for (int j0 = 0; j0 < Lg; ++j0)
+      for (int j1 = j0; j1 < Lg && j1 < j0 + 9; ++j1) {
+        const auto any = jax_na::geo::inverse_range_any(a, j0, j1, Lg);
+        const auto all = jax_na::geo::inverse_range_all(a, j0, j1, Lg);
+        for (int p = 0; p < Lg; ++p) {
+          bool some = false, every = true;
+          for (int j = j0; j <= j1; ++j) {
+            const bool in = st[p] <= j && j < en[p];
+            some = some || in;
+            every = every && in;
+          }
+          CHECK(some == (any.begin <= p && p < any.end), "inverse_range_any L=%d k=%d s=%d d=%d c=%d [%d,%d] p=%d",
+                L, k, s, d, causal, j0, j1, p);
+          CHECK(every == (all.begin <= p && p < all.end), "inverse_range_all L=%d k=%d s=%d d=%d c=%d [%d,%d] p=%d",
+                L, k, s, d, causal, j0, j1, p);
+        }
+        ++checks;
+      }
   }
   CHECK(total == L, "groups do not partition the axis");
   return checks;

@@ -96,25 +96,51 @@ struct Range {
   int32_t end;
 };
 
-// Query positions (same group, group length Lg) whose window contains key position j.
-// Uses only window_start/window_end, which are non-decreasing in the query position.
-JNA_HD Range inverse_range(const Axis& a, int32_t j, int32_t Lg) {
-  // begin = first p with end(p) > j.
+// First query position p (group of length Lg) with window_end(p) > j, or Lg.
+JNA_HD int32_t first_end_after(const Axis& a, int32_t j, int32_t Lg) {
   int32_t lo = 0, hi = Lg;
   while (lo < hi) {
     const int32_t mid = lo + (hi - lo) / 2;
     if (window_end(a, mid, Lg) > j) hi = mid; else lo = mid + 1;
   }
-  Range r;
-  r.begin = lo;
-  // end = first p with start(p) > j.
-  lo = 0;
-  hi = Lg;
+  return lo;
+}
+
+// First query position p with window_start(p) > j, or Lg.
+JNA_HD int32_t first_start_after(const Axis& a, int32_t j, int32_t Lg) {
+  int32_t lo = 0, hi = Lg;
   while (lo < hi) {
     const int32_t mid = lo + (hi - lo) / 2;
     if (window_start(a, mid, Lg) > j) hi = mid; else lo = mid + 1;
   }
-  r.end = lo < r.begin ? r.begin : lo;
+  return lo;
+}
+
+// Query positions (same group, group length Lg) whose window contains key position j.
+// Uses only window_start/window_end, which are non-decreasing in the query position.
+JNA_HD Range inverse_range(const Axis& a, int32_t j, int32_t Lg) {
+  Range r;
+  r.begin = first_end_after(a, j, Lg);
+  const int32_t e = first_start_after(a, j, Lg);
+  r.end = e < r.begin ? r.begin : e;
+  return r;
+}
+
+// Query positions whose window contains at least one key of [j0, j1] (j0 <= j1).
+JNA_HD Range inverse_range_any(const Axis& a, int32_t j0, int32_t j1, int32_t Lg) {
+  Range r;
+  r.begin = first_end_after(a, j0, Lg);
+  const int32_t e = first_start_after(a, j1, Lg);
+  r.end = e < r.begin ? r.begin : e;
+  return r;
+}
+
+// Query positions whose window contains every key of [j0, j1] (j0 <= j1).
+JNA_HD Range inverse_range_all(const Axis& a, int32_t j0, int32_t j1, int32_t Lg) {
+  Range r;
+  r.begin = first_end_after(a, j1, Lg);
+  const int32_t e = first_start_after(a, j0, Lg);
+  r.end = e < r.begin ? r.begin : e;
   return r;
 }
 
