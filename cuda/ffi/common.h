@@ -60,7 +60,7 @@ inline ffi::Error element_type(const char* target, const char* name, const ffi::
     default: break;
   }
   return invalid(target, std::string(name) + " has element type " + ffi_dtype_name(buf.element_type()) +
-                             "; the naive kernels support float32, float16 and bfloat16");
+                             "; the CUDA kernels support float32, float16 and bfloat16");
 }
 
 inline ffi::DataType to_ffi(DType t) {
@@ -93,6 +93,13 @@ inline ffi::Error check(const char* target, const char* name, const ffi::AnyBuff
                         ffi::DataType dtype, const Dims& expected) {
   if (auto e = check_dtype(target, name, buf, dtype); e.failure()) return e;
   return check_dims(target, name, buf, expected);
+}
+
+// Same element type and shape as `like` (a gradient of an operand).
+inline ffi::Error check_like(const char* target, const char* name, const ffi::AnyBuffer& buf,
+                             const ffi::AnyBuffer& like) {
+  const auto d = like.dimensions();
+  return check(target, name, buf, like.element_type(), Dims(d.begin(), d.end()));
 }
 
 // A float32 workspace with at least `needed` elements.
@@ -225,3 +232,8 @@ inline Dims rpb_shape(const geo::Problem& pr, size_t rank) {
 
 }  // namespace ffi_util
 }  // namespace jax_na
+
+// The window attributes of every handler binding (after the operands and results).
+#define JNA_WINDOW_ATTRS                                                                      \
+  .Attr<jax_na::ffi_util::I64Span>("kernel_size").Attr<jax_na::ffi_util::I64Span>("stride") \
+      .Attr<jax_na::ffi_util::I64Span>("dilation").Attr<jax_na::ffi_util::I64Span>("is_causal")

@@ -12,6 +12,11 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_naive_qk);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_naive_av);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_naive_qk_bwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_naive_av_bwd);
+#if defined(JAX_NA_WITH_FUSED)
+// Fused backend (built when the CUTLASS headers are found).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_fused_fwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_fused_bwd);
+#endif
 
 // Every handler above, by target name, for registration (null-terminated).
 struct JaxNaFfiTarget {
@@ -26,5 +31,9 @@ static const JaxNaFfiTarget kJaxNaFfiTargets[] = {
     {"jax_na_naive_av", jax_na_naive_av},
     {"jax_na_naive_qk_bwd", jax_na_naive_qk_bwd},
     {"jax_na_naive_av_bwd", jax_na_naive_av_bwd},
+#if defined(JAX_NA_WITH_FUSED)
+    {"jax_na_fused_fwd", jax_na_fused_fwd},
+    {"jax_na_fused_bwd", jax_na_fused_bwd},
+#endif
     {nullptr, nullptr},
 };

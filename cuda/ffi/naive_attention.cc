@@ -232,10 +232,6 @@ ffi::Error NaiveBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
 }  // namespace
 }  // namespace jax_na
 
-#define JNA_WINDOW_ATTRS                                                                      \
-  .Attr<jax_na::ffi_util::I64Span>("kernel_size").Attr<jax_na::ffi_util::I64Span>("stride") \
-      .Attr<jax_na::ffi_util::I64Span>("dilation").Attr<jax_na::ffi_util::I64Span>("is_causal")
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_naive_fwd, jax_na::NaiveFwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()

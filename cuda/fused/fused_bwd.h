@@ -1,0 +1,50 @@
+// Fused neighborhood-attention backward, portable sm80-class path: host-side entry points (no
+// device code, no CuTe: the host-compiled FFI handler includes this).
+//
+// Three launches on one stream: delta = rowsum(dO * O) - d_lse (into the caller's workspace), the
+// query-stationary dQ kernel and the key-stationary dK/dV kernel (also the additional keys/values).
+// Deterministic: every output element is written by exactly one CTA, no atomics.
+// Supported: as the forward (fp16/bf16, head dim 64 or 128 with D_v == D, rank 1..3, every
+// kernel/stride/dilation/causal, GQA, additional keys/values).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "geometry/window.cuh"
+
+namespace jax_na {
+namespace fused {
+
+struct BwdArgs {
+  const void* q = nullptr;       // [B, *S, H, D]
+  const void* k = nullptr;       // [B, *S, Hkv, D]
+  const void* v = nullptr;       // [B, *S, Hkv, D]
+  const void* add_k = nullptr;   // [B, Na, Hkv, D]
+  const void* add_v = nullptr;   // [B, Na, Hkv, D]
+  const void* out = nullptr;     // [B, *S, H, D]
+  const float* lse = nullptr;    // [B, *S, H]
+  const void* d_out = nullptr;   // [B, *S, H, D]
+  const float* d_lse = nullptr;  // [B, *S, H]
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  void* d_add_k = nullptr;
+  void* d_add_v = nullptr;
+  float* workspace = nullptr;  // [B * N * H] float32 (delta)
+  int32_t D = 0;
+  float scale = 1.f;
+};
+
+// Workspace floats launch_bwd needs.
+inline int64_t bwd_workspace_floats(const geo::Problem& pr) { return pr.B * pr.N * pr.H; }
+
+cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream);
+
+template <DType kDType, int kHeadDim, int kRank>
+cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream);
+
+}  // namespace fused
+}  // namespace jax_na

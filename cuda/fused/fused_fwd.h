@@ -1,0 +1,47 @@
+// Fused neighborhood-attention forward, portable sm80-class path (mma.sync via CuTe SM80 atoms,
+// cp.async, ldmatrix): the host-side entry points. No CUDA device code and no CuTe here, so the
+// host-compiled FFI handler can include it.
+//
+// Computes out = softmax(scale * q.k^T over each query's window [+ additional keys]) . v and
+// lse = natural log of the sum of exp of the scaled scores, exactly as SEMANTICS.md defines.
+// Supported: fp16/bf16, head dim 64 or 128 (D_v == D), rank 1..3, any kernel/stride/dilation/causal,
+// GQA (H % Hkv == 0), additional keys/values (Na >= 0).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "geometry/window.cuh"
+
+namespace jax_na {
+namespace fused {
+
+struct FwdArgs {
+  const void* q = nullptr;      // [B, *S, H, D]
+  const void* k = nullptr;      // [B, *S, Hkv, D]
+  const void* v = nullptr;      // [B, *S, Hkv, D]
+  const void* add_k = nullptr;  // [B, Na, Hkv, D] (unused when Na == 0)
+  const void* add_v = nullptr;  // [B, Na, Hkv, D]
+  void* out = nullptr;          // [B, *S, H, D]
+  float* lse = nullptr;         // [B, *S, H] float32
+  int32_t D = 0;                // head dim of q, k and v
+  float scale = 1.f;
+};
+
+// True when a compiled instantiation exists for (dtype, head dim, rank).
+bool fwd_supported(DType dtype, int64_t D, int rank);
+
+// Launches the forward kernel on `stream` (no synchronization, no allocation). `pr` comes from
+// ffi_util::make_problem (+ pr.Na); `rank` is the number of spatial axes (1..3).
+// Returns cudaErrorInvalidValue for an unsupported combination or a grid that does not fit.
+cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args,
+                       cudaStream_t stream);
+
+// One instantiation (defined in fwd_<dtype>_hd<D>.cu).
+template <DType kDType, int kHeadDim, int kRank>
+cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream);
+
+}  // namespace fused
+}  // namespace jax_na

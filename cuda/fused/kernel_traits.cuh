@@ -1,0 +1,211 @@
+// Compile-time configuration of the fused forward kernel (portable sm80-class path): tile shapes
+// per rank, CuTe MMA / shared-memory layouts / copy atoms.
+//
+// A CTA of kNWarps warps (default 8) owns kBlockM = 128 queries forming a box QTile (in dilation-group
+// positions); each warp owns 128 / kNWarps of them forming a compact sub-box WarpTile, so that a warp can
+// skip the KV tiles that miss its own queries' windows. KV tiles hold kBlockN keys (default 64) forming a
+// box KVTile. Tuning knobs (compile definitions, for experiments): JNA_FUSED_NWARPS (4 or 8),
+// JNA_FUSED_BLOCK_N (32 or 64), JNA_FUSED_MIN_BLOCKS (__launch_bounds__ min blocks).
+// All tile extents are powers of two (coordinates are bit fields of the linear index).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include <type_traits>
+
+#include "common/dtype.h"
+
+namespace jax_na {
+namespace fused {
+
+// A 3-axis box of extents E0 x E1 x E2 (row-major, powers of two).
+template <int E0, int E1, int E2>
+struct Box {
+  static constexpr int kSize = E0 * E1 * E2;
+  static constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+  __host__ __device__ static constexpr int extent(int a) { return a == 0 ? E0 : (a == 1 ? E1 : E2); }
+  __host__ __device__ static constexpr int shift(int a) {
+    return a == 0 ? ilog2(E1 * E2) : (a == 1 ? ilog2(E2) : 0);
+  }
+  // Coordinate on axis a of linear (row-major) index i.
+  __host__ __device__ static constexpr int coord(int i, int a) { return (i >> shift(a)) & (extent(a) - 1); }
+  static_assert((E0 & (E0 - 1)) == 0 && (E1 & (E1 - 1)) == 0 && (E2 & (E2 - 1)) == 0,
+                "tile extents must be powers of two");
+};
+
+// Tile shapes per rank, KV tile size and warp count (axes past the rank have extent 1).
+// Q tile: 128 queries; warp tile: the 128 / kNWarps queries of one warp; KV tile: kBlockN keys.
+template <int kRank, int kBlockN, int kNWarps>
+struct TileShapes;
+template <int kBlockN, int kNWarps>
+struct TileShapes<1, kBlockN, kNWarps> {
+  using QTile = Box<128, 1, 1>;
+  using WarpTile = Box<128 / kNWarps, 1, 1>;
+  using KVTile = Box<kBlockN, 1, 1>;
+};
+template <int kBlockN, int kNWarps>
+struct TileShapes<2, kBlockN, kNWarps> {
+  using QTile = Box<16, 8, 1>;
+  using WarpTile = Box<16 / kNWarps, 8, 1>;
+  using KVTile = Box<kBlockN / 8, 8, 1>;
+};
+template <int kBlockN, int kNWarps>
+struct TileShapes<3, kBlockN, kNWarps> {
+  using QTile = Box<2, 8, 8>;
+  using WarpTile = Box<8 / kNWarps, 4, 4>;
+  using KVTile = Box<kBlockN / 16, 4, 4>;
+};
+
+template <DType kDType>
+struct ElementOf;
+template <>
+struct ElementOf<DType::kF16> {
+  using type = cutlass::half_t;
+  using MmaOp = cute::SM80_16x8x16_F32F16F16F32_TN;
+};
+template <>
+struct ElementOf<DType::kBF16> {
+  using type = cutlass::bfloat16_t;
+  using MmaOp = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+};
+
+// Default forward tiling (overridable at compile time for experiments).
+#ifndef JNA_FUSED_NWARPS
+#define JNA_FUSED_NWARPS 8
+#endif
+#ifndef JNA_FUSED_BLOCK_N
+#define JNA_FUSED_BLOCK_N 64
+#endif
+
+// Query-stationary kernels (forward, backward dQ): a CTA owns a 128-query tile and walks KV tiles of
+// kBlockN_ keys; kNWarps_ warps along M (128 / kNWarps_ query rows each).
+template <DType kDType_, int kHeadDim_, int kRank_, int kBlockN_ = JNA_FUSED_BLOCK_N,
+          int kNWarps_ = JNA_FUSED_NWARPS>
+struct FwdTraits {
+  using Element = typename ElementOf<kDType_>::type;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRank = kRank_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+#ifdef JNA_FUSED_MIN_BLOCKS
+  static constexpr int kMinBlocks = JNA_FUSED_MIN_BLOCKS;
+#else
+  // Head dim 64 fits 128 registers without spills: two CTAs per SM hide the gather latency.
+  static constexpr int kMinBlocks = kHeadDim_ <= 64 ? 2 : 1;
+#endif
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = kBlockN_;
+
+  using QTile = typename TileShapes<kRank, kBlockN, kNWarps>::QTile;
+  using WarpTile = typename TileShapes<kRank, kBlockN, kNWarps>::WarpTile;
+  using KVTile = typename TileShapes<kRank, kBlockN, kNWarps>::KVTile;
+  static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN && WarpTile::kSize == kBlockM / kNWarps, "tile sizes");
+  // Warp grid inside the Q tile.
+  using WarpGrid = Box<QTile::extent(0) / WarpTile::extent(0), QTile::extent(1) / WarpTile::extent(1),
+                       QTile::extent(2) / WarpTile::extent(2)>;
+  static_assert(WarpGrid::kSize == kNWarps, "warp grid");
+
+  // kNWarps warps along M, 16 rows per atom; warp w holds rows 16w + 16 kNWarps i (i < 128 / (16 kNWarps)).
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename ElementOf<kDType_>::MmaOp>,
+                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
+                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
+
+  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
+  static constexpr int kBlockKSmem = 64;
+  // 8 rows x 64 elements (128 bytes) per atom, 16-byte chunks XOR-swizzled by row: conflict-free
+  // cp.async stores and ldmatrix loads.
+  using SmemLayoutAtom = decltype(cute::composition(
+      cute::Swizzle<3, 3, 3>{},
+      cute::Layout<cute::Shape<cute::_8, cute::Int<kBlockKSmem>>, cute::Stride<cute::Int<kBlockKSmem>, cute::_1>>{}));
+  using SmemLayoutQ =
+      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutKV =
+      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  // V viewed as (D, N) for the B operand of P.V.
+  using SmemLayoutVt = decltype(cute::composition(
+      SmemLayoutKV{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
+
+  using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
+  using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+
+  // gmem <-> smem: 16-byte chunks, kChunks per row.
+  static constexpr int kChunks = kHeadDim * int(sizeof(Element)) / 16;
+  static constexpr int kRowsPerPass = kNThreads / kChunks;
+  static_assert(kNThreads % kChunks == 0, "chunks");
+
+  static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
+  static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
+  static constexpr int kSmemWin = kBlockM * kRank * 8;  // int2 (start, end) per row and axis
+  static constexpr int kSmemSched = 1024;  // CtaSchedule (checked in the kernel)
+  static constexpr int kSmemBytes = kSmemQ + 4 * kSmemKV + kSmemWin + kSmemSched;  // K, V: 2 stages each
+};
+
+// Q tiles of the key-stationary backward (kBlockM queries) and its KV tiles (64 keys), per rank.
+template <int kRank, int kBlockM>
+struct BwdTileShapes;
+template <int kBlockM>
+struct BwdTileShapes<1, kBlockM> {
+  using QTile = Box<kBlockM, 1, 1>;
+  using KVTile = Box<64, 1, 1>;
+};
+template <int kBlockM>
+struct BwdTileShapes<2, kBlockM> {
+  using QTile = Box<kBlockM / 8, 8, 1>;
+  using KVTile = Box<8, 8, 1>;
+};
+template <int kBlockM>
+struct BwdTileShapes<3, kBlockM> {
+  using QTile = Box<kBlockM / 16, 4, 4>;
+  using KVTile = Box<4, 4, 4>;
+};
+
+// Key-stationary backward (dK, dV): a CTA owns a KV tile of 64 keys (4 warps x 16 key rows; dK and dV
+// accumulate in registers) and walks the Q tiles of its keys' inverse neighbourhood, kBlockM queries
+// at a time (32 for D = 128 so that dK + dV + S + dP stay within 255 registers, 64 for D = 64).
+template <DType kDType_, int kHeadDim_, int kRank_>
+struct BwdKVTraits {
+  using Element = typename ElementOf<kDType_>::type;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRank = kRank_;
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kBlockN = 64;  // keys per CTA (rows of the MMA)
+  static constexpr int kBlockM = kHeadDim_ > 64 ? 32 : 64;  // queries per Q tile (columns)
+  using QTile = typename BwdTileShapes<kRank, kBlockM>::QTile;
+  using KVTile = typename BwdTileShapes<kRank, kBlockM>::KVTile;
+  static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN, "tile sizes");
+
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename ElementOf<kDType_>::MmaOp>,
+                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
+                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
+  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
+  static constexpr int kBlockKSmem = 64;
+  using SmemLayoutAtom = decltype(cute::composition(
+      cute::Swizzle<3, 3, 3>{},
+      cute::Layout<cute::Shape<cute::_8, cute::Int<kBlockKSmem>>, cute::Stride<cute::Int<kBlockKSmem>, cute::_1>>{}));
+  using SmemLayoutKV =
+      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutQ =
+      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  // Q and dO viewed as (D, M): the B operand of dK += dS^T Q and dV += P^T dO.
+  using SmemLayoutQt = decltype(cute::composition(
+      SmemLayoutQ{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockM>>{}, cute::GenRowMajor{})));
+
+  using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
+  using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+
+  static constexpr int kChunks = kHeadDim * int(sizeof(Element)) / 16;
+  static constexpr int kRowsPerPass = kNThreads / kChunks;
+  static_assert(kNThreads % kChunks == 0, "chunks");
+
+  static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
+  static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
+  // Per Q-tile stage: Q, dO, lse and delta per query, windows (int2 per query and axis).
+  static constexpr int kSmemStage = 2 * kSmemQ + 2 * kBlockM * 4 + kBlockM * kRank * 8;
+  static constexpr int kSmemSched = 256;
+  static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kSmemStage + kSmemSched;
+};
+
+}  // namespace fused
+}  // namespace jax_na

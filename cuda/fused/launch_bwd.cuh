@@ -1,0 +1,91 @@
+// Host launch of one fused backward instantiation (included by the bwd_<dtype>_hd<D>.cu files only).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "fused/fused_bwd.h"
+#include "fused/kernel_traits.cuh"
+#include "fused/mainloop_bwd_dkdv.cuh"
+#include "fused/mainloop_bwd_dq.cuh"
+#include "fused/preprocess_bwd.cuh"
+
+namespace jax_na {
+namespace fused {
+
+template <class Kernel>
+cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int heads, int64_t batch, int threads, int smem,
+                          const BwdKernelParams& kp, cudaStream_t stream) {
+  if (blocks == 0) return cudaSuccess;
+  cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (st != cudaSuccess) return st;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+  kernel<<<grid, threads, smem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+template <DType kDType, int kHeadDim, int kRank>
+cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
+  // dQ: 128-query tiles, 32-key tiles (dQ, S and dP accumulators in registers); dK/dV: BwdKVTraits.
+  using DqTraits = FwdTraits<kDType, kHeadDim, kRank, 32, 8>;
+  using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank>;
+  using Element = typename DqTraits::Element;
+  if (pr.B == 0 || pr.N == 0) return cudaSuccess;
+  if (pr.H > 65535 || pr.B > 65535) return cudaErrorInvalidValue;
+
+  BwdKernelParams kp;
+  kp.pr = pr;
+  kp.q = args.q;
+  kp.k = args.k;
+  kp.v = args.v;
+  kp.add_k = args.add_k;
+  kp.add_v = args.add_v;
+  kp.d_out = args.d_out;
+  kp.lse = args.lse;
+  kp.delta = args.workspace;
+  kp.dq = args.dq;
+  kp.dk = args.dk;
+  kp.dv = args.dv;
+  kp.d_add_k = args.d_add_k;
+  kp.d_add_v = args.d_add_v;
+  kp.scale = args.scale;
+  kp.scale_log2 = static_cast<float>(static_cast<double>(args.scale) * 1.4426950408889634);
+
+  // 1) delta.
+  const int64_t rows = pr.B * pr.N * pr.H;
+  constexpr int kTPR = kHeadDim / 8;
+  const int64_t threads = rows * kTPR;
+  const int64_t delta_blocks = (threads + 255) / 256;
+  if (delta_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
+  fused_bwd_delta_kernel<Element, kHeadDim><<<static_cast<unsigned>(delta_blocks), 256, 0, stream>>>(
+      static_cast<const Element*>(args.out), static_cast<const Element*>(args.d_out), args.d_lse, args.workspace,
+      rows);
+  cudaError_t st = cudaGetLastError();
+  if (st != cudaSuccess) return st;
+
+  // 2) dQ (query-stationary, as the forward).
+  int64_t q_blocks = 0;
+  if (!tiles_per_axis<typename DqTraits::QTile>(pr, kp.q_tiles, &q_blocks)) return cudaErrorInvalidValue;
+  // 3) dK/dV (key-stationary) over the window keys, then the additional keys.
+  int64_t kv_blocks = 0;
+  if (!tiles_per_axis<typename KVTraits::KVTile>(pr, kp.kv_tiles, &kv_blocks)) return cudaErrorInvalidValue;
+  kp.n_window_ctas = static_cast<int32_t>(kv_blocks);
+  const int64_t add_blocks = (pr.Na + KVTraits::kBlockN - 1) / KVTraits::kBlockN;
+  if (kv_blocks + add_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
+
+  st = launch_kernel(fused_bwd_dq_kernel<DqTraits>, q_blocks, pr.H, pr.B, DqTraits::kNThreads,
+                     DqSmem<DqTraits>::kBytes, kp, stream);
+  if (st != cudaSuccess) return st;
+  return launch_kernel(fused_bwd_dkdv_kernel<KVTraits>, kv_blocks + add_blocks, pr.Hkv, pr.B, KVTraits::kNThreads,
+                       DkdvSmem<KVTraits>::kBytes, kp, stream);
+}
+
+#define JNA_FUSED_BWD_INSTANTIATE(DT, D)                                                     \
+  template cudaError_t run_bwd<DT, D, 1>(const geo::Problem&, const BwdArgs&, cudaStream_t); \
+  template cudaError_t run_bwd<DT, D, 2>(const geo::Problem&, const BwdArgs&, cudaStream_t); \
+  template cudaError_t run_bwd<DT, D, 3>(const geo::Problem&, const BwdArgs&, cudaStream_t);
+
+}  // namespace fused
+}  // namespace jax_na

@@ -1,0 +1,48 @@
+// Kernel parameters of the fused kernels (passed by value as __grid_constant__).
+#pragma once
+
+#include <cstdint>
+
+#include "geometry/window.cuh"
+
+namespace jax_na {
+namespace fused {
+
+struct FwdKernelParams {
+  geo::Problem pr;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* add_k;
+  const void* add_v;
+  void* out;
+  float* lse;
+  float scale;         // natural-log domain (lse)
+  float scale_log2;    // scale * log2(e) (exp2 domain)
+  int32_t q_tiles[3];  // Q tiles per axis: ceil(ceil(L / d) / QTile extent)
+};
+
+struct BwdKernelParams {
+  geo::Problem pr;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* add_k;
+  const void* add_v;
+  const void* d_out;
+  const float* lse;    // [B, N, H]
+  const float* delta;  // [B, N, H]: rowsum(dO * O) - d_lse (written by the preprocessing kernel)
+  void* dq;
+  void* dk;
+  void* dv;
+  void* d_add_k;
+  void* d_add_v;
+  float scale;
+  float scale_log2;
+  int32_t q_tiles[3];      // dQ kernel: Q tiles per axis (as the forward)
+  int32_t kv_tiles[3];     // dK/dV kernel: KV tiles per axis over the longest group
+  int32_t n_window_ctas;   // dK/dV kernel: CTAs of window keys (then the additional-keys CTAs)
+};
+
+}  // namespace fused
+}  // namespace jax_na

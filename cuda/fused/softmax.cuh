@@ -1,0 +1,98 @@
+// Online softmax in float32 over the score fragments of the SM80 m16n8k16 accumulator.
+//
+// Accumulator layout per thread: ((2, 2), MMA_M, MMA_N) = ((col pair, row half), m atom, n atom).
+// row_col() views it as (rows, cols) = ((row half, m atom), (col pair, n atom)); a thread's row r holds
+// its columns spread over the 4 lanes of a quad (lane % 4), so row reductions are two xor-shuffles.
+// Scores are raw q.k; the softmax is taken of scale * q.k, computed as exp2(s * scale_log2 - m * scale_log2).
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include <cmath>
+
+namespace jax_na {
+namespace fused {
+
+template <class Layout>
+__device__ __forceinline__ auto row_col(Layout l) {
+  using namespace cute;
+  static_assert(decltype(rank(l))::value == 3, "accumulator layout");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// Accumulator layout ((2,2), M, N) -> A-operand register layout ((2,2,2), M, N/2) for m16n8k16.
+template <class Layout>
+__device__ __forceinline__ auto acc_to_a_layout(Layout l) {
+  using namespace cute;
+  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // ((2,2), M, (2, N/2))
+  return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];  // running max of raw scores (-inf: nothing seen)
+  float row_sum[kRows];  // this thread's partial sum of exp (reduced over the quad at the end)
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+  }
+
+  // s_rc: scores (rows, cols), masked entries -inf; overwritten by the unnormalized probabilities.
+  // o_rc: output accumulator (rows, cols), rescaled to the new running max.
+  template <class TensorS, class TensorO>
+  __device__ __forceinline__ void update(TensorS& s_rc, TensorO& o_rc, float scale_log2) {
+    using namespace cute;
+    static_assert(decltype(size<0>(s_rc))::value == kRows, "rows");
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int c = 0; c < size<1>(s_rc); ++c) mx = fmaxf(mx, s_rc(r, c));
+      mx = quad_max(mx);
+      // A row that has seen only masked scores keeps max -inf: use 0 so exp2 gives 0, never NaN.
+      const float m_scaled = (mx == -INFINITY) ? 0.f : mx * scale_log2;
+      const float alpha = exp2f(row_max[r] * scale_log2 - m_scaled);  // 0 when row_max was -inf
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < size<1>(s_rc); ++c) {
+        const float pexp = exp2f(s_rc(r, c) * scale_log2 - m_scaled);
+        s_rc(r, c) = pexp;
+        sum += pexp;
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= alpha;
+    }
+  }
+
+  // Normalizes o_rc by the row sums; returns lse (natural log of the scaled scores) per row.
+  template <class TensorO>
+  __device__ __forceinline__ void finalize(TensorO& o_rc, float scale, float lse[kRows]) {
+    using namespace cute;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float sum = quad_sum(row_sum[r]);
+      const float inv = (sum > 0.f) ? 1.f / sum : 0.f;
+      lse[r] = (sum > 0.f) ? row_max[r] * scale + logf(sum) : -INFINITY;
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= inv;
+    }
+  }
+};
+
+}  // namespace fused
+}  // namespace jax_na

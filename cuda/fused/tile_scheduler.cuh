@@ -1,0 +1,341 @@
+// Which queries/keys a CTA owns and which KV/Q tiles it visits, all from geometry/window.cuh.
+//
+// Query-stationary kernels (forward, backward dQ):
+// Grid: x = (dilation group, Q tile) with the Q tiles fastest (neighbouring CTAs share KV in L2),
+// y = query head, z = batch. A CTA's queries all lie in one dilation group (g0, g1, g2), so its KV
+// box stays compact: per axis, the union of its queries' windows is inside
+// [window_start(first query), window_end(last query)) because start/end are non-decreasing.
+// The intersection of the windows is [window_start(last), window_end(first)): a KV tile inside it
+// (on every axis) needs no mask. The same holds per warp for the warp's sub-box of queries.
+// KV tiles: first the tiles of the CTA box (KVTile-shaped, starting at the box origin), then
+// ceil(Na / kBlockN) tiles of additional keys.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "fused/params.cuh"
+#include "geometry/window.cuh"
+
+namespace jax_na {
+namespace fused {
+
+// Per-CTA schedule, computed once into shared memory (keeps ~40 values out of the registers that
+// the accumulators need); every thread reads it back after a barrier.
+struct CtaSchedule {
+  int32_t g[3];       // dilation group per axis
+  int32_t Lg[3];      // group length per axis
+  int32_t q0[3];      // first query position (in the group) of the Q tile
+  int32_t box_lo[3];  // origin of the KV box
+  int32_t ntiles[3];  // KV tiles per axis over the box
+  int32_t n_window_tiles;
+  int32_t n_tiles;  // window tiles + additional-keys tiles
+  int32_t h, hkv;
+  int64_t b;
+  int32_t live;  // 0: the CTA owns no query (its group is shorter than the tiled length)
+  // Per warp: union (bounding box) and intersection of its queries' windows.
+  static constexpr int kMaxWarps = 8;
+  int32_t warp_live[kMaxWarps];
+  int32_t wbox_lo[kMaxWarps][3], wbox_hi[kMaxWarps][3], wfull_lo[kMaxWarps][3], wfull_hi[kMaxWarps][3];
+};
+
+// In-tile coordinate on axis a of query row r of a query-stationary CTA (see the TiledMma of
+// FwdTraits: warp w holds rows 16w + 16 kNWarps i; each warp's rows form its WarpTile sub-box).
+template <class Traits>
+__host__ __device__ __forceinline__ int q_row_coord(int r, int a) {
+  using WarpGrid = typename Traits::WarpGrid;
+  using WarpTile = typename Traits::WarpTile;
+  const int w = (r >> 4) % Traits::kNWarps;
+  const int i = ((r / (16 * Traits::kNWarps)) << 4) | (r & 15);
+  return WarpGrid::coord(w, a) * WarpTile::extent(a) + WarpTile::coord(i, a);
+}
+
+template <class Traits>
+struct TileScheduler {
+  using QTile = typename Traits::QTile;
+  using WarpTile = typename Traits::WarpTile;
+  using WarpGrid = typename Traits::WarpGrid;
+  using KVTile = typename Traits::KVTile;
+  static constexpr int kRank = Traits::kRank;
+  static_assert(Traits::kNWarps <= CtaSchedule::kMaxWarps, "CtaSchedule warps");
+
+  // Threads 0..kNWarps-1 each fill the CTA part (thread 0 writes it) and warp `tid`'s part.
+  // Call from every thread; a barrier must follow before reading.
+  __device__ static void compute(const geo::Problem& pr, const int32_t q_tiles[3], CtaSchedule& cs, int tid) {
+    if (tid >= Traits::kNWarps) return;
+    int64_t lin = blockIdx.x;
+    int32_t t[3], g[3], Lg[3], q0[3];
+    for (int a = 2; a >= 0; --a) {
+      t[a] = static_cast<int32_t>(lin % q_tiles[a]);
+      lin /= q_tiles[a];
+    }
+    for (int a = 2; a >= 0; --a) {
+      g[a] = static_cast<int32_t>(lin % pr.axis[a].d);
+      lin /= pr.axis[a].d;
+    }
+    bool live = true;
+    int32_t n_window_tiles = 1;
+    for (int a = 0; a < 3; ++a) {
+      const geo::Axis& ax = pr.axis[a];
+      Lg[a] = a < kRank ? geo::group_length(ax, g[a]) : 1;
+      q0[a] = a < kRank ? t[a] * QTile::extent(a) : 0;
+      live = live && q0[a] < Lg[a];
+      const int32_t qlo = geo::imin(q0[a], Lg[a] - 1);
+      const int32_t qhi = geo::imin(q0[a] + QTile::extent(a), Lg[a]) - 1;
+      const int32_t lo = a < kRank ? geo::window_start(ax, qlo, Lg[a]) : 0;
+      const int32_t hi = a < kRank ? geo::window_end(ax, geo::imax(qhi, qlo), Lg[a]) : 1;
+      const int32_t nt = (hi - lo + KVTile::extent(a) - 1) / KVTile::extent(a);
+      n_window_tiles *= nt;
+      if (tid == 0) {
+        cs.g[a] = g[a];
+        cs.Lg[a] = Lg[a];
+        cs.q0[a] = q0[a];
+        cs.box_lo[a] = lo;
+        cs.ntiles[a] = nt;
+      }
+    }
+    if (tid == 0) {
+      cs.n_window_tiles = n_window_tiles;
+      cs.n_tiles = n_window_tiles + static_cast<int32_t>((pr.Na + Traits::kBlockN - 1) / Traits::kBlockN);
+      cs.h = blockIdx.y;
+      cs.hkv = blockIdx.y / pr.groups();
+      cs.b = blockIdx.z;
+      cs.live = live;
+    }
+    const int w = tid;
+    bool wlive = true;
+    for (int a = 0; a < 3; ++a) {
+      const geo::Axis& ax = pr.axis[a];
+      if (a >= kRank) {
+        cs.wbox_lo[w][a] = 0; cs.wbox_hi[w][a] = 1; cs.wfull_lo[w][a] = 0; cs.wfull_hi[w][a] = 1;
+        continue;
+      }
+      const int32_t lo = q0[a] + WarpGrid::coord(w, a) * WarpTile::extent(a);
+      if (lo >= Lg[a]) wlive = false;
+      const int32_t wlo = geo::imin(lo, Lg[a] - 1);
+      const int32_t whi = geo::imax(geo::imin(lo + WarpTile::extent(a), Lg[a]) - 1, wlo);
+      const int32_t s_lo = geo::window_start(ax, wlo, Lg[a]);
+      const int32_t s_hi = geo::window_start(ax, whi, Lg[a]);
+      cs.wbox_lo[w][a] = s_lo;
+      cs.wbox_hi[w][a] = geo::window_end(ax, whi, Lg[a], s_hi);
+      cs.wfull_lo[w][a] = s_hi;
+      cs.wfull_hi[w][a] = geo::window_end(ax, wlo, Lg[a], s_lo);
+    }
+    cs.warp_live[w] = wlive;
+  }
+
+  // Origin (group positions) of window tile n < n_window_tiles.
+  __device__ __forceinline__ static void tile_origin(const CtaSchedule& cs, int32_t n, int32_t org[3]) {
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      if (a >= kRank) { org[a] = 0; continue; }
+      int32_t i = n;
+      if (a > 0) {
+        i = n % cs.ntiles[a];
+        n /= cs.ntiles[a];
+      }
+      org[a] = cs.box_lo[a] + i * KVTile::extent(a);
+    }
+  }
+
+  // Whether warp w has any key of the tile in its windows / every key of it in all its windows.
+  __device__ __forceinline__ static void classify(const CtaSchedule& cs, int w, const int32_t org[3], bool* active,
+                                                  bool* full) {
+    bool act = cs.warp_live[w] != 0, ful = true;
+#pragma unroll
+    for (int a = 0; a < kRank; ++a) {
+      const int32_t e = org[a] + KVTile::extent(a);
+      act = act && org[a] < cs.wbox_hi[w][a] && e > cs.wbox_lo[w][a];
+      ful = ful && org[a] >= cs.wfull_lo[w][a] && e <= cs.wfull_hi[w][a];
+    }
+    *active = act;
+    *full = ful;
+  }
+
+  // Element offset of query row r (head cs.h) in a [B, N, H, D] tensor, or -1 outside the group.
+  __device__ __forceinline__ static int64_t q_row_offset(const geo::Problem& pr, const CtaSchedule& cs, int r) {
+    int32_t x[3] = {0, 0, 0};
+#pragma unroll
+    for (int a = 0; a < kRank; ++a) {
+      const int32_t pos = cs.q0[a] + q_row_coord<Traits>(r, a);
+      if (pos >= cs.Lg[a]) return -1;
+      x[a] = geo::token_of(pr.axis[a], cs.g[a], pos);
+    }
+    return geo::offset(cs.b, pr.token(x), cs.h, 0, pr.N, pr.H, Traits::kHeadDim);
+  }
+
+  // Element offset of key row r of KV tile n (kv head cs.hkv) in k/v (window tiles) or add_k/add_v
+  // (additional tiles), or -1 outside.
+  __device__ __forceinline__ static int64_t kv_row_offset(const geo::Problem& pr, const CtaSchedule& cs,
+                                                          int32_t n, const int32_t org[3], int r) {
+    if (n >= cs.n_window_tiles) {
+      const int64_t j = static_cast<int64_t>(n - cs.n_window_tiles) * Traits::kBlockN + r;
+      return j < pr.Na ? geo::offset(cs.b, j, cs.hkv, 0, pr.Na, pr.Hkv, Traits::kHeadDim) : int64_t{-1};
+    }
+    int32_t x[3] = {0, 0, 0};
+#pragma unroll
+    for (int a = 0; a < kRank; ++a) {
+      const int32_t pos = org[a] + KVTile::coord(r, a);
+      if (pos >= cs.Lg[a]) return -1;
+      x[a] = geo::token_of(pr.axis[a], cs.g[a], pos);
+    }
+    return geo::offset(cs.b, pr.token(x), cs.hkv, 0, pr.N, pr.Hkv, Traits::kHeadDim);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Key-stationary backward (dK, dV): grid x = (dilation group, KV tile) for the window keys, then
+// ceil(Na / kBlockN) CTAs of additional keys; y = kv head; z = batch. A window KV tile visits the Q
+// tiles (QTile-shaped, from the first query that sees any of its keys) covering its inverse
+// neighbourhood, for each of the G query heads of its kv head; an additional-keys tile visits every
+// query (token order, kBlockM at a time). A Q tile whose valid queries all hold every valid key of
+// the KV tile needs no mask (full_lo/full_hi per axis).
+struct KVSchedule {
+  int32_t g[3], Lg[3];
+  int32_t k0[3];       // KV tile origin (group positions)
+  int32_t q_begin[3];  // first Q-tile origin per axis
+  int32_t q_tiles[3];  // Q tiles per axis
+  int32_t full_lo[3], full_hi[3];
+  int32_t n_q_tiles;   // Q tiles per query head
+  int32_t hkv;
+  int32_t is_add;      // additional-keys CTA
+  int32_t live;        // 0: the tile holds no key
+  int64_t b;
+  int64_t add0;        // first additional key of an additional-keys CTA
+};
+
+template <class Traits>
+struct KVScheduler {
+  using QTile = typename Traits::QTile;
+  using KVTile = typename Traits::KVTile;
+  static constexpr int kRank = Traits::kRank;
+
+  // Thread 0 fills ks; a barrier must follow.
+  __device__ static void compute(const geo::Problem& pr, const int32_t kv_tiles[3], int32_t n_window_ctas,
+                                 KVSchedule& ks, int tid) {
+    if (tid != 0) return;
+    ks.hkv = blockIdx.y;
+    ks.b = blockIdx.z;
+    if (static_cast<int32_t>(blockIdx.x) >= n_window_ctas) {
+      ks.is_add = 1;
+      ks.add0 = static_cast<int64_t>(blockIdx.x - n_window_ctas) * Traits::kBlockN;
+      ks.live = ks.add0 < pr.Na;
+      ks.n_q_tiles = static_cast<int32_t>((pr.N + Traits::kBlockM - 1) / Traits::kBlockM);
+      return;
+    }
+    ks.is_add = 0;
+    ks.add0 = 0;
+    int64_t lin = blockIdx.x;
+    int32_t t[3], g[3];
+    for (int a = 2; a >= 0; --a) {
+      t[a] = static_cast<int32_t>(lin % kv_tiles[a]);
+      lin /= kv_tiles[a];
+    }
+    for (int a = 2; a >= 0; --a) {
+      g[a] = static_cast<int32_t>(lin % pr.axis[a].d);
+      lin /= pr.axis[a].d;
+    }
+    bool live = true;
+    int32_t n = 1;
+    for (int a = 0; a < 3; ++a) {
+      const geo::Axis& ax = pr.axis[a];
+      const int32_t Lg = a < kRank ? geo::group_length(ax, g[a]) : 1;
+      const int32_t k0 = a < kRank ? t[a] * KVTile::extent(a) : 0;
+      live = live && k0 < Lg;
+      const int32_t k1 = geo::imin(k0 + KVTile::extent(a), Lg) - 1;  // last valid key
+      int32_t qb = 0, qt = 1, flo = 0, fhi = 1;
+      if (a < kRank && k0 < Lg) {
+        const geo::Range any = geo::inverse_range_any(ax, k0, k1, Lg);
+        const geo::Range all = geo::inverse_range_all(ax, k0, k1, Lg);
+        qb = any.begin;
+        qt = (any.end - any.begin + QTile::extent(a) - 1) / QTile::extent(a);
+        flo = all.begin;
+        fhi = all.end;
+      }
+      ks.g[a] = g[a];
+      ks.Lg[a] = Lg;
+      ks.k0[a] = k0;
+      ks.q_begin[a] = qb;
+      ks.q_tiles[a] = qt;
+      ks.full_lo[a] = flo;
+      ks.full_hi[a] = fhi;
+      n *= qt;
+    }
+    ks.live = live;
+    ks.n_q_tiles = n;
+  }
+
+  // Origin of Q tile t (< n_q_tiles) of a window CTA.
+  __device__ __forceinline__ static void q_tile_origin(const KVSchedule& ks, int32_t t, int32_t org[3]) {
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+      if (a >= kRank) { org[a] = 0; continue; }
+      int32_t i = t;
+      if (a > 0) {
+        i = t % ks.q_tiles[a];
+        t /= ks.q_tiles[a];
+      }
+      org[a] = ks.q_begin[a] + i * QTile::extent(a);
+    }
+  }
+
+  // True when every valid query of the Q tile at org holds every valid key of the KV tile.
+  __device__ __forceinline__ static bool q_tile_full(const KVSchedule& ks, const int32_t org[3]) {
+    bool full = true;
+#pragma unroll
+    for (int a = 0; a < kRank; ++a)
+      full = full && org[a] >= ks.full_lo[a] && geo::imin(org[a] + QTile::extent(a), ks.Lg[a]) <= ks.full_hi[a];
+    return full;
+  }
+
+  // Row offset (element, [B, N or Na, Hkv, D]) of key row r, or -1 outside.
+  __device__ __forceinline__ static int64_t kv_row_offset(const geo::Problem& pr, const KVSchedule& ks, int r) {
+    if (ks.is_add) {
+      const int64_t j = ks.add0 + r;
+      return j < pr.Na ? geo::offset(ks.b, j, ks.hkv, 0, pr.Na, pr.Hkv, Traits::kHeadDim) : int64_t{-1};
+    }
+    int32_t x[3] = {0, 0, 0};
+#pragma unroll
+    for (int a = 0; a < kRank; ++a) {
+      const int32_t pos = ks.k0[a] + KVTile::coord(r, a);
+      if (pos >= ks.Lg[a]) return -1;
+      x[a] = geo::token_of(pr.axis[a], ks.g[a], pos);
+    }
+    return geo::offset(ks.b, pr.token(x), ks.hkv, 0, pr.N, pr.Hkv, Traits::kHeadDim);
+  }
+
+  // Token of query column c of the Q tile at org (window CTAs) or of token tile t (additional-keys
+  // CTAs, org[0] = t * kBlockM), or -1 outside.
+  __device__ __forceinline__ static int64_t q_token(const geo::Problem& pr, const KVSchedule& ks,
+                                                    const int32_t org[3], int c) {
+    if (ks.is_add) {
+      const int64_t tok = static_cast<int64_t>(org[0]) + c;
+      return tok < pr.N ? tok : int64_t{-1};
+    }
+    int32_t x[3] = {0, 0, 0};
+#pragma unroll
+    for (int a = 0; a < kRank; ++a) {
+      const int32_t pos = org[a] + QTile::coord(c, a);
+      if (pos >= ks.Lg[a]) return -1;
+      x[a] = geo::token_of(pr.axis[a], ks.g[a], pos);
+    }
+    return pr.token(x);
+  }
+};
+
+// Host: tiles of Tile per axis over the longest dilation group, and the grid's x extent (tiles times
+// groups); false when it does not fit a grid dimension.
+template <class Tile>
+bool tiles_per_axis(const geo::Problem& pr, int32_t tiles[3], int64_t* blocks) {
+  *blocks = 1;
+  for (int a = 0; a < 3; ++a) {
+    const int64_t group_len = (pr.axis[a].L + pr.axis[a].d - 1) / pr.axis[a].d;
+    const int64_t t = (group_len + Tile::extent(a) - 1) / Tile::extent(a);
+    tiles[a] = static_cast<int32_t>(t);
+    *blocks *= t * pr.axis[a].d;
+  }
+  return *blocks <= std::numeric_limits<int32_t>::max();
+}
+
+}  // namespace fused
+}  // namespace jax_na

@@ -1,0 +1,199 @@
+"""Kernel-level check of the fused CUDA kernels on a GPU, below the primitives: calls the FFI targets
+jax_na_fused_fwd / jax_na_fused_bwd directly and compares out, lse, dq, dk, dv (and the additional
+keys' gradients) with the float64 reference (jax_na.reference through its autodiff). Then times the
+benchmark problems (forward, backward) with CUDA-synchronized medians.
+
+Usage (GPU machine, jax_na installed): python tools/fused_check.py [--no-bench] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_na
+from jax_na import _checks, _ext, reference
+
+jax.config.update("jax_enable_x64", True)
+
+
+def _attrs(p):
+    return dict(kernel_size=np.asarray(p.kernel_size, np.int64), stride=np.asarray(p.stride, np.int64),
+                dilation=np.asarray(p.dilation, np.int64), is_causal=np.asarray(p.is_causal, np.int64),
+                scale=np.float32(p.scale))
+
+
+def fused_fwd(q, k, v, ak, av, p):
+    shapes = (jax.ShapeDtypeStruct((*q.shape[:-1], v.shape[-1]), q.dtype),
+              jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
+    return jax.ffi.ffi_call("jax_na_fused_fwd", shapes)(q, k, v, ak, av, **_attrs(p))
+
+
+def fused_bwd(q, k, v, ak, av, out, lse, do, dlse, p):
+    rows = math.prod(q.shape[:-1])
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, ak, av))
+    shapes += (jax.ShapeDtypeStruct((rows,), jnp.float32),)
+    return jax.ffi.ffi_call("jax_na_fused_bwd", shapes)(q, k, v, ak, av, out, lse, do, dlse, **_attrs(p))[:5]
+
+
+def params_for(rank, q, k, v, ks, st, dl, ca, ak=None, av=None):
+    p, _ = _checks.attention_args(rank, q, k, v, ks, st, dl, ca, None, ak, av, "reference")
+    return p
+
+
+def reference_all(q, k, v, ak, av, do, dlse, p):
+    f = lambda *a: reference.attention_forward(*a, p)
+    (out, lse), vjp = jax.vjp(f, q, k, v, ak, av)
+    return (out, lse, *vjp((do, dlse)))
+
+
+def rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float64))
+    b = np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    n = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (n if n > 0 else 1.0))
+
+
+CASES = [
+    # name, B, spatial, H, Hkv, D, kernel, stride, dilation, causal, Na
+    ("1d-basic", 2, (300,), 2, 2, 64, 13, 1, 1, False, 0),
+    ("1d-causal-gqa", 1, (517,), 4, 2, 128, 64, 1, 1, True, 0),
+    ("1d-stride-dil", 1, (401,), 2, 1, 64, 9, 4, 3, False, 7),
+    ("2d-basic", 1, (40, 48), 2, 2, 128, (13, 7), 1, 1, False, 0),
+    ("2d-mixed", 2, (33, 20), 4, 2, 64, (5, 4), (2, 1), (3, 2), (True, False), 5),
+    ("2d-k=L", 1, (17, 9), 2, 2, 64, (17, 9), 1, 1, False, 0),
+    ("3d-basic", 1, (6, 20, 24), 4, 2, 128, (3, 9, 7), 1, (1, 2, 1), False, 5),
+    ("3d-causal", 1, (9, 10, 11), 2, 2, 64, (4, 3, 5), (2, 1, 3), 1, (True, False, True), 0),
+    ("3d-odd", 1, (7, 13, 5), 2, 1, 128, (7, 4, 2), 1, (1, 3, 2), (False, True, False), 3),
+]
+
+
+def check(dtype, tol):
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    fails = 0
+    for (name, B, S, H, Hkv, D, ks, st, dl, ca, Na) in CASES:
+        rank = len(S)
+        mk = lambda *shape: rng.standard_normal(shape)
+        q64, k64, v64 = mk(B, *S, H, D), mk(B, *S, Hkv, D), mk(B, *S, Hkv, D)
+        ak64, av64 = mk(B, Na, Hkv, D), mk(B, Na, Hkv, D)
+        do64, dlse64 = mk(B, *S, H, D), mk(B, *S, H)
+        cast = lambda x: jnp.asarray(x, dtype)
+        q, k, v, ak, av, do = map(cast, (q64, k64, v64, ak64, av64, do64))
+        dlse = jnp.asarray(dlse64, jnp.float32)
+        p = params_for(rank, q, k, v, ks, st, dl, ca)
+        out, lse = jax.jit(lambda *a: fused_fwd(*a, p))(q, k, v, ak, av)
+        grads = jax.jit(lambda *a: fused_bwd(*a, p))(q, k, v, ak, av, out, lse, do, dlse)
+        up = [jnp.asarray(x, jnp.float64) for x in (q, k, v, ak, av, do)]
+        ref = reference_all(*up[:5], up[5], jnp.asarray(dlse64, jnp.float64), p)
+        names = ["out", "lse", "dq", "dk", "dv", "dak", "dav"]
+        got = [out, lse, *grads]
+        errs = {}
+        for nm, g, r in zip(names, got, ref):
+            if nm in ("dak", "dav") and Na == 0:
+                continue
+            errs[nm] = rel(g, r)
+        t = {nm: (1e-5 if nm == "lse" else tol) for nm in errs}
+        ok = all(errs[nm] <= t[nm] for nm in errs)
+        fails += not ok
+        worst = max(worst, max(errs[nm] / t[nm] for nm in errs))
+        print(f"{jnp.dtype(dtype).name:8s} {name:14s} " + " ".join(f"{nm}={e:.1e}" for nm, e in errs.items())
+              + ("  ok" if ok else "  FAIL"), flush=True)
+    return fails, worst
+
+
+def time_fn(f, args, reps=20):
+    out = f(*args)
+    jax.block_until_ready(out)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+PROBLEMS = [
+    # id, B, spatial, H, D, kernel, stride, dilation, causal
+    ("p1-1d-long", 1, (32768,), 16, 128, 2048, 1, 1, False),
+    ("p2-2d", 1, (128, 128), 16, 128, 31, 1, 1, False),
+    ("p3-3d", 1, (16, 32, 32), 16, 128, (7, 13, 13), 1, 1, False),
+    ("p4-nat-small", 64, (56, 56), 4, 32, 7, 1, 1, False),  # D=32: zero-padded to 64 for the kernel
+    ("p5-dinat-dilated", 32, (28, 28), 8, 32, 7, 1, 4, False),
+    ("p6-flux", 1, (256, 256), 24, 128, 80, 1, 1, False),
+    ("p7-flux-strided", 1, (256, 256), 24, 128, 80, 16, 1, False),
+    ("p8-video", 1, (30, 48, 80), 24, 128, (18, 24, 24), 1, 1, False),
+    ("p9-video-strided", 1, (30, 48, 80), 24, 128, (18, 24, 24), (16, 8, 8), 1, False),
+    ("p10-video-causal", 1, (16, 32, 32), 16, 128, (7, 13, 13), 1, 1, (True, False, False)),
+    ("p11-1d-d64", 4, (16384,), 16, 64, 1023, 1, 1, True),
+]
+
+
+def bench(dtype=jnp.bfloat16):
+    rows = []
+    rng = np.random.default_rng(1)
+    for (pid, B, S, H, D, ks, st, dl, ca) in PROBLEMS:
+        rank = len(S)
+        N = math.prod(S)
+        Dk = 64 if D <= 64 else 128  # the kernel's head dim (zero padding does not change scores)
+        mk = lambda shape: jnp.pad(jnp.asarray(rng.standard_normal(shape, np.float32), dtype),
+                                   [(0, 0)] * (len(shape) - 1) + [(0, Dk - D)])
+        q, k, v, do = (mk((B, *S, H, D)) for _ in range(4))
+        ak = av = jnp.zeros((B, 0, H, Dk), dtype)
+        p = params_for(rank, q[..., :D], k[..., :D], v[..., :D], ks, st, dl, ca)
+        W = p.window_size
+        fwd = jax.jit(lambda *a: fused_fwd(*a, p))
+        t_f = time_fn(fwd, (q, k, v, ak, av))
+        out, lse = fwd(q, k, v, ak, av)
+        dlse = jnp.zeros_like(lse)
+        bwd = jax.jit(lambda *a: fused_bwd(*a, p))
+        t_b = time_fn(bwd, (q, k, v, ak, av, out, lse, do, dlse))
+        flops = 4.0 * B * H * N * W * D
+        # cuDNN self attention (same q/k/v), forward.
+        try:
+            sdpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                q[..., :D].reshape(B, N, H, D), k[..., :D].reshape(B, N, H, D), v[..., :D].reshape(B, N, H, D),
+                implementation="cudnn"))
+            t_c = time_fn(sdpa, (q, k, v), reps=5 if N > 40000 else 20)
+        except Exception as e:  # noqa: BLE001
+            t_c = float("nan")
+        row = dict(problem=pid, fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_tflops=flops / t_f / 1e12,
+                   bwd_tflops=2.5 * flops / t_b / 1e12, fwdbwd_tflops=3.5 * flops / (t_f + t_b) / 1e12,
+                   cudnn_fwd_ms=t_c * 1e3, speedup=t_c / t_f, ideal=(t_c / t_f) / (N / W))
+        rows.append(row)
+        print(f"{pid:18s} fwd {row['fwd_ms']:8.3f} ms {row['fwd_tflops']:6.1f} TF/s | bwd {row['bwd_ms']:8.3f} ms "
+              f"{row['bwd_tflops']:6.1f} TF/s | fwd+bwd {row['fwdbwd_tflops']:6.1f} TF/s | cuDNN fwd "
+              f"{row['cudnn_fwd_ms']:8.3f} ms, speedup {row['speedup']:5.2f}, ideal {row['ideal']:4.2f}", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    _ext.register_targets()
+    print(jax.devices(), _ext.register_targets())
+    fails = 0
+    for dt, tol in ((jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)):
+        f, w = check(dt, tol)
+        fails += f
+        print(f"{jnp.dtype(dt).name}: {f} failing cases, worst error / tolerance {w:.3f}", flush=True)
+    rows = [] if a.no_bench else bench()
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(fails=fails, bench=rows), fh, indent=1)
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()
