@@ -153,6 +153,10 @@ def main(argv=None) -> int:
                     row = dict(model=name, dtype=dtype.name, mode=mode, backend=b, batch=a.batch)
                     if b != SELF and b not in available:
                         row["skipped"] = "not available here"
+                    elif b == "fused" and dtype.name not in ("float16", "bfloat16"):
+                        row["skipped"] = "fused takes float16/bfloat16"
+                    elif b == "fused" and a.rpb:
+                        row["skipped"] = "fused has no relative positional bias (--rpb)"
                     elif time.perf_counter() - t_start > a.time_limit:
                         row["skipped"] = f"time limit ({a.time_limit:.0f} s)"
                     else:
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
                         try:
                             if name not in params_of:
                                 t = time.perf_counter()
-                                _, init_model = build(name, jnp.float32, available[0], on_gpu, a)
+                                _, init_model = build(name, jnp.float32, "reference", on_gpu, a)
                                 params_of[name] = jax.jit(init_model.init)(jax.random.key(0), x32[:1])
                                 n_params = sum(v.size for v in jax.tree.leaves(params_of[name]))
                                 print(f"# {name}: {n_params / 1e6:.1f} M parameters "

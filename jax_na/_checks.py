@@ -15,15 +15,40 @@ import numpy as np
 
 from jax_na import _ext
 
-# Backends the library knows. "gemm" and "fused" are planned; asking for them says so.
-KNOWN_BACKENDS = ("reference", "naive")
-PLANNED_BACKENDS = ("gemm", "fused")
+# Backends the library knows, and the ones that are planned (asking for those says so).
+KNOWN_BACKENDS = ("fused", "reference", "naive")
+PLANNED_BACKENDS = ("gemm",)
+# Backends with the unfused na*d_qk / na*d_av ops (the fused kernels have no unfused twin).
+UNFUSED_BACKENDS = ("reference", "naive")
 FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
-# What each backend accepts: dtypes, and head dims as a predicate with its description.
+# What each backend accepts: dtypes (head dims: see FUSED_HEAD_DIMS for "fused"; the others take any).
 BACKEND_DTYPES = {
+    "fused": (jnp.float16, jnp.bfloat16),
     "reference": FLOAT_DTYPES + (jnp.float64,),
     "naive": FLOAT_DTYPES,
 }
+# Head dims the fused kernels are instantiated for (they need D == D_v). Smaller head dims run
+# zero-padded to the next one (see fused_head_dim); larger ones are not supported.
+FUSED_HEAD_DIMS = (64, 128)
+# Grid limits of the fused kernels: query heads (and batch, which the lowering splits into chunks
+# of at most this size, so any batch works).
+FUSED_MAX_HEADS = 65535
+FUSED_MAX_BATCH = 65535
+
+
+def fused_head_dim(D: int, Dv: int) -> int | None:
+    """The head dim P the fused kernels run a call with head dims (D, D_v) at: q/k are zero-padded
+    from D to P and v from D_v to P (zero columns change no score and add only zero output columns).
+    None when max(D, D_v) exceeds the largest instantiated head dim."""
+    if D < 1 or Dv < 1:
+        return None
+    return next((p for p in FUSED_HEAD_DIMS if max(D, Dv) <= p), None)
+
+
+def fused_supports(dtype, D: int, Dv: int, H: int) -> bool:
+    """Whether the fused kernels take a call (batch size aside: it is split into chunks)."""
+    return (any(jnp.dtype(dtype) == jnp.dtype(d) for d in BACKEND_DTYPES["fused"])
+            and fused_head_dim(D, Dv) is not None and 1 <= H <= FUSED_MAX_HEADS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +152,17 @@ def _layout(rank: int, heads: str, dim: str) -> str:
     return f"[B, {axes}, {heads}, {dim}]"
 
 
-def resolve_backend(backend: str | None, dtype, what: str = "na") -> str:
-    """Check the backend name; returns "auto" or a concrete backend usable here for ``dtype``."""
+def _supporting(dtype) -> list[str]:
+    return [b for b, ds in BACKEND_DTYPES.items() if any(jnp.dtype(dtype) == jnp.dtype(d) for d in ds)]
+
+
+def resolve_backend(backend: str | None, dtype, what: str = "na", query=None, value=None) -> str:
+    """Check the backend name; returns "auto" or a concrete backend usable here for ``dtype``.
+
+    ``what`` is "na" (na1d/na2d/na3d, whose ``query``/``value`` then give the head dims for the
+    fused kernels' limits) or the name of an unfused op ("na2d_qk", ...), which only the
+    UNFUSED_BACKENDS implement. What the call asks for is checked before what this installation
+    has, so a call that no installation could run says so everywhere."""
     if backend is None or backend == "auto":
         return "auto"
     if not isinstance(backend, str):
@@ -139,17 +173,40 @@ def resolve_backend(backend: str | None, dtype, what: str = "na") -> str:
     if backend not in KNOWN_BACKENDS:
         raise ValueError(f"backend must be one of None, 'auto', "
                          f"{', '.join(repr(b) for b in KNOWN_BACKENDS)}; got {backend!r}")
+    if what != "na" and backend not in UNFUSED_BACKENDS:
+        raise ValueError(f"backend {backend!r} has no unfused kernels: {what} supports backend None, "
+                         f"'auto', {', '.join(repr(b) for b in UNFUSED_BACKENDS)} (the fused kernels "
+                         f"compute the whole attention; use na{what[2]}d for them)")
+    allowed = BACKEND_DTYPES[backend]
+    if not any(jnp.dtype(dtype) == jnp.dtype(d) for d in allowed):
+        raise TypeError(f"backend {backend!r} does not support dtype {_dtype_name(dtype)} of the inputs "
+                        f"(allowed: {', '.join(_dtype_name(d) for d in allowed)}); backends that "
+                        f"support {_dtype_name(dtype)}: {_supporting(dtype)}")
+    if backend == "fused" and query is not None:
+        _check_fused(query, value)
     if backend != "reference" and not _ext.has_cuda_kernels():
         raise ValueError(f"backend {backend!r} needs jax_na's CUDA kernels, which this installation "
                          f"does not have (built without nvcc); available: {_ext.available_backends()}")
-    allowed = BACKEND_DTYPES[backend]
-    if not any(jnp.dtype(dtype) == jnp.dtype(d) for d in allowed):
-        supporting = [b for b, ds in BACKEND_DTYPES.items()
-                      if any(jnp.dtype(dtype) == jnp.dtype(d) for d in ds)]
-        raise TypeError(f"backend {backend!r} does not support dtype {_dtype_name(dtype)} "
-                        f"(it supports {', '.join(_dtype_name(d) for d in allowed)}); "
-                        f"backends that do: {supporting}")
+    if backend == "fused" and not _ext.has_fused_kernels():
+        raise ValueError("backend 'fused' needs jax_na's fused CUDA kernels, which this installation does "
+                         "not have (built without the CUTLASS headers: pip install nvidia-cutlass, then "
+                         f"reinstall jax_na); available: {_ext.available_backends()}")
     return backend
+
+
+def _check_fused(query, value):
+    """Shape limits of the fused kernels, checked for an explicit backend="fused"."""
+    B, *_, H, D = query.shape
+    Dv = value.shape[-1]
+    if fused_head_dim(D, Dv) is None:
+        raise ValueError(f"backend 'fused' supports head dims up to {FUSED_HEAD_DIMS[-1]} (query/key head "
+                         f"dim D and value head dim D_v; allowed: 1..{FUSED_HEAD_DIMS[-1]}, run zero-padded "
+                         f"to {' or '.join(map(str, FUSED_HEAD_DIMS))}), got D={D}, D_v={Dv}; backends "
+                         f"that support these head dims: ['reference', 'naive']")
+    if H > FUSED_MAX_HEADS:
+        raise ValueError(f"backend 'fused' supports at most {FUSED_MAX_HEADS} query heads (allowed: "
+                         f"1..{FUSED_MAX_HEADS}), query has H={H}; backends that support it: "
+                         f"['reference', 'naive']")
 
 
 def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,
@@ -194,7 +251,7 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
                 raise TypeError(f"{name} dtype {_dtype_name(x.dtype)} differs from query dtype "
                                 f"{_dtype_name(query.dtype)}")
     params = window_params(rank, spatial, kernel_size, stride, dilation, is_causal, scale, D)
-    return params, resolve_backend(backend, query.dtype)
+    return params, resolve_backend(backend, query.dtype, "na", query, value)
 
 
 def qk_args(rank: int, query, key, kernel_size, dilation, is_causal, rpb, scale, backend):
@@ -218,7 +275,7 @@ def qk_args(rank: int, query, key, kernel_size, dilation, is_causal, rpb, scale,
         if rpb.dtype != query.dtype:
             raise TypeError(f"rpb dtype {_dtype_name(rpb.dtype)} differs from query dtype "
                             f"{_dtype_name(query.dtype)}")
-    return params, resolve_backend(backend, query.dtype)
+    return params, resolve_backend(backend, query.dtype, f"na{rank}d_qk")
 
 
 def av_args(rank: int, weights, value, kernel_size, dilation, is_causal, backend):
@@ -236,4 +293,4 @@ def av_args(rank: int, weights, value, kernel_size, dilation, is_causal, backend
     if weights.dtype != value.dtype:
         raise TypeError(f"weights dtype {_dtype_name(weights.dtype)} differs from value dtype "
                         f"{_dtype_name(value.dtype)}")
-    return params, resolve_backend(backend, value.dtype)
+    return params, resolve_backend(backend, value.dtype, f"na{rank}d_av")

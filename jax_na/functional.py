@@ -115,9 +115,14 @@ _NA_DOC = """{rank}-D neighborhood attention.
       additional_keys: optional ``[B, N_add, H_kv, D]`` keys seen by every query.
       additional_values: optional ``[B, N_add, H_kv, D_v]``, required with ``additional_keys``.
       return_lse: also return the float32 log-sum-exp ``{lse}``.
-      backend: None/"auto" (the fastest backend for the platform, chosen at lowering time; today
-        the reference everywhere), "naive" (the CUDA kernels: a ValueError when jax_na was built
-        without them; a call lowered for a non-CUDA platform uses the reference) or "reference".
+      backend: None/"auto" (the fastest backend that supports the call, chosen per call at lowering
+        time: "fused" on CUDA for float16/bfloat16 with head dims up to 128, else the reference),
+        "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims ``D, D_v <= 128``; head
+        dims up to 128 are padded to 64 or 128 (zeros, same scale) and the results sliced back),
+        "naive" (one thread per output element; every float dtype and head dim) or "reference"
+        (pure JAX, every platform). "fused" and "naive" raise a ValueError/TypeError for a call they
+        cannot take or when jax_na was built without them; a call lowered for a non-CUDA platform
+        uses the reference.
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.
@@ -152,7 +157,8 @@ _QK_DOC = """{rank}-D neighborhood attention scores (unfused), with optional rel
       kernel_size, dilation, is_causal: as in ``na{rank}d`` (stride is always 1 here).
       rpb: optional ``[H, 2*k-1 per axis]`` bias in the input dtype.
       scale: default ``D ** -0.5``.
-      backend: None/"auto", "naive" or "reference".
+      backend: None/"auto" (the reference), "naive" or "reference"; the fused kernels have no
+        unfused ops ("fused" is a ValueError).
 
     Returns:
       ``weights`` of shape ``{w}``.
@@ -173,7 +179,7 @@ _AV_DOC = """{rank}-D neighborhood attention: apply weights to values (unfused).
       weights: ``{w}`` (e.g. the softmax of ``na{rank}d_qk``).
       value: ``{v}``.
       kernel_size, dilation, is_causal: as in ``na{rank}d_qk``.
-      backend: None/"auto", "naive" or "reference".
+      backend: None/"auto" (the reference), "naive" or "reference" (no "fused", as for ``na{rank}d_qk``).
 
     Returns:
       ``{o}``.

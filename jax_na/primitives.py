@@ -2,23 +2,25 @@
 
 Six primitives, each a kernel family's entry:
 
-=====================  ==========================================================  =====================
-primitive              operands -> results                                          CUDA target (naive)
-=====================  ==========================================================  =====================
-``jax_na_fwd``         q, k, v, add_k, add_v -> out, lse                            jax_na_naive_fwd
-``jax_na_bwd``         q, k, v, add_k, add_v, out, lse, d_out, d_lse -> dq, dk,     jax_na_naive_bwd
-                       dv, d_add_k, d_add_v
-``jax_na_qk``          q, k, rpb -> attn                                            jax_na_naive_qk
-``jax_na_qk_bwd``      d_attn, q, k, rpb -> dq, dk, d_rpb                           jax_na_naive_qk_bwd
-``jax_na_av``          attn, v -> out                                               jax_na_naive_av
-``jax_na_av_bwd``      d_out, attn, v -> d_attn, dv                                 jax_na_naive_av_bwd
-=====================  ==========================================================  =====================
+=====================  ================================================  ================================
+primitive              operands -> results                                CUDA targets (naive; fused)
+=====================  ================================================  ================================
+``jax_na_fwd``         q, k, v, add_k, add_v -> out, lse                  jax_na_naive_fwd; jax_na_fused_fwd
+``jax_na_bwd``         q, k, v, add_k, add_v, out, lse, d_out, d_lse      jax_na_naive_bwd; jax_na_fused_bwd
+                       -> dq, dk, dv, d_add_k, d_add_v
+``jax_na_qk``          q, k, rpb -> attn                                  jax_na_naive_qk
+``jax_na_qk_bwd``      d_attn, q, k, rpb -> dq, dk, d_rpb                 jax_na_naive_qk_bwd
+``jax_na_av``          attn, v -> out                                     jax_na_naive_av
+``jax_na_av_bwd``      d_out, attn, v -> d_attn, dv                       jax_na_naive_av_bwd
+=====================  ================================================  ================================
 
 Absent additional keys/values are ``[B, 0, H_kv, D]`` arrays and an absent bias is a ``[0]`` array, so
 every primitive has a fixed arity. Every primitive carries ``params`` (``NAParams``) and ``backend``
-("auto" or a backend name). Lowering picks the kernel per platform: on CUDA the requested (or, for
-"auto", the best available) kernel; on every other platform, and for inputs no kernel supports, the
-pure-JAX reference (the backward of the reference is its autodiff).
+("auto" or a backend name). Lowering picks the kernel per platform: on CUDA the requested kernel or,
+for "auto", the first family of ``AUTO_PREFERENCE`` that supports the call's dtype and shapes
+(``cuda_kernel``); on every other platform, and for inputs no kernel supports, the pure-JAX reference
+(the backward of the reference is its autodiff). The fused targets run inside a small traced function
+(``_fused_impl``) that zero-pads the head dims to 64 or 128 and slices the results back.
 
 Each primitive lowers through ``sharding.partitioned_lowering`` (``custom_partitioning`` with a Shardy
 rule), which runs a per-device twin ``<name>_local`` carrying the platform lowerings on each shard.
@@ -38,7 +40,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jax_na import _ext, reference, sharding
+from jax_na import _checks, _ext, reference, sharding
 from jax_na._checks import NAParams
 
 try:  # the standard eager implementation of a primitive: compile it alone and run it
@@ -47,11 +49,13 @@ except ImportError:  # pragma: no cover
     _apply_primitive = None
 
 _NAIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
-# CUDA kernel families that "auto" prefers over the reference, fastest first. Empty for now: on an
-# H100 the reference (XLA matmuls over each tile's bounding box) beat the naive kernels by 2x to 75x
-# on every BENCHMARKS.md problem (naive: 0.4-1.0 effective TFLOP/s), so the naive kernels are only
-# used when asked for. The fused kernels will go here.
-AUTO_PREFERENCE: tuple[str, ...] = ()
+# CUDA kernel families that "auto" tries, fastest first: a call lowers to the first one that is
+# compiled here and supports it (``supports``: dtype, head dims, heads, per call), else to the
+# reference. Measured on an H100 (bf16, BENCHMARKS.md problems, effective TFLOP/s): the fused
+# kernels ~80-150, the reference (XLA matmuls over each query tile's window bounding box) 12-37, the
+# naive kernels 0.4-1.0. So "fused" comes first, and "naive" is not listed: it is only used when asked
+# for. float32, head dims above 128 and the unfused qk/av ops have no fused kernel and use the reference.
+AUTO_PREFERENCE: tuple[str, ...] = ("fused",)
 
 
 def _shaped(shape, dtype):
@@ -183,13 +187,33 @@ def _qk_bwd_batch(args, dims, *, params, backend):
 
 # ----------------------------------------------------------------------------- CUDA lowering
 
-def cuda_kernel(backend: str, dtype) -> str | None:
-    """The CUDA kernel family a call lowers to, or None for the reference."""
-    if not _ext.has_cuda_kernels() or jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NAIVE_DTYPES]:
-        return None
+def supports(family: str, kind: str, avals) -> bool:
+    """Whether CUDA kernel family ``family`` is compiled here and takes primitive ``kind`` ("fwd",
+    "bwd", "qk", ...) on operands of shapes/dtypes ``avals``. Decided per call at lowering time (so
+    ``vmap``, which folds its axis into the batch, is taken into account)."""
+    dtype = avals[0].dtype  # operand 0 has the call's dtype
+    if family == "naive":
+        return _ext.has_cuda_kernels() and jnp.dtype(dtype) in [jnp.dtype(d) for d in _NAIVE_DTYPES]
+    if family == "fused":
+        if kind not in ("fwd", "bwd") or not _ext.has_target(f"jax_na_fused_{kind}"):
+            return False
+        q, v = avals[0], avals[2]
+        # An empty call (zero batch or heads) launches nothing: the reference lowering handles it.
+        return (math.prod(q.shape) > 0
+                and _checks.fused_supports(dtype, q.shape[-1], v.shape[-1], q.shape[-2]))
+    return False
+
+
+def cuda_kernel(backend: str, kind: str, avals) -> str | None:
+    """The CUDA kernel family primitive ``kind`` lowers to on CUDA for ``backend`` ("auto" or a
+    backend name) and these operands, or None for the reference.
+
+    An explicit backend whose kernel is missing for this call lowers to the reference too: that
+    only happens for inputs the argument checks cannot see (an empty call) or on a partial build
+    (fused forward compiled without the fused backward: the backward then runs on the reference)."""
     if backend == "auto":
-        return AUTO_PREFERENCE[0] if AUTO_PREFERENCE else None
-    return backend if backend == "naive" else None
+        return next((f for f in AUTO_PREFERENCE if supports(f, kind, avals)), None)
+    return backend if backend in ("naive", "fused") and supports(backend, kind, avals) else None
 
 
 def _attrs(params: NAParams, with_scale=True):
@@ -208,24 +232,76 @@ def _tokens(shape, rank):
     return math.prod(shape[1:1 + rank])
 
 
-def _fwd_workspace(q, k, add_k, params):
-    B, H = q.shape[0], q.shape[-2]
-    return B * _tokens(q.shape, params.rank) * H * (params.window_size + add_k.shape[1])
+def workspace_size(kind: str, family: str, avals, params: NAParams) -> int | None:
+    """Elements of the float32 workspace result (the last result, docs/ffi.md) that the CUDA target of
+    kernel family ``family`` for primitive ``kind`` takes, or None when it takes none."""
+    if kind not in ("fwd", "bwd"):
+        return None
+    q, add_k = avals[0], avals[3]
+    rows = q.shape[0] * _tokens(q.shape, params.rank) * q.shape[-2]  # B * N * H
+    if family == "naive":  # [B, N, H, W + Na] float32 scores (twice in the backward) + one per row
+        scores = rows * (params.window_size + add_k.shape[1])
+        return scores if kind == "fwd" else 2 * scores + rows
+    if family == "fused":  # the backward: one float32 per query token and head; the forward: none
+        return None if kind == "fwd" else rows
+    raise ValueError(f"unknown kernel family {family!r}")
 
 
-def _fwd_cuda_workspace(ctx, params):
-    q, k, v, add_k, add_v = ctx.avals_in
-    return _fwd_workspace(q, k, add_k, params)
+def _pad_last(x, size):
+    """Zero-pad the last axis of ``x`` to ``size``."""
+    if x.shape[-1] == size:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
-def _bwd_cuda_workspace(ctx, params):
-    q, k, v, add_k = ctx.avals_in[:4]
-    B, H = q.shape[0], q.shape[-2]
-    return 2 * _fwd_workspace(q, k, add_k, params) + B * _tokens(q.shape, params.rank) * H
+def _last(x, size):
+    return x if x.shape[-1] == size else x[..., :size]
 
 
-def _register(prim, abstract, ref_impl, target, *, multiple_results, workspace=None,
-              with_scale=True, drop_operands=()):
+def _batch_chunks(call, operands):
+    """``call(*operands)`` on batch chunks of at most FUSED_MAX_BATCH (the kernels' grid limit),
+    results concatenated along the batch. One call, with no copies, in the usual case."""
+    B, chunk = operands[0].shape[0], _checks.FUSED_MAX_BATCH
+    if B <= chunk:
+        return call(*operands)
+    parts = [call(*(x[i:i + chunk] for x in operands)) for i in range(0, B, chunk)]
+    return [jnp.concatenate(p, axis=0) for p in zip(*parts)]
+
+
+def _fused_impl(kind, *args, params, backend):
+    """The fused CUDA targets on the primitive's operands: head dims padded to the instantiated one
+    (the kernels need D == D_v in FUSED_HEAD_DIMS; zero columns of q and k change no score, zero
+    columns of v only add zero output columns, and the scale stays the caller's), the batch split
+    into chunks the grid can take, the results sliced back to the primitive's shapes."""
+    q, v = args[0], args[2]
+    D, Dv = q.shape[-1], v.shape[-1]
+    P = _checks.fused_head_dim(D, Dv)
+    attrs = _attrs(params)
+    f32 = jnp.dtype(jnp.float32)
+
+    if kind == "fwd":
+        def call(q, k, v, add_k, add_v):
+            out = jax.ShapeDtypeStruct((*q.shape[:-1], P), q.dtype)
+            lse = jax.ShapeDtypeStruct(q.shape[:-1], f32)
+            return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(q, k, v, add_k, add_v, **attrs)
+
+        out, lse = _batch_chunks(call, [_pad_last(x, P) for x in args])
+        return [_last(out, Dv), lse]
+
+    def call(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
+        grads = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, add_k, add_v)]
+        ws = jax.ShapeDtypeStruct((workspace_size("bwd", "fused", (q, k, v, add_k), params),), f32)
+        res = jax.ffi.ffi_call("jax_na_fused_bwd", (*grads, ws))(q, k, v, add_k, add_v, out, lse, d_out,
+                                                                  d_lse, **attrs)
+        return res[:5]
+
+    q, k, v, add_k, add_v, out, lse, d_out, d_lse = args
+    padded = [*(_pad_last(x, P) for x in (q, k, v, add_k, add_v, out)), lse, _pad_last(d_out, P), d_lse]
+    grads = _batch_chunks(call, padded)
+    return [_last(g, x.shape[-1]) for g, x in zip(grads, (q, k, v, add_k, add_v))]
+
+
+def _register(prim, abstract, ref_impl, target, *, multiple_results, with_scale=True, drop_operands=()):
     """Abstract eval and eager impl of ``prim``; its lowering partitions it over the devices
     (sharding.py) around a per-device twin ``<name>_local`` that has the platform lowerings: the
     reference everywhere, the FFI call on CUDA."""
@@ -241,15 +317,20 @@ def _register(prim, abstract, ref_impl, target, *, multiple_results, workspace=N
     sharding.requires_devices(prim)
     ref_lowering = mlir.lower_fun(ref_impl, multiple_results=multiple_results)
     mlir.register_lowering(local, ref_lowering)
+    fused_lowering = (mlir.lower_fun(functools.partial(_fused_impl, target), multiple_results=True)
+                      if target in ("fwd", "bwd") else None)
 
     def cuda_lowering(ctx, *args, params, backend):
-        family = cuda_kernel(backend, ctx.avals_in[0].dtype)  # operand 0 has the call's dtype
+        family = cuda_kernel(backend, target, ctx.avals_in)
         if family is None:
             return ref_lowering(ctx, *args, params=params, backend=backend)
+        if family == "fused":  # padding and batch chunks around the call: a small traced function
+            return fused_lowering(ctx, *args, params=params, backend=backend)
         keep = [i for i in range(len(args)) if i not in drop_operands]
         avals_out = list(ctx.avals_out)
-        if workspace is not None:
-            avals_out.append(_shaped((workspace(ctx, params),), jnp.float32))
+        ws = workspace_size(target, family, ctx.avals_in, params)
+        if ws is not None:
+            avals_out.append(_shaped((ws,), jnp.float32))
         ctx2 = ctx.replace(avals_in=[ctx.avals_in[i] for i in keep], avals_out=avals_out)
         results = jax.ffi.ffi_lowering(f"jax_na_{family}_{target}")(
             ctx2, *[args[i] for i in keep], **_attrs(params, with_scale))
@@ -265,8 +346,8 @@ qk_bwd_p = Primitive("jax_na_qk_bwd")
 av_p = Primitive("jax_na_av")
 av_bwd_p = Primitive("jax_na_av_bwd")
 
-_register(fwd_p, _fwd_abstract, _fwd_ref, "fwd", multiple_results=True, workspace=_fwd_cuda_workspace)
-_register(bwd_p, _bwd_abstract, _bwd_ref, "bwd", multiple_results=True, workspace=_bwd_cuda_workspace)
+_register(fwd_p, _fwd_abstract, _fwd_ref, "fwd", multiple_results=True)
+_register(bwd_p, _bwd_abstract, _bwd_ref, "bwd", multiple_results=True)
 _register(qk_p, _qk_abstract, _qk_ref, "qk", multiple_results=False)
 # The bias operand of qk_bwd only tells the shape of d_rpb; the kernel does not read it.
 _register(qk_bwd_p, _qk_bwd_abstract, _qk_bwd_ref, "qk_bwd", multiple_results=True, drop_operands=(3,))

@@ -3,7 +3,7 @@
     python -m jax_na.profile --problem p4-nat-small            # a problem of the repo's problem set
     python -m jax_na.profile --problem all --json out.json     # the whole set (BENCHMARKS.md)
     python -m jax_na.profile --spatial 64x64 --heads 4 --head-dim 32 --kernel 7 --dilation 2 \\
-        --batch 8 --dtype bfloat16 --mode fwd,fwdbwd --backends reference,naive --plot out.png
+        --batch 8 --dtype bfloat16 --mode fwd,fwdbwd --backends fused,reference,naive --plot out.png
     python -m jax_na.profile --problem p2-2d --sweep-tiles     # tile-shape sweep of the tunable backends
 
 Installed as the console script ``jax-na-profile`` too.
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_na
+from jax_na import _checks, _ext
 
 __all__ = [
     "PROBLEMS", "BY_ID", "Problem", "TUNABLE_BACKENDS", "TileSweep", "register_tunable", "make_problem",
@@ -140,6 +141,8 @@ CPU_DEFAULT = _p("cpu-small", 2, (32, 32), 4, 32, 7)
 
 # The naive backend materializes [B, N, H, W] float32 scores (twice in the backward).
 NAIVE_WORKSPACE_LIMIT = 24 << 30
+# What the fused kernels take (jax_na._checks): float16/bfloat16, head dims up to 128.
+FUSED_DTYPES = ("float16", "bfloat16")
 # Dense self attention without a fused kernel (the XLA yardstick off-GPU) materializes [B, H, N, N].
 XLA_SELF_LIMIT = 2 << 30
 # Arithmetic intensity (FLOP/byte) under which a problem counts as memory bound: about the H100's
@@ -221,8 +224,15 @@ def na_fn(p: Problem):
     return getattr(jax_na, f"na{p.rank}d")
 
 
-def fits(p: Problem, backend: str, mode: str) -> str | None:
-    """None if the backend can run the problem here, else why not."""
+def fits(p: Problem, backend: str, mode: str, dtype=None) -> str | None:
+    """None if the backend can run the problem here (in ``dtype``, when given), else why not."""
+    if backend == "fused":
+        if dtype is not None and jnp.dtype(dtype).name not in FUSED_DTYPES:
+            return f"skipped: fused takes {'/'.join(FUSED_DTYPES)}, not {jnp.dtype(dtype).name}"
+        if _checks.fused_head_dim(p.D, p.D) is None:
+            return f"skipped: fused takes head dims up to {_checks.FUSED_HEAD_DIMS[-1]}, not {p.D}"
+        if p.H > _checks.FUSED_MAX_HEADS:
+            return f"skipped: fused takes at most {_checks.FUSED_MAX_HEADS} heads"
     if backend == "naive":
         ws = 4 * p.B * p.N * p.H * p.W * (1 if mode == "fwd" else 3)
         if ws > NAIVE_WORKSPACE_LIMIT:
@@ -267,8 +277,10 @@ class TileSweep:
     make: Callable[[Problem, str, dict], Callable]
 
 
-# Backends whose kernels take a tile shape. Empty today: no fused kernel exists yet. A fused backend
-# registers itself here (register_tunable) and `--sweep-tiles` then sweeps it.
+# Backends whose kernels take a tile shape at run time. Empty today: the fused kernels' tile shapes are
+# fixed when the CUDA code is compiled (cuda/fused/kernel_traits.cuh), so there is nothing to sweep
+# from Python. A backend that takes tile configurations registers itself here (register_tunable) and
+# `--sweep-tiles` then sweeps it.
 TUNABLE_BACKENDS: dict[str, TileSweep] = {}
 
 
@@ -370,7 +382,7 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                     except Exception as e:  # noqa: BLE001 - report and continue
                         rows.append(dict(problem=p.id, mode=mode, backend=sa_name, error=_err(e)))
             for b in backends:
-                why = fits(p, b, mode)
+                why = fits(p, b, mode, dtype)
                 if why:
                     rows.append(dict(problem=p.id, mode=mode, backend=b, skipped=why))
                     continue
@@ -506,12 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", "--modes", dest="mode", default="fwd,fwdbwd",
                    help="fwd, fwdbwd (forward+backward) or both, comma separated")
     r.add_argument("--backends", default=None,
-                   help="comma list; default: every backend in jax_na.available_backends()")
+                   help="comma list; default: every backend in jax_na.available_backends() "
+                        "(on a GPU: fused, reference, naive)")
     r.add_argument("--no-self-attention", action="store_true", help="skip the dense self attention baseline")
     r.add_argument("--reps", type=int, default=20, help="timed calls per entry (at most)")
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
     r.add_argument("--sweep-tiles", action="store_true",
-                   help="sweep the tile shapes of the tunable (fused) backends instead, report the best")
+                   help="sweep the tile shapes of the backends registered in TUNABLE_BACKENDS instead and "
+                        "report the best (none today: the fused tile shapes are fixed at build time)")
     o = ap.add_argument_group("output")
     o.add_argument("--json", default=None, help="write the rows (and the problems) as JSON")
     o.add_argument("--plot", default=None, help="write a bar chart (PNG; needs matplotlib)")
@@ -563,6 +577,9 @@ def main(argv=None) -> int:
     if not on_gpu:
         print("note: no GPU here: only the reference backend (pure JAX) runs, and the self attention "
               "yardstick is XLA's (cuDNN needs a GPU); times are CPU times")
+    elif _ext.has_cuda_kernels() and not _ext.has_fused_kernels():
+        print("note: jax_na was built without its fused kernels (no CUTLASS headers at build time); "
+              "the fused backend is missing")
 
     if a.sweep_tiles:
         return _main_sweep(a, problems, modes, dtype)
@@ -579,16 +596,16 @@ def main(argv=None) -> int:
     rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress)
     if progress is not None:
         progress.close()
-    print()
-    print(format_table(rows))
-    print("eff TF/s: useful NA FLOPs / median; speedup: dense self attention time / NA time (same "
-          "process); ideal: speedup / (N/W); GB/s shown for memory-bound problems")
     if a.json:
         _write_json(a.json, dict(kind="profile", problems=[p.to_json() for p in problems], rows=rows,
                                  backends=backends, modes=modes, **_meta(dtype, on_gpu)))
         print(f"wrote {a.json}")
     if a.plot and plot(rows, a.plot, f"{dtype.name} on {device.device_kind if on_gpu else 'CPU'}"):
         print(f"wrote {a.plot}")
+    # The table is the last thing printed (one line per problem, mode and backend).
+    print("\neff TF/s: useful NA FLOPs / median; speedup: dense self attention time / NA time (same "
+          "process); ideal: speedup / (N/W); GB/s shown for memory-bound problems")
+    print(format_table(rows))
     return 0
 
 
@@ -599,8 +616,8 @@ def _main_sweep(a, problems, modes, dtype) -> int:
     if not backends:
         print("--sweep-tiles: no tunable backend is registered "
               f"({'none at all' if not tunable else 'registered: ' + ', '.join(tunable)}; asked for "
-              f"{', '.join(wanted) or 'any'}). The tile shapes belong to the fused kernels, which do not "
-              "exist yet; nothing was timed.", file=sys.stderr)
+              f"{', '.join(wanted) or 'any'}). The fused kernels' tile shapes are fixed at build time "
+              "(cuda/fused/kernel_traits.cuh); nothing was timed.", file=sys.stderr)
         if a.json:
             _write_json(a.json, dict(kind="sweep", problems=[p.to_json() for p in problems], rows=[],
                                      tunable_backends=tunable, note="no tunable backend registered",

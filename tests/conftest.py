@@ -4,6 +4,7 @@
   Setting ``JAX_NA_TEST_GPU_ON_CPU=1`` runs the GPU tests' logic on CPU against the reference
   backend (to check the tests themselves; they then compare the reference with itself in low precision).
 - ``slow``: long CPU tests (run by default; deselect with ``-m "not slow"``).
+- ``large``: GPU tests that need tens of GB of device memory (deselect with ``-m "gpu and not large"``).
 """
 
 import os
@@ -21,6 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # `import oracle`, `import helper
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU and the compiled kernels (skipped elsewhere)")
     config.addinivalue_line("markers", "slow: long-running CPU test")
+    config.addinivalue_line("markers", "large: needs tens of GB of device memory (GPU; deselect with "
+                                       "-m \"gpu and not large\")")
 
 
 def gpu_available() -> bool:

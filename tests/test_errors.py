@@ -211,6 +211,63 @@ def test_naive_rejects_float64():
     assert "naive" in str(ei.value) and "backend" in str(ei.value)
 
 
+# ----------------------------------------------------------------------------- fused backend
+# What a call asks of the fused kernels is checked before what this installation has, so these
+# errors are the same on a machine without them.
+
+def test_fused_rejects_float32():
+    _expect(lambda: jax_na.na2d(Q2, K2, V2, 3, backend="fused"),
+            ["backend", "'fused'", "float32", "float16", "bfloat16", "reference", "naive"], exc=TypeError)
+
+
+def test_fused_rejects_float64():
+    q, k, v = (x.astype(jnp.float64) for x in (Q2, K2, V2))
+    _expect(lambda: jax_na.na2d(q, k, v, 3, backend="fused"),
+            ["backend", "'fused'", "float64", "float16", "bfloat16", "reference"], exc=TypeError)
+
+
+@pytest.mark.parametrize("D,Dv", [(256, 256), (64, 136), (129, 8)])
+def test_fused_rejects_head_dims_above_128(D, Dv):
+    bf = jnp.bfloat16
+    q, k, v = _arr((1, 8, 9, 4, D), bf), _arr((1, 8, 9, 2, D), bf), _arr((1, 8, 9, 2, Dv), bf)
+    _expect(lambda: jax_na.na2d(q, k, v, 3, backend="fused"),
+            ["backend", "'fused'", "head dim", f"D={D}", f"D_v={Dv}", "128", "reference", "naive"],
+            exc=ValueError)
+
+
+def test_fused_rejects_too_many_heads():
+    q = jnp.zeros((1, 4, 65536, 1), jnp.bfloat16)
+    _expect(lambda: jax_na.na1d(q, q, q, 2, backend="fused"),
+            ["backend", "'fused'", "heads", "65535", "H=65536", "reference", "naive"], exc=ValueError,
+            jit=False)
+
+
+@pytest.mark.parametrize("op", ["qk", "av"])
+def test_fused_has_no_unfused_ops(op):
+    bf = jnp.bfloat16
+    q, k, v = Q2.astype(bf), K2.astype(bf), V2.astype(bf)
+    w = _arr((1, 8, 9, 4, 9), bf)
+    call = {"qk": lambda: jax_na.na2d_qk(q, k, 3, backend="fused"),
+            "av": lambda: jax_na.na2d_av(w, v, 3, backend="fused")}[op]
+    _expect(call, ["backend", "'fused'", f"na2d_{op}", "'reference'", "'naive'", "na2d"], exc=ValueError)
+
+
+def test_fused_without_its_kernels_says_so():
+    from jax_na import _ext
+    if _ext.has_fused_kernels():
+        pytest.skip("jax_na was built with its fused kernels here")
+    bf = jnp.bfloat16
+    with pytest.raises(ValueError) as ei:
+        jax_na.na2d(Q2.astype(bf), K2.astype(bf), V2.astype(bf), 3, backend="fused")
+    msg = str(ei.value)
+    assert "fused" in msg and ("CUDA" in msg or "CUTLASS" in msg) and "available" in msg, msg
+
+
+def test_gemm_is_planned():
+    _expect(lambda: jax_na.na2d(Q2, K2, V2, 3, backend="gemm"), ["gemm", "not implemented", "'fused'"],
+            exc=ValueError)
+
+
 @pytest.mark.parametrize("backend", ["reference", None, "auto"])
 def test_reference_and_auto_accept_every_float_dtype(backend):
     for dt in (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float64):

@@ -22,11 +22,16 @@ def test_registered_targets_match_contract():
     names = set(_ext.register_targets())
     for op in ("fwd", "bwd", "qk", "qk_bwd", "av", "av_bwd"):
         assert f"jax_na_naive_{op}" in names
+    # the fused targets come as a pair (a build with CUTLASS headers) or not at all
+    assert ("jax_na_fused_fwd" in names) == ("jax_na_fused_bwd" in names) == _ext.has_fused_kernels()
 
 
 def test_available_backends_always_has_reference():
     backends = jax_na.available_backends()
     assert "reference" in backends
     assert ("naive" in backends) == (_ext.has_cuda_kernels() and _ext.has_cuda_device())
+    assert ("fused" in backends) == (_ext.has_fused_kernels() and _ext.has_cuda_device())
+    if "fused" in backends:
+        assert backends[0] == "fused"  # fastest first
     if not _ext.has_cuda_device():
         assert backends == ["reference"]

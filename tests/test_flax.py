@@ -125,6 +125,17 @@ def test_rel_pos_bias_requires_stride_1():
         NeighborhoodAttention2D(num_heads=2, kernel_size=3, stride=2, rel_pos_bias=True).init(jax.random.key(0), x)
 
 
+def test_rel_pos_bias_with_fused_backend_is_an_error():
+    """rel_pos_bias runs the unfused ops, which the fused kernels do not have: a clear error naming
+    the backends that work (also on machines without kernels: the layer checks before any call)."""
+    x = jnp.ones((1, 8, 8, 4), jnp.bfloat16)
+    with pytest.raises(ValueError) as ei:
+        NeighborhoodAttention2D(num_heads=2, kernel_size=3, rel_pos_bias=True, backend="fused",
+                                dtype=jnp.bfloat16).init(jax.random.key(0), x)
+    msg = str(ei.value)
+    assert "rel_pos_bias" in msg and "fused" in msg and "reference" in msg and "naive" in msg, msg
+
+
 def test_layer_argument_errors():
     x = jnp.ones((1, 8, 8, 6))
     with pytest.raises(ValueError, match="num_kv_heads"):

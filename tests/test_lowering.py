@@ -72,10 +72,11 @@ def _check_lowering_has_kernels():
         assert re.search(r"%\S+:6 = stablehlo.custom_call @jax_na_naive_bwd\((%[^,)]+, ){8}%[^,)]+\)",
                          _calls(text, "jax_na_naive_bwd")[0])
         assert f"tensor<{2 * B * N * H * (W + NA) + B * N * H}xf32>" in text
-    # auto follows AUTO_PREFERENCE: with no preferred kernel family it lowers to the reference
-    if not primitives.AUTO_PREFERENCE:
-        assert "jax_na_naive" not in _cuda_hlo(_fwd(None), q, k, v, ak, av)
-        assert "jax_na_naive" not in _cuda_hlo(_loss(None), q, k, v, ak, av)
+    # auto never picks the naive kernels (the reference beats them), and no kernel takes float32
+    # under auto (the fused kernels are float16/bfloat16 only): the reference is lowered
+    assert "naive" not in primitives.AUTO_PREFERENCE
+    assert "jax_na_" not in _cuda_hlo(_fwd(None), q, k, v, ak, av)
+    assert "jax_na_" not in _cuda_hlo(_loss(None), q, k, v, ak, av)
     # without additional keys: zero-element buffers, same targets
     text = _cuda_hlo(_fwd("naive", with_add=False), q, k, v, ak, av)
     assert _calls(text, "jax_na_naive_fwd") and f"tensor<{B}x0x{HKV}x{D}xf32>" in text
@@ -96,10 +97,92 @@ def _check_lowering_has_kernels():
     # float64 has no kernel: the reference is lowered, no custom call
     q64, k64, v64, ak64, av64 = _inputs(jnp.float64)
     text = _cuda_hlo(_fwd(None), q64, k64, v64, ak64, av64)
-    assert "jax_na_naive" not in text
+    assert "jax_na_" not in text
     # the reference backend never lowers to a kernel
     text = _cuda_hlo(_fwd("reference"), q, k, v, ak, av)
     assert "jax_na_naive" not in text
+
+
+# ----------------------------------------------------------------------------- fused
+
+def _bf16(D, Dv, B_=B, H_=H, Hkv=HKV):
+    r = np.random.default_rng(1)
+    mk = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.bfloat16)
+    return (mk(B_, X, Y, H_, D), mk(B_, X, Y, Hkv, D), mk(B_, X, Y, Hkv, Dv), mk(B_, NA, Hkv, D),
+            mk(B_, NA, Hkv, Dv))
+
+
+def _fused_call_line(text, target, n_results, n_operands):
+    calls = _calls(text, target)
+    assert calls, text
+    line = calls[0]
+    pat = rf"%\S+:{n_results} = stablehlo.custom_call @{target}\((%[^,)]+, ){{{n_operands - 1}}}%[^,)]+\)"
+    assert re.search(pat, line), line
+    return line
+
+
+def _scale_of(line):
+    return np.float32(float(re.search(r"scale = ([-+0-9.eE]+) : f32", line).group(1)))
+
+
+def _check_fused_lowering():
+    """backend="fused" and auto (bf16/f16, head dims <= 128) lower to the fused targets of docs/ffi.md:
+    forward q, k, v, add_k, add_v -> out, lse (no workspace); backward 9 operands -> 5 grads + a
+    float32 workspace [B*N*H]; head dims other than 64/128 zero-padded to 64 or 128 with the
+    caller's scale; float32, head dims > 128 and the unfused ops never reach them."""
+    N = X * Y
+    for backend in ("fused", None):
+        for D, Dv, P in ((64, 64, 64), (128, 128, 128), (40, 40, 64), (32, 64, 64), (8, 6, 64),
+                         (100, 72, 128)):
+            args = _bf16(D, Dv)
+            text = _cuda_hlo(_fwd(backend), *args)
+            line = _fused_call_line(text, "jax_na_fused_fwd", 2, 5)
+            assert "jax_na_naive" not in text and "jax_na_fused_bwd" not in text
+            # every operand runs at head dim P; out [B, X, Y, H, P] -> sliced to D_v; lse f32
+            assert f"(tensor<{B}x{X}x{Y}x{H}x{P}xbf16>, tensor<{B}x{X}x{Y}x{HKV}x{P}xbf16>" in line, line
+            assert f"-> (tensor<{B}x{X}x{Y}x{H}x{P}xbf16>, tensor<{B}x{X}x{Y}x{H}xf32>)" in line, line
+            # the scale of the unpadded head dim, as the user asked for (default D ** -0.5)
+            assert _scale_of(line) == np.float32(D ** -0.5), (D, line)
+            for attr in ("kernel_size = dense<[3, 4]>", "stride = dense<[1, 2]>", "dilation = dense<1>",
+                         "is_causal = dense<[1, 0]>"):
+                assert attr in line, (attr, line)
+            assert ("stablehlo.pad" in text) == (P != D or P != Dv), text
+            text = _cuda_hlo(_loss(backend), *args)
+            _fused_call_line(text, "jax_na_fused_fwd", 2, 5)
+            line = _fused_call_line(text, "jax_na_fused_bwd", 6, 9)
+            assert f"tensor<{B * N * H}xf32>)" in line, line   # the workspace, last result
+            assert f"-> (tensor<{B}x{X}x{Y}x{H}x{P}xbf16>" in line, line
+            assert "jax_na_naive" not in text
+    # without additional keys/values: zero-element [B, 0, H_kv, P] operands, padded like the rest
+    text = _cuda_hlo(_fwd("fused", with_add=False), *_bf16(40, 40))
+    line = _fused_call_line(text, "jax_na_fused_fwd", 2, 5)
+    assert f"tensor<{B}x0x{HKV}x64xbf16>" in line, line
+    _fused_call_line(_cuda_hlo(jax.grad(lambda *a: jnp.sum(_fwd("fused", False)(*a)[0].astype(jnp.float32))),
+                               *_bf16(40, 40)), "jax_na_fused_bwd", 6, 9)
+    # float16 too; an explicit scale is passed as given
+    args = [a.astype(jnp.float16) for a in _bf16(48, 48)]
+    f = lambda q, k, v: jax_na.na2d(q, k, v, 3, scale=0.25)
+    line = _fused_call_line(_cuda_hlo(f, *args[:3]), "jax_na_fused_fwd", 2, 5)
+    assert _scale_of(line) == 0.25 and "x64xf16>" in line, line
+    # auto: float32 and float64 (no fused kernel) and head dims above 128 lower to the reference
+    for dtype in (jnp.float32, jnp.float64):
+        text = _cuda_hlo(_loss(None), *(a.astype(dtype) for a in _bf16(64, 64)))
+        assert "jax_na_" not in text
+    assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(136, 64))
+    assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(64, 256))
+    # the unfused ops have no fused kernel: auto lowers them to the reference
+    q, k, v = _bf16(64, 64)[:3]
+    text = _cuda_hlo(lambda q, k: jax_na.na2d_qk(q, k, K), q, k)
+    assert "jax_na_" not in text
+    # vmap (folded into the batch) of grad: still one fused call per direction, on V*B batches
+    V = 3
+    stacked = [jnp.stack([a] * V) for a in _bf16(40, 40)]
+    text = _cuda_hlo(jax.vmap(_loss("fused")), *stacked)
+    line = _fused_call_line(text, "jax_na_fused_bwd", 6, 9)
+    assert f"tensor<{V * B * N * H}xf32>)" in line and f"tensor<{V * B}x{X}x{Y}x{H}x64xbf16>" in line, line
+    # lowered for a non-CUDA platform, "fused" is the reference
+    text = jax.jit(_loss("fused")).trace(*_bf16(64, 64)).lower(lowering_platforms=("cpu",)).as_text()
+    assert "jax_na_" not in text
 
 
 def test_expected_cuda_build():
@@ -115,37 +198,152 @@ def test_cuda_lowering_emits_ffi_calls():
     _check_lowering_has_kernels()
 
 
+@pytest.mark.skipif(not ext.has_fused_kernels(), reason="jax_na built without the fused kernels")
+def test_cuda_lowering_emits_fused_calls():
+    _check_fused_lowering()
+
+
+def _pretend(monkeypatch):
+    monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(ext, "has_target", lambda name: True)
+    jax.clear_caches()
+
+
 def test_cuda_lowering_with_pretend_kernels(monkeypatch):
     """Same checks on a build without kernels, pretending they were compiled (lowering only needs the
     target names, never the handlers)."""
-    monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
-    jax.clear_caches()
+    _pretend(monkeypatch)
     try:
         _check_lowering_has_kernels()
+        _check_fused_lowering()
     finally:
         monkeypatch.undo()
         jax.clear_caches()
+
+
+def test_fused_lowering_on_a_build_without_fused_kernels(monkeypatch):
+    """A CUDA build without CUTLASS has the naive targets only: auto lowers to the reference, "fused"
+    is not available (a clear error at the call), and the naive kernels are unaffected."""
+    monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(ext, "has_target", lambda name: "_naive_" in name)
+    jax.clear_caches()
+    try:
+        args = _bf16(64, 64)
+        assert "jax_na_" not in _cuda_hlo(_loss(None), *args)
+        assert "jax_na_naive_bwd" in _cuda_hlo(_loss("naive"), *args)
+        with pytest.raises(ValueError, match="fused"):
+            jax_na.na2d(*args[:3], 3, backend="fused")
+        monkeypatch.setattr(ext, "has_cuda_device", lambda: True)
+        assert "fused" not in jax_na.available_backends()
+        # a build with the forward only: the backward runs on the reference
+        monkeypatch.setattr(ext, "has_target", lambda name: name != "jax_na_fused_bwd")
+        assert jax_na.available_backends()[0] == "fused"
+        text = _cuda_hlo(_loss("fused"), *args)
+        assert _calls(text, "jax_na_fused_fwd") and not _calls(text, "jax_na_fused_bwd")
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
+def test_fused_batch_above_grid_limit_runs_in_chunks(monkeypatch):
+    """The fused grid takes at most 65535 batches: a larger (e.g. vmap-folded) batch is split."""
+    _pretend(monkeypatch)
+    try:
+        q = jax.ShapeDtypeStruct((70000, 16, 2, 64), jnp.bfloat16)
+        f = jax.grad(lambda q: jnp.sum(jax_na.na1d(q, q, q, 3).astype(jnp.float32)))
+        text = jax.jit(f).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+        fwd, bwd = _calls(text, "jax_na_fused_fwd"), _calls(text, "jax_na_fused_bwd")
+        assert len(fwd) == 2 and len(bwd) == 2, text
+        assert "tensor<65535x16x2x64xbf16>" in fwd[0] and "tensor<4465x16x2x64xbf16>" in fwd[1]
+        assert f"tensor<{65535 * 16 * 2}xf32>" in bwd[0] and f"tensor<{4465 * 16 * 2}xf32>" in bwd[1]
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
+def _fake_fused_ffi_call(seen):
+    """A stand-in for jax.ffi.ffi_call that computes the fused targets with the reference (on CPU),
+    checking the contract on the way: one head dim P in (64, 128) for every operand, zero padding."""
+    from jax_na import _checks, reference
+
+    def ffi_call(target, result_shapes, **_):
+        def run(*ops, kernel_size, stride, dilation, is_causal, scale):
+            params = _checks.NAParams(tuple(int(i) for i in kernel_size), tuple(int(i) for i in stride),
+                                      tuple(int(i) for i in dilation), tuple(bool(i) for i in is_causal),
+                                      float(scale))
+            P = ops[0].shape[-1]
+            assert P in (64, 128) and all(ops[i].shape[-1] == P for i in range(5)), [o.shape for o in ops]
+            seen.append((target, ops[0].shape[0], P, float(scale)))
+            fwd = lambda *a: reference.attention_forward(*a, params)
+            if target == "jax_na_fused_fwd":
+                assert len(result_shapes) == 2
+                return fwd(*ops)
+            assert target == "jax_na_fused_bwd" and len(result_shapes) == 6
+            q, k, v, ak, av, out, lse, d_out, d_lse = ops
+            assert out.shape[-1] == d_out.shape[-1] == P
+            ws = result_shapes[5]
+            assert ws.shape == (q.shape[0] * math.prod(q.shape[1:-2]) * q.shape[-2],) and ws.dtype == jnp.float32
+            grads = jax.vjp(fwd, q, k, v, ak, av)[1]((d_out, d_lse))
+            return (*grads, jnp.zeros(ws.shape, ws.dtype))
+        return run
+
+    return ffi_call
+
+
+@pytest.mark.parametrize("D,Dv", [(40, 40), (32, 64), (64, 64), (100, 72), (5, 128)])
+def test_fused_padding_and_chunks_compute_the_same_function(monkeypatch, D, Dv):
+    """The padding/slicing/batch-chunking around the fused targets (primitives._fused_impl), run on
+    CPU with the targets replaced by the reference: out, lse and all grads equal the reference on
+    the unpadded inputs, and the kernels see one head dim, zero-padded, with the caller's scale."""
+    from jax_na import _checks, primitives, reference
+
+    seen = []
+    monkeypatch.setattr(jax.ffi, "ffi_call", _fake_fused_ffi_call(seen))
+    monkeypatch.setattr(_checks, "FUSED_MAX_BATCH", 2)   # B = 5 -> chunks 2, 2, 1
+    r = np.random.default_rng(D)
+    Bn = 5
+    q, k, v, ak, av = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in
+                       ((Bn, X, Y, H, D), (Bn, X, Y, HKV, D), (Bn, X, Y, HKV, Dv), (Bn, NA, HKV, D),
+                        (Bn, NA, HKV, Dv)))
+    params = _checks.window_params(2, (X, Y), K, (1, 2), 1, (True, False), None, D)
+    impl = lambda kind: jax.jit(lambda *a: primitives._fused_impl(kind, *a, params=params, backend="fused"))
+    out, lse = impl("fwd")(q, k, v, ak, av)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, ak, av, params)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    P = _checks.fused_head_dim(D, Dv)
+    assert seen == [("jax_na_fused_fwd", b, P, np.float32(D ** -0.5)) for b in (2, 2, 1)]
+    ct_o = jnp.asarray(r.standard_normal(out.shape), jnp.float32)
+    ct_l = jnp.asarray(r.standard_normal(lse.shape), jnp.float32)
+    grads = impl("bwd")(q, k, v, ak, av, out, lse, ct_o, ct_l)
+    ref_grads = jax.vjp(lambda *a: reference.attention_forward(*a, params), q, k, v, ak, av)[1]((ct_o, ct_l))
+    for g, rg, x in zip(grads, ref_grads, (q, k, v, ak, av)):
+        assert g.shape == x.shape
+        np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(ext.has_cuda_kernels(), reason="jax_na has CUDA kernels here")
 def test_cuda_lowering_without_kernels_falls_back_to_reference():
     q, k, v, ak, av = _inputs()
     text = _cuda_hlo(_fwd(None), q, k, v, ak, av)
-    assert "jax_na_naive" not in text
+    assert "jax_na_" not in text
     text = _cuda_hlo(_loss(None), q, k, v, ak, av)
-    assert "jax_na_naive" not in text
+    assert "jax_na_" not in text
+    assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(64, 64))
     # and the CPU lowering of the same function runs and is right (sanity)
     out, lse = jax.jit(_fwd(None))(q, k, v, ak, av)
     assert out.shape == (B, X, Y, H, DV) and bool(jnp.all(jnp.isfinite(out)))
 
 
 def test_cpu_lowering_never_has_custom_calls(monkeypatch):
-    monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
-    jax.clear_caches()
+    _pretend(monkeypatch)
     try:
         q, k, v, ak, av = _inputs()
         text = jax.jit(_loss(None)).trace(q, k, v, ak, av).lower(lowering_platforms=("cpu",)).as_text()
-        assert "jax_na_naive" not in text
+        assert "jax_na_" not in text
+        text = jax.jit(_loss(None)).trace(*_bf16(64, 64)).lower(lowering_platforms=("cpu",)).as_text()
+        assert "jax_na_" not in text
         assert re.search(r"stablehlo\.(dot_general|exponential)", text)
     finally:
         monkeypatch.undo()

@@ -2,7 +2,12 @@
 
 Fields follow ``flax.linen.MultiHeadDotProductAttention`` (num_heads, qkv_features, out_features,
 use_bias, dtype, param_dtype, kernel_init, bias_init, dropout_rate, deterministic) plus the window
-parameters of ``jax_na.na{1,2,3}d``.
+parameters of ``jax_na.na{1,2,3}d`` and ``backend``.
+
+Without ``rel_pos_bias`` a layer calls ``na{1,2,3}d`` (the fused kernels where the backend, or the
+automatic choice, has them). With ``rel_pos_bias=True`` it runs the unfused ``na*d_qk`` + float32
+softmax + ``na*d_av`` ops, which only the "reference" and "naive" backends implement: ``backend=None``
+runs them on the reference, and ``backend="fused"`` is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -71,6 +76,10 @@ class _NeighborhoodAttention(nn.Module):
         v = dense(features=(kv_heads, head_dim), name="value")(x)
 
         if self.rel_pos_bias:
+            if self.backend == "fused":
+                raise ValueError("rel_pos_bias=True runs the unfused qk/softmax/av ops, which the fused "
+                                 "kernels do not have: use backend None/'auto', 'reference' or 'naive' "
+                                 "with rel_pos_bias, or rel_pos_bias=False with backend='fused'")
             stride = self.stride if isinstance(self.stride, (tuple, list)) else (self.stride,) * rank
             if any(s != 1 for s in stride):
                 raise ValueError(f"rel_pos_bias requires stride 1 on every axis, got stride={self.stride}")

@@ -1,5 +1,6 @@
 """Shared pieces of the GPU tests: which backends to test, poisoning, float64 reference runs."""
 
+import functools
 import os
 
 # The FFI handlers fill every result with NaN bytes before their kernels run when this is set (read once,
@@ -10,20 +11,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import helpers
 import jax_na
 import oracle
+from jax_na import _checks
 
 DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float16): 2e-3, jnp.dtype(jnp.bfloat16): 1e-2}
 
 
-def backends_under_test():
-    """Every non-reference backend usable here; on CPU (JAX_NA_TEST_GPU_ON_CPU=1) the reference
-    stands in so that the test logic itself can be checked."""
+def backends_under_test(unfused=False):
+    """Every non-reference backend usable here (``unfused``: those with the unfused qk/av ops, which
+    the fused kernels do not have); on CPU (JAX_NA_TEST_GPU_ON_CPU=1) the reference stands in so that
+    the test logic itself can be checked."""
     if os.environ.get("JAX_NA_TEST_GPU_ON_CPU") == "1":
         return ["reference"]
     b = [x for x in jax_na.available_backends() if x != "reference"]
+    if unfused:
+        b = [x for x in b if x in _checks.UNFUSED_BACKENDS]
     return b or ["naive"]   # the gpu marker skips these tests where no kernel backend exists
+
+
+def unsupported(backend, dtype, D, Dv):
+    """Why ``backend`` cannot take a call of this dtype and head dims (a pytest.skip reason), or None.
+    Only the fused kernels have such limits: float16/bfloat16, head dims up to 128 (padded to 64/128)."""
+    if backend != "fused":
+        return None
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        return f"fused takes float16/bfloat16 only, not {jnp.dtype(dtype).name}"
+    if _checks.fused_head_dim(D, Dv) is None:
+        return f"fused takes head dims up to {_checks.FUSED_HEAD_DIMS[-1]}, not D={D}, D_v={Dv}"
+    return None
 
 
 def poison_device_memory(mib=256):
@@ -43,3 +61,58 @@ def rel(a, b, tol, what):
     """Relative Frobenius error of a (any dtype) vs float64 b, NaN/Inf never pass."""
     return oracle.assert_close(np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64), np.asarray(b), tol,
                                what)
+
+
+# ----------------------------------------------------------------------------- one case, checked
+
+@functools.lru_cache(maxsize=None)
+def na_fns(case, backend):
+    """jitted (out, lse, grads) of na{r}d for a case: one compile per (case, backend, dtype)."""
+    fn = helpers.na_fn(case.rank)
+
+    def run(q, k, v, ak, av, ct_o, ct_l):
+        def f(q, k, v, ak, av):
+            kw = {} if ak is None else dict(additional_keys=ak, additional_values=av)
+            return fn(q, k, v, **case.kwargs(), scale=case.scale, return_lse=True, backend=backend, **kw)
+        (out, lse), vjp = jax.vjp(f, q, k, v, ak, av)
+        grads = vjp((ct_o, ct_l.astype(lse.dtype)))
+        return out, lse, [g for g in grads if g is not None]
+
+    return jax.jit(run)
+
+
+def random_inputs(case, dtype, seed):
+    """q, k, v, add_k, add_v (None without additional KV) and the cotangents of out and lse."""
+    q, k, v, ak, av = (None if x is None else jnp.asarray(x, dtype)
+                       for x in helpers.rand_inputs(case, np.float32, seed=seed))
+    ct_o = jnp.asarray(helpers.rand_like((case.B, *case.spatial, case.H, case.Dv), seed + 1), dtype)
+    ct_l = jnp.asarray(helpers.rand_like((case.B, *case.spatial, case.H), seed + 2), jnp.float32)
+    return q, k, v, ak, av, ct_o, ct_l
+
+
+def check_case(case, backend, dtype, seed):
+    """out, lse and every gradient of ``backend`` against the float64 reference on the same (upcast)
+    inputs, with poisoned memory, and bitwise equal over two runs (deterministic)."""
+    args = random_inputs(case, dtype, seed)
+    run = na_fns(case, backend)
+    # 1) a first run on other fresh random inputs, 2) poison, 3) the run under test, 4) poison, 5) again
+    jax.block_until_ready(run(*random_inputs(case, dtype, seed + 1000)))
+    poison_device_memory()
+    out, lse, grads = jax.block_until_ready(run(*args))
+    poison_device_memory()
+    out2, lse2, grads2 = jax.block_until_ready(run(*args))
+
+    assert out.dtype == jnp.dtype(dtype) and lse.dtype == jnp.float32
+    ref_out, ref_lse, ref_grads = na_fns(case, "reference")(*(to64(a) for a in args))
+    tol = TOL[jnp.dtype(dtype)]
+    rel(out, ref_out, tol, f"out {case.id}")
+    rel(lse, ref_lse, 1e-5, f"lse {case.id}")   # float32 softmax whatever the input dtype
+    names = ["dq", "dk", "dv", "d_additional_keys", "d_additional_values"]
+    assert len(grads) == len(ref_grads)
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert g.dtype == jnp.dtype(dtype), name
+        rel(g, rg, tol, f"{name} {case.id}")
+    # bitwise deterministic across runs
+    for name, a, b in zip(["out", "lse"] + names, [out, lse, *grads], [out2, lse2, *grads2]):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
+                                      err_msg=f"{name} not deterministic")

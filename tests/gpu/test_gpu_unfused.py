@@ -1,5 +1,5 @@
-"""GPU: unfused na*d_qk / na*d_av (+ rpb) of every kernel backend vs the float64 reference, forward and
-backward, poisoned and twice (bitwise deterministic)."""
+"""GPU: unfused na*d_qk / na*d_av (+ rpb) of every kernel backend that has them (not "fused") vs the
+float64 reference, forward and backward, poisoned and twice (bitwise deterministic)."""
 
 import functools
 import math
@@ -62,7 +62,7 @@ def _random(case, dtype, seed):
 @pytest.mark.parametrize("with_rpb", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("backend", backends_under_test())
+@pytest.mark.parametrize("backend", backends_under_test(unfused=True))
 def test_unfused(backend, case, dtype, with_rpb):
     seed = helpers.seed_of(case)
     args, valid = _random(case, dtype, seed)
@@ -94,7 +94,7 @@ def test_unfused(backend, case, dtype, with_rpb):
                                       err_msg=f"{name} not deterministic")
 
 
-@pytest.mark.parametrize("backend", backends_under_test())
+@pytest.mark.parametrize("backend", backends_under_test(unfused=True))
 def test_av_ignores_masked_entries(backend):
     """Masked window entries of the weights are never read: inf/NaN there changes nothing."""
     case = Case((6, 7), (3, 4), is_causal=(True, True), H=2, Hkv=1, D=4, Dv=5)

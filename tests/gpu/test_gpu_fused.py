@@ -1,0 +1,157 @@
+"""GPU: the fused backend (jax_na_fused_fwd / jax_na_fused_bwd) against the float64 reference.
+
+The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at small head dims
+(padded to 64). Here: the edge cases again at the native head dims 64 and 128, problems with many KV
+tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), padded head dims
+(D != D_v), bitwise determinism of the backward (no atomics), and a forward whose tensors have more
+than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
+Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+import jax_na
+from gpu_common import TOL, check_case, na_fns, poison_device_memory, random_inputs, rel, to64
+from helpers import Case
+from jax_na import _ext
+
+pytestmark = pytest.mark.gpu
+
+ON_CPU = os.environ.get("JAX_NA_TEST_GPU_ON_CPU") == "1"
+# On CPU (JAX_NA_TEST_GPU_ON_CPU=1) the reference stands in, to check the test logic itself.
+BACKEND = "reference" if ON_CPU else "fused"
+HALF = [jnp.float16, jnp.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _need_fused(request):
+    if request.function.__name__ == "test_fused_targets_registered":
+        return  # that one fails instead, so that a build without the fused kernels shows up
+    if not ON_CPU and "fused" not in jax_na.available_backends():
+        pytest.skip("jax_na was built without its fused kernels (no CUTLASS headers at build time)")
+
+
+def test_fused_targets_registered():
+    """Both fused targets are compiled and registered, and "fused" is the first available backend."""
+    if ON_CPU:
+        pytest.skip("no kernels on CPU")
+    names = set(_ext.register_targets())
+    assert {"jax_na_fused_fwd", "jax_na_fused_bwd"} <= names, sorted(names)
+    assert jax_na.available_backends()[0] == "fused"
+
+
+# ----------------------------------------------------------------------------- native head dims
+
+def _native(i, case):
+    """Edge case i at head dim 64 or 128 (alternating), in float16 or bfloat16 (alternating by pairs)."""
+    D = (64, 128)[i % 2]
+    return dataclasses.replace(case, D=D, Dv=D), HALF[(i // 2) % 2]
+
+
+NATIVE = [_native(i, c) for i, c in enumerate(helpers.edge_cases())]
+
+
+@pytest.mark.parametrize("case,dtype", NATIVE, ids=[f"{c.id}-{jnp.dtype(d).name}" for c, d in NATIVE])
+def test_edge_cases_native_head_dims(case, dtype):
+    check_case(case, BACKEND, dtype, seed=helpers.seed_of(case))
+
+
+# ----------------------------------------------------------------------------- many KV tiles
+
+MANY_TILES = [
+    Case((40, 48), (13, 7), B=2, H=4, Hkv=2, D=128, Dv=128, Na=5),
+    Case((40, 48), (13, 7), stride=(1, 3), dilation=(2, 1), is_causal=(True, False), H=4, Hkv=2, D=64, Dv=64,
+         Na=5),
+    Case((6, 20, 24), (3, 9, 7), dilation=(1, 2, 1), H=4, Hkv=2, D=128, Dv=128, Na=5),
+    Case((6, 20, 24), (3, 9, 7), stride=(1, 2, 7), dilation=(1, 2, 1), is_causal=(True, False, False), H=4,
+         Hkv=2, D=64, Dv=64, Na=5),
+    Case((6, 20, 24), (2, 9, 7), dilation=(2, 2, 3), is_causal=(False, True, True), H=2, Hkv=1, D=128, Dv=128),
+    Case((4099,), 129, dilation=3, is_causal=True, H=2, Hkv=1, D=128, Dv=128, Na=5),
+    Case((1000,), 1000, H=2, Hkv=2, D=64, Dv=64),                                  # k = L: self attention
+]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", MANY_TILES, ids=lambda c: c.id)
+def test_many_kv_tiles(case, dtype):
+    check_case(case, BACKEND, dtype, seed=11)
+
+
+# ----------------------------------------------------------------------------- padded head dims
+
+@pytest.mark.parametrize("D,Dv,scale", [(40, 40, None), (32, 64, None), (96, 80, None), (64, 24, 0.3),
+                                        (1, 1, None), (128, 100, None)])
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
+def test_padded_head_dims(dtype, D, Dv, scale):
+    """Head dims other than 64/128 run zero-padded to 64 or 128 with the caller's scale (default
+    D ** -0.5 of the unpadded D): the same function, and the gradients come back at the true sizes."""
+    case = Case((24, 20), (7, 5), stride=(1, 2), is_causal=(False, True), B=2, H=4, Hkv=1, D=D, Dv=Dv, Na=3,
+                scale=scale)
+    check_case(case, BACKEND, dtype, seed=D * 1000 + Dv)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_backward_is_deterministic():
+    """No atomics: every result is bitwise the same over three runs, with 8 query heads reducing into
+    one kv head and additional keys/values reduced over every query (poisoned memory in between)."""
+    case = Case((6, 20, 24), (3, 9, 7), dilation=(1, 2, 1), H=8, Hkv=1, D=128, Dv=128, Na=5)
+    args = random_inputs(case, jnp.bfloat16, 3)
+    run = na_fns(case, BACKEND)
+    runs = []
+    for _ in range(3):
+        poison_device_memory()
+        runs.append([np.asarray(x.astype(jnp.float32)) for x in jax.tree.leaves(jax.block_until_ready(run(*args)))])
+    for other in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], other)):
+            np.testing.assert_array_equal(a, b, err_msg=f"result {i} differs between runs")
+    ref = na_fns(case, "reference")(*(to64(a) for a in args))
+    for i, (a, b) in enumerate(zip(jax.tree.leaves(run(*args)), jax.tree.leaves(ref))):
+        rel(a, b, TOL[jnp.dtype(jnp.bfloat16)] if i != 1 else 1e-5, f"result {i}")
+
+
+# ----------------------------------------------------------------------------- > 2**31 elements
+
+@pytest.mark.large
+def test_forward_more_than_2_31_elements():
+    """1-D, B=1, L=2**21+3, H=8, D=128 in bf16: each of q, k, v, out has 2**31 + 3072 elements (4.3 GB),
+    so element offsets past 2**31 must be 64-bit. Forward only; every output element is written (the
+    handler poisons it first) and finite; the first and the last 4096 tokens match the reference run
+    on just the tokens their windows can reach (k=7, non-causal: 16 more tokens on the inner side)."""
+    if ON_CPU:
+        pytest.skip("too large for the CPU stand-in")
+    L, H, D, k = 2**21 + 3, 8, 128, 7
+    assert L * H * D > 2**31
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
+    if limit and limit < 40e9:
+        pytest.skip(f"needs ~30 GB of device memory, this device has {limit / 1e9:.0f} GB")
+
+    @jax.jit
+    def make(key):
+        # Varies with the token index on a period (4099) that does not divide 2**21 tokens (= 2**31
+        # elements), plus a per-token term: a wrapped 32-bit offset reads different values.
+        k1, k2, k3 = jax.random.split(key, 3)
+        small = jax.random.normal(k1, (4099, H, D), jnp.float32)
+        per_token = jax.random.normal(k2, (L,), jnp.float32)
+        w = jax.random.normal(k3, (H, D), jnp.float32)
+        x = small[jnp.arange(L) % 4099] + per_token[:, None, None] * w
+        return (0.7 * x[None]).astype(jnp.bfloat16)
+
+    q, kk, v = (make(key) for key in jax.random.split(jax.random.key(0), 3))
+    out, lse = jax.jit(lambda q, k_, v: jax_na.na1d(q, k_, v, k, return_lse=True, backend="fused"))(q, kk, v)
+    assert out.shape == (1, L, H, D) and out.dtype == jnp.bfloat16 and lse.shape == (1, L, H)
+    assert bool(jax.jit(lambda o, s: jnp.all(jnp.isfinite(o)) & jnp.all(jnp.isfinite(s)))(out, lse))
+    ref = jax.jit(lambda q, k_, v: jax_na.na1d(q, k_, v, k, return_lse=True, backend="reference"))
+    n, extra = 4096, 16
+    for name, window, rows in (("first", slice(0, n + extra), slice(0, n)),
+                               ("last", slice(L - n - extra, L), slice(extra, n + extra))):
+        r_out, r_lse = ref(*(to64(x[:, window]) for x in (q, kk, v)))
+        rel(out[:, window][:, rows], r_out[:, rows], TOL[jnp.dtype(jnp.bfloat16)], f"out, {name} {n} tokens")
+        rel(lse[:, window][:, rows], r_lse[:, rows], 1e-5, f"lse, {name} {n} tokens")
