@@ -77,11 +77,11 @@ CASES = [
 ]
 
 
-def check(dtype, tol):
+def check(dtype, tol, cases=CASES):
     rng = np.random.default_rng(0)
     worst = 0.0
     fails = 0
-    for (name, B, S, H, Hkv, D, ks, st, dl, ca, Na) in CASES:
+    for (name, B, S, H, Hkv, D, ks, st, dl, ca, Na) in cases:
         rank = len(S)
         mk = lambda *shape: rng.standard_normal(shape)
         q64, k64, v64 = mk(B, *S, H, D), mk(B, *S, Hkv, D), mk(B, *S, Hkv, D)
@@ -138,10 +138,12 @@ PROBLEMS = [
 ]
 
 
-def bench(dtype=jnp.bfloat16):
+def bench(dtype=jnp.bfloat16, only=None, reps=20):
     rows = []
     rng = np.random.default_rng(1)
     for (pid, B, S, H, D, ks, st, dl, ca) in PROBLEMS:
+        if only and pid not in only:
+            continue
         rank = len(S)
         N = math.prod(S)
         Dk = 64 if D <= 64 else 128  # the kernel's head dim (zero padding does not change scores)
@@ -152,18 +154,18 @@ def bench(dtype=jnp.bfloat16):
         p = params_for(rank, q[..., :D], k[..., :D], v[..., :D], ks, st, dl, ca)
         W = p.window_size
         fwd = jax.jit(lambda *a: fused_fwd(*a, p))
-        t_f = time_fn(fwd, (q, k, v, ak, av))
+        t_f = time_fn(fwd, (q, k, v, ak, av), reps)
         out, lse = fwd(q, k, v, ak, av)
         dlse = jnp.zeros_like(lse)
         bwd = jax.jit(lambda *a: fused_bwd(*a, p))
-        t_b = time_fn(bwd, (q, k, v, ak, av, out, lse, do, dlse))
+        t_b = time_fn(bwd, (q, k, v, ak, av, out, lse, do, dlse), reps)
         flops = 4.0 * B * H * N * W * D
         # cuDNN self attention (same q/k/v), forward.
         try:
             sdpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
                 q[..., :D].reshape(B, N, H, D), k[..., :D].reshape(B, N, H, D), v[..., :D].reshape(B, N, H, D),
                 implementation="cudnn"))
-            t_c = time_fn(sdpa, (q, k, v), reps=5 if N > 40000 else 20)
+            t_c = time_fn(sdpa, (q, k, v), reps=min(reps, 5 if N > 40000 else 20))
         except Exception as e:  # noqa: BLE001
             t_c = float("nan")
         row = dict(problem=pid, fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_tflops=flops / t_f / 1e12,
@@ -180,15 +182,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="three small cases in bf16, no benchmark "
+                    "(for compute-sanitizer)")
+    ap.add_argument("--only", nargs="*", default=None, help="benchmark only these problem ids, no checks")
+    ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
     _ext.register_targets()
     print(jax.devices(), _ext.register_targets())
     fails = 0
-    for dt, tol in ((jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)):
-        f, w = check(dt, tol)
-        fails += f
-        print(f"{jnp.dtype(dt).name}: {f} failing cases, worst error / tolerance {w:.3f}", flush=True)
-    rows = [] if a.no_bench else bench()
+    if a.only:
+        rows = bench(only=a.only, reps=a.reps)
+    elif a.quick:
+        fails, w = check(jnp.bfloat16, 1e-2, [CASES[i] for i in (2, 4, 8)])
+        rows = []
+    else:
+        for dt, tol in ((jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)):
+            f, w = check(dt, tol)
+            fails += f
+            print(f"{jnp.dtype(dt).name}: {f} failing cases, worst error / tolerance {w:.3f}", flush=True)
+        rows = [] if a.no_bench else bench(reps=a.reps)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(fails=fails, bench=rows), fh, indent=1)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU machine: build cuda/fused/sanitize_fused.cu with the fused kernels (sm_90a) and run it under
+# compute-sanitizer memcheck, racecheck and synccheck. Logs under $OUT (default ./out).
+# Usage: bash tools/sanitize_fused.sh [cutlass include dir]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+CUTLASS=${1:-$(python3 -c "import os, cutlass_library as c; print(os.path.join(os.path.dirname(c.__file__), 'source', 'include'))")}
+B=/tmp/jna_sanitize; mkdir -p "$B"
+FLAGS="-std=c++17 -O2 --expt-relaxed-constexpr -lineinfo -Icuda -isystem $CUTLASS -gencode=arch=compute_90a,code=sm_90a"
+ls cuda/fused/fwd_*.cu cuda/fused/bwd_*.cu cuda/fused/dispatch.cu cuda/fused/sanitize_fused.cu |
+  xargs -P 16 -I{} sh -c 'nvcc '"$FLAGS"' -c {} -o '"$B"'/$(basename {} .cu).o' || { echo "BUILD FAILED"; exit 1; }
+nvcc $FLAGS "$B"/*.o -o "$B/sanitize_fused" || { echo "LINK FAILED"; exit 1; }
+rc=0
+for tool in memcheck racecheck synccheck; do
+  compute-sanitizer --tool $tool --print-limit 10 --error-exitcode 9 "$B/sanitize_fused" > "$OUT/sanitize_$tool.log" 2>&1
+  r=$?; [ $r -ne 0 ] && rc=$r
+  echo "$tool: exit $r; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|bad cases' "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+done
+exit $rc
