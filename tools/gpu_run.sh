@@ -2,7 +2,8 @@
 # One call on a GPU machine: build + install jax_na against the local jaxlib, run the GPU test suite,
 # run the benchmarks; logs and JSON under $OUT.
 # Usage: bash tools/gpu_run.sh [tests|bench|models|all] [args for jax_na.profile or benchmarks/models.py]
-# Environment: PYTEST_MARK (default "gpu"; e.g. "gpu and not large"), PYTEST_ARGS (more pytest arguments).
+# Environment: PYTEST_MARK (default "gpu"; e.g. "gpu and not large"), PYTEST_ARGS (more pytest arguments),
+# PYTEST_K (a -k expression, spaces allowed), PYTEST_PATHS (default: the whole tests/ folder).
 # (bench: python -m jax_na.profile on the whole problem set; models: benchmarks/models.py; all: tests + bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."; REPO=$PWD
@@ -52,7 +53,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   t0=$(date +%s)
   # Poisoned outputs: the handlers fill every result with NaN bytes before their kernels run.
   # PYTEST_MARK selects (default: every GPU test; "gpu and not large" leaves out the >2^31-element one).
-  JAX_NA_POISON_OUTPUTS=1 "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m "${PYTEST_MARK:-gpu}" ${PYTEST_ARGS:-} "$REPO/tests" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+  JAX_NA_POISON_OUTPUTS=1 "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m "${PYTEST_MARK:-gpu}" ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} ${PYTEST_PATHS:-"$REPO/tests"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
   rc=${PIPESTATUS[0]}
   echo "gpu tests: rc=$rc, $(( $(date +%s) - t0 )) s"
 fi
