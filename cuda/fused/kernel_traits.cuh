@@ -70,6 +70,47 @@ struct ElementOf<DType::kBF16> {
   using MmaOp = cute::SM80_16x8x16_F32BF16BF16F32_TN;
 };
 
+// What every fused kernel shares: element type, head dim, rank, kNWarps warps stacked along M of the
+// SM80 m16n8k16 TiledMMA (warp w holds rows 16w + 16 kNWarps i), swizzled smem tiles, ldmatrix atoms
+// and the 16-byte gmem <-> smem chunking.
+template <DType kDType_, int kHeadDim_, int kRank_, int kNWarps_>
+struct TraitsBase {
+  using Element = typename ElementOf<kDType_>::type;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRank = kRank_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename ElementOf<kDType_>::MmaOp>,
+                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
+                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
+
+  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
+  static constexpr int kBlockKSmem = 64;
+  // 8 rows x 64 elements (128 bytes) per atom, 16-byte chunks XOR-swizzled by row: conflict-free
+  // cp.async stores and ldmatrix loads.
+  using SmemLayoutAtom = decltype(cute::composition(
+      cute::Swizzle<3, 3, 3>{},
+      cute::Layout<cute::Shape<cute::_8, cute::Int<kBlockKSmem>>, cute::Stride<cute::Int<kBlockKSmem>, cute::_1>>{}));
+  // A (rows, D) tile of token rows, and the same memory viewed as (D, rows) for a transposed B operand.
+  template <int kRows>
+  using SmemLayoutRows =
+      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kHeadDim>>{}));
+  template <int kRows>
+  using SmemLayoutRowsT = decltype(cute::composition(
+      SmemLayoutRows<kRows>{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kRows>>{},
+                                                 cute::GenRowMajor{})));
+
+  using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
+  using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+
+  // gmem <-> smem: 16-byte chunks, kChunks per row.
+  static constexpr int kChunks = kHeadDim * int(sizeof(Element)) / 16;
+  static constexpr int kRowsPerPass = kNThreads / kChunks;
+  static_assert(kNThreads % kChunks == 0, "chunks");
+  static constexpr int kRowBytes = kHeadDim * int(sizeof(Element));
+};
+
 // Default forward tiling (overridable at compile time for experiments).
 #ifndef JNA_FUSED_NWARPS
 #define JNA_FUSED_NWARPS 8
@@ -82,12 +123,10 @@ struct ElementOf<DType::kBF16> {
 // kBlockN_ keys; kNWarps_ warps along M (128 / kNWarps_ query rows each).
 template <DType kDType_, int kHeadDim_, int kRank_, int kBlockN_ = JNA_FUSED_BLOCK_N,
           int kNWarps_ = JNA_FUSED_NWARPS>
-struct FwdTraits {
-  using Element = typename ElementOf<kDType_>::type;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kRank = kRank_;
-  static constexpr int kNWarps = kNWarps_;
-  static constexpr int kNThreads = kNWarps * 32;
+struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
+  using Base = TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_>;
+  using Base::kNWarps;
+  using Base::kRank;
 #ifdef JNA_FUSED_MIN_BLOCKS
   static constexpr int kMinBlocks = JNA_FUSED_MIN_BLOCKS;
 #else
@@ -106,36 +145,12 @@ struct FwdTraits {
                        QTile::extent(2) / WarpTile::extent(2)>;
   static_assert(WarpGrid::kSize == kNWarps, "warp grid");
 
-  // kNWarps warps along M, 16 rows per atom; warp w holds rows 16w + 16 kNWarps i (i < 128 / (16 kNWarps)).
-  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename ElementOf<kDType_>::MmaOp>,
-                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
-                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
+  using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
+  using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
+  using SmemLayoutVt = typename Base::template SmemLayoutRowsT<kBlockN>;  // V (or K) as the B of P.V (dS.K)
 
-  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
-  static constexpr int kBlockKSmem = 64;
-  // 8 rows x 64 elements (128 bytes) per atom, 16-byte chunks XOR-swizzled by row: conflict-free
-  // cp.async stores and ldmatrix loads.
-  using SmemLayoutAtom = decltype(cute::composition(
-      cute::Swizzle<3, 3, 3>{},
-      cute::Layout<cute::Shape<cute::_8, cute::Int<kBlockKSmem>>, cute::Stride<cute::Int<kBlockKSmem>, cute::_1>>{}));
-  using SmemLayoutQ =
-      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
-  using SmemLayoutKV =
-      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
-  // V viewed as (D, N) for the B operand of P.V.
-  using SmemLayoutVt = decltype(cute::composition(
-      SmemLayoutKV{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
-
-  using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
-  using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
-
-  // gmem <-> smem: 16-byte chunks, kChunks per row.
-  static constexpr int kChunks = kHeadDim * int(sizeof(Element)) / 16;
-  static constexpr int kRowsPerPass = kNThreads / kChunks;
-  static_assert(kNThreads % kChunks == 0, "chunks");
-
-  static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
-  static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
+  static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
+  static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemWin = kBlockM * kRank * 8;  // int2 (start, end) per row and axis
   static constexpr int kSmemSched = 1024;  // CtaSchedule (checked in the kernel)
   static constexpr int kSmemBytes = kSmemQ + 4 * kSmemKV + kSmemWin + kSmemSched;  // K, V: 2 stages each
@@ -164,43 +179,21 @@ struct BwdTileShapes<3, kBlockM> {
 // accumulate in registers) and walks the Q tiles of its keys' inverse neighbourhood, kBlockM queries
 // at a time (32 for D = 128 so that dK + dV + S + dP stay within 255 registers, 64 for D = 64).
 template <DType kDType_, int kHeadDim_, int kRank_>
-struct BwdKVTraits {
-  using Element = typename ElementOf<kDType_>::type;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kRank = kRank_;
-  static constexpr int kNWarps = 4;
-  static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kBlockN = 64;  // keys per CTA (rows of the MMA)
+struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, 4> {
+  using Base = TraitsBase<kDType_, kHeadDim_, kRank_, 4>;
+  using Base::kRank;
+  static constexpr int kBlockN = 64;                        // keys per CTA (rows of the MMA)
   static constexpr int kBlockM = kHeadDim_ > 64 ? 32 : 64;  // queries per Q tile (columns)
   using QTile = typename BwdTileShapes<kRank, kBlockM>::QTile;
   using KVTile = typename BwdTileShapes<kRank, kBlockM>::KVTile;
   static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN, "tile sizes");
 
-  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename ElementOf<kDType_>::MmaOp>,
-                                  cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
-                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
-  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
-  static constexpr int kBlockKSmem = 64;
-  using SmemLayoutAtom = decltype(cute::composition(
-      cute::Swizzle<3, 3, 3>{},
-      cute::Layout<cute::Shape<cute::_8, cute::Int<kBlockKSmem>>, cute::Stride<cute::Int<kBlockKSmem>, cute::_1>>{}));
-  using SmemLayoutKV =
-      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
-  using SmemLayoutQ =
-      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
-  // Q and dO viewed as (D, M): the B operand of dK += dS^T Q and dV += P^T dO.
-  using SmemLayoutQt = decltype(cute::composition(
-      SmemLayoutQ{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockM>>{}, cute::GenRowMajor{})));
+  using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
+  using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
+  using SmemLayoutQt = typename Base::template SmemLayoutRowsT<kBlockM>;  // Q, dO as the B of dS^T.Q, P^T.dO
 
-  using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
-  using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
-
-  static constexpr int kChunks = kHeadDim * int(sizeof(Element)) / 16;
-  static constexpr int kRowsPerPass = kNThreads / kChunks;
-  static_assert(kNThreads % kChunks == 0, "chunks");
-
-  static constexpr int kSmemKV = kBlockN * kHeadDim * int(sizeof(Element));
-  static constexpr int kSmemQ = kBlockM * kHeadDim * int(sizeof(Element));
+  static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
+  static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   // Per Q-tile stage: Q, dO, lse and delta per query, windows (int2 per query and axis).
   static constexpr int kSmemStage = 2 * kSmemQ + 2 * kBlockM * 4 + kBlockM * kRank * 8;
   static constexpr int kSmemSched = 256;

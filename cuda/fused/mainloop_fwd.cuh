@@ -55,16 +55,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
   const geo::Problem& pr = p.pr;
 
   auto q_row_offset = [&](int r) { return TS::q_row_offset(pr, cs, r); };
-  // K/V tile n (window or additional keys) into stage `stage`.
   auto load_kv = [&](int32_t n, int stage) {
-    int32_t org[3] = {0, 0, 0};
-    const bool window = n < cs.n_window_tiles;
-    if (window) TS::tile_origin(cs, n, org);
-    auto off = [&](int r) { return TS::kv_row_offset(pr, cs, n, org, r); };
-    load_rows<Traits, kBlockN, Element, typename Traits::SmemLayoutKV>(
-        sK_ptr + stage * kKVElems, static_cast<const Element*>(window ? p.k : p.add_k), tid, off);
-    load_rows<Traits, kBlockN, Element, typename Traits::SmemLayoutKV>(
-        sV_ptr + stage * kKVElems, static_cast<const Element*>(window ? p.v : p.add_v), tid, off);
+    TS::load_kv(pr, cs, n, p.k, p.v, p.add_k, p.add_v, sK_ptr + stage * kKVElems, sV_ptr + stage * kKVElems, tid);
   };
 
   // Prologue: Q tile, per-row windows, K/V tile 0.
@@ -107,15 +99,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
       load_kv(n + 1, stage ^ 1);  // overlaps with this tile's math
       cp_async_commit();
     }
-    const bool is_window = n < cs.n_window_tiles;
-    int32_t org[3] = {0, 0, 0};
-    bool active = true, full = false;
-    if (is_window) {
-      TS::tile_origin(cs, n, org);
-      TS::classify(cs, warp, org, &active, &full);
-    } else {
-      full = static_cast<int64_t>(n - cs.n_window_tiles + 1) * kBlockN <= pr.Na;
-    }
+    int32_t org[3];
+    bool active, full;
+    TS::tile_info(pr, cs, n, warp, org, &active, &full);
     if (!active) continue;
 
     Tensor sK = make_tensor(make_smem_ptr(sK_ptr + stage * kKVElems), typename Traits::SmemLayoutKV{});
@@ -127,13 +113,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
     gemm_ss(tiled_mma, acc_s, rQ, rK, tsQ, tsK, copy_q, copy_k, thr_copy_q, thr_copy_k);
 
     Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
-    if (!full) {
-      if (is_window)
-        mask_window_tile<Traits>(s_rc, s_win, org, warp, lane);
-      else
-        mask_count_tile(s_rc, static_cast<int32_t>(pr.Na - static_cast<int64_t>(n - cs.n_window_tiles) * kBlockN),
-                        lane);
-    }
+    if (!full) mask_tile<Traits>(s_rc, s_win, pr, cs, n, org, warp, lane);
     softmax.update(s_rc, acc_o_rc, p.scale_log2);
 
     // P (registers, converted to Element) . V

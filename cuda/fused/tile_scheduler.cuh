@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "fused/copy.cuh"
 #include "fused/params.cuh"
 #include "geometry/window.cuh"
 
@@ -152,6 +153,20 @@ struct TileScheduler {
     *full = ful;
   }
 
+  // Tile n of warp w: window-tile origin (zeros for additional keys), whether the warp has work in it
+  // and whether it needs no mask.
+  __device__ __forceinline__ static void tile_info(const geo::Problem& pr, const CtaSchedule& cs, int32_t n, int w,
+                                                   int32_t org[3], bool* active, bool* full) {
+    org[0] = org[1] = org[2] = 0;
+    if (n < cs.n_window_tiles) {
+      tile_origin(cs, n, org);
+      classify(cs, w, org, active, full);
+    } else {
+      *active = true;
+      *full = static_cast<int64_t>(n - cs.n_window_tiles + 1) * Traits::kBlockN <= pr.Na;
+    }
+  }
+
   // Element offset of query row r (head cs.h) in a [B, N, H, D] tensor, or -1 outside the group.
   __device__ __forceinline__ static int64_t q_row_offset(const geo::Problem& pr, const CtaSchedule& cs, int r) {
     int32_t x[3] = {0, 0, 0};
@@ -162,6 +177,21 @@ struct TileScheduler {
       x[a] = geo::token_of(pr.axis[a], cs.g[a], pos);
     }
     return geo::offset(cs.b, pr.token(x), cs.h, 0, pr.N, pr.H, Traits::kHeadDim);
+  }
+
+  // cp.async of K/V tile n (window or additional keys) into sK/sV; the caller commits.
+  template <class Element>
+  __device__ __forceinline__ static void load_kv(const geo::Problem& pr, const CtaSchedule& cs, int32_t n,
+                                                 const void* k, const void* v, const void* add_k,
+                                                 const void* add_v, Element* sK, Element* sV, int tid) {
+    int32_t org[3] = {0, 0, 0};
+    const bool window = n < cs.n_window_tiles;
+    if (window) tile_origin(cs, n, org);
+    auto off = [&](int r) { return kv_row_offset(pr, cs, n, org, r); };
+    load_rows<Traits, Traits::kBlockN, Element, typename Traits::SmemLayoutKV>(
+        sK, static_cast<const Element*>(window ? k : add_k), tid, off);
+    load_rows<Traits, Traits::kBlockN, Element, typename Traits::SmemLayoutKV>(
+        sV, static_cast<const Element*>(window ? v : add_v), tid, off);
   }
 
   // Element offset of key row r of KV tile n (kv head cs.hkv) in k/v (window tiles) or add_k/add_v
