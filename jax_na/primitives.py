@@ -187,7 +187,7 @@ def _qk_bwd_batch(args, dims, *, params, backend):
 
 # ----------------------------------------------------------------------------- CUDA lowering
 
-def supports(family: str, kind: str, avals) -> bool:
+def supports(family: str, kind: str, avals, params: NAParams | None = None) -> bool:
     """Whether CUDA kernel family ``family`` is compiled here and takes primitive ``kind`` ("fwd",
     "bwd", "qk", ...) on operands of shapes/dtypes ``avals``. Decided per call at lowering time (so
     ``vmap``, which folds its axis into the batch, is taken into account)."""
@@ -200,11 +200,12 @@ def supports(family: str, kind: str, avals) -> bool:
         q, v = avals[0], avals[2]
         # An empty call (zero batch or heads) launches nothing: the reference lowering handles it.
         return (math.prod(q.shape) > 0
-                and _checks.fused_supports(dtype, q.shape[-1], v.shape[-1], q.shape[-2]))
+                and _checks.fused_supports(dtype, q.shape[-1], v.shape[-1], q.shape[-2],
+                                           params.scale if params is not None else 1.0))
     return False
 
 
-def cuda_kernel(backend: str, kind: str, avals) -> str | None:
+def cuda_kernel(backend: str, kind: str, avals, params: NAParams | None = None) -> str | None:
     """The CUDA kernel family primitive ``kind`` lowers to on CUDA for ``backend`` ("auto" or a
     backend name) and these operands, or None for the reference.
 
@@ -212,8 +213,8 @@ def cuda_kernel(backend: str, kind: str, avals) -> str | None:
     only happens for inputs the argument checks cannot see (an empty call) or on a partial build
     (fused forward compiled without the fused backward: the backward then runs on the reference)."""
     if backend == "auto":
-        return next((f for f in AUTO_PREFERENCE if supports(f, kind, avals)), None)
-    return backend if backend in ("naive", "fused") and supports(backend, kind, avals) else None
+        return next((f for f in AUTO_PREFERENCE if supports(f, kind, avals, params)), None)
+    return backend if backend in ("naive", "fused") and supports(backend, kind, avals, params) else None
 
 
 def _attrs(params: NAParams, with_scale=True):
@@ -321,7 +322,7 @@ def _register(prim, abstract, ref_impl, target, *, multiple_results, with_scale=
                       if target in ("fwd", "bwd") else None)
 
     def cuda_lowering(ctx, *args, params, backend):
-        family = cuda_kernel(backend, target, ctx.avals_in)
+        family = cuda_kernel(backend, target, ctx.avals_in, params)
         if family is None:
             return ref_lowering(ctx, *args, params=params, backend=backend)
         if family == "fused":  # padding and batch chunks around the call: a small traced function

@@ -245,6 +245,21 @@ def test_fused_lowering_on_a_build_without_fused_kernels(monkeypatch):
         jax.clear_caches()
 
 
+def test_auto_with_non_positive_scale_uses_the_reference(monkeypatch):
+    """The fused softmax needs scale > 0: auto lowers such calls to the reference."""
+    _pretend(monkeypatch)
+    try:
+        q, k, v = _bf16(64, 64)[:3]
+        for scale, fused in ((0.125, True), (-0.125, False), (0.0, False)):
+            f = jax.grad(lambda q: jnp.sum(jax_na.na2d(q, k, v, 3, scale=scale).astype(jnp.float32)))
+            text = jax.jit(f).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+            assert bool(_calls(text, "jax_na_fused_fwd")) == fused, scale
+            assert bool(_calls(text, "jax_na_fused_bwd")) == fused, scale
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
 def test_fused_batch_above_grid_limit_runs_in_chunks(monkeypatch):
     """The fused grid takes at most 65535 batches: a larger (e.g. vmap-folded) batch is split."""
     _pretend(monkeypatch)
