@@ -116,9 +116,10 @@ _NA_DOC = """{rank}-D neighborhood attention.
       additional_values: optional ``[B, N_add, H_kv, D_v]``, required with ``additional_keys``.
       return_lse: also return the float32 log-sum-exp ``{lse}``.
       backend: None/"auto" (the fastest backend that supports the call, chosen per call at lowering
-        time: "fused" on CUDA for float16/bfloat16 with head dims up to 128, else the reference),
-        "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims ``D, D_v <= 128``; head
-        dims up to 128 are padded to 64 or 128 (zeros, same scale) and the results sliced back),
+        time: "fused" on CUDA for float16/bfloat16 with head dims up to 128 and scale > 0, else the
+        reference), "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims
+        ``D, D_v <= 128``, ``scale > 0``; head dims other than 64/128 are padded to 64 or 128
+        (zeros, same scale) and the results sliced back),
         "naive" (one thread per output element; every float dtype and head dim) or "reference"
         (pure JAX, every platform). "fused" and "naive" raise a ValueError/TypeError for a call they
         cannot take or when jax_na was built without them; a call lowered for a non-CUDA platform
