@@ -21,36 +21,51 @@ heads ``H`` / ``H_kv``    sharded as given, no communication, when the query hea
                           Shardy rule the query heads are the compound factor ``(hk, g)`` of the kv heads
                           ``hk`` and the group size ``g``. ``rpb``/``d_rpb`` follow the heads. Otherwise
                           the heads are replicated (a one-time warning says so).
-spatial ``X, Y, Z``       the Shardy rule passes them through (output keeps the query's sharding), but the
-                          local kernel needs every key of each query's window, so for now the partition
-                          requests them unsharded: XLA all-gathers the spatial axes before the op and slices
-                          the result back (a one-time warning says so).
+spatial ``X, Y, Z``       fwd/bwd (the attention primitives): ONE sharded spatial axis stays sharded and
+                          is partitioned with a halo exchange (below). Everything else -- the unfused
+                          qk/av ops, two or more sharded spatial axes, uneven shards, a spatial axis on
+                          the mesh axes of batch/heads, a halo wider than one neighbour's shard, or no
+                          exact halo at all -- is gathered: the partition requests the spatial axes
+                          unsharded, XLA all-gathers them before the op and slices the result back (a
+                          one-time warning per reason says so).
 ``D``, ``D_v``, window,   always replicated (gathered if they arrive sharded).
 ``N_add``, bias window
 ========================  =================================================================================
 
-The output of every op keeps the sharding of its inputs on batch and heads; with batch/head sharding the
-compiled program has no all-gather (checked by tests/test_sharding.py).
+The output of every op keeps the sharding of its inputs on batch, heads and a halo-exchanged spatial
+axis; with batch/head sharding the compiled program has no all-gather (checked by tests/test_sharding.py).
 
-TODO(halo exchange): partition sharded spatial axes without gathering. Each device keeps its slab of
-queries and receives from its neighbours (``lax.ppermute`` over the spatial mesh axis) the keys/values of
-the halo its queries' windows reach into: ``(k // 2) * dilation`` tokens on each side, plus the border
-shift of the window (a query near a border of the *global* axis sees a window shifted inward), the
-stride leader offset, and for causal axes only the left side. The local kernel then runs on
-``[halo_left | slab | halo_right]`` with global coordinates (the geometry takes an offset and the global
-length, so ``start``/``leader`` and the dilation groups are those of the full axis), and the backward
-sends the halo parts of ``dK``/``dV`` back with the reverse ``ppermute`` and adds them. Uneven shards and
-``dilation * k`` larger than a shard need multi-hop halos or the gather fallback. Only
-``_plan``/``_partition`` (and a ``halo`` argument to the local primitives) change; the Shardy rule already
-passes spatial axes through.
+Halo exchange (``halo_widths``, ``_halo_plan``, ``_halo_ops``). The window of a query depends on the
+global axis only through the clamping at its borders, the stride-group leaders and the dilation groups.
+So the local op, unchanged (same kernels, same params), run on an extended slab ``[start - left,
+end + right)`` of the global axis as if that were the whole axis, gives the slab's queries exactly their
+global windows for the right ``(left, right)``. ``halo_widths`` finds, per shard and on the host, the
+smallest such halo of at most one neighbour's shard by brute force with the window functions of
+geometry.py (O(L) numpy per candidate; cached). Each device then:
+
+- receives the last ``max(left)`` key/value tokens of its left neighbour and the first ``max(right)``
+  of its right neighbour (two ``lax.ppermute``; the border devices get zeros they never read);
+- runs the local op on the extended slab of its own halo: the interior shards share one ``(left,
+  right)``, the border shards have their own, and ``lax.switch`` on ``lax.axis_index`` picks among these
+  few static shapes. The halo queries are zeros and their results are dropped;
+- backward: the halo queries also get zero output cotangents (``d_out``, ``d_lse``), so they add nothing
+  to dK/dV (their owners compute them); the halo parts of dK/dV go back to their owners with the reverse
+  ``ppermute`` and are added there; ``d_add_k``/``d_add_v`` are ``psum``-ed over the spatial mesh axes.
+
+The compiled program of a halo-partitioned call has collective-permutes of halo size and no all-gather
+(tests/sharding_checks.py ``spatial_halo``). Not done yet: several sharded spatial axes at once (halos
+with corners), multi-hop halos, uneven shards, and halos for the unfused qk/av ops.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import warnings
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from jax import ShapeDtypeStruct, lax
 from jax.experimental.custom_partitioning import (
@@ -61,7 +76,9 @@ from jax.experimental.custom_partitioning import (
 from jax.interpreters import mlir
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["partitioned_lowering", "requires_devices", "manual_axes_rule", "KINDS"]
+from jax_na.geometry import group_length, window_bounds
+
+__all__ = ["partitioned_lowering", "requires_devices", "manual_axes_rule", "halo_widths", "KINDS"]
 
 KINDS = ("fwd", "bwd", "qk", "qk_bwd", "av", "av_bwd")
 LOCAL_PRIMITIVES: dict = {}  # kind -> the per-device primitive (filled by partitioned_lowering)
@@ -189,9 +206,219 @@ def manual_axes_rule(kind: str, abstract):
     return rule
 
 
+# ----------------------------------------------------------------------------- halo plan (host side)
+
+def _global_windows(length, kernel_size, stride, dilation, is_causal):
+    """(first key token, key count) of every query token of one axis (the keys of a query are the
+    tokens ``first, first + d, ..., first + (count - 1) * d``)."""
+    t = np.arange(length, dtype=np.int64)
+    g = t % dilation
+    start, end = window_bounds(t // dilation, group_length(length, dilation, g), kernel_size, stride,
+                               is_causal)
+    return g + dilation * start, end - start
+
+
+def _exact(length, kernel_size, stride, dilation, is_causal, lo, hi, q0, q1, first, count):
+    """Whether the op run alone on tokens ``[lo, hi)`` of the axis (an axis of ``hi - lo`` tokens, the
+    same parameters) gives every query of ``[q0, q1)`` its global window, key for key."""
+    n = hi - lo
+    if kernel_size * dilation > n:
+        return False
+    t = np.arange(q0 - lo, q1 - lo, dtype=np.int64)
+    g = t % dilation
+    start, end = window_bounds(t // dilation, group_length(n, dilation, g), kernel_size, stride, is_causal)
+    # group g of the slab is global group (g + lo) % d, so equal first tokens mean equal groups too
+    return (np.array_equal(g + dilation * start + lo, first[q0:q1])
+            and np.array_equal(end - start, count[q0:q1]))
+
+
+@functools.lru_cache(maxsize=512)
+def halo_widths(length: int, shards: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+                is_causal: bool = False):
+    """The halo of every shard of an axis of ``length`` tokens split evenly over ``shards`` devices.
+
+    Returns ``((left, right), ...)`` per shard, the fewest extra tokens (at most one neighbour's shard
+    on each side) such that the local op on ``[start - left, end + right)``, an axis of that length with
+    the same kernel size, stride, dilation and causality, computes exactly the global window of every
+    query of the shard (decided by brute force with the geometry of SEMANTICS.md), or a string saying
+    why there is none.
+    """
+    if length % shards:
+        return f"{length} tokens do not split evenly over {shards} shards"
+    m = length // shards
+    first, count = _global_windows(length, kernel_size, stride, dilation, is_causal)
+    last = first + dilation * (count - 1)
+    reach = 2 * stride * dilation + 2  # how far beyond the minimal halo the search goes
+    widths = []
+    for i in range(shards):
+        q0, q1 = i * m, (i + 1) * m
+        max_l, max_r = min(q0, m), min(length - q1, m)
+        need_l = max(q0 - int(first[q0:q1].min()), 0)
+        need_r = max(int(last[q0:q1].max()) + 1 - q1, 0)
+        if need_l > max_l or need_r > max_r:
+            return (f"the keys of shard {i} reach {max(need_l, need_r)} tokens beyond it, more than one "
+                    f"neighbour's shard ({m} tokens)")
+        lefts = sorted({*range(need_l, min(need_l + reach, max_l) + 1), max_l})
+        rights = sorted({*range(need_r, min(need_r + reach, max_r) + 1), max_r})
+        pairs = sorted(((l, r) for l in lefts for r in rights), key=lambda lr: (lr[0] + lr[1], lr[0]))
+        found = next((lr for lr in pairs if _exact(length, kernel_size, stride, dilation, is_causal,
+                                                    q0 - lr[0], q1 + lr[1], q0, q1, first, count)), None)
+        if found is None:
+            return f"no halo of at most one neighbour's shard makes the windows of shard {i} exact"
+        widths.append(found)
+    return tuple(widths)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Halo:
+    """How a sharded spatial axis is partitioned with a halo exchange (see :func:`_halo_ops`)."""
+
+    label: str                   # "s0".."s2"
+    mesh_axes: tuple[str, ...]   # the mesh axes the spatial axis is split over
+    shards: int
+    size: int                    # tokens per shard
+    left: int                    # tokens exchanged with the left / right neighbour (max over shards)
+    right: int
+    configs: tuple[tuple[int, int], ...]  # the distinct (left, right) halos the shards run with
+    branch: tuple[int, ...]      # index into configs of every shard
+
+    @property
+    def axis(self) -> int:       # the spatial axis of q/k/v/out/lse: after the batch
+        return 1 + int(self.label[1:])
+
+
+def _halo_plan(kind, params, mesh, spatial, used):
+    """(``_Halo``, None) for the one sharded spatial axis of a fwd/bwd call, or (None, reason)."""
+    if kind not in ("fwd", "bwd"):
+        return None, "the unfused ops do not exchange halos"
+    if not HALO_EXCHANGE:
+        return None, "jax_na.sharding.HALO_EXCHANGE is False"
+    if len(spatial) > 1:
+        return None, f"{len(spatial)} spatial axes are sharded (halos are exchanged along one axis only)"
+    (label, axes, length), = spatial
+    if set(axes) & set(used):
+        return None, f"the spatial axis shares mesh axes {sorted(set(axes) & set(used))} with batch/heads"
+    i = int(label[1:])
+    n = _count(mesh, axes)
+    widths = halo_widths(length, n, params.kernel_size[i], params.stride[i], params.dilation[i],
+                         bool(params.is_causal[i]))
+    if isinstance(widths, str):
+        return None, widths
+    configs = tuple(dict.fromkeys(widths))
+    return _Halo(label, tuple(axes), n, length // n, max(l for l, _ in widths), max(r for _, r in widths),
+                 configs, tuple(configs.index(w) for w in widths)), None
+
+
+# ----------------------------------------------------------------------------- halo ops (per device)
+
+def _slice(x, axis, lo, hi):
+    return lax.slice_in_dim(x, lo, hi, axis=axis)
+
+
+def _pad(x, axis, lo, hi):
+    if not lo and not hi:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (lo, hi)
+    return jnp.pad(x, widths)
+
+
+def _from_left(x, halo):
+    """On every device, ``x`` of its left neighbour (zeros on the first device)."""
+    return lax.ppermute(x, halo.mesh_axes, [(j, j + 1) for j in range(halo.shards - 1)])
+
+
+def _from_right(x, halo):
+    """On every device, ``x`` of its right neighbour (zeros on the last device)."""
+    return lax.ppermute(x, halo.mesh_axes, [(j + 1, j) for j in range(halo.shards - 1)])
+
+
+def _extend(x, halo):
+    """``[left halo | own slab | right halo]`` of a key/value shard: the last ``halo.left`` tokens of
+    the left neighbour and the first ``halo.right`` tokens of the right one (zeros past the borders,
+    which no shard reads)."""
+    ax, m = halo.axis, halo.size
+    parts = [x]
+    if halo.left:
+        parts.insert(0, _from_left(_slice(x, ax, m - halo.left, m), halo))
+    if halo.right:
+        parts.append(_from_right(_slice(x, ax, 0, halo.right), halo))
+    return jnp.concatenate(parts, axis=ax) if len(parts) > 1 else x
+
+
+def _fold_back(dx, halo):
+    """The gradient of an extended key/value shard -> the gradient of the own slab: the own part plus
+    the halo parts the neighbours computed for this shard's tokens (the reverse exchange)."""
+    ax, m, L, R = halo.axis, halo.size, halo.left, halo.right
+    own = _slice(dx, ax, L, L + m)
+    if L:  # my left halo is my left neighbour's last L tokens
+        own = own + _pad(_from_right(_slice(dx, ax, 0, L), halo), ax, m - L, 0)
+    if R:  # my right halo is my right neighbour's first R tokens
+        own = own + _pad(_from_left(_slice(dx, ax, L + m, L + m + R), halo), ax, 0, m - R)
+    return own
+
+
+def _per_shard(halo, branches, *operands):
+    """``branches[config of this shard](*operands)``: the shards run different static halos."""
+    if len(branches) == 1:
+        return branches[0](*operands)
+    table = jnp.asarray(np.asarray(halo.branch, np.int32))
+    return lax.switch(table[lax.axis_index(halo.mesh_axes)], branches, *operands)
+
+
+def _halo_ops(kind, local_prim, params, backend, halo):
+    """The per-device function of fwd/bwd with a halo exchange along ``halo``'s spatial axis.
+
+    Every shard receives the key/value halos from its neighbours (``ppermute``), then runs the local
+    op, unchanged, on ``[start - left, end + right)`` with the (left, right) halo of its position
+    (``halo_widths``; the interior shards share one, the border shards have their own, so a
+    ``lax.switch`` on the shard index picks among a few static shapes). The queries of the halo are
+    zeros and are dropped from the results. In the backward their output cotangents are zero too, so
+    they add nothing to dK/dV; the halo parts of dK/dV go back to their owners with the reverse
+    exchange, and d_add_k/d_add_v are summed over the shards of the axis.
+    """
+    ax, m, L = halo.axis, halo.size, halo.left
+
+    def bind(*operands):
+        return local_prim.bind(*operands, params=params, backend=backend)
+
+    if kind == "fwd":
+        def branch(left, right):
+            def run(q, k, v, add_k, add_v):
+                k, v = (_slice(x, ax, L - left, L + m + right) for x in (k, v))
+                out, lse = bind(_pad(q, ax, left, right), k, v, add_k, add_v)
+                return _slice(out, ax, left, left + m), _slice(lse, ax, left, left + m)
+            return run
+
+        def per_device(q, k, v, add_k, add_v):
+            k, v = _extend(k, halo), _extend(v, halo)
+            return tuple(_per_shard(halo, [branch(*c) for c in halo.configs], q, k, v, add_k, add_v))
+        return per_device
+
+    def branch(left, right):
+        def run(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
+            k, v = (_slice(x, ax, L - left, L + m + right) for x in (k, v))
+            q, out, lse, d_out, d_lse = (_pad(x, ax, left, right) for x in (q, out, lse, d_out, d_lse))
+            dq, dk, dv, d_add_k, d_add_v = bind(q, k, v, add_k, add_v, out, lse, d_out, d_lse)
+            dk, dv = (_pad(x, ax, L - left, halo.right - right) for x in (dk, dv))
+            return _slice(dq, ax, left, left + m), dk, dv, d_add_k, d_add_v
+        return run
+
+    def per_device(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
+        k, v = _extend(k, halo), _extend(v, halo)
+        dq, dk, dv, d_add_k, d_add_v = _per_shard(halo, [branch(*c) for c in halo.configs],
+                                                  q, k, v, add_k, add_v, out, lse, d_out, d_lse)
+        d_add_k, d_add_v = lax.psum((d_add_k, d_add_v), halo.mesh_axes)
+        return dq, _fold_back(dk, halo), _fold_back(dv, halo), d_add_k, d_add_v
+    return per_device
+
+
 # ----------------------------------------------------------------------------- partition plan
 
 _WARNED: set[str] = set()
+# Set to False to gather sharded spatial axes instead of exchanging halos (for comparisons; the results
+# are the same). Read when a call is partitioned (compiled).
+HALO_EXCHANGE = True
 
 
 def _warn_once(key: str, message: str):
@@ -227,7 +454,7 @@ def _entry(axes):
 
 
 def _plan(kind, params, mesh, arg_shapes):
-    """Mesh axes for the batch and the heads of one call (no other axis is sharded)."""
+    """(batch mesh axes, head mesh axes, ``_Halo`` or None) of one call: no other axis is sharded."""
     shapes = [tuple(a.shape) for a in arg_shapes]
     specs = [_spec_of(a) for a in arg_shapes]
     ins, _ = _layouts(kind, params.rank, shapes)
@@ -262,33 +489,39 @@ def _plan(kind, params, mesh, arg_shapes):
                    f"are replicated (gathered) for this op.")
         heads = ()
 
-    spatial = sorted({lab for layout, spec in zip(ins, specs) for lab, axes in zip(layout, spec)
-                      if lab.startswith("s") and axes})
+    spatial = [(lab, given(lab), _size_of(lab, ins, shapes))
+               for lab in dict.fromkeys(lab for layout in ins for lab in layout if lab.startswith("s"))
+               if given(lab)]
+    halo = None
     if spatial:
-        _warn_once("spatial", "jax_na: a spatial axis is sharded; neighborhood attention does not exchange "
-                   "halos yet, so the spatial axes are gathered (replicated) for the op and the result "
-                   "is re-sliced. Shard batch or heads to avoid the communication.")
-    return batch, heads
+        halo, reason = _halo_plan(kind, params, mesh, spatial, (*batch, *heads))
+        if halo is None:
+            _warn_once(f"spatial-{reason}", f"jax_na: a spatial axis is sharded but no halo exchange applies "
+                       f"({reason}); the spatial axes are gathered (replicated) for this op and the result "
+                       f"is re-sliced.")
+    return batch, heads, halo
 
 
-def _sharding(mesh, layout, batch, heads):
+def _sharding(mesh, layout, batch, heads, halo=None):
     def axes(label):
         if label == "b":
             return batch
         if label in ("h", "hk"):
             return heads
+        if halo is not None and label == halo.label:
+            return halo.mesh_axes
         return ()
     return NamedSharding(mesh, PartitionSpec(*(_entry(axes(lab)) for lab in layout)))
 
 
 def _shardings(kind, params, mesh, arg_shapes):
-    """(batch mesh axes, operand shardings, result shardings) that the per-device op runs with."""
+    """(batch mesh axes, halo plan, operand shardings, result shardings) the per-device op runs with."""
     shapes = [tuple(a.shape) for a in arg_shapes]
     ins, outs = _layouts(kind, params.rank, shapes)
-    batch, heads = _plan(kind, params, mesh, arg_shapes)
-    arg_shardings = tuple(_sharding(mesh, layout, batch, heads) for layout in ins)
-    out_shardings = tuple(_sharding(mesh, layout, batch, heads) for layout in outs)
-    return batch, arg_shardings, out_shardings
+    batch, heads, halo = _plan(kind, params, mesh, arg_shapes)
+    arg_shardings = tuple(_sharding(mesh, layout, batch, heads, halo) for layout in ins)
+    out_shardings = tuple(_sharding(mesh, layout, batch, heads, halo) for layout in outs)
+    return batch, halo, arg_shardings, out_shardings
 
 
 # ----------------------------------------------------------------------------- the lowering
@@ -313,7 +546,9 @@ def _partition(kind, local_prim, params, backend, mesh, arg_shapes):
         mesh = Mesh(np.array(devices), ("jax_na_devices",))
         arg_shapes = [ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
                       for a in arg_shapes]
-    batch, arg_shardings, out_shardings = _shardings(kind, params, mesh, arg_shapes)
+    batch, halo, arg_shardings, out_shardings = _shardings(kind, params, mesh, arg_shapes)
+    if halo is not None:
+        return mesh, _halo_ops(kind, local_prim, params, backend, halo), out_shardings, arg_shardings
     sum_bias = kind == "qk_bwd" and bool(batch) and len(arg_shapes[3].shape) > 1
 
     def per_device(*operands):

@@ -114,9 +114,11 @@ def _attention_case(rank, B=4, H=4, Hkv=2, D=4, Dv=3, Na=3, seed=0):
 
 def _attention_fns(rank, with_add, **kw):
     """forward (out, lse) and the gradient of a loss with non-trivial cotangents for both outputs."""
+    kernel_size = kw.pop("kernel_size", KERNEL[rank])
+
     def fwd(q, k, v, ak=None, av=None):
         extra = dict(additional_keys=ak, additional_values=av) if with_add else {}
-        return NA[rank](q, k, v, KERNEL[rank], return_lse=True, **extra, **kw)
+        return NA[rank](q, k, v, kernel_size, return_lse=True, **extra, **kw)
 
     def loss(*args):
         out, lse = fwd(*args)
@@ -125,9 +127,12 @@ def _attention_fns(rank, with_add, **kw):
     return fwd, jax.grad(loss, argnums=tuple(range(5 if with_add else 3)))
 
 
-def _attention_specs(rank, batch, heads):
-    """Specs of q/k/v/out ([B, *S, H, D]), lse ([B, *S, H]) and add_k/add_v ([B, Na, Hkv, D])."""
-    S = (None,) * rank
+def _attention_specs(rank, batch, heads, spatial=None):
+    """Specs of q/k/v/out ([B, *S, H, D]), lse ([B, *S, H]) and add_k/add_v ([B, Na, Hkv, D]);
+    ``spatial``: (spatial axis, mesh axes) to shard one spatial axis too."""
+    S = [None] * rank
+    if spatial is not None:
+        S[spatial[0]] = spatial[1]
     return P(batch, *S, heads, None), P(batch, *S, heads), P(batch, None, heads, None)
 
 
@@ -141,13 +146,33 @@ def _reference(key, f, *args):
     return _REFS[key]
 
 
-def _run_attention(mesh, rank, batch, heads, *, gather_ok=False, case=None, **kw):
+def _halo_sized(text, k_shard, what=""):
+    """Every collective-permute of the compiled program moves at most one (per-device) key shard: a
+    halo never reaches past the neighbour."""
+    import re
+    lines = [line for line in text.splitlines() if re.search(r"collective-permute(-start)?\(", line)]
+    if k_shard is None:  # no halo needed at all
+        assert not lines, f"{what}: collective-permutes without a halo:\n" + "\n".join(lines)
+        return
+    assert lines, f"{what}: no collective-permute in the compiled program"
+    for line in lines:
+        shapes = re.findall(r"[a-z]+\d*\[([\d,]*)\]", line.split("collective-permute")[0])
+        sizes = [int(np.prod([int(d) for d in sh.split(",") if d])) for sh in shapes]
+        assert sizes and max(sizes) <= k_shard, f"{what}: a collective-permute of {sizes} elements " \
+            f"(a key shard has {k_shard}):\n{line}"
+
+
+def _run_attention(mesh, rank, batch, heads, *, gather_ok=False, case=None, spatial=None, halo=True,
+                   **kw):
+    """Sharded vs unsharded forward and gradient; ``spatial`` = (axis, mesh axes) shards one spatial
+    axis too, which must then run with a halo exchange (collective-permutes of halo size, no gather;
+    none at all with ``halo=False``, where no shard needs its neighbours' keys)."""
     case = case or _attention_case(rank)
     q, k, v, ak, av = case
     with_add = ak is not None
     args = (q, k, v, ak, av) if with_add else (q, k, v)
-    fwd, grad = _attention_fns(rank, with_add, **kw)
-    qs, ls, adds = _attention_specs(rank, batch, heads)
+    fwd, grad = _attention_fns(rank, with_add, **dict(kw))
+    qs, ls, adds = _attention_specs(rank, batch, heads, spatial)
     specs = (qs, qs, qs, adds, adds)[: len(args)]
     sargs = tuple(_put(mesh, x, s) for x, s in zip(args, specs))
     key = (rank, tuple(x.shape for x in args), tuple(sorted(kw.items())))
@@ -165,7 +190,17 @@ def _run_attention(mesh, rank, batch, heads, *, gather_ok=False, case=None, **kw
         assert _spec(mesh, lse) == _spec(mesh, _put(mesh, ref_lse, ls)), lse.sharding
         for a, x in zip(g, sargs):
             assert _spec(mesh, a) == _spec(mesh, x), (a.sharding, x.sharding)
+    if spatial is not None:
+        k_shard = k.size // _shards(mesh, sargs[1]) if halo else None
+        _halo_sized(fwd_text, k_shard, what=f"fwd {rank}-D spatial={spatial} {kw}")
+        _halo_sized(grad_text, k_shard, what=f"grad {rank}-D spatial={spatial} {kw}")
     return out, g
+
+
+def _shards(mesh, x):
+    """How many distinct shards x is split into."""
+    return int(np.prod([mesh.shape[a] for e in x.sharding.spec if e is not None
+                        for a in ((e,) if isinstance(e, str) else e)]))
 
 
 @check
@@ -228,9 +263,75 @@ def unfused_qk_av_rpb():
         _close(jax.jit(qk)(_put(mesh, q, spec), _put(mesh, k, spec)), qk(q, k), "qk without bias")
 
 
+def _spatial_warnings(caught):
+    return [str(w.message) for w in caught if "spatial" in str(w.message)]
+
+
+@check
+def spatial_halo():
+    """One sharded spatial axis (each rank, each axis position), with dilation, stride, causal, GQA,
+    additional KV and mixed batch/head sharding: exact values and gradients, the spatial axis stays
+    sharded, the program has collective-permutes of halo size and no all-gather, and no warning."""
+    mesh = _mesh()
+    na_sharding._WARNED.clear()
+    cases = (  # (rank, spatial shape, kernel, (sharded axis, mesh axes), batch, heads, kwargs)
+        (1, (32,), 5, (0, "x"), None, None, {}),
+        (1, (32,), 5, (0, "x"), "y", None, dict(dilation=2)),
+        (1, (32,), 4, (0, "x"), None, "y", dict(stride=2, is_causal=True)),
+        (1, (32,), 3, (0, ("x", "y")), None, None, dict(stride=3)),  # 8 shards over two mesh axes
+        (1, (24,), 6, (0, "x"), None, None, dict(stride=6)),  # blocked: halos only where blocks cross
+        (2, (16, 6), (3, 4), (0, "x"), None, None, dict(dilation=(2, 1))),
+        (2, (16, 6), (3, 4), (0, "x"), "y", None, dict(is_causal=(True, False), stride=(2, 1))),
+        (2, (6, 32), (3, 5), (1, "x"), None, "y", dict(is_causal=(False, True), dilation=(1, 2))),
+        (3, (4, 8, 5), (2, 3, 3), (1, "x"), "y", None, dict(is_causal=(False, True, False))),
+        (3, (4, 5, 16), (2, 3, 3), (2, "x"), None, None, dict(stride=(1, 1, 2), dilation=(1, 1, 2))),
+        (3, (8, 4, 5), (3, 2, 3), (0, "y"), "x", None, dict(is_causal=(True, False, False))),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (rank, S, ks, spatial, batch, heads, kw) in enumerate(cases):
+            B, H, Hkv = 4, 4, 2
+            q = _rand(100 + i, (B, *S, H, 4))
+            k = _rand(200 + i, (B, *S, Hkv, 4))
+            v = _rand(300 + i, (B, *S, Hkv, 3))
+            ak = _rand(400 + i, (B, 2, Hkv, 4)) if i % 2 == 0 else None
+            av = _rand(500 + i, (B, 2, Hkv, 3)) if i % 2 == 0 else None
+            _run_attention(mesh, rank, batch, heads, case=(q, k, v, ak, av), spatial=spatial,
+                           kernel_size=ks, halo=kw.get("stride") != 6, **kw)
+    assert not _spatial_warnings(caught), _spatial_warnings(caught)
+
+
+@check
+def spatial_halo_geometry():
+    """halo_widths: exact by construction (the brute-force check), minimal where the window math says
+    so, and a reason string where no single-hop halo exists."""
+    hw = na_sharding.halo_widths
+    assert hw(12, 4, 5) == ((0, 2), (2, 2), (2, 2), (2, 0)), hw(12, 4, 5)  # k // 2 on each side
+    assert hw(32, 4, 3, 1, 2) == ((0, 2), (2, 2), (2, 2), (2, 0))  # (k // 2) * dilation
+    assert all(r == 0 for _, r in hw(32, 4, 4, 1, 1, True))  # causal: left halo only
+    assert hw(24, 4, 6, 6) == ((0, 0), (0, 0), (0, 0), (0, 0))  # blocked, blocks inside the shards
+    assert isinstance(hw(12, 4, 5, 1, 2, True), str)  # 4 * 2 keys back: more than a 3-token shard
+    assert isinstance(hw(10, 4, 3), str)  # uneven shards
+    # every returned halo is exact for every shard: recheck against neighborhood() lists
+    from jax_na.geometry import neighborhood
+    for L, n, k, s, d, c in ((32, 4, 5, 2, 2, False), (30, 3, 4, 3, 1, True), (40, 4, 3, 1, 3, False),
+                             (16, 2, 7, 7, 1, False), (24, 4, 5, 5, 1, True)):
+        widths = hw(L, n, k, s, d, c)
+        if isinstance(widths, str):
+            continue
+        full, m = neighborhood(L, k, s, d, c), L // n
+        for i, (left, right) in enumerate(widths):
+            lo, hi = i * m - left, (i + 1) * m + right
+            local = neighborhood(hi - lo, k, s, d, c)
+            for t in range(i * m, (i + 1) * m):
+                assert [j + lo for j in local[t - lo]] == full[t], (L, n, k, s, d, c, i, t)
+
+
 @check
 def spatial_fallback():
-    """A sharded spatial axis: gathered (one warning), results still exact, with dilation/stride/causal."""
+    """Sharded spatial axes the halo exchange does not cover (the unfused ops, uneven shards, two sharded
+    axes, a halo beyond the neighbour's shard) are gathered with a one-time warning per reason;
+    results stay exact (with dilation/stride/causal)."""
     mesh = _mesh()
     na_sharding._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
@@ -265,9 +366,24 @@ def spatial_fallback():
         _close(jax.jit(f)(*sargs), f(q, k, rpb), "unfused spatial")
         for a, b in zip(jax.jit(grad)(*sargs), grad(q, k, rpb)):
             _close(a, b, "unfused spatial grad")
-    messages = [str(w.message) for w in caught if "spatial" in str(w.message)]
-    assert len(messages) == 1, messages  # one-time
-    assert "gather" in messages[0] and "halo" in messages[0], messages
+        # uneven shards (12 tokens on 8 devices), and two spatial axes sharded at once
+        case = _attention_case(1, B=2, Na=2)
+        fwd, grad = _attention_fns(1, True)
+        uneven = NamedSharding(mesh, P(None, ("x", "y")))  # arrays cannot be put so: constrain inside jit
+        uneven_grad = jax.jit(lambda q, k, v, ak, av: grad(*(jax.lax.with_sharding_constraint(x, uneven)
+                                                             for x in (q, k, v)), ak, av))
+        for a, b in zip(uneven_grad(*case), grad(*case)):
+            _close(a, b, "uneven grad")
+        q, k, v = _rand(23, (2, 12, 6, 4, 4)), _rand(24, (2, 12, 6, 2, 4)), _rand(25, (2, 12, 6, 2, 3))
+        fwd, grad = _attention_fns(2, False)
+        sargs = tuple(_put(mesh, x, P(None, "x", "y")) for x in (q, k, v))
+        for a, b in zip(jax.jit(grad)(*sargs), grad(q, k, v)):
+            _close(a, b, "two spatial axes grad")
+    messages = _spatial_warnings(caught)
+    assert len(messages) == len(set(messages)), messages  # one-time (per reason)
+    assert all("gather" in m and "halo" in m for m in messages), messages
+    for reason in ("unfused", "split evenly", "2 spatial axes", "neighbour's shard"):
+        assert any(reason in m for m in messages), (reason, messages)
 
 
 @check
@@ -376,6 +492,8 @@ def gspmd_partitioner():
     try:
         mesh = _mesh()
         _run_attention(mesh, 2, "x", "y", case=_attention_case(2, Na=0))
+        case = (_rand(60, (2, 32, 2, 4)), _rand(61, (2, 32, 2, 4)), _rand(62, (2, 32, 2, 4)), None, None)
+        _run_attention(mesh, 1, None, "y", case=case, spatial=(0, "x"), kernel_size=5, dilation=2)  # halo
         q, k, rpb = _rand(40, (4, 8, 4, 4)), _rand(41, (4, 8, 2, 4)), _rand(42, (4, 5))
         grad = jax.grad(lambda q, k, b: jnp.sum(jnp.sin(jax_na.na1d_qk(q, k, 3, rpb=b))), argnums=(0, 1, 2))
         spec = P("x", None, "y", None)
@@ -469,6 +587,29 @@ def cuda_lowering():
         text = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax_na.na2d(q, k, v, 3).astype(f32)), argnums=(0, 1, 2))
                        ).trace(bf(sq), bf(sk), bf(sv)).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("@CustomSPMDPartitioning") == 2 and "jax_na_fused" not in text, text
+        # the halo-exchange bodies (X = 16 rows on the 4-way "x" axis, kernel 5): the fused kernels on
+        # the extended slab of each static halo (border and interior shards: a switch), ppermutes around
+        Xs = 16
+        params = jax_na._checks.window_params(2, (Xs, Y), 5, head_dim=64)
+        hspec, lspec = P(None, "x", None, "y", None), P(None, "x", None, "y")
+        bf16 = jnp.bfloat16
+        sdh = lambda shape, s, dt=bf16: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, s))
+        Q, K = sdh((2, Xs, Y, H, 64), hspec), sdh((2, Xs, Y, Hkv, 64), hspec)
+        AK = sdh((2, 0, Hkv, 64), P(None, None, "y", None))
+        L = sdh((2, Xs, Y, H), lspec, f32)
+        shard_map = getattr(jax, "shard_map", None) or __import__(
+            "jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
+        for kind, args in {"fwd": (Q, K, K, AK, AK), "bwd": (Q, K, K, AK, AK, Q, L, Q, L)}.items():
+            m, per_device, out_s, arg_s = na_sharding._partition(
+                kind, na_sharding.LOCAL_PRIMITIVES[kind], params, "fused", mesh, args)
+            assert all(s.is_equivalent_to(a.sharding, len(a.shape)) for s, a in zip(arg_s, args)), arg_s
+            fn = shard_map(per_device, mesh=m, in_specs=tuple(s.spec for s in arg_s),
+                           out_specs=tuple(s.spec for s in out_s))
+            body = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert body.count(f"@jax_na_fused_{kind}(") == 3, (kind, body)  # first, interior, last shard
+            assert "collective_permute" in body and "all_gather" not in body, body
+            for rows in (6, 8):  # the border shards: 4 own rows + 2 halo; the interior: 2 + 4 + 2
+                assert f"tensor<2x{rows}x{Y}x{H // 2}x64xbf16>" in body, (kind, rows, body)
         del primitives
     finally:
         _ext.has_cuda_kernels, _ext.has_target = real, real_target
