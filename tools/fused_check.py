@@ -20,6 +20,7 @@ import numpy as np
 
 import jax_na
 from jax_na import _checks, _ext, reference
+from jax_na.profile import PROBLEMS  # the BENCHMARKS.md problem set
 
 jax.config.update("jax_enable_x64", True)
 
@@ -122,26 +123,14 @@ def time_fn(f, args, reps=20):
     return float(np.median(ts))
 
 
-PROBLEMS = [
-    # id, B, spatial, H, D, kernel, stride, dilation, causal
-    ("p1-1d-long", 1, (32768,), 16, 128, 2048, 1, 1, False),
-    ("p2-2d", 1, (128, 128), 16, 128, 31, 1, 1, False),
-    ("p3-3d", 1, (16, 32, 32), 16, 128, (7, 13, 13), 1, 1, False),
-    ("p4-nat-small", 64, (56, 56), 4, 32, 7, 1, 1, False),  # D=32: zero-padded to 64 for the kernel
-    ("p5-dinat-dilated", 32, (28, 28), 8, 32, 7, 1, 4, False),
-    ("p6-flux", 1, (256, 256), 24, 128, 80, 1, 1, False),
-    ("p7-flux-strided", 1, (256, 256), 24, 128, 80, 16, 1, False),
-    ("p8-video", 1, (30, 48, 80), 24, 128, (18, 24, 24), 1, 1, False),
-    ("p9-video-strided", 1, (30, 48, 80), 24, 128, (18, 24, 24), (16, 8, 8), 1, False),
-    ("p10-video-causal", 1, (16, 32, 32), 16, 128, (7, 13, 13), 1, 1, (True, False, False)),
-    ("p11-1d-d64", 4, (16384,), 16, 64, 1023, 1, 1, True),
-]
 
 
 def bench(dtype=jnp.bfloat16, only=None, reps=20):
     rows = []
     rng = np.random.default_rng(1)
-    for (pid, B, S, H, D, ks, st, dl, ca) in PROBLEMS:
+    for prob in PROBLEMS:
+        pid, B, S, H, D = prob.id, prob.B, prob.spatial, prob.H, prob.D
+        ks, st, dl, ca = prob.kernel, prob.stride, prob.dilation, prob.causal
         if only and pid not in only:
             continue
         rank = len(S)
