@@ -56,5 +56,25 @@ __device__ __forceinline__ void load_rows(Element* smem, const Element* base, in
   }
 }
 
+// Two tiles with the same rows (K and V): one row-offset computation per row for both.
+template <class Traits, int kRows, class Element, class SmemLayout, class RowOffset>
+__device__ __forceinline__ void load_rows_pair(Element* smem_a, const Element* base_a, Element* smem_b,
+                                               const Element* base_b, int tid, RowOffset&& row_offset) {
+  constexpr int kPasses = kRows / Traits::kRowsPerPass;
+  static_assert(kRows % Traits::kRowsPerPass == 0, "rows per pass");
+  const int chunk = tid % Traits::kChunks;
+  const int row0 = tid / Traits::kChunks;
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    const int row = row0 + i * Traits::kRowsPerPass;
+    const int64_t off = row_offset(row);
+    const bool valid = off >= 0;
+    const int64_t src = valid ? off + chunk * 8 : 0;
+    const int dst = SmemLayout{}(row, chunk * 8);
+    cp_async_16(smem_a + dst, base_a + src, valid);
+    cp_async_16(smem_b + dst, base_b + src, valid);
+  }
+}
+
 }  // namespace fused
 }  // namespace jax_na

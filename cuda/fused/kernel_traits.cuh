@@ -122,7 +122,7 @@ struct TraitsBase {
 // Query-stationary kernels (forward, backward dQ): a CTA owns a 128-query tile and walks KV tiles of
 // kBlockN_ keys; kNWarps_ warps along M (128 / kNWarps_ query rows each).
 template <DType kDType_, int kHeadDim_, int kRank_, int kBlockN_ = JNA_FUSED_BLOCK_N,
-          int kNWarps_ = JNA_FUSED_NWARPS>
+          int kNWarps_ = JNA_FUSED_NWARPS, int kStages_ = 2>
 struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using Base = TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_>;
   using Base::kNWarps;
@@ -135,6 +135,7 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
 #endif
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;  // K/V smem stages
 
   using QTile = typename TileShapes<kRank, kBlockN, kNWarps>::QTile;
   using WarpTile = typename TileShapes<kRank, kBlockN, kNWarps>::WarpTile;
@@ -153,7 +154,7 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemWin = kBlockM * kRank * 8;  // int2 (start, end) per row and axis
   static constexpr int kSmemSched = 1024;  // CtaSchedule (checked in the kernel)
-  static constexpr int kSmemBytes = kSmemQ + 4 * kSmemKV + kSmemWin + kSmemSched;  // K, V: 2 stages each
+  static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kSmemWin + kSmemSched;
 };
 
 // Q tiles of the key-stationary backward (kBlockM queries) and its KV tiles (64 keys), per rank.

@@ -15,8 +15,10 @@
 namespace jax_na {
 namespace fused {
 
-template <class Traits>
-cudaError_t launch_traits(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
+// Launches `kernel` (a forward kernel of Traits: fused_fwd_kernel or fused_fwd_sm90_kernel) over the
+// Q tiles: grid (groups x tiles, heads, batch).
+template <class Traits, class Kernel>
+cudaError_t launch_fwd_kernel(Kernel kernel, const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
   using QTile = typename Traits::QTile;
   if (pr.B == 0 || pr.N == 0) return cudaSuccess;
   FwdKernelParams kp;
@@ -32,7 +34,6 @@ cudaError_t launch_traits(const geo::Problem& pr, const FwdArgs& args, cudaStrea
   kp.scale_log2 = static_cast<float>(static_cast<double>(args.scale) * 1.4426950408889634);
   int64_t blocks = 0;
   if (!tiles_per_axis<QTile>(pr, kp.q_tiles, &blocks) || pr.H > 65535 || pr.B > 65535) return cudaErrorInvalidValue;
-  auto kernel = fused_fwd_kernel<Traits>;
   constexpr int kSmem = Traits::kSmemBytes;
   cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (st != cudaSuccess) return st;
@@ -43,7 +44,8 @@ cudaError_t launch_traits(const geo::Problem& pr, const FwdArgs& args, cudaStrea
 
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
-  return launch_traits<FwdTraits<kDType, kHeadDim, kRank>>(pr, args, stream);
+  using Traits = FwdTraits<kDType, kHeadDim, kRank>;
+  return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
 }
 
 #define JNA_FUSED_FWD_INSTANTIATE(DT, D)                                                                 \

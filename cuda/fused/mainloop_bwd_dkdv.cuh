@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const float dlt = s_dlt[col];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const float pv = exp2f(s_rc(r, c) * p.scale_log2 - lse2);
+        const float pv = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2);
         s_rc(r, c) = pv;
         dp_rc(r, c) = pv * (dp_rc(r, c) - dlt);
       }

@@ -68,8 +68,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   const geo::Problem& pr = p.pr;
 
   auto q_row_offset = [&](int r) { return TS::q_row_offset(pr, cs, r); };
-  auto load_kv = [&](int32_t n, int stage) {
-    TS::load_kv(pr, cs, n, p.k, p.v, p.add_k, p.add_v, sK_ptr + stage * kKVElems, sV_ptr + stage * kKVElems, tid);
+  KVTileWalker<Traits> kv_walker;
+  auto load_kv = [&](int stage) {
+    kv_walker.issue(pr, cs, p.k, p.v, p.add_k, p.add_v, sK_ptr + stage * kKVElems, sV_ptr + stage * kKVElems,
+                    cs.flags[stage], tid);
   };
 
   // Prologue: Q, dO, row windows, K/V tile 0.
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
       sdO_ptr, static_cast<const Element*>(p.d_out), tid, q_row_offset);
   store_row_windows<Traits>(pr, cs, s_win, tid);
-  load_kv(0, 0);
+  load_kv(0);
   cp_async_commit();
 
   typename Traits::TiledMma tiled_mma;
@@ -120,13 +122,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
     cp_async_wait<0>();
     __syncthreads();  // K/V(n) visible; every warp done with stage (n + 1) & 1
     if (n + 1 < cs.n_tiles) {
-      load_kv(n + 1, stage ^ 1);
+      load_kv(stage ^ 1);  // tile n + 1
       cp_async_commit();
     }
-    int32_t org[3];
-    bool active, full;
-    TS::tile_info(pr, cs, n, warp, org, &active, &full);
-    if (!active) continue;
+    const TileFlags& tf = cs.flags[stage];
+    if (!((tf.active >> warp) & 1u)) continue;
+    const bool full = (tf.full >> warp) & 1u;
 
     Tensor sK = make_tensor(make_smem_ptr(sK_ptr + stage * kKVElems), typename Traits::SmemLayoutKV{});
     Tensor sV = make_tensor(make_smem_ptr(sV_ptr + stage * kKVElems), typename Traits::SmemLayoutKV{});
@@ -144,13 +145,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
 
     Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
     Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
-    if (!full) mask_tile<Traits>(s_rc, s_win, pr, cs, n, org, warp, lane);
+    if (!full) {
+      const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
+      mask_tile<Traits>(s_rc, s_win, pr, cs, n, org, warp, lane);
+    }
     // dS = P (dP - delta), in place of S.
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
 #pragma unroll
       for (int c = 0; c < size<1>(s_rc); ++c) {
-        const float pr_ = exp2f(s_rc(r, c) * p.scale_log2 - lse2[r]);
+        const float pr_ = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2[r]);
         s_rc(r, c) = pr_ * (dp_rc(r, c) - dlt[r]);
       }
     }

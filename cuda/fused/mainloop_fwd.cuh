@@ -5,22 +5,20 @@
 // K/V double-buffered (one barrier per tile):
 //   wait K/V(n); barrier; issue K/V(n+1) | S = Q K^T | mask, online softmax, O += P V
 // Each warp skips the tiles that miss all of its queries' windows and skips the mask arithmetic on
-// tiles that lie inside all of them. Epilogue: O / rowsum -> smem -> 16-byte stores; lse per row.
+// tiles that lie inside all of them. Prologue and epilogue: cta_fwd.cuh.
 #pragma once
 
 #include <cute/tensor.hpp>
-#include <cutlass/numeric_conversion.h>
 
 #include <cstdint>
 
-#include "fused/copy.cuh"
+#include "fused/cta_fwd.cuh"
 #include "fused/epilogue.cuh"
 #include "fused/gemm.cuh"
 #include "fused/kernel_traits.cuh"
 #include "fused/mask.cuh"
 #include "fused/softmax.cuh"
 #include "fused/tile_scheduler.cuh"
-#include "geometry/window.cuh"
 
 namespace jax_na {
 namespace fused {
@@ -33,42 +31,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kD = Traits::kHeadDim;
+  static_assert(Traits::kStages == 2, "one barrier per tile needs two stages");
 
-  constexpr int kKVElems = kBlockN * kD;
   extern __shared__ __align__(128) char smem_raw[];
-  Element* sQ_ptr = reinterpret_cast<Element*>(smem_raw);
-  Element* sK_ptr = reinterpret_cast<Element*>(smem_raw + Traits::kSmemQ);                        // 2 stages
-  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + Traits::kSmemQ + 2 * Traits::kSmemKV);  // 2 stages
-  int2* s_win = reinterpret_cast<int2*>(smem_raw + Traits::kSmemQ + 4 * Traits::kSmemKV);
-  static_assert(sizeof(CtaSchedule) <= Traits::kSmemSched, "schedule smem");
-  CtaSchedule& cs =
-      *reinterpret_cast<CtaSchedule*>(smem_raw + Traits::kSmemQ + 4 * Traits::kSmemKV + Traits::kSmemWin);
-  using TS = TileScheduler<Traits>;
-
+  const FwdSmem<Traits> sm(smem_raw);
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
 
-  TS::compute(p.pr, p.q_tiles, cs, tid);
-  __syncthreads();
-  if (!cs.live) return;  // uniform over the CTA
-  const geo::Problem& pr = p.pr;
-
-  auto q_row_offset = [&](int r) { return TS::q_row_offset(pr, cs, r); };
-  auto load_kv = [&](int32_t n, int stage) {
-    TS::load_kv(pr, cs, n, p.k, p.v, p.add_k, p.add_v, sK_ptr + stage * kKVElems, sV_ptr + stage * kKVElems, tid);
-  };
-
-  // Prologue: Q tile, per-row windows, K/V tile 0.
-  load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(sQ_ptr, static_cast<const Element*>(p.q), tid,
-                                                                    q_row_offset);
-  store_row_windows<Traits>(pr, cs, s_win, tid);
-  load_kv(0, 0);
+  if (!fwd_prologue<Traits>(p, sm, tid)) return;
+  const CtaSchedule& cs = *sm.cs;
+  KVTileWalker<Traits> kv_walker;
+  fwd_issue_kv<Traits>(p, sm, kv_walker, 0, tid);
   cp_async_commit();
 
-  Tensor sQ = make_tensor(make_smem_ptr(sQ_ptr), typename Traits::SmemLayoutQ{});
-  Tensor sK0 = make_tensor(make_smem_ptr(sK_ptr), typename Traits::SmemLayoutKV{});
-  Tensor sVt_plain = make_tensor(make_smem_ptr(sV_ptr), make_layout(Shape<Int<kD>, Int<kBlockN>>{}));
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Traits::SmemLayoutQ{});
+  Tensor sK0 = make_tensor(make_smem_ptr(sm.k), typename Traits::SmemLayoutKV{});
+  Tensor sVt_plain = make_tensor(make_smem_ptr(sm.v), make_layout(Shape<Int<kD>, Int<kBlockN>>{}));
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
@@ -94,18 +73,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
   for (int32_t n = 0; n < cs.n_tiles; ++n) {
     const int stage = n & 1;
     cp_async_wait<0>();
-    __syncthreads();  // K/V(n) (and Q, windows) visible; every warp done with stage (n + 1) & 1
+    __syncthreads();  // K/V(n) (and Q, windows, flags) visible; every warp done with stage (n + 1) & 1
     if (n + 1 < cs.n_tiles) {
-      load_kv(n + 1, stage ^ 1);  // overlaps with this tile's math
+      fwd_issue_kv<Traits>(p, sm, kv_walker, stage ^ 1, tid);  // tile n + 1: overlaps with this tile's math
       cp_async_commit();
     }
-    int32_t org[3];
-    bool active, full;
-    TS::tile_info(pr, cs, n, warp, org, &active, &full);
-    if (!active) continue;
+    const TileFlags& tf = cs.flags[stage];
+    if (!((tf.active >> warp) & 1u)) continue;
+    const bool full = (tf.full >> warp) & 1u;
 
-    Tensor sK = make_tensor(make_smem_ptr(sK_ptr + stage * kKVElems), typename Traits::SmemLayoutKV{});
-    Tensor sVt = make_tensor(make_smem_ptr(sV_ptr + stage * kKVElems), typename Traits::SmemLayoutVt{});
+    Tensor sK = make_tensor(make_smem_ptr(sm.k_stage(stage)), typename Traits::SmemLayoutKV{});
+    Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(stage)), typename Traits::SmemLayoutVt{});
     Tensor tsK = thr_copy_k.partition_S(sK);
     Tensor tsVt = thr_copy_v.partition_S(sVt);
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -113,7 +91,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
     gemm_ss(tiled_mma, acc_s, rQ, rK, tsQ, tsK, copy_q, copy_k, thr_copy_q, thr_copy_k);
 
     Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
-    if (!full) mask_tile<Traits>(s_rc, s_win, pr, cs, n, org, warp, lane);
+    if (!full) {
+      const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
+      mask_tile<Traits>(s_rc, sm.win, p.pr, cs, n, org, warp, lane);
+    }
     softmax.update(s_rc, acc_o_rc, p.scale_log2);
 
     // P (registers, converted to Element) . V
@@ -122,22 +103,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
     gemm_rs(tiled_mma, acc_o, rPa, rVt, tsVt, copy_v, thr_copy_v);
   }
 
-  // Epilogue.
   float lse[kRows];
   softmax.finalize(acc_o_rc, p.scale, lse);
-  cp_async_wait<0>();
-  __syncthreads();  // sQ is reused for O
-  Element* sO_ptr = sQ_ptr;
-  acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutQ>(acc_o_rc, sO_ptr, 1.f, warp, lane);
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t off = q_row_offset(acc_row<Traits::kNWarps>(r, warp, lane));
-      if (off >= 0) p.lse[off / kD] = lse[r];  // [B, N, H] row index = element offset / D
-    }
-  }
-  __syncthreads();
-  store_rows<Traits, kBlockM, typename Traits::SmemLayoutQ>(static_cast<Element*>(p.out), sO_ptr, tid, q_row_offset);
+  fwd_epilogue<Traits>(p, sm, acc_o_rc, lse, tid, warp, lane);
 #endif
 }
 

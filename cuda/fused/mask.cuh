@@ -45,6 +45,10 @@ template <class KVTile>
 using BitsT = std::conditional_t<(KVTile::extent(0) > 32 || KVTile::extent(1) > 32 || KVTile::extent(2) > 32),
                                  uint64_t, uint32_t>;
 
+// Whether every axis of a KV tile fits one 64-bit word (else the mask compares coordinates).
+template <class KVTile>
+constexpr bool kFitsBitWord = KVTile::extent(0) <= 64 && KVTile::extent(1) <= 64 && KVTile::extent(2) <= 64;
+
 // Bits [max(lo, 0), min(hi, k)) set (k <= width of T).
 template <class T>
 __device__ __forceinline__ T interval_bits(int32_t lo, int32_t hi, int32_t k) {
@@ -67,23 +71,49 @@ __device__ __forceinline__ void mask_window_tile(TensorS& s_rc, const int2* s_wi
   constexpr int kRows = decltype(cute::size<0>(s_rc))::value;
   constexpr int kCols = decltype(cute::size<1>(s_rc))::value;
   const int lane_col = 2 * (lane & 3);
+  if constexpr (!kFitsBitWord<KVTile>) {
+    // An axis wider than 64 keys (1-D tiles of 128): compare coordinates with the interval instead.
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int row = acc_row<Traits::kNWarps>(r, warp, lane);
-    using T = BitsT<KVTile>;
-    T bits[3];
+    for (int r = 0; r < kRows; ++r) {
+      const int row = acc_row<Traits::kNWarps>(r, warp, lane);
+      int32_t lo[3], hi[3];
 #pragma unroll
-    for (int a = 0; a < kRank; ++a) {
-      const int2 w = s_win[a * Traits::kBlockM + row];
-      bits[a] = interval_bits<T>(w.x - org[a], w.y - org[a], KVTile::extent(a)) >> KVTile::coord(lane_col, a);
+      for (int a = 0; a < kRank; ++a) {
+        const int2 w = s_win[a * Traits::kBlockM + row];
+        lo[a] = w.x - org[a];
+        hi[a] = w.y - org[a];
+      }
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int col = (c >> 1) * 8 + (c & 1) + lane_col;
+        bool ok = true;
+#pragma unroll
+        for (int a = 0; a < kRank; ++a) {
+          const int32_t x = KVTile::coord(col, a);
+          ok = ok && lo[a] <= x && x < hi[a];
+        }
+        if (!ok) s_rc(r, c) = -INFINITY;
+      }
     }
+  } else {
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      const int colc = (c >> 1) * 8 + (c & 1);  // register part of the column index
-      bool ok = true;
+    for (int r = 0; r < kRows; ++r) {
+      const int row = acc_row<Traits::kNWarps>(r, warp, lane);
+      using T = BitsT<KVTile>;
+      T bits[3];
 #pragma unroll
-      for (int a = 0; a < kRank; ++a) ok = ok && ((bits[a] >> KVTile::coord(colc, a)) & T(1));
-      if (!ok) s_rc(r, c) = -INFINITY;
+      for (int a = 0; a < kRank; ++a) {
+        const int2 w = s_win[a * Traits::kBlockM + row];
+        bits[a] = interval_bits<T>(w.x - org[a], w.y - org[a], KVTile::extent(a)) >> KVTile::coord(lane_col, a);
+      }
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int colc = (c >> 1) * 8 + (c & 1);  // register part of the column index
+        bool ok = true;
+#pragma unroll
+        for (int a = 0; a < kRank; ++a) ok = ok && ((bits[a] >> KVTile::coord(colc, a)) & T(1));
+        if (!ok) s_rc(r, c) = -INFINITY;
+      }
     }
   }
 }

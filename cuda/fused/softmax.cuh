@@ -13,11 +13,19 @@
 namespace jax_na {
 namespace fused {
 
+// SM90 wgmma accumulators are ((2, 2, N/8), MMA_M, MMA_N) with the same per-thread (row, column)
+// ownership inside a 64-row warpgroup tile (col pair, row half, 8-column block): row_col() views them
+// as ((row half, m), ((col pair, n block), n)) so that the masks and softmax serve both paths.
 template <class Layout>
 __device__ __forceinline__ auto row_col(Layout l) {
   using namespace cute;
   static_assert(decltype(rank(l))::value == 3, "accumulator layout");
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+  if constexpr (decltype(rank<0>(l))::value == 3) {
+    return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                       make_layout(make_layout(get<0, 0>(l), get<0, 2>(l)), get<2>(l)));
+  } else {
+    return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+  }
 }
 
 // Accumulator layout ((2,2), M, N) -> A-operand register layout ((2,2,2), M, N/2) for m16n8k16.
@@ -26,6 +34,14 @@ __device__ __forceinline__ auto acc_to_a_layout(Layout l) {
   using namespace cute;
   auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // ((2,2), M, (2, N/2))
   return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+}
+
+// 2^x with the hardware approximation (ex2.approx.ftz: ~2 ulp, flushes denormal results to 0, gives 0
+// for -inf): the probabilities are rounded to 16 bits before the P.V product anyway.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -54,6 +70,15 @@ struct OnlineSoftmax {
   // o_rc: output accumulator (rows, cols), rescaled to the new running max.
   template <class TensorS, class TensorO>
   __device__ __forceinline__ void update(TensorS& s_rc, TensorO& o_rc, float scale_log2) {
+    float alpha[kRows];
+    update_scores(s_rc, scale_log2, alpha);
+    rescale(o_rc, alpha);
+  }
+
+  // The two halves of update(), for callers that overlap the output rescale with an MMA in flight:
+  // scores -> probabilities and the factor alpha per row that the output accumulator needs ...
+  template <class TensorS>
+  __device__ __forceinline__ void update_scores(TensorS& s_rc, float scale_log2, float alpha[kRows]) {
     using namespace cute;
     static_assert(decltype(size<0>(s_rc))::value == kRows, "rows");
 #pragma unroll
@@ -64,18 +89,28 @@ struct OnlineSoftmax {
       mx = quad_max(mx);
       // A row that has seen only masked scores keeps max -inf: use 0 so exp2 gives 0, never NaN.
       const float m_scaled = (mx == -INFINITY) ? 0.f : mx * scale_log2;
-      const float alpha = exp2f(row_max[r] * scale_log2 - m_scaled);  // 0 when row_max was -inf
+      const float alpha_r = fast_exp2(row_max[r] * scale_log2 - m_scaled);  // 0 when row_max was -inf
       row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int c = 0; c < size<1>(s_rc); ++c) {
-        const float pexp = exp2f(s_rc(r, c) * scale_log2 - m_scaled);
+        const float pexp = fast_exp2(s_rc(r, c) * scale_log2 - m_scaled);
         s_rc(r, c) = pexp;
         sum += pexp;
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
+      row_sum[r] = row_sum[r] * alpha_r + sum;
+      alpha[r] = alpha_r;
+    }
+  }
+
+  // ... and that rescale.
+  template <class TensorO>
+  __device__ __forceinline__ static void rescale(TensorO& o_rc, const float alpha[kRows]) {
+    using namespace cute;
 #pragma unroll
-      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= alpha;
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= alpha[r];
     }
   }
 

@@ -21,6 +21,15 @@
 namespace jax_na {
 namespace fused {
 
+// What the kernels need of KV tile n, published in smem by warp 0 one tile ahead (read after the
+// barrier that also publishes the tile's K/V): its origin and, per warp w, bit w of `active` (the
+// tile meets the windows of some query of warp w) and of `full` (it lies inside all of them).
+struct TileFlags {
+  int32_t org[3];
+  uint32_t active;
+  uint32_t full;
+};
+
 // Per-CTA schedule, computed once into shared memory (keeps ~40 values out of the registers that
 // the accumulators need); every thread reads it back after a barrier.
 struct CtaSchedule {
@@ -33,11 +42,17 @@ struct CtaSchedule {
   int32_t n_tiles;  // window tiles + additional-keys tiles
   int32_t h, hkv;
   int64_t b;
+  // Element offset in k/v of key position (p0, p1, p2) of the group: kv_base + sum_a p_a kv_step[a]
+  // (token_of and Problem::token are linear in the positions): a few multiply-adds per gathered row.
+  int64_t kv_base;
+  int64_t kv_step[3];
   int32_t live;  // 0: the CTA owns no query (its group is shorter than the tiled length)
   // Per warp: union (bounding box) and intersection of its queries' windows.
   static constexpr int kMaxWarps = 8;
   int32_t warp_live[kMaxWarps];
   int32_t wbox_lo[kMaxWarps][3], wbox_hi[kMaxWarps][3], wfull_lo[kMaxWarps][3], wfull_hi[kMaxWarps][3];
+  static constexpr int kMaxStages = 3;
+  TileFlags flags[kMaxStages];  // per K/V stage: the tile in it (KVTileWalker::issue)
 };
 
 // In-tile coordinate on axis a of query row r of a query-stationary CTA (see the TiledMma of
@@ -96,6 +111,15 @@ struct TileScheduler {
       }
     }
     if (tid == 0) {
+      int32_t x0[3];
+      int64_t tok_stride = 1;
+      for (int a = 2; a >= 0; --a) {
+        x0[a] = geo::token_of(pr.axis[a], g[a], 0);
+        cs.kv_step[a] = static_cast<int64_t>(pr.axis[a].d) * tok_stride * pr.Hkv * Traits::kHeadDim;
+        tok_stride *= pr.axis[a].L;
+      }
+      cs.kv_base = geo::offset(static_cast<int64_t>(blockIdx.z), pr.token(x0), blockIdx.y / pr.groups(), 0, pr.N,
+                               pr.Hkv, Traits::kHeadDim);
       cs.n_window_tiles = n_window_tiles;
       cs.n_tiles = n_window_tiles + static_cast<int32_t>((pr.Na + Traits::kBlockN - 1) / Traits::kBlockN);
       cs.h = blockIdx.y;
@@ -125,20 +149,6 @@ struct TileScheduler {
     cs.warp_live[w] = wlive;
   }
 
-  // Origin (group positions) of window tile n < n_window_tiles.
-  __device__ __forceinline__ static void tile_origin(const CtaSchedule& cs, int32_t n, int32_t org[3]) {
-#pragma unroll
-    for (int a = 2; a >= 0; --a) {
-      if (a >= kRank) { org[a] = 0; continue; }
-      int32_t i = n;
-      if (a > 0) {
-        i = n % cs.ntiles[a];
-        n /= cs.ntiles[a];
-      }
-      org[a] = cs.box_lo[a] + i * KVTile::extent(a);
-    }
-  }
-
   // Whether warp w has any key of the tile in its windows / every key of it in all its windows.
   __device__ __forceinline__ static void classify(const CtaSchedule& cs, int w, const int32_t org[3], bool* active,
                                                   bool* full) {
@@ -153,20 +163,6 @@ struct TileScheduler {
     *full = ful;
   }
 
-  // Tile n of warp w: window-tile origin (zeros for additional keys), whether the warp has work in it
-  // and whether it needs no mask.
-  __device__ __forceinline__ static void tile_info(const geo::Problem& pr, const CtaSchedule& cs, int32_t n, int w,
-                                                   int32_t org[3], bool* active, bool* full) {
-    org[0] = org[1] = org[2] = 0;
-    if (n < cs.n_window_tiles) {
-      tile_origin(cs, n, org);
-      classify(cs, w, org, active, full);
-    } else {
-      *active = true;
-      *full = static_cast<int64_t>(n - cs.n_window_tiles + 1) * Traits::kBlockN <= pr.Na;
-    }
-  }
-
   // Element offset of query row r (head cs.h) in a [B, N, H, D] tensor, or -1 outside the group.
   __device__ __forceinline__ static int64_t q_row_offset(const geo::Problem& pr, const CtaSchedule& cs, int r) {
     int32_t x[3] = {0, 0, 0};
@@ -179,19 +175,17 @@ struct TileScheduler {
     return geo::offset(cs.b, pr.token(x), cs.h, 0, pr.N, pr.H, Traits::kHeadDim);
   }
 
-  // cp.async of K/V tile n (window or additional keys) into sK/sV; the caller commits.
+  // cp.async of K/V tile n (window tile at origin org, or additional keys) into sK/sV; the caller commits.
   template <class Element>
   __device__ __forceinline__ static void load_kv(const geo::Problem& pr, const CtaSchedule& cs, int32_t n,
-                                                 const void* k, const void* v, const void* add_k,
-                                                 const void* add_v, Element* sK, Element* sV, int tid) {
-    int32_t org[3] = {0, 0, 0};
+                                                 const int32_t org[3], const void* k, const void* v,
+                                                 const void* add_k, const void* add_v, Element* sK, Element* sV,
+                                                 int tid) {
     const bool window = n < cs.n_window_tiles;
-    if (window) tile_origin(cs, n, org);
     auto off = [&](int r) { return kv_row_offset(pr, cs, n, org, r); };
-    load_rows<Traits, Traits::kBlockN, Element, typename Traits::SmemLayoutKV>(
-        sK, static_cast<const Element*>(window ? k : add_k), tid, off);
-    load_rows<Traits, Traits::kBlockN, Element, typename Traits::SmemLayoutKV>(
-        sV, static_cast<const Element*>(window ? v : add_v), tid, off);
+    load_rows_pair<Traits, Traits::kBlockN, Element, typename Traits::SmemLayoutKV>(
+        sK, static_cast<const Element*>(window ? k : add_k), sV, static_cast<const Element*>(window ? v : add_v),
+        tid, off);
   }
 
   // Element offset of key row r of KV tile n (kv head cs.hkv) in k/v (window tiles) or add_k/add_v
@@ -202,14 +196,66 @@ struct TileScheduler {
       const int64_t j = static_cast<int64_t>(n - cs.n_window_tiles) * Traits::kBlockN + r;
       return j < pr.Na ? geo::offset(cs.b, j, cs.hkv, 0, pr.Na, pr.Hkv, Traits::kHeadDim) : int64_t{-1};
     }
-    int32_t x[3] = {0, 0, 0};
+    int64_t off = cs.kv_base;
 #pragma unroll
     for (int a = 0; a < kRank; ++a) {
       const int32_t pos = org[a] + KVTile::coord(r, a);
       if (pos >= cs.Lg[a]) return -1;
-      x[a] = geo::token_of(pr.axis[a], cs.g[a], pos);
+      off += pos * cs.kv_step[a];
     }
-    return geo::offset(cs.b, pr.token(x), cs.hkv, 0, pr.N, pr.Hkv, Traits::kHeadDim);
+    return off;
+  }
+};
+
+// Walks the KV tiles of a query-stationary CTA in order without divisions: an odometer over the
+// window tiles of the box (last axis fastest), then the additional-keys tiles.
+template <class Traits>
+struct KVTileWalker {
+  using TS = TileScheduler<Traits>;
+  using KVTile = typename Traits::KVTile;
+  int32_t n = 0;
+  int32_t i[3] = {0, 0, 0};
+
+  __device__ __forceinline__ void origin(const CtaSchedule& cs, int32_t org[3]) const {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) org[a] = n < cs.n_window_tiles ? cs.box_lo[a] + i[a] * KVTile::extent(a) : 0;
+  }
+
+  // cp.async of the current tile into sK/sV (the caller commits); warp 0 fills f; then steps on.
+  template <class Element>
+  __device__ __forceinline__ void issue(const geo::Problem& pr, const CtaSchedule& cs, const void* k,
+                                        const void* v, const void* add_k, const void* add_v, Element* sK,
+                                        Element* sV, TileFlags& f, int tid) {
+    int32_t org[3];
+    origin(cs, org);
+    TS::load_kv(pr, cs, n, org, k, v, add_k, add_v, sK, sV, tid);
+    if (tid < 32) {
+      bool act = true, ful = false;
+      if (n < cs.n_window_tiles) {
+        const int w = tid < Traits::kNWarps ? tid : 0;
+        TS::classify(cs, w, org, &act, &ful);
+      } else {
+        ful = static_cast<int64_t>(n - cs.n_window_tiles + 1) * Traits::kBlockN <= pr.Na;
+      }
+      constexpr uint32_t kWarpBits = (1u << Traits::kNWarps) - 1u;
+      const uint32_t a_bits = __ballot_sync(0xffffffffu, act) & kWarpBits;
+      const uint32_t f_bits = __ballot_sync(0xffffffffu, ful) & kWarpBits;
+      if (tid == 0) {
+        f.org[0] = org[0];
+        f.org[1] = org[1];
+        f.org[2] = org[2];
+        f.active = a_bits;
+        f.full = f_bits;
+      }
+    }
+    ++n;
+    if (++i[2] == cs.ntiles[2]) {  // axes past the rank have one tile
+      i[2] = 0;
+      if (++i[1] == cs.ntiles[1]) {
+        i[1] = 0;
+        ++i[0];
+      }
+    }
   }
 };
 

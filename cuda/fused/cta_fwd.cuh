@@ -1,0 +1,94 @@
+// What both forward kernels (portable and Hopper) do around their main loops: the shared-memory
+// carve-up, the prologue (schedule, Q tile, per-row windows) and the epilogue (O / rowsum through
+// smem to 16-byte row stores, lse per row).
+#pragma once
+
+#include <cstdint>
+
+#include "fused/copy.cuh"
+#include "fused/epilogue.cuh"
+#include "fused/mask.cuh"
+#include "fused/params.cuh"
+#include "fused/tile_scheduler.cuh"
+
+namespace jax_na {
+namespace fused {
+
+// Q tile (reused for O), kStages K and V tiles, row windows, the CTA schedule.
+template <class Traits>
+struct FwdSmem {
+  using Element = typename Traits::Element;
+  static constexpr int kKVElems = Traits::kBlockN * Traits::kHeadDim;
+  static constexpr int kOffK = Traits::kSmemQ;
+  static constexpr int kOffV = kOffK + Traits::kStages * Traits::kSmemKV;
+  static constexpr int kOffWin = kOffV + Traits::kStages * Traits::kSmemKV;
+  static constexpr int kOffSched = kOffWin + Traits::kSmemWin;
+  static_assert(sizeof(CtaSchedule) <= Traits::kSmemSched, "schedule smem");
+  static_assert(Traits::kStages <= CtaSchedule::kMaxStages, "tile flags per stage");
+
+  Element* q;
+  Element* k;
+  Element* v;
+  int2* win;
+  CtaSchedule* cs;
+
+  __device__ __forceinline__ explicit FwdSmem(char* raw)
+      : q(reinterpret_cast<Element*>(raw)),
+        k(reinterpret_cast<Element*>(raw + kOffK)),
+        v(reinterpret_cast<Element*>(raw + kOffV)),
+        win(reinterpret_cast<int2*>(raw + kOffWin)),
+        cs(reinterpret_cast<CtaSchedule*>(raw + kOffSched)) {}
+  __device__ __forceinline__ Element* k_stage(int s) const { return k + s * kKVElems; }
+  __device__ __forceinline__ Element* v_stage(int s) const { return v + s * kKVElems; }
+};
+
+// Fills the schedule, then issues the Q tile (cp.async, uncommitted: it joins the caller's first
+// group) and stores the rows' windows. False when the CTA owns no query (uniform over the CTA).
+template <class Traits>
+__device__ __forceinline__ bool fwd_prologue(const FwdKernelParams& p, const FwdSmem<Traits>& sm, int tid) {
+  using TS = TileScheduler<Traits>;
+  TS::compute(p.pr, p.q_tiles, *sm.cs, tid);
+  __syncthreads();
+  if (!sm.cs->live) return false;
+  const CtaSchedule& cs = *sm.cs;
+  load_rows<Traits, Traits::kBlockM, typename Traits::Element, typename Traits::SmemLayoutQ>(
+      sm.q, static_cast<const typename Traits::Element*>(p.q), tid,
+      [&](int r) { return TS::q_row_offset(p.pr, cs, r); });
+  store_row_windows<Traits>(p.pr, cs, sm.win, tid);
+  return true;
+}
+
+// Issues KV tile `walker` is at into `stage` (cp.async, uncommitted) with its flags.
+template <class Traits>
+__device__ __forceinline__ void fwd_issue_kv(const FwdKernelParams& p, const FwdSmem<Traits>& sm,
+                                             KVTileWalker<Traits>& walker, int stage, int tid) {
+  walker.issue(p.pr, *sm.cs, p.k, p.v, p.add_k, p.add_v, sm.k_stage(stage), sm.v_stage(stage),
+               sm.cs->flags[stage], tid);
+}
+
+// o_rc: the normalized output (rows, cols) of this thread; lse: per fragment row. Every MMA reading
+// sQ must have completed in every warp (the caller's loop ends with them waited for).
+template <class Traits, class TensorO, int kRows>
+__device__ __forceinline__ void fwd_epilogue(const FwdKernelParams& p, const FwdSmem<Traits>& sm, const TensorO& o_rc,
+                                             const float (&lse)[kRows], int tid, int warp, int lane) {
+  using TS = TileScheduler<Traits>;
+  using Element = typename Traits::Element;
+  const CtaSchedule& cs = *sm.cs;
+  auto q_row_offset = [&](int r) { return TS::q_row_offset(p.pr, cs, r); };
+  cp_async_wait<0>();
+  __syncthreads();  // sQ is reused for O
+  acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutQ>(o_rc, sm.q, 1.f, warp, lane);
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t off = q_row_offset(acc_row<Traits::kNWarps>(r, warp, lane));
+      if (off >= 0) p.lse[off / Traits::kHeadDim] = lse[r];  // [B, N, H] row index = element offset / D
+    }
+  }
+  __syncthreads();
+  store_rows<Traits, Traits::kBlockM, typename Traits::SmemLayoutQ>(static_cast<Element*>(p.out), sm.q, tid,
+                                                                    q_row_offset);
+}
+
+}  // namespace fused
+}  // namespace jax_na
