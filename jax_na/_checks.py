@@ -16,7 +16,11 @@ import numpy as np
 from jax_na import _ext
 
 # Backends the library knows, and the ones that are planned (asking for those says so).
-KNOWN_BACKENDS = ("fused", "reference", "naive")
+KNOWN_BACKENDS = ("fused", "fused_sm80", "fused_sm90", "reference", "naive")
+# The fused family: "fused" runs the Hopper forward kernel on compute capability 9.0 GPUs and the
+# portable one elsewhere; "fused_sm80" / "fused_sm90" pin one of them (to compare them, or to rule one
+# out). Value: the FFI target's ``arch`` attribute. The backward is the portable one for all three.
+FUSED_BACKENDS = {"fused": 0, "fused_sm80": 80, "fused_sm90": 90}
 PLANNED_BACKENDS = ("gemm",)
 # Backends with the unfused na*d_qk / na*d_av ops (the fused kernels have no unfused twin).
 UNFUSED_BACKENDS = ("reference", "naive")
@@ -24,6 +28,8 @@ FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # What each backend accepts: dtypes (head dims: see FUSED_HEAD_DIMS for "fused"; the others take any).
 BACKEND_DTYPES = {
     "fused": (jnp.float16, jnp.bfloat16),
+    "fused_sm80": (jnp.float16, jnp.bfloat16),
+    "fused_sm90": (jnp.float16, jnp.bfloat16),
     "reference": FLOAT_DTYPES + (jnp.float64,),
     "naive": FLOAT_DTYPES,
 }
@@ -34,6 +40,11 @@ FUSED_HEAD_DIMS = (64, 128)
 # of at most this size, so any batch works).
 FUSED_MAX_HEADS = 65535
 FUSED_MAX_BATCH = 65535
+
+
+def backend_family(backend: str) -> str:
+    """The kernel family of a backend name: "fused" for every FUSED_BACKENDS name, else itself."""
+    return "fused" if backend in FUSED_BACKENDS else backend
 
 
 def fused_head_dim(D: int, Dv: int) -> int | None:
@@ -184,32 +195,36 @@ def resolve_backend(backend: str | None, dtype, what: str = "na", query=None, va
         raise TypeError(f"backend {backend!r} does not support dtype {_dtype_name(dtype)} of the inputs "
                         f"(allowed: {', '.join(_dtype_name(d) for d in allowed)}); backends that "
                         f"support {_dtype_name(dtype)}: {_supporting(dtype)}")
-    if backend == "fused" and query is not None:
-        _check_fused(query, value, scale)
+    if backend in FUSED_BACKENDS and query is not None:
+        _check_fused(query, value, scale, backend)
     if backend != "reference" and not _ext.has_cuda_kernels():
         raise ValueError(f"backend {backend!r} needs jax_na's CUDA kernels, which this installation "
                          f"does not have (built without nvcc); available: {_ext.available_backends()}")
-    if backend == "fused" and not _ext.has_fused_kernels():
-        raise ValueError("backend 'fused' needs jax_na's fused CUDA kernels, which this installation does "
-                         "not have (built without the CUTLASS headers: pip install nvidia-cutlass, then "
+    if backend in FUSED_BACKENDS and not _ext.has_fused_kernels():
+        raise ValueError(f"backend {backend!r} needs jax_na's fused CUDA kernels, which this installation "
+                         "does not have (built without the CUTLASS headers: pip install nvidia-cutlass, then "
                          f"reinstall jax_na); available: {_ext.available_backends()}")
+    if backend == "fused_sm90" and not _ext.has_hopper_kernels():
+        raise ValueError("backend 'fused_sm90' needs a compute capability 9.0 GPU (H100/H200) and a build "
+                         "with 90a in JAX_NA_CUDA_ARCHS (this one: "
+                         f"{_ext.cuda_archs() or 'none'}); available: {_ext.available_backends()}")
     return backend
 
 
-def _check_fused(query, value, scale):
-    """Limits of the fused kernels, checked for an explicit backend="fused"."""
+def _check_fused(query, value, scale, backend="fused"):
+    """Limits of the fused kernels, checked for an explicit fused backend."""
     B, *_, H, D = query.shape
     Dv = value.shape[-1]
     if not scale > 0:
-        raise ValueError(f"backend 'fused' needs a positive scale (allowed: scale > 0), got scale={scale}; "
+        raise ValueError(f"backend {backend!r} needs a positive scale (allowed: scale > 0), got scale={scale}; "
                          f"backends that support any finite scale: ['reference', 'naive']")
     if fused_head_dim(D, Dv) is None:
-        raise ValueError(f"backend 'fused' supports head dims up to {FUSED_HEAD_DIMS[-1]} (query/key head "
+        raise ValueError(f"backend {backend!r} supports head dims up to {FUSED_HEAD_DIMS[-1]} (query/key head "
                          f"dim D and value head dim D_v; allowed: 1..{FUSED_HEAD_DIMS[-1]}, run zero-padded "
                          f"to {' or '.join(map(str, FUSED_HEAD_DIMS))}), got D={D}, D_v={Dv}; backends "
                          f"that support these head dims: ['reference', 'naive']")
     if H > FUSED_MAX_HEADS:
-        raise ValueError(f"backend 'fused' supports at most {FUSED_MAX_HEADS} query heads (allowed: "
+        raise ValueError(f"backend {backend!r} supports at most {FUSED_MAX_HEADS} query heads (allowed: "
                          f"1..{FUSED_MAX_HEADS}), query has H={H}; backends that support it: "
                          f"['reference', 'naive']")
 

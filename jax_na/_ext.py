@@ -48,6 +48,18 @@ def cuda_archs() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def has_hopper_kernels() -> bool:
+    """True when the Hopper (sm_90a, wgmma) fused forward was compiled and a compute capability 9.0
+    GPU is present (that code runs on nothing else)."""
+    if not has_fused_kernels() or "90a" not in cuda_archs().split(";"):
+        return False
+    try:
+        return any(d.platform == "gpu" and getattr(d, "compute_capability", "") == "9.0" for d in jax.devices())
+    except RuntimeError:  # pragma: no cover
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def register_targets() -> tuple[str, ...]:
     """Register every compiled handler for the CUDA platform (once).
 
@@ -76,6 +88,8 @@ def available_backends() -> list[str]:
     jax_na.primitives.AUTO_PREFERENCE). "fused" only takes float16/bfloat16 with head dims up to 128."""
     on_gpu = has_cuda_kernels() and has_cuda_device()
     out = ["fused"] if on_gpu and has_fused_kernels() else []
+    if out:
+        out += ["fused_sm90", "fused_sm80"] if has_hopper_kernels() else ["fused_sm80"]
     out.append("reference")
     if on_gpu:
         out.append("naive")

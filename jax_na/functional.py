@@ -119,9 +119,11 @@ _NA_DOC = """{rank}-D neighborhood attention.
         time: "fused" on CUDA for float16/bfloat16 with head dims up to 128 and scale > 0, else the
         reference), "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims
         ``D, D_v <= 128``, ``scale > 0``; head dims other than 64/128 are padded to 64 or 128
-        (zeros, same scale) and the results sliced back),
+        (zeros, same scale) and the results sliced back; the forward runs a wgmma kernel on
+        compute capability 9.0 GPUs and the portable sm80-class one elsewhere), "fused_sm80" /
+        "fused_sm90" (the same, with the forward kernel pinned: portable / Hopper-only),
         "naive" (one thread per output element; every float dtype and head dim) or "reference"
-        (pure JAX, every platform). "fused" and "naive" raise a ValueError/TypeError for a call they
+        (pure JAX, every platform). The fused backends and "naive" raise a ValueError/TypeError for a call they
         cannot take or when jax_na was built without them; a call lowered for a non-CUDA platform
         uses the reference.
 

@@ -214,7 +214,8 @@ def cuda_kernel(backend: str, kind: str, avals, params: NAParams | None = None) 
     (fused forward compiled without the fused backward: the backward then runs on the reference)."""
     if backend == "auto":
         return next((f for f in AUTO_PREFERENCE if supports(f, kind, avals, params)), None)
-    return backend if backend in ("naive", "fused") and supports(backend, kind, avals, params) else None
+    family = _checks.backend_family(backend)
+    return family if family in ("naive", "fused") and supports(family, kind, avals, params) else None
 
 
 def _attrs(params: NAParams, with_scale=True):
@@ -284,7 +285,8 @@ def _fused_impl(kind, *args, params, backend):
         def call(q, k, v, add_k, add_v):
             out = jax.ShapeDtypeStruct((*q.shape[:-1], P), q.dtype)
             lse = jax.ShapeDtypeStruct(q.shape[:-1], f32)
-            return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(q, k, v, add_k, add_v, **attrs)
+            return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(
+                q, k, v, add_k, add_v, arch=np.int64(_checks.FUSED_BACKENDS.get(backend, 0)), **attrs)
 
         out, lse = _batch_chunks(call, [_pad_last(x, P) for x in args])
         return [_last(out, Dv), lse]

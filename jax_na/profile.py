@@ -226,7 +226,7 @@ def na_fn(p: Problem):
 
 def fits(p: Problem, backend: str, mode: str, dtype=None) -> str | None:
     """None if the backend can run the problem here (in ``dtype``, when given), else why not."""
-    if backend == "fused":
+    if _checks.backend_family(backend) == "fused":
         if dtype is not None and jnp.dtype(dtype).name not in FUSED_DTYPES:
             return f"skipped: fused takes {'/'.join(FUSED_DTYPES)}, not {jnp.dtype(dtype).name}"
         if _checks.fused_head_dim(p.D, p.D) is None:
@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fwd, fwdbwd (forward+backward) or both, comma separated")
     r.add_argument("--backends", default=None,
                    help="comma list; default: every backend in jax_na.available_backends() "
-                        "(on a GPU: fused, reference, naive)")
+                        "(on a GPU: fused, fused_sm90 (H100/H200), fused_sm80, reference, naive)")
     r.add_argument("--no-self-attention", action="store_true", help="skip the dense self attention baseline")
     r.add_argument("--reps", type=int, default=20, help="timed calls per entry (at most)")
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")

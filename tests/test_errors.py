@@ -271,6 +271,28 @@ def test_fused_without_its_kernels_says_so():
     assert "fused" in msg and ("CUDA" in msg or "CUTLASS" in msg) and "available" in msg, msg
 
 
+@pytest.mark.parametrize("backend", ["fused_sm80", "fused_sm90"])
+def test_pinned_fused_backends_check_like_fused(backend):
+    """The pinned fused backends take what "fused" takes and name themselves in the errors."""
+    _expect(lambda: jax_na.na2d(Q2, K2, V2, 3, backend=backend),
+            ["backend", repr(backend), "float32", "float16", "bfloat16"], exc=TypeError)
+    bf = jnp.bfloat16
+    q, k, v = _arr((1, 8, 9, 4, 256), bf), _arr((1, 8, 9, 2, 256), bf), _arr((1, 8, 9, 2, 256), bf)
+    _expect(lambda: jax_na.na2d(q, k, v, 3, backend=backend),
+            ["backend", repr(backend), "head dim", "D=256", "128"], exc=ValueError)
+
+
+def test_fused_sm90_without_a_hopper_gpu_says_so():
+    from jax_na import _ext
+    if _ext.has_hopper_kernels():
+        pytest.skip("this machine runs the Hopper kernels")
+    bf = jnp.bfloat16
+    with pytest.raises(ValueError) as ei:
+        jax_na.na2d(Q2.astype(bf), K2.astype(bf), V2.astype(bf), 3, backend="fused_sm90")
+    msg = str(ei.value)
+    assert "fused_sm90" in msg and ("9.0" in msg or "CUDA" in msg) and "available" in msg, msg
+
+
 def test_gemm_is_planned():
     _expect(lambda: jax_na.na2d(Q2, K2, V2, 3, backend="gemm"), ["gemm", "not implemented", "'fused'"],
             exc=ValueError)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jax_na
-from jax_na import primitives
+from jax_na import primitives, reference
 import jax_na._ext as ext
 
 B, X, Y, H, HKV, D, DV, NA = 1, 8, 9, 4, 2, 8, 6, 3
@@ -276,13 +276,14 @@ def test_fused_batch_above_grid_limit_runs_in_chunks(monkeypatch):
         jax.clear_caches()
 
 
-def _fake_fused_ffi_call(seen):
+def _fake_fused_ffi_call(seen, seen_arch=None):
     """A stand-in for jax.ffi.ffi_call that computes the fused targets with the reference (on CPU),
     checking the contract on the way: one head dim P in (64, 128) for every operand, zero padding."""
     from jax_na import _checks, reference
+    seen_arch = [] if seen_arch is None else seen_arch
 
     def ffi_call(target, result_shapes, **_):
-        def run(*ops, kernel_size, stride, dilation, is_causal, scale):
+        def run(*ops, kernel_size, stride, dilation, is_causal, scale, arch=None):
             params = _checks.NAParams(tuple(int(i) for i in kernel_size), tuple(int(i) for i in stride),
                                       tuple(int(i) for i in dilation), tuple(bool(i) for i in is_causal),
                                       float(scale))
@@ -292,8 +293,9 @@ def _fake_fused_ffi_call(seen):
             fwd = lambda *a: reference.attention_forward(*a, params)
             if target == "jax_na_fused_fwd":
                 assert len(result_shapes) == 2
+                seen_arch.append(int(arch))  # the forward kernel choice: 0 auto, 80 portable, 90 Hopper
                 return fwd(*ops)
-            assert target == "jax_na_fused_bwd" and len(result_shapes) == 6
+            assert target == "jax_na_fused_bwd" and len(result_shapes) == 6 and arch is None
             q, k, v, ak, av, out, lse, d_out, d_lse = ops
             assert out.shape[-1] == d_out.shape[-1] == P
             ws = result_shapes[5]
@@ -336,6 +338,24 @@ def test_fused_padding_and_chunks_compute_the_same_function(monkeypatch, D, Dv):
     for g, rg, x in zip(grads, ref_grads, (q, k, v, ak, av)):
         assert g.shape == x.shape
         np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,arch", [("fused", 0), ("fused_sm80", 80), ("fused_sm90", 90), ("auto", 0)])
+def test_fused_backend_names_pick_the_forward_kernel(monkeypatch, backend, arch):
+    """backend "fused" lets the target choose (Hopper kernel on sm_90), "fused_sm80"/"fused_sm90" pin
+    the portable/Hopper forward through the target's arch attribute; the results are the same."""
+    from jax_na import _checks, primitives
+    seen, seen_arch = [], []
+    monkeypatch.setattr(jax.ffi, "ffi_call", _fake_fused_ffi_call(seen, seen_arch))
+    q, k, v, ak, av = _inputs()
+    params = _checks.window_params(2, (X, Y), K, (1, 2), 1, (True, False), None, D)
+    out, lse = jax.jit(lambda *a: primitives._fused_impl("fwd", *a, params=params, backend=backend))(
+        q, k, v, ak, av)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, ak, av, params)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    assert seen_arch == [arch]
+    assert _checks.backend_family(backend) == ("fused" if backend != "auto" else "auto")
 
 
 @pytest.mark.skipif(ext.has_cuda_kernels(), reason="jax_na has CUDA kernels here")

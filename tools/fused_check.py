@@ -4,6 +4,7 @@ keys' gradients) with the float64 reference (jax_na.reference through its autodi
 benchmark problems (forward, backward) with CUDA-synchronized medians.
 
 Usage (GPU machine, jax_na installed): python tools/fused_check.py [--no-bench] [--json out.json]
+    [--arch 90,80] (forward kernels to check and time: 0 auto, 80 portable, 90 Hopper)
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def _attrs(p):
                 scale=np.float32(p.scale))
 
 
-def fused_fwd(q, k, v, ak, av, p):
+def fused_fwd(q, k, v, ak, av, p, arch=0):
+    """arch: 0 lets the target pick (Hopper kernel on sm_90), 80 portable, 90 Hopper."""
     shapes = (jax.ShapeDtypeStruct((*q.shape[:-1], v.shape[-1]), q.dtype),
               jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
-    return jax.ffi.ffi_call("jax_na_fused_fwd", shapes)(q, k, v, ak, av, **_attrs(p))
+    return jax.ffi.ffi_call("jax_na_fused_fwd", shapes)(q, k, v, ak, av, arch=np.int64(arch), **_attrs(p))
 
 
 def fused_bwd(q, k, v, ak, av, out, lse, do, dlse, p):
@@ -78,7 +80,7 @@ CASES = [
 ]
 
 
-def check(dtype, tol, cases=CASES):
+def check(dtype, tol, cases=CASES, arch=0):
     rng = np.random.default_rng(0)
     worst = 0.0
     fails = 0
@@ -92,7 +94,7 @@ def check(dtype, tol, cases=CASES):
         q, k, v, ak, av, do = map(cast, (q64, k64, v64, ak64, av64, do64))
         dlse = jnp.asarray(dlse64, jnp.float32)
         p = params_for(rank, q, k, v, ks, st, dl, ca)
-        out, lse = jax.jit(lambda *a: fused_fwd(*a, p))(q, k, v, ak, av)
+        out, lse = jax.jit(lambda *a: fused_fwd(*a, p, arch))(q, k, v, ak, av)
         grads = jax.jit(lambda *a: fused_bwd(*a, p))(q, k, v, ak, av, out, lse, do, dlse)
         up = [jnp.asarray(x, jnp.float64) for x in (q, k, v, ak, av, do)]
         ref = reference_all(*up[:5], up[5], jnp.asarray(dlse64, jnp.float64), p)
@@ -107,7 +109,7 @@ def check(dtype, tol, cases=CASES):
         ok = all(errs[nm] <= t[nm] for nm in errs)
         fails += not ok
         worst = max(worst, max(errs[nm] / t[nm] for nm in errs))
-        print(f"{jnp.dtype(dtype).name:8s} {name:14s} " + " ".join(f"{nm}={e:.1e}" for nm, e in errs.items())
+        print(f"sm{arch or 'auto'} {jnp.dtype(dtype).name:8s} {name:14s} " + " ".join(f"{nm}={e:.1e}" for nm, e in errs.items())
               + ("  ok" if ok else "  FAIL"), flush=True)
     return fails, worst
 
@@ -125,7 +127,7 @@ def time_fn(f, args, reps=20):
 
 
 
-def bench(dtype=jnp.bfloat16, only=None, reps=20):
+def bench(dtype=jnp.bfloat16, only=None, reps=20, arches=(0,)):
     rows = []
     rng = np.random.default_rng(1)
     for prob in PROBLEMS:
@@ -142,8 +144,11 @@ def bench(dtype=jnp.bfloat16, only=None, reps=20):
         ak = av = jnp.zeros((B, 0, H, Dk), dtype)
         p = params_for(rank, q[..., :D], k[..., :D], v[..., :D], ks, st, dl, ca)
         W = p.window_size
-        fwd = jax.jit(lambda *a: fused_fwd(*a, p))
-        t_f = time_fn(fwd, (q, k, v, ak, av), reps)
+        t_arch = {}
+        for arch in arches:
+            fwd = jax.jit(lambda *a, arch=arch: fused_fwd(*a, p, arch))
+            t_arch[arch] = time_fn(fwd, (q, k, v, ak, av), reps)
+        t_f = t_arch[arches[0]]
         out, lse = fwd(q, k, v, ak, av)
         dlse = jnp.zeros_like(lse)
         bwd = jax.jit(lambda *a: fused_bwd(*a, p))
@@ -159,8 +164,13 @@ def bench(dtype=jnp.bfloat16, only=None, reps=20):
             t_c = float("nan")
         row = dict(problem=pid, fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_tflops=flops / t_f / 1e12,
                    bwd_tflops=2.5 * flops / t_b / 1e12, fwdbwd_tflops=3.5 * flops / (t_f + t_b) / 1e12,
-                   cudnn_fwd_ms=t_c * 1e3, speedup=t_c / t_f, ideal=(t_c / t_f) / (N / W))
+                   cudnn_fwd_ms=t_c * 1e3, speedup=t_c / t_f, ideal=(t_c / t_f) / (N / W),
+                   fwd_ms_by_arch={str(a): t * 1e3 for a, t in t_arch.items()},
+                   fwd_tflops_by_arch={str(a): flops / t / 1e12 for a, t in t_arch.items()})
         rows.append(row)
+        if len(arches) > 1:
+            print(f"{pid:18s} fwd by arch: " + ", ".join(f"{a or 'auto'}: {t * 1e3:.3f} ms "
+                  f"{flops / t / 1e12:.1f} TF/s" for a, t in t_arch.items()), flush=True)
         print(f"{pid:18s} fwd {row['fwd_ms']:8.3f} ms {row['fwd_tflops']:6.1f} TF/s | bwd {row['bwd_ms']:8.3f} ms "
               f"{row['bwd_tflops']:6.1f} TF/s | fwd+bwd {row['fwdbwd_tflops']:6.1f} TF/s | cuDNN fwd "
               f"{row['cudnn_fwd_ms']:8.3f} ms, speedup {row['speedup']:5.2f}, ideal {row['ideal']:4.2f}", flush=True)
@@ -175,21 +185,28 @@ def main():
                     "(for compute-sanitizer)")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark only these problem ids, no checks")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--arch", default="0", help="forward kernels, comma list: 0 (auto), 80, 90; checks run "
+                    "for each, the benchmark times each forward (the first one in the summary)")
     a = ap.parse_args()
+    arches = tuple(int(x) for x in a.arch.split(","))
     _ext.register_targets()
     print(jax.devices(), _ext.register_targets())
     fails = 0
     if a.only:
-        rows = bench(only=a.only, reps=a.reps)
+        rows = bench(only=a.only, reps=a.reps, arches=arches)
     elif a.quick:
-        fails, w = check(jnp.bfloat16, 1e-2, [CASES[i] for i in (2, 4, 8)])
+        for arch in arches:
+            f, w = check(jnp.bfloat16, 1e-2, [CASES[i] for i in (2, 4, 8)], arch)
+            fails += f
         rows = []
     else:
-        for dt, tol in ((jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)):
-            f, w = check(dt, tol)
-            fails += f
-            print(f"{jnp.dtype(dt).name}: {f} failing cases, worst error / tolerance {w:.3f}", flush=True)
-        rows = [] if a.no_bench else bench(reps=a.reps)
+        for arch in arches:
+            for dt, tol in ((jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)):
+                f, w = check(dt, tol, CASES, arch)
+                fails += f
+                print(f"arch {arch}, {jnp.dtype(dt).name}: {f} failing cases, worst error / tolerance {w:.3f}",
+                      flush=True)
+        rows = [] if a.no_bench else bench(reps=a.reps, arches=arches)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(fails=fails, bench=rows), fh, indent=1)

@@ -1,6 +1,7 @@
-// FFI handlers jax_na_fused_fwd / jax_na_fused_bwd: fused neighborhood attention (portable
-// sm80-class kernels, cuda/fused/). Attributes kernel_size, stride, dilation, is_causal (i64 arrays,
-// one entry per spatial axis) and scale (f32). See docs/ffi.md.
+// FFI handlers jax_na_fused_fwd / jax_na_fused_bwd: fused neighborhood attention (cuda/fused/: the
+// portable sm80-class kernels, and a Hopper sm_90a forward). Attributes kernel_size, stride, dilation,
+// is_causal (i64 arrays, one entry per spatial axis) and scale (f32); the forward also takes arch (i64:
+// 0 picks the Hopper kernel on sm_90 devices, 80 the portable one, 90 the Hopper one). See docs/ffi.md.
 //   fwd: q, k, v, add_k, add_v -> out, lse (no workspace)
 //   bwd: q, k, v, add_k, add_v, out, lse, d_out, d_lse -> dq, dk, dv, d_add_k, d_add_v, workspace
 //        (float32 [B * N * H]: delta)
@@ -77,8 +78,14 @@ ffi::Error decode_fused(const char* kT, const ffi::AnyBuffer& q, const ffi::AnyB
 ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer add_k, ffi::AnyBuffer add_v, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::AnyBuffer> lse, I64Span kernel_size, I64Span stride, I64Span dilation,
-                    I64Span is_causal, float scale) {
+                    I64Span is_causal, float scale, int64_t arch) {
   constexpr const char* kT = "jax_na_fused_fwd";
+  if (arch != fused::FwdArgs::kAuto && arch != fused::FwdArgs::kPortable && arch != fused::FwdArgs::kHopper)
+    return invalid(kT, "arch must be 0 (auto), 80 (portable kernel) or 90 (Hopper kernel), got " +
+                           std::to_string(arch));
+  if (arch == fused::FwdArgs::kHopper && !fused::sm90_available())
+    return invalid(kT, "arch=90 asks for the Hopper forward kernel, which needs a compute capability 9.0 "
+                       "GPU and a build with 90a in JAX_NA_CUDA_ARCHS");
   FusedCall c;
   if (auto e = decode_fused(kT, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c); e.failure())
     return e;
@@ -97,6 +104,7 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   args.lse = static_cast<float*>(lse->untyped_data());
   args.D = static_cast<int32_t>(c.D);
   args.scale = scale;
+  args.arch = static_cast<int32_t>(arch);
   return cuda_check(kT, "the fused forward kernel", fused::launch_fwd(c.pr, c.rank, c.dtype, args, stream));
 }
 
@@ -161,7 +169,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_fused_fwd, jax_na::FusedFwd,
                                   .Arg<ffi::AnyBuffer>()  // add_v
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // lse
-                                      JNA_WINDOW_ATTRS.Attr<float>("scale"),
+                                      JNA_WINDOW_ATTRS.Attr<float>("scale")
+                                  .Attr<int64_t>("arch"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_fused_bwd, jax_na::FusedBwd,

@@ -38,8 +38,14 @@ struct FwdCall {
   const geo::Problem& pr;
   const FwdArgs& args;
   cudaStream_t stream;
+  bool hopper;
   template <DType kDT, int kD, int kRank>
-  cudaError_t run() { return run_fwd<kDT, kD, kRank>(pr, args, stream); }
+  cudaError_t run() {
+#if defined(JNA_FUSED_WITH_SM90)
+    if (hopper) return run_fwd_sm90<kDT, kD, kRank>(pr, args, stream);
+#endif
+    return run_fwd<kDT, kD, kRank>(pr, args, stream);
+  }
 };
 
 struct BwdCall {
@@ -52,8 +58,30 @@ struct BwdCall {
 
 }  // namespace
 
+bool sm90_available() {
+#if defined(JNA_FUSED_WITH_SM90)
+  // sm_90a code runs on compute capability 9.0 only; the answer per device is cached.
+  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    cached[dev] = (ok && major == 9 && minor == 0) ? 1 : 2;
+  }
+  return cached[dev] == 1;
+#else
+  return false;
+#endif
+}
+
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args, cudaStream_t stream) {
-  return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream});
+  const bool sm90 = sm90_available();
+  if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
+  const bool hopper = sm90 && args.arch != FwdArgs::kPortable;
+  return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
 }
 
 cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream) {

@@ -1,5 +1,5 @@
-// Fused neighborhood-attention forward, portable sm80-class path (mma.sync via CuTe SM80 atoms,
-// cp.async, ldmatrix): the host-side entry points. No CUDA device code and no CuTe here, so the
+// Fused neighborhood-attention forward: the host-side entry points of the portable sm80-class path
+// (mma.sync via CuTe SM80 atoms, cp.async, ldmatrix) and of the Hopper path (sm_90a: wgmma). No CUDA device code and no CuTe here, so the
 // host-compiled FFI handler can include it.
 //
 // Computes out = softmax(scale * q.k^T over each query's window [+ additional keys]) . v and
@@ -28,20 +28,31 @@ struct FwdArgs {
   float* lse = nullptr;         // [B, *S, H] float32
   int32_t D = 0;                // head dim of q, k and v
   float scale = 1.f;
+  // Which kernel: kAuto (the Hopper one on sm_90 devices when compiled, else the portable one),
+  // kPortable, or kHopper (an error where it cannot run).
+  enum Arch : int32_t { kAuto = 0, kPortable = 80, kHopper = 90 };
+  int32_t arch = kAuto;
 };
 
 // True when a compiled instantiation exists for (dtype, head dim, rank).
 bool fwd_supported(DType dtype, int64_t D, int rank);
 
+// True when the Hopper forward was compiled (sm_90a in the build) and the current device is sm_90.
+bool sm90_available();
+
 // Launches the forward kernel on `stream` (no synchronization, no allocation). `pr` comes from
 // ffi_util::make_problem (+ pr.Na); `rank` is the number of spatial axes (1..3).
-// Returns cudaErrorInvalidValue for an unsupported combination or a grid that does not fit.
+// Returns cudaErrorInvalidValue for an unsupported combination or a grid that does not fit, and
+// cudaErrorNoKernelImageForDevice when args.arch == kHopper and !sm90_available().
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args,
                        cudaStream_t stream);
 
 // One instantiation (defined in fwd_<dtype>_hd<D>.cu).
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream);
+// The Hopper one (defined in hopper/fwd_<dtype>_hd<D>.cu, compiled for sm_90a only).
+template <DType kDType, int kHeadDim, int kRank>
+cudaError_t run_fwd_sm90(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream);
 
 }  // namespace fused
 }  // namespace jax_na

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_na import functional
+from jax_na import _checks, functional
 
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
@@ -76,10 +76,10 @@ class _NeighborhoodAttention(nn.Module):
         v = dense(features=(kv_heads, head_dim), name="value")(x)
 
         if self.rel_pos_bias:
-            if self.backend == "fused":
+            if self.backend in _checks.FUSED_BACKENDS:
                 raise ValueError("rel_pos_bias=True runs the unfused qk/softmax/av ops, which the fused "
                                  "kernels do not have: use backend None/'auto', 'reference' or 'naive' "
-                                 "with rel_pos_bias, or rel_pos_bias=False with backend='fused'")
+                                 f"with rel_pos_bias, or rel_pos_bias=False with backend={self.backend!r}")
             stride = self.stride if isinstance(self.stride, (tuple, list)) else (self.stride,) * rank
             if any(s != 1 for s in stride):
                 raise ValueError(f"rel_pos_bias requires stride 1 on every axis, got stride={self.stride}")

@@ -58,9 +58,15 @@ def _native(i, case):
 NATIVE = [_native(i, c) for i, c in enumerate(helpers.edge_cases())]
 
 
+# "fused" runs the Hopper forward on compute capability 9.0 GPUs; there the portable forward
+# ("fused_sm80") runs the same cases too.
+FORWARD_KERNELS = [BACKEND] + (["fused_sm80"] if not ON_CPU and _ext.has_hopper_kernels() else [])
+
+
 @pytest.mark.parametrize("case,dtype", NATIVE, ids=[f"{c.id}-{jnp.dtype(d).name}" for c, d in NATIVE])
-def test_edge_cases_native_head_dims(case, dtype):
-    check_case(case, BACKEND, dtype, seed=helpers.seed_of(case))
+@pytest.mark.parametrize("backend", FORWARD_KERNELS)
+def test_edge_cases_native_head_dims(backend, case, dtype):
+    check_case(case, backend, dtype, seed=helpers.seed_of(case))
 
 
 # ----------------------------------------------------------------------------- many KV tiles
@@ -80,8 +86,9 @@ MANY_TILES = [
 
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", MANY_TILES, ids=lambda c: c.id)
-def test_many_kv_tiles(case, dtype):
-    check_case(case, BACKEND, dtype, seed=11)
+@pytest.mark.parametrize("backend", FORWARD_KERNELS)
+def test_many_kv_tiles(backend, case, dtype):
+    check_case(case, backend, dtype, seed=11)
 
 
 # ----------------------------------------------------------------------------- padded head dims

@@ -1,0 +1,51 @@
+// Compile-time configuration of the Hopper (sm90a) fused forward: the portable forward's tiling
+// (FwdTraits: 128-query boxes, 8 warps with 16-row sub-boxes, KV boxes of kBlockN keys) with the
+// GEMMs on warpgroup MMAs (wgmma): two warpgroups stacked along M, 64 query rows each.
+//
+// Smem: Q 16-32 KB + 3 stages of K and V (up to 192 KB for 128-key tiles at D = 128) fits the 227 KB.
+// The per-thread ownership of accumulator rows/columns is the same as the portable kernel's (warp w
+// holds rows 16w..16w+15), so the scheduler, masks, softmax and epilogue are shared. The smem tiles
+// are the same bytes (128-byte swizzle of 8 x 64-element atoms); the GMMA layouts below only tag them
+// for wgmma descriptors.
+#pragma once
+
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+
+#include "fused/kernel_traits.cuh"
+
+namespace jax_na {
+namespace fused {
+
+template <DType kDType_, int kHeadDim_, int kRank_, int kBlockN_>
+struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, 3> {
+  using Base = FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, 3>;  // 3 K/V stages (mainloop_fwd.cuh)
+  using typename Base::Element;
+  using Base::kBlockM;
+  using Base::kBlockN;
+  using Base::kHeadDim;
+  static constexpr int kMinBlocks = 1;
+  static constexpr int kNWarpGroups = 2;
+
+  // S = Q K^T: both operands from smem (K-major). O += P V: P from registers, V from smem read
+  // transposed (MN-major: the head dim is contiguous).
+  using AtomLayout = cute::Layout<cute::Shape<cute::Int<kNWarpGroups>, cute::_1, cute::_1>>;
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>>(),
+      AtomLayout{}));
+  using TiledMmaO = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      AtomLayout{}));
+
+  using GmmaAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  using GmmaLayoutQ = decltype(cute::tile_to_shape(GmmaAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  using GmmaLayoutK = decltype(cute::tile_to_shape(GmmaAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  using GmmaLayoutVt = decltype(cute::composition(
+      GmmaLayoutK{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
+};
+
+}  // namespace fused
+}  // namespace jax_na

@@ -1,0 +1,28 @@
+// Host launch of one Hopper fused forward instantiation (included by hopper/fwd_<dtype>_hd<D>.cu only).
+#pragma once
+
+#include "fused/hopper/kernel_traits.cuh"
+#include "fused/hopper/mainloop_fwd.cuh"
+#include "fused/launch_fwd.cuh"
+
+namespace jax_na {
+namespace fused {
+
+// KV tiles of 128 keys for 1-D (long contiguous windows; halves the per-tile overhead), 64 for 2-D/3-D
+// (boxes that hug the windows; a 128-key variant measured no faster on p2).
+template <int kRank>
+constexpr int kSm90BlockN = kRank == 1 ? 128 : 64;
+
+template <DType kDType, int kHeadDim, int kRank>
+cudaError_t run_fwd_sm90(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
+  using Traits = HopperFwdTraits<kDType, kHeadDim, kRank, kSm90BlockN<kRank>>;
+  return launch_fwd_kernel<Traits>(fused_fwd_sm90_kernel<Traits>, pr, args, stream);
+}
+
+#define JNA_FUSED_FWD_SM90_INSTANTIATE(DT, D)                                                            \
+  template cudaError_t run_fwd_sm90<DT, D, 1>(const geo::Problem&, const FwdArgs&, cudaStream_t);        \
+  template cudaError_t run_fwd_sm90<DT, D, 2>(const geo::Problem&, const FwdArgs&, cudaStream_t);        \
+  template cudaError_t run_fwd_sm90<DT, D, 3>(const geo::Problem&, const FwdArgs&, cudaStream_t);
+
+}  // namespace fused
+}  // namespace jax_na
