@@ -120,7 +120,7 @@ _NA_DOC = """{rank}-D neighborhood attention.
         reference), "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims
         ``D, D_v <= 128``, ``scale > 0``; head dims other than 64/128 are padded to 64 or 128
         (zeros, same scale) and the results sliced back; the forward runs a wgmma kernel on
-        compute capability 9.0 GPUs and the portable sm80-class one elsewhere), "fused_sm80" /
+        compute capability 9.0 GPUs at head dim 128 and the portable sm80-class one otherwise), "fused_sm80" /
         "fused_sm90" (the same, with the forward kernel pinned: portable / Hopper-only),
         "naive" (one thread per output element; every float dtype and head dim) or "reference"
         (pure JAX, every platform). The fused backends and "naive" raise a ValueError/TypeError for a call they

@@ -28,8 +28,8 @@ struct FwdArgs {
   float* lse = nullptr;         // [B, *S, H] float32
   int32_t D = 0;                // head dim of q, k and v
   float scale = 1.f;
-  // Which kernel: kAuto (the Hopper one on sm_90 devices when compiled, else the portable one),
-  // kPortable, or kHopper (an error where it cannot run).
+  // Which kernel: kAuto (the Hopper one on sm_90 devices at head dim 128 when compiled, else the
+  // portable one), kPortable, or kHopper (an error where it cannot run).
   enum Arch : int32_t { kAuto = 0, kPortable = 80, kHopper = 90 };
   int32_t arch = kAuto;
 };

@@ -58,9 +58,9 @@ def _native(i, case):
 NATIVE = [_native(i, c) for i, c in enumerate(helpers.edge_cases())]
 
 
-# "fused" runs the Hopper forward on compute capability 9.0 GPUs; there the portable forward
-# ("fused_sm80") runs the same cases too.
-FORWARD_KERNELS = [BACKEND] + (["fused_sm80"] if not ON_CPU and _ext.has_hopper_kernels() else [])
+# Where the Hopper forward exists (compute capability 9.0), both forward kernels run every case by name
+# ("fused" picks one per head dim; the sweep in test_gpu_naive.py covers that choice).
+FORWARD_KERNELS = (["fused_sm90", "fused_sm80"] if not ON_CPU and _ext.has_hopper_kernels() else [BACKEND])
 
 
 @pytest.mark.parametrize("case,dtype", NATIVE, ids=[f"{c.id}-{jnp.dtype(d).name}" for c, d in NATIVE])
