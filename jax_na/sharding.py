@@ -21,21 +21,22 @@ heads ``H`` / ``H_kv``    sharded as given, no communication, when the query hea
                           Shardy rule the query heads are the compound factor ``(hk, g)`` of the kv heads
                           ``hk`` and the group size ``g``. ``rpb``/``d_rpb`` follow the heads. Otherwise
                           the heads are replicated (a one-time warning says so).
-spatial ``X, Y, Z``       fwd/bwd (the attention primitives): ONE sharded spatial axis stays sharded and
-                          is partitioned with a halo exchange (below). Everything else -- the unfused
-                          qk/av ops, two or more sharded spatial axes, uneven shards, a spatial axis on
-                          the mesh axes of batch/heads, a halo wider than one neighbour's shard, or no
-                          exact halo at all -- is gathered: the partition requests the spatial axes
-                          unsharded, XLA all-gathers them before the op and slices the result back (a
-                          one-time warning per reason says so).
+spatial ``X, Y, Z``       fwd/bwd (the attention primitives): sharded spatial axes (one, two or three)
+                          stay sharded and are partitioned with halo exchanges (below). Everything else
+                          -- the unfused qk/av ops, uneven shards, a spatial axis on the mesh axes of
+                          batch/heads, a halo wider than one neighbour's shard, or no exact halo at all
+                          -- is gathered: the partition requests the spatial axes unsharded, XLA
+                          all-gathers them before the op and slices the result back (a one-time warning
+                          per reason says so).
 ``D``, ``D_v``, window,   always replicated (gathered if they arrive sharded).
 ``N_add``, bias window
 ========================  =================================================================================
 
-The output of every op keeps the sharding of its inputs on batch, heads and a halo-exchanged spatial
-axis; with batch/head sharding the compiled program has no all-gather (checked by tests/test_sharding.py).
+The output of every op keeps the sharding of its inputs on batch, heads and halo-exchanged spatial
+axes; with batch/head sharding the compiled program has no all-gather (checked by tests/test_sharding.py).
 
-Halo exchange (``halo_widths``, ``_halo_plan``, ``_halo_ops``). The window of a query depends on the
+Halo exchange (``halo_widths``, ``_halo_plan``, ``_halo_ops``), per sharded spatial axis (windows are
+products of per-axis windows, so the axes are independent). The window of a query depends on the
 global axis only through the clamping at its borders, the stride-group leaders and the dilation groups.
 So the local op, unchanged (same kernels, same params), run on an extended slab ``[start - left,
 end + right)`` of the global axis as if that were the whole axis, gives the slab's queries exactly their
@@ -44,7 +45,8 @@ smallest such halo of at most one neighbour's shard by brute force with the wind
 geometry.py (O(L) numpy per candidate; cached). Each device then:
 
 - receives the last ``max(left)`` key/value tokens of its left neighbour and the first ``max(right)``
-  of its right neighbour (two ``lax.ppermute``; the border devices get zeros they never read);
+  of its right neighbour (two ``lax.ppermute``; the border devices get zeros they never read), one
+  sharded axis after the other, so the second exchange carries the first one's halos (the corners);
 - runs the local op on the extended slab of its own halo: the interior shards share one ``(left,
   right)``, the border shards have their own, and ``lax.switch`` on ``lax.axis_index`` picks among these
   few static shapes. The halo queries are zeros and their results are dropped;
@@ -53,14 +55,15 @@ geometry.py (O(L) numpy per candidate; cached). Each device then:
   ``ppermute`` and are added there; ``d_add_k``/``d_add_v`` are ``psum``-ed over the spatial mesh axes.
 
 The compiled program of a halo-partitioned call has collective-permutes of halo size and no all-gather
-(tests/sharding_checks.py ``spatial_halo``). Not done yet: several sharded spatial axes at once (halos
-with corners), multi-hop halos, uneven shards, and halos for the unfused qk/av ops.
+(tests/sharding_checks.py ``spatial_halo``). Not done yet (these gather): multi-hop halos, uneven
+shards, and halos for the unfused qk/av ops.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import warnings
 from typing import Sequence
@@ -288,25 +291,28 @@ class _Halo:
 
 
 def _halo_plan(kind, params, mesh, spatial, used):
-    """(``_Halo``, None) for the one sharded spatial axis of a fwd/bwd call, or (None, reason)."""
+    """(tuple of ``_Halo``, one per sharded spatial axis, None) for a fwd/bwd call, or (None, reason)."""
     if kind not in ("fwd", "bwd"):
         return None, "the unfused ops do not exchange halos"
     if not HALO_EXCHANGE:
         return None, "jax_na.sharding.HALO_EXCHANGE is False"
-    if len(spatial) > 1:
-        return None, f"{len(spatial)} spatial axes are sharded (halos are exchanged along one axis only)"
-    (label, axes, length), = spatial
-    if set(axes) & set(used):
-        return None, f"the spatial axis shares mesh axes {sorted(set(axes) & set(used))} with batch/heads"
-    i = int(label[1:])
-    n = _count(mesh, axes)
-    widths = halo_widths(length, n, params.kernel_size[i], params.stride[i], params.dilation[i],
-                         bool(params.is_causal[i]))
-    if isinstance(widths, str):
-        return None, widths
-    configs = tuple(dict.fromkeys(widths))
-    return _Halo(label, tuple(axes), n, length // n, max(l for l, _ in widths), max(r for _, r in widths),
-                 configs, tuple(configs.index(w) for w in widths)), None
+    halos, taken = [], set(used)
+    for label, axes, length in spatial:
+        if set(axes) & set(used):
+            return None, f"the spatial axis shares mesh axes {sorted(set(axes) & set(used))} with batch/heads"
+        if set(axes) & taken:  # pragma: no cover - a mesh axis cannot split two array axes
+            return None, f"two spatial axes share mesh axes {sorted(set(axes) & taken)}"
+        taken |= set(axes)
+        i = int(label[1:])
+        n = _count(mesh, axes)
+        widths = halo_widths(length, n, params.kernel_size[i], params.stride[i], params.dilation[i],
+                             bool(params.is_causal[i]))
+        if isinstance(widths, str):
+            return None, widths
+        configs = tuple(dict.fromkeys(widths))
+        halos.append(_Halo(label, tuple(axes), n, length // n, max(l for l, _ in widths),
+                           max(r for _, r in widths), configs, tuple(configs.index(w) for w in widths)))
+    return tuple(halos), None
 
 
 # ----------------------------------------------------------------------------- halo ops (per device)
@@ -358,58 +364,93 @@ def _fold_back(dx, halo):
     return own
 
 
-def _per_shard(halo, branches, *operands):
-    """``branches[config of this shard](*operands)``: the shards run different static halos."""
+def _per_shard(halos, run, *operands):
+    """``run(halo configs of this shard)(*operands)``: shards at the borders of a sharded axis run other
+    static halos than the interior ones, so a ``lax.switch`` over the combinations (one (left, right)
+    per axis) picks this shard's."""
+    combos = list(itertools.product(*(range(len(h.configs)) for h in halos)))
+    branches = [run(tuple(h.configs[c] for h, c in zip(halos, combo))) for combo in combos]
     if len(branches) == 1:
         return branches[0](*operands)
-    table = jnp.asarray(np.asarray(halo.branch, np.int32))
-    return lax.switch(table[lax.axis_index(halo.mesh_axes)], branches, *operands)
+    index, stride = 0, 1
+    for h in reversed(halos):  # itertools.product order: the last axis fastest
+        table = jnp.asarray(np.asarray(h.branch, np.int32))
+        index = index + stride * table[lax.axis_index(h.mesh_axes)]
+        stride *= len(h.configs)
+    return lax.switch(index, branches, *operands)
 
 
-def _halo_ops(kind, local_prim, params, backend, halo):
-    """The per-device function of fwd/bwd with a halo exchange along ``halo``'s spatial axis.
+def _halo_ops(kind, local_prim, params, backend, halos):
+    """The per-device function of fwd/bwd with a halo exchange along every sharded spatial axis.
 
-    Every shard receives the key/value halos from its neighbours (``ppermute``), then runs the local
-    op, unchanged, on ``[start - left, end + right)`` with the (left, right) halo of its position
-    (``halo_widths``; the interior shards share one, the border shards have their own, so a
-    ``lax.switch`` on the shard index picks among a few static shapes). The queries of the halo are
+    Every shard receives the key/value halos from its neighbours (``ppermute``, one axis after the
+    other: the second exchange moves the first one's halos too, so the corners arrive), then runs the
+    local op, unchanged, on ``[start - left, end + right)`` per axis with the (left, right) halo of its
+    position (``halo_widths``; the interior shards share one, the border shards have their own, so a
+    ``lax.switch`` on the shard indices picks among a few static shapes). The queries of the halo are
     zeros and are dropped from the results. In the backward their output cotangents are zero too, so
     they add nothing to dK/dV; the halo parts of dK/dV go back to their owners with the reverse
-    exchange, and d_add_k/d_add_v are summed over the shards of the axis.
+    exchanges (in reverse order), and d_add_k/d_add_v are summed over the shards of the axes.
     """
-    ax, m, L = halo.axis, halo.size, halo.left
-
     def bind(*operands):
         return local_prim.bind(*operands, params=params, backend=backend)
 
+    def extend(x):
+        for h in halos:
+            x = _extend(x, h)
+        return x
+
+    def fold_back(dx):
+        for h in reversed(halos):
+            dx = _fold_back(dx, h)
+        return dx
+
+    def crop_kv(x, configs):  # the extended keys -> this shard's slab
+        for h, (left, right) in zip(halos, configs):
+            x = _slice(x, h.axis, h.left - left, h.left + h.size + right)
+        return x
+
+    def pad_q(x, configs):  # queries/rows -> the slab's length (zeros in the halo)
+        for h, (left, right) in zip(halos, configs):
+            x = _pad(x, h.axis, left, right)
+        return x
+
+    def own_rows(x, configs):  # slab results -> this shard's rows
+        for h, (left, _) in zip(halos, configs):
+            x = _slice(x, h.axis, left, left + h.size)
+        return x
+
+    def pad_kv(x, configs):  # the slab's dK/dV -> the extended layout
+        for h, (left, right) in zip(halos, configs):
+            x = _pad(x, h.axis, h.left - left, h.right - right)
+        return x
+
+    spatial_axes = tuple(a for h in halos for a in h.mesh_axes)
+
     if kind == "fwd":
-        def branch(left, right):
-            def run(q, k, v, add_k, add_v):
-                k, v = (_slice(x, ax, L - left, L + m + right) for x in (k, v))
-                out, lse = bind(_pad(q, ax, left, right), k, v, add_k, add_v)
-                return _slice(out, ax, left, left + m), _slice(lse, ax, left, left + m)
-            return run
+        def run(configs):
+            def f(q, k, v, add_k, add_v):
+                out, lse = bind(pad_q(q, configs), crop_kv(k, configs), crop_kv(v, configs), add_k, add_v)
+                return own_rows(out, configs), own_rows(lse, configs)
+            return f
 
         def per_device(q, k, v, add_k, add_v):
-            k, v = _extend(k, halo), _extend(v, halo)
-            return tuple(_per_shard(halo, [branch(*c) for c in halo.configs], q, k, v, add_k, add_v))
+            return tuple(_per_shard(halos, run, q, extend(k), extend(v), add_k, add_v))
         return per_device
 
-    def branch(left, right):
-        def run(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
-            k, v = (_slice(x, ax, L - left, L + m + right) for x in (k, v))
-            q, out, lse, d_out, d_lse = (_pad(x, ax, left, right) for x in (q, out, lse, d_out, d_lse))
-            dq, dk, dv, d_add_k, d_add_v = bind(q, k, v, add_k, add_v, out, lse, d_out, d_lse)
-            dk, dv = (_pad(x, ax, L - left, halo.right - right) for x in (dk, dv))
-            return _slice(dq, ax, left, left + m), dk, dv, d_add_k, d_add_v
-        return run
+    def run(configs):
+        def f(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
+            q, out, lse, d_out, d_lse = (pad_q(x, configs) for x in (q, out, lse, d_out, d_lse))
+            dq, dk, dv, d_add_k, d_add_v = bind(q, crop_kv(k, configs), crop_kv(v, configs), add_k, add_v,
+                                                out, lse, d_out, d_lse)
+            return own_rows(dq, configs), pad_kv(dk, configs), pad_kv(dv, configs), d_add_k, d_add_v
+        return f
 
     def per_device(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
-        k, v = _extend(k, halo), _extend(v, halo)
-        dq, dk, dv, d_add_k, d_add_v = _per_shard(halo, [branch(*c) for c in halo.configs],
-                                                  q, k, v, add_k, add_v, out, lse, d_out, d_lse)
-        d_add_k, d_add_v = lax.psum((d_add_k, d_add_v), halo.mesh_axes)
-        return dq, _fold_back(dk, halo), _fold_back(dv, halo), d_add_k, d_add_v
+        dq, dk, dv, d_add_k, d_add_v = _per_shard(halos, run, q, extend(k), extend(v), add_k, add_v, out, lse,
+                                                  d_out, d_lse)
+        d_add_k, d_add_v = lax.psum((d_add_k, d_add_v), spatial_axes)
+        return dq, fold_back(dk), fold_back(dv), d_add_k, d_add_v
     return per_device
 
 
@@ -454,7 +495,8 @@ def _entry(axes):
 
 
 def _plan(kind, params, mesh, arg_shapes):
-    """(batch mesh axes, head mesh axes, ``_Halo`` or None) of one call: no other axis is sharded."""
+    """(batch mesh axes, head mesh axes, tuple of ``_Halo`` or None) of one call: no other axis is
+    sharded."""
     shapes = [tuple(a.shape) for a in arg_shapes]
     specs = [_spec_of(a) for a in arg_shapes]
     ins, _ = _layouts(kind, params.rank, shapes)
@@ -502,15 +544,15 @@ def _plan(kind, params, mesh, arg_shapes):
     return batch, heads, halo
 
 
-def _sharding(mesh, layout, batch, heads, halo=None):
+def _sharding(mesh, layout, batch, heads, halos=None):
+    spatial = {h.label: h.mesh_axes for h in halos or ()}
+
     def axes(label):
         if label == "b":
             return batch
         if label in ("h", "hk"):
             return heads
-        if halo is not None and label == halo.label:
-            return halo.mesh_axes
-        return ()
+        return spatial.get(label, ())
     return NamedSharding(mesh, PartitionSpec(*(_entry(axes(lab)) for lab in layout)))
 
 
