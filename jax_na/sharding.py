@@ -21,13 +21,12 @@ heads ``H`` / ``H_kv``    sharded as given, no communication, when the query hea
                           Shardy rule the query heads are the compound factor ``(hk, g)`` of the kv heads
                           ``hk`` and the group size ``g``. ``rpb``/``d_rpb`` follow the heads. Otherwise
                           the heads are replicated (a one-time warning says so).
-spatial ``X, Y, Z``       fwd/bwd (the attention primitives): sharded spatial axes (one, two or three)
-                          stay sharded and are partitioned with halo exchanges (below). Everything else
-                          -- the unfused qk/av ops, uneven shards, a spatial axis on the mesh axes of
-                          batch/heads, a halo wider than one neighbour's shard, or no exact halo at all
-                          -- is gathered: the partition requests the spatial axes unsharded, XLA
-                          all-gathers them before the op and slices the result back (a one-time warning
-                          per reason says so).
+spatial ``X, Y, Z``       every primitive: sharded spatial axes (one, two or three) stay sharded and are
+                          partitioned with halo exchanges (below). An axis that cannot be -- uneven
+                          shards, the mesh axes of batch/heads, a halo wider than one neighbour's
+                          shard, or no exact halo at all -- is gathered on its own (the others keep
+                          their halos): the partition requests it unsharded, XLA all-gathers it before
+                          the op and slices the result back (a one-time warning per reason says so).
 ``D``, ``D_v``, window,   always replicated (gathered if they arrive sharded).
 ``N_add``, bias window
 ========================  =================================================================================
@@ -55,8 +54,10 @@ geometry.py (O(L) numpy per candidate; cached). Each device then:
   ``ppermute`` and are added there; ``d_add_k``/``d_add_v`` are ``psum``-ed over the spatial mesh axes.
 
 The compiled program of a halo-partitioned call has collective-permutes of halo size and no all-gather
-(tests/sharding_checks.py ``spatial_halo``). Not done yet (these gather): multi-hop halos, uneven
-shards, and halos for the unfused qk/av ops.
+(tests/sharding_checks.py ``spatial_halo``). The unfused ops do the same with their operands: qk
+pads q and crops k, av pads the attention weights and crops v, their backwards pad the cotangent rows
+with zeros, fold the dK/dV halos back and sum the bias gradient over the spatial (and batch) shards.
+Not done yet (these gather): multi-hop halos and uneven shards.
 """
 
 from __future__ import annotations
@@ -291,28 +292,26 @@ class _Halo:
 
 
 def _halo_plan(kind, params, mesh, spatial, used):
-    """(tuple of ``_Halo``, one per sharded spatial axis, None) for a fwd/bwd call, or (None, reason)."""
-    if kind not in ("fwd", "bwd"):
-        return None, "the unfused ops do not exchange halos"
+    """(tuple of ``_Halo`` for the sharded spatial axes that take a halo exchange, reasons for the ones
+    that do not: those are gathered)."""
     if not HALO_EXCHANGE:
-        return None, "jax_na.sharding.HALO_EXCHANGE is False"
-    halos, taken = [], set(used)
+        return (), ["jax_na.sharding.HALO_EXCHANGE is False"]
+    halos, reasons = [], []
     for label, axes, length in spatial:
         if set(axes) & set(used):
-            return None, f"the spatial axis shares mesh axes {sorted(set(axes) & set(used))} with batch/heads"
-        if set(axes) & taken:  # pragma: no cover - a mesh axis cannot split two array axes
-            return None, f"two spatial axes share mesh axes {sorted(set(axes) & taken)}"
-        taken |= set(axes)
+            reasons.append(f"the spatial axis shares mesh axes {sorted(set(axes) & set(used))} with batch/heads")
+            continue
         i = int(label[1:])
         n = _count(mesh, axes)
         widths = halo_widths(length, n, params.kernel_size[i], params.stride[i], params.dilation[i],
                              bool(params.is_causal[i]))
         if isinstance(widths, str):
-            return None, widths
+            reasons.append(widths)
+            continue
         configs = tuple(dict.fromkeys(widths))
         halos.append(_Halo(label, tuple(axes), n, length // n, max(l for l, _ in widths),
                            max(r for _, r in widths), configs, tuple(configs.index(w) for w in widths)))
-    return tuple(halos), None
+    return tuple(halos), reasons
 
 
 # ----------------------------------------------------------------------------- halo ops (per device)
@@ -380,8 +379,9 @@ def _per_shard(halos, run, *operands):
     return lax.switch(index, branches, *operands)
 
 
-def _halo_ops(kind, local_prim, params, backend, halos):
-    """The per-device function of fwd/bwd with a halo exchange along every sharded spatial axis.
+def _halo_ops(kind, local_prim, params, backend, halos, bias_sum_axes=()):
+    """The per-device function of primitive ``kind`` with a halo exchange along every sharded spatial
+    axis (``bias_sum_axes``: the batch mesh axes, over which qk_bwd's bias gradient is summed too).
 
     Every shard receives the key/value halos from its neighbours (``ppermute``, one axis after the
     other: the second exchange moves the first one's halos too, so the corners arrive), then runs the
@@ -426,6 +426,41 @@ def _halo_ops(kind, local_prim, params, backend, halos):
         return x
 
     spatial_axes = tuple(a for h in halos for a in h.mesh_axes)
+
+    # The unfused ops: rows of q / attention weights / d_out are padded (zeros in the halo, whose
+    # results are dropped and whose cotangents are zero), keys/values cropped from the extension.
+    if kind == "qk":
+        def run(configs):
+            return lambda q, k, rpb: own_rows(bind(pad_q(q, configs), crop_kv(k, configs), rpb), configs)
+        return lambda q, k, rpb: _per_shard(halos, run, q, extend(k), rpb)
+    if kind == "av":
+        def run(configs):
+            return lambda attn, v: own_rows(bind(pad_q(attn, configs), crop_kv(v, configs)), configs)
+        return lambda attn, v: _per_shard(halos, run, attn, extend(v))
+    if kind == "qk_bwd":
+        def run(configs):
+            def f(d_attn, q, k, rpb):
+                dq, dk, d_rpb = bind(pad_q(d_attn, configs), pad_q(q, configs), crop_kv(k, configs), rpb)
+                return own_rows(dq, configs), pad_kv(dk, configs), d_rpb
+            return f
+
+        def per_device(d_attn, q, k, rpb):
+            dq, dk, d_rpb = _per_shard(halos, run, d_attn, q, extend(k), rpb)
+            if len(rpb.shape) > 1:  # the bias gradient sums over every query: over the shards too
+                d_rpb = lax.psum(d_rpb, (*bias_sum_axes, *spatial_axes))
+            return dq, fold_back(dk), d_rpb
+        return per_device
+    if kind == "av_bwd":
+        def run(configs):
+            def f(d_out, attn, v):
+                d_attn, dv = bind(pad_q(d_out, configs), pad_q(attn, configs), crop_kv(v, configs))
+                return own_rows(d_attn, configs), pad_kv(dv, configs)
+            return f
+
+        def per_device(d_out, attn, v):
+            d_attn, dv = _per_shard(halos, run, d_out, attn, extend(v))
+            return d_attn, fold_back(dv)
+        return per_device
 
     if kind == "fwd":
         def run(configs):
@@ -536,11 +571,12 @@ def _plan(kind, params, mesh, arg_shapes):
                if given(lab)]
     halo = None
     if spatial:
-        halo, reason = _halo_plan(kind, params, mesh, spatial, (*batch, *heads))
-        if halo is None:
+        halos, reasons = _halo_plan(kind, params, mesh, spatial, (*batch, *heads))
+        for reason in reasons:
             _warn_once(f"spatial-{reason}", f"jax_na: a spatial axis is sharded but no halo exchange applies "
-                       f"({reason}); the spatial axes are gathered (replicated) for this op and the result "
-                       f"is re-sliced.")
+                       f"({reason}); that axis is gathered (replicated) for this op and the result is "
+                       f"re-sliced.")
+        halo = halos or None
     return batch, heads, halo
 
 
@@ -590,7 +626,9 @@ def _partition(kind, local_prim, params, backend, mesh, arg_shapes):
                       for a in arg_shapes]
     batch, halo, arg_shardings, out_shardings = _shardings(kind, params, mesh, arg_shapes)
     if halo is not None:
-        return mesh, _halo_ops(kind, local_prim, params, backend, halo), out_shardings, arg_shardings
+        if not local_prim.multiple_results:
+            out_shardings = out_shardings[0]
+        return mesh, _halo_ops(kind, local_prim, params, backend, halo, batch), out_shardings, arg_shardings
     sum_bias = kind == "qk_bwd" and bool(batch) and len(arg_shapes[3].shape) > 1
 
     def per_device(*operands):

@@ -313,6 +313,41 @@ def spatial_halo():
 
 
 @check
+def spatial_halo_unfused():
+    """The unfused qk/av ops (with rpb, dilation, causal) on spatially sharded inputs, one and two sharded
+    axes, with batch sharding: values and gradients (q, k, v, rpb) equal the unsharded call, no
+    all-gather, collective-permutes of halo size, no warning."""
+    mesh = _mesh()
+    na_sharding._WARNED.clear()
+    cases = (  # (rank, spatial, kernel, spec of q/k/v, kwargs)
+        (1, (16,), 3, P(None, "x"), dict(dilation=2)),
+        (1, (16,), 4, P("y", "x"), dict(is_causal=True)),
+        (2, (8, 12), (3, 3), P(None, "y", "x"), dict(is_causal=(False, True))),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (rank, S, ks, spec, kw) in enumerate(cases):
+            q, k, v = (_rand(700 + 3 * i + j, (2, *S, 4, 4)) for j in range(3))
+            kt = ks if isinstance(ks, tuple) else (ks,) * rank
+            rpb = _rand(710 + i, (4, *(2 * kk - 1 for kk in kt)))
+            qk, av = getattr(jax_na, f"na{rank}d_qk"), getattr(jax_na, f"na{rank}d_av")
+            f = lambda q, k, v, rpb: av(jax.nn.softmax(qk(q, k, ks, rpb=rpb, **kw), -1), v, ks, **kw)
+            grad = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2, 3))
+            sargs = (*(_put(mesh, x, spec) for x in (q, k, v)), rpb)
+            out, text = _compiled(f, *sargs)
+            _close(out, f(q, k, v, rpb), f"unfused {rank}-D {kw}")
+            assert _spec(mesh, out) == _spec(mesh, sargs[0]), (out.sharding, spec)
+            g, grad_text = _compiled(grad, *sargs)
+            for name, a, b in zip(("dq", "dk", "dv", "drpb"), g, grad(q, k, v, rpb)):
+                _close(a, b, f"unfused {name} {rank}-D {kw}")
+            k_shard = k.size // _shards(mesh, sargs[1]) * 3 ** (sum(e is not None for e in spec[1:]) - 1)
+            for t, what in ((text, "fwd"), (grad_text, "grad")):
+                _no_gather(t, what=f"unfused {what} {rank}-D {kw}")
+                _halo_sized(t, k_shard, what=f"unfused {what} {rank}-D {kw}")
+    assert not _spatial_warnings(caught), _spatial_warnings(caught)
+
+
+@check
 def spatial_halo_geometry():
     """halo_widths: exact by construction (the brute-force check), minimal where the window math says
     so, and a reason string where no single-hop halo exists."""
@@ -340,8 +375,8 @@ def spatial_halo_geometry():
 
 @check
 def spatial_fallback():
-    """Sharded spatial axes the halo exchange does not cover (the unfused ops, uneven shards, a halo
-    beyond the neighbour's shard, a spatial axis on the batch's mesh axes) are gathered with a one-time warning per reason;
+    """Sharded spatial axes the halo exchange does not cover (uneven shards, a halo beyond the
+    neighbour's shard) are gathered with a one-time warning per reason;
     results stay exact (with dilation/stride/causal)."""
     mesh = _mesh()
     na_sharding._WARNED.clear()
@@ -367,16 +402,6 @@ def spatial_fallback():
             assert _spec(mesh, out) == _spec(mesh, sargs[0]), (out.sharding, spec)
             for name, a, b in zip(("dq", "dk", "dv", "dak", "dav"), jax.jit(grad)(*sargs), jax.jit(grad)(*args)):
                 _close(a, b, f"{name} {rank}-D {kw}")
-        # unfused, spatially sharded
-        q, k = _rand(20, (2, 8, 4, 4)), _rand(21, (2, 8, 4, 4))
-        rpb = _rand(22, (4, 5))
-        f = lambda q, k, rpb: jax_na.na1d_av(jax.nn.softmax(jax_na.na1d_qk(q, k, 3, dilation=2, rpb=rpb), -1),
-                                             k, 3, dilation=2)
-        grad = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))
-        sargs = (_put(mesh, q, P(None, "x")), _put(mesh, k, P(None, "x")), rpb)
-        _close(jax.jit(f)(*sargs), f(q, k, rpb), "unfused spatial")
-        for a, b in zip(jax.jit(grad)(*sargs), grad(q, k, rpb)):
-            _close(a, b, "unfused spatial grad")
         # uneven shards (12 tokens on 8 devices)
         case = _attention_case(1, B=2, Na=2)
         fwd, grad = _attention_fns(1, True)
@@ -385,10 +410,19 @@ def spatial_fallback():
                                                              for x in (q, k, v)), ak, av))
         for a, b in zip(uneven_grad(*case), grad(*case)):
             _close(a, b, "uneven grad")
+        # two sharded axes, one of which cannot take a halo (9 // 2 = 4 tokens > a 3-token shard): that
+        # axis alone is gathered, the other keeps its halo exchange
+        q, k, v = _rand(23, (2, 12, 6, 4, 4)), _rand(24, (2, 12, 6, 2, 4)), _rand(25, (2, 12, 6, 2, 3))
+        fwd, grad = _attention_fns(2, False, kernel_size=(9, 3))
+        sargs = tuple(_put(mesh, x, P(None, "x", "y")) for x in (q, k, v))
+        g, text = _compiled(grad, *sargs)
+        for a, b in zip(g, grad(q, k, v)):
+            _close(a, b, "one axis gathered, one with halos")
+        assert "collective-permute" in text and "all-gather" in text
     messages = _spatial_warnings(caught)
     assert len(messages) == len(set(messages)), messages  # one-time (per reason)
     assert all("gather" in m and "halo" in m for m in messages), messages
-    for reason in ("unfused", "split evenly", "neighbour's shard"):
+    for reason in ("split evenly", "neighbour's shard"):
         assert any(reason in m for m in messages), (reason, messages)
 
 
