@@ -277,15 +277,28 @@ class TileSweep:
     make: Callable[[Problem, str, dict], Callable]
 
 
-# Backends whose kernels take a tile shape at run time. Empty today: the fused kernels' tile shapes are
-# fixed when the CUDA code is compiled (cuda/fused/kernel_traits.cuh), so there is nothing to sweep
-# from Python. A backend that takes tile configurations registers itself here (register_tunable) and
-# `--sweep-tiles` then sweeps it.
+# Backends with kernel configurations to choose from at run time (register_tunable); `--sweep-tiles`
+# times each. The fused kernels' tile shapes are fixed when the CUDA code is compiled
+# (cuda/fused/kernel_traits.cuh); what "fused" chooses per call is its forward kernel (portable or
+# Hopper, the basis of the default chooser in cuda/fused/dispatch.cu): registered where both exist.
 TUNABLE_BACKENDS: dict[str, TileSweep] = {}
 
 
 def register_tunable(name: str, sweep: TileSweep) -> None:
     TUNABLE_BACKENDS[name] = sweep
+
+
+def _register_fused_variants() -> None:
+    """Register "fused" as tunable over its forward kernels where this machine has both (an H100/H200
+    with a 90a build); the backward is the same for both."""
+    if "fused" in TUNABLE_BACKENDS or not _ext.has_hopper_kernels():
+        return
+    variants = {"portable (sm80)": "fused_sm80", "hopper (sm90)": "fused_sm90"}
+
+    def configs(p, mode, dtype):
+        return [] if fits(p, "fused", mode, dtype) else [{"forward": name} for name in variants]
+
+    register_tunable("fused", TileSweep(configs, lambda p, mode, cfg: na_callable(p, variants[cfg["forward"]], mode)))
 
 
 def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None):
@@ -525,8 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reps", type=int, default=20, help="timed calls per entry (at most)")
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
     r.add_argument("--sweep-tiles", action="store_true",
-                   help="sweep the tile shapes of the backends registered in TUNABLE_BACKENDS instead and "
-                        "report the best (none today: the fused tile shapes are fixed at build time)")
+                   help="sweep the kernel configurations of the backends registered in TUNABLE_BACKENDS "
+                        "instead and report the best (on an H100/H200: fused's portable vs Hopper forward; "
+                        "tile shapes are fixed at build time)")
     o = ap.add_argument_group("output")
     o.add_argument("--json", default=None, help="write the rows (and the problems) as JSON")
     o.add_argument("--plot", default=None, help="write a bar chart (PNG; needs matplotlib)")
@@ -614,6 +628,7 @@ def main(argv=None) -> int:
 
 
 def _main_sweep(a, problems, modes, dtype) -> int:
+    _register_fused_variants()
     tunable = sorted(TUNABLE_BACKENDS)
     wanted = a.backends.split(",") if a.backends else tunable
     backends = [b for b in wanted if b in TUNABLE_BACKENDS]
@@ -621,7 +636,8 @@ def _main_sweep(a, problems, modes, dtype) -> int:
         print("--sweep-tiles: no tunable backend is registered "
               f"({'none at all' if not tunable else 'registered: ' + ', '.join(tunable)}; asked for "
               f"{', '.join(wanted) or 'any'}). The fused kernels' tile shapes are fixed at build time "
-              "(cuda/fused/kernel_traits.cuh); nothing was timed.", file=sys.stderr)
+              "(cuda/fused/kernel_traits.cuh) and their forward-kernel choice is only tunable on a "
+              "compute capability 9.0 GPU; nothing was timed.", file=sys.stderr)
         if a.json:
             _write_json(a.json, dict(kind="sweep", problems=[p.to_json() for p in problems], rows=[],
                                      tunable_backends=tunable, note="no tunable backend registered",

@@ -91,12 +91,42 @@ def test_problem_table_and_metric():
 
 
 def test_sweep_tiles_reports_no_tunable_backend(tmp_path, capsys):
+    from jax_na import _ext
+    if _ext.has_hopper_kernels():
+        pytest.skip("an H100/H200 with the Hopper kernels: fused is tunable here")
     assert profile.TUNABLE_BACKENDS == {}
     out = tmp_path / "s.json"
     assert profile.main([*TINY, "--sweep-tiles", "--json", str(out)]) == 3
     assert "no tunable backend" in capsys.readouterr().err
     d = json.loads(out.read_text())
     assert d["rows"] == [] and d["tunable_backends"] == []
+
+
+def test_sweep_tiles_times_the_fused_forward_kernels(tmp_path, monkeypatch, capsys):
+    """Where both fused forward kernels exist (pretended here), --sweep-tiles times each and marks the
+    fastest; the callables are stand-ins on CPU (the real ones need an H100/H200)."""
+    import jax
+    from jax_na import _ext
+    monkeypatch.setattr(profile, "TUNABLE_BACKENDS", {})
+    monkeypatch.setattr(_ext, "has_hopper_kernels", lambda: True)
+    made = []
+
+    def fake_callable(p, backend, mode):
+        made.append(backend)
+        slow = backend == "fused_sm80"
+        return jax.jit(lambda q, k, v, do: (q * 2.0 if slow else q) + k - v)
+
+    monkeypatch.setattr(profile, "na_callable", fake_callable)
+    out = tmp_path / "s.json"
+    assert profile.main([*TINY, "--dtype", "bfloat16", "--mode", "fwd", "--sweep-tiles", "--reps", "3",
+                         "--json", str(out)]) == 0
+    assert sorted(set(made)) == ["fused_sm80", "fused_sm90"]
+    d = json.loads(out.read_text())
+    assert d["tunable_backends"] == ["fused"]
+    rows = [r for r in d["rows"] if "ms" in r]
+    assert {r["config"]["forward"] for r in rows} == {"portable (sm80)", "hopper (sm90)"}
+    assert sum(r["best"] for r in rows) == 1 and all(r["ms"] > 0 for r in rows)
+    assert "best config" in capsys.readouterr().out
 
 
 def test_bad_problem_is_an_error(capsys):
