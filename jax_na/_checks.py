@@ -57,10 +57,10 @@ def fused_head_dim(D: int, Dv: int) -> int | None:
 
 
 def fused_supports(dtype, D: int, Dv: int, H: int, scale: float = 1.0) -> bool:
-    """Whether the fused kernels take a call (batch size aside: it is split into chunks). Their
-    online softmax tracks the running maximum of the raw scores, so the scale must be positive."""
+    """Whether the fused kernels take a call (batch size aside: it is split into chunks). Every
+    finite scale runs (a scale <= 0 through an exact rewrite of q: primitives._fused_impl)."""
     return (any(jnp.dtype(dtype) == jnp.dtype(d) for d in BACKEND_DTYPES["fused"])
-            and fused_head_dim(D, Dv) is not None and 1 <= H <= FUSED_MAX_HEADS and scale > 0)
+            and fused_head_dim(D, Dv) is not None and 1 <= H <= FUSED_MAX_HEADS and math.isfinite(scale))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,9 +215,6 @@ def _check_fused(query, value, scale, backend="fused"):
     """Limits of the fused kernels, checked for an explicit fused backend."""
     B, *_, H, D = query.shape
     Dv = value.shape[-1]
-    if not scale > 0:
-        raise ValueError(f"backend {backend!r} needs a positive scale (allowed: scale > 0), got scale={scale}; "
-                         f"backends that support any finite scale: ['reference', 'naive']")
     if fused_head_dim(D, Dv) is None:
         raise ValueError(f"backend {backend!r} supports head dims up to {FUSED_HEAD_DIMS[-1]} (query/key head "
                          f"dim D and value head dim D_v; allowed: 1..{FUSED_HEAD_DIMS[-1]}, run zero-padded "

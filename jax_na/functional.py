@@ -116,9 +116,10 @@ _NA_DOC = """{rank}-D neighborhood attention.
       additional_values: optional ``[B, N_add, H_kv, D_v]``, required with ``additional_keys``.
       return_lse: also return the float32 log-sum-exp ``{lse}``.
       backend: None/"auto" (the fastest backend that supports the call, chosen per call at lowering
-        time: "fused" on CUDA for float16/bfloat16 with head dims up to 128 and scale > 0, else the
+        time: "fused" on CUDA for float16/bfloat16 with head dims up to 128, else the
         reference), "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims
-        ``D, D_v <= 128``, ``scale > 0``; head dims other than 64/128 are padded to 64 or 128
+        ``D, D_v <= 128``, any finite scale (a scale <= 0 runs exactly as ``|scale|`` on ``-q``, or
+        1 on ``q * 0``); head dims other than 64/128 are padded to 64 or 128
         (zeros, same scale) and the results sliced back; the forward runs a wgmma kernel on
         compute capability 9.0 GPUs at head dim 128 and the portable sm80-class one otherwise), "fused_sm80" /
         "fused_sm90" (the same, with the forward kernel pinned: portable / Hopper-only),

@@ -280,6 +280,14 @@ def _fused_impl(kind, *args, params, backend):
     P = _checks.fused_head_dim(D, Dv)
     attrs = _attrs(params)
     f32 = jnp.dtype(jnp.float32)
+    # The kernels' online softmax tracks the running maximum of the raw scores q.k, which orders like
+    # the scaled scores only for scale > 0. A negative scale runs as |scale| on -q: (-q).k = -(q.k)
+    # exactly, so every score is bit-identical; scale 0 runs as 1 on q * 0 (every score 0: a uniform
+    # softmax over the window; dq = 0). dk, dv and the lse do not change.
+    sign = float(np.sign(params.scale))
+    q_in = (lambda x: x) if sign > 0 else (lambda x: x * jnp.asarray(sign, x.dtype))
+    if sign <= 0:
+        attrs["scale"] = np.float32(abs(params.scale) if sign < 0 else 1.0)
 
     if kind == "fwd":
         def call(q, k, v, add_k, add_v):
@@ -288,7 +296,7 @@ def _fused_impl(kind, *args, params, backend):
             return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(
                 q, k, v, add_k, add_v, arch=np.int64(_checks.FUSED_BACKENDS.get(backend, 0)), **attrs)
 
-        out, lse = _batch_chunks(call, [_pad_last(x, P) for x in args])
+        out, lse = _batch_chunks(call, [_pad_last(x, P) for x in (q_in(args[0]), *args[1:])])
         return [_last(out, Dv), lse]
 
     def call(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
@@ -299,9 +307,9 @@ def _fused_impl(kind, *args, params, backend):
         return res[:5]
 
     q, k, v, add_k, add_v, out, lse, d_out, d_lse = args
-    padded = [*(_pad_last(x, P) for x in (q, k, v, add_k, add_v, out)), lse, _pad_last(d_out, P), d_lse]
-    grads = _batch_chunks(call, padded)
-    return [_last(g, x.shape[-1]) for g, x in zip(grads, (q, k, v, add_k, add_v))]
+    padded = [*(_pad_last(x, P) for x in (q_in(q), k, v, add_k, add_v, out)), lse, _pad_last(d_out, P), d_lse]
+    dq, *grads = _batch_chunks(call, padded)
+    return [_last(g, x.shape[-1]) for g, x in zip((q_in(dq), *grads), (q, k, v, add_k, add_v))]
 
 
 def _register(prim, abstract, ref_impl, target, *, multiple_results, with_scale=True, drop_operands=()):

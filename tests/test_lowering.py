@@ -245,16 +245,19 @@ def test_fused_lowering_on_a_build_without_fused_kernels(monkeypatch):
         jax.clear_caches()
 
 
-def test_auto_with_non_positive_scale_uses_the_reference(monkeypatch):
-    """The fused softmax needs scale > 0: auto lowers such calls to the reference."""
+def test_non_positive_scale_lowers_to_fused_on_rewritten_q(monkeypatch):
+    """Auto takes every finite scale to the fused kernels: a negative scale runs as |scale| on -q,
+    scale 0 as 1 on q * 0 (the kernels' softmax needs a positive scale; the rewrite is exact)."""
     _pretend(monkeypatch)
     try:
         q, k, v = _bf16(64, 64)[:3]
-        for scale, fused in ((0.125, True), (-0.125, False), (0.0, False)):
+        for scale, attr in ((0.125, 0.125), (-0.125, 0.125), (0.0, 1.0)):
             f = jax.grad(lambda q: jnp.sum(jax_na.na2d(q, k, v, 3, scale=scale).astype(jnp.float32)))
             text = jax.jit(f).trace(q).lower(lowering_platforms=("cuda",)).as_text()
-            assert bool(_calls(text, "jax_na_fused_fwd")) == fused, scale
-            assert bool(_calls(text, "jax_na_fused_bwd")) == fused, scale
+            fwd, bwd = _calls(text, "jax_na_fused_fwd"), _calls(text, "jax_na_fused_bwd")
+            assert len(fwd) == 1 and len(bwd) == 1, (scale, text)
+            for call in fwd + bwd:
+                assert f"scale = {attr:e} : f32" in call, (scale, call)
     finally:
         monkeypatch.undo()
         jax.clear_caches()

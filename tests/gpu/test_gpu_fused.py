@@ -3,7 +3,7 @@
 The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at small head dims
 (padded to 64). Here: the edge cases again at the native head dims 64 and 128, problems with many KV
 tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), padded head dims
-(D != D_v), bitwise determinism of the backward (no atomics), and a forward whose tensors have more
+(D != D_v), scales <= 0, bitwise determinism of the backward (no atomics), and a forward whose tensors have more
 than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
 """
@@ -102,6 +102,18 @@ def test_padded_head_dims(dtype, D, Dv, scale):
     case = Case((24, 20), (7, 5), stride=(1, 2), is_causal=(False, True), B=2, H=4, Hkv=1, D=D, Dv=Dv, Na=3,
                 scale=scale)
     check_case(case, BACKEND, dtype, seed=D * 1000 + Dv)
+
+
+# ----------------------------------------------------------------------------- scale <= 0
+
+@pytest.mark.parametrize("scale", [-0.3, -1.0, 0.0])
+@pytest.mark.parametrize("backend", FORWARD_KERNELS)
+def test_non_positive_scale(backend, scale):
+    """Negative scales run as |scale| on -q (bit-identical scores) and scale 0 as 1 on q * 0 (a
+    uniform softmax over each window, dq = 0): out, lse and every gradient match the reference."""
+    case = Case((20, 24), (7, 5), stride=(1, 2), dilation=(2, 1), is_causal=(False, True), B=2, H=4, Hkv=2,
+                D=64, Dv=64, Na=3, scale=scale)
+    check_case(case, backend, jnp.bfloat16, seed=7)
 
 
 # ----------------------------------------------------------------------------- determinism
