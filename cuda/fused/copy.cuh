@@ -39,16 +39,17 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Copies a tile of kRows gathered rows into a swizzled smem tile. row_offset(row) returns the element
-// offset of the row in `base`, or -1 when the row is outside the tensor (zero-filled).
+// offset of the row in `base`, or -1 when the row is outside the tensor (zero-filled). Called by the
+// Traits::kLoadThreads loading threads (tid below that).
 template <class Traits, int kRows, class Element, class SmemLayout, class RowOffset>
 __device__ __forceinline__ void load_rows(Element* smem, const Element* base, int tid, RowOffset&& row_offset) {
-  constexpr int kPasses = kRows / Traits::kRowsPerPass;
-  static_assert(kRows % Traits::kRowsPerPass == 0, "rows per pass");
+  constexpr int kPasses = kRows / Traits::kLoadRowsPerPass;
+  static_assert(kRows % Traits::kLoadRowsPerPass == 0, "rows per pass");
   const int chunk = tid % Traits::kChunks;
   const int row0 = tid / Traits::kChunks;
 #pragma unroll
   for (int i = 0; i < kPasses; ++i) {
-    const int row = row0 + i * Traits::kRowsPerPass;
+    const int row = row0 + i * Traits::kLoadRowsPerPass;
     const int64_t off = row_offset(row);
     const bool valid = off >= 0;
     const Element* src = base + (valid ? off + chunk * 8 : 0);
@@ -60,13 +61,13 @@ __device__ __forceinline__ void load_rows(Element* smem, const Element* base, in
 template <class Traits, int kRows, class Element, class SmemLayout, class RowOffset>
 __device__ __forceinline__ void load_rows_pair(Element* smem_a, const Element* base_a, Element* smem_b,
                                                const Element* base_b, int tid, RowOffset&& row_offset) {
-  constexpr int kPasses = kRows / Traits::kRowsPerPass;
-  static_assert(kRows % Traits::kRowsPerPass == 0, "rows per pass");
+  constexpr int kPasses = kRows / Traits::kLoadRowsPerPass;
+  static_assert(kRows % Traits::kLoadRowsPerPass == 0, "rows per pass");
   const int chunk = tid % Traits::kChunks;
   const int row0 = tid / Traits::kChunks;
-#pragma unroll
+#pragma unroll(Traits::kLoadUnroll)
   for (int i = 0; i < kPasses; ++i) {
-    const int row = row0 + i * Traits::kRowsPerPass;
+    const int row = row0 + i * Traits::kLoadRowsPerPass;
     const int64_t off = row_offset(row);
     const bool valid = off >= 0;
     const int64_t src = valid ? off + chunk * 8 : 0;

@@ -42,19 +42,31 @@ struct FwdSmem {
   __device__ __forceinline__ Element* v_stage(int s) const { return v + s * kKVElems; }
 };
 
-// Fills the schedule, then issues the Q tile (cp.async, uncommitted: it joins the caller's first
-// group) and stores the rows' windows. False when the CTA owns no query (uniform over the CTA).
+// Fills the schedule (then a CTA barrier). False when the CTA owns no query (uniform over the CTA).
 template <class Traits>
-__device__ __forceinline__ bool fwd_prologue(const FwdKernelParams& p, const FwdSmem<Traits>& sm, int tid) {
-  using TS = TileScheduler<Traits>;
-  TS::compute(p.pr, p.q_tiles, *sm.cs, tid);
+__device__ __forceinline__ bool fwd_schedule(const FwdKernelParams& p, const FwdSmem<Traits>& sm, int tid) {
+  TileScheduler<Traits>::compute(p.pr, p.q_tiles, *sm.cs, tid);
   __syncthreads();
-  if (!sm.cs->live) return false;
+  return sm.cs->live != 0;
+}
+
+// Issues the Q tile (cp.async by the Traits::kLoadThreads loading threads, uncommitted).
+template <class Traits>
+__device__ __forceinline__ void fwd_load_q(const FwdKernelParams& p, const FwdSmem<Traits>& sm, int tid) {
+  using TS = TileScheduler<Traits>;
   const CtaSchedule& cs = *sm.cs;
   load_rows<Traits, Traits::kBlockM, typename Traits::Element, typename Traits::SmemLayoutQ>(
       sm.q, static_cast<const typename Traits::Element*>(p.q), tid,
       [&](int r) { return TS::q_row_offset(p.pr, cs, r); });
-  store_row_windows<Traits>(p.pr, cs, sm.win, tid);
+}
+
+// Schedule, Q tile (uncommitted: it joins the caller's first cp.async group) and the rows' windows,
+// all threads loading. False when the CTA owns no query.
+template <class Traits>
+__device__ __forceinline__ bool fwd_prologue(const FwdKernelParams& p, const FwdSmem<Traits>& sm, int tid) {
+  if (!fwd_schedule<Traits>(p, sm, tid)) return false;
+  fwd_load_q<Traits>(p, sm, tid);
+  store_row_windows<Traits>(p.pr, *sm.cs, sm.win, tid);
   return true;
 }
 
@@ -67,16 +79,17 @@ __device__ __forceinline__ void fwd_issue_kv(const FwdKernelParams& p, const Fwd
 }
 
 // o_rc: the normalized output (rows, cols) of this thread; lse: per fragment row. Every MMA reading
-// sQ must have completed in every warp (the caller's loop ends with them waited for).
-template <class Traits, class TensorO, int kRows>
+// sQ must have completed in every warp (the caller's loop ends with them waited for). tid, warp:
+// among the kNThreads computing threads; sync(): a barrier over exactly those threads.
+template <class Traits, class TensorO, int kRows, class Sync>
 __device__ __forceinline__ void fwd_epilogue(const FwdKernelParams& p, const FwdSmem<Traits>& sm, const TensorO& o_rc,
-                                             const float (&lse)[kRows], int tid, int warp, int lane) {
+                                             const float (&lse)[kRows], int tid, int warp, int lane, Sync&& sync) {
   using TS = TileScheduler<Traits>;
   using Element = typename Traits::Element;
   const CtaSchedule& cs = *sm.cs;
   auto q_row_offset = [&](int r) { return TS::q_row_offset(p.pr, cs, r); };
   cp_async_wait<0>();
-  __syncthreads();  // sQ is reused for O
+  sync();  // sQ is reused for O
   acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutQ>(o_rc, sm.q, 1.f, warp, lane);
   if ((lane & 3) == 0) {
 #pragma unroll
@@ -85,7 +98,7 @@ __device__ __forceinline__ void fwd_epilogue(const FwdKernelParams& p, const Fwd
       if (off >= 0) p.lse[off / Traits::kHeadDim] = lse[r];  // [B, N, H] row index = element offset / D
     }
   }
-  __syncthreads();
+  sync();
   store_rows<Traits, Traits::kBlockM, typename Traits::SmemLayoutQ>(static_cast<Element*>(p.out), sm.q, tid,
                                                                     q_row_offset);
 }

@@ -80,9 +80,13 @@ bool sm90_available() {
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
-  // Auto: the Hopper kernel at head dim 128, where it is the faster one on every BENCHMARKS.md problem
-  // (H100: 1.1-1.3x); at head dim 64 the portable one (two CTAs per SM) measured as fast or faster.
-  const bool hopper = sm90 && (args.arch == FwdArgs::kHopper || (args.arch == FwdArgs::kAuto && args.D == 128));
+  // Auto: the Hopper kernel at head dim 128 (H100, BENCHMARKS.md problems: 1.3-1.9x the portable one)
+  // and at head dim 64 for windows of 256 keys or more (p11: 1.14x); for small windows at head dim 64
+  // the portable one, two CTAs per SM, measured faster (p4, 7x7: 0.69 vs 0.84 ms).
+  int64_t window = 1;
+  for (int a = 0; a < rank; ++a) window *= pr.axis[a].k;
+  const bool hopper = sm90 && (args.arch == FwdArgs::kHopper ||
+                               (args.arch == FwdArgs::kAuto && (args.D == 128 || window >= 256)));
   return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
 }
 

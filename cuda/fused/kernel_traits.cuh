@@ -80,6 +80,7 @@ struct TraitsBase {
   static constexpr int kRank = kRank_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kLaunchThreads = kNThreads;  // plus a producer warpgroup where there is one
 
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename ElementOf<kDType_>::MmaOp>,
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
@@ -104,10 +105,14 @@ struct TraitsBase {
   using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
   using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
 
-  // gmem <-> smem: 16-byte chunks, kChunks per row.
+  // gmem <-> smem: 16-byte chunks, kChunks per row. Stores use all kNThreads threads; gathers
+  // (load_rows*) kLoadThreads (a kernel with a producer warpgroup overrides both below).
   static constexpr int kChunks = kHeadDim * int(sizeof(Element)) / 16;
   static constexpr int kRowsPerPass = kNThreads / kChunks;
   static_assert(kNThreads % kChunks == 0, "chunks");
+  static constexpr int kLoadThreads = kNThreads;
+  static constexpr int kLoadRowsPerPass = kRowsPerPass;
+  static constexpr int kLoadUnroll = 64;  // passes of load_rows_pair unrolled (all)
   static constexpr int kRowBytes = kHeadDim * int(sizeof(Element));
 };
 

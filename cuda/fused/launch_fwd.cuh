@@ -15,31 +15,45 @@
 namespace jax_na {
 namespace fused {
 
-// Launches `kernel` (a forward kernel of Traits: fused_fwd_kernel or fused_fwd_sm90_kernel) over the
-// Q tiles: grid (groups x tiles, heads, batch).
-template <class Traits, class Kernel>
-cudaError_t launch_fwd_kernel(Kernel kernel, const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
+// The forward kernels' parameters and grid (groups x Q tiles, heads, batch) for Traits' Q tiles;
+// false when the grid does not fit.
+template <class Traits>
+bool fwd_kernel_params(const geo::Problem& pr, const FwdArgs& args, FwdKernelParams* kp, dim3* grid) {
   using QTile = typename Traits::QTile;
-  if (pr.B == 0 || pr.N == 0) return cudaSuccess;
-  FwdKernelParams kp;
-  kp.pr = pr;
-  kp.q = args.q;
-  kp.k = args.k;
-  kp.v = args.v;
-  kp.add_k = args.add_k;
-  kp.add_v = args.add_v;
-  kp.out = args.out;
-  kp.lse = args.lse;
-  kp.scale = args.scale;
-  kp.scale_log2 = static_cast<float>(static_cast<double>(args.scale) * 1.4426950408889634);
+  kp->pr = pr;
+  kp->q = args.q;
+  kp->k = args.k;
+  kp->v = args.v;
+  kp->add_k = args.add_k;
+  kp->add_v = args.add_v;
+  kp->out = args.out;
+  kp->lse = args.lse;
+  kp->scale = args.scale;
+  kp->scale_log2 = static_cast<float>(static_cast<double>(args.scale) * 1.4426950408889634);
   int64_t blocks = 0;
-  if (!tiles_per_axis<QTile>(pr, kp.q_tiles, &blocks) || pr.H > 65535 || pr.B > 65535) return cudaErrorInvalidValue;
+  if (!tiles_per_axis<QTile>(pr, kp->q_tiles, &blocks) || pr.H > 65535 || pr.B > 65535) return false;
+  *grid = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(pr.H), static_cast<unsigned>(pr.B));
+  return true;
+}
+
+// Launches `kernel` (a forward kernel of Traits taking Params) on `grid`.
+template <class Traits, class Kernel, class Params>
+cudaError_t launch_fwd_grid(Kernel kernel, const Params& params, dim3 grid, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (st != cudaSuccess) return st;
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(pr.H), static_cast<unsigned>(pr.B));
-  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(kp);
+  kernel<<<grid, Traits::kLaunchThreads, kSmem, stream>>>(params);
   return cudaGetLastError();
+}
+
+// Launches `kernel` (a forward kernel of Traits taking FwdKernelParams) over the Q tiles.
+template <class Traits, class Kernel>
+cudaError_t launch_fwd_kernel(Kernel kernel, const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
+  if (pr.B == 0 || pr.N == 0) return cudaSuccess;
+  FwdKernelParams kp;
+  dim3 grid;
+  if (!fwd_kernel_params<Traits>(pr, args, &kp, &grid)) return cudaErrorInvalidValue;
+  return launch_fwd_grid<Traits>(kernel, kp, grid, stream);
 }
 
 template <DType kDType, int kHeadDim, int kRank>

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
 
   float lse[kRows];
   softmax.finalize(acc_o_rc, p.scale, lse);
-  fwd_epilogue<Traits>(p, sm, acc_o_rc, lse, tid, warp, lane);
+  fwd_epilogue<Traits>(p, sm, acc_o_rc, lse, tid, warp, lane, [] { __syncthreads(); });
 #endif
 }
 

@@ -229,25 +229,34 @@ struct KVTileWalker {
     int32_t org[3];
     origin(cs, org);
     TS::load_kv(pr, cs, n, org, k, v, add_k, add_v, sK, sV, tid);
-    if (tid < 32) {
-      bool act = true, ful = false;
-      if (n < cs.n_window_tiles) {
-        const int w = tid < Traits::kNWarps ? tid : 0;
-        TS::classify(cs, w, org, &act, &ful);
-      } else {
-        ful = static_cast<int64_t>(n - cs.n_window_tiles + 1) * Traits::kBlockN <= pr.Na;
-      }
-      constexpr uint32_t kWarpBits = (1u << Traits::kNWarps) - 1u;
-      const uint32_t a_bits = __ballot_sync(0xffffffffu, act) & kWarpBits;
-      const uint32_t f_bits = __ballot_sync(0xffffffffu, ful) & kWarpBits;
-      if (tid == 0) {
-        f.org[0] = org[0];
-        f.org[1] = org[1];
-        f.org[2] = org[2];
-        f.active = a_bits;
-        f.full = f_bits;
-      }
+    publish(pr, cs, org, f, tid);
+    advance(cs);
+  }
+
+  // Warp 0 classifies the current tile (origin org) for every warp; thread 0 writes f.
+  __device__ __forceinline__ void publish(const geo::Problem& pr, const CtaSchedule& cs, const int32_t org[3],
+                                          TileFlags& f, int tid) const {
+    if (tid >= 32) return;
+    bool act = true, ful = false;
+    if (n < cs.n_window_tiles) {
+      const int w = tid < Traits::kNWarps ? tid : 0;
+      TS::classify(cs, w, org, &act, &ful);
+    } else {
+      ful = static_cast<int64_t>(n - cs.n_window_tiles + 1) * Traits::kBlockN <= pr.Na;
     }
+    constexpr uint32_t kWarpBits = (1u << Traits::kNWarps) - 1u;
+    const uint32_t a_bits = __ballot_sync(0xffffffffu, act) & kWarpBits;
+    const uint32_t f_bits = __ballot_sync(0xffffffffu, ful) & kWarpBits;
+    if (tid == 0) {
+      f.org[0] = org[0];
+      f.org[1] = org[1];
+      f.org[2] = org[2];
+      f.active = a_bits;
+      f.full = f_bits;
+    }
+  }
+
+  __device__ __forceinline__ void advance(const CtaSchedule& cs) {
     ++n;
     if (++i[2] == cs.ntiles[2]) {  // axes past the rank have one tile
       i[2] = 0;

@@ -1,8 +1,13 @@
 // Compile-time configuration of the Hopper (sm90a) fused forward: the portable forward's tiling
 // (FwdTraits: 128-query boxes, 8 warps with 16-row sub-boxes, KV boxes of kBlockN keys) with the
-// GEMMs on warpgroup MMAs (wgmma): two warpgroups stacked along M, 64 query rows each.
+// GEMMs on warpgroup MMAs (wgmma): two consumer warpgroups stacked along M, 64 query rows each, and
+// one producer warpgroup in front of them (threads 0-127) that loads K/V by TMA where it can and
+// gathers the rest (Q, additional keys, dilated problems) with cp.async.
+// kNThreads counts the consumers (the MMA, softmax and epilogue threads of the shared code);
+// kLoadThreads the producer (the gathers of copy.cuh).
 //
-// Smem: Q 16-32 KB + 3 stages of K and V (up to 192 KB for 128-key tiles at D = 128) fits the 227 KB.
+// Smem: Q 16-32 KB + 3 stages of K and V (up to 192 KB for 128-key tiles at D = 128) + the pipeline's
+// mbarriers fits the 227 KB.
 // The per-thread ownership of accumulator rows/columns is the same as the portable kernel's (warp w
 // holds rows 16w..16w+15), so the scheduler, masks, softmax and epilogue are shared. The smem tiles
 // are the same bytes (128-byte swizzle of 8 x 64-element atoms); the GMMA layouts below only tag them
@@ -25,7 +30,25 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, 3> {
   using Base::kBlockN;
   using Base::kHeadDim;
   static constexpr int kMinBlocks = 1;
-  static constexpr int kNWarpGroups = 2;
+  static constexpr int kNWarpGroups = 2;  // consumers
+
+  static constexpr int kLoadThreads = 128;  // the producer warpgroup
+  static constexpr int kLoadRowsPerPass = kLoadThreads / Base::kChunks;
+  static constexpr int kLoadUnroll = 2;  // rows in flight per producer thread (its registers are few)
+  static constexpr int kLaunchThreads = Base::kNThreads + kLoadThreads;
+  // setmaxnreg: the producer keeps addresses only and hands the rest to the consumers (56 keeps its
+  // cp.async gathers free of spills at kLoadUnroll 2). The consumers
+  // can take only what the producer gave back (else setmaxnreg.inc waits forever): the launch
+  // allocates 168 registers per thread (384 threads), so 128 p + 256 c <= 384 x 168.
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = 224;
+  static constexpr int kLaunchRegs = 65536 / kLaunchThreads / 8 * 8;
+  static_assert(kLoadThreads * kProducerRegs + Base::kNThreads * kConsumerRegs <= kLaunchThreads * kLaunchRegs,
+                "setmaxnreg: the consumers take more registers than the producer releases");
+  // mbarriers after the portable kernel's smem (FwdSmem): Q full, and per stage K/V full and empty.
+  static constexpr int kOffBarriers = Base::kSmemBytes;
+  static constexpr int kSmemBytes = Base::kSmemBytes + 8 * (1 + 2 * Base::kStages);
+  static_assert(kOffBarriers % 8 == 0, "mbarrier alignment");
 
   // S = Q K^T: both operands from smem (K-major). O += P V: P from registers, V from smem read
   // transposed (MN-major: the head dim is contiguous).

@@ -16,7 +16,12 @@ constexpr int kSm90BlockN = kRank == 1 ? 128 : 64;
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_fwd_sm90(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
   using Traits = HopperFwdTraits<kDType, kHeadDim, kRank, kSm90BlockN<kRank>>;
-  return launch_fwd_kernel<Traits>(fused_fwd_sm90_kernel<Traits>, pr, args, stream);
+  if (pr.B == 0 || pr.N == 0) return cudaSuccess;
+  HopperFwdParams hp{};
+  dim3 grid;
+  if (!fwd_kernel_params<Traits>(pr, args, &hp.base, &grid)) return cudaErrorInvalidValue;
+  hp.use_tma = encode_kv_tensor_maps<Traits>(pr, args.k, args.v, &hp.maps);
+  return launch_fwd_grid<Traits>(fused_fwd_sm90_kernel<Traits>, hp, grid, stream);
 }
 
 #define JNA_FUSED_FWD_SM90_INSTANTIATE(DT, D)                                                            \

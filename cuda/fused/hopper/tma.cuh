@@ -1,0 +1,136 @@
+// K/V window tiles by the tensor memory accelerator (TMA): one thread loads a whole KVTile box of
+// token rows with a tensor map over [B, *S, H_kv, D], into the same swizzled smem tile the cp.async
+// gathers fill (8-row x 128-byte atoms, 128-byte swizzle), and the copy completes on the stage's
+// mbarrier with its byte count.
+//
+// Tensor map dimensions, innermost first (a KVTile box is one box; a 128-byte column block of the
+// head dim per load):
+//   rank 1: {D, H_kv, L0, B}           box {64, 1, E0, 1}
+//   rank 2: {D, H_kv, L1, L0, B}       box {64, 1, E1, E0, 1}
+//   rank 3: {D, H_kv, L2, L1, L0 * B}  box {64, 1, E2, E1, E0}   (TMA has at most 5 dimensions)
+// Boxes past an axis end read zeros, as the gathers do. In rank 3 the merged axis would read the
+// next batch item's rows instead: tiles that cross L0 there take the cp.async path. Only without
+// dilation (a dilation group is then the whole axis); other problems take the cp.async path.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/dtype.h"
+#include "fused/tile_scheduler.cuh"
+#include "geometry/window.cuh"
+
+namespace jax_na {
+namespace fused {
+
+struct KVTensorMaps {
+  CUtensorMap k;
+  CUtensorMap v;
+};
+
+// L2 hint of the K/V loads: every KV tile is read by the neighbouring query tiles too.
+constexpr uint64_t kTmaEvictLast = 0x14F0000000000000ull;
+
+// Host: encodes the maps of k and v for KVTile boxes; false when the problem cannot take them.
+template <class Traits>
+bool encode_kv_tensor_maps(const geo::Problem& pr, const void* k, const void* v, KVTensorMaps* maps) {
+  using KVTile = typename Traits::KVTile;
+  constexpr int kRank = Traits::kRank;
+  constexpr int kD = Traits::kHeadDim;
+  for (int a = 0; a < kRank; ++a)
+    if (pr.axis[a].d != 1) return false;
+  if ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16 != 0) return false;
+  // The driver's encoder through the runtime (jax_na does not link libcuda itself).
+  using EncodeFn = decltype(&::cuTensorMapEncodeTiled);
+  static EncodeFn encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<EncodeFn>(fn);
+  }();
+  if (encode == nullptr) return false;
+
+  constexpr int kElemBytes = static_cast<int>(sizeof(typename Traits::Element));
+  cuuint64_t dims[5], strides[4];  // strides in bytes of dims 1.. (dim 0 is contiguous)
+  cuuint32_t box[5], elem_strides[5] = {1, 1, 1, 1, 1};
+  int n = 0;
+  dims[n] = kD;
+  box[n++] = 64;
+  dims[n] = static_cast<cuuint64_t>(pr.Hkv);
+  box[n++] = 1;
+  cuuint64_t stride = static_cast<cuuint64_t>(kD) * kElemBytes;
+  strides[0] = stride;
+  stride *= static_cast<cuuint64_t>(pr.Hkv);
+  for (int a = kRank - 1; a >= 0; --a) {  // spatial axes, last (fastest) first
+    cuuint64_t len = static_cast<cuuint64_t>(pr.axis[a].L);
+    if (kRank == 3 && a == 0) len *= static_cast<cuuint64_t>(pr.B);  // merged with the batch
+    dims[n] = len;
+    box[n] = KVTile::extent(a);
+    strides[n++ - 1] = stride;
+    stride *= static_cast<cuuint64_t>(pr.axis[a].L);
+  }
+  if (kRank < 3) {
+    dims[n] = static_cast<cuuint64_t>(pr.B);
+    box[n] = 1;
+    strides[n++ - 1] = stride;
+  } else if (static_cast<int64_t>(pr.axis[0].L) * pr.B > INT32_MAX) {
+    return false;  // coordinates are 32-bit
+  }
+  const CUtensorMapDataType type =
+      kElemBytes == 2 && std::is_same_v<typename Traits::Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  for (int t = 0; t < 2; ++t) {
+    CUresult r = encode(t == 0 ? &maps->k : &maps->v, type, n, const_cast<void*>(t == 0 ? k : v), dims, strides,
+                        box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) return false;
+  }
+  return true;
+}
+
+// Device: whether window tile `org` of CTA cs can come by TMA (the maps exist).
+template <class Traits>
+__device__ __forceinline__ bool kv_tile_fits_tma(const geo::Problem& pr, const int32_t org[3]) {
+  return Traits::kRank < 3 || org[0] + Traits::KVTile::extent(0) <= pr.axis[0].L;
+}
+
+// Device, one thread: the K and V boxes of window tile `org` into sK/sV, completing on mbar (whose
+// expected bytes the caller has set: kv_tile_tma_bytes).
+template <class Traits, class Element>
+__device__ __forceinline__ void load_kv_tma(const KVTensorMaps& maps, const geo::Problem& pr, const CtaSchedule& cs,
+                                            const int32_t org[3], Element* sK, Element* sV, uint64_t* mbar) {
+  constexpr int kCols = Traits::kHeadDim / 64;
+  constexpr int kColElems = Traits::kBlockN * 64;  // one column block of the smem tile
+  const int32_t h = cs.hkv, b = static_cast<int32_t>(cs.b);
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const void* map = t == 0 ? &maps.k : &maps.v;
+      Element* dst = (t == 0 ? sK : sV) + c * kColElems;
+      if constexpr (Traits::kRank == 1) {
+        cute::SM90_TMA_LOAD_4D::copy(map, mbar, kTmaEvictLast, dst, c * 64, h, org[0], b);
+      } else if constexpr (Traits::kRank == 2) {
+        cute::SM90_TMA_LOAD_5D::copy(map, mbar, kTmaEvictLast, dst, c * 64, h, org[1], org[0], b);
+      } else {
+        cute::SM90_TMA_LOAD_5D::copy(map, mbar, kTmaEvictLast, dst, c * 64, h, org[2], org[1],
+                                     b * pr.axis[0].L + org[0]);
+      }
+    }
+  }
+}
+
+template <class Traits>
+constexpr uint32_t kv_tile_tma_bytes() {
+  return 2u * Traits::kBlockN * Traits::kHeadDim * sizeof(typename Traits::Element);
+}
+
+}  // namespace fused
+}  // namespace jax_na
