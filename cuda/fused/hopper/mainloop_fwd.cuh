@@ -162,9 +162,20 @@ __device__ __forceinline__ void fwd_consume(const FwdKernelParams& p, const FwdS
   for (int32_t n = 0; n < n_tiles; ++n) {
     Bar::wait(&pipe.full[st.stage], st.phase);
     cutlass::arch::fence_view_async_shared();  // cp.async writes -> wgmma (async proxy) reads
-    const TileFlags& tf = cs.flags[st.stage];
-    const uint32_t active = __shfl_sync(0xffffffffu, tf.active, 0);
-    const uint32_t full_bits = __shfl_sync(0xffffffffu, tf.full, 0);
+    // Only lane 0 reads the stage's flags (and passes them on): it is the lane that releases the stage,
+    // so its release covers every read of them before the producer rewrites them.
+    uint32_t active = 0, full_bits = 0;
+    int32_t org[3] = {0, 0, 0};
+    if (lane == 0) {
+      const TileFlags& tf = cs.flags[st.stage];
+      active = tf.active;
+      full_bits = tf.full;
+      org[0] = tf.org[0];
+      org[1] = tf.org[1];
+      org[2] = tf.org[2];
+    }
+    active = __shfl_sync(0xffffffffu, active, 0);
+    full_bits = __shfl_sync(0xffffffffu, full_bits, 0);
     const bool last = n + 1 == n_tiles;
     if (!((active >> wg_warp0) & 0xfu)) {  // uniform over the warpgroup
       turns.wait();
@@ -185,7 +196,8 @@ __device__ __forceinline__ void fwd_consume(const FwdKernelParams& p, const FwdS
 
       Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
       if (!full) {
-        const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
+#pragma unroll
+        for (int a = 0; a < 3; ++a) org[a] = __shfl_sync(0xffffffffu, org[a], 0);
         mask_tile<Traits>(s_rc, sm.win, p.pr, cs, n, org, warp, lane);
       }
       float alpha[kRows];
