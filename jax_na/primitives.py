@@ -25,8 +25,13 @@ for "auto", the first family of ``AUTO_PREFERENCE`` that supports the call's dty
 Each primitive lowers through ``sharding.partitioned_lowering`` (``custom_partitioning`` with a Shardy
 rule), which runs a per-device twin ``<name>_local`` carrying the platform lowerings on each shard.
 
-Batching folds the vmapped axis into the batch axis (a free reshape); the unfused QK ops fold it
-into the heads instead, so that a per-instance ``d_rpb`` is not summed across the vmapped axis.
+Every primitive takes any number of leading batch axes in front of ``B`` (``[*V, B, ...]`` for every
+operand and result; a bias ``[*V, H, ...]``, an absent bias stays ``[0]``): batching moves the vmapped
+axis to the front and binds the primitive on that. The per-device lowering (after partitioning, so it
+is a local reshape) folds the leading axes into the batch, or into the heads for the unfused QK ops so
+that a per-instance ``d_rpb`` is not summed across them. Folding before partitioning instead would merge
+an unsharded vmapped axis with a sharded batch into one axis whose sharding XLA cannot express (it
+would all-gather).
 """
 
 from __future__ import annotations
@@ -100,6 +105,8 @@ def _av_bwd_ref(d_out, attn, v, *, params, backend):
 
 
 # ----------------------------------------------------------------------------- abstract eval
+# Shapes are taken from the ends (``[:-1]``, ``[-1]``), so the leading batch axes of the operands carry
+# over to the results as they are.
 
 def _fwd_abstract(q, k, v, add_k, add_v, *, params, backend):
     return (_shaped((*q.shape[:-1], v.shape[-1]), q.dtype), _shaped(q.shape[:-1], _lse_dtype(q.dtype)))
@@ -134,55 +141,96 @@ def _as_leading(x, d, size):
 
 
 def _batch_into_batch(prim, args, dims, **params):
-    """vmap axis V -> the batch axis: [V, B, ...] -> [V*B, ...] for every operand and result."""
+    """vmap axis V -> a leading batch axis of every operand and result: ``[V, *outer, B, ...]``."""
     size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-    folded = [_as_leading(x, d, size) for x, d in zip(args, dims)]
-    folded = [x.reshape(size * x.shape[1], *x.shape[2:]) for x in folded]
-    outs = prim.bind(*folded, **params)
-    many = prim.multiple_results
-    outs = [o.reshape(size, o.shape[0] // size, *o.shape[1:]) for o in (outs if many else [outs])]
-    return (outs, [0] * len(outs)) if many else (outs[0], 0)
+    outs = prim.bind(*(_as_leading(x, d, size) for x, d in zip(args, dims)), **params)
+    return (outs, [0] * len(outs)) if prim.multiple_results else (outs, 0)
 
 
-def _heads_fold(x, size):
-    """[V, B, *S, Hx, C] -> [B, *S, V*Hx, C] (V outermost, so GQA's h // G mapping still holds)."""
-    x = jnp.moveaxis(x, 0, -3)
-    return x.reshape(*x.shape[:-3], size * x.shape[-2], x.shape[-1])
-
-
-def _heads_unfold(x, size):
-    x = x.reshape(*x.shape[:-2], size, x.shape[-2] // size, x.shape[-1])
-    return jnp.moveaxis(x, -3, 0)
-
-
-def _fold_rpb(rpb, d, size):
-    if rpb.size == 0 and d is None:
-        return rpb
-    if rpb.size == 0:  # a batched empty bias stays empty
+def _rpb_leading(rpb, d, size):
+    """The bias with the vmapped axis in front (a per-instance bias), or the absent bias ``[0]``."""
+    if rpb.size == 0:  # absent, batched or not: stays the placeholder
         return jnp.zeros((0,), rpb.dtype)
-    rpb = _as_leading(rpb, d, size)
-    return rpb.reshape(size * rpb.shape[1], *rpb.shape[2:])
+    return _as_leading(rpb, d, size)
 
 
 def _qk_batch(args, dims, *, params, backend):
     q, k, rpb = args
     size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-    q, k = (_heads_fold(_as_leading(x, d, size), size) for x, d in zip((q, k), dims))
-    out = qk_p.bind(q, k, _fold_rpb(rpb, dims[2], size), params=params, backend=backend)
-    return _heads_unfold(out, size), 0
+    q, k = (_as_leading(x, d, size) for x, d in zip((q, k), dims))
+    return qk_p.bind(q, k, _rpb_leading(rpb, dims[2], size), params=params, backend=backend), 0
 
 
 def _qk_bwd_batch(args, dims, *, params, backend):
     d_attn, q, k, rpb = args
     size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-    d_attn, q, k = (_heads_fold(_as_leading(x, d, size), size) for x, d in zip((d_attn, q, k), dims))
-    dq, dk, drpb = qk_bwd_p.bind(d_attn, q, k, _fold_rpb(rpb, dims[3], size), params=params,
-                                 backend=backend)
-    if drpb.size:
-        drpb = drpb.reshape(size, drpb.shape[0] // size, *drpb.shape[1:])
-    else:  # no bias: an empty gradient per instance
-        drpb = jnp.zeros((size, 0), rpb.dtype)
-    return (_heads_unfold(dq, size), _heads_unfold(dk, size), drpb), (0, 0, 0)
+    d_attn, q, k = (_as_leading(x, d, size) for x, d in zip((d_attn, q, k), dims))
+    dq, dk, d_rpb = qk_bwd_p.bind(d_attn, q, k, _rpb_leading(rpb, dims[3], size), params=params,
+                                  backend=backend)
+    if not d_rpb.size:  # no bias: an empty gradient per instance
+        d_rpb = jnp.zeros((size, 0), rpb.dtype)
+    return (dq, dk, d_rpb), (0, 0, 0)
+
+
+# ----------------------------------------------------------------------------- leading batch axes
+
+def _fold_into_batch(x, n):
+    """``[*V (n axes), B, ...] -> [prod(V) * B, ...]``."""
+    return x.reshape(math.prod(x.shape[:n + 1]), *x.shape[n + 1:])
+
+
+def _fold_into_heads(x, n):
+    """``[*V (n axes), B, *S, Hx, C] -> [B, *S, prod(V) * Hx, C]``, V outermost in the heads (so that
+    GQA's query head h -> kv head h // G mapping still holds)."""
+    x = jnp.moveaxis(x, tuple(range(n)), tuple(range(x.ndim - 2 - n, x.ndim - 2)))
+    return x.reshape(*x.shape[:-2 - n], math.prod(x.shape[-2 - n:-1]), x.shape[-1])
+
+
+def _unfold_heads(x, lead, heads):
+    """The inverse of :func:`_fold_into_heads` (``heads``: Hx, the heads of one instance)."""
+    n = len(lead)
+    x = x.reshape(*x.shape[:-2], *lead, heads, x.shape[-1])
+    return jnp.moveaxis(x, tuple(range(x.ndim - 2 - n, x.ndim - 2)), tuple(range(n)))
+
+
+def _fold_bias(rpb, n):
+    """``[*V, H, ...] -> [prod(V) * H, ...]``; the absent bias ``[0]`` as it is."""
+    return rpb if rpb.ndim == 1 else rpb.reshape(math.prod(rpb.shape[:n + 1]), *rpb.shape[n + 1:])
+
+
+def _flat_impl(kind, prim, *args, params, backend):
+    """``prim`` on operands with leading batch axes: folded into the batch (into the heads for the
+    unfused QK ops: a bias per instance), bound as one call, the results unfolded."""
+    n = sharding.leading_batch_axes(params.rank, args[0].shape)
+    lead = args[0].shape[:n]
+    if kind == "qk":
+        q, k, rpb = args
+        out = prim.bind(_fold_into_heads(q, n), _fold_into_heads(k, n), _fold_bias(rpb, n), params=params,
+                        backend=backend)
+        return [_unfold_heads(out, lead, q.shape[-2])]
+    if kind == "qk_bwd":
+        d_attn, q, k, rpb = args
+        dq, dk, d_rpb = prim.bind(*(_fold_into_heads(x, n) for x in (d_attn, q, k)), _fold_bias(rpb, n),
+                                  params=params, backend=backend)
+        d_rpb = d_rpb if rpb.ndim == 1 else d_rpb.reshape(rpb.shape)
+        return [_unfold_heads(dq, lead, q.shape[-2]), _unfold_heads(dk, lead, k.shape[-2]), d_rpb]
+    B = args[0].shape[n]  # every operand and result has this batch (from B, not by division: B may be 0)
+    outs = prim.bind(*(_fold_into_batch(x, n) for x in args), params=params, backend=backend)
+    outs = outs if prim.multiple_results else [outs]
+    return [o.reshape(*lead, B, *o.shape[1:]) for o in outs]
+
+
+def _with_leading_axes(kind, prim, lowering):
+    """The lowering rule of the per-device primitive ``prim``: ``lowering`` for a call without leading
+    batch axes; otherwise the leading axes are folded away (a local reshape: this runs per device,
+    after partitioning) around a call of ``prim`` on the folded operands, which ``lowering`` lowers."""
+    flat_lowering = mlir.lower_fun(functools.partial(_flat_impl, kind, prim), multiple_results=True)
+
+    def rule(ctx, *args, params, backend):
+        if sharding.leading_batch_axes(params.rank, ctx.avals_in[0].shape) == 0:
+            return lowering(ctx, *args, params=params, backend=backend)
+        return flat_lowering(ctx, *args, params=params, backend=backend)
+    return rule
 
 
 # ----------------------------------------------------------------------------- CUDA lowering
@@ -190,7 +238,7 @@ def _qk_bwd_batch(args, dims, *, params, backend):
 def supports(family: str, kind: str, avals, params: NAParams | None = None) -> bool:
     """Whether CUDA kernel family ``family`` is compiled here and takes primitive ``kind`` ("fwd",
     "bwd", "qk", ...) on operands of shapes/dtypes ``avals``. Decided per call at lowering time (so
-    ``vmap``, which folds its axis into the batch, is taken into account)."""
+    ``vmap``, whose axes the per-device lowering folds into the batch, is taken into account)."""
     dtype = avals[0].dtype  # operand 0 has the call's dtype
     if family == "naive":
         return _ext.has_cuda_kernels() and jnp.dtype(dtype) in [jnp.dtype(d) for d in _NAIVE_DTYPES]
@@ -230,19 +278,16 @@ def _attrs(params: NAParams, with_scale=True):
     return attrs
 
 
-def _tokens(shape, rank):
-    return math.prod(shape[1:1 + rank])
-
-
 def workspace_size(kind: str, family: str, avals, params: NAParams) -> int | None:
     """Elements of the float32 workspace result (the last result, docs/ffi.md) that the CUDA target of
-    kernel family ``family`` for primitive ``kind`` takes, or None when it takes none."""
+    kernel family ``family`` for primitive ``kind`` takes, or None when it takes none. Leading batch
+    axes count as part of the batch (the kernels get them folded into it)."""
     if kind not in ("fwd", "bwd"):
         return None
     q, add_k = avals[0], avals[3]
-    rows = q.shape[0] * _tokens(q.shape, params.rank) * q.shape[-2]  # B * N * H
+    rows = math.prod(q.shape[:-1])  # B * N * H (q: [*V, B, *S, H, D])
     if family == "naive":  # [B, N, H, W + Na] float32 scores (twice in the backward) + one per row
-        scores = rows * (params.window_size + add_k.shape[1])
+        scores = rows * (params.window_size + add_k.shape[-3])
         return scores if kind == "fwd" else 2 * scores + rows
     if family == "fused":  # the backward: one float32 per query token and head; the forward: none
         return None if kind == "fwd" else rows
@@ -315,7 +360,7 @@ def _fused_impl(kind, *args, params, backend):
 def _register(prim, abstract, ref_impl, target, *, multiple_results, with_scale=True, drop_operands=()):
     """Abstract eval and eager impl of ``prim``; its lowering partitions it over the devices
     (sharding.py) around a per-device twin ``<name>_local`` that has the platform lowerings: the
-    reference everywhere, the FFI call on CUDA."""
+    reference everywhere, the FFI call on CUDA (both behind the fold of leading batch axes)."""
     abstract = sharding.manual_axes_rule(target, abstract)  # results vary like operands in shard_map
     prim.multiple_results = multiple_results
     prim.def_abstract_eval(abstract)
@@ -327,7 +372,7 @@ def _register(prim, abstract, ref_impl, target, *, multiple_results, with_scale=
     mlir.register_lowering(prim, sharding.partitioned_lowering(target, local))
     sharding.requires_devices(prim)
     ref_lowering = mlir.lower_fun(ref_impl, multiple_results=multiple_results)
-    mlir.register_lowering(local, ref_lowering)
+    mlir.register_lowering(local, _with_leading_axes(target, local, ref_lowering))
     fused_lowering = (mlir.lower_fun(functools.partial(_fused_impl, target), multiple_results=True)
                       if target in ("fwd", "bwd") else None)
 
@@ -347,7 +392,7 @@ def _register(prim, abstract, ref_impl, target, *, multiple_results, with_scale=
             ctx2, *[args[i] for i in keep], **_attrs(params, with_scale))
         return results[: len(ctx.avals_out)]
 
-    mlir.register_lowering(local, cuda_lowering, platform="cuda")
+    mlir.register_lowering(local, _with_leading_axes(target, local, cuda_lowering), platform="cuda")
 
 
 fwd_p = Primitive("jax_na_fwd")

@@ -15,6 +15,11 @@ axis                      partitioning
 batch ``B``               sharded as given, no communication (``add_k``/``add_v`` follow it). ``d_rpb``
                           of ``qk_bwd`` is a sum over the batch: the one collective is a ``psum`` of
                           ``d_rpb`` over the batch mesh axes.
+leading ``V0, V1, ...``   the axes ``vmap`` adds in front of ``B`` of every operand and result
+                          (:func:`leading_batch_axes`; in front of the bias too, which is per instance):
+                          sharded as given like the batch, no communication. The per-device lowering
+                          folds them into the batch (into the heads for qk/qk_bwd, so that ``d_rpb``
+                          stays per instance: it is not summed over them).
 heads ``H`` / ``H_kv``    sharded as given, no communication, when the query heads and the kv heads use
                           the same mesh axes (or only one of them is sharded) and both ``H`` and ``H_kv``
                           are divisible by the shard count, so every GQA group stays on one device. In the
@@ -31,8 +36,9 @@ spatial ``X, Y, Z``       every primitive: sharded spatial axes (one, two or thr
 ``N_add``, bias window
 ========================  =================================================================================
 
-The output of every op keeps the sharding of its inputs on batch, heads and halo-exchanged spatial
-axes; with batch/head sharding the compiled program has no all-gather (checked by tests/test_sharding.py).
+The output of every op keeps the sharding of its inputs on leading, batch, heads and halo-exchanged
+spatial axes; with leading/batch/head sharding the compiled program has no all-gather (checked by
+tests/test_sharding.py).
 
 Halo exchange (``halo_widths``, ``_halo_plan``, ``_halo_ops``), per sharded spatial axis (windows are
 products of per-axis windows, so the axes are independent). The window of a query depends on the
@@ -82,26 +88,45 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_na.geometry import group_length, window_bounds
 
-__all__ = ["partitioned_lowering", "requires_devices", "manual_axes_rule", "halo_widths", "KINDS"]
+__all__ = ["partitioned_lowering", "requires_devices", "manual_axes_rule", "halo_widths",
+           "leading_batch_axes", "KINDS"]
 
 KINDS = ("fwd", "bwd", "qk", "qk_bwd", "av", "av_bwd")
 LOCAL_PRIMITIVES: dict = {}  # kind -> the per-device primitive (filled by partitioned_lowering)
 
-# Axis labels: "b" batch, "s0".."s2" spatial, "h" query heads, "hk" kv heads; every other label is an
-# axis that is never sharded ("d", "dv" head dims, "na" additional tokens, "w" window, "r0".."r2" bias
-# window, "e" the empty bias placeholder).
+# Axis labels: "v0", "v1", ... leading batch axes (vmap's), "b" batch, "s0".."s2" spatial, "h" query
+# heads, "hk" kv heads; every other label is an axis that is never sharded ("d", "dv" head dims, "na"
+# additional tokens, "w" window, "r0".."r2" bias window, "e" the empty bias placeholder).
 _SHARDABLE = ("b", "h", "hk")  # the Shardy rule calls the query heads "hk" or ("hk", "g")
+
+
+def leading_batch_axes(rank: int, shape0: Sequence[int]) -> int:
+    """How many batch axes (added by ``vmap``) a call of a ``rank``-D primitive has in front of ``B``,
+    given the shape of its operand 0: ``[*leading, B, *S, H, C]`` for every primitive (q, the
+    attention weights or their cotangent, or d_out). Every operand and result has the same leading
+    axes, except an absent bias (``[0]``)."""
+    return len(shape0) - (3 + rank)
+
+
+def _is_leading(label: str) -> bool:
+    return label[0] == "v" and label[1:].isdigit()
+
+
+def _batch_like(label: str) -> bool:
+    """Axes sharded like the batch: passed through, never gathered."""
+    return label == "b" or _is_leading(label)
 
 
 def _layouts(kind: str, rank: int, in_shapes: Sequence[Sequence[int]]):
     """The axis labels of every operand and result of primitive ``kind``."""
+    L = tuple(f"v{i}" for i in range(leading_batch_axes(rank, in_shapes[0])))
     S = tuple(f"s{i}" for i in range(rank))
-    Q, K, V = ("b", *S, "h", "d"), ("b", *S, "hk", "d"), ("b", *S, "hk", "dv")
-    AK, AV = ("b", "na", "hk", "d"), ("b", "na", "hk", "dv")
-    O, LSE, A = ("b", *S, "h", "dv"), ("b", *S, "h"), ("b", *S, "h", "w")
+    Q, K, V = (*L, "b", *S, "h", "d"), (*L, "b", *S, "hk", "d"), (*L, "b", *S, "hk", "dv")
+    AK, AV = (*L, "b", "na", "hk", "d"), (*L, "b", "na", "hk", "dv")
+    O, LSE, A = (*L, "b", *S, "h", "dv"), (*L, "b", *S, "h"), (*L, "b", *S, "h", "w")
 
-    def bias(shape):  # [H, 2k-1 per axis], or [0] for "no bias"
-        return ("e",) if len(shape) == 1 else ("h", *(f"r{i}" for i in range(rank)))
+    def bias(shape):  # [*leading, H, 2k-1 per axis], or [0] for "no bias"
+        return ("e",) if len(shape) == 1 else (*L, "h", *(f"r{i}" for i in range(rank)))
 
     if kind == "fwd":
         return (Q, K, V, AK, AV), (O, LSE)
@@ -136,7 +161,8 @@ def _heads(layouts, shapes):
 # ----------------------------------------------------------------------------- Shardy rule
 
 def _sharding_rule(kind, params, value_types):
-    """The Shardy rule: batch, heads and spatial axes pass through; every other factor is replicated."""
+    """The Shardy rule: leading, batch, heads and spatial axes pass through; every other factor is
+    replicated."""
     in_shapes = [tuple(t.shape) for t in value_types]
     ins, outs = _layouts(kind, params.rank, in_shapes)
     H, Hkv = _heads(ins, in_shapes)
@@ -156,7 +182,7 @@ def _sharding_rule(kind, params, value_types):
     # Factors that are never sharded, in order of first appearance (Shardy wants them sorted so).
     labels = dict.fromkeys(label for layout in ins + outs for label in layout)
     replicated = tuple(label for label in labels
-                       if label not in _SHARDABLE and not label.startswith("s"))
+                       if label not in _SHARDABLE and not _is_leading(label) and not label.startswith("s"))
     return SdyShardingRule(tuple(mapping(x) for x in ins), tuple(mapping(x) for x in outs),
                            need_replication_factors=replicated, **factor_sizes)
 
@@ -285,15 +311,17 @@ class _Halo:
     right: int
     configs: tuple[tuple[int, int], ...]  # the distinct (left, right) halos the shards run with
     branch: tuple[int, ...]      # index into configs of every shard
+    leading: int = 0             # leading batch axes (vmap's) in front of the batch
 
     @property
-    def axis(self) -> int:       # the spatial axis of q/k/v/out/lse: after the batch
-        return 1 + int(self.label[1:])
+    def axis(self) -> int:       # the spatial axis of q/k/v/out/lse/attn: after the leading axes and B
+        return self.leading + 1 + int(self.label[1:])
 
 
-def _halo_plan(kind, params, mesh, spatial, used):
+def _halo_plan(kind, params, mesh, spatial, used, leading=0):
     """(tuple of ``_Halo`` for the sharded spatial axes that take a halo exchange, reasons for the ones
-    that do not: those are gathered)."""
+    that do not: those are gathered). ``used``: the mesh axes of the batch-like axes and heads;
+    ``leading``: the call's leading batch axes."""
     if not HALO_EXCHANGE:
         return (), ["jax_na.sharding.HALO_EXCHANGE is False"]
     halos, reasons = [], []
@@ -310,7 +338,8 @@ def _halo_plan(kind, params, mesh, spatial, used):
             continue
         configs = tuple(dict.fromkeys(widths))
         halos.append(_Halo(label, tuple(axes), n, length // n, max(l for l, _ in widths),
-                           max(r for _, r in widths), configs, tuple(configs.index(w) for w in widths)))
+                           max(r for _, r in widths), configs, tuple(configs.index(w) for w in widths),
+                           leading))
     return tuple(halos), reasons
 
 
@@ -530,8 +559,8 @@ def _entry(axes):
 
 
 def _plan(kind, params, mesh, arg_shapes):
-    """(batch mesh axes, head mesh axes, tuple of ``_Halo`` or None) of one call: no other axis is
-    sharded."""
+    """(mesh axes of each batch-like axis by label -- the leading axes "v0", ... and the batch "b" --,
+    head mesh axes, tuple of ``_Halo`` or None) of one call: no other axis is sharded."""
     shapes = [tuple(a.shape) for a in arg_shapes]
     specs = [_spec_of(a) for a in arg_shapes]
     ins, _ = _layouts(kind, params.rank, shapes)
@@ -543,12 +572,24 @@ def _plan(kind, params, mesh, arg_shapes):
                     return axes
         return ()
 
-    B = _size_of("b", ins, shapes)
-    batch = given("b")
-    if batch and B % _count(mesh, batch):
-        _warn_once(f"batch-{kind}", f"jax_na: the batch ({B}) is not divisible by its {_count(mesh, batch)} "
-                   f"shards (mesh axes {batch}); the batch is replicated (gathered) for this op.")
-        batch = ()
+    batch = {}  # the leading axes (outermost first), then the batch
+    for label in (lab for lab in ins[0] if _batch_like(lab)):
+        axes, size = given(label), _size_of(label, ins, shapes)
+        what = "the batch" if label == "b" else f"the vmapped batch axis {label}"
+        # operands may disagree (each label takes its first sharded operand's): a mesh axis can split
+        # only one of them
+        shared = set(axes) & {a for outer in batch.values() for a in outer}
+        if shared:
+            _warn_once(f"batch-shared-{kind}", f"jax_na: {what} shares mesh axes {sorted(shared)} with an "
+                       f"outer batch axis; it is replicated (gathered) for this op.")
+            axes = ()
+        elif axes and size % _count(mesh, axes):
+            _warn_once(f"batch-{kind}", f"jax_na: {what} ({size}) is not divisible by its "
+                       f"{_count(mesh, axes)} shards (mesh axes {axes}); it is replicated (gathered) for "
+                       f"this op.")
+            axes = ()
+        batch[label] = axes
+    batch_axes = tuple(a for axes in batch.values() for a in axes)
 
     H, Hkv = _heads(ins, shapes)
     q_heads, kv_heads = given("h"), given("hk")
@@ -556,8 +597,8 @@ def _plan(kind, params, mesh, arg_shapes):
     reason = None
     if q_heads and kv_heads and q_heads != kv_heads:
         reason = f"query heads on mesh axes {q_heads} but kv heads on {kv_heads}"
-    elif heads and set(heads) & set(batch):
-        reason = f"heads and batch share mesh axes {sorted(set(heads) & set(batch))}"
+    elif heads and set(heads) & set(batch_axes):
+        reason = f"heads and batch share mesh axes {sorted(set(heads) & set(batch_axes))}"
     elif heads and (H % _count(mesh, heads) or Hkv % _count(mesh, heads)):
         reason = (f"{H} query heads and {Hkv} kv heads are not both divisible by the "
                   f"{_count(mesh, heads)} shards of mesh axes {heads} (a GQA group must stay on one device)")
@@ -571,7 +612,8 @@ def _plan(kind, params, mesh, arg_shapes):
                if given(lab)]
     halo = None
     if spatial:
-        halos, reasons = _halo_plan(kind, params, mesh, spatial, (*batch, *heads))
+        halos, reasons = _halo_plan(kind, params, mesh, spatial, (*batch_axes, *heads),
+                                    leading_batch_axes(params.rank, shapes[0]))
         for reason in reasons:
             _warn_once(f"spatial-{reason}", f"jax_na: a spatial axis is sharded but no halo exchange applies "
                        f"({reason}); that axis is gathered (replicated) for this op and the result is "
@@ -584,8 +626,8 @@ def _sharding(mesh, layout, batch, heads, halos=None):
     spatial = {h.label: h.mesh_axes for h in halos or ()}
 
     def axes(label):
-        if label == "b":
-            return batch
+        if label in batch:
+            return batch[label]
         if label in ("h", "hk"):
             return heads
         return spatial.get(label, ())
@@ -593,7 +635,8 @@ def _sharding(mesh, layout, batch, heads, halos=None):
 
 
 def _shardings(kind, params, mesh, arg_shapes):
-    """(batch mesh axes, halo plan, operand shardings, result shardings) the per-device op runs with."""
+    """(mesh axes of each batch-like axis by label, halo plan, operand shardings, result shardings)
+    the per-device op runs with."""
     shapes = [tuple(a.shape) for a in arg_shapes]
     ins, outs = _layouts(kind, params.rank, shapes)
     batch, heads, halo = _plan(kind, params, mesh, arg_shapes)
@@ -628,14 +671,16 @@ def _partition(kind, local_prim, params, backend, mesh, arg_shapes):
     if halo is not None:
         if not local_prim.multiple_results:
             out_shardings = out_shardings[0]
-        return mesh, _halo_ops(kind, local_prim, params, backend, halo, batch), out_shardings, arg_shardings
-    sum_bias = kind == "qk_bwd" and bool(batch) and len(arg_shapes[3].shape) > 1
+        return (mesh, _halo_ops(kind, local_prim, params, backend, halo, batch["b"]), out_shardings,
+                arg_shardings)
+    # Not over the leading axes: the bias has them too (one bias per vmapped instance).
+    sum_bias = kind == "qk_bwd" and bool(batch["b"]) and len(arg_shapes[3].shape) > 1
 
     def per_device(*operands):
         out = local_prim.bind(*operands, params=params, backend=backend)
         if sum_bias:  # d_rpb is a sum over the batch: add up the per-shard partial sums
             dq, dk, d_rpb = out
-            out = (dq, dk, lax.psum(d_rpb, batch))
+            out = (dq, dk, lax.psum(d_rpb, batch["b"]))
         return tuple(out) if local_prim.multiple_results else out
 
     if not local_prim.multiple_results:

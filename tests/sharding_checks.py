@@ -522,6 +522,71 @@ def vmap_grad_nesting():
 
 
 @check
+def vmap_sharded_batch():
+    """vmap with the batch sharded and the vmapped axes not ([V, B, X, H, D] with B on "x", and the heads
+    or the spatial axis on "y"; nested vmap over [V1, V2, B, ...]): the vmapped axes stay leading batch
+    axes of the primitives (folded into the batch on each device), so the compiled program has no
+    all-gather, and the values, gradients and shardings are those of the unsharded call. The fused
+    attention (with additional KV) and the unfused qk/av ops with a per-instance bias."""
+    mesh = _mesh()
+    q, k, v, ak, av = _attention_case(1, B=4, Na=2)
+    fwd, grad = _attention_fns(1, True, is_causal=True)
+    grad_all = lambda *a: (grad(*a), fwd(*a))  # forward results and gradients in one program
+
+    def stacked(x, lead):  # [*lead, B, ...], every instance different
+        n = int(np.prod(lead))
+        return jnp.stack([x * (1 + 0.25 * i) + 0.1 * i for i in range(n)]).reshape(*lead, *x.shape)
+
+    cases = (  # (leading vmapped axes, q/k/v spec without them, add_k/add_v spec, halo exchange)
+        ((2,), ("x", None, "y", None), ("x", None, "y", None), False),  # batch + heads
+        ((2,), ("x", "y", None, None), ("x", None, None, None), True),  # batch + spatial (halos)
+        ((2, 3), ("x", None, "y", None), ("x", None, "y", None), False),  # nested vmap
+        ((3, 2), ("x", "y", None, None), ("x", None, None, None), True),
+    )
+    for lead, qkv_spec, add_spec, halo in cases:
+        f = grad_all
+        for _ in lead:
+            f = jax.vmap(f)
+        args = tuple(stacked(x, lead) for x in (q, k, v, ak, av))
+        none = (None,) * len(lead)
+        specs = (P(*none, *qkv_spec),) * 3 + (P(*none, *add_spec),) * 2
+        sargs = tuple(_put(mesh, x, s) for x, s in zip(args, specs))
+        what = f"vmap over {lead} with q/k/v {specs[0]}"
+        (g, (out, lse)), text = _compiled(f, *sargs)
+        (ref_g, (ref_out, ref_lse)) = jax.jit(f)(*args)
+        _close(out, ref_out, f"out, {what}")
+        _close(lse, ref_lse, f"lse, {what}")
+        for name, a, b, x in zip(("dq", "dk", "dv", "d_add_k", "d_add_v"), g, ref_g, sargs):
+            _close(a, b, f"{name}, {what}")
+            assert _spec(mesh, a) == _spec(mesh, x), (what, name, a.sharding, x.sharding)
+        assert _spec(mesh, out) == _spec(mesh, sargs[0]), (what, out.sharding)
+        _no_gather(text, what=what)
+        k_shard = args[1].size // _shards(mesh, sargs[1])
+        _halo_sized(text, k_shard if halo else None, what=what)
+
+    # the unfused ops, a bias per instance (d_rpb per instance: summed over the batch, not over V)
+    V, H = 2, 4
+    rpb = _rand(31, (V, H, 5))
+    loss = lambda q, k, v, rpb: jnp.sum(jnp.sin(jax_na.na1d_av(
+        jax.nn.softmax(jax_na.na1d_qk(q, k, 3, rpb=rpb), -1), v, 3)))
+    g = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    args = (*(stacked(x, (V,)) for x in (q, k, v)), rpb)
+    for spec in (P(None, "x", None, "y", None), P(None, "x", "y", None, None)):
+        sargs = (*(_put(mesh, x, spec) for x in args[:3]), rpb)
+        (val, grads), text = _compiled(g, *sargs)
+        ref_val, ref_grads = jax.jit(g)(*args)
+        _close(val, ref_val, f"unfused value, vmap with {spec}")
+        for name, a, b in zip(("dq", "dk", "dv", "d_rpb"), grads, ref_grads):
+            _close(a, b, f"unfused {name}, vmap with {spec}")
+        _no_gather(text, what=f"unfused, vmap with {spec}")
+        for i in range(V):  # each instance on its own, without vmap: d_rpb is per instance
+            one = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*(x[i] for x in args))
+            _close(val[i], one[0], f"unfused value, instance {i}")
+            for name, a, b in zip(("dq", "dk", "dv", "d_rpb"), grads, one[1]):
+                _close(a[i], b, f"unfused {name}, instance {i}, vmap with {spec}")
+
+
+@check
 def gspmd_partitioner():
     """The GSPMD callbacks (jax_use_shardy_partitioner=False), where this jax still has them."""
     try:
@@ -608,6 +673,24 @@ def cuda_lowering():
             assert local_q in body, (kind, local_q, body)
             if kind == "qk_bwd":
                 assert "all_reduce" in body  # d_rpb psum over the batch
+        # with a leading (vmapped) axis V in front of every operand, unsharded, and the batch on "x": each
+        # device folds V into its batch shard (into its heads for qk/qk_bwd) and calls the same kernel
+        V = 3
+        lead = lambda a: sds((V, *a.shape), P(None, *a.sharding.spec))
+        operands = {kind: tuple(lead(a) for a in args) for kind, args in operands.items()}
+        for kind, args in operands.items():
+            m, per_device, out_s, arg_s = na_sharding._partition(
+                kind, na_sharding.LOCAL_PRIMITIVES[kind], params, "naive", mesh, args)
+            out_s = out_s if isinstance(out_s, tuple) else (out_s,)
+            assert all(s.is_equivalent_to(a.sharding, len(a.shape)) for s, a in zip(arg_s, args)), (kind, arg_s)
+            fn = shard_map(lambda *a: per_device(*a) if len(out_s) > 1 else (per_device(*a),), mesh=m,
+                           in_specs=tuple(s.spec for s in arg_s), out_specs=tuple(s.spec for s in out_s))
+            body = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert f"@jax_na_naive_{kind}(" in body, (kind, body)
+            folded = (f"tensor<{B // 4}x{X}x{Y}x{V * H // 2}x" if kind in ("qk", "qk_bwd")
+                      else f"tensor<{V * B // 4}x{X}x{Y}x{H // 2}x")
+            assert folded in body, (kind, folded, body)
+            assert "all_gather" not in body, (kind, body)
         # and a shard_map over the public op lowers straight to the kernel
         shard_map = getattr(jax, "shard_map", None) or __import__(
             "jax.experimental.shard_map", fromlist=["shard_map"]).shard_map

@@ -278,3 +278,81 @@ def test_unfused_jit_grad_av():
         rg = jax.grad(lambda w, v: jnp.sum(helpers.dense_av(w, v, tables) * c), argnums=(0, 1))(w[i], v)
         oracle.assert_close(got[0][i], rg[0], 1e-12)
         oracle.assert_close(got[1][i], rg[1], 1e-12)
+
+
+def _primitive_eqns(jaxpr):
+    """Every equation of a jax_na primitive in ``jaxpr`` and its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("jax_na_"):
+            yield eqn
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _primitive_eqns(sub)
+
+
+def test_vmap_binds_primitives_with_leading_batch_axes():
+    """vmap puts its axis in front of every operand and result of each primitive instead of reshaping
+    it into the batch (which would gather a sharded batch, tests/sharding_checks.py): nested vmap of
+    the gradient of the fused op and of qk + av binds all six primitives on [V1, V2, B, ...]."""
+    case = Case((6, 5), (3, 2), dilation=(2, 1), is_causal=(False, True), H=4, Hkv=2, D=3, Dv=2, Na=2)
+    V1, V2 = 2, 3
+    q, k, v, ak, av = (np.broadcast_to(x, (V1, V2, *x.shape)) for x in helpers.rand_inputs(case, seed=5))
+    rpb = np.broadcast_to(helpers.rand_like((4, 5, 3), 6), (V1, V2, 4, 5, 3))
+    kw = dict(kernel_size=case.kernel_size, dilation=case.dilation, is_causal=case.is_causal)
+    qk, av_op = helpers.qk_fn(2), helpers.av_fn(2)
+
+    def loss(q, k, v, ak, av, rpb):
+        out = _na(case)(q, k, v, additional_keys=ak, additional_values=av)
+        w = qk(q, k, rpb=rpb, **kw)
+        return jnp.sum(out) + jnp.sum(av_op(jnp.where(jnp.isfinite(w), w, 0.0), v, **kw))
+
+    g = jax.vmap(jax.vmap(jax.grad(loss, argnums=tuple(range(6)))))
+    eqns = list(_primitive_eqns(jax.make_jaxpr(g)(q, k, v, ak, av, rpb).jaxpr))
+    names = {e.primitive.name for e in eqns}
+    assert names == {f"jax_na_{n}" for n in ("fwd", "bwd", "qk", "qk_bwd", "av", "av_bwd")}, names
+    for e in eqns:
+        for x in (*e.invars, *e.outvars):
+            assert x.aval.shape[:2] == (V1, V2), (e.primitive.name, x.aval.shape)
+    # and the values: every instance is the same problem, so every instance has the same gradients
+    grads = jax.jit(g)(q, k, v, ak, av, rpb)
+    one = jax.grad(loss, argnums=tuple(range(6)))(q[0, 0], k[0, 0], v[0, 0], ak[0, 0], av[0, 0], rpb[0, 0])
+    for a, b in zip(grads, one):
+        for i in range(V1):
+            for j in range(V2):
+                oracle.assert_close(a[i, j], b, 1e-12)
+
+
+def test_unfused_nested_vmap_of_grad():
+    """qk + av under two vmaps (GQA, masked entries), a bias per outer instance shared by the inner
+    ones: values and gradients (d_rpb per instance, not summed over either vmapped axis) vs the dense
+    reference on each instance alone."""
+    case = Case((6, 5), (3, 2), dilation=(2, 1), is_causal=(False, True), H=4, Hkv=2, D=3, Dv=2)
+    V1, V2 = 2, 3
+    tables = oracle.window_tables(case.spatial, case.kernel_size, case.dilation, case.is_causal)
+    kw = dict(kernel_size=case.kernel_size, dilation=case.dilation, is_causal=case.is_causal,
+              backend="reference")
+    qk, av = helpers.qk_fn(2), helpers.av_fn(2)
+    xs = [[helpers.rand_inputs(case, np.float64, seed=300 + 10 * i + j) for j in range(V2)] for i in range(V1)]
+    q, k, v = (np.stack([np.stack([xs[i][j][n] for j in range(V2)]) for i in range(V1)]) for n in range(3))
+    rpb = np.stack([helpers.rand_like((4, 5, 3), 320 + i) for i in range(V1)])
+    ct = helpers.rand_like((case.B, *case.spatial, case.H, case.Dv), 330)
+
+    def loss(q, k, v, b):
+        w = qk(q, k, rpb=b, **kw)
+        return jnp.sum(av(jnp.where(jnp.isfinite(w), w, 0.0), v, **kw) * ct)
+
+    def dense_loss(q, k, v, b):
+        return jnp.sum(helpers.dense_av(helpers.dense_qk(q, k, b, tables, case.D ** -0.5), v, tables) * ct)
+
+    g = jax.vmap(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), in_axes=(0, 0, 0, None)))
+    val, grads = jax.jit(g)(q, k, v, rpb)
+    assert grads[3].shape == (V1, V2, *rpb.shape[1:])
+    for i in range(V1):
+        for j in range(V2):
+            want_val, want = jax.value_and_grad(dense_loss, argnums=(0, 1, 2, 3))(q[i, j], k[i, j], v[i, j],
+                                                                                   rpb[i])
+            oracle.assert_close(val[i, j], want_val, 1e-10, f"value {i} {j}")
+            for name, a, b in zip(("dq", "dk", "dv", "d_rpb"), grads, want):
+                oracle.assert_close(a[i, j], b, 1e-10, f"{name} {i} {j}")
