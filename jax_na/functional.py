@@ -121,8 +121,8 @@ _NA_DOC = """{rank}-D neighborhood attention.
         ``D, D_v <= 128``, any finite scale (a scale <= 0 runs exactly as ``|scale|`` on ``-q``, or
         1 on ``q * 0``); head dims other than 64/128 are padded to 64 or 128
         (zeros, same scale) and the results sliced back; the forward runs a TMA + wgmma kernel on
-        compute capability 9.0 GPUs at head dim 128 (and at 64 for windows of 256+ keys) and the
-        portable sm80-class one otherwise), "fused_sm80" /
+        compute capability 9.0 GPUs without dilation at head dim 128 (and at 64 for windows of 256+
+        keys) and the portable sm80-class one otherwise), "fused_sm80" /
         "fused_sm90" (the same, with the forward kernel pinned: portable / Hopper-only),
         "naive" (one thread per output element; every float dtype and head dim) or "reference"
         (pure JAX, every platform). The fused backends and "naive" raise a ValueError/TypeError for a call they

@@ -80,13 +80,19 @@ bool sm90_available() {
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
-  // Auto: the Hopper kernel at head dim 128 (H100, BENCHMARKS.md problems: 1.3-1.9x the portable one)
-  // and at head dim 64 for windows of 256 keys or more (p11: 1.14x); for small windows at head dim 64
-  // the portable one, two CTAs per SM, measured faster (p4, 7x7: 0.69 vs 0.84 ms).
+  // Auto: the Hopper kernel where its K/V tiles come by TMA (no dilation) at head dim 128 (H100,
+  // BENCHMARKS.md problems: 1.3-1.9x the portable one) and at head dim 64 for windows of 256 keys or
+  // more (p11: 1.13x). Else the portable one: for small windows at head dim 64 it runs two CTAs per SM
+  // and measured faster (p4, 7x7: 0.69 vs 0.84 ms); with dilation the Hopper kernel gathers with
+  // cp.async, which measured no faster than the portable kernel (cuda/fused/NOTES.md).
   int64_t window = 1;
-  for (int a = 0; a < rank; ++a) window *= pr.axis[a].k;
+  bool dilated = false;
+  for (int a = 0; a < rank; ++a) {
+    window *= pr.axis[a].k;
+    dilated = dilated || pr.axis[a].d != 1;
+  }
   const bool hopper = sm90 && (args.arch == FwdArgs::kHopper ||
-                               (args.arch == FwdArgs::kAuto && (args.D == 128 || window >= 256)));
+                               (args.arch == FwdArgs::kAuto && !dilated && (args.D == 128 || window >= 256)));
   return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
 }
 
