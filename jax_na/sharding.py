@@ -28,10 +28,11 @@ heads ``H`` / ``H_kv``    sharded as given, no communication, when the query hea
                           the heads are replicated (a one-time warning says so).
 spatial ``X, Y, Z``       every primitive: sharded spatial axes (one, two or three) stay sharded and are
                           partitioned with halo exchanges (below). An axis that cannot be -- uneven
-                          shards, the mesh axes of batch/heads, a halo wider than one neighbour's
-                          shard, or no exact halo at all -- is gathered on its own (the others keep
-                          their halos): the partition requests it unsharded, XLA all-gathers it before
-                          the op and slices the result back (a one-time warning per reason says so).
+                          shards, the mesh axes of batch/heads, or a multi-hop halo that would bring
+                          in more than all the other shards hold -- is gathered on its own (the others
+                          keep their halos): the partition requests it unsharded, XLA all-gathers it
+                          before the op and slices the result back (a one-time warning per reason says
+                          so).
 ``D``, ``D_v``, window,   always replicated (gathered if they arrive sharded).
 ``N_add``, bias window
 ========================  =================================================================================
@@ -46,24 +47,30 @@ global axis only through the clamping at its borders, the stride-group leaders a
 So the local op, unchanged (same kernels, same params), run on an extended slab ``[start - left,
 end + right)`` of the global axis as if that were the whole axis, gives the slab's queries exactly their
 global windows for the right ``(left, right)``. ``halo_widths`` finds, per shard and on the host, the
-smallest such halo of at most one neighbour's shard by brute force with the window functions of
-geometry.py (O(L) numpy per candidate; cached). Each device then:
+smallest such halo by brute force with the window functions of geometry.py (O(L) numpy per candidate;
+cached). A halo may be wider than a shard (a window wider than a shard): it then comes from
+``ceil(width / shard)`` neighbours per side (multi-hop). Each device then:
 
-- receives the last ``max(left)`` key/value tokens of its left neighbour and the first ``max(right)``
-  of its right neighbour (two ``lax.ppermute``; the border devices get zeros they never read), one
-  sharded axis after the other, so the second exchange carries the first one's halos (the corners);
+- receives the last ``max(left)`` key/value tokens before its shard and the first ``max(right)`` after
+  it: one ``lax.ppermute`` per hop and side, the k-th moving each device's whole shard (the farthest
+  hop: only the part needed) k devices along the axis (the border devices get zeros they never read),
+  concatenated in axis order; one sharded axis after the other, so a later exchange carries the
+  earlier ones' halos (the corners). A multi-hop exchange whose halos (``max(left) + max(right)``) exceed
+  what all the other shards hold is not done: an all-gather moves no more, in one collective;
 - runs the local op on the extended slab of its own halo: the interior shards share one ``(left,
   right)``, the border shards have their own, and ``lax.switch`` on ``lax.axis_index`` picks among these
   few static shapes. The halo queries are zeros and their results are dropped;
 - backward: the halo queries also get zero output cotangents (``d_out``, ``d_lse``), so they add nothing
   to dK/dV (their owners compute them); the halo parts of dK/dV go back to their owners with the reverse
-  ``ppermute`` and are added there; ``d_add_k``/``d_add_v`` are ``psum``-ed over the spatial mesh axes.
+  ``ppermute`` of each hop and are added there; ``d_add_k``/``d_add_v`` are ``psum``-ed over the spatial
+  mesh axes.
 
-The compiled program of a halo-partitioned call has collective-permutes of halo size and no all-gather
-(tests/sharding_checks.py ``spatial_halo``). The unfused ops do the same with their operands: qk
+The compiled program of a halo-partitioned call has collective-permutes of at most a shard each (one
+per hop, side and exchanged operand) and no all-gather (tests/sharding_checks.py ``spatial_halo``,
+``spatial_halo_multihop``). The unfused ops do the same with their operands: qk
 pads q and crops k, av pads the attention weights and crops v, their backwards pad the cotangent rows
 with zeros, fold the dK/dV halos back and sum the bias gradient over the spatial (and batch) shards.
-Not done yet (these gather): multi-hop halos and uneven shards.
+Not done yet (these gather): uneven shards.
 """
 
 from __future__ import annotations
@@ -267,11 +274,12 @@ def halo_widths(length: int, shards: int, kernel_size: int, stride: int = 1, dil
                 is_causal: bool = False):
     """The halo of every shard of an axis of ``length`` tokens split evenly over ``shards`` devices.
 
-    Returns ``((left, right), ...)`` per shard, the fewest extra tokens (at most one neighbour's shard
-    on each side) such that the local op on ``[start - left, end + right)``, an axis of that length with
-    the same kernel size, stride, dilation and causality, computes exactly the global window of every
-    query of the shard (decided by brute force with the geometry of SEMANTICS.md), or a string saying
-    why there is none.
+    Returns ``((left, right), ...)`` per shard, the fewest extra tokens (any number of neighbours'
+    shards on each side, within the axis) such that the local op on ``[start - left, end + right)``, an
+    axis of that length with the same kernel size, stride, dilation and causality, computes exactly the
+    global window of every query of the shard (decided by brute force with the geometry of
+    SEMANTICS.md), or a string saying why there is none (uneven shards; the whole axis is always a
+    candidate, so an exact halo exists otherwise).
     """
     if length % shards:
         return f"{length} tokens do not split evenly over {shards} shards"
@@ -282,19 +290,23 @@ def halo_widths(length: int, shards: int, kernel_size: int, stride: int = 1, dil
     widths = []
     for i in range(shards):
         q0, q1 = i * m, (i + 1) * m
-        max_l, max_r = min(q0, m), min(length - q1, m)
+        max_l, max_r = q0, length - q1  # up to the axis' borders: (max_l, max_r) is the global op
         need_l = max(q0 - int(first[q0:q1].min()), 0)
         need_r = max(int(last[q0:q1].max()) + 1 - q1, 0)
-        if need_l > max_l or need_r > max_r:
-            return (f"the keys of shard {i} reach {max(need_l, need_r)} tokens beyond it, more than one "
-                    f"neighbour's shard ({m} tokens)")
-        lefts = sorted({*range(need_l, min(need_l + reach, max_l) + 1), max_l})
-        rights = sorted({*range(need_r, min(need_r + reach, max_r) + 1), max_r})
-        pairs = sorted(((l, r) for l in lefts for r in rights), key=lambda lr: (lr[0] + lr[1], lr[0]))
+        # The slab must also hold a whole dilated kernel (l + r >= fit), which can take more than the
+        # windows reach (a causal window at the start of the axis): those candidates too.
+        fit = kernel_size * dilation - m
+        near_l, near_r = range(need_l, need_l + reach + 1), range(need_r, need_r + reach + 1)
+        pairs = {(l, r) for l in near_l for r in near_r}
+        pairs |= {(l, max(need_r, fit - l) + j) for l in near_l for j in range(reach + 1)}
+        pairs |= {(max(need_l, fit - r) + j, r) for r in near_r for j in range(reach + 1)}
+        pairs = {(min(l, max_l), min(r, max_r)) for l, r in pairs}
+        pairs |= {(max_l, r) for _, r in pairs} | {(l, max_r) for l, _ in pairs} | {(max_l, max_r)}
+        pairs = sorted(pairs, key=lambda lr: (lr[0] + lr[1], lr[0]))
         found = next((lr for lr in pairs if _exact(length, kernel_size, stride, dilation, is_causal,
                                                     q0 - lr[0], q1 + lr[1], q0, q1, first, count)), None)
         if found is None:
-            return f"no halo of at most one neighbour's shard makes the windows of shard {i} exact"
+            return f"no halo makes the windows of shard {i} exact"
         widths.append(found)
     return tuple(widths)
 
@@ -307,8 +319,8 @@ class _Halo:
     mesh_axes: tuple[str, ...]   # the mesh axes the spatial axis is split over
     shards: int
     size: int                    # tokens per shard
-    left: int                    # tokens exchanged with the left / right neighbour (max over shards)
-    right: int
+    left: int                    # tokens exchanged from the left / right (max over shards; may span
+    right: int                   # several neighbours' shards)
     configs: tuple[tuple[int, int], ...]  # the distinct (left, right) halos the shards run with
     branch: tuple[int, ...]      # index into configs of every shard
     leading: int = 0             # leading batch axes (vmap's) in front of the batch
@@ -336,10 +348,16 @@ def _halo_plan(kind, params, mesh, spatial, used, leading=0):
         if isinstance(widths, str):
             reasons.append(widths)
             continue
+        m, left, right = length // n, max(l for l, _ in widths), max(r for _, r in widths)
+        if max(left, right) > m and left + right > (n - 1) * m:
+            # the exchange is sized for the widest halos of any shard: past the other shards' tokens
+            # an all-gather moves no more, in one collective instead of one ppermute per hop and side
+            reasons.append(f"a multi-hop halo of {left} + {right} tokens, more than the other shards hold "
+                           f"({n - 1} x {m} tokens)")
+            continue
         configs = tuple(dict.fromkeys(widths))
-        halos.append(_Halo(label, tuple(axes), n, length // n, max(l for l, _ in widths),
-                           max(r for _, r in widths), configs, tuple(configs.index(w) for w in widths),
-                           leading))
+        halos.append(_Halo(label, tuple(axes), n, m, left, right, configs,
+                           tuple(configs.index(w) for w in widths), leading))
     return tuple(halos), reasons
 
 
@@ -357,38 +375,48 @@ def _pad(x, axis, lo, hi):
     return jnp.pad(x, widths)
 
 
-def _from_left(x, halo):
-    """On every device, ``x`` of its left neighbour (zeros on the first device)."""
-    return lax.ppermute(x, halo.mesh_axes, [(j, j + 1) for j in range(halo.shards - 1)])
+def _from_left(x, halo, hop=1):
+    """On every device, ``x`` of the device ``hop`` positions before it (zeros on the first ``hop``)."""
+    return lax.ppermute(x, halo.mesh_axes, [(j, j + hop) for j in range(halo.shards - hop)])
 
 
-def _from_right(x, halo):
-    """On every device, ``x`` of its right neighbour (zeros on the last device)."""
-    return lax.ppermute(x, halo.mesh_axes, [(j + 1, j) for j in range(halo.shards - 1)])
+def _from_right(x, halo, hop=1):
+    """On every device, ``x`` of the device ``hop`` positions after it (zeros on the last ``hop``)."""
+    return lax.ppermute(x, halo.mesh_axes, [(j + hop, j) for j in range(halo.shards - hop)])
+
+
+def _hop_widths(width, size):
+    """The tokens a halo of ``width`` takes from the 1st, 2nd, ... neighbour on its side: whole shards
+    of ``size`` tokens, the rest from the farthest one."""
+    return [min(size, width - start) for start in range(0, width, size)]
 
 
 def _extend(x, halo):
-    """``[left halo | own slab | right halo]`` of a key/value shard: the last ``halo.left`` tokens of
-    the left neighbour and the first ``halo.right`` tokens of the right one (zeros past the borders,
-    which no shard reads)."""
+    """``[left halo | own slab | right halo]`` of a key/value shard: the last ``halo.left`` tokens
+    before it and the first ``halo.right`` tokens after it, one ppermute per neighbour they come from
+    (zeros past the borders, which no shard reads)."""
     ax, m = halo.axis, halo.size
     parts = [x]
-    if halo.left:
-        parts.insert(0, _from_left(_slice(x, ax, m - halo.left, m), halo))
-    if halo.right:
-        parts.append(_from_right(_slice(x, ax, 0, halo.right), halo))
+    for hop, width in enumerate(_hop_widths(halo.left, m), 1):  # the nearest first: prepend
+        parts.insert(0, _from_left(_slice(x, ax, m - width, m), halo, hop))
+    for hop, width in enumerate(_hop_widths(halo.right, m), 1):
+        parts.append(_from_right(_slice(x, ax, 0, width), halo, hop))
     return jnp.concatenate(parts, axis=ax) if len(parts) > 1 else x
 
 
 def _fold_back(dx, halo):
     """The gradient of an extended key/value shard -> the gradient of the own slab: the own part plus
-    the halo parts the neighbours computed for this shard's tokens (the reverse exchange)."""
+    the halo parts the neighbours computed for this shard's tokens (the reverse exchange, hop by hop)."""
     ax, m, L, R = halo.axis, halo.size, halo.left, halo.right
     own = _slice(dx, ax, L, L + m)
-    if L:  # my left halo is my left neighbour's last L tokens
-        own = own + _pad(_from_right(_slice(dx, ax, 0, L), halo), ax, m - L, 0)
-    if R:  # my right halo is my right neighbour's first R tokens
-        own = own + _pad(_from_left(_slice(dx, ax, L + m, L + m + R), halo), ax, 0, m - R)
+    end = L  # the left halo is [hop h | ... | hop 1]: each part is the last tokens of its owner
+    for hop, width in enumerate(_hop_widths(L, m), 1):
+        own = own + _pad(_from_right(_slice(dx, ax, end - width, end), halo, hop), ax, m - width, 0)
+        end -= width
+    start = L + m  # the right halo is [hop 1 | ... | hop h]: each part is the first tokens of its owner
+    for hop, width in enumerate(_hop_widths(R, m), 1):
+        own = own + _pad(_from_left(_slice(dx, ax, start, start + width), halo, hop), ax, 0, m - width)
+        start += width
     return own
 
 
@@ -412,14 +440,15 @@ def _halo_ops(kind, local_prim, params, backend, halos, bias_sum_axes=()):
     """The per-device function of primitive ``kind`` with a halo exchange along every sharded spatial
     axis (``bias_sum_axes``: the batch mesh axes, over which qk_bwd's bias gradient is summed too).
 
-    Every shard receives the key/value halos from its neighbours (``ppermute``, one axis after the
-    other: the second exchange moves the first one's halos too, so the corners arrive), then runs the
-    local op, unchanged, on ``[start - left, end + right)`` per axis with the (left, right) halo of its
-    position (``halo_widths``; the interior shards share one, the border shards have their own, so a
-    ``lax.switch`` on the shard indices picks among a few static shapes). The queries of the halo are
-    zeros and are dropped from the results. In the backward their output cotangents are zero too, so
-    they add nothing to dK/dV; the halo parts of dK/dV go back to their owners with the reverse
-    exchanges (in reverse order), and d_add_k/d_add_v are summed over the shards of the axes.
+    Every shard receives the key/value halos from its neighbours (``ppermute``, one per hop and side,
+    one axis after the other: a later exchange moves the earlier ones' halos too, so the corners
+    arrive), then runs the local op, unchanged, on ``[start - left, end + right)`` per axis with the
+    (left, right) halo of its position (``halo_widths``; the interior shards share one, the border
+    shards have their own, so a ``lax.switch`` on the shard indices picks among a few static shapes).
+    The queries of the halo are zeros and are dropped from the results. In the backward their output
+    cotangents are zero too, so they add nothing to dK/dV; the halo parts of dK/dV go back to their
+    owners with the reverse exchanges (in reverse order), and d_add_k/d_add_v are summed over the
+    shards of the axes.
     """
     def bind(*operands):
         return local_prim.bind(*operands, params=params, backend=backend)

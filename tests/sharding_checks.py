@@ -67,6 +67,14 @@ def _rand(seed, shape, dtype=jnp.float64):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
+def _random_qkv(seed, S, with_add, B=4, H=4, Hkv=2):
+    """Random q [B, *S, H, 4], k [.., Hkv, 4], v [.., Hkv, 3] and (with_add) 2 additional keys/values."""
+    q, k, v = _rand(seed, (B, *S, H, 4)), _rand(seed + 1000, (B, *S, Hkv, 4)), _rand(seed + 2000, (B, *S, Hkv, 3))
+    if not with_add:
+        return q, k, v, None, None
+    return q, k, v, _rand(seed + 3000, (B, 2, Hkv, 4)), _rand(seed + 4000, (B, 2, Hkv, 3))
+
+
 def _put(mesh, x, spec):
     return jax.device_put(x, NamedSharding(mesh, spec))
 
@@ -146,11 +154,18 @@ def _reference(key, f, *args):
     return _REFS[key]
 
 
-def _halo_sized(text, k_shard, what=""):
-    """Every collective-permute of the compiled program moves at most one (per-device) key shard: a
-    halo never reaches past the neighbour."""
+def _permutes(text):
+    """The collective-permute instructions of a compiled program."""
     import re
-    lines = [line for line in text.splitlines() if re.search(r"collective-permute(-start)?\(", line)]
+    return [line for line in text.splitlines() if re.search(r"collective-permute(-start)?\(", line)]
+
+
+def _halo_sized(text, k_shard, what=""):
+    """Every collective-permute of the compiled program moves at most ``k_shard`` elements (a
+    per-device key shard, with the halos of the axes exchanged before): one hop moves at most a
+    neighbour's shard."""
+    import re
+    lines = _permutes(text)
     if k_shard is None:  # no halo needed at all
         assert not lines, f"{what}: collective-permutes without a halo:\n" + "\n".join(lines)
         return
@@ -163,10 +178,12 @@ def _halo_sized(text, k_shard, what=""):
 
 
 def _run_attention(mesh, rank, batch, heads, *, gather_ok=False, case=None, spatial=None, halo=True,
-                   **kw):
+                   halo_elems=None, permutes=None, **kw):
     """Sharded vs unsharded forward and gradient; ``spatial`` = (axis, mesh axes) shards one spatial
     axis too, which must then run with a halo exchange (collective-permutes of halo size, no gather;
-    none at all with ``halo=False``, where no shard needs its neighbours' keys)."""
+    none at all with ``halo=False``, where no shard needs its neighbours' keys). ``halo_elems``: the
+    most elements a collective-permute may move (default: a key shard, times 3 per earlier exchanged
+    axis); ``permutes``: the expected numbers of collective-permutes (forward, gradient)."""
     case = case or _attention_case(rank)
     q, k, v, ak, av = case
     with_add = ak is not None
@@ -194,8 +211,12 @@ def _run_attention(mesh, rank, batch, heads, *, gather_ok=False, case=None, spat
         # a later axis' exchange carries the earlier axes' halos (at most 3x its extent each)
         n_axes = 1 if isinstance(spatial, tuple) else len(spatial)
         k_shard = k.size // _shards(mesh, sargs[1]) * 3 ** (n_axes - 1) if halo else None
-        _halo_sized(fwd_text, k_shard, what=f"fwd {rank}-D spatial={spatial} {kw}")
-        _halo_sized(grad_text, k_shard, what=f"grad {rank}-D spatial={spatial} {kw}")
+        _halo_sized(fwd_text, halo_elems or k_shard, what=f"fwd {rank}-D spatial={spatial} {kw}")
+        _halo_sized(grad_text, halo_elems or k_shard, what=f"grad {rank}-D spatial={spatial} {kw}")
+    if permutes is not None:
+        counts = (len(_permutes(fwd_text)), len(_permutes(grad_text)))
+        assert counts == tuple(permutes), f"{rank}-D spatial={spatial} {kw}: {counts} collective-permutes " \
+            f"(forward, gradient), expected {tuple(permutes)}"
     return out, g
 
 
@@ -296,12 +317,7 @@ def spatial_halo():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i, (rank, S, ks, spatial, batch, heads, kw) in enumerate(cases):
-            B, H, Hkv = 4, 4, 2
-            q = _rand(100 + i, (B, *S, H, 4))
-            k = _rand(200 + i, (B, *S, Hkv, 4))
-            v = _rand(300 + i, (B, *S, Hkv, 3))
-            ak = _rand(400 + i, (B, 2, Hkv, 4)) if i % 2 == 0 else None
-            av = _rand(500 + i, (B, 2, Hkv, 3)) if i % 2 == 0 else None
+            q, k, v, ak, av = _random_qkv(100 + i, S, with_add=i % 2 == 0)
             _run_attention(mesh, rank, batch, heads, case=(q, k, v, ak, av), spatial=spatial,
                            kernel_size=ks, halo=kw.get("stride") != 6, **kw)
         cube = _mesh((2, 2, 2), ("x", "y", "z"))  # every spatial axis of a 3-D call sharded
@@ -347,24 +363,118 @@ def spatial_halo_unfused():
     assert not _spatial_warnings(caught), _spatial_warnings(caught)
 
 
+def _exchange(mesh, S, kernel, spatial, kw):
+    """(ppermutes per exchanged operand, the largest one in key shards, the most hops of an axis) of the
+    halo exchange ``halo_widths`` plans: one ppermute per hop, side and axis; a later axis' ppermutes
+    carry the earlier axes' halos."""
+    def per_axis(x):
+        return x if isinstance(x, tuple) else (x,) * len(S)
+    kernel, stride, dilation, causal = (per_axis(x) for x in (
+        kernel, kw.get("stride", 1), kw.get("dilation", 1), kw.get("is_causal", False)))
+    per_operand, growth, factor, most_hops = 0, 1.0, 1.0, 0
+    for axis, mesh_axes in sorted([spatial] if isinstance(spatial, tuple) else spatial):
+        n = int(np.prod([mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes)]))
+        widths = na_sharding.halo_widths(S[axis], n, kernel[axis], stride[axis], dilation[axis],
+                                         bool(causal[axis]))
+        assert not isinstance(widths, str), widths
+        m = S[axis] // n
+        left, right = max(l for l, _ in widths), max(r for _, r in widths)
+        hops = (-(-left // m), -(-right // m))
+        per_operand += sum(hops)
+        most_hops = max(most_hops, *hops)
+        factor = growth  # this axis' ppermutes move at most a shard of the array extended so far
+        growth *= (left + m + right) / m
+    return per_operand, factor, most_hops
+
+
+@check
+def spatial_halo_multihop():
+    """Windows wider than a shard: the halo comes from several neighbours per side (one ppermute per
+    hop), 1-D, 2-D (both axes sharded, corners) and 3-D, with dilation, stride, causal, GQA, additional KV
+    and batch/head sharding, and the unfused qk + softmax + av with a bias: values and gradients equal
+    the unsharded call, no all-gather, no warning, one collective-permute per hop, side, axis and
+    exchanged operand, each moving at most a (halo-extended) key shard."""
+    mesh = _mesh()
+    na_sharding._WARNED.clear()
+    cases = (  # (rank, spatial shape, kernel, (sharded axis, mesh axes), batch, heads, kwargs)
+        (1, (64,), 21, (0, ("x", "y")), None, None, {}),  # halos of 10-13 tokens on 8-token shards
+        (1, (64,), 21, (0, ("x", "y")), None, None, dict(is_causal=True, stride=2)),  # 20 back: 3 hops
+        (1, (64,), 9, (0, ("x", "y")), None, None, dict(dilation=2)),
+        (2, (16, 8), (9, 7), [(0, "x"), (1, "y")], None, None, {}),  # both axes wider than a shard
+        (2, (32, 5), (9, 3), (0, "x"), "y", None, dict(dilation=(2, 1))),
+        (2, (16, 8), (7, 5), [(0, "x"), (1, "y")], None, None, dict(is_causal=(True, False), stride=(2, 1))),
+        (3, (4, 16, 5), (2, 9, 3), (1, "x"), None, "y", dict(is_causal=(False, False, True))),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (rank, S, ks, spatial, batch, heads, kw) in enumerate(cases):
+            q, k, v, ak, av = _random_qkv(800 + i, S, with_add=i % 2 == 0)
+            per_operand, factor, hops = _exchange(mesh, S, ks, spatial, kw)
+            assert hops > 1, (S, ks, kw, "not a multi-hop case")
+            qs, _, _ = _attention_specs(rank, batch, heads, spatial)
+            k_shard = k.size // _shards(mesh, _put(mesh, k, qs))
+            # forward: k and v extended; gradient: those of the forward, those of the backward again,
+            # and dK/dV folded back over the same hops
+            _run_attention(mesh, rank, batch, heads, case=(q, k, v, ak, av), spatial=spatial, kernel_size=ks,
+                           halo_elems=int(k_shard * factor), permutes=(2 * per_operand, 6 * per_operand), **kw)
+
+        cases = (  # (spatial, kernel, spec of q/k/v, kwargs) for the unfused ops with a bias
+            ((16, 8), (9, 7), P("y", "x", None, None, None), {}),  # rows 2 hops, batch sharded
+            ((16, 8), (9, 7), P(None, "x", "y", None, None), {}),  # both axes
+            ((64,), 13, P(None, ("x", "y"), None, None), dict(is_causal=True, dilation=2)),  # 24 back
+        )
+        for i, (S, ks, spec, kw) in enumerate(cases):
+            rank = len(S)
+            q, k, v = (_rand(850 + 3 * i + j, (2, *S, 4, 4)) for j in range(3))
+            kt = ks if isinstance(ks, tuple) else (ks,) * rank
+            rpb = _rand(870 + i, (4, *(2 * kk - 1 for kk in kt)))
+            qk, av = QK[rank], AV[rank]
+            f = lambda q, k, v, rpb: av(jax.nn.softmax(qk(q, k, ks, rpb=rpb, **kw), -1), v, ks, **kw)
+            grad = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2, 3))
+            sargs = (*(_put(mesh, x, spec) for x in (q, k, v)), rpb)
+            what = f"unfused multi-hop {S} {ks} {spec} {kw}"
+            out, text = _compiled(f, *sargs)
+            _close(out, jax.jit(f)(q, k, v, rpb), what)
+            assert _spec(mesh, out) == _spec(mesh, sargs[0]), (what, out.sharding)
+            g, grad_text = _compiled(grad, *sargs)
+            for name, a, b in zip(("dq", "dk", "dv", "drpb"), g, jax.jit(grad)(q, k, v, rpb)):
+                _close(a, b, f"{name}, {what}")
+            for name, a, x in zip(("dq", "dk", "dv"), g, sargs):
+                assert _spec(mesh, a) == _spec(mesh, x), (what, name, a.sharding, x.sharding)
+            spatial = [(a, e) for a, e in enumerate(spec[1:1 + rank]) if e is not None]
+            per_operand, factor, hops = _exchange(mesh, S, ks, spatial, kw)
+            assert hops > 1, (what, "not a multi-hop case")
+            k_shard = k.size // _shards(mesh, sargs[1])
+            # forward: qk extends k, av extends v; gradient: those, again in qk_bwd/av_bwd, and the
+            # dK/dV folded back
+            for t, kind, expected in ((text, "fwd", 2 * per_operand), (grad_text, "grad", 6 * per_operand)):
+                _no_gather(t, what=f"{kind} {what}")
+                _halo_sized(t, int(k_shard * factor), what=f"{kind} {what}")
+                assert len(_permutes(t)) == expected, (kind, what, len(_permutes(t)), expected)
+    assert not _spatial_warnings(caught), _spatial_warnings(caught)
+
+
 @check
 def spatial_halo_geometry():
     """halo_widths: exact by construction (the brute-force check), minimal where the window math says
-    so, and a reason string where no single-hop halo exists."""
+    so, wider than a shard where the windows are (multi-hop), and a reason string for uneven shards."""
     hw = na_sharding.halo_widths
     assert hw(12, 4, 5) == ((0, 2), (2, 2), (2, 2), (2, 0)), hw(12, 4, 5)  # k // 2 on each side
     assert hw(32, 4, 3, 1, 2) == ((0, 2), (2, 2), (2, 2), (2, 0))  # (k // 2) * dilation
     assert all(r == 0 for _, r in hw(32, 4, 4, 1, 1, True))  # causal: left halo only
     assert hw(24, 4, 6, 6) == ((0, 0), (0, 0), (0, 0), (0, 0))  # blocked, blocks inside the shards
-    assert isinstance(hw(12, 4, 5, 1, 2, True), str)  # 4 * 2 keys back: more than a 3-token shard
+    # 4 * 2 keys back: more than a 3-token shard; the first shard's slab must hold 5 * 2 tokens
+    assert hw(12, 4, 5, 1, 2, True) == ((0, 7), (3, 4), (6, 1), (8, 0)), hw(12, 4, 5, 1, 2, True)
+    # a 21-token window on 8-token shards: 10 a side inside, the border windows reach 13 tokens in
+    assert hw(64, 8, 21) == ((0, 13), (8, 10), *((10, 10),) * 4, (10, 8), (13, 0)), hw(64, 8, 21)
     assert isinstance(hw(10, 4, 3), str)  # uneven shards
     # every returned halo is exact for every shard: recheck against neighborhood() lists
     from jax_na.geometry import neighborhood
     for L, n, k, s, d, c in ((32, 4, 5, 2, 2, False), (30, 3, 4, 3, 1, True), (40, 4, 3, 1, 3, False),
-                             (16, 2, 7, 7, 1, False), (24, 4, 5, 5, 1, True)):
+                             (16, 2, 7, 7, 1, False), (24, 4, 5, 5, 1, True), (64, 8, 21, 1, 1, True),
+                             (64, 8, 9, 2, 2, False), (48, 8, 7, 1, 3, True)):
         widths = hw(L, n, k, s, d, c)
-        if isinstance(widths, str):
-            continue
+        assert not isinstance(widths, str), (L, n, k, s, d, c, widths)
         full, m = neighborhood(L, k, s, d, c), L // n
         for i, (left, right) in enumerate(widths):
             lo, hi = i * m - left, (i + 1) * m + right
@@ -375,14 +485,16 @@ def spatial_halo_geometry():
 
 @check
 def spatial_fallback():
-    """Sharded spatial axes the halo exchange does not cover (uneven shards, a halo beyond the
-    neighbour's shard) are gathered with a one-time warning per reason;
+    """Sharded spatial axes the halo exchange does not cover (uneven shards, a multi-hop halo that
+    would bring in more than all the other shards) are gathered with a one-time warning per reason;
     results stay exact (with dilation/stride/causal)."""
     mesh = _mesh()
     na_sharding._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cases = (  # (rank, spec of q/k/v, kwargs)
+            # 12 tokens on 4 shards, keys up to 8 back: the halos (8 + 7 tokens, the first shard's slab
+            # holds a whole dilated kernel) exceed the 9 tokens of the other shards
             (1, P("y", "x", None, None), dict(dilation=2, is_causal=True)),  # spatial + batch
             (2, P(None, "y", None, None, None), dict(stride=(2, 1), is_causal=(True, False))),
             (2, P(None, "y", None, None, None), dict(dilation=(2, 1))),
@@ -410,8 +522,9 @@ def spatial_fallback():
                                                              for x in (q, k, v)), ak, av))
         for a, b in zip(uneven_grad(*case), grad(*case)):
             _close(a, b, "uneven grad")
-        # two sharded axes, one of which cannot take a halo (9 // 2 = 4 tokens > a 3-token shard): that
-        # axis alone is gathered, the other keeps its halo exchange
+        # two sharded axes, one of which cannot take a halo (the 9-token windows of the first and last
+        # 3-token shards reach 6 tokens in: 6 + 6 > the 9 tokens of the other shards): that axis alone
+        # is gathered, the other keeps its halo exchange
         q, k, v = _rand(23, (2, 12, 6, 4, 4)), _rand(24, (2, 12, 6, 2, 4)), _rand(25, (2, 12, 6, 2, 3))
         fwd, grad = _attention_fns(2, False, kernel_size=(9, 3))
         sargs = tuple(_put(mesh, x, P(None, "x", "y")) for x in (q, k, v))
@@ -422,7 +535,7 @@ def spatial_fallback():
     messages = _spatial_warnings(caught)
     assert len(messages) == len(set(messages)), messages  # one-time (per reason)
     assert all("gather" in m and "halo" in m for m in messages), messages
-    for reason in ("split evenly", "neighbour's shard"):
+    for reason in ("split evenly", "more than the other shards hold"):
         assert any(reason in m for m in messages), (reason, messages)
 
 
