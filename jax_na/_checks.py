@@ -56,11 +56,11 @@ def fused_head_dim(D: int, Dv: int) -> int | None:
     return next((p for p in FUSED_HEAD_DIMS if max(D, Dv) <= p), None)
 
 
-def fused_supports(dtype, D: int, Dv: int, H: int, scale: float = 1.0) -> bool:
+def fused_supports(dtype, D: int, Dv: int, H: int) -> bool:
     """Whether the fused kernels take a call (batch size aside: it is split into chunks). Every
-    finite scale runs (a scale <= 0 through an exact rewrite of q: primitives._fused_impl)."""
+    scale runs (a scale <= 0 through an exact rewrite of q: primitives._fused_impl)."""
     return (any(jnp.dtype(dtype) == jnp.dtype(d) for d in BACKEND_DTYPES["fused"])
-            and fused_head_dim(D, Dv) is not None and 1 <= H <= FUSED_MAX_HEADS and math.isfinite(scale))
+            and fused_head_dim(D, Dv) is not None and 1 <= H <= FUSED_MAX_HEADS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +168,7 @@ def _supporting(dtype) -> list[str]:
     return [b for b, ds in BACKEND_DTYPES.items() if any(jnp.dtype(dtype) == jnp.dtype(d) for d in ds)]
 
 
-def resolve_backend(backend: str | None, dtype, what: str = "na", query=None, value=None,
-                    scale: float = 1.0) -> str:
+def resolve_backend(backend: str | None, dtype, what: str = "na", query=None, value=None) -> str:
     """Check the backend name; returns "auto" or a concrete backend usable here for ``dtype``.
 
     ``what`` is "na" (na1d/na2d/na3d, whose ``query``/``value`` then give the head dims for the
@@ -196,7 +195,7 @@ def resolve_backend(backend: str | None, dtype, what: str = "na", query=None, va
                         f"(allowed: {', '.join(_dtype_name(d) for d in allowed)}); backends that "
                         f"support {_dtype_name(dtype)}: {_supporting(dtype)}")
     if backend in FUSED_BACKENDS and query is not None:
-        _check_fused(query, value, scale, backend)
+        _check_fused(query, value, backend)
     if backend != "reference" and not _ext.has_cuda_kernels():
         raise ValueError(f"backend {backend!r} needs jax_na's CUDA kernels, which this installation "
                          f"does not have (built without nvcc); available: {_ext.available_backends()}")
@@ -211,7 +210,7 @@ def resolve_backend(backend: str | None, dtype, what: str = "na", query=None, va
     return backend
 
 
-def _check_fused(query, value, scale, backend="fused"):
+def _check_fused(query, value, backend="fused"):
     """Limits of the fused kernels, checked for an explicit fused backend."""
     B, *_, H, D = query.shape
     Dv = value.shape[-1]
@@ -268,7 +267,7 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
                 raise TypeError(f"{name} dtype {_dtype_name(x.dtype)} differs from query dtype "
                                 f"{_dtype_name(query.dtype)}")
     params = window_params(rank, spatial, kernel_size, stride, dilation, is_causal, scale, D)
-    return params, resolve_backend(backend, query.dtype, "na", query, value, params.scale)
+    return params, resolve_backend(backend, query.dtype, "na", query, value)
 
 
 def qk_args(rank: int, query, key, kernel_size, dilation, is_causal, rpb, scale, backend):

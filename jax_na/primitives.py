@@ -248,8 +248,7 @@ def supports(family: str, kind: str, avals, params: NAParams | None = None) -> b
         q, v = avals[0], avals[2]
         # An empty call (zero batch or heads) launches nothing: the reference lowering handles it.
         return (math.prod(q.shape) > 0
-                and _checks.fused_supports(dtype, q.shape[-1], v.shape[-1], q.shape[-2],
-                                           params.scale if params is not None else 1.0))
+                and _checks.fused_supports(dtype, q.shape[-1], v.shape[-1], q.shape[-2]))
     return False
 
 

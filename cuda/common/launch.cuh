@@ -15,6 +15,17 @@ inline unsigned int grid_for(int64_t n, int block, int64_t max_blocks = int64_t{
   return static_cast<unsigned int>(blocks);
 }
 
+// Launches kernel(params) on grid x threads with smem bytes of dynamic shared memory, after raising
+// the kernel's dynamic shared-memory limit to that (needed above 48 KB).
+template <class Kernel, class Params>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, const Params& params,
+                             cudaStream_t stream) {
+  cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (st != cudaSuccess) return st;
+  kernel<<<grid, threads, smem, stream>>>(params);
+  return cudaGetLastError();
+}
+
 // Grid-stride loop over [0, n) with 64-bit indices.
 #define JNA_GRID_STRIDE_LOOP(i, n)                                                       \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/launch.cuh"
 #include "fused/fused_bwd.h"
 #include "fused/kernel_traits.cuh"
 #include "fused/mainloop_bwd_dkdv.cuh"
@@ -19,11 +20,8 @@ template <class Kernel>
 cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int heads, int64_t batch, int threads, int smem,
                           const BwdKernelParams& kp, cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
-  cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (st != cudaSuccess) return st;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
-  kernel<<<grid, threads, smem, stream>>>(kp);
-  return cudaGetLastError();
+  return launch_with_smem(kernel, grid, threads, smem, kp, stream);
 }
 
 template <DType kDType, int kHeadDim, int kRank>

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/launch.cuh"
 #include "fused/fused_fwd.h"
 #include "fused/kernel_traits.cuh"
 #include "fused/mainloop_fwd.cuh"
@@ -39,11 +40,7 @@ bool fwd_kernel_params(const geo::Problem& pr, const FwdArgs& args, FwdKernelPar
 // Launches `kernel` (a forward kernel of Traits taking Params) on `grid`.
 template <class Traits, class Kernel, class Params>
 cudaError_t launch_fwd_grid(Kernel kernel, const Params& params, dim3 grid, cudaStream_t stream) {
-  constexpr int kSmem = Traits::kSmemBytes;
-  cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (st != cudaSuccess) return st;
-  kernel<<<grid, Traits::kLaunchThreads, kSmem, stream>>>(params);
-  return cudaGetLastError();
+  return launch_with_smem(kernel, grid, Traits::kLaunchThreads, Traits::kSmemBytes, params, stream);
 }
 
 // Launches `kernel` (a forward kernel of Traits taking FwdKernelParams) over the Q tiles.

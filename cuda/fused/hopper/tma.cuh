@@ -83,9 +83,9 @@ bool encode_kv_tensor_maps(const geo::Problem& pr, const void* k, const void* v,
   } else if (static_cast<int64_t>(pr.axis[0].L) * pr.B > INT32_MAX) {
     return false;  // coordinates are 32-bit
   }
-  const CUtensorMapDataType type =
-      kElemBytes == 2 && std::is_same_v<typename Traits::Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType type = std::is_same_v<typename Traits::Element, cutlass::bfloat16_t>
+                                       ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   for (int t = 0; t < 2; ++t) {
     CUresult r = encode(t == 0 ? &maps->k : &maps->v, type, n, const_cast<void*>(t == 0 ? k : v), dims, strides,
                         box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
