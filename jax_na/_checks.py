@@ -17,9 +17,9 @@ from jax_na import _ext
 
 # Backends the library knows, and the ones that are planned (asking for those says so).
 KNOWN_BACKENDS = ("fused", "fused_sm80", "fused_sm90", "reference", "naive")
-# The fused family: "fused" runs the Hopper forward kernel on compute capability 9.0 GPUs and the
-# portable one elsewhere; "fused_sm80" / "fused_sm90" pin one of them (to compare them, or to rule one
-# out). Value: the FFI target's ``arch`` attribute. The backward is the portable one for all three.
+# The fused family: "fused" runs the Hopper kernels on compute capability 9.0 GPUs where they are
+# faster and the portable ones elsewhere; "fused_sm80" / "fused_sm90" pin one set, forward and
+# backward (to compare them, or to rule one out). Value: the FFI targets' ``arch`` attribute.
 FUSED_BACKENDS = {"fused": 0, "fused_sm80": 80, "fused_sm90": 90}
 PLANNED_BACKENDS = ("gemm",)
 # Backends with the unfused na*d_qk / na*d_av ops (the fused kernels have no unfused twin).

@@ -86,7 +86,8 @@ def available_backends() -> list[str]:
     """Backends that can run a call on this machine, fastest first (measured on an H100: the fused
     kernels reach 79-264 effective TFLOP/s forward, the reference 12-37, the naive kernels 0.4-1; see
     jax_na.primitives.AUTO_PREFERENCE). The fused backends only take float16/bfloat16 with head dims
-    up to 128; "fused_sm90"/"fused_sm80" are "fused" with its forward kernel pinned (Hopper/portable)."""
+    up to 128; "fused_sm90"/"fused_sm80" are "fused" with its kernels pinned (Hopper/portable, forward
+    and backward)."""
     on_gpu = has_cuda_kernels() and has_cuda_device()
     out = ["fused"] if on_gpu and has_fused_kernels() else []
     if out:

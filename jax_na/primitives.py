@@ -332,13 +332,13 @@ def _fused_impl(kind, *args, params, backend):
     q_in = (lambda x: x) if sign > 0 else (lambda x: x * jnp.asarray(sign, x.dtype))
     if sign <= 0:
         attrs["scale"] = np.float32(abs(params.scale) if sign < 0 else 1.0)
+    arch = np.int64(_checks.FUSED_BACKENDS.get(backend, 0))  # which kernels: 0 auto, 80 portable, 90 Hopper
 
     if kind == "fwd":
         def call(q, k, v, add_k, add_v):
             out = jax.ShapeDtypeStruct((*q.shape[:-1], P), q.dtype)
             lse = jax.ShapeDtypeStruct(q.shape[:-1], f32)
-            return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(
-                q, k, v, add_k, add_v, arch=np.int64(_checks.FUSED_BACKENDS.get(backend, 0)), **attrs)
+            return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(q, k, v, add_k, add_v, arch=arch, **attrs)
 
         out, lse = _batch_chunks(call, [_pad_last(x, P) for x in (q_in(args[0]), *args[1:])])
         return [_last(out, Dv), lse]
@@ -347,7 +347,7 @@ def _fused_impl(kind, *args, params, backend):
         grads = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, add_k, add_v)]
         ws = jax.ShapeDtypeStruct((workspace_size("bwd", "fused", (q, k, v, add_k), params),), f32)
         res = jax.ffi.ffi_call("jax_na_fused_bwd", (*grads, ws))(q, k, v, add_k, add_v, out, lse, d_out,
-                                                                  d_lse, **attrs)
+                                                                  d_lse, arch=arch, **attrs)
         return res[:5]
 
     q, k, v, add_k, add_v, out, lse, d_out, d_lse = args

@@ -289,16 +289,16 @@ def register_tunable(name: str, sweep: TileSweep) -> None:
 
 
 def _register_fused_variants() -> None:
-    """Register "fused" as tunable over its forward kernels where this machine has both (an H100/H200
-    with a 90a build); the backward is the same for both."""
+    """Register "fused" as tunable over its kernel sets (portable and Hopper, each forward and
+    backward) where this machine has both (an H100/H200 with a 90a build)."""
     if "fused" in TUNABLE_BACKENDS or not _ext.has_hopper_kernels():
         return
     variants = {"portable (sm80)": "fused_sm80", "hopper (sm90)": "fused_sm90"}
 
     def configs(p, mode, dtype):
-        return [] if fits(p, "fused", mode, dtype) else [{"forward": name} for name in variants]
+        return [] if fits(p, "fused", mode, dtype) else [{"kernels": name} for name in variants]
 
-    register_tunable("fused", TileSweep(configs, lambda p, mode, cfg: na_callable(p, variants[cfg["forward"]], mode)))
+    register_tunable("fused", TileSweep(configs, lambda p, mode, cfg: na_callable(p, variants[cfg["kernels"]], mode)))
 
 
 def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None):
@@ -533,13 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backends", default=None,
                    help="comma list; default: every backend in jax_na.available_backends() but the "
                         "pinned fused_sm80/fused_sm90 (on a GPU: fused, reference, naive); e.g. "
-                        "fused_sm90,fused_sm80 compares the two forward kernels")
+                        "fused_sm90,fused_sm80 compares the two kernel sets")
     r.add_argument("--no-self-attention", action="store_true", help="skip the dense self attention baseline")
     r.add_argument("--reps", type=int, default=20, help="timed calls per entry (at most)")
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
     r.add_argument("--sweep-tiles", action="store_true",
                    help="sweep the kernel configurations of the backends registered in TUNABLE_BACKENDS "
-                        "instead and report the best (on an H100/H200: fused's portable vs Hopper forward; "
+                        "instead and report the best (on an H100/H200: fused's portable vs Hopper kernels; "
                         "tile shapes are fixed at build time)")
     o = ap.add_argument_group("output")
     o.add_argument("--json", default=None, help="write the rows (and the problems) as JSON")

@@ -294,11 +294,11 @@ def _fake_fused_ffi_call(seen, seen_arch=None):
             assert P in (64, 128) and all(ops[i].shape[-1] == P for i in range(5)), [o.shape for o in ops]
             seen.append((target, ops[0].shape[0], P, float(scale)))
             fwd = lambda *a: reference.attention_forward(*a, params)
+            seen_arch.append((target, int(arch)))  # the kernel choice: 0 auto, 80 portable, 90 Hopper
             if target == "jax_na_fused_fwd":
                 assert len(result_shapes) == 2
-                seen_arch.append(int(arch))  # the forward kernel choice: 0 auto, 80 portable, 90 Hopper
                 return fwd(*ops)
-            assert target == "jax_na_fused_bwd" and len(result_shapes) == 6 and arch is None
+            assert target == "jax_na_fused_bwd" and len(result_shapes) == 6
             q, k, v, ak, av, out, lse, d_out, d_lse = ops
             assert out.shape[-1] == d_out.shape[-1] == P
             ws = result_shapes[5]
@@ -344,9 +344,10 @@ def test_fused_padding_and_chunks_compute_the_same_function(monkeypatch, D, Dv):
 
 
 @pytest.mark.parametrize("backend,arch", [("fused", 0), ("fused_sm80", 80), ("fused_sm90", 90), ("auto", 0)])
-def test_fused_backend_names_pick_the_forward_kernel(monkeypatch, backend, arch):
-    """backend "fused" lets the target choose (Hopper kernel on sm_90), "fused_sm80"/"fused_sm90" pin
-    the portable/Hopper forward through the target's arch attribute; the results are the same."""
+def test_fused_backend_names_pick_the_kernels(monkeypatch, backend, arch):
+    """backend "fused" lets the targets choose (Hopper kernels on sm_90), "fused_sm80"/"fused_sm90" pin
+    the portable/Hopper kernels of both directions through the targets' arch attribute; the results
+    are the same."""
     from jax_na import _checks, primitives
     seen, seen_arch = [], []
     monkeypatch.setattr(jax.ffi, "ffi_call", _fake_fused_ffi_call(seen, seen_arch))
@@ -357,7 +358,13 @@ def test_fused_backend_names_pick_the_forward_kernel(monkeypatch, backend, arch)
     ref_out, ref_lse = reference.attention_forward(q, k, v, ak, av, params)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
-    assert seen_arch == [arch]
+    d_out, d_lse = jnp.ones_like(out), jnp.zeros_like(lse)
+    grads = jax.jit(lambda *a: primitives._fused_impl("bwd", *a, params=params, backend=backend))(
+        q, k, v, ak, av, out, lse, d_out, d_lse)
+    ref_grads = jax.vjp(lambda *a: reference.attention_forward(*a, params), q, k, v, ak, av)[1]((d_out, d_lse))
+    for g, rg in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-5)
+    assert seen_arch == [("jax_na_fused_fwd", arch), ("jax_na_fused_bwd", arch)]
     assert _checks.backend_family(backend) == ("fused" if backend != "auto" else "auto")
 
 

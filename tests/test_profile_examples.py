@@ -124,7 +124,7 @@ def test_sweep_tiles_times_the_fused_forward_kernels(tmp_path, monkeypatch, caps
     d = json.loads(out.read_text())
     assert d["tunable_backends"] == ["fused"]
     rows = [r for r in d["rows"] if "ms" in r]
-    assert {r["config"]["forward"] for r in rows} == {"portable (sm80)", "hopper (sm90)"}
+    assert {r["config"]["kernels"] for r in rows} == {"portable (sm80)", "hopper (sm90)"}
     assert sum(r["best"] for r in rows) == 1 and all(r["ms"] > 0 for r in rows)
     assert "best config" in capsys.readouterr().out
 

@@ -4,7 +4,7 @@ keys' gradients) with the float64 reference (jax_na.reference through its autodi
 benchmark problems (forward, backward) with CUDA-synchronized medians.
 
 Usage (GPU machine, jax_na installed): python tools/fused_check.py [--no-bench] [--json out.json]
-    [--arch 90,80] (forward kernels to check and time: 0 auto, 80 portable, 90 Hopper)
+    [--arch 90,80] (kernels, forward and backward, to check and time: 0 auto, 80 portable, 90 Hopper)
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ def fused_fwd(q, k, v, ak, av, p, arch=0):
     return jax.ffi.ffi_call("jax_na_fused_fwd", shapes)(q, k, v, ak, av, arch=np.int64(arch), **_attrs(p))
 
 
-def fused_bwd(q, k, v, ak, av, out, lse, do, dlse, p):
+def fused_bwd(q, k, v, ak, av, out, lse, do, dlse, p, arch=0):
+    """arch: as fused_fwd's, for the backward kernels."""
     rows = math.prod(q.shape[:-1])
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, ak, av))
     shapes += (jax.ShapeDtypeStruct((rows,), jnp.float32),)
-    return jax.ffi.ffi_call("jax_na_fused_bwd", shapes)(q, k, v, ak, av, out, lse, do, dlse, **_attrs(p))[:5]
+    return jax.ffi.ffi_call("jax_na_fused_bwd", shapes)(q, k, v, ak, av, out, lse, do, dlse, arch=np.int64(arch),
+                                                                     **_attrs(p))[:5]
 
 
 def params_for(rank, q, k, v, ks, st, dl, ca, ak=None, av=None):
@@ -95,7 +97,7 @@ def check(dtype, tol, cases=CASES, arch=0):
         dlse = jnp.asarray(dlse64, jnp.float32)
         p = params_for(rank, q, k, v, ks, st, dl, ca)
         out, lse = jax.jit(lambda *a: fused_fwd(*a, p, arch))(q, k, v, ak, av)
-        grads = jax.jit(lambda *a: fused_bwd(*a, p))(q, k, v, ak, av, out, lse, do, dlse)
+        grads = jax.jit(lambda *a: fused_bwd(*a, p, arch))(q, k, v, ak, av, out, lse, do, dlse)
         up = [jnp.asarray(x, jnp.float64) for x in (q, k, v, ak, av, do)]
         ref = reference_all(*up[:5], up[5], jnp.asarray(dlse64, jnp.float64), p)
         names = ["out", "lse", "dq", "dk", "dv", "dak", "dav"]
@@ -148,15 +150,15 @@ def bench(dtype=jnp.bfloat16, only=None, reps=20, arches=(0,)):
         ak = av = jnp.zeros((B, 0, H, Dk), dtype)
         p = params_for(rank, q[..., :D], k[..., :D], v[..., :D], ks, st, dl, ca)
         W = p.window_size
-        t_arch = {}
+        t_arch, tb_arch = {}, {}
         for arch in arches:
             fwd = jax.jit(lambda *a, arch=arch: fused_fwd(*a, p, arch))
             t_arch[arch] = time_fn(fwd, (q, k, v, ak, av), reps)
-        t_f = t_arch[arches[0]]
-        out, lse = fwd(q, k, v, ak, av)
-        dlse = jnp.zeros_like(lse)
-        bwd = jax.jit(lambda *a: fused_bwd(*a, p))
-        t_b = time_fn(bwd, (q, k, v, ak, av, out, lse, do, dlse), reps)
+            out, lse = fwd(q, k, v, ak, av)
+            dlse = jnp.zeros_like(lse)
+            bwd = jax.jit(lambda *a, arch=arch: fused_bwd(*a, p, arch))
+            tb_arch[arch] = time_fn(bwd, (q, k, v, ak, av, out, lse, do, dlse), reps)
+        t_f, t_b = t_arch[arches[0]], tb_arch[arches[0]]
         flops = 4.0 * B * H * N * W * D
         # cuDNN self attention (same q/k/v), forward.
         try:
@@ -170,11 +172,14 @@ def bench(dtype=jnp.bfloat16, only=None, reps=20, arches=(0,)):
                    bwd_tflops=2.5 * flops / t_b / 1e12, fwdbwd_tflops=3.5 * flops / (t_f + t_b) / 1e12,
                    cudnn_fwd_ms=t_c * 1e3, speedup=t_c / t_f, ideal=(t_c / t_f) / (N / W),
                    fwd_ms_by_arch={str(a): t * 1e3 for a, t in t_arch.items()},
-                   fwd_tflops_by_arch={str(a): flops / t / 1e12 for a, t in t_arch.items()})
+                   fwd_tflops_by_arch={str(a): flops / t / 1e12 for a, t in t_arch.items()},
+                   bwd_ms_by_arch={str(a): t * 1e3 for a, t in tb_arch.items()},
+                   bwd_tflops_by_arch={str(a): 2.5 * flops / t / 1e12 for a, t in tb_arch.items()})
         rows.append(row)
         if len(arches) > 1:
-            print(f"{pid:18s} fwd by arch: " + ", ".join(f"{a or 'auto'}: {t * 1e3:.3f} ms "
-                  f"{flops / t / 1e12:.1f} TF/s" for a, t in t_arch.items()), flush=True)
+            print(f"{pid:18s} by arch: " + ", ".join(
+                f"{a or 'auto'}: fwd {t * 1e3:.3f} ms {flops / t / 1e12:.1f} TF/s, bwd {tb_arch[a] * 1e3:.3f} ms "
+                f"{2.5 * flops / tb_arch[a] / 1e12:.1f} TF/s" for a, t in t_arch.items()), flush=True)
         print(f"{pid:18s} fwd {row['fwd_ms']:8.3f} ms {row['fwd_tflops']:6.1f} TF/s | bwd {row['bwd_ms']:8.3f} ms "
               f"{row['bwd_tflops']:6.1f} TF/s | fwd+bwd {row['fwdbwd_tflops']:6.1f} TF/s | cuDNN fwd "
               f"{row['cudnn_fwd_ms']:8.3f} ms, speedup {row['speedup']:5.2f}, ideal {row['ideal']:4.2f}", flush=True)
@@ -189,8 +194,8 @@ def main():
                     "(for compute-sanitizer)")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark only these problem ids, no checks")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--arch", default="0", help="forward kernels, comma list: 0 (auto), 80, 90; checks run "
-                    "for each, the benchmark times each forward (the first one in the summary)")
+    ap.add_argument("--arch", default="0", help="kernels, comma list: 0 (auto), 80, 90; checks run for "
+                    "each, the benchmark times each forward and backward (the first one in the summary)")
     a = ap.parse_args()
     arches = tuple(int(x) for x in a.arch.split(","))
     _ext.register_targets()

@@ -8,8 +8,8 @@ OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 CUTLASS=${1:-$(python3 -c "import os, cutlass_library as c; print(os.path.join(os.path.dirname(c.__file__), 'source', 'include'))")}
 B=/tmp/jna_sanitize; mkdir -p "$B"
 FLAGS="-std=c++17 -O2 --expt-relaxed-constexpr -lineinfo -Icuda -isystem $CUTLASS -gencode=arch=compute_90a,code=sm_90a -DJNA_FUSED_WITH_SM90=1"
-# Every fused kernel, the Hopper forward included (the driver runs both forward kernels).
-ls cuda/fused/fwd_*.cu cuda/fused/hopper/fwd_*.cu cuda/fused/bwd_*.cu cuda/fused/dispatch.cu cuda/fused/sanitize_fused.cu |
+# Every fused kernel, the Hopper ones included (the driver runs both kernel sets in each direction).
+ls cuda/fused/fwd_*.cu cuda/fused/hopper/fwd_*.cu cuda/fused/bwd_*.cu cuda/fused/hopper/bwd_*.cu cuda/fused/dispatch.cu cuda/fused/sanitize_fused.cu |
   xargs -P 16 -I{} sh -c 'nvcc '"$FLAGS"' -c {} -o '"$B"'/$(echo {} | tr / _).o' || { echo "BUILD FAILED"; exit 1; }
 nvcc $FLAGS "$B"/*.o -o "$B/sanitize_fused" || { echo "LINK FAILED"; exit 1; }
 rc=0

@@ -75,17 +75,23 @@ ffi::Error decode_fused(const char* kT, const ffi::AnyBuffer& q, const ffi::AnyB
   return ffi::Error::Success();
 }
 
+// arch: 0 (auto), 80 (the portable kernels) or 90 (the Hopper kernels, where they can run).
+ffi::Error check_arch(const char* kT, int64_t arch) {
+  if (arch != fused::FwdArgs::kAuto && arch != fused::FwdArgs::kPortable && arch != fused::FwdArgs::kHopper)
+    return invalid(kT, "arch must be 0 (auto), 80 (portable kernel) or 90 (Hopper kernel), got " +
+                           std::to_string(arch));
+  if (arch == fused::FwdArgs::kHopper && !fused::sm90_available())
+    return invalid(kT, "arch=90 asks for the Hopper kernels, which need a compute capability 9.0 "
+                       "GPU and a build with 90a in JAX_NA_CUDA_ARCHS");
+  return ffi::Error::Success();
+}
+
 ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer add_k, ffi::AnyBuffer add_v, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::AnyBuffer> lse, I64Span kernel_size, I64Span stride, I64Span dilation,
                     I64Span is_causal, float scale, int64_t arch) {
   constexpr const char* kT = "jax_na_fused_fwd";
-  if (arch != fused::FwdArgs::kAuto && arch != fused::FwdArgs::kPortable && arch != fused::FwdArgs::kHopper)
-    return invalid(kT, "arch must be 0 (auto), 80 (portable kernel) or 90 (Hopper kernel), got " +
-                           std::to_string(arch));
-  if (arch == fused::FwdArgs::kHopper && !fused::sm90_available())
-    return invalid(kT, "arch=90 asks for the Hopper forward kernel, which needs a compute capability 9.0 "
-                       "GPU and a build with 90a in JAX_NA_CUDA_ARCHS");
+  if (auto e = check_arch(kT, arch); e.failure()) return e;
   FusedCall c;
   if (auto e = decode_fused(kT, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c); e.failure())
     return e;
@@ -114,8 +120,9 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                     ffi::Result<ffi::AnyBuffer> d_add_k, ffi::Result<ffi::AnyBuffer> d_add_v,
                     ffi::Result<ffi::AnyBuffer> workspace, I64Span kernel_size, I64Span stride, I64Span dilation,
-                    I64Span is_causal, float scale) {
+                    I64Span is_causal, float scale, int64_t arch) {
   constexpr const char* kT = "jax_na_fused_bwd";
+  if (auto e = check_arch(kT, arch); e.failure()) return e;
   FusedCall c;
   if (auto e = decode_fused(kT, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c); e.failure())
     return e;
@@ -153,6 +160,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   args.workspace = static_cast<float*>(workspace->untyped_data());
   args.D = static_cast<int32_t>(c.D);
   args.scale = scale;
+  args.arch = static_cast<int32_t>(arch);
   return cuda_check(kT, "the fused backward kernels", fused::launch_bwd(c.pr, c.rank, c.dtype, args, stream));
 }
 
@@ -191,5 +199,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_fused_bwd, jax_na::FusedBwd,
                                   .Ret<ffi::AnyBuffer>()  // d_add_k
                                   .Ret<ffi::AnyBuffer>()  // d_add_v
                                   .Ret<ffi::AnyBuffer>()  // workspace
-                                      JNA_WINDOW_ATTRS.Attr<float>("scale"),
+                                      JNA_WINDOW_ATTRS.Attr<float>("scale")
+                                  .Attr<int64_t>("arch"),
                               {ffi::Traits::kCmdBufferCompatible});

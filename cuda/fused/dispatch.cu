@@ -52,8 +52,14 @@ struct BwdCall {
   const geo::Problem& pr;
   const BwdArgs& args;
   cudaStream_t stream;
+  bool hopper;
   template <DType kDT, int kD, int kRank>
-  cudaError_t run() { return run_bwd<kDT, kD, kRank>(pr, args, stream); }
+  cudaError_t run() {
+#if defined(JNA_FUSED_WITH_SM90)
+    if (hopper) return run_bwd_sm90<kDT, kD, kRank>(pr, args, stream);
+#endif
+    return run_bwd<kDT, kD, kRank>(pr, args, stream);
+  }
 };
 
 }  // namespace
@@ -97,7 +103,11 @@ cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdA
 }
 
 cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream) {
-  return dispatch(dtype, args.D, rank, BwdCall{pr, args, stream});
+  const bool sm90 = sm90_available();
+  if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
+  // Auto: the Hopper backward on every sm_90 device (see cuda/fused/NOTES.md for the measurements).
+  const bool hopper = sm90 && args.arch != FwdArgs::kPortable;
+  return dispatch(dtype, args.D, rank, BwdCall{pr, args, stream, hopper});
 }
 
 }  // namespace fused

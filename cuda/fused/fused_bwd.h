@@ -1,8 +1,9 @@
-// Fused neighborhood-attention backward, portable sm80-class path: host-side entry points (no
-// device code, no CuTe: the host-compiled FFI handler includes this).
+// Fused neighborhood-attention backward: host-side entry points (no device code, no CuTe: the
+// host-compiled FFI handler includes this).
 //
 // Three launches on one stream: delta = rowsum(dO * O) - d_lse (into the caller's workspace), the
-// query-stationary dQ kernel and the key-stationary dK/dV kernel (also the additional keys/values).
+// query-stationary dQ kernel and the key-stationary dK/dV kernel (also the additional keys/values),
+// on SM80-class MMAs (portable) or on Hopper warpgroup MMAs (sm_90a).
 // Deterministic: every output element is written by exactly one CTA, no atomics.
 // Supported: as the forward (fp16/bf16, head dim 64 or 128 with D_v == D, rank 1..3, every
 // kernel/stride/dilation/causal, GQA, additional keys/values).
@@ -13,6 +14,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "fused/fused_fwd.h"  // FwdArgs::Arch
 #include "geometry/window.cuh"
 
 namespace jax_na {
@@ -36,6 +38,7 @@ struct BwdArgs {
   float* workspace = nullptr;  // [B * N * H] float32 (delta)
   int32_t D = 0;
   float scale = 1.f;
+  int32_t arch = FwdArgs::kAuto;  // as the forward's: kAuto, kPortable or kHopper
 };
 
 // Workspace floats launch_bwd needs.
@@ -45,6 +48,9 @@ cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdA
 
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream);
+// The Hopper one (defined in hopper/bwd_<dtype>_hd<D>.cu, compiled for sm_90a only).
+template <DType kDType, int kHeadDim, int kRank>
+cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream);
 
 }  // namespace fused
 }  // namespace jax_na

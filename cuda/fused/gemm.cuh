@@ -3,6 +3,8 @@
 
 #include <cute/tensor.hpp>
 
+#include "fused/softmax.cuh"  // acc_to_a_layout
+
 namespace jax_na {
 namespace fused {
 
@@ -40,6 +42,63 @@ __device__ __forceinline__ void gemm_rs(TiledMma& mma, Acc& acc, const TA& rA, T
     gemm(mma, rA(_, _, i), rB(_, _, i), acc);
   }
 }
+
+// The GEMMs of the backward kernels on SM80 tensor cores (mma.sync, ldmatrix), behind the interface
+// the Hopper policy (hopper/gemm.cuh: Sm90Gemm) shares, so that one kernel body serves both:
+//   acc<M, N>()            an M x N float accumulator fragment,
+//   ss<M, N>(acc, a, b)    acc = A B^T with A (M x D) and B (N x D) row tiles in smem,
+//   rs<K>(acc, a, b)       acc += A B with A an Element copy of an (M x K) accumulator and B a (K x D)
+//                          row tile in smem (read transposed),
+//   wait<kPending>(frags)  completes the products issued (a no-op here: these run synchronously),
+//   fence_smem_writes()    orders this thread's completed cp.async writes before the MMAs' reads.
+// kWarpsPerMma: warps that must issue a product together (1 here, a warpgroup on Hopper).
+template <class Traits>
+struct Sm80Gemm {
+  using Element = typename Traits::Element;
+  static constexpr int kD = Traits::kHeadDim;
+  static constexpr int kWarpsPerMma = 1;
+  typename Traits::TiledMma mma;
+  int tid;
+  __device__ __forceinline__ explicit Sm80Gemm(int tid_) : tid(tid_) {}
+
+  template <int M, int N>
+  __device__ __forceinline__ auto acc() const {
+    return cute::partition_fragment_C(mma, cute::Shape<cute::Int<M>, cute::Int<N>>{});
+  }
+
+  template <int M, int N, class Acc>
+  __device__ __forceinline__ void ss(Acc& acc, const Element* a, const Element* b) {
+    using namespace cute;
+    auto thr = mma.get_thread_slice(tid);
+    Tensor sA = make_tensor(make_smem_ptr(a), typename Traits::template SmemLayoutRows<M>{});
+    Tensor sB = make_tensor(make_smem_ptr(b), typename Traits::template SmemLayoutRows<N>{});
+    Tensor rA = thr.partition_fragment_A(sA);
+    Tensor rB = thr.partition_fragment_B(sB);
+    auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+    auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+    auto thr_a = copy_a.get_thread_slice(tid);
+    auto thr_b = copy_b.get_thread_slice(tid);
+    clear(acc);
+    gemm_ss(mma, acc, rA, rB, thr_a.partition_S(sA), thr_b.partition_S(sB), copy_a, copy_b, thr_a, thr_b);
+  }
+
+  template <int K, class Acc, class TA>
+  __device__ __forceinline__ void rs(Acc& acc, TA& a, const Element* b) {
+    using namespace cute;
+    auto thr = mma.get_thread_slice(tid);
+    Tensor ra = make_tensor(a.data(), acc_to_a_layout(a.layout()));
+    Tensor sBt = make_tensor(make_smem_ptr(b), typename Traits::template SmemLayoutRowsT<K>{});
+    // The register fragment takes its shape from a plain (D, K) layout (the swizzled one is smem only).
+    Tensor rB = thr.partition_fragment_B(make_tensor(make_smem_ptr(b), make_layout(Shape<Int<kD>, Int<K>>{})));
+    auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, mma);
+    auto thr_bt = copy_bt.get_thread_slice(tid);
+    gemm_rs(mma, acc, ra, rB, thr_bt.partition_S(sBt), copy_bt, thr_bt);
+  }
+
+  template <int kPending, class... Frags>
+  __device__ __forceinline__ void wait(Frags&...) const {}
+  __device__ __forceinline__ void fence_smem_writes() const {}
+};
 
 }  // namespace fused
 }  // namespace jax_na

@@ -162,36 +162,40 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kSmemWin + kSmemSched;
 };
 
-// Q tiles of the key-stationary backward (kBlockM queries) and its KV tiles (64 keys), per rank.
-template <int kRank, int kBlockM>
+// Q tiles of the key-stationary backward (kBlockM queries) and its KV tiles (kBlockN keys, 64 or 128),
+// per rank: compact boxes (an axis of extent e with window k meets about e + k - 1 queries).
+template <int kRank, int kBlockM, int kBlockN>
 struct BwdTileShapes;
-template <int kBlockM>
-struct BwdTileShapes<1, kBlockM> {
+template <int kBlockM, int kBlockN>
+struct BwdTileShapes<1, kBlockM, kBlockN> {
   using QTile = Box<kBlockM, 1, 1>;
-  using KVTile = Box<64, 1, 1>;
+  using KVTile = Box<kBlockN, 1, 1>;
 };
-template <int kBlockM>
-struct BwdTileShapes<2, kBlockM> {
+template <int kBlockM, int kBlockN>
+struct BwdTileShapes<2, kBlockM, kBlockN> {
   using QTile = Box<kBlockM / 8, 8, 1>;
-  using KVTile = Box<8, 8, 1>;
+  using KVTile = Box<kBlockN / 8, 8, 1>;
 };
-template <int kBlockM>
-struct BwdTileShapes<3, kBlockM> {
+template <int kBlockM, int kBlockN>
+struct BwdTileShapes<3, kBlockM, kBlockN> {
   using QTile = Box<kBlockM / 16, 4, 4>;
-  using KVTile = Box<4, 4, 4>;
+  using KVTile = Box<4, 4, kBlockN / 16>;
 };
 
-// Key-stationary backward (dK, dV): a CTA owns a KV tile of 64 keys (4 warps x 16 key rows; dK and dV
-// accumulate in registers) and walks the Q tiles of its keys' inverse neighbourhood, kBlockM queries
-// at a time (32 for D = 128 so that dK + dV + S + dP stay within 255 registers, 64 for D = 64).
-template <DType kDType_, int kHeadDim_, int kRank_>
-struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, 4> {
-  using Base = TraitsBase<kDType_, kHeadDim_, kRank_, 4>;
+// Key-stationary backward (dK, dV): a CTA owns a KV tile of kBlockN keys (kNWarps warps x 16 key rows
+// per MMA row block; dK and dV accumulate in registers) and walks the Q tiles of its keys' inverse
+// neighbourhood, kBlockM queries at a time. Portable default: 64 keys on 4 warps, Q tiles of 32
+// (D = 128, so that dK + dV + S + dP stay within 255 registers) or 64 (D = 64). The Hopper backward
+// (hopper/kernel_traits.cuh) takes 128 keys on 8 warps (two warpgroups) and Q tiles of 64.
+template <DType kDType_, int kHeadDim_, int kRank_, int kNWarps_ = 4, int kBlockN_ = 64,
+          int kBlockM_ = (kHeadDim_ > 64 ? 32 : 64)>
+struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
+  using Base = TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_>;
   using Base::kRank;
-  static constexpr int kBlockN = 64;                        // keys per CTA (rows of the MMA)
-  static constexpr int kBlockM = kHeadDim_ > 64 ? 32 : 64;  // queries per Q tile (columns)
-  using QTile = typename BwdTileShapes<kRank, kBlockM>::QTile;
-  using KVTile = typename BwdTileShapes<kRank, kBlockM>::KVTile;
+  static constexpr int kBlockN = kBlockN_;  // keys per CTA (rows of the MMA)
+  static constexpr int kBlockM = kBlockM_;  // queries per Q tile (columns)
+  using QTile = typename BwdTileShapes<kRank, kBlockM, kBlockN>::QTile;
+  using KVTile = typename BwdTileShapes<kRank, kBlockM, kBlockN>::KVTile;
   static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN, "tile sizes");
 
   using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
@@ -200,10 +204,10 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, 4> {
 
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
-  // Per Q-tile stage: Q, dO, lse and delta per query, windows (int2 per query and axis).
-  static constexpr int kSmemStage = 2 * kSmemQ + 2 * kBlockM * 4 + kBlockM * kRank * 8;
+  // Two stages of: Q, dO, lse and delta per query, windows (int2 per query and axis).
+  static constexpr int kSmemSmallStage = 2 * kBlockM * 4 + kBlockM * kRank * 8;
   static constexpr int kSmemSched = 256;
-  static constexpr int kSmemBytes = 2 * kSmemKV + 2 * kSmemStage + kSmemSched;
+  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + 2 * kSmemSmallStage + kSmemSched;
 };
 
 }  // namespace fused

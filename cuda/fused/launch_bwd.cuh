@@ -24,12 +24,12 @@ cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int heads, int64_t batc
   return launch_with_smem(kernel, grid, threads, smem, kp, stream);
 }
 
-template <DType kDType, int kHeadDim, int kRank>
-cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
-  // dQ: 128-query tiles, 32-key tiles (dQ, S and dP accumulators in registers); dK/dV: BwdKVTraits.
-  using DqTraits = FwdTraits<kDType, kHeadDim, kRank, 32, 8>;
-  using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank>;
+// The three launches of the backward with the given tilings and MMA policies (Sm80Gemm here, Sm90Gemm
+// for the Hopper backward: hopper/launch_bwd.cuh).
+template <class DqTraits, class KVTraits, class DqGemm, class KVGemm>
+cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
   using Element = typename DqTraits::Element;
+  constexpr int kHeadDim = DqTraits::kHeadDim;
   if (pr.B == 0 || pr.N == 0) return cudaSuccess;
   if (pr.H > 65535 || pr.B > 65535) return cudaErrorInvalidValue;
 
@@ -73,11 +73,19 @@ cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t st
   const int64_t add_blocks = (pr.Na + KVTraits::kBlockN - 1) / KVTraits::kBlockN;
   if (kv_blocks + add_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
 
-  st = launch_kernel(fused_bwd_dq_kernel<DqTraits>, q_blocks, pr.H, pr.B, DqTraits::kNThreads,
+  st = launch_kernel(fused_bwd_dq_kernel<DqTraits, DqGemm>, q_blocks, pr.H, pr.B, DqTraits::kNThreads,
                      DqSmem<DqTraits>::kBytes, kp, stream);
   if (st != cudaSuccess) return st;
-  return launch_kernel(fused_bwd_dkdv_kernel<KVTraits>, kv_blocks + add_blocks, pr.Hkv, pr.B, KVTraits::kNThreads,
-                       DkdvSmem<KVTraits>::kBytes, kp, stream);
+  return launch_kernel(fused_bwd_dkdv_kernel<KVTraits, KVGemm>, kv_blocks + add_blocks, pr.Hkv, pr.B,
+                       KVTraits::kNThreads, DkdvSmem<KVTraits>::kBytes, kp, stream);
+}
+
+template <DType kDType, int kHeadDim, int kRank>
+cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
+  // dQ: 128-query tiles, 32-key tiles (dQ, S and dP accumulators in registers); dK/dV: BwdKVTraits.
+  using DqTraits = FwdTraits<kDType, kHeadDim, kRank, 32, 8>;
+  using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank>;
+  return launch_bwd_kernels<DqTraits, KVTraits, Sm80Gemm<DqTraits>, Sm80Gemm<KVTraits>>(pr, args, stream);
 }
 
 #define JNA_FUSED_BWD_INSTANTIATE(DT, D)                                                     \

@@ -14,7 +14,7 @@
 
 #include "fused/copy.cuh"
 #include "fused/epilogue.cuh"
-#include "fused/gemm.cuh"
+#include "fused/gemm.cuh"  // Sm80Gemm
 #include "fused/kernel_traits.cuh"
 #include "fused/mask.cuh"
 #include "fused/params.cuh"
@@ -36,7 +36,9 @@ struct DqSmem {
   static constexpr int kBytes = kSched + Traits::kSmemSched;
 };
 
-template <class Traits>
+// Gemm: the MMA policy (Sm80Gemm, or Sm90Gemm from hopper/gemm.cuh: then a warpgroup skips a KV tile
+// only when none of its four warps has a key of it in its windows).
+template <class Traits, class Gemm = Sm80Gemm<Traits>>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(const __grid_constant__ BwdKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace cute;
@@ -47,20 +49,24 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   constexpr int kD = Traits::kHeadDim;
   constexpr int kKVElems = kBlockN * kD;
   constexpr float kLog2e = 1.4426950408889634f;
+  constexpr uint32_t kGroupMask = (1u << Gemm::kWarpsPerMma) - 1;
 
-  extern __shared__ __align__(128) char smem_raw[];
-  Element* sQ_ptr = reinterpret_cast<Element*>(smem_raw + L::kQ);
-  Element* sdO_ptr = reinterpret_cast<Element*>(smem_raw + L::kDO);
-  Element* sK_ptr = reinterpret_cast<Element*>(smem_raw + L::kK);
-  Element* sV_ptr = reinterpret_cast<Element*>(smem_raw + L::kV);
+  extern __shared__ __align__(1024) char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw + L::kQ);
+  Element* sdO = reinterpret_cast<Element*>(smem_raw + L::kDO);
+  Element* sK = reinterpret_cast<Element*>(smem_raw + L::kK);
+  Element* sV = reinterpret_cast<Element*>(smem_raw + L::kV);
   int2* s_win = reinterpret_cast<int2*>(smem_raw + L::kWin);
   static_assert(sizeof(CtaSchedule) <= Traits::kSmemSched, "schedule smem");
+  static_assert(Traits::kSmemQ % 1024 == 0 && Traits::kSmemKV % 1024 == 0, "tile alignment");
   CtaSchedule& cs = *reinterpret_cast<CtaSchedule*>(smem_raw + L::kSched);
   using TS = TileScheduler<Traits>;
 
   const int tid = threadIdx.x;
-  const int warp = tid / 32;
+  // Warp-uniform by construction (a lane-0 shuffle): ptxas must see that no branch steers a wgmma.
+  const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
   const int lane = tid % 32;
+  const int group_warp0 = warp / Gemm::kWarpsPerMma * Gemm::kWarpsPerMma;
 
   TS::compute(p.pr, p.q_tiles, cs, tid);
   __syncthreads();
@@ -70,41 +76,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   auto q_row_offset = [&](int r) { return TS::q_row_offset(pr, cs, r); };
   KVTileWalker<Traits> kv_walker;
   auto load_kv = [&](int stage) {
-    kv_walker.issue(pr, cs, p.k, p.v, p.add_k, p.add_v, sK_ptr + stage * kKVElems, sV_ptr + stage * kKVElems,
+    kv_walker.issue(pr, cs, p.k, p.v, p.add_k, p.add_v, sK + stage * kKVElems, sV + stage * kKVElems,
                     cs.flags[stage], tid);
   };
 
   // Prologue: Q, dO, row windows, K/V tile 0.
-  load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(sQ_ptr, static_cast<const Element*>(p.q), tid,
+  load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(sQ, static_cast<const Element*>(p.q), tid,
                                                                     q_row_offset);
-  load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
-      sdO_ptr, static_cast<const Element*>(p.d_out), tid, q_row_offset);
+  load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(sdO, static_cast<const Element*>(p.d_out), tid,
+                                                                    q_row_offset);
   store_row_windows<Traits>(pr, cs, s_win, tid);
   load_kv(0);
   cp_async_commit();
 
-  typename Traits::TiledMma tiled_mma;
-  auto thr_mma = tiled_mma.get_thread_slice(tid);
-  Tensor sQ = make_tensor(make_smem_ptr(sQ_ptr), typename Traits::SmemLayoutQ{});
-  Tensor sdO = make_tensor(make_smem_ptr(sdO_ptr), typename Traits::SmemLayoutQ{});
-  Tensor sK0 = make_tensor(make_smem_ptr(sK_ptr), typename Traits::SmemLayoutKV{});
-  Tensor sKt_plain = make_tensor(make_smem_ptr(sK_ptr), make_layout(Shape<Int<kD>, Int<kBlockN>>{}));
-  Tensor rQ = thr_mma.partition_fragment_A(sQ);
-  Tensor rdO = thr_mma.partition_fragment_A(sdO);
-  Tensor rK = thr_mma.partition_fragment_B(sK0);
-  Tensor rV = thr_mma.partition_fragment_B(sK0);
-  Tensor rKt = thr_mma.partition_fragment_B(sKt_plain);
-  Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kD>>{});
+  Gemm gemm(tid);
+  auto acc_dq = gemm.template acc<kBlockM, kD>();
   clear(acc_dq);
-
-  auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
-  auto thr_copy_a = copy_a.get_thread_slice(tid);
-  Tensor tsQ = thr_copy_a.partition_S(sQ);
-  Tensor tsdO = thr_copy_a.partition_S(sdO);
-  auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
-  auto thr_copy_b = copy_b.get_thread_slice(tid);
-  auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, tiled_mma);
-  auto thr_copy_bt = copy_bt.get_thread_slice(tid);
 
   // Per-row lse (log2 domain) and delta; rows outside the group get lse = +inf (P = 0).
   Tensor acc_dq_rc = make_tensor(acc_dq.data(), row_col(acc_dq.layout()));
@@ -117,31 +104,27 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
     dlt[r] = off >= 0 ? p.delta[off / kD] : 0.f;
   }
 
-  for (int32_t n = 0; n < cs.n_tiles; ++n) {
+  const int32_t n_tiles = __shfl_sync(0xffffffffu, cs.n_tiles, 0);
+  for (int32_t n = 0; n < n_tiles; ++n) {
     const int stage = n & 1;
     cp_async_wait<0>();
+    gemm.fence_smem_writes();
     __syncthreads();  // K/V(n) visible; every warp done with stage (n + 1) & 1
-    if (n + 1 < cs.n_tiles) {
+    if (n + 1 < n_tiles) {
       load_kv(stage ^ 1);  // tile n + 1
       cp_async_commit();
     }
     const TileFlags& tf = cs.flags[stage];
-    if (!((tf.active >> warp) & 1u)) continue;
+    const uint32_t active = __shfl_sync(0xffffffffu, tf.active, 0);
+    if (!((active >> group_warp0) & kGroupMask)) continue;  // uniform over the MMA's warps
+    // A warp without any key of the tile in its windows masks all of it (its full bit is clear).
     const bool full = (tf.full >> warp) & 1u;
 
-    Tensor sK = make_tensor(make_smem_ptr(sK_ptr + stage * kKVElems), typename Traits::SmemLayoutKV{});
-    Tensor sV = make_tensor(make_smem_ptr(sV_ptr + stage * kKVElems), typename Traits::SmemLayoutKV{});
-    Tensor sKt = make_tensor(make_smem_ptr(sK_ptr + stage * kKVElems), typename Traits::SmemLayoutVt{});
-    Tensor tsK = thr_copy_b.partition_S(sK);
-    Tensor tsV = thr_copy_b.partition_S(sV);
-    Tensor tsKt = thr_copy_bt.partition_S(sKt);
-
-    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_s);
-    gemm_ss(tiled_mma, acc_s, rQ, rK, tsQ, tsK, copy_a, copy_b, thr_copy_a, thr_copy_b);
-    Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_dp);
-    gemm_ss(tiled_mma, acc_dp, rdO, rV, tsdO, tsV, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    auto acc_s = gemm.template acc<kBlockM, kBlockN>();
+    auto acc_dp = gemm.template acc<kBlockM, kBlockN>();
+    gemm.template ss<kBlockM, kBlockN>(acc_s, sQ, sK + stage * kKVElems);
+    gemm.template ss<kBlockM, kBlockN>(acc_dp, sdO, sV + stage * kKVElems);
+    gemm.template wait<1>(acc_s);  // S done, dP may still run
 
     Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
     Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
@@ -149,26 +132,29 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
       const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
       mask_tile<Traits>(s_rc, s_win, pr, cs, n, org, warp, lane);
     }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < size<1>(s_rc); ++c) s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2[r]);
+    }
+    gemm.template wait<0>(acc_dp);
     // dS = P (dP - delta), in place of S.
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-      for (int c = 0; c < size<1>(s_rc); ++c) {
-        const float pr_ = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2[r]);
-        s_rc(r, c) = pr_ * (dp_rc(r, c) - dlt[r]);
-      }
+      for (int c = 0; c < size<1>(s_rc); ++c) s_rc(r, c) *= dp_rc(r, c) - dlt[r];
     }
     Tensor rdS = convert_fragment<Element>(acc_s);
-    Tensor rdSa = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
-    gemm_rs(tiled_mma, acc_dq, rdSa, rKt, tsKt, copy_bt, thr_copy_bt);
+    gemm.template rs<kBlockN>(acc_dq, rdS, sK + stage * kKVElems);  // dQ += dS K
+    gemm.template wait<0>(acc_dq, rdS);  // stage is read by nothing after this
   }
 
   // Epilogue: dQ * scale -> smem (sQ) -> rows of dq.
   cp_async_wait<0>();
   __syncthreads();
-  acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutQ>(acc_dq_rc, sQ_ptr, p.scale, warp, lane);
+  acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutQ>(acc_dq_rc, sQ, p.scale, warp, lane);
   __syncthreads();
-  store_rows<Traits, kBlockM, typename Traits::SmemLayoutQ>(static_cast<Element*>(p.dq), sQ_ptr, tid, q_row_offset);
+  store_rows<Traits, kBlockM, typename Traits::SmemLayoutQ>(static_cast<Element*>(p.dq), sQ, tid, q_row_offset);
 #endif
 }
 

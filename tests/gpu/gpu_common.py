@@ -26,8 +26,8 @@ def backends_under_test(unfused=False):
     the test logic itself can be checked."""
     if os.environ.get("JAX_NA_TEST_GPU_ON_CPU") == "1":
         return ["reference"]
-    # "fused_sm80"/"fused_sm90" pin the forward kernel that "fused" picks by itself: the sweep runs
-    # "fused" (the Hopper forward on an H100); test_gpu_fused.py runs the portable one there too.
+    # "fused_sm80"/"fused_sm90" pin the kernels that "fused" picks by itself: the sweep runs "fused"
+    # (Hopper kernels on an H100 where auto picks them); test_gpu_fused.py runs both sets by name.
     b = [x for x in jax_na.available_backends() if x not in ("reference", "fused_sm80", "fused_sm90")]
     if unfused:
         b = [x for x in b if x in _checks.UNFUSED_BACKENDS]

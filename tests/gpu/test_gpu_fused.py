@@ -58,13 +58,13 @@ def _native(i, case):
 NATIVE = [_native(i, c) for i, c in enumerate(helpers.edge_cases())]
 
 
-# Where the Hopper forward exists (compute capability 9.0), both forward kernels run every case by name
-# ("fused" picks one per head dim; the sweep in test_gpu_naive.py covers that choice).
-FORWARD_KERNELS = (["fused_sm90", "fused_sm80"] if not ON_CPU and _ext.has_hopper_kernels() else [BACKEND])
+# Where the Hopper kernels exist (compute capability 9.0), both kernel sets (forward and backward) run
+# every case by name ("fused" picks per call; the sweep in test_gpu_naive.py covers that choice).
+KERNEL_SETS = (["fused_sm90", "fused_sm80"] if not ON_CPU and _ext.has_hopper_kernels() else [BACKEND])
 
 
 @pytest.mark.parametrize("case,dtype", NATIVE, ids=[f"{c.id}-{jnp.dtype(d).name}" for c, d in NATIVE])
-@pytest.mark.parametrize("backend", FORWARD_KERNELS)
+@pytest.mark.parametrize("backend", KERNEL_SETS)
 def test_edge_cases_native_head_dims(backend, case, dtype):
     check_case(case, backend, dtype, seed=helpers.seed_of(case))
 
@@ -86,7 +86,7 @@ MANY_TILES = [
 
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", MANY_TILES, ids=lambda c: c.id)
-@pytest.mark.parametrize("backend", FORWARD_KERNELS)
+@pytest.mark.parametrize("backend", KERNEL_SETS)
 def test_many_kv_tiles(backend, case, dtype):
     check_case(case, backend, dtype, seed=11)
 
@@ -107,7 +107,7 @@ def test_padded_head_dims(dtype, D, Dv, scale):
 # ----------------------------------------------------------------------------- scale <= 0
 
 @pytest.mark.parametrize("scale", [-0.3, -1.0, 0.0])
-@pytest.mark.parametrize("backend", FORWARD_KERNELS)
+@pytest.mark.parametrize("backend", KERNEL_SETS)
 def test_non_positive_scale(backend, scale):
     """Negative scales run as |scale| on -q (bit-identical scores) and scale 0 as 1 on q * 0 (a
     uniform softmax over each window, dq = 0): out, lse and every gradient match the reference."""
@@ -118,12 +118,13 @@ def test_non_positive_scale(backend, scale):
 
 # ----------------------------------------------------------------------------- determinism
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("backend", KERNEL_SETS)
+def test_backward_is_deterministic(backend):
     """No atomics: every result is bitwise the same over three runs, with 8 query heads reducing into
     one kv head and additional keys/values reduced over every query (poisoned memory in between)."""
     case = Case((6, 20, 24), (3, 9, 7), dilation=(1, 2, 1), H=8, Hkv=1, D=128, Dv=128, Na=5)
     args = random_inputs(case, jnp.bfloat16, 3)
-    run = na_fns(case, BACKEND)
+    run = na_fns(case, backend)
     runs = []
     for _ in range(3):
         poison_device_memory()

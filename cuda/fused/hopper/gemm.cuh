@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cute/arch/mma_sm90_gmma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
 
 #include <type_traits>
 
@@ -50,6 +52,71 @@ __device__ __forceinline__ auto acc_to_gmma_a_layout(Layout) {
   return make_layout(make_shape(make_shape(_2{}, _2{}, _2{}), _1{}, Int<kN8 / 2>{}),
                      make_stride(make_stride(_1{}, _2{}, _4{}), _0{}, _8{}));
 }
+
+// The backward kernels' GEMMs on warpgroup MMAs: the interface of Sm80Gemm (fused/gemm.cuh), with
+// Traits::kNWarps / 4 warpgroups stacked along M (64 rows each) and the smem tiles tagged with the
+// 128-byte-swizzle GMMA layouts (the same bytes the cp.async gathers write). The products are
+// asynchronous: wait<kPending>(frags...) completes all but the last kPending issued, and neither
+// the operands nor the accumulators may be touched before. Every warp of a warpgroup must issue.
+template <class Traits>
+struct Sm90Gemm {
+  using Element = typename Traits::Element;
+  static constexpr int kD = Traits::kHeadDim;
+  static constexpr int kWarpsPerMma = 4;
+  static_assert(Traits::kNWarps % 4 == 0, "whole warpgroups");
+  using AtomLayout = cute::Layout<cute::Shape<cute::Int<Traits::kNWarps / 4>, cute::_1, cute::_1>>;
+  // M x N x K products: A (and B) K-major in smem, or A in registers and B MN-major (transposed).
+  template <int N, int K>
+  using MmaSS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<N>, cute::Int<K>>>(),
+      AtomLayout{}));
+  template <int N, int K>
+  using MmaRS = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<N>, cute::Int<K>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      AtomLayout{}));
+  template <int kRows>
+  using Rows = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+                                            cute::Shape<cute::Int<kRows>, cute::Int<kD>>{}));
+  template <int kRows>
+  using RowsT = decltype(cute::composition(
+      Rows<kRows>{}, cute::make_layout(cute::Shape<cute::Int<kD>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
+
+  int tid;
+  __device__ __forceinline__ explicit Sm90Gemm(int tid_) : tid(tid_) {}
+
+  template <int M, int N>
+  __device__ __forceinline__ auto acc() const {
+    return cute::partition_fragment_C(MmaSS<N, kD>{}, cute::Shape<cute::Int<M>, cute::Int<N>>{});
+  }
+
+  template <int M, int N, class Acc>
+  __device__ __forceinline__ void ss(Acc& acc, const Element* a, const Element* b) const {
+    using namespace cute;
+    MmaSS<N, kD> mma;
+    auto thr = mma.get_thread_slice(tid);
+    Tensor sA = make_tensor(make_smem_ptr(a), Rows<M>{});
+    Tensor sB = make_tensor(make_smem_ptr(b), Rows<N>{});
+    wgmma_issue<true>(mma, thr.partition_fragment_A(sA), thr.partition_fragment_B(sB), acc);
+  }
+
+  template <int K, class Acc, class TA>
+  __device__ __forceinline__ void rs(Acc& acc, TA& a, const Element* b) const {
+    using namespace cute;
+    MmaRS<kD, K> mma;
+    auto thr = mma.get_thread_slice(tid);
+    Tensor ra = make_tensor(a.data(), acc_to_gmma_a_layout(a.layout()));
+    Tensor sBt = make_tensor(make_smem_ptr(b), RowsT<K>{});
+    wgmma_issue<false>(mma, ra, thr.partition_fragment_B(sBt), acc);
+  }
+
+  template <int kPending, class... Frags>
+  __device__ __forceinline__ void wait(Frags&... frags) const {
+    wgmma_wait<kPending>(frags...);
+  }
+  // cp.async writes are generic-proxy writes; wgmma reads smem through the async proxy.
+  __device__ __forceinline__ void fence_smem_writes() const { cutlass::arch::fence_view_async_shared(); }
+};
 
 }  // namespace fused
 }  // namespace jax_na

@@ -1,0 +1,28 @@
+// Host launch of one Hopper fused backward instantiation (included by hopper/bwd_<dtype>_hd<D>.cu only):
+// the portable backward's kernels (delta, query-stationary dQ, key-stationary dK/dV) on warpgroup
+// MMAs, with tiles sized for them.
+#pragma once
+
+#include "fused/hopper/gemm.cuh"
+#include "fused/launch_bwd.cuh"
+
+namespace jax_na {
+namespace fused {
+
+// dQ: 128-query tiles on two warpgroups (64 rows each), 64-key tiles (wgmma N = 64 for S and dP).
+// dK/dV: 128 keys on two warpgroups, Q tiles of 64 queries (dK + dV + S^T + dP^T: 192 accumulator
+// registers per thread at D = 128).
+template <DType kDType, int kHeadDim, int kRank>
+cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
+  using DqTraits = FwdTraits<kDType, kHeadDim, kRank, 64, 8>;
+  using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64>;
+  return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
+}
+
+#define JNA_FUSED_BWD_SM90_INSTANTIATE(DT, D)                                                            \
+  template cudaError_t run_bwd_sm90<DT, D, 1>(const geo::Problem&, const BwdArgs&, cudaStream_t);        \
+  template cudaError_t run_bwd_sm90<DT, D, 2>(const geo::Problem&, const BwdArgs&, cudaStream_t);        \
+  template cudaError_t run_bwd_sm90<DT, D, 3>(const geo::Problem&, const BwdArgs&, cudaStream_t);
+
+}  // namespace fused
+}  // namespace jax_na
