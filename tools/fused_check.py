@@ -116,10 +116,15 @@ def check(dtype, tol, cases=CASES, arch=0):
     return fails, worst
 
 
+ONCE = False  # --once: each call runs once, no warm-up (for ncu)
+
+
 def time_fn(f, args, reps=20):
     # Compile, then run for at least 0.3 s: the first timed kernel otherwise meets an idle GPU's
     # clocks (measured: p1 forward 5.0 ms as the first kernel timed, 2.65 ms after another one).
     jax.block_until_ready(f(*args))
+    if ONCE:
+        return float("nan")
     t_end = time.perf_counter() + 0.3
     while time.perf_counter() < t_end:
         jax.block_until_ready(f(*args))
@@ -162,6 +167,8 @@ def bench(dtype=jnp.bfloat16, only=None, reps=20, arches=(0,)):
         flops = 4.0 * B * H * N * W * D
         # cuDNN self attention (same q/k/v), forward.
         try:
+            if ONCE:
+                raise RuntimeError("--once")
             sdpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
                 q[..., :D].reshape(B, N, H, D), k[..., :D].reshape(B, N, H, D), v[..., :D].reshape(B, N, H, D),
                 implementation="cudnn"))
@@ -194,10 +201,14 @@ def main():
                     "(for compute-sanitizer)")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark only these problem ids, no checks")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--once", action="store_true", help="with --only: run each kernel once, untimed, no "
+                    "cuDNN (to profile with ncu)")
     ap.add_argument("--arch", default="0", help="kernels, comma list: 0 (auto), 80, 90; checks run for "
                     "each, the benchmark times each forward and backward (the first one in the summary)")
     a = ap.parse_args()
     arches = tuple(int(x) for x in a.arch.split(","))
+    global ONCE
+    ONCE = a.once
     _ext.register_targets()
     print(jax.devices(), _ext.register_targets())
     fails = 0

@@ -82,8 +82,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   __syncthreads();
   if (!ks.live) return;  // uniform over the CTA
   const geo::Problem& pr = p.pr;
-  const int32_t G = pr.groups();
-  const int32_t n_iters = __shfl_sync(0xffffffffu, G * ks.n_q_tiles, 0);
+  const int32_t n_iters = __shfl_sync(0xffffffffu, pr.groups() * ks.n_q_tiles, 0);
 
   auto kv_off = [&](int r) { return KS::kv_row_offset(pr, ks, r); };
   load_rows<Traits, kBlockN, Element, typename Traits::SmemLayoutKV>(
@@ -91,34 +90,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   load_rows<Traits, kBlockN, Element, typename Traits::SmemLayoutKV>(
       sV, static_cast<const Element*>(ks.is_add ? p.add_v : p.v), tid, kv_off);
 
-  // Q tile i (query head hkv * G + i / n_q_tiles): origin in group positions, or token tile origin.
-  auto q_origin = [&](int32_t i, int32_t org[3]) {
-    const int32_t t = i % ks.n_q_tiles;
-    if (ks.is_add) {
-      org[0] = t * kBlockM;
-      org[1] = org[2] = 0;
-    } else {
-      KS::q_tile_origin(ks, t, org);
-    }
-  };
-  // Loads Q tile i into stage s: Q, dO rows, lse/delta per query, and each query's window.
-  auto issue_q = [&](int32_t i, int s) {
+  // Loads the Q tile `walker` is at into stage s: Q and dO rows, lse/delta per query, each query's
+  // window; then steps the walker on.
+  QTileWalker<Traits> load_walker;
+  auto issue_q = [&](int s) {
     int32_t org[3];
-    q_origin(i, org);
-    const int64_t h = static_cast<int64_t>(ks.hkv) * G + i / ks.n_q_tiles;
-    auto q_off = [&](int c) -> int64_t {
-      const int64_t tok = KS::q_token(pr, ks, org, c);
-      return tok >= 0 ? geo::offset(ks.b, tok, h, 0, pr.N, pr.H, kD) : int64_t{-1};
-    };
-    load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(sQ(s), static_cast<const Element*>(p.q), tid,
-                                                                      q_off);
-    load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(sdO(s), static_cast<const Element*>(p.d_out),
-                                                                      tid, q_off);
+    load_walker.origin(ks, org);
+    auto q_off = [&](int c) { return load_walker.row_offset(ks, org, c); };
+    load_rows_pair<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
+        sQ(s), static_cast<const Element*>(p.q), sdO(s), static_cast<const Element*>(p.d_out), tid, q_off);
     if (tid < kBlockM) {
-      const int64_t tok = KS::q_token(pr, ks, org, tid);
-      const int64_t row = tok >= 0 ? (ks.b * pr.N + tok) * pr.H + h : 0;
-      cp_async_4(small(s, L::kLse) + 4 * tid, p.lse + row, tok >= 0);
-      cp_async_4(small(s, L::kDelta) + 4 * tid, p.delta + row, tok >= 0);
+      const int64_t off = q_off(tid);
+      const int64_t row = off >= 0 ? off / kD : 0;  // [B, N, H] row = element offset / D
+      cp_async_4(small(s, L::kLse) + 4 * tid, p.lse + row, off >= 0);
+      cp_async_4(small(s, L::kDelta) + 4 * tid, p.delta + row, off >= 0);
       if (!ks.is_add) {
         int2* win = reinterpret_cast<int2*>(small(s, L::kWin));
 #pragma unroll
@@ -133,8 +118,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         }
       }
     }
+    load_walker.advance(ks);
   };
-  if (n_iters > 0) issue_q(0, 0);
+  if (n_iters > 0) issue_q(0);
   cp_async_commit();
 
   Gemm gemm(tid);
@@ -143,17 +129,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   clear(acc_dk);
   clear(acc_dv);
 
+  QTileWalker<Traits> walker;  // tile i (load_walker is one ahead)
   for (int32_t i = 0; i < n_iters; ++i) {
     const int s = i & 1;
     cp_async_wait<0>();
     gemm.fence_smem_writes();
     __syncthreads();  // stage s (and K, V) visible; every warp done with stage s ^ 1
     if (i + 1 < n_iters) {
-      issue_q(i + 1, s ^ 1);
+      issue_q(s ^ 1);  // tile i + 1
       cp_async_commit();
     }
     int32_t org[3];
-    q_origin(i, org);
+    walker.origin(ks, org);
+    walker.advance(ks);
     const bool full = ks.is_add || KS::q_tile_full(ks, org);
     const float* s_lse = reinterpret_cast<const float*>(small(s, L::kLse));
     const float* s_dlt = reinterpret_cast<const float*>(small(s, L::kDelta));

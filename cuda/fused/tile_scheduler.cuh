@@ -287,6 +287,12 @@ struct KVSchedule {
   int32_t live;        // 0: the tile holds no key
   int64_t b;
   int64_t add0;        // first additional key of an additional-keys CTA
+  // Element offset in q/dO/dq of query position (p0, p1, p2) of the group, query head hkv * G + j:
+  // q_base + j D + sum_a p_a q_step[a] (positions below q_lim[a]); an additional-keys CTA walks the
+  // tokens on axis 0 (q_step[0] = H D, q_lim[0] = N). A few multiply-adds per gathered row.
+  int64_t q_base;
+  int64_t q_step[3];
+  int32_t q_lim[3];
 };
 
 template <class Traits>
@@ -306,6 +312,13 @@ struct KVScheduler {
       ks.add0 = static_cast<int64_t>(blockIdx.x - n_window_ctas) * Traits::kBlockN;
       ks.live = ks.add0 < pr.Na;
       ks.n_q_tiles = static_cast<int32_t>((pr.N + Traits::kBlockM - 1) / Traits::kBlockM);
+      ks.q_tiles[0] = ks.n_q_tiles;
+      ks.q_tiles[1] = ks.q_tiles[2] = 1;
+      ks.q_base = geo::offset(ks.b, 0, static_cast<int64_t>(ks.hkv) * pr.groups(), 0, pr.N, pr.H, Traits::kHeadDim);
+      ks.q_step[0] = static_cast<int64_t>(pr.H) * Traits::kHeadDim;
+      ks.q_step[1] = ks.q_step[2] = 0;
+      ks.q_lim[0] = static_cast<int32_t>(pr.N);
+      ks.q_lim[1] = ks.q_lim[2] = 1;
       return;
     }
     ks.is_add = 0;
@@ -348,20 +361,16 @@ struct KVScheduler {
     }
     ks.live = live;
     ks.n_q_tiles = n;
-  }
-
-  // Origin of Q tile t (< n_q_tiles) of a window CTA.
-  __device__ __forceinline__ static void q_tile_origin(const KVSchedule& ks, int32_t t, int32_t org[3]) {
-#pragma unroll
+    int32_t x0[3];
+    int64_t tok_stride = 1;
     for (int a = 2; a >= 0; --a) {
-      if (a >= kRank) { org[a] = 0; continue; }
-      int32_t i = t;
-      if (a > 0) {
-        i = t % ks.q_tiles[a];
-        t /= ks.q_tiles[a];
-      }
-      org[a] = ks.q_begin[a] + i * QTile::extent(a);
+      x0[a] = geo::token_of(pr.axis[a], g[a], 0);
+      ks.q_step[a] = static_cast<int64_t>(pr.axis[a].d) * tok_stride * pr.H * Traits::kHeadDim;
+      ks.q_lim[a] = ks.Lg[a];
+      tok_stride *= pr.axis[a].L;
     }
+    ks.q_base = geo::offset(ks.b, pr.token(x0), static_cast<int64_t>(ks.hkv) * pr.groups(), 0, pr.N, pr.H,
+                            Traits::kHeadDim);
   }
 
   // True when every valid query of the Q tile at org holds every valid key of the KV tile.
@@ -388,23 +397,54 @@ struct KVScheduler {
     }
     return geo::offset(ks.b, pr.token(x), ks.hkv, 0, pr.N, pr.Hkv, Traits::kHeadDim);
   }
+};
 
-  // Token of query column c of the Q tile at org (window CTAs) or of token tile t (additional-keys
-  // CTAs, org[0] = t * kBlockM), or -1 outside.
-  __device__ __forceinline__ static int64_t q_token(const geo::Problem& pr, const KVSchedule& ks,
-                                                    const int32_t org[3], int c) {
+// Walks the Q tiles of a key-stationary CTA without divisions: an odometer over ks.q_tiles (last axis
+// fastest), then the next query head of the group. Tile origins are group positions (window CTAs) or
+// token indices on axis 0 (additional-keys CTAs, whose columns are consecutive tokens).
+template <class Traits>
+struct QTileWalker {
+  using QTile = typename Traits::QTile;
+  int32_t head = 0;  // query head in the group (hkv * G + head)
+  int32_t i[3] = {0, 0, 0};
+
+  __device__ __forceinline__ void origin(const KVSchedule& ks, int32_t org[3]) const {
     if (ks.is_add) {
-      const int64_t tok = static_cast<int64_t>(org[0]) + c;
-      return tok < pr.N ? tok : int64_t{-1};
+      org[0] = i[0] * Traits::kBlockM;
+      org[1] = org[2] = 0;
+      return;
     }
-    int32_t x[3] = {0, 0, 0};
 #pragma unroll
-    for (int a = 0; a < kRank; ++a) {
-      const int32_t pos = org[a] + QTile::coord(c, a);
-      if (pos >= ks.Lg[a]) return -1;
-      x[a] = geo::token_of(pr.axis[a], ks.g[a], pos);
+    for (int a = 0; a < 3; ++a) org[a] = a < Traits::kRank ? ks.q_begin[a] + i[a] * QTile::extent(a) : 0;
+  }
+
+  // Element offset of query column c of the tile at org in q/dO (head hkv * G + head), or -1 outside.
+  __device__ __forceinline__ int64_t row_offset(const KVSchedule& ks, const int32_t org[3], int c) const {
+    int64_t off = ks.q_base + static_cast<int64_t>(head) * Traits::kHeadDim;
+    if (ks.is_add) {
+      const int32_t tok = org[0] + c;
+      return tok < ks.q_lim[0] ? off + tok * ks.q_step[0] : int64_t{-1};
     }
-    return pr.token(x);
+#pragma unroll
+    for (int a = 0; a < Traits::kRank; ++a) {
+      const int32_t pos = org[a] + QTile::coord(c, a);
+      if (pos >= ks.q_lim[a]) return -1;
+      off += pos * ks.q_step[a];
+    }
+    return off;
+  }
+
+  __device__ __forceinline__ void advance(const KVSchedule& ks) {
+    if (++i[2] == ks.q_tiles[2]) {  // axes past the rank (and of additional-keys CTAs) have one tile
+      i[2] = 0;
+      if (++i[1] == ks.q_tiles[1]) {
+        i[1] = 0;
+        if (++i[0] == ks.q_tiles[0]) {
+          i[0] = 0;
+          ++head;
+        }
+      }
+    }
   }
 };
 
