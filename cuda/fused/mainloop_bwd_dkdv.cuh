@@ -96,26 +96,31 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   auto issue_q = [&](int s) {
     int32_t org[3];
     load_walker.origin(ks, org);
-    auto q_off = [&](int c) { return load_walker.row_offset(ks, org, c); };
-    load_rows_pair<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
-        sQ(s), static_cast<const Element*>(p.q), sdO(s), static_cast<const Element*>(p.d_out), tid, q_off);
-    if (tid < kBlockM) {
-      const int64_t off = q_off(tid);
-      const int64_t row = off >= 0 ? off / kD : 0;  // [B, N, H] row = element offset / D
-      cp_async_4(small(s, L::kLse) + 4 * tid, p.lse + row, off >= 0);
-      cp_async_4(small(s, L::kDelta) + 4 * tid, p.delta + row, off >= 0);
-      if (!ks.is_add) {
-        int2* win = reinterpret_cast<int2*>(small(s, L::kWin));
+    auto gather = [&](const auto& rows) {
+      load_rows_pair<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
+          sQ(s), static_cast<const Element*>(p.q), sdO(s), static_cast<const Element*>(p.d_out), tid, rows);
+      if (tid < kBlockM) {
+        const int64_t off = rows(tid);
+        const int64_t row = off >= 0 ? off / kD : 0;  // [B, N, H] row = element offset / D
+        cp_async_4(small(s, L::kLse) + 4 * tid, p.lse + row, off >= 0);
+        cp_async_4(small(s, L::kDelta) + 4 * tid, p.delta + row, off >= 0);
+      }
+    };
+    if (ks.is_add)
+      gather(load_walker.token_rows(ks, org));
+    else
+      gather(load_walker.window_rows(ks, org));
+    if (tid < kBlockM && !ks.is_add) {
+      int2* win = reinterpret_cast<int2*>(small(s, L::kWin));
 #pragma unroll
-        for (int a = 0; a < kRank; ++a) {
-          const int32_t pos = org[a] + Traits::QTile::coord(tid, a);
-          int2 w = make_int2(0, 0);  // outside the group: empty window
-          if (pos < ks.Lg[a]) {
-            const int32_t st = geo::window_start(pr.axis[a], pos, ks.Lg[a]);
-            w = make_int2(st, geo::window_end(pr.axis[a], pos, ks.Lg[a], st));
-          }
-          win[a * kBlockM + tid] = w;
+      for (int a = 0; a < kRank; ++a) {
+        const int32_t pos = org[a] + Traits::QTile::coord(tid, a);
+        int2 w = make_int2(0, 0);  // outside the group: empty window
+        if (pos < ks.Lg[a]) {
+          const int32_t st = geo::window_start(pr.axis[a], pos, ks.Lg[a]);
+          w = make_int2(st, geo::window_end(pr.axis[a], pos, ks.Lg[a], st));
         }
+        win[a * kBlockM + tid] = w;
       }
     }
     load_walker.advance(ks);

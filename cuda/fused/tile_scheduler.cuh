@@ -66,6 +66,28 @@ __host__ __device__ __forceinline__ int q_row_coord(int r, int a) {
   return WarpGrid::coord(w, a) * WarpTile::extent(a) + WarpTile::coord(i, a);
 }
 
+// Element offsets of the rows of a Tile-shaped box at origin org (positions of a dilation group, or
+// tokens): base + sum_a pos_a step[a], or -1 where a position reaches lim[a]. Built once per tile so
+// that its fields sit in registers during the gathers: read back from smem per row, they cost loads
+// that the cp.async asm statements (memory clobbers) keep the compiler from hoisting.
+template <class Tile, int kRank>
+struct BoxRows {
+  int64_t base;
+  int64_t step[3];
+  int32_t org[3];
+  int32_t lim[3];
+  __device__ __forceinline__ int64_t operator()(int r) const {
+    int64_t off = base;
+#pragma unroll
+    for (int a = 0; a < kRank; ++a) {
+      const int32_t pos = org[a] + Tile::coord(r, a);
+      if (pos >= lim[a]) return -1;
+      off += pos * step[a];
+    }
+    return off;
+  }
+};
+
 template <class Traits>
 struct TileScheduler {
   using QTile = typename Traits::QTile;
@@ -181,29 +203,24 @@ struct TileScheduler {
                                                  const int32_t org[3], const void* k, const void* v,
                                                  const void* add_k, const void* add_v, Element* sK, Element* sV,
                                                  int tid) {
-    const bool window = n < cs.n_window_tiles;
-    auto off = [&](int r) { return kv_row_offset(pr, cs, n, org, r); };
-    load_rows_pair<Traits, Traits::kBlockN, Element, typename Traits::SmemLayoutKV>(
-        sK, static_cast<const Element*>(window ? k : add_k), sV, static_cast<const Element*>(window ? v : add_v),
-        tid, off);
-  }
-
-  // Element offset of key row r of KV tile n (kv head cs.hkv) in k/v (window tiles) or add_k/add_v
-  // (additional tiles), or -1 outside.
-  __device__ __forceinline__ static int64_t kv_row_offset(const geo::Problem& pr, const CtaSchedule& cs,
-                                                          int32_t n, const int32_t org[3], int r) {
-    if (n >= cs.n_window_tiles) {
-      const int64_t j = static_cast<int64_t>(n - cs.n_window_tiles) * Traits::kBlockN + r;
-      return j < pr.Na ? geo::offset(cs.b, j, cs.hkv, 0, pr.Na, pr.Hkv, Traits::kHeadDim) : int64_t{-1};
+    using SL = typename Traits::SmemLayoutKV;
+    constexpr int kN = Traits::kBlockN;
+    if (n < cs.n_window_tiles) {
+      const BoxRows<KVTile, kRank> rows{cs.kv_base,
+                                        {cs.kv_step[0], cs.kv_step[1], cs.kv_step[2]},
+                                        {org[0], org[1], org[2]},
+                                        {cs.Lg[0], cs.Lg[1], cs.Lg[2]}};
+      load_rows_pair<Traits, kN, Element, SL>(sK, static_cast<const Element*>(k), sV,
+                                              static_cast<const Element*>(v), tid, rows);
+    } else {  // additional keys j0.. (rows of [B, Na, Hkv, D])
+      const int64_t j0 = static_cast<int64_t>(n - cs.n_window_tiles) * kN;
+      const BoxRows<Box<kN, 1, 1>, 1> rows{geo::offset(cs.b, j0, cs.hkv, 0, pr.Na, pr.Hkv, Traits::kHeadDim),
+                                           {static_cast<int64_t>(pr.Hkv) * Traits::kHeadDim, 0, 0},
+                                           {0, 0, 0},
+                                           {static_cast<int32_t>(pr.Na - j0 < kN ? pr.Na - j0 : kN), 1, 1}};
+      load_rows_pair<Traits, kN, Element, SL>(sK, static_cast<const Element*>(add_k), sV,
+                                              static_cast<const Element*>(add_v), tid, rows);
     }
-    int64_t off = cs.kv_base;
-#pragma unroll
-    for (int a = 0; a < kRank; ++a) {
-      const int32_t pos = org[a] + KVTile::coord(r, a);
-      if (pos >= cs.Lg[a]) return -1;
-      off += pos * cs.kv_step[a];
-    }
-    return off;
   }
 };
 
@@ -418,20 +435,21 @@ struct QTileWalker {
     for (int a = 0; a < 3; ++a) org[a] = a < Traits::kRank ? ks.q_begin[a] + i[a] * QTile::extent(a) : 0;
   }
 
-  // Element offset of query column c of the tile at org in q/dO (head hkv * G + head), or -1 outside.
-  __device__ __forceinline__ int64_t row_offset(const KVSchedule& ks, const int32_t org[3], int c) const {
-    int64_t off = ks.q_base + static_cast<int64_t>(head) * Traits::kHeadDim;
-    if (ks.is_add) {
-      const int32_t tok = org[0] + c;
-      return tok < ks.q_lim[0] ? off + tok * ks.q_step[0] : int64_t{-1};
-    }
-#pragma unroll
-    for (int a = 0; a < Traits::kRank; ++a) {
-      const int32_t pos = org[a] + QTile::coord(c, a);
-      if (pos >= ks.q_lim[a]) return -1;
-      off += pos * ks.q_step[a];
-    }
-    return off;
+  // Element offsets of the query columns of the tile at org in q/dO (head hkv * G + head): the QTile
+  // box of group positions (window CTAs) or kBlockM consecutive tokens (additional-keys CTAs).
+  template <class Box_, int kBoxRank>
+  __device__ __forceinline__ BoxRows<Box_, kBoxRank> rows(const KVSchedule& ks, const int32_t org[3]) const {
+    return {ks.q_base + static_cast<int64_t>(head) * Traits::kHeadDim,
+            {ks.q_step[0], ks.q_step[1], ks.q_step[2]},
+            {org[0], org[1], org[2]},
+            {ks.q_lim[0], ks.q_lim[1], ks.q_lim[2]}};
+  }
+  __device__ __forceinline__ BoxRows<QTile, Traits::kRank> window_rows(const KVSchedule& ks, const int32_t org[3]) const {
+    return rows<QTile, Traits::kRank>(ks, org);
+  }
+  __device__ __forceinline__ BoxRows<Box<Traits::kBlockM, 1, 1>, 1> token_rows(const KVSchedule& ks,
+                                                                               const int32_t org[3]) const {
+    return rows<Box<Traits::kBlockM, 1, 1>, 1>(ks, org);
   }
 
   __device__ __forceinline__ void advance(const KVSchedule& ks) {
