@@ -84,8 +84,8 @@ def has_cuda_device() -> bool:
 
 def available_backends() -> list[str]:
     """Backends that can run a call on this machine, fastest first (measured on an H100: the fused
-    kernels reach 79-264 effective TFLOP/s forward, the reference 12-37, the naive kernels 0.4-1; see
-    jax_na.primitives.AUTO_PREFERENCE). The fused backends only take float16/bfloat16 with head dims
+    kernels reach 101-401 effective TFLOP/s forward (82-319 forward+backward), the reference 12-37,
+    the naive kernels 0.4-1; see jax_na.primitives.AUTO_PREFERENCE). The fused backends only take float16/bfloat16 with head dims
     up to 128; "fused_sm90"/"fused_sm80" are "fused" with its kernels pinned (Hopper/portable, forward
     and backward)."""
     on_gpu = has_cuda_kernels() and has_cuda_device()

@@ -57,8 +57,8 @@ _NAIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # CUDA kernel families that "auto" tries, fastest first: a call lowers to the first one that is
 # compiled here and supports it (``supports``: dtype, head dims, heads, per call), else to the
 # reference. Measured on an H100 (bf16, BENCHMARKS.md problems, effective TFLOP/s forward): the fused
-# kernels 79-264, the reference (XLA matmuls over each query tile's window bounding box) 12-37, the
-# naive kernels 0.4-1.0. So "fused" comes first, and "naive" is not listed: it is only used when asked
+# kernels 101-401 (forward+backward 82-319), the reference (XLA matmuls over each query tile's window
+# bounding box) 12-37, the naive kernels 0.4-1.0. So "fused" comes first, and "naive" is not listed: it is only used when asked
 # for. float32, head dims above 128 and the unfused qk/av ops have no fused kernel and use the reference.
 AUTO_PREFERENCE: tuple[str, ...] = ("fused",)
 

@@ -83,6 +83,20 @@ bool sm90_available() {
 #endif
 }
 
+namespace {
+
+// Keys in a query's window (the product of the kernel sizes) and whether any axis is dilated.
+void window_shape(const geo::Problem& pr, int rank, int64_t* window, bool* dilated) {
+  *window = 1;
+  *dilated = false;
+  for (int a = 0; a < rank; ++a) {
+    *window *= pr.axis[a].k;
+    *dilated = *dilated || pr.axis[a].d != 1;
+  }
+}
+
+}  // namespace
+
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
@@ -91,12 +105,9 @@ cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdA
   // more (p11: 1.13x). Else the portable one: for small windows at head dim 64 it runs two CTAs per SM
   // and measured faster (p4, 7x7: 0.69 vs 0.84 ms); with dilation the Hopper kernel gathers with
   // cp.async, which measured no faster than the portable kernel (cuda/fused/NOTES.md).
-  int64_t window = 1;
+  int64_t window = 0;
   bool dilated = false;
-  for (int a = 0; a < rank; ++a) {
-    window *= pr.axis[a].k;
-    dilated = dilated || pr.axis[a].d != 1;
-  }
+  window_shape(pr, rank, &window, &dilated);
   const bool hopper = sm90 && (args.arch == FwdArgs::kHopper ||
                                (args.arch == FwdArgs::kAuto && !dilated && (args.D == 128 || window >= 256)));
   return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
@@ -105,8 +116,14 @@ cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdA
 cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
-  // Auto: the Hopper backward on every sm_90 device (see cuda/fused/NOTES.md for the measurements).
-  const bool hopper = sm90 && args.arch != FwdArgs::kPortable;
+  // Auto: the Hopper backward at head dim 128, and at head dim 64 for windows of 256 keys or more
+  // (H100: 1.3-1.9x the portable one on p1-p3, p6-p11); the portable one for small windows at head
+  // dim 64, where it measured 2-4% faster (p4, p5: 7x7 at head dim 32, padded to 64).
+  int64_t window = 0;
+  bool dilated = false;
+  window_shape(pr, rank, &window, &dilated);
+  const bool hopper = sm90 && (args.arch == FwdArgs::kHopper ||
+                               (args.arch == FwdArgs::kAuto && (args.D == 128 || window >= 256)));
   return dispatch(dtype, args.D, rank, BwdCall{pr, args, stream, hopper});
 }
 

@@ -1,9 +1,9 @@
-// Fused backward, key-stationary part: dK and dV (portable sm80-class path).
+// Fused backward, key-stationary part: dK and dV (on SM80 MMAs, or on Hopper wgmma through Sm90Gemm).
 //
-// One CTA = one KV tile of 64 keys (one batch item, kv head and dilation group; or 64 additional
-// keys). K and V stay in shared memory; the CTA walks the Q tiles of its inverse neighbourhood for
-// each of the G query heads of its kv head (KVScheduler), Q/dO/lse/delta double-buffered. Per Q tile,
-// with the keys as MMA rows:
+// One CTA = one KV tile of kBlockN keys (64 portable, 128 on Hopper; one batch item, kv head and
+// dilation group; or kBlockN additional keys). K and V stay in shared memory; the CTA walks the Q
+// tiles of its inverse neighbourhood for each of the G query heads of its kv head (KVScheduler,
+// QTileWalker), Q/dO/lse/delta double-buffered. Per Q tile, with the keys as MMA rows:
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dV += P^T dO,
 //   dS^T = P^T (dP^T - delta), dK += dS^T Q
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced

@@ -1,4 +1,4 @@
-// Fused backward, query-stationary part: dQ (portable sm80-class path).
+// Fused backward, query-stationary part: dQ (on SM80 MMAs, or on Hopper wgmma through Sm90Gemm).
 //
 // One CTA = one Q tile, the same tiles and KV-tile walk as the forward (TileScheduler, per-warp
 // skipping, mask-free full tiles). Per KV tile:
