@@ -131,9 +131,11 @@ def window_params(rank: int, spatial: Sequence[int], kernel_size, stride=1, dila
         if d < 1:
             raise ValueError(f"dilation must be >= 1 on every axis; axis {axis} got {d}")
         if k * d > L:
+            fixes = [f"kernel_size <= {L // d} with this dilation" if L >= d else None,
+                     f"dilation <= {L // k} with this kernel_size" if L >= k else None]
+            allowed = " or ".join(f for f in fixes if f) or f"kernel_size * dilation <= {L}"
             raise ValueError(f"kernel_size * dilation must be <= the axis length; axis {axis} has length "
-                             f"{L}, kernel_size {k}, dilation {d} (allowed: kernel_size <= {L // d} "
-                             f"with this dilation, or dilation <= {L // k} with this kernel_size)")
+                             f"{L}, kernel_size {k}, dilation {d} (allowed: {allowed})")
         if not 1 <= s <= k:
             raise ValueError(f"stride must be in [1, kernel_size] on every axis; axis {axis} got "
                              f"stride {s} with kernel_size {k} (allowed: 1..{k})")

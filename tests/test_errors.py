@@ -106,6 +106,18 @@ def test_k_times_d_message_names_both():
     with pytest.raises(ValueError) as ei:
         jax_na.na1d(Q2[:, 0], K2[:, 0], V2[:, 0], 4, dilation=3)  # 12 > 9
     assert "kernel_size" in str(ei.value) and "dilation" in str(ei.value) and "9" in str(ei.value)
+    assert "kernel_size <= 3 with this dilation or dilation <= 2 with this kernel_size" in str(ei.value)
+
+
+@pytest.mark.parametrize("k,d,allowed", [(12, 1, "kernel_size <= 9 with this dilation"),
+                                         (2, 12, "dilation <= 4 with this kernel_size"),
+                                         (12, 12, "kernel_size * dilation <= 9")])
+def test_k_times_d_message_offers_only_valid_fixes(k, d, allowed):
+    """A kernel or a dilation longer than the axis on its own: the message offers only fixes that exist
+    (never "kernel_size <= 0" or "dilation <= 0")."""
+    with pytest.raises(ValueError) as ei:
+        jax_na.na1d(Q2[:, 0], K2[:, 0], V2[:, 0], k, dilation=d)
+    assert f"(allowed: {allowed})" in str(ei.value) and "<= 0" not in str(ei.value), str(ei.value)
 
 
 @pytest.mark.parametrize("kw,name", [
