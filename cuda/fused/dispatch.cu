@@ -85,45 +85,40 @@ bool sm90_available() {
 
 namespace {
 
-// Keys in a query's window (the product of the kernel sizes) and whether any axis is dilated.
-void window_shape(const geo::Problem& pr, int rank, int64_t* window, bool* dilated) {
-  *window = 1;
-  *dilated = false;
+// Whether a call runs the Hopper kernels: where asked for (arch kHopper), or under kAuto at head dim
+// 128 and at head dim 64 for windows (product of the kernel sizes) of 256 keys or more; for the
+// forward only without dilation (where its K/V tiles come by TMA). `sm90`: the device can run them.
+bool use_hopper(const geo::Problem& pr, int rank, int32_t arch, int32_t D, bool sm90, bool forward) {
+  if (!sm90 || arch == FwdArgs::kPortable) return false;
+  if (arch == FwdArgs::kHopper) return true;
+  int64_t window = 1;
+  bool dilated = false;
   for (int a = 0; a < rank; ++a) {
-    *window *= pr.axis[a].k;
-    *dilated = *dilated || pr.axis[a].d != 1;
+    window *= pr.axis[a].k;
+    dilated = dilated || pr.axis[a].d != 1;
   }
+  return !(forward && dilated) && (D == 128 || window >= 256);
 }
 
 }  // namespace
 
+// Auto rule measurements (H100, BENCHMARKS.md problems, cuda/fused/NOTES.md): the Hopper forward is
+// 1.3-1.9x the portable one at head dim 128 and 1.13x at head dim 64 with 1023-key windows (p11);
+// for small windows at head dim 64 the portable one runs two CTAs per SM and measured faster (p4,
+// 7x7: 0.69 vs 0.84 ms); with dilation the Hopper forward gathers with cp.async, no faster than the
+// portable kernel. The Hopper backward is 1.3-1.9x the portable one on p1-p3 and p6-p11, and 2-4%
+// slower on p4/p5 (7x7 at head dim 32, padded to 64).
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
-  // Auto: the Hopper kernel where its K/V tiles come by TMA (no dilation) at head dim 128 (H100,
-  // BENCHMARKS.md problems: 1.3-1.9x the portable one) and at head dim 64 for windows of 256 keys or
-  // more (p11: 1.13x). Else the portable one: for small windows at head dim 64 it runs two CTAs per SM
-  // and measured faster (p4, 7x7: 0.69 vs 0.84 ms); with dilation the Hopper kernel gathers with
-  // cp.async, which measured no faster than the portable kernel (cuda/fused/NOTES.md).
-  int64_t window = 0;
-  bool dilated = false;
-  window_shape(pr, rank, &window, &dilated);
-  const bool hopper = sm90 && (args.arch == FwdArgs::kHopper ||
-                               (args.arch == FwdArgs::kAuto && !dilated && (args.D == 128 || window >= 256)));
+  const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/true);
   return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
 }
 
 cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
-  // Auto: the Hopper backward at head dim 128, and at head dim 64 for windows of 256 keys or more
-  // (H100: 1.3-1.9x the portable one on p1-p3, p6-p11); the portable one for small windows at head
-  // dim 64, where it measured 2-4% faster (p4, p5: 7x7 at head dim 32, padded to 64).
-  int64_t window = 0;
-  bool dilated = false;
-  window_shape(pr, rank, &window, &dilated);
-  const bool hopper = sm90 && (args.arch == FwdArgs::kHopper ||
-                               (args.arch == FwdArgs::kAuto && (args.D == 128 || window >= 256)));
+  const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/false);
   return dispatch(dtype, args.D, rank, BwdCall{pr, args, stream, hopper});
 }
 
