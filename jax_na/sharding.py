@@ -27,12 +27,12 @@ heads ``H`` / ``H_kv``    sharded as given, no communication, when the query hea
                           ``hk`` and the group size ``g``. ``rpb``/``d_rpb`` follow the heads. Otherwise
                           the heads are replicated (a one-time warning says so).
 spatial ``X, Y, Z``       every primitive: sharded spatial axes (one, two or three) stay sharded and are
-                          partitioned with halo exchanges (below). An axis that cannot be -- uneven
-                          shards, the mesh axes of batch/heads, or a multi-hop halo that would bring
-                          in more than all the other shards hold -- is gathered on its own (the others
-                          keep their halos): the partition requests it unsharded, XLA all-gathers it
-                          before the op and slices the result back (a one-time warning per reason says
-                          so).
+                          partitioned with halo exchanges (below), uneven shards too (below). An axis
+                          that cannot be -- the mesh axes of batch/heads, or a multi-hop halo that
+                          would bring in more than all the other shards hold -- is gathered on its own
+                          (the others keep their halos): the partition requests it unsharded, XLA
+                          all-gathers it before the op and slices the result back (a one-time warning
+                          per reason says so).
 ``D``, ``D_v``, window,   always replicated (gathered if they arrive sharded).
 ``N_add``, bias window
 ========================  =================================================================================
@@ -58,8 +58,9 @@ cached). A halo may be wider than a shard (a window wider than a shard): it then
   earlier ones' halos (the corners). A multi-hop exchange whose halos (``max(left) + max(right)``) exceed
   what all the other shards hold is not done: an all-gather moves no more, in one collective;
 - runs the local op on the extended slab of its own halo: the interior shards share one ``(left,
-  right)``, the border shards have their own, and ``lax.switch`` on ``lax.axis_index`` picks among these
-  few static shapes. The halo queries are zeros and their results are dropped;
+  right)``, the border shards (and the short last one of an uneven axis) have their own, and
+  ``lax.switch`` on ``lax.axis_index`` picks among these few static shapes. The halo queries are zeros
+  and their results are dropped;
 - backward: the halo queries also get zero output cotangents (``d_out``, ``d_lse``), so they add nothing
   to dK/dV (their owners compute them); the halo parts of dK/dV go back to their owners with the reverse
   ``ppermute`` of each hop and are added there; ``d_add_k``/``d_add_v`` are ``psum``-ed over the spatial
@@ -70,7 +71,19 @@ per hop, side and exchanged operand) and no all-gather (tests/sharding_checks.py
 ``spatial_halo_multihop``). The unfused ops do the same with their operands: qk
 pads q and crops k, av pads the attention weights and crops v, their backwards pad the cotangent rows
 with zeros, fold the dK/dV halos back and sum the bias gradient over the spatial (and batch) shards.
-Not done yet (these gather): uneven shards.
+
+Uneven shards (``L`` tokens on ``n`` shards, ``n`` not dividing ``L``): XLA gives every shard ``s =
+ceil(L / n)`` tokens, shard ``i`` holding the tokens ``[i * s, min((i + 1) * s, L))`` followed by
+padding of unspecified contents: the last shard with tokens is short, any after it are all padding
+(9 tokens on 8 shards: shard 4 holds one token, shards 5..7 none). ``halo_widths`` plans every shard
+on its own tokens, and a slab holds real tokens only: the left neighbours of a shard with tokens are
+whole, and no halo reaches past ``L``, so the short shard has no right halo and the padding that the
+(unchanged) exchange of ``s``-token blocks carries is cropped off, as are the padding rows of the
+queries and cotangents. Padding is never a key and gets no gradient from a real token; results at
+padding positions are zeros (XLA drops them). A shard that is all padding (on any sharded axis) has no
+query: its ``lax.switch`` branch runs no op and returns zeros, while it still takes part in the
+exchanges. Checked in tests/sharding_checks.py ``spatial_halo_uneven`` (values, gradients, no
+all-gather) for every primitive, the unfused ones included.
 """
 
 from __future__ import annotations
@@ -84,7 +97,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from jax import ShapeDtypeStruct, lax
+from jax import ShapeDtypeStruct, eval_shape, lax, tree_util
 from jax.experimental.custom_partitioning import (
     CompoundFactor,
     SdyShardingRule,
@@ -269,33 +282,42 @@ def _exact(length, kernel_size, stride, dilation, is_causal, lo, hi, q0, q1, fir
             and np.array_equal(end - start, count[q0:q1]))
 
 
+def _shard_extents(length: int, shards: int):
+    """The tokens ``[q0, q1)`` of every shard of an axis of ``length`` tokens split over ``shards``
+    devices as XLA splits it: ``ceil(length / shards)`` per shard. With uneven shards the last shard
+    that has tokens holds fewer (XLA pads it) and any after it hold none (``q0 == q1``)."""
+    m = -(-length // shards)
+    return tuple((min(i * m, length), min((i + 1) * m, length)) for i in range(shards))
+
+
 @functools.lru_cache(maxsize=512)
 def halo_widths(length: int, shards: int, kernel_size: int, stride: int = 1, dilation: int = 1,
                 is_causal: bool = False):
-    """The halo of every shard of an axis of ``length`` tokens split evenly over ``shards`` devices.
+    """The halo of every shard of an axis of ``length`` tokens split over ``shards`` devices
+    (:func:`_shard_extents`; the shards need not be even).
 
     Returns ``((left, right), ...)`` per shard, the fewest extra tokens (any number of neighbours'
-    shards on each side, within the axis) such that the local op on ``[start - left, end + right)``, an
+    shards on each side, within the axis) such that the local op on ``[q0 - left, q1 + right)``, an
     axis of that length with the same kernel size, stride, dilation and causality, computes exactly the
-    global window of every query of the shard (decided by brute force with the geometry of
-    SEMANTICS.md), or a string saying why there is none (uneven shards; the whole axis is always a
-    candidate, so an exact halo exists otherwise).
+    global window of every query of the shard's tokens ``[q0, q1)`` (decided by brute force with the
+    geometry of SEMANTICS.md); ``None`` for a shard without tokens. The slab never reaches past the
+    axis, so it holds no padding: a shard with padding (the last one with tokens) has ``right == 0``.
+    A string says why there is no exact halo (never, so far: the whole axis is always a candidate).
     """
-    if length % shards:
-        return f"{length} tokens do not split evenly over {shards} shards"
-    m = length // shards
     first, count = _global_windows(length, kernel_size, stride, dilation, is_causal)
     last = first + dilation * (count - 1)
     reach = 2 * stride * dilation + 2  # how far beyond the minimal halo the search goes
     widths = []
-    for i in range(shards):
-        q0, q1 = i * m, (i + 1) * m
+    for i, (q0, q1) in enumerate(_shard_extents(length, shards)):
+        if q0 == q1:
+            widths.append(None)
+            continue
         max_l, max_r = q0, length - q1  # up to the axis' borders: (max_l, max_r) is the global op
         need_l = max(q0 - int(first[q0:q1].min()), 0)
         need_r = max(int(last[q0:q1].max()) + 1 - q1, 0)
         # The slab must also hold a whole dilated kernel (l + r >= fit), which can take more than the
         # windows reach (a causal window at the start of the axis): those candidates too.
-        fit = kernel_size * dilation - m
+        fit = kernel_size * dilation - (q1 - q0)
         near_l, near_r = range(need_l, need_l + reach + 1), range(need_r, need_r + reach + 1)
         pairs = {(l, r) for l in near_l for r in near_r}
         pairs |= {(l, max(need_r, fit - l) + j) for l in near_l for j in range(reach + 1)}
@@ -318,10 +340,12 @@ class _Halo:
     label: str                   # "s0".."s2"
     mesh_axes: tuple[str, ...]   # the mesh axes the spatial axis is split over
     shards: int
-    size: int                    # tokens per shard
+    size: int                    # tokens per shard, ceil(length / shards): XLA pads uneven shards to it
     left: int                    # tokens exchanged from the left / right (max over shards; may span
     right: int                   # several neighbours' shards)
-    configs: tuple[tuple[int, int], ...]  # the distinct (left, right) halos the shards run with
+    # the distinct (left, right, own) the shards run with: halo widths and the shard's own tokens (less
+    # than size on the last shard with tokens of an uneven axis; (0, 0, 0): a shard without tokens)
+    configs: tuple[tuple[int, int, int], ...]
     branch: tuple[int, ...]      # index into configs of every shard
     leading: int = 0             # leading batch axes (vmap's) in front of the batch
 
@@ -348,22 +372,27 @@ def _halo_plan(kind, params, mesh, spatial, used, leading=0):
         if isinstance(widths, str):
             reasons.append(widths)
             continue
-        m, left, right = length // n, max(l for l, _ in widths), max(r for _, r in widths)
+        real = [w for w in widths if w is not None]
+        m, left, right = -(-length // n), max(l for l, _ in real), max(r for _, r in real)
         if max(left, right) > m and left + right > (n - 1) * m:
             # the exchange is sized for the widest halos of any shard: past the other shards' tokens
             # an all-gather moves no more, in one collective instead of one ppermute per hop and side
             reasons.append(f"a multi-hop halo of {left} + {right} tokens, more than the other shards hold "
                            f"({n - 1} x {m} tokens)")
             continue
-        configs = tuple(dict.fromkeys(widths))
+        per_shard = [(0, 0, 0) if w is None else (*w, q1 - q0)
+                     for w, (q0, q1) in zip(widths, _shard_extents(length, n))]
+        configs = tuple(dict.fromkeys(per_shard))
         halos.append(_Halo(label, tuple(axes), n, m, left, right, configs,
-                           tuple(configs.index(w) for w in widths), leading))
+                           tuple(configs.index(c) for c in per_shard), leading))
     return tuple(halos), reasons
 
 
 # ----------------------------------------------------------------------------- halo ops (per device)
 
 def _slice(x, axis, lo, hi):
+    if lo == 0 and hi == x.shape[axis]:
+        return x
     return lax.slice_in_dim(x, lo, hi, axis=axis)
 
 
@@ -394,7 +423,9 @@ def _hop_widths(width, size):
 def _extend(x, halo):
     """``[left halo | own slab | right halo]`` of a key/value shard: the last ``halo.left`` tokens
     before it and the first ``halo.right`` tokens after it, one ppermute per neighbour they come from
-    (zeros past the borders, which no shard reads)."""
+    (zeros past the borders, which no shard reads). With uneven shards a shard's left neighbours are
+    whole (only the last shard with tokens is short) and no right halo reaches past the axis, so
+    the padding received here is never in a slab either (``crop_kv`` in :func:`_halo_ops`)."""
     ax, m = halo.axis, halo.size
     parts = [x]
     for hop, width in enumerate(_hop_widths(halo.left, m), 1):  # the nearest first: prepend
@@ -422,10 +453,18 @@ def _fold_back(dx, halo):
 
 def _per_shard(halos, run, *operands):
     """``run(halo configs of this shard)(*operands)``: shards at the borders of a sharded axis run other
-    static halos than the interior ones, so a ``lax.switch`` over the combinations (one (left, right)
-    per axis) picks this shard's."""
-    combos = list(itertools.product(*(range(len(h.configs)) for h in halos)))
-    branches = [run(tuple(h.configs[c] for h, c in zip(halos, combo))) for combo in combos]
+    static halos than the interior ones (and the short last shard of an uneven axis fewer own tokens),
+    so a ``lax.switch`` over the combinations (one (left, right, own) per axis) picks this shard's. A
+    shard without tokens on some axis (all padding) has no query: it returns zeros."""
+    combos = [tuple(h.configs[c] for h, c in zip(halos, combo))
+              for combo in itertools.product(*(range(len(h.configs)) for h in halos))]
+    branches = [run(configs) if all(own for _, _, own in configs) else None for configs in combos]
+    if None in branches:
+        results = eval_shape(next(b for b in branches if b is not None), *operands)
+
+        def nothing(*_):
+            return tree_util.tree_map(lambda r: jnp.zeros(r.shape, r.dtype), results)
+        branches = [b or nothing for b in branches]
     if len(branches) == 1:
         return branches[0](*operands)
     index, stride = 0, 1
@@ -448,7 +487,9 @@ def _halo_ops(kind, local_prim, params, backend, halos, bias_sum_axes=()):
     The queries of the halo are zeros and are dropped from the results. In the backward their output
     cotangents are zero too, so they add nothing to dK/dV; the halo parts of dK/dV go back to their
     owners with the reverse exchanges (in reverse order), and d_add_k/d_add_v are summed over the
-    shards of the axes.
+    shards of the axes. Uneven shards: the slab holds a shard's own tokens only, not XLA's padding
+    after them (queries, keys and cotangents alike), so padding is never attended and gets no
+    gradient from a real token; the results there are zeros (XLA drops them).
     """
     def bind(*operands):
         return local_prim.bind(*operands, params=params, backend=backend)
@@ -463,24 +504,26 @@ def _halo_ops(kind, local_prim, params, backend, halos, bias_sum_axes=()):
             dx = _fold_back(dx, h)
         return dx
 
+    # Along every axis: a shard's own tokens are the first ``own`` of its ``h.size`` (the rest is
+    # padding); a shard with padding has no right halo, so its slab ends at its last token.
     def crop_kv(x, configs):  # the extended keys -> this shard's slab
-        for h, (left, right) in zip(halos, configs):
-            x = _slice(x, h.axis, h.left - left, h.left + h.size + right)
+        for h, (left, right, own) in zip(halos, configs):
+            x = _slice(x, h.axis, h.left - left, h.left + own + right)
         return x
 
     def pad_q(x, configs):  # queries/rows -> the slab's length (zeros in the halo)
-        for h, (left, right) in zip(halos, configs):
-            x = _pad(x, h.axis, left, right)
+        for h, (left, right, own) in zip(halos, configs):
+            x = _pad(_slice(x, h.axis, 0, own), h.axis, left, right)
         return x
 
-    def own_rows(x, configs):  # slab results -> this shard's rows
-        for h, (left, _) in zip(halos, configs):
-            x = _slice(x, h.axis, left, left + h.size)
+    def own_rows(x, configs):  # slab results -> this shard's rows (zeros in the padding)
+        for h, (left, _, own) in zip(halos, configs):
+            x = _pad(_slice(x, h.axis, left, left + own), h.axis, 0, h.size - own)
         return x
 
-    def pad_kv(x, configs):  # the slab's dK/dV -> the extended layout
-        for h, (left, right) in zip(halos, configs):
-            x = _pad(x, h.axis, h.left - left, h.right - right)
+    def pad_kv(x, configs):  # the slab's dK/dV -> the extended layout (zeros in the padding)
+        for h, (left, right, own) in zip(halos, configs):
+            x = _pad(x, h.axis, h.left - left, h.size - own + h.right - right)
         return x
 
     spatial_axes = tuple(a for h in halos for a in h.mesh_axes)

@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import sharding_checks  # noqa: E402  (importing it starts no backend)
 
-_TIMEOUT_S = 1200  # the checks take ~5 min on a 2-core machine
+_TIMEOUT_S = 1200  # the checks take ~7 min on a 2-core machine
 
 
 @pytest.fixture(scope="module")
