@@ -200,7 +200,6 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
 
   using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
   using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
-  using SmemLayoutQt = typename Base::template SmemLayoutRowsT<kBlockM>;  // Q, dO as the B of dS^T.Q, P^T.dO
 
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
