@@ -17,6 +17,13 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_naive_av_bwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_fused_fwd);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_fused_bwd);
 #endif
+#if defined(JAX_NA_WITH_GEMM)
+// GEMM backend: unfused ops on tensor cores (built when the CUTLASS headers are found).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_gemm_qk);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_gemm_av);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_gemm_qk_bwd);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_na_gemm_av_bwd);
+#endif
 
 // Every handler above, by target name, for registration (null-terminated).
 struct JaxNaFfiTarget {
@@ -34,6 +41,12 @@ static const JaxNaFfiTarget kJaxNaFfiTargets[] = {
 #if defined(JAX_NA_WITH_FUSED)
     {"jax_na_fused_fwd", jax_na_fused_fwd},
     {"jax_na_fused_bwd", jax_na_fused_bwd},
+#endif
+#if defined(JAX_NA_WITH_GEMM)
+    {"jax_na_gemm_qk", jax_na_gemm_qk},
+    {"jax_na_gemm_av", jax_na_gemm_av},
+    {"jax_na_gemm_qk_bwd", jax_na_gemm_qk_bwd},
+    {"jax_na_gemm_av_bwd", jax_na_gemm_av_bwd},
 #endif
     {nullptr, nullptr},
 };

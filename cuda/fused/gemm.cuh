@@ -25,7 +25,7 @@ __device__ __forceinline__ void gemm_ss(TiledMma& mma, Acc& acc, TA& rA, TB& rB,
       copy(copy_a, sA(_, _, i + 1), rA_view(_, _, i + 1));
       copy(copy_b, sB(_, _, i + 1), rB_view(_, _, i + 1));
     }
-    gemm(mma, rA(_, _, i), rB(_, _, i), acc);
+    cute::gemm(mma, rA(_, _, i), rB(_, _, i), acc);
   }
 }
 
@@ -39,7 +39,7 @@ __device__ __forceinline__ void gemm_rs(TiledMma& mma, Acc& acc, const TA& rA, T
 #pragma unroll
   for (int i = 0; i < size<2>(rA); ++i) {
     if (i + 1 < size<2>(rA)) copy(copy_b, sB(_, _, i + 1), rB_view(_, _, i + 1));
-    gemm(mma, rA(_, _, i), rB(_, _, i), acc);
+    cute::gemm(mma, rA(_, _, i), rB(_, _, i), acc);
   }
 }
 

@@ -1,0 +1,8 @@
+// GEMM-based unfused kernels (PN, NN, IN), f16, head dim 64, ranks 1-3.
+#include "gemm/launch.cuh"
+
+namespace jax_na {
+namespace gemm {
+JNA_GEMM_INSTANTIATE(DType::kF16, 64)
+}  // namespace gemm
+}  // namespace jax_na
