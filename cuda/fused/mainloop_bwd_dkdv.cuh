@@ -58,7 +58,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   using Element = typename Traits::Element;
   using L = DkdvSmem<Traits>;
   using KS = KVScheduler<Traits>;
-  constexpr int kRank = Traits::kRank;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kD = Traits::kHeadDim;
@@ -110,19 +109,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       gather(load_walker.token_rows(ks, org));
     else
       gather(load_walker.window_rows(ks, org));
-    if (tid < kBlockM && !ks.is_add) {
-      int2* win = reinterpret_cast<int2*>(small(s, L::kWin));
-#pragma unroll
-      for (int a = 0; a < kRank; ++a) {
-        const int32_t pos = org[a] + Traits::QTile::coord(tid, a);
-        int2 w = make_int2(0, 0);  // outside the group: empty window
-        if (pos < ks.Lg[a]) {
-          const int32_t st = geo::window_start(pr.axis[a], pos, ks.Lg[a]);
-          w = make_int2(st, geo::window_end(pr.axis[a], pos, ks.Lg[a], st));
-        }
-        win[a * kBlockM + tid] = w;
-      }
-    }
+    if (tid < kBlockM && !ks.is_add)
+      store_column_windows<Traits>(pr, ks, org, reinterpret_cast<int2*>(small(s, L::kWin)), tid);
     load_walker.advance(ks);
   };
   if (n_iters > 0) issue_q(0);
