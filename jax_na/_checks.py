@@ -15,27 +15,33 @@ import numpy as np
 
 from jax_na import _ext
 
-# Backends the library knows, and the ones that are planned (asking for those says so).
-KNOWN_BACKENDS = ("fused", "fused_sm80", "fused_sm90", "reference", "naive")
+# Backends the library knows.
+KNOWN_BACKENDS = ("fused", "fused_sm80", "fused_sm90", "gemm", "reference", "naive")
 # The fused family: "fused" runs the Hopper kernels on compute capability 9.0 GPUs where they are
 # faster and the portable ones elsewhere; "fused_sm80" / "fused_sm90" pin one set, forward and
 # backward (to compare them, or to rule one out). Value: the FFI targets' ``arch`` attribute.
 FUSED_BACKENDS = {"fused": 0, "fused_sm80": 80, "fused_sm90": 90}
-PLANNED_BACKENDS = ("gemm",)
-# Backends with the unfused na*d_qk / na*d_av ops (the fused kernels have no unfused twin).
-UNFUSED_BACKENDS = ("reference", "naive")
+# Backends with the unfused na*d_qk / na*d_av ops (the fused kernels have no unfused twin). "gemm"
+# has nothing else: its na1d/na2d/na3d run qk -> float32 softmax -> av on these ops.
+UNFUSED_BACKENDS = ("reference", "naive", "gemm")
 FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # What each backend accepts: dtypes (head dims: see FUSED_HEAD_DIMS for "fused"; the others take any).
 BACKEND_DTYPES = {
     "fused": (jnp.float16, jnp.bfloat16),
     "fused_sm80": (jnp.float16, jnp.bfloat16),
     "fused_sm90": (jnp.float16, jnp.bfloat16),
+    "gemm": FLOAT_DTYPES,
     "reference": FLOAT_DTYPES + (jnp.float64,),
     "naive": FLOAT_DTYPES,
 }
 # Head dims the fused kernels are instantiated for (they need D == D_v). Smaller head dims run
 # zero-padded to the next one (see fused_head_dim); larger ones are not supported.
 FUSED_HEAD_DIMS = (64, 128)
+# Head dims the gemm (tensor-core) kernels are instantiated for, float16/bfloat16 only: the head dim an
+# unfused op contracts or produces (D for qk, D_v for av) runs zero-padded to the next one up to 128.
+# The gemm targets take every other call too (float32, head dims above 128) and run it on the naive
+# kernels inside them.
+GEMM_HEAD_DIMS = (64, 128)
 # Grid limits of the fused kernels: query heads (and batch, which the lowering splits into chunks
 # of at most this size, so any batch works).
 FUSED_MAX_HEADS = 65535
@@ -56,6 +62,22 @@ def fused_head_dim(D: int, Dv: int) -> int | None:
     return next((p for p in FUSED_HEAD_DIMS if max(D, Dv) <= p), None)
 
 
+def gemm_head_dim(dtype, d: int) -> int:
+    """The head dim the gemm targets run an unfused op whose contracted/output head dim is ``d`` at:
+    for float16/bfloat16 and ``d <= 128`` the next of GEMM_HEAD_DIMS (the tensor-core kernels; zero
+    columns change no score and add only zero output columns), else ``d`` itself (unpadded)."""
+    if gemm_tensor_cores(dtype, d):
+        return next(p for p in GEMM_HEAD_DIMS if d <= p)
+    return d
+
+
+def gemm_tensor_cores(dtype, d: int) -> bool:
+    """Whether the gemm targets run an op of this dtype and head dim (padded) on their tensor-core
+    kernels rather than on the naive kernels inside them."""
+    half = any(jnp.dtype(dtype) == jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16))
+    return half and 1 <= d <= GEMM_HEAD_DIMS[-1]
+
+
 def fused_supports(dtype, D: int, Dv: int, H: int) -> bool:
     """Whether the fused kernels take a call (batch size aside: it is split into chunks). Every
     scale runs (a scale <= 0 through an exact rewrite of q: primitives._fused_impl)."""
@@ -72,6 +94,9 @@ class NAParams:
     dilation: tuple[int, ...]
     is_causal: tuple[bool, ...]
     scale: float
+    # The unfused QK op's scores in float32 whatever the input dtype (na*d on the "gemm" backend: the
+    # softmax then sees the scores as the fused kernels do); False: in the input dtype (na*d_qk).
+    scores_f32: bool = False
 
     @property
     def rank(self) -> int:
@@ -80,6 +105,12 @@ class NAParams:
     @property
     def window_size(self) -> int:
         return math.prod(self.kernel_size)
+
+
+def scores_dtype(dtype, params: NAParams):
+    """The unfused QK op's result dtype: the input's, or float32 for 16-bit inputs when
+    ``params.scores_f32``."""
+    return jnp.dtype(jnp.float32) if params.scores_f32 and jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
 
 
 def _dtype_name(dt) -> str:
@@ -181,9 +212,6 @@ def resolve_backend(backend: str | None, dtype, what: str = "na", query=None, va
         return "auto"
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
-    if backend in PLANNED_BACKENDS:
-        raise ValueError(f"backend {backend!r} is not implemented yet; allowed: None, 'auto', "
-                         f"{', '.join(repr(b) for b in KNOWN_BACKENDS)}")
     if backend not in KNOWN_BACKENDS:
         raise ValueError(f"backend must be one of None, 'auto', "
                          f"{', '.join(repr(b) for b in KNOWN_BACKENDS)}; got {backend!r}")
@@ -205,6 +233,11 @@ def resolve_backend(backend: str | None, dtype, what: str = "na", query=None, va
         raise ValueError(f"backend {backend!r} needs jax_na's fused CUDA kernels, which this installation "
                          "does not have (built without the CUTLASS headers: pip install nvidia-cutlass, then "
                          f"reinstall jax_na); available: {_ext.available_backends()}")
+    if backend == "gemm" and not _ext.has_gemm_kernels():
+        raise ValueError("backend 'gemm' needs jax_na's gemm (tensor-core) CUDA kernels, which this "
+                         "installation does not have (built without the CUTLASS headers, or before the gemm "
+                         "kernels existed: pip install nvidia-cutlass, then reinstall jax_na); available: "
+                         f"{_ext.available_backends()}")
     if backend == "fused_sm90" and not _ext.has_hopper_kernels():
         raise ValueError("backend 'fused_sm90' needs a compute capability 9.0 GPU (H100/H200) and a build "
                          "with 90a in JAX_NA_CUDA_ARCHS (this one: "
@@ -220,11 +253,11 @@ def _check_fused(query, value, backend="fused"):
         raise ValueError(f"backend {backend!r} supports head dims up to {FUSED_HEAD_DIMS[-1]} (query/key head "
                          f"dim D and value head dim D_v; allowed: 1..{FUSED_HEAD_DIMS[-1]}, run zero-padded "
                          f"to {' or '.join(map(str, FUSED_HEAD_DIMS))}), got D={D}, D_v={Dv}; backends "
-                         f"that support these head dims: ['reference', 'naive']")
+                         f"that support these head dims: ['gemm', 'reference', 'naive']")
     if H > FUSED_MAX_HEADS:
         raise ValueError(f"backend {backend!r} supports at most {FUSED_MAX_HEADS} query heads (allowed: "
                          f"1..{FUSED_MAX_HEADS}), query has H={H}; backends that support it: "
-                         f"['reference', 'naive']")
+                         f"['gemm', 'reference', 'naive']")
 
 
 def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,

@@ -43,6 +43,12 @@ def has_fused_kernels() -> bool:
     return has_target("jax_na_fused_fwd")
 
 
+def has_gemm_kernels() -> bool:
+    """True when the gemm (tensor-core unfused) kernels were compiled (like the fused ones, they need
+    the CUTLASS headers at build time)."""
+    return has_target("jax_na_gemm_qk")
+
+
 def cuda_archs() -> str:
     return _C.cuda_archs() if has_cuda_kernels() else ""
 
@@ -87,11 +93,15 @@ def available_backends() -> list[str]:
     kernels reach 101-401 effective TFLOP/s forward (82-319 forward+backward), the reference 12-37,
     the naive kernels 0.4-1; see jax_na.primitives.AUTO_PREFERENCE). The fused backends only take float16/bfloat16 with head dims
     up to 128; "fused_sm90"/"fused_sm80" are "fused" with its kernels pinned (Hopper/portable, forward
-    and backward)."""
+    and backward). "gemm" (tensor-core unfused ops; its na1d/na2d/na3d are qk -> softmax -> av) stands
+    before the reference as auto prefers it for the unfused ops; its na1d/na2d/na3d timings against
+    the reference are not measured yet."""
     on_gpu = has_cuda_kernels() and has_cuda_device()
     out = ["fused"] if on_gpu and has_fused_kernels() else []
     if out:
         out += ["fused_sm90", "fused_sm80"] if has_hopper_kernels() else ["fused_sm80"]
+    if on_gpu and has_gemm_kernels():
+        out.append("gemm")
     out.append("reference")
     if on_gpu:
         out.append("naive")

@@ -6,7 +6,9 @@ and check their arguments before anything is traced into a kernel (see ``_checks
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +51,9 @@ def _qk_fwd(q, k, rpb, params, backend):
 
 def _qk_bwd(params, backend, res, d_attn):
     q, k, rpb = res
-    return tuple(qk_bwd_p.bind(d_attn, q, k, rpb, params=params, backend=backend))
+    # float32 scores (params.scores_f32) take their gradient in the input dtype, as the fused
+    # kernels round dS for their MMAs.
+    return tuple(qk_bwd_p.bind(d_attn.astype(q.dtype), q, k, rpb, params=params, backend=backend))
 
 
 _qk.defvjp(_qk_fwd, _qk_bwd)
@@ -81,8 +85,65 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         B, Hkv = key.shape[0], key.shape[-2]
         additional_keys = jnp.zeros((B, 0, Hkv, key.shape[-1]), key.dtype)
         additional_values = jnp.zeros((B, 0, Hkv, value.shape[-1]), value.dtype)
-    out, lse = _attention(query, key, value, additional_keys, additional_values, params, backend)
+    if backend == "gemm":  # no fused gemm kernel: the unfused gemm ops around a float32 softmax
+        out, lse = _unfused_attention(query, key, value, additional_keys, additional_values, params, backend)
+    else:
+        out, lse = _attention(query, key, value, additional_keys, additional_values, params, backend)
     return (out, lse) if return_lse else out
+
+
+def _unfused_attention(q, k, v, add_k, add_v, params, backend):
+    """Neighborhood attention composed of the unfused ops of ``backend`` ("gemm"; any backend with
+    them computes the same function, e.g. "reference" in the tests): window scores ``_qk`` (no bias,
+    with the call's stride, dilation, causal mask and scale) in float32 (``scores_f32``); the
+    additional keys' scores densely in float32;
+    one float32 softmax over both (masked window entries are ``-inf``: probability 0); ``_av`` of
+    the window probabilities (in the input dtype) plus the additional values' part. Gradients run
+    through the custom VJPs of ``_qk``/``_av`` (the backward primitives of ``backend``) and autodiff
+    of the rest.
+
+    Shapes as ``na{1,2,3}d``: q ``[B, *S, H, D]``, k ``[B, *S, H_kv, D]``, v ``[B, *S, H_kv, D_v]``,
+    add_k/add_v ``[B, N_add, H_kv, D/D_v]`` (``N_add`` may be 0). Returns (out ``[B, *S, H, D_v]``
+    in the input dtype, lse ``[B, *S, H]`` float32, float64 for float64 inputs).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_na import _checks
+      >>> q = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
+      >>> params = _checks.window_params(1, (8,), 3, head_dim=4)
+      >>> add = jnp.zeros((1, 0, 2, 4))
+      >>> out, lse = _unfused_attention(q, q, q, add, add, params, "reference")
+      >>> out.shape, lse.shape
+      ((1, 8, 2, 4), (1, 8, 2))
+    """
+    dtype = q.dtype
+    cdt = jnp.promote_types(dtype, jnp.float32)  # the softmax's dtype (float64 stays float64)
+    # Window scores in float32 (the kernels accumulate in float32 and write them unrounded).
+    scores_params = dataclasses.replace(params, scores_f32=True)
+    scores = _qk(q, k, jnp.zeros((0,), dtype), scores_params, backend).astype(cdt)   # [B, *S, H, W]
+    W = scores.shape[-1]
+    B, *S, H, D = q.shape
+    N, Hkv, Na = math.prod(S), k.shape[-2], add_k.shape[1]
+    if Na:  # query head h reads kv head h // G: group the query heads by kv head
+        qg = q.reshape(B, N, Hkv, H // Hkv, D)
+        sa = _dot("bnhgd,bmhd->bnhgm", qg, add_k, cdt) * jnp.asarray(params.scale, cdt)
+        scores = jnp.concatenate([scores, sa.reshape(B, *S, H, Na)], axis=-1)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None])
+    out = _av(probs[..., :W].astype(dtype), v, params, backend)
+    if Na:
+        pa = probs[..., W:].astype(dtype).reshape(B, N, Hkv, H // Hkv, Na)
+        oa = _dot("bnhgm,bmhd->bnhgd", pa, add_v, cdt).reshape(*out.shape)
+        out = (out.astype(cdt) + oa).astype(dtype)
+    return out, lse
+
+
+def _dot(spec, a, b, cdt):
+    """einsum accumulating in ``cdt``: half-precision operands as they are (the matrix units), float32
+    and float64 at full precision (no TF32)."""
+    if jnp.dtype(a.dtype).itemsize == 2:
+        return jnp.einsum(spec, a, b, preferred_element_type=cdt)
+    return jnp.einsum(spec, a.astype(cdt), b.astype(cdt), precision=jax.lax.Precision.HIGHEST)
 
 
 def _na_qk(rank, query, key, kernel_size, dilation, is_causal, rpb, scale, backend):
@@ -117,17 +178,22 @@ _NA_DOC = """{rank}-D neighborhood attention.
       return_lse: also return the float32 log-sum-exp ``{lse}``.
       backend: None/"auto" (the fastest backend that supports the call, chosen per call at lowering
         time: "fused" on CUDA for float16/bfloat16 with head dims up to 128, else the
-        reference), "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims
+        reference; auto never picks "gemm" here), "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims
         ``D, D_v <= 128``, any finite scale (a scale <= 0 runs exactly as ``|scale|`` on ``-q``, or
         1 on ``q * 0``); head dims other than 64/128 are padded to 64 or 128
         (zeros, same scale) and the results sliced back; the forward runs a TMA + wgmma kernel on
         compute capability 9.0 GPUs without dilation at head dim 128 (and at 64 for windows of 256+
         keys) and the portable sm80-class one otherwise), "fused_sm80" /
         "fused_sm90" (the same, with the forward kernel pinned: portable / Hopper-only),
-        "naive" (one thread per output element; every float dtype and head dim) or "reference"
-        (pure JAX, every platform). The fused backends and "naive" raise a ValueError/TypeError for a call they
-        cannot take or when jax_na was built without them; a call lowered for a non-CUDA platform
-        uses the reference.
+        "gemm" (the unfused tensor-core ops of ``na{rank}d_qk``/``na{rank}d_av``: window scores and
+        the additional keys' scores in float32, one float32 softmax, then the weights in the input
+        dtype applied to the values (as the fused kernels round P); float32/16 and
+        bfloat16, every head dim: tensor cores for float16/bfloat16 with head dims up to 128 (padded
+        to 64/128), naive kernels inside its targets otherwise; materializes
+        ``[B, *spatial, H, prod(kernel_size)]`` scores), "naive" (one thread per output
+        element; every float dtype and head dim) or "reference" (pure JAX, every platform). The
+        kernel backends raise a ValueError/TypeError for a call they cannot take or when jax_na was
+        built without them; a call lowered for a non-CUDA platform uses the reference.
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.
@@ -162,8 +228,11 @@ _QK_DOC = """{rank}-D neighborhood attention scores (unfused), with optional rel
       kernel_size, dilation, is_causal: as in ``na{rank}d`` (stride is always 1 here).
       rpb: optional ``[H, 2*k-1 per axis]`` bias in the input dtype.
       scale: default ``D ** -0.5``.
-      backend: None/"auto" (the reference), "naive" or "reference"; the fused kernels have no
-        unfused ops ("fused" is a ValueError).
+      backend: None/"auto" ("gemm" on CUDA where it is compiled, for float16/bfloat16 with head
+        dims up to 128, else the reference), "gemm" (tensor cores for float16/bfloat16 with head
+        dims up to 128, zero-padded to 64/128; float32 and larger head dims run on naive kernels
+        inside its targets), "naive" or "reference"; the fused kernels have no unfused ops ("fused"
+        is a ValueError).
 
     Returns:
       ``weights`` of shape ``{w}``.
@@ -184,7 +253,8 @@ _AV_DOC = """{rank}-D neighborhood attention: apply weights to values (unfused).
       weights: ``{w}`` (e.g. the softmax of ``na{rank}d_qk``).
       value: ``{v}``.
       kernel_size, dilation, is_causal: as in ``na{rank}d_qk``.
-      backend: None/"auto" (the reference), "naive" or "reference" (no "fused", as for ``na{rank}d_qk``).
+      backend: None/"auto", "gemm", "naive" or "reference", as for ``na{rank}d_qk`` (the head dim
+        that decides is ``D_v``; no "fused").
 
     Returns:
       ``{o}``.

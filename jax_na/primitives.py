@@ -2,17 +2,17 @@
 
 Six primitives, each a kernel family's entry:
 
-=====================  ================================================  ================================
-primitive              operands -> results                                CUDA targets (naive; fused)
-=====================  ================================================  ================================
+=====================  ================================================  ========================================
+primitive              operands -> results                                CUDA targets (naive; fused or gemm)
+=====================  ================================================  ========================================
 ``jax_na_fwd``         q, k, v, add_k, add_v -> out, lse                  jax_na_naive_fwd; jax_na_fused_fwd
 ``jax_na_bwd``         q, k, v, add_k, add_v, out, lse, d_out, d_lse      jax_na_naive_bwd; jax_na_fused_bwd
                        -> dq, dk, dv, d_add_k, d_add_v
-``jax_na_qk``          q, k, rpb -> attn                                  jax_na_naive_qk
-``jax_na_qk_bwd``      d_attn, q, k, rpb -> dq, dk, d_rpb                 jax_na_naive_qk_bwd
-``jax_na_av``          attn, v -> out                                     jax_na_naive_av
-``jax_na_av_bwd``      d_out, attn, v -> d_attn, dv                       jax_na_naive_av_bwd
-=====================  ================================================  ================================
+``jax_na_qk``          q, k, rpb -> attn                                  jax_na_naive_qk; jax_na_gemm_qk
+``jax_na_qk_bwd``      d_attn, q, k, rpb -> dq, dk, d_rpb                 jax_na_naive_qk_bwd; jax_na_gemm_qk_bwd
+``jax_na_av``          attn, v -> out                                     jax_na_naive_av; jax_na_gemm_av
+``jax_na_av_bwd``      d_out, attn, v -> d_attn, dv                       jax_na_naive_av_bwd; jax_na_gemm_av_bwd
+=====================  ================================================  ========================================
 
 Absent additional keys/values are ``[B, 0, H_kv, D]`` arrays and an absent bias is a ``[0]`` array, so
 every primitive has a fixed arity. Every primitive carries ``params`` (``NAParams``) and ``backend``
@@ -20,7 +20,8 @@ every primitive has a fixed arity. Every primitive carries ``params`` (``NAParam
 for "auto", the first family of ``AUTO_PREFERENCE`` that supports the call's dtype and shapes
 (``cuda_kernel``); on every other platform, and for inputs no kernel supports, the pure-JAX reference
 (the backward of the reference is its autodiff). The fused targets run inside a small traced function
-(``_fused_impl``) that zero-pads the head dims to 64 or 128 and slices the results back.
+(``_fused_impl``) that zero-pads the head dims to 64 or 128 and slices the results back; the gemm
+targets likewise (``_gemm_impl``: float16/bfloat16, the head dim each op contracts or produces).
 
 Each primitive lowers through ``sharding.partitioned_lowering`` (``custom_partitioning`` with a Shardy
 rule), which runs a per-device twin ``<name>_local`` carrying the platform lowerings on each shard.
@@ -36,6 +37,7 @@ would all-gather).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -55,12 +57,16 @@ except ImportError:  # pragma: no cover
 
 _NAIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # CUDA kernel families that "auto" tries, fastest first: a call lowers to the first one that is
-# compiled here and supports it (``supports``: dtype, head dims, heads, per call), else to the
-# reference. Measured on an H100 (bf16, BENCHMARKS.md problems, effective TFLOP/s forward): the fused
-# kernels 101-401 (forward+backward 82-319), the reference (XLA matmuls over each query tile's window
-# bounding box) 12-37, the naive kernels 0.4-1.0. So "fused" comes first, and "naive" is not listed: it is only used when asked
-# for. float32, head dims above 128 and the unfused qk/av ops have no fused kernel and use the reference.
-AUTO_PREFERENCE: tuple[str, ...] = ("fused",)
+# compiled here and supports it (``supports(..., auto=True)``: kind, dtype, head dims, heads, per call),
+# else to the reference. Measured on an H100 (bf16, BENCHMARKS.md problems, effective TFLOP/s forward):
+# the fused kernels 101-401 (forward+backward 82-319), the reference (XLA matmuls over each query
+# tile's window bounding box) 12-37, the naive kernels 0.4-1.0. So "fused" comes first, and "naive" is
+# not listed: it is only used when asked for. "fused" has only fwd/bwd and "gemm" only the unfused
+# qk/av ops (and their backwards), so each kind has one candidate. auto takes "gemm" only where it
+# runs on tensor cores (float16/bfloat16, head dims up to 128, padded to 64/128), the case it is built
+# to beat the reference in; float32 and larger head dims would run on the naive kernels inside the
+# gemm targets, so auto leaves them, and fwd/bwd calls no fused kernel takes, to the reference.
+AUTO_PREFERENCE: tuple[str, ...] = ("fused", "gemm")
 
 
 def _shaped(shape, dtype):
@@ -88,6 +94,8 @@ def _qk_ref(q, k, rpb, *, params, backend):
 
 
 def _qk_bwd_ref(d_attn, q, k, rpb, *, params, backend):
+    # d_attn comes in the input dtype (functional._qk_bwd) also for float32 scores.
+    params = dataclasses.replace(params, scores_f32=False)
     if rpb.size:
         _, vjp = jax.vjp(lambda q, k, b: reference.qk_forward(q, k, b, params), q, k, rpb)
         return vjp(d_attn)
@@ -117,7 +125,7 @@ def _bwd_abstract(q, k, v, add_k, add_v, out, lse, d_out, d_lse, *, params, back
 
 
 def _qk_abstract(q, k, rpb, *, params, backend):
-    return _shaped((*q.shape[:-1], params.window_size), q.dtype)
+    return _shaped((*q.shape[:-1], params.window_size), _checks.scores_dtype(q.dtype, params))
 
 
 def _qk_bwd_abstract(d_attn, q, k, rpb, *, params, backend):
@@ -235,13 +243,25 @@ def _with_leading_axes(kind, prim, lowering):
 
 # ----------------------------------------------------------------------------- CUDA lowering
 
-def supports(family: str, kind: str, avals, params: NAParams | None = None) -> bool:
+def supports(family: str, kind: str, avals, params: NAParams | None = None, auto: bool = False) -> bool:
     """Whether CUDA kernel family ``family`` is compiled here and takes primitive ``kind`` ("fwd",
     "bwd", "qk", ...) on operands of shapes/dtypes ``avals``. Decided per call at lowering time (so
-    ``vmap``, whose axes the per-device lowering folds into the batch, is taken into account)."""
+    ``vmap``, whose axes the per-device lowering folds into the batch, is taken into account).
+    ``auto``: whether "auto" should take it (see AUTO_PREFERENCE: "gemm" only on its tensor cores)."""
     dtype = avals[0].dtype  # operand 0 has the call's dtype
     if family == "naive":
         return _ext.has_cuda_kernels() and jnp.dtype(dtype) in [jnp.dtype(d) for d in _NAIVE_DTYPES]
+    if family == "gemm":
+        if kind not in _GEMM_HEAD_OPERANDS or not _ext.has_target(f"jax_na_gemm_{kind}"):
+            return False
+        if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _NAIVE_DTYPES]:
+            return False
+        # An empty call launches nothing: the reference lowering handles it (the absent bias [0]
+        # is the one operand that may be empty).
+        if any(math.prod(a.shape) == 0 for a in avals if len(a.shape) > 1):
+            return False
+        head = avals[_GEMM_HEAD_OPERANDS[kind][0]].shape[-1]
+        return not auto or _checks.gemm_tensor_cores(dtype, head)
     if family == "fused":
         if kind not in ("fwd", "bwd") or not _ext.has_target(f"jax_na_fused_{kind}"):
             return False
@@ -260,9 +280,9 @@ def cuda_kernel(backend: str, kind: str, avals, params: NAParams | None = None) 
     only happens for inputs the argument checks cannot see (an empty call) or on a partial build
     (fused forward compiled without the fused backward: the backward then runs on the reference)."""
     if backend == "auto":
-        return next((f for f in AUTO_PREFERENCE if supports(f, kind, avals, params)), None)
+        return next((f for f in AUTO_PREFERENCE if supports(f, kind, avals, params, auto=True)), None)
     family = _checks.backend_family(backend)
-    return family if family in ("naive", "fused") and supports(family, kind, avals, params) else None
+    return family if family in ("naive", "fused", "gemm") and supports(family, kind, avals, params) else None
 
 
 def _attrs(params: NAParams, with_scale=True):
@@ -356,6 +376,33 @@ def _fused_impl(kind, *args, params, backend):
     return [_last(g, x.shape[-1]) for g, x in zip((q_in(dq), *grads), (q, k, v, add_k, add_v))]
 
 
+# Per unfused kind: the operands whose last axis is the head dim the op contracts or produces (qk,
+# qk_bwd: D of q and k; av: D_v of v; av_bwd: D_v of d_out and v); the gemm lowering pads these.
+_GEMM_HEAD_OPERANDS = {"qk": (0, 1), "qk_bwd": (1, 2), "av": (1,), "av_bwd": (0, 2)}
+_ABSTRACT = {"qk": _qk_abstract, "qk_bwd": _qk_bwd_abstract, "av": _av_abstract, "av_bwd": _av_bwd_abstract}
+
+
+def _gemm_impl(kind, *args, params, backend):
+    """The gemm CUDA targets on the primitive's operands: for float16/bfloat16 the head dim of the op
+    (``_GEMM_HEAD_OPERANDS``) zero-padded to the tensor-core kernels' 64 or 128 (zero columns of q and
+    k change no score, zero columns of v and d_out only add zero output columns and zero dv columns;
+    the scale stays the caller's), the results sliced back to the primitive's shapes. float32 and head
+    dims above 128 go unpadded (the targets run them on their naive kernels). The operands, results
+    and attributes are those of the naive targets (docs/ffi.md): qk_bwd gets no rpb operand, only a
+    d_rpb result of its shape."""
+    pad = _GEMM_HEAD_OPERANDS[kind]
+    P = _checks.gemm_head_dim(args[0].dtype, args[pad[0]].shape[-1])
+    padded = [_pad_last(x, P) if i in pad else x for i, x in enumerate(args)]
+    abstract = _ABSTRACT[kind]  # the result shapes follow the (padded) operands
+    results = abstract(*padded, params=params, backend=backend)
+    wanted = abstract(*args, params=params, backend=backend)
+    results, wanted = ((r,) if kind in ("qk", "av") else r for r in (results, wanted))
+    operands = padded[:3] if kind == "qk_bwd" else padded
+    out = jax.ffi.ffi_call(f"jax_na_gemm_{kind}", [jax.ShapeDtypeStruct(r.shape, r.dtype) for r in results])(
+        *operands, **_attrs(params, with_scale=kind in ("qk", "qk_bwd")))
+    return [_last(o, w.shape[-1]) for o, w in zip(out, wanted)]
+
+
 def _register(prim, abstract, ref_impl, target, *, multiple_results, with_scale=True, drop_operands=()):
     """Abstract eval and eager impl of ``prim``; its lowering partitions it over the devices
     (sharding.py) around a per-device twin ``<name>_local`` that has the platform lowerings: the
@@ -372,15 +419,16 @@ def _register(prim, abstract, ref_impl, target, *, multiple_results, with_scale=
     sharding.requires_devices(prim)
     ref_lowering = mlir.lower_fun(ref_impl, multiple_results=multiple_results)
     mlir.register_lowering(local, _with_leading_axes(target, local, ref_lowering))
-    fused_lowering = (mlir.lower_fun(functools.partial(_fused_impl, target), multiple_results=True)
-                      if target in ("fwd", "bwd") else None)
+    # The fused and gemm targets run inside small traced functions (padding, batch chunks).
+    traced_impl = _fused_impl if target in ("fwd", "bwd") else _gemm_impl
+    traced_lowering = mlir.lower_fun(functools.partial(traced_impl, target), multiple_results=True)
 
     def cuda_lowering(ctx, *args, params, backend):
         family = cuda_kernel(backend, target, ctx.avals_in, params)
         if family is None:
             return ref_lowering(ctx, *args, params=params, backend=backend)
-        if family == "fused":  # padding and batch chunks around the call: a small traced function
-            return fused_lowering(ctx, *args, params=params, backend=backend)
+        if family in ("fused", "gemm"):  # padding (and batch chunks) around the call
+            return traced_lowering(ctx, *args, params=params, backend=backend)
         keep = [i for i in range(len(args)) if i not in drop_operands]
         avals_out = list(ctx.avals_out)
         ws = workspace_size(target, family, ctx.avals_in, params)

@@ -3,7 +3,7 @@
     python -m jax_na.profile --problem p4-nat-small            # a problem of the repo's problem set
     python -m jax_na.profile --problem all --json out.json     # the whole set (BENCHMARKS.md)
     python -m jax_na.profile --spatial 64x64 --heads 4 --head-dim 32 --kernel 7 --dilation 2 \\
-        --batch 8 --dtype bfloat16 --mode fwd,fwdbwd --backends fused,reference,naive --plot out.png
+        --batch 8 --dtype bfloat16 --mode fwd,fwdbwd --backends fused,gemm,reference,naive --plot out.png
     python -m jax_na.profile --problem p2-2d --sweep-tiles     # tile-shape sweep of the tunable backends
 
 Installed as the console script ``jax-na-profile`` too.
@@ -139,7 +139,9 @@ BY_ID = {p.id: p for p in PROBLEMS}
 # for the reference backend on a laptop CPU (a 2-D NAT-like layer).
 CPU_DEFAULT = _p("cpu-small", 2, (32, 32), 4, 32, 7)
 
-# The naive backend materializes [B, N, H, W] float32 scores (twice in the backward).
+# The naive backend materializes [B, N, H, W] float32 scores (twice in the backward); the gemm
+# backend's qk -> softmax -> av holds such scores too (in the input dtype, their float32 softmax, the
+# weights in the input dtype; about three times that in the backward). Larger problems are skipped.
 NAIVE_WORKSPACE_LIMIT = 24 << 30
 # What the fused kernels take (jax_na._checks): float16/bfloat16, head dims up to 128.
 FUSED_DTYPES = ("float16", "bfloat16")
@@ -233,10 +235,16 @@ def fits(p: Problem, backend: str, mode: str, dtype=None) -> str | None:
             return f"skipped: fused takes head dims up to {_checks.FUSED_HEAD_DIMS[-1]}, not {p.D}"
         if p.H > _checks.FUSED_MAX_HEADS:
             return f"skipped: fused takes at most {_checks.FUSED_MAX_HEADS} heads"
+    scores = p.B * p.N * p.H * p.W
     if backend == "naive":
-        ws = 4 * p.B * p.N * p.H * p.W * (1 if mode == "fwd" else 3)
+        ws = 4 * scores * (1 if mode == "fwd" else 3)
         if ws > NAIVE_WORKSPACE_LIMIT:
             return f"skipped: workspace {ws / 2**30:.0f} GiB"
+    if backend == "gemm":
+        itemsize = jnp.dtype(dtype).itemsize if dtype is not None else 4
+        ws = (2 * itemsize + 4) * scores * (1 if mode == "fwd" else 3)
+        if ws > NAIVE_WORKSPACE_LIMIT:
+            return f"skipped: scores {ws / 2**30:.0f} GiB"
     return None
 
 
@@ -532,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fwd, fwdbwd (forward+backward) or both, comma separated")
     r.add_argument("--backends", default=None,
                    help="comma list; default: every backend in jax_na.available_backends() but the "
-                        "pinned fused_sm80/fused_sm90 (on a GPU: fused, reference, naive); e.g. "
+                        "pinned fused_sm80/fused_sm90 (on a GPU: fused, gemm, reference, naive); e.g. "
                         "fused_sm90,fused_sm80 compares the two kernel sets")
     r.add_argument("--no-self-attention", action="store_true", help="skip the dense self attention baseline")
     r.add_argument("--reps", type=int, default=20, help="timed calls per entry (at most)")
@@ -592,9 +600,12 @@ def main(argv=None) -> int:
     if not on_gpu:
         print("note: no GPU here: only the reference backend (pure JAX) runs, and the self attention "
               "yardstick is XLA's (cuDNN needs a GPU); times are CPU times")
-    elif _ext.has_cuda_kernels() and not _ext.has_fused_kernels():
-        print("note: jax_na was built without its fused kernels (no CUTLASS headers at build time); "
-              "the fused backend is missing")
+    elif _ext.has_cuda_kernels():
+        missing = [b for b, has in (("fused", _ext.has_fused_kernels), ("gemm", _ext.has_gemm_kernels))
+                   if not has()]
+        if missing:
+            print(f"note: jax_na was built without its {' and '.join(missing)} kernels (they need the "
+                  f"CUTLASS headers at build time); missing backend(s): {', '.join(missing)}")
 
     if a.sweep_tiles:
         return _main_sweep(a, problems, modes, dtype)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_na._checks import NAParams
+from jax_na._checks import NAParams, scores_dtype
 from jax_na.geometry import AxisGeometry, axis_geometry
 
 # Budget for the scores of one lax.map step (elements); keeps CPU memory in the tens of MiB.
@@ -262,7 +262,8 @@ def _valid_window(valid):
 
 
 def qk_forward(q, k, rpb, params: NAParams, tile_shape=None):
-    """Unfused scores ``[B, *S, H, W]``: ``scale * q.k (+ rpb)``, ``-inf`` outside causal windows."""
+    """Unfused scores ``[B, *S, H, W]``: ``scale * q.k (+ rpb)``, ``-inf`` outside causal windows; in
+    the input dtype, or float32 for 16-bit inputs when ``params.scores_f32``."""
     B, *spatial, H, D = q.shape
     Hkv = k.shape[-2]
     G = H // Hkv
@@ -288,7 +289,7 @@ def qk_forward(q, k, rpb, params: NAParams, tile_shape=None):
             rb = rpb[(slice(None), *_outer(bias))]  # [H, T.., k..]
             s = s + jnp.moveaxis(rb.reshape(H, Tq, W), 0, 1)[None]
         s = jnp.where(_valid_window(valid)[None, :, None, :], s, -jnp.inf)
-        return s.astype(q.dtype)
+        return s.astype(scores_dtype(q.dtype, params))
 
     num_tiles = math.prod(t.num_tiles for t in tilings)
     out = _map_tiles(tile_fn, num_tiles, B * Tq * W * max(H, Hkv * D))

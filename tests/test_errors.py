@@ -292,8 +292,51 @@ def test_pinned_fused_backends_check_like_fused(backend):
             ["backend", repr(backend), "head dim", "D=256", "128"], exc=ValueError)
 
 
-def test_gemm_is_planned():
-    _expect(lambda: jax_na.na2d(Q2, K2, V2, 3, backend="gemm"), ["gemm", "not implemented", "'fused'"],
+def _gemm_calls():
+    w = _arr((1, 8, 9, 4, 9))   # the same weights as test_gemm_on_this_installation's (seed 0)
+    return {"na2d": lambda: jax_na.na2d(Q2, K2, V2, 3, backend="gemm"),
+            "na2d_qk": lambda: jax_na.na2d_qk(Q2, K2, 3, backend="gemm"),
+            "na2d_av": lambda: jax_na.na2d_av(w, V2, 3, backend="gemm")}
+
+
+@pytest.mark.parametrize("op", ["na2d", "na2d_qk", "na2d_av"])
+def test_gemm_without_its_kernels_says_so(monkeypatch, op):
+    """An explicit "gemm" on a CUDA build without the gemm targets (no CUTLASS headers at build time,
+    or a build older than them) names what is missing and the backends that are available; a build
+    without CUDA says that instead. Both whatever this machine has."""
+    from jax_na import _ext
+    call = _gemm_calls()[op]
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(_ext, "has_target", lambda name: "_gemm_" not in name)
+    _expect(call, ["backend", "'gemm'", "gemm (tensor-core) CUDA kernels", "CUTLASS", "available"],
+            exc=ValueError)
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: False)
+    _expect(call, ["backend", "'gemm'", "nvcc", "available"], exc=ValueError)
+
+
+def test_gemm_on_this_installation():
+    """Here: "gemm" runs where its targets were compiled (computing what the reference does; lowered
+    for a non-CUDA platform it is the reference), else the error above."""
+    from jax_na import _ext
+    w = _arr((1, 8, 9, 4, 9))
+    refs = {"na2d": lambda: jax_na.na2d(Q2, K2, V2, 3, backend="reference"),
+            "na2d_qk": lambda: jax_na.na2d_qk(Q2, K2, 3, backend="reference"),
+            "na2d_av": lambda: jax_na.na2d_av(w, V2, 3, backend="reference")}
+    for op, call in _gemm_calls().items():
+        if _ext.has_gemm_kernels():
+            np.testing.assert_allclose(np.asarray(call()), np.asarray(refs[op]()), rtol=1e-4, atol=1e-5)
+        else:
+            _expect(call, ["backend", "'gemm'", "available"], exc=ValueError)
+
+
+def test_gemm_checks_what_the_call_asks_first():
+    """"gemm" takes float32/float16/bfloat16 and every head dim; float64 is a TypeError naming the
+    backends that take it, on every installation (checked before what this one has)."""
+    q, k, v = (x.astype(jnp.float64) for x in (Q2, K2, V2))
+    _expect(lambda: jax_na.na2d(q, k, v, 3, backend="gemm"), ["backend", "'gemm'", "float64", "reference"],
+            exc=TypeError)
+    _expect(lambda: jax_na.na2d_qk(q, k, 3, backend="gemm"), ["'gemm'", "float64"], exc=TypeError)
+    _expect(lambda: jax_na.na2d(Q2, K2, V2, 3, backend="gemmm"), ["backend", "'gemm'", "'gemmm'"],
             exc=ValueError)
 
 

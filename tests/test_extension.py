@@ -24,6 +24,9 @@ def test_registered_targets_match_contract():
         assert f"jax_na_naive_{op}" in names
     # the fused targets come as a pair (a build with CUTLASS headers) or not at all
     assert ("jax_na_fused_fwd" in names) == ("jax_na_fused_bwd" in names) == _ext.has_fused_kernels()
+    # the gemm targets come as a set of four (a build with CUTLASS headers and the gemm kernels) or not at all
+    gemm = {f"jax_na_gemm_{op}" for op in ("qk", "qk_bwd", "av", "av_bwd")}
+    assert len(gemm & names) in (0, 4) and bool(gemm & names) == _ext.has_gemm_kernels()
 
 
 def test_available_backends_always_has_reference():
@@ -31,6 +34,9 @@ def test_available_backends_always_has_reference():
     assert "reference" in backends
     assert ("naive" in backends) == (_ext.has_cuda_kernels() and _ext.has_cuda_device())
     assert ("fused" in backends) == (_ext.has_fused_kernels() and _ext.has_cuda_device())
+    assert ("gemm" in backends) == (_ext.has_gemm_kernels() and _ext.has_cuda_device())
+    if "gemm" in backends:
+        assert backends.index("gemm") < backends.index("reference")
     if "fused" in backends:
         assert backends[0] == "fused"  # fastest first
     if not _ext.has_cuda_device():

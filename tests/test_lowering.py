@@ -170,10 +170,12 @@ def _check_fused_lowering():
         assert "jax_na_" not in text
     assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(136, 64))
     assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(64, 256))
-    # the unfused ops have no fused kernel: auto lowers them to the reference
+    # the unfused ops have no fused kernel: auto lowers them to the gemm targets where they are
+    # compiled, else to the reference
     q, k, v = _bf16(64, 64)[:3]
     text = _cuda_hlo(lambda q, k: jax_na.na2d_qk(q, k, K), q, k)
-    assert "jax_na_" not in text
+    assert "jax_na_fused" not in text
+    assert ("jax_na_gemm_qk" in text) == ext.has_target("jax_na_gemm_qk") and "jax_na_naive" not in text
     # vmap (folded into the batch) of grad: still one fused call per direction, on V*B batches
     V = 3
     stacked = [jnp.stack([a] * V) for a in _bf16(40, 40)]
@@ -183,6 +185,184 @@ def _check_fused_lowering():
     # lowered for a non-CUDA platform, "fused" is the reference
     text = jax.jit(_loss("fused")).trace(*_bf16(64, 64)).lower(lowering_platforms=("cpu",)).as_text()
     assert "jax_na_" not in text
+
+
+# ----------------------------------------------------------------------------- gemm
+
+def _gemm_line(text, kind, n_results, n_operands):
+    calls = [c for c in _calls(text, f"jax_na_gemm_{kind}") if f"@jax_na_gemm_{kind}(" in c]
+    assert calls, text
+    results = "" if n_results == 1 else f":{n_results}"
+    pat = rf"%\S+{results} = stablehlo.custom_call @jax_na_gemm_{kind}\((%[^,)]+, ){{{n_operands - 1}}}%[^,)]+\)"
+    assert re.search(pat, calls[0]), calls[0]
+    return calls[0]
+
+
+def _check_gemm_lowering():
+    """backend="gemm" lowers the unfused ops to the gemm targets of docs/ffi.md (the naive targets'
+    operands, results and attributes: qk_bwd has no rpb operand, d_rpb is a result of its shape):
+    float16/bfloat16 head dims up to 128 zero-padded to 64 or 128 with the caller's scale, float32 and
+    larger head dims as they are; na2d(backend="gemm") is qk -> softmax -> av on them; auto takes them
+    only where they run on tensor cores."""
+    W = math.prod(K)
+    rpb = jnp.ones((H, 5, 7), jnp.bfloat16)
+    qk = lambda backend: lambda q, k, b: jax_na.na2d_qk(q, k, K, is_causal=(False, True), rpb=b, backend=backend)
+    av = lambda backend: lambda a, v: jax_na.na2d_av(a, v, K, backend=backend)
+    for dtype, D, Dv, P, Pv in ((jnp.bfloat16, 40, 72, 64, 128), (jnp.float16, 128, 64, 128, 64),
+                                (jnp.bfloat16, 136, 6, 136, 64), (jnp.float32, 40, 72, 40, 72)):
+        q, k, v = (a.astype(dtype) for a in _bf16(D, Dv)[:3])
+        b = rpb.astype(dtype)
+        t = jnp.dtype(dtype).name.replace("float", "f").replace("bf16", "bf16")
+        text = _cuda_hlo(qk("gemm"), q, k, b)
+        line = _gemm_line(text, "qk", 1, 3)
+        assert f"(tensor<{B}x{X}x{Y}x{H}x{P}x{t}>, tensor<{B}x{X}x{Y}x{HKV}x{P}x{t}>, tensor<{H}x5x7x{t}>)" in line, line
+        assert f"-> tensor<{B}x{X}x{Y}x{H}x{W}x{t}>" in line and _scale_of(line) == np.float32(D ** -0.5), line
+        for attr in ("kernel_size = dense<[3, 4]>", "stride = dense<1>", "dilation = dense<1>",
+                     "is_causal = dense<[0, 1]>"):
+            assert attr in line, (attr, line)
+        loss = lambda q, k, b: jnp.sum(jnp.where(jnp.isinf(s := qk("gemm")(q, k, b)), 0, s).astype(jnp.float32))
+        text = _cuda_hlo(jax.grad(loss, argnums=(0, 1, 2)), q, k, b)
+        line = _gemm_line(text, "qk_bwd", 3, 3)   # d_attn, q, k -> dq, dk, d_rpb
+        assert f"-> (tensor<{B}x{X}x{Y}x{H}x{P}x{t}>, tensor<{B}x{X}x{Y}x{HKV}x{P}x{t}>, tensor<{H}x5x7x{t}>)" in line, line
+        assert _scale_of(line) == np.float32(D ** -0.5), line
+        a = jnp.ones((B, X, Y, H, W), dtype)
+        line = _gemm_line(_cuda_hlo(av("gemm"), a, v), "av", 1, 2)
+        assert f"tensor<{B}x{X}x{Y}x{HKV}x{Pv}x{t}>) -> tensor<{B}x{X}x{Y}x{H}x{Pv}x{t}>" in line, line
+        assert "scale" not in line, line
+        text = _cuda_hlo(jax.grad(lambda a, v: jnp.sum(av("gemm")(a, v).astype(jnp.float32)), argnums=(0, 1)), a, v)
+        line = _gemm_line(text, "av_bwd", 2, 3)   # d_out, attn, v -> d_attn, dv
+        assert f"-> (tensor<{B}x{X}x{Y}x{H}x{W}x{t}>, tensor<{B}x{X}x{Y}x{HKV}x{Pv}x{t}>)" in line, line
+        assert "jax_na_naive" not in text and "jax_na_fused" not in text
+        # auto: the gemm targets only on tensor cores (float16/bfloat16, head dims up to 128)
+        fast = dtype != jnp.float32 and D <= 128
+        assert ("jax_na_gemm_qk" in _cuda_hlo(qk(None), q, k, b)) == fast
+        assert ("jax_na_gemm_av" in _cuda_hlo(av(None), a, v)) == (dtype != jnp.float32 and Dv <= 128)
+    # na2d with backend="gemm": the four gemm targets around the softmax, with the call's stride and
+    # causal axes; the additional keys' part is plain XLA
+    args = _bf16(40, 40)
+    fwd, grad = _cuda_hlo(_fwd("gemm"), *args), _cuda_hlo(_loss("gemm"), *args)
+    for text, kind, n_res, n_ops in ((fwd, "qk", 1, 3), (fwd, "av", 1, 2), (grad, "qk_bwd", 3, 3),
+                                     (grad, "av_bwd", 2, 3)):
+        line = _gemm_line(text, kind, n_res, n_ops)
+        assert "stride = dense<[1, 2]>" in line and "is_causal = dense<[1, 0]>" in line, line
+        assert "jax_na_fused" not in text and "jax_na_naive" not in text
+    # vmap folds into the heads (qk) / batch (av): still one call each
+    stacked = [jnp.stack([x] * 3) for x in args]
+    text = _cuda_hlo(jax.vmap(_loss("gemm")), *stacked)
+    assert text.count("@jax_na_gemm_qk(") == 1 and text.count("@jax_na_gemm_av_bwd(") == 1, text
+    assert f"tensor<{B}x{X}x{Y}x{3 * H}x64xbf16>" in _gemm_line(text, "qk", 1, 3)  # heads: 3 x H
+
+
+def test_cuda_lowering_emits_gemm_calls(monkeypatch):
+    """The gemm lowering, on a real build with the gemm targets or pretending them."""
+    if not ext.has_gemm_kernels():
+        _pretend(monkeypatch)
+    try:
+        _check_gemm_lowering()
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
+def test_gemm_without_its_targets_lowers_nothing_to_them(monkeypatch):
+    """A CUDA build without the gemm targets: auto keeps the unfused ops on the reference, explicit
+    "gemm" is a clear error at the call (test_errors.py), and the naive targets are unaffected."""
+    monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(ext, "has_target", lambda name: "_gemm_" not in name)
+    monkeypatch.setattr(ext, "has_cuda_device", lambda: True)
+    jax.clear_caches()
+    try:
+        q, k = _bf16(64, 64)[:2]
+        assert "jax_na_" not in _cuda_hlo(lambda q, k: jax_na.na2d_qk(q, k, K), q, k)
+        assert "jax_na_naive_qk" in _cuda_hlo(lambda q, k: jax_na.na2d_qk(q, k, K, backend="naive"), q, k)
+        assert "gemm" not in jax_na.available_backends()
+        with pytest.raises(ValueError, match="gemm"):
+            jax_na.na2d_qk(q, k, K, backend="gemm")
+        monkeypatch.setattr(ext, "has_target", lambda name: True)
+        assert "gemm" in jax_na.available_backends()
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
+def _fake_gemm_ffi_call(seen):
+    """A stand-in for jax.ffi.ffi_call that computes the gemm targets with the reference (on CPU),
+    checking the contract on the way: the naive targets' operands and results, and the head dim the
+    op contracts or produces padded to 64/128 for float16/bfloat16 (float32: as it is)."""
+    from jax_na import _checks
+
+    def ffi_call(target, result_shapes, **_):
+        def run(*ops, kernel_size, stride, dilation, is_causal, scale=1.0):
+            params = _checks.NAParams(tuple(int(i) for i in kernel_size), tuple(int(i) for i in stride),
+                                      tuple(int(i) for i in dilation), tuple(bool(i) for i in is_causal),
+                                      float(scale))
+            kind = target.removeprefix("jax_na_gemm_")
+            head = {"qk": ops[0], "qk_bwd": ops[1], "av": ops[1], "av_bwd": ops[0]}[kind].shape[-1]
+            seen.append((kind, head, float(scale)))
+            if jnp.dtype(ops[0].dtype).itemsize == 2:
+                assert head in (64, 128) or head > 128, (target, head)
+            qk_f = lambda q, k, b: reference.qk_forward(q, k, b if b.size else None, params)
+            av_f = lambda a, v: reference.av_forward(a, v, params)
+            if kind == "qk":
+                assert len(ops) == 3 and len(result_shapes) == 1
+                return (qk_f(*ops),)
+            if kind == "qk_bwd":  # no rpb operand: d_rpb has the shape of the result asked for
+                assert len(ops) == 3 and len(result_shapes) == 3
+                d_attn, q, k = ops
+                rpb = jnp.zeros(result_shapes[2].shape, q.dtype)
+                if rpb.size:
+                    return jax.vjp(qk_f, q, k, rpb)[1](d_attn)
+                return (*jax.vjp(lambda q, k: qk_f(q, k, rpb), q, k)[1](d_attn), rpb)
+            if kind == "av":
+                assert len(ops) == 2 and len(result_shapes) == 1
+                return (av_f(*ops),)
+            assert kind == "av_bwd" and len(ops) == 3 and len(result_shapes) == 2
+            d_out, a, v = ops
+            return jax.vjp(av_f, a, v)[1](d_out)
+        return run
+
+    return ffi_call
+
+
+@pytest.mark.parametrize("dtype,D,Dv", [(jnp.bfloat16, 40, 72), (jnp.float16, 5, 128), (jnp.bfloat16, 136, 64),
+                                        (jnp.float32, 40, 72)])
+def test_gemm_padding_computes_the_same_function(monkeypatch, dtype, D, Dv):
+    """The padding/slicing around the gemm targets (primitives._gemm_impl), run on CPU with the targets
+    replaced by the reference: scores, av output and every gradient equal the reference on the
+    unpadded inputs (up to the summation order of the longer padded dot products, a rounding of the
+    output dtype at most), with the caller's scale."""
+    from jax_na import _checks, primitives
+
+    seen = []
+    monkeypatch.setattr(jax.ffi, "ffi_call", _fake_gemm_ffi_call(seen))
+    r = np.random.default_rng(D)
+    mk = lambda *shape: jnp.asarray(r.standard_normal(shape), dtype)
+    q, k, v, rpb = mk(B, X, Y, H, D), mk(B, X, Y, HKV, D), mk(B, X, Y, HKV, Dv), mk(H, 5, 7)
+    W = math.prod(K)
+    a, d_attn, d_out = mk(B, X, Y, H, W), mk(B, X, Y, H, W), mk(B, X, Y, H, Dv)
+    params = _checks.window_params(2, (X, Y), K, 1, (1, 2), (False, True), 0.3)
+    impl = lambda kind, *ops: jax.jit(lambda *o: primitives._gemm_impl(kind, *o, params=params,
+                                                                          backend="gemm"))(*ops)
+    no_bias = jnp.zeros((0,), dtype)
+    for bias in (rpb, no_bias):
+        ref = [primitives._qk_ref(q, k, bias, params=params, backend="gemm")]
+        got = impl("qk", q, k, bias)
+        ref += primitives._qk_bwd_ref(d_attn, q, k, bias, params=params, backend="gemm")
+        got += impl("qk_bwd", d_attn, q, k, bias)
+        ref += [primitives._av_ref(a, v, params=params, backend="gemm")]
+        got += impl("av", a, v)
+        ref += primitives._av_bwd_ref(d_out, a, v, params=params, backend="gemm")
+        got += impl("av_bwd", d_out, a, v)
+        assert len(got) == len(ref) == 7
+        tol = 1e-5 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
+        for g, want in zip(got, ref):
+            assert g.shape == want.shape and g.dtype == want.dtype
+            np.testing.assert_allclose(np.asarray(g.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)),
+                                       rtol=tol, atol=tol)
+    P, Pv = (_checks.gemm_head_dim(dtype, d) for d in (D, Dv))
+    assert P == (D if dtype == jnp.float32 or D > 128 else (64 if D <= 64 else 128))
+    sc = float(np.float32(0.3))   # the f32 attribute
+    assert seen == [("qk", P, sc), ("qk_bwd", P, sc), ("av", Pv, 1.0), ("av_bwd", Pv, 1.0)] * 2
 
 
 def test_expected_cuda_build():

@@ -81,6 +81,14 @@ def test_fused_backend_rows(tmp_path, capsys, monkeypatch):
     assert "head dims" in profile.fits(profile.make_problem("x", 1, (64,), 2, 256, 3), "fused", "fwd", jnp.bfloat16)
 
 
+def test_gemm_fits_by_its_scores():
+    """gemm takes every dtype and head dim; it is skipped where its [B, N, H, W] scores (input dtype,
+    float32 softmax, weights) would not fit, like naive's workspace."""
+    assert profile.fits(profile.BY_ID["p4-nat-small"], "gemm", "fwdbwd", jnp.bfloat16) is None
+    assert profile.fits(profile.make_problem("x", 1, (64,), 2, 256, 3), "gemm", "fwd", jnp.float32) is None
+    assert "skipped: scores" in profile.fits(profile.BY_ID["p6-flux"], "gemm", "fwd", jnp.bfloat16)
+
+
 def test_problem_table_and_metric():
     assert len(profile.PROBLEMS) == 11 and profile.BY_ID["p5-dinat-dilated"].dilation == (4, 4)
     p = profile.BY_ID["p3-3d"]

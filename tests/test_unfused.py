@@ -184,3 +184,94 @@ def test_window_entry_order_2d():
         for j in range(6):
             want = [x * 6 + y for x in a0[i] for y in a1[j]]
             np.testing.assert_array_equal(s[0, i, j, 0], np.asarray(want, np.float64))
+
+
+# ----------------------------------------------------------------------------- na*d on the unfused ops
+
+def _unfused_na(case, inputs, backend="reference"):
+    """(out, lse) of na{r}d as backend="gemm" computes it (``functional._unfused_attention``: qk ->
+    float32 softmax -> av), on the unfused ops of ``backend``."""
+    from jax_na import _checks, functional
+    q, k, v, ak, av = inputs
+    params, _ = _checks.attention_args(case.rank, q, k, v, case.kernel_size, case.stride, case.dilation,
+                                       case.is_causal, case.scale, ak, av, "reference")
+    if ak is None:
+        ak, av = jnp.zeros((case.B, 0, case.Hkv, case.D), q.dtype), jnp.zeros((case.B, 0, case.Hkv, case.Dv), q.dtype)
+    return functional._unfused_attention(q, k, v, ak, av, params, backend)
+
+
+@pytest.mark.parametrize("case", helpers.edge_cases(), ids=lambda c: c.id)
+def test_unfused_attention_is_na(case):
+    """With the reference's unfused ops the composite computes SEMANTICS.md to float64 precision on
+    the whole edge-case sweep (stride, dilation, causal, GQA, D_v != D, additional keys/values): out
+    and LSE vs the oracle, every gradient (LSE cotangent included) vs the dense float64 VJP."""
+    seed = helpers.seed_of(case)
+    inputs = tuple(None if x is None else jnp.asarray(x) for x in helpers.rand_inputs(case, np.float64, seed))
+    cts = (helpers.rand_like((case.B, *case.spatial, case.H, case.Dv), seed + 1),
+           helpers.rand_like((case.B, *case.spatial, case.H), seed + 2))
+    diff = [i for i, x in enumerate(inputs) if x is not None]
+
+    def run(*xs):
+        full = list(inputs)
+        for i, x in zip(diff, xs):
+            full[i] = x
+        return _unfused_na(case, full)
+
+    (out, lse), vjp = jax.vjp(jax.jit(run), *(inputs[i] for i in diff))
+    grads = vjp(tuple(jnp.asarray(c) for c in cts))
+    ref_out, ref_lse = oracle.attention(*inputs[:3], **case.kwargs(), scale=case.scale, add_k=inputs[3],
+                                        add_v=inputs[4])
+    assert out.dtype == lse.dtype == jnp.float64
+    oracle.assert_close(out, ref_out, 1e-12, "out")
+    oracle.assert_close(lse, ref_lse, 1e-12, "lse")
+    _, _, ref_grads = helpers.dense_reference(case, inputs, cts)
+    assert len(grads) == len(ref_grads)
+    for name, g, rg in zip(["dq", "dk", "dv", "d_add_k", "d_add_v"], grads, ref_grads):
+        oracle.assert_close(g, rg, 1e-10, name)
+
+
+@pytest.fixture
+def pretend_gemm(monkeypatch):
+    """The gemm targets pretended compiled: backend="gemm" passes the checks and, lowered for the CPU,
+    runs its primitives on the reference."""
+    from jax_na import _ext
+    has_target = _ext.has_target
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(_ext, "has_target", lambda name: name.startswith("jax_na_gemm_") or has_target(name))
+    jax.clear_caches()
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_na_gemm_backend_is_the_composite(pretend_gemm, dtype):
+    """na1d/na2d/na3d(backend="gemm") run the composite: same results as the reference's unfused ops
+    under jit, return_lse (float32) and vmap of grad; outputs in the input dtype."""
+    case = Case((7, 9), (3, 4), stride=(2, 1), dilation=(1, 2), is_causal=(True, False), B=2, H=4, Hkv=2,
+                D=6, Dv=5, Na=3)
+    xs = [tuple(jnp.asarray(x, dtype) for x in helpers.rand_inputs(case, np.float32, s)) for s in (1, 2)]
+    na = helpers.na_fn(2)
+
+    def f(q, k, v, ak, av, backend):
+        return na(q, k, v, **case.kwargs(), additional_keys=ak, additional_values=av, return_lse=True,
+                  backend=backend)
+
+    out, lse = jax.jit(lambda *a: f(*a, "gemm"))(*xs[0])
+    assert out.dtype == jnp.dtype(dtype) and lse.dtype == jnp.float32 and lse.shape == out.shape[:-1]
+    want = _unfused_na(case, xs[0])   # eager: the same ops up to XLA's fusion (an ulp)
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), np.asarray(want[0].astype(jnp.float32)),
+                               rtol=eps, atol=eps)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want[1]), rtol=1e-6, atol=1e-6)
+    assert na(*xs[0][:3], **case.kwargs(), backend="gemm").shape == out.shape   # return_lse=False: out only
+    # vmap of grad vs per-slice grads of the float64 reference
+    stacked = [jnp.stack(a) for a in zip(*xs)]
+    loss = lambda backend: lambda *a: sum(jnp.sum(x.astype(jnp.float32)) for x in f(*a, backend))
+    g = jax.jit(jax.vmap(jax.grad(loss("gemm"), argnums=(0, 1, 2, 3, 4))))(*stacked)
+    tol = helpers.tol_for(jnp.float32) if dtype == jnp.float32 else 3e-2
+    for i in range(2):
+        rg = jax.grad(loss("reference"), argnums=(0, 1, 2, 3, 4))(*(x.astype(jnp.float64) for x in xs[i]))
+        for a, b in zip(g, rg):
+            assert a.dtype == jnp.dtype(dtype)
+            oracle.assert_close(np.asarray(a[i].astype(jnp.float32), np.float64), np.asarray(b), tol)

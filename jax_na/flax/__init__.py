@@ -6,8 +6,9 @@ parameters of ``jax_na.na{1,2,3}d`` and ``backend``.
 
 Without ``rel_pos_bias`` a layer calls ``na{1,2,3}d`` (the fused kernels where the backend, or the
 automatic choice, has them). With ``rel_pos_bias=True`` it runs the unfused ``na*d_qk`` + float32
-softmax + ``na*d_av`` ops, which only the "reference" and "naive" backends implement: ``backend=None``
-runs them on the reference, and ``backend="fused"`` is a ``ValueError``.
+softmax + ``na*d_av`` ops, which the "gemm", "naive" and "reference" backends implement:
+``backend=None`` runs them on "gemm" where it is compiled and takes the call (CUDA, float16/bfloat16,
+head dims up to 128), else on the reference, and ``backend="fused"`` is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ class _NeighborhoodAttention(nn.Module):
 
         if self.rel_pos_bias:
             if self.backend in _checks.FUSED_BACKENDS:
+                unfused = ", ".join(repr(b) for b in _checks.UNFUSED_BACKENDS)
                 raise ValueError("rel_pos_bias=True runs the unfused qk/softmax/av ops, which the fused "
-                                 "kernels do not have: use backend None/'auto', 'reference' or 'naive' "
-                                 f"with rel_pos_bias, or rel_pos_bias=False with backend={self.backend!r}")
+                                 f"kernels do not have: use backend None/'auto', {unfused} with "
+                                 f"rel_pos_bias, or rel_pos_bias=False with backend={self.backend!r}")
             stride = self.stride if isinstance(self.stride, (tuple, list)) else (self.stride,) * rank
             if any(s != 1 for s in stride):
                 raise ValueError(f"rel_pos_bias requires stride 1 on every axis, got stride={self.stride}")

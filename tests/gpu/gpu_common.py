@@ -1,6 +1,7 @@
 """Shared pieces of the GPU tests: which backends to test, poisoning, float64 reference runs."""
 
 import functools
+import math
 import os
 
 # The FFI handlers fill every result with NaN bytes before their kernels run when this is set (read once,
@@ -18,6 +19,12 @@ from jax_na import _checks
 
 DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float16): 2e-3, jnp.dtype(jnp.bfloat16): 1e-2}
+
+
+def tolerances(backend, dtype):
+    """Bounds of the relative Frobenius error vs float64 of na*d on ``backend``: (out and gradients,
+    LSE). The same for every backend (SEMANTICS.md; the LSE is float32 whatever the input dtype)."""
+    return TOL[jnp.dtype(dtype)], 1e-5
 
 
 def backends_under_test(unfused=False):
@@ -106,9 +113,9 @@ def check_case(case, backend, dtype, seed):
 
     assert out.dtype == jnp.dtype(dtype) and lse.dtype == jnp.float32
     ref_out, ref_lse, ref_grads = na_fns(case, "reference")(*(to64(a) for a in args))
-    tol = TOL[jnp.dtype(dtype)]
+    tol, lse_tol = tolerances(backend, dtype)
     rel(out, ref_out, tol, f"out {case.id}")
-    rel(lse, ref_lse, 1e-5, f"lse {case.id}")   # float32 softmax whatever the input dtype
+    rel(lse, ref_lse, lse_tol, f"lse {case.id}")
     names = ["dq", "dk", "dv", "d_additional_keys", "d_additional_values"]
     assert len(grads) == len(ref_grads)
     for name, g, rg in zip(names, grads, ref_grads):
@@ -117,4 +124,77 @@ def check_case(case, backend, dtype, seed):
     # bitwise deterministic across runs
     for name, a, b in zip(["out", "lse"] + names, [out, lse, *grads], [out2, lse2, *grads2]):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
+                                      err_msg=f"{name} not deterministic")
+
+
+# ----------------------------------------------------------------------------- unfused ops, checked
+
+def unfused_kw(case):
+    return dict(kernel_size=case.kernel_size, dilation=case.dilation, is_causal=case.is_causal)
+
+
+@functools.lru_cache(maxsize=None)
+def unfused_fns(case, backend, with_rpb):
+    """jitted scores, dq, dk, d_rpb (None without a bias), av output, d_weights, dv of na{r}d_qk/_av."""
+    qk, av = helpers.qk_fn(case.rank), helpers.av_fn(case.rank)
+
+    def run(q, k, rpb, v, w, ct_s, ct_o):
+        fq = lambda q, k, b: qk(q, k, **unfused_kw(case), rpb=b, scale=case.scale, backend=backend)
+        if with_rpb:
+            s, vjp = jax.vjp(fq, q, k, rpb)
+            dq, dk, drpb = vjp(ct_s)
+        else:
+            s, vjp = jax.vjp(lambda q, k: fq(q, k, None), q, k)
+            (dq, dk), drpb = vjp(ct_s), None
+        o, vjp = jax.vjp(lambda w, v: av(w, v, **unfused_kw(case), backend=backend), w, v)
+        dw, dv = vjp(ct_o)
+        return s, dq, dk, drpb, o, dw, dv
+
+    return jax.jit(run)
+
+
+def unfused_inputs(case, dtype, seed):
+    """(q, k, rpb, v, weights, scores cotangent (0 at masked entries), av output cotangent), and the
+    oracle's window validity ``[N, W]``."""
+    W = math.prod(oracle._tup(case.kernel_size, case.rank))
+    q, k, v, _, _ = helpers.rand_inputs(case, np.float32, seed=seed)
+    rpb = helpers.rand_like((case.H, *(2 * k_ - 1 for k_ in oracle._tup(case.kernel_size, case.rank))), seed + 1)
+    w = helpers.rand_like((case.B, *case.spatial, case.H, W), seed + 2)
+    _, valid, _ = oracle.window_tables(case.spatial, case.kernel_size, case.dilation, case.is_causal)
+    ct_s = helpers.rand_like(w.shape, seed + 3)
+    ct_s = np.where(valid.reshape(*case.spatial, 1, W)[None], ct_s, 0.0)   # cotangent of -inf entries: 0
+    ct_o = helpers.rand_like((case.B, *case.spatial, case.H, case.Dv), seed + 4)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, rpb, v, w, ct_s, ct_o)), valid
+
+
+def check_unfused(case, backend, dtype, with_rpb, seed):
+    """na{r}d_qk (with or without rpb) and na{r}d_av of ``backend``, forward and backward, against the
+    float64 reference on the same (upcast) inputs, with poisoned memory, and bitwise equal over two
+    runs; scores exactly -inf at the masked entries, d_weights exactly 0 there."""
+    args, valid = unfused_inputs(case, dtype, seed)
+    run = unfused_fns(case, backend, with_rpb)
+    jax.block_until_ready(run(*unfused_inputs(case, dtype, seed + 100)[0]))
+    poison_device_memory()
+    got = jax.block_until_ready(run(*args))
+    poison_device_memory()
+    again = jax.block_until_ready(run(*args))
+    ref = unfused_fns(case, "reference", with_rpb)(*(to64(a) for a in args))
+    tol = TOL[jnp.dtype(dtype)]   # one rounding of each result to the input dtype
+    names = ["scores", "dq", "dk", "d_rpb", "av_out", "d_weights", "dv"]
+    W = valid.shape[1]
+    vmask = np.broadcast_to(valid.reshape(*case.spatial, 1, W)[None], got[0].shape)
+    for name, g, r, g2 in zip(names, got, ref, again):
+        if g is None:
+            assert r is None and not with_rpb
+            continue
+        assert g.dtype == jnp.dtype(dtype), name
+        ga = np.asarray(g.astype(jnp.float32), np.float64)
+        ra = np.asarray(r)
+        if name == "scores":
+            np.testing.assert_array_equal(np.isneginf(ga), ~vmask, err_msg="-inf exactly at masked entries")
+            ga, ra = np.where(vmask, ga, 0.0), np.where(vmask, ra, 0.0)
+        if name == "d_weights":
+            assert np.all(ga[~vmask] == 0), "d_weights must be 0 at masked entries"
+        rel(ga, ra, tol, f"{name} {case.id}")
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(g2.astype(jnp.float32)),
                                       err_msg=f"{name} not deterministic")
