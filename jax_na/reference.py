@@ -170,7 +170,9 @@ def _lse_dtype(cdt):
 
 
 def _map_tiles(body, num_tiles: int, step_elements: int):
-    batch = max(1, min(num_tiles, _STEP_SCORE_ELEMENTS // max(1, step_elements)))
+    if step_elements == 0:  # an empty call (zero batch or heads): batching would reshape empty results by -1
+        return lax.map(body, jnp.arange(num_tiles))
+    batch = max(1, min(num_tiles, _STEP_SCORE_ELEMENTS // step_elements))
     return lax.map(body, jnp.arange(num_tiles), batch_size=batch)
 
 

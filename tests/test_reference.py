@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import helpers
+import jax_na
 import oracle
 from helpers import Case
 
@@ -272,3 +273,16 @@ def test_k_equals_L_is_full_self_attention():
     p /= p.sum(-1, keepdims=True)
     full = np.einsum("bhnm,bmhd->bnhd", p, v.reshape(2, 20, 3, 8)).reshape(2, 4, 5, 3, 8)
     oracle.assert_close(out, full, 1e-12)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_empty_batch(rank):
+    """A zero batch gives empty results of the right shapes (forward, unfused ops, gradients)."""
+    S, W = (6,) * rank, 3 ** rank
+    q = jnp.zeros((0, *S, 2, 4))
+    na, qk, av = (getattr(jax_na, f"na{rank}d{s}") for s in ("", "_qk", "_av"))
+    assert na(q, q, q, 3).shape == q.shape
+    assert qk(q, q, 3).shape == (0, *S, 2, W)
+    assert av(jnp.zeros((0, *S, 2, W)), q, 3).shape == q.shape
+    g = jax.grad(lambda q: jnp.sum(na(q, q, q, 3)) + jnp.sum(qk(q, q, 3)))(q)
+    assert g.shape == q.shape
