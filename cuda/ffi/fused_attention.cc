@@ -32,13 +32,13 @@ struct FusedCall {
   int rank = 0;
 };
 
-ffi::Error decode_fused(const char* kT, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                        const ffi::AnyBuffer& add_k, const ffi::AnyBuffer& add_v, const WindowAttrs& attrs,
-                        FusedCall* c) {
+ffi::Error decode_fused(const char* kT, int64_t arch, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                        const ffi::AnyBuffer& v, const ffi::AnyBuffer& add_k, const ffi::AnyBuffer& add_v,
+                        const WindowAttrs& attrs, FusedCall* c) {
   if (auto e = element_type(kT, "q", q, &c->dtype); e.failure()) return e;
-  if (c->dtype == DType::kF32)
-    return invalid(kT, "q has element type float32; the fused kernels support float16 and bfloat16 "
-                       "(use the naive or reference backend for float32)");
+  if (c->dtype == DType::kF32 && arch == fused::FwdArgs::kHopper)
+    return invalid(kT, "q has element type float32; the Hopper kernels (arch=90) support float16 and bfloat16 "
+                       "(float32 runs on the portable ones: arch 0 or 80)");
   c->fdt = to_ffi(c->dtype);
   TokenTensor kt, vt;
   if (auto e = decode_tokens(kT, "q", q, &c->q); e.failure()) return e;
@@ -93,7 +93,8 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   constexpr const char* kT = "jax_na_fused_fwd";
   if (auto e = check_arch(kT, arch); e.failure()) return e;
   FusedCall c;
-  if (auto e = decode_fused(kT, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c); e.failure())
+  if (auto e = decode_fused(kT, arch, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c);
+      e.failure())
     return e;
   const TokenTensor& qt = c.q;
   if (auto e = check(kT, "out", *out, c.fdt, token_shape(qt.B, qt.S, qt.heads, c.D)); e.failure()) return e;
@@ -124,7 +125,8 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   constexpr const char* kT = "jax_na_fused_bwd";
   if (auto e = check_arch(kT, arch); e.failure()) return e;
   FusedCall c;
-  if (auto e = decode_fused(kT, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c); e.failure())
+  if (auto e = decode_fused(kT, arch, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c);
+      e.failure())
     return e;
   const TokenTensor& qt = c.q;
   const auto qshape = token_shape(qt.B, qt.S, qt.heads, c.D);

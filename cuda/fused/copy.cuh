@@ -52,8 +52,8 @@ __device__ __forceinline__ void load_rows(Element* smem, const Element* base, in
     const int row = row0 + i * Traits::kLoadRowsPerPass;
     const int64_t off = row_offset(row);
     const bool valid = off >= 0;
-    const Element* src = base + (valid ? off + chunk * 8 : 0);
-    cp_async_16(smem + SmemLayout{}(row, chunk * 8), src, valid);
+    const Element* src = base + (valid ? off + chunk * Traits::kChunkElems : 0);
+    cp_async_16(smem + SmemLayout{}(row, chunk * Traits::kChunkElems), src, valid);
   }
 }
 
@@ -70,8 +70,8 @@ __device__ __forceinline__ void load_rows_pair(Element* smem_a, const Element* b
     const int row = row0 + i * Traits::kLoadRowsPerPass;
     const int64_t off = row_offset(row);
     const bool valid = off >= 0;
-    const int64_t src = valid ? off + chunk * 8 : 0;
-    const int dst = SmemLayout{}(row, chunk * 8);
+    const int64_t src = valid ? off + chunk * Traits::kChunkElems : 0;
+    const int dst = SmemLayout{}(row, chunk * Traits::kChunkElems);
     cp_async_16(smem_a + dst, base_a + src, valid);
     cp_async_16(smem_b + dst, base_b + src, valid);
   }

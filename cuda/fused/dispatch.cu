@@ -8,7 +8,7 @@ namespace jax_na {
 namespace fused {
 
 bool fwd_supported(DType dtype, int64_t D, int rank) {
-  return (dtype == DType::kF16 || dtype == DType::kBF16) && (D == 64 || D == 128) && rank >= 1 && rank <= 3;
+  return (D == 64 || D == 128) && rank >= 1 && rank <= 3;
 }
 
 namespace {
@@ -30,8 +30,11 @@ cudaError_t dispatch(DType dtype, int64_t D, int rank, F&& f) {
   auto by_dim = [&](auto dt) -> cudaError_t {
     return D == 64 ? by_rank(dt, std::integral_constant<int, 64>{}) : by_rank(dt, std::integral_constant<int, 128>{});
   };
-  return dtype == DType::kF16 ? by_dim(std::integral_constant<DType, DType::kF16>{})
-                              : by_dim(std::integral_constant<DType, DType::kBF16>{});
+  switch (dtype) {
+    case DType::kF16: return by_dim(std::integral_constant<DType, DType::kF16>{});
+    case DType::kBF16: return by_dim(std::integral_constant<DType, DType::kBF16>{});
+    default: return by_dim(std::integral_constant<DType, DType::kF32>{});
+  }
 }
 
 struct FwdCall {
@@ -42,7 +45,8 @@ struct FwdCall {
   template <DType kDT, int kD, int kRank>
   cudaError_t run() {
 #if defined(JNA_FUSED_WITH_SM90)
-    if (hopper) return run_fwd_sm90<kDT, kD, kRank>(pr, args, stream);
+    if constexpr (kDT != DType::kF32)  // the Hopper kernels are 16-bit only
+      if (hopper) return run_fwd_sm90<kDT, kD, kRank>(pr, args, stream);
 #endif
     return run_fwd<kDT, kD, kRank>(pr, args, stream);
   }
@@ -56,7 +60,8 @@ struct BwdCall {
   template <DType kDT, int kD, int kRank>
   cudaError_t run() {
 #if defined(JNA_FUSED_WITH_SM90)
-    if (hopper) return run_bwd_sm90<kDT, kD, kRank>(pr, args, stream);
+    if constexpr (kDT != DType::kF32)
+      if (hopper) return run_bwd_sm90<kDT, kD, kRank>(pr, args, stream);
 #endif
     return run_bwd<kDT, kD, kRank>(pr, args, stream);
   }
@@ -111,6 +116,7 @@ bool use_hopper(const geo::Problem& pr, int rank, int32_t arch, int32_t D, bool 
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
+  if (args.arch == FwdArgs::kHopper && dtype == DType::kF32) return cudaErrorInvalidValue;  // 16-bit only
   const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/true);
   return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
 }
@@ -118,6 +124,7 @@ cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdA
 cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
+  if (args.arch == FwdArgs::kHopper && dtype == DType::kF32) return cudaErrorInvalidValue;  // 16-bit only
   const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/false);
   return dispatch(dtype, args.D, rank, BwdCall{pr, args, stream, hopper});
 }

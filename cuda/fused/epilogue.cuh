@@ -62,8 +62,8 @@ __device__ __forceinline__ void store_rows(Element* out, const Element* smem, in
     const int row = row0 + i * Traits::kRowsPerPass;
     const int64_t off = row_offset(row);
     if (off >= 0)
-      *reinterpret_cast<uint4*>(out + off + chunk * 8) =
-          *reinterpret_cast<const uint4*>(smem + SmemLayout{}(row, chunk * 8));
+      *reinterpret_cast<uint4*>(out + off + chunk * Traits::kChunkElems) =
+          *reinterpret_cast<const uint4*>(smem + SmemLayout{}(row, chunk * Traits::kChunkElems));
   }
 }
 

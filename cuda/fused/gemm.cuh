@@ -43,6 +43,20 @@ __device__ __forceinline__ void gemm_rs(TiledMma& mma, Acc& acc, const TA& rA, T
   }
 }
 
+// An SM80 A-operand fragment layout ((values), M, K) viewed as (rows, cols) in the order row_col()
+// views the accumulator's: rows (row half, m atom), column c = tile column acc_col(c). m16n8k16 values
+// (col pair, row half, col half) already are in row_col()'s order; m16n8k8 (float32) values are (row
+// half, k half), the accumulator's swapped (acc_to_a_layout<4> swaps them back), the k half standing for
+// the column pair under the permuted k order of TransposedRows.
+template <int kElementBytes, class Layout>
+__device__ __forceinline__ auto a_row_col(Layout l) {
+  if constexpr (kElementBytes == 4) {
+    return row_col(acc_to_a_layout<4>(l));
+  } else {
+    return row_col(l);
+  }
+}
+
 // The GEMMs of the backward kernels on SM80 tensor cores (mma.sync, ldmatrix), behind the interface
 // the Hopper policy (hopper/gemm.cuh: Sm90Gemm) shares, so that one kernel body serves both:
 //   acc<M, N>()            an M x N float accumulator fragment,
@@ -85,8 +99,26 @@ struct Sm80Gemm {
   template <int K, class Acc, class TA>
   __device__ __forceinline__ void rs(Acc& acc, TA& a, const Element* b) {
     using namespace cute;
+    Tensor ra = make_tensor(a.data(), acc_to_a_layout<sizeof(Element)>(a.layout()));
+    rs_a<K>(acc, ra, b);
+  }
+
+  // An A-operand register fragment of an M x K product (Element values); a_row_col() views it as
+  // (rows, cols), and column c holds tile column acc_col(c, lane) (for float32 through the permuted k
+  // order of the B operand's transposed view: kernel_traits.cuh, TransposedRows).
+  template <int M, int K>
+  __device__ __forceinline__ auto a_frag() const {
+    using namespace cute;  // only the shape of the (unread) tensor matters
+    return mma.get_thread_slice(tid).partition_fragment_A(
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), make_layout(Shape<Int<M>, Int<K>>{})));
+  }
+
+  // acc += A B with A an (M x K) A-operand fragment (a_frag) and B a (K x D) row tile in smem (read
+  // transposed).
+  template <int K, class Acc, class TA>
+  __device__ __forceinline__ void rs_a(Acc& acc, TA& ra, const Element* b) {
+    using namespace cute;
     auto thr = mma.get_thread_slice(tid);
-    Tensor ra = make_tensor(a.data(), acc_to_a_layout(a.layout()));
     Tensor sBt = make_tensor(make_smem_ptr(b), typename Traits::template SmemLayoutRowsT<K>{});
     // The register fragment takes its shape from a plain (D, K) layout (the swizzled one is smem only).
     Tensor rB = thr.partition_fragment_B(make_tensor(make_smem_ptr(b), make_layout(Shape<Int<kD>, Int<K>>{})));

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "common/dtype.h"
+#include "fused/mma_3xtf32.cuh"
 
 namespace jax_na {
 namespace fused {
@@ -69,10 +70,17 @@ struct ElementOf<DType::kBF16> {
   using type = cutlass::bfloat16_t;
   using MmaOp = cute::SM80_16x8x16_F32BF16BF16F32_TN;
 };
+// float32 at float32 accuracy (3xTF32, mma_3xtf32.cuh): the portable fused kernels and gemm/ (the Hopper
+// kernels are 16-bit only).
+template <>
+struct ElementOf<DType::kF32> {
+  using type = float;
+  using MmaOp = SM80_16x8x8_F32F32x3TF32_TN;
+};
 
 // What every fused kernel shares: element type, head dim, rank, kNWarps warps stacked along M of the
-// SM80 m16n8k16 TiledMMA (warp w holds rows 16w + 16 kNWarps i), swizzled smem tiles, ldmatrix atoms
-// and the 16-byte gmem <-> smem chunking.
+// SM80 TiledMMA (m16n8k16; m16n8k8 for float32; warp w holds rows 16w + 16 kNWarps i), swizzled smem
+// tiles, ldmatrix atoms and the 16-byte gmem <-> smem chunking.
 template <DType kDType_, int kHeadDim_, int kRank_, int kNWarps_>
 struct TraitsBase {
   using Element = typename ElementOf<kDType_>::type;
@@ -82,28 +90,42 @@ struct TraitsBase {
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kLaunchThreads = kNThreads;  // plus a producer warpgroup where there is one
 
+  // Elements per 16-byte chunk (8 or 4) and per MMA k-step (16 or 8: 32 bytes either way).
+  static constexpr int kChunkElems = 16 / int(sizeof(Element));
+  static constexpr int kMmaK = 2 * kChunkElems;
+  static constexpr int kChunkShift = kChunkElems == 8 ? 3 : 2;
   using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename ElementOf<kDType_>::MmaOp>,
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
-                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::_16>>;
+                                  cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::Int<kMmaK>>>;
 
   static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
-  static constexpr int kBlockKSmem = 64;
-  // 8 rows x 64 elements (128 bytes) per atom, 16-byte chunks XOR-swizzled by row: conflict-free
-  // cp.async stores and ldmatrix loads.
+  static constexpr int kBlockKSmem = 8 * kChunkElems;
+  // 8 rows x 128 bytes per atom, 16-byte chunks XOR-swizzled by row: conflict-free cp.async stores and
+  // ldmatrix loads (ldmatrix moves 32-bit pairs, so float32 rows take the same non-transposed loads).
   using SmemLayoutAtom = decltype(cute::composition(
-      cute::Swizzle<3, 3, 3>{},
+      cute::Swizzle<3, kChunkShift, 3>{},
       cute::Layout<cute::Shape<cute::_8, cute::Int<kBlockKSmem>>, cute::Stride<cute::Int<kBlockKSmem>, cute::_1>>{}));
   // A (rows, D) tile of token rows, and the same memory viewed as (D, rows) for a transposed B operand.
   template <int kRows>
   using SmemLayoutRows =
       decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kHeadDim>>{}));
+  // For float32 the k index of the transposed view is permuted inside each 8-row block (k -> key
+  // 2 (k % 4) + (k / 4) % 2): an m16n8k8 A operand taken straight from an accumulator (acc_to_a_layout)
+  // holds the columns 2t, 2t+1 of its n-block where the MMA expects k = t, t+4, so B reads those keys
+  // there. 16-bit accumulators already are m16n8k16 A operands.
   template <int kRows>
-  using SmemLayoutRowsT = decltype(cute::composition(
-      SmemLayoutRows<kRows>{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kRows>>{},
-                                                 cute::GenRowMajor{})));
+  using TransposedRows = std::conditional_t<
+      sizeof(Element) == 2,
+      cute::Layout<cute::Shape<cute::Int<kHeadDim>, cute::Int<kRows>>, cute::Stride<cute::Int<kRows>, cute::_1>>,
+      cute::Layout<cute::Shape<cute::Int<kHeadDim>, cute::Shape<cute::_4, cute::_2, cute::Int<kRows / 8>>>,
+                   cute::Stride<cute::Int<kRows>, cute::Stride<cute::_2, cute::_1, cute::_8>>>>;
+  template <int kRows>
+  using SmemLayoutRowsT = decltype(cute::composition(SmemLayoutRows<kRows>{}, TransposedRows<kRows>{}));
 
   using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
-  using SmemCopyAtomT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+  // Transposed reads: ldmatrix.trans moves 16-bit elements only; float32 reads them one by one.
+  using SmemCopyAtomT = std::conditional_t<sizeof(Element) == 2, cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>,
+                                           cute::Copy_Atom<cute::UniversalCopy<uint32_t>, Element>>;
 
   // gmem <-> smem: 16-byte chunks, kChunks per row. Stores use all kNThreads threads; gathers
   // (load_rows*) kLoadThreads (a kernel with a producer warpgroup overrides both below).

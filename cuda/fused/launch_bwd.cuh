@@ -53,7 +53,7 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
 
   // 1) delta.
   const int64_t rows = pr.B * pr.N * pr.H;
-  constexpr int kTPR = kHeadDim / 8;
+  constexpr int kTPR = kHeadDim / (16 / int(sizeof(Element)));  // threads per row (fused_bwd_delta_kernel)
   const int64_t threads = rows * kTPR;
   const int64_t delta_blocks = (threads + 255) / 256;
   if (delta_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
@@ -83,6 +83,7 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
   // dQ: 128-query tiles, 32-key tiles (dQ, S and dP accumulators in registers); dK/dV: BwdKVTraits.
+  // float32 at head dim 128: 196 KB of smem for dQ (Q and dO tiles of 64 KB each): sm_90 class GPUs.
   using DqTraits = FwdTraits<kDType, kHeadDim, kRank, 32, 8>;
   using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank>;
   return launch_bwd_kernels<DqTraits, KVTraits, Sm80Gemm<DqTraits>, Sm80Gemm<KVTraits>>(pr, args, stream);

@@ -55,7 +55,8 @@ cudaError_t launch_fwd_kernel(Kernel kernel, const geo::Problem& pr, const FwdAr
 
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
-  using Traits = FwdTraits<kDType, kHeadDim, kRank>;
+  // float32 tiles take twice the bytes: 32-key tiles keep the smem at ~130 KB.
+  using Traits = FwdTraits<kDType, kHeadDim, kRank, kDType == DType::kF32 ? 32 : JNA_FUSED_BLOCK_N>;
   return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
 }
 

@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
 
     // P (registers, converted to Element) . V
     Tensor rP = convert_fragment<Element>(acc_s);
-    Tensor rPa = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+    Tensor rPa = make_tensor(rP.data(), acc_to_a_layout<sizeof(Element)>(rP.layout()));
     gemm_rs(tiled_mma, acc_o, rPa, rVt, tsVt, copy_v, thr_copy_v);
   }
 

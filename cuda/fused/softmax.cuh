@@ -28,12 +28,19 @@ __device__ __forceinline__ auto row_col(Layout l) {
   }
 }
 
-// Accumulator layout ((2,2), M, N) -> A-operand register layout ((2,2,2), M, N/2) for m16n8k16.
-template <class Layout>
+// Accumulator layout ((2,2), M, N) -> A-operand register layout: ((2,2,2), M, N/2) for m16n8k16
+// (kElementBytes 2); ((2,2), M, N) for float32's m16n8k8, the value modes swapped (A: row half, k
+// half; the accumulator's column pair is read as the k half, which the B operand's permuted k
+// order matches: kernel_traits.cuh, TransposedRows).
+template <int kElementBytes = 2, class Layout>
 __device__ __forceinline__ auto acc_to_a_layout(Layout l) {
   using namespace cute;
-  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // ((2,2), M, (2, N/2))
-  return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+  if constexpr (kElementBytes == 4) {
+    return make_layout(make_layout(get<0, 1>(l), get<0, 0>(l)), get<1>(l), get<2>(l));
+  } else {
+    auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // ((2,2), M, (2, N/2))
+    return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+  }
 }
 
 // 2^x with the hardware approximation (ex2.approx.ftz: ~2 ulp, flushes denormal results to 0, gives 0

@@ -7,7 +7,7 @@ namespace jax_na {
 namespace gemm {
 
 bool supports(DType dtype, int64_t E, int rank, int64_t ncols, const geo::Problem& pr) {
-  return (dtype == DType::kF16 || dtype == DType::kBF16) && (E == 64 || E == 128) && rank >= 1 && rank <= 3 &&
+  return (E == 64 || E == 128) && rank >= 1 && rank <= 3 &&
          ncols == pr.W && pr.Na == 0 && pr.B <= 65535 && pr.H <= 65535;
 }
 
@@ -39,8 +39,11 @@ cudaError_t dispatch(DType dtype, int64_t E, int rank, F&& f) {
   auto by_dim = [&](auto dt) -> cudaError_t {
     return E == 64 ? by_rank(dt, std::integral_constant<int, 64>{}) : by_rank(dt, std::integral_constant<int, 128>{});
   };
-  return dtype == DType::kF16 ? by_dim(std::integral_constant<DType, DType::kF16>{})
-                              : by_dim(std::integral_constant<DType, DType::kBF16>{});
+  switch (dtype) {
+    case DType::kF16: return by_dim(std::integral_constant<DType, DType::kF16>{});
+    case DType::kBF16: return by_dim(std::integral_constant<DType, DType::kBF16>{});
+    default: return by_dim(std::integral_constant<DType, DType::kF32>{});
+  }
 }
 
 template <class Args, int kOp>

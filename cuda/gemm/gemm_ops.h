@@ -25,8 +25,8 @@
 namespace jax_na {
 namespace gemm {
 
-// Whether the tensor-core kernels take a call: float16/bfloat16, head dim E of 64 or 128 (the
-// Python lowering zero-pads smaller ones), rank 1..3, window columns only (no additional keys) and
+// Whether the tensor-core kernels take a call: float16/bfloat16, or float32 (3xTF32: float32
+// accuracy), head dim E of 64 or 128 (the Python lowering zero-pads smaller ones), rank 1..3, window columns only (no additional keys) and
 // weights in the call's dtype (PN may write float32). PN: modes kScore and kRaw.
 bool supports(DType dtype, int64_t E, int rank, int64_t ncols, const geo::Problem& pr);
 bool supports_pn(DType dtype, int rank, const geo::Problem& pr, const naive::PNArgs& args);

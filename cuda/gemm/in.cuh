@@ -5,8 +5,8 @@
 // of its keys' inverse neighbourhood for each query head of the group (fused/tile_scheduler.cuh:
 // KVScheduler, QTileWalker, as the fused backward's dK/dV kernel), the query rows and their weight-row
 // offsets and windows double-buffered. Per Q tile: the (keys x queries) operand P^T is gathered from
-// the weight rows (0 for a key outside a query's window), then acc += P^T A (SM80 MMAs). Every key
-// belongs to exactly one CTA: no atomics, deterministic.
+// the weight rows into A-operand registers (0 for a key outside a query's window), then acc += P^T A
+// (SM80 MMAs). Every key belongs to exactly one CTA: no atomics, deterministic.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -90,9 +90,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_in_kernel(const __grid
   fused::Sm80Gemm<Traits> gemm(tid);
   auto acc = gemm.template acc<kBlockN, kD>();
   clear(acc);
-  using RowCol = decltype(fused::row_col(gemm.template acc<kBlockN, kBlockM>().layout()));
-  constexpr int kRows = decltype(size<0>(RowCol{}))::value;
-  constexpr int kCols = decltype(size<1>(RowCol{}))::value;
+  // P^T is gathered straight into A-operand registers, viewed as (rows, cols) (rows in the
+  // accumulator's order).
+  using PRowCol = decltype(fused::a_row_col<sizeof(Element)>(gemm.template a_frag<kBlockN, kBlockM>().layout()));
+  constexpr int kRows = decltype(size<0>(PRowCol{}))::value;
+  constexpr int kCols = decltype(size<1>(PRowCol{}))::value;
   int32_t kp[kRows][3];  // key position per fragment row and axis
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -110,9 +112,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_in_kernel(const __grid
       issue_q(s ^ 1);
       fused::cp_async_commit();
     }
-    auto acc_shape = gemm.template acc<kBlockN, kBlockM>();
-    Tensor rP = make_tensor_like<Element>(acc_shape);
-    Tensor p_rc = make_tensor(rP.data(), fused::row_col(rP.layout()));
+    Tensor rP = gemm.template a_frag<kBlockN, kBlockM>();
+    Tensor p_rc = make_tensor(rP.data(), fused::a_row_col<sizeof(Element)>(rP.layout()));
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = fused::acc_col(c, lane);
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_in_kernel(const __grid
         p_rc(r, c) = (w >= 0 && wrow >= 0) ? attn[wrow + w] : Element(0);
       }
     }
-    gemm.template rs<kBlockM>(acc, rP, sA(s));  // acc += P^T A
+    gemm.template rs_a<kBlockM>(acc, rP, sA(s));  // acc += P^T A
   }
 
   fused::cp_async_wait<0>();

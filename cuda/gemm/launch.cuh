@@ -1,5 +1,6 @@
 // Host launch of the GEMM-based kernels for one (dtype, head dim, rank) (included by the ops_<dtype>_hd<E>.cu
-// files only). Tilings: PN and NN take the fused forward's (128-query tiles on 8 warps, 64-key tiles),
+// files only). Tilings: PN and NN take the fused forward's (128-query tiles on 8 warps, 64-key tiles;
+// 32 for float32),
 // IN the fused backward's key-stationary one (64-key tiles on 4 warps, Q tiles of 64 or 32 queries).
 #pragma once
 
@@ -19,9 +20,10 @@
 namespace jax_na {
 namespace gemm {
 
-// NN copies the CTA's weight rows to shared memory up to this many bytes (else it reads them from
-// global memory through the same pointers).
+// NN copies the CTA's weight rows to shared memory up to this many bytes, within a CTA total that an
+// sm_80 GPU allows (else it reads them from global memory through the same pointers).
 constexpr int64_t kMaxStagedWeightBytes = 64 * 1024;
+constexpr int64_t kMaxSmemBytes = 160 * 1024;
 
 template <int kRank>
 GemmParams make_params(const geo::Problem& pr, float alpha) {
@@ -47,8 +49,9 @@ cudaError_t launch(Kernel kernel, int64_t blocks, int64_t heads, int64_t batch, 
   return launch_with_smem(kernel, grid, threads, smem, p, stream);
 }
 
+// float32 tiles take twice the bytes: 32-key tiles keep PN and NN within an sm_80 GPU's shared memory.
 template <DType kDType, int kE, int kRank>
-using QTraits = fused::FwdTraits<kDType, kE, kRank, 64, 8>;
+using QTraits = fused::FwdTraits<kDType, kE, kRank, kDType == DType::kF32 ? 32 : 64, 8>;
 template <DType kDType, int kE, int kRank>
 using KTraits = fused::BwdKVTraits<kDType, kE, kRank>;
 
@@ -77,12 +80,12 @@ cudaError_t run_nn(const geo::Problem& pr, const naive::NNArgs& args, cudaStream
   p.attn = args.attn;
   p.b = args.vals;
   p.out = args.out;
-  const int64_t staged = Traits::kBlockM * pr.W;
-  p.stage_weights = staged * 2 <= kMaxStagedWeightBytes;
+  const int64_t staged = Traits::kBlockM * pr.W * int64_t(sizeof(typename Traits::Element));
+  p.stage_weights = staged <= kMaxStagedWeightBytes && QTileSmem<Traits>::bytes(staged) <= kMaxSmemBytes;
   int64_t blocks = 0;
   if (!fused::tiles_per_axis<typename Traits::QTile>(pr, p.q_tiles, &blocks)) return cudaErrorInvalidValue;
   return launch(gemm_nn_kernel<Traits>, blocks, pr.H, pr.B, Traits::kNThreads,
-                QTileSmem<Traits>::bytes(p.stage_weights ? staged * 2 : 0), p, stream);
+                QTileSmem<Traits>::bytes(p.stage_weights ? staged : 0), p, stream);
 }
 
 template <DType kDType, int kE, int kRank>

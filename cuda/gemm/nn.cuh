@@ -2,9 +2,9 @@
 //
 // One CTA = one 128-query tile (query_tile.cuh). Its weight rows are copied to shared memory first
 // (when they fit, else read from global memory through the same pointers). Per KV tile of its window
-// box: the (queries x keys) operand P is gathered from the weight rows (window_entry.cuh: 0 for a key
-// outside a query's window), then O += P V (SM80 MMAs, V read transposed from smem). O goes out
-// through smem as 16-byte row stores.
+// box: the (queries x keys) operand P is gathered from the weight rows into A-operand registers
+// (window_entry.cuh: 0 for a key outside a query's window), then O += P V (SM80 MMAs, V read
+// transposed from smem). O goes out through smem as 16-byte row stores.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -62,9 +62,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_nn_kernel(const __grid
   fused::Sm80Gemm<Traits> gemm(tid);
   auto acc_o = gemm.template acc<kBlockM, kD>();
   clear(acc_o);
-  using RowCol = decltype(fused::row_col(gemm.template acc<kBlockM, kBlockN>().layout()));
-  constexpr int kRows = decltype(size<0>(RowCol{}))::value;
-  constexpr int kCols = decltype(size<1>(RowCol{}))::value;
+  // P is gathered straight into A-operand registers, viewed as (rows, cols) (rows in the
+  // accumulator's order, as RowWindows holds them).
+  using PRowCol = decltype(fused::a_row_col<sizeof(Element)>(gemm.template a_frag<kBlockM, kBlockN>().layout()));
+  constexpr int kRows = decltype(size<0>(PRowCol{}))::value;
+  constexpr int kCols = decltype(size<1>(PRowCol{}))::value;
   const RowWindows<Traits, kRows> rows(pr, cs, sm.win, warp, lane);
   const Element* wrow[kRows];  // this thread's weight rows (smem or gmem), null outside the group
 #pragma unroll
@@ -77,9 +79,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_nn_kernel(const __grid
 
   for_each_key_tile<Traits>(pr, cs, walker, p.b, sm, tid, warp, [&](int stage, const int32_t (&org)[3]) {
 
-    auto acc_shape = gemm.template acc<kBlockM, kBlockN>();
-    Tensor rP = make_tensor_like<Element>(acc_shape);
-    Tensor p_rc = make_tensor(rP.data(), fused::row_col(rP.layout()));
+    Tensor rP = gemm.template a_frag<kBlockM, kBlockN>();
+    Tensor p_rc = make_tensor(rP.data(), fused::a_row_col<sizeof(Element)>(rP.layout()));
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = fused::acc_col(c, lane);
@@ -92,7 +93,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_nn_kernel(const __grid
         p_rc(r, c) = (w >= 0 && wrow[r] != nullptr) ? wrow[r][w] : Element(0);
       }
     }
-    gemm.template rs<kBlockN>(acc_o, rP, sm.b_stage(stage));  // O += P V
+    gemm.template rs_a<kBlockN>(acc_o, rP, sm.b_stage(stage));  // O += P V
   });
 
   fused::cp_async_wait<0>();

@@ -1,0 +1,8 @@
+// GEMM-based unfused kernels (PN, NN, IN), float32 (3xTF32), head dim 64, ranks 1-3.
+#include "gemm/launch.cuh"
+
+namespace jax_na {
+namespace gemm {
+JNA_GEMM_INSTANTIATE(DType::kF32, 64)
+}  // namespace gemm
+}  // namespace jax_na
