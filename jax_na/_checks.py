@@ -26,9 +26,10 @@ FUSED_BACKENDS = {"fused": 0, "fused_sm80": 80, "fused_sm90": 90}
 UNFUSED_BACKENDS = ("reference", "naive", "gemm")
 FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # What each backend accepts: dtypes (head dims: see FUSED_HEAD_DIMS for "fused"; the others take any).
+# float32 on the fused kernels: the portable set, 3xTF32 (float32 accuracy); the Hopper set is 16-bit only.
 BACKEND_DTYPES = {
-    "fused": (jnp.float16, jnp.bfloat16),
-    "fused_sm80": (jnp.float16, jnp.bfloat16),
+    "fused": FLOAT_DTYPES,
+    "fused_sm80": FLOAT_DTYPES,
     "fused_sm90": (jnp.float16, jnp.bfloat16),
     "gemm": FLOAT_DTYPES,
     "reference": FLOAT_DTYPES + (jnp.float64,),
@@ -37,10 +38,10 @@ BACKEND_DTYPES = {
 # Head dims the fused kernels are instantiated for (they need D == D_v). Smaller head dims run
 # zero-padded to the next one (see fused_head_dim); larger ones are not supported.
 FUSED_HEAD_DIMS = (64, 128)
-# Head dims the gemm (tensor-core) kernels are instantiated for, float16/bfloat16 only: the head dim an
-# unfused op contracts or produces (D for qk, D_v for av) runs zero-padded to the next one up to 128.
-# The gemm targets take every other call too (float32, head dims above 128) and run it on the naive
-# kernels inside them.
+# Head dims the gemm (tensor-core) kernels are instantiated for (float16, bfloat16, and float32 at
+# float32 accuracy through 3xTF32): the head dim an unfused op contracts or produces (D for qk, D_v
+# for av) runs zero-padded to the next one up to 128. The gemm targets take larger head dims too and
+# run them on the naive kernels inside them.
 GEMM_HEAD_DIMS = (64, 128)
 # Grid limits of the fused kernels: query heads (and batch, which the lowering splits into chunks
 # of at most this size, so any batch works).
@@ -64,7 +65,7 @@ def fused_head_dim(D: int, Dv: int) -> int | None:
 
 def gemm_head_dim(dtype, d: int) -> int:
     """The head dim the gemm targets run an unfused op whose contracted/output head dim is ``d`` at:
-    for float16/bfloat16 and ``d <= 128`` the next of GEMM_HEAD_DIMS (the tensor-core kernels; zero
+    for ``d <= 128`` the next of GEMM_HEAD_DIMS (the tensor-core kernels; zero
     columns change no score and add only zero output columns), else ``d`` itself (unpadded)."""
     if gemm_tensor_cores(dtype, d):
         return next(p for p in GEMM_HEAD_DIMS if d <= p)
@@ -74,8 +75,8 @@ def gemm_head_dim(dtype, d: int) -> int:
 def gemm_tensor_cores(dtype, d: int) -> bool:
     """Whether the gemm targets run an op of this dtype and head dim (padded) on their tensor-core
     kernels rather than on the naive kernels inside them."""
-    half = any(jnp.dtype(dtype) == jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16))
-    return half and 1 <= d <= GEMM_HEAD_DIMS[-1]
+    taken = any(jnp.dtype(dtype) == jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32))
+    return taken and 1 <= d <= GEMM_HEAD_DIMS[-1]
 
 
 def fused_supports(dtype, D: int, Dv: int, H: int) -> bool:

@@ -143,8 +143,6 @@ CPU_DEFAULT = _p("cpu-small", 2, (32, 32), 4, 32, 7)
 # backend's qk -> softmax -> av holds such scores too (in the input dtype, their float32 softmax, the
 # weights in the input dtype; about three times that in the backward). Larger problems are skipped.
 NAIVE_WORKSPACE_LIMIT = 24 << 30
-# What the fused kernels take (jax_na._checks): float16/bfloat16, head dims up to 128.
-FUSED_DTYPES = ("float16", "bfloat16")
 # Dense self attention without a fused kernel (the XLA yardstick off-GPU) materializes [B, H, N, N].
 XLA_SELF_LIMIT = 2 << 30
 # Arithmetic intensity (FLOP/byte) under which a problem counts as memory bound: about the H100's
@@ -229,8 +227,10 @@ def na_fn(p: Problem):
 def fits(p: Problem, backend: str, mode: str, dtype=None) -> str | None:
     """None if the backend can run the problem here (in ``dtype``, when given), else why not."""
     if _checks.backend_family(backend) == "fused":
-        if dtype is not None and jnp.dtype(dtype).name not in FUSED_DTYPES:
-            return f"skipped: fused takes {'/'.join(FUSED_DTYPES)}, not {jnp.dtype(dtype).name}"
+        # What each fused backend takes (jax_na._checks): float32 on the portable set only.
+        allowed = [jnp.dtype(d).name for d in _checks.BACKEND_DTYPES[backend]]
+        if dtype is not None and jnp.dtype(dtype).name not in allowed:
+            return f"skipped: {backend} takes {'/'.join(allowed)}, not {jnp.dtype(dtype).name}"
         if _checks.fused_head_dim(p.D, p.D) is None:
             return f"skipped: fused takes head dims up to {_checks.FUSED_HEAD_DIMS[-1]}, not {p.D}"
         if p.H > _checks.FUSED_MAX_HEADS:

@@ -72,11 +72,13 @@ def _check_lowering_has_kernels():
         assert re.search(r"%\S+:6 = stablehlo.custom_call @jax_na_naive_bwd\((%[^,)]+, ){8}%[^,)]+\)",
                          _calls(text, "jax_na_naive_bwd")[0])
         assert f"tensor<{2 * B * N * H * (W + NA) + B * N * H}xf32>" in text
-    # auto never picks the naive kernels (the reference beats them), and no kernel takes float32
-    # under auto (the fused kernels are float16/bfloat16 only): the reference is lowered
+    # auto never picks the naive kernels (the reference beats them); float32 goes to the fused
+    # kernels (their portable set runs it at float32 accuracy) where they are compiled
     assert "naive" not in primitives.AUTO_PREFERENCE
-    assert "jax_na_" not in _cuda_hlo(_fwd(None), q, k, v, ak, av)
-    assert "jax_na_" not in _cuda_hlo(_loss(None), q, k, v, ak, av)
+    fused = ext.has_target("jax_na_fused_fwd")
+    assert ("jax_na_fused_fwd" in _cuda_hlo(_fwd(None), q, k, v, ak, av)) == fused
+    text = _cuda_hlo(_loss(None), q, k, v, ak, av)
+    assert ("jax_na_fused_bwd" in text) == fused and "jax_na_naive" not in text
     # without additional keys: zero-element buffers, same targets
     text = _cuda_hlo(_fwd("naive", with_add=False), q, k, v, ak, av)
     assert _calls(text, "jax_na_naive_fwd") and f"tensor<{B}x0x{HKV}x{D}xf32>" in text
@@ -164,10 +166,12 @@ def _check_fused_lowering():
     f = lambda q, k, v: jax_na.na2d(q, k, v, 3, scale=0.25)
     line = _fused_call_line(_cuda_hlo(f, *args[:3]), "jax_na_fused_fwd", 2, 5)
     assert _scale_of(line) == 0.25 and "x64xf16>" in line, line
-    # auto: float32 and float64 (no fused kernel) and head dims above 128 lower to the reference
-    for dtype in (jnp.float32, jnp.float64):
-        text = _cuda_hlo(_loss(None), *(a.astype(dtype) for a in _bf16(64, 64)))
-        assert "jax_na_" not in text
+    # auto: float32 on the fused kernels (f32 operands); float64 (no kernel) and head dims above 128
+    # lower to the reference
+    text = _cuda_hlo(_loss(None), *(a.astype(jnp.float32) for a in _bf16(64, 64)))
+    line = _fused_call_line(text, "jax_na_fused_bwd", 6, 9)
+    assert f"-> (tensor<{B}x{X}x{Y}x{H}x64xf32>" in line, line
+    assert "jax_na_" not in _cuda_hlo(_loss(None), *(a.astype(jnp.float64) for a in _bf16(64, 64)))
     assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(136, 64))
     assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(64, 256))
     # the unfused ops have no fused kernel: auto lowers them to the gemm targets where they are
@@ -201,15 +205,15 @@ def _gemm_line(text, kind, n_results, n_operands):
 def _check_gemm_lowering():
     """backend="gemm" lowers the unfused ops to the gemm targets of docs/ffi.md (the naive targets'
     operands, results and attributes: qk_bwd has no rpb operand, d_rpb is a result of its shape):
-    float16/bfloat16 head dims up to 128 zero-padded to 64 or 128 with the caller's scale, float32 and
-    larger head dims as they are; na2d(backend="gemm") is qk -> softmax -> av on them; auto takes them
+    head dims up to 128 zero-padded to 64 or 128 with the caller's scale (float32 too: 3xTF32), larger
+    head dims as they are; na2d(backend="gemm") is qk -> softmax -> av on them; auto takes them
     only where they run on tensor cores."""
     W = math.prod(K)
     rpb = jnp.ones((H, 5, 7), jnp.bfloat16)
     qk = lambda backend: lambda q, k, b: jax_na.na2d_qk(q, k, K, is_causal=(False, True), rpb=b, backend=backend)
     av = lambda backend: lambda a, v: jax_na.na2d_av(a, v, K, backend=backend)
     for dtype, D, Dv, P, Pv in ((jnp.bfloat16, 40, 72, 64, 128), (jnp.float16, 128, 64, 128, 64),
-                                (jnp.bfloat16, 136, 6, 136, 64), (jnp.float32, 40, 72, 40, 72)):
+                                (jnp.bfloat16, 136, 6, 136, 64), (jnp.float32, 40, 72, 64, 128), (jnp.float32, 160, 8, 160, 64)):
         q, k, v = (a.astype(dtype) for a in _bf16(D, Dv)[:3])
         b = rpb.astype(dtype)
         t = jnp.dtype(dtype).name.replace("float", "f").replace("bf16", "bf16")
@@ -233,10 +237,9 @@ def _check_gemm_lowering():
         line = _gemm_line(text, "av_bwd", 2, 3)   # d_out, attn, v -> d_attn, dv
         assert f"-> (tensor<{B}x{X}x{Y}x{H}x{W}x{t}>, tensor<{B}x{X}x{Y}x{HKV}x{Pv}x{t}>)" in line, line
         assert "jax_na_naive" not in text and "jax_na_fused" not in text
-        # auto: the gemm targets only on tensor cores (float16/bfloat16, head dims up to 128)
-        fast = dtype != jnp.float32 and D <= 128
-        assert ("jax_na_gemm_qk" in _cuda_hlo(qk(None), q, k, b)) == fast
-        assert ("jax_na_gemm_av" in _cuda_hlo(av(None), a, v)) == (dtype != jnp.float32 and Dv <= 128)
+        # auto: the gemm targets only on tensor cores (head dims up to 128)
+        assert ("jax_na_gemm_qk" in _cuda_hlo(qk(None), q, k, b)) == (D <= 128)
+        assert ("jax_na_gemm_av" in _cuda_hlo(av(None), a, v)) == (Dv <= 128)
     # na2d with backend="gemm": the four gemm targets around the softmax, with the call's stride and
     # causal axes; the additional keys' part is plain XLA
     args = _bf16(40, 40)
@@ -360,7 +363,7 @@ def test_gemm_padding_computes_the_same_function(monkeypatch, dtype, D, Dv):
             np.testing.assert_allclose(np.asarray(g.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)),
                                        rtol=tol, atol=tol)
     P, Pv = (_checks.gemm_head_dim(dtype, d) for d in (D, Dv))
-    assert P == (D if dtype == jnp.float32 or D > 128 else (64 if D <= 64 else 128))
+    assert P == (D if D > 128 else (64 if D <= 64 else 128))
     sc = float(np.float32(0.3))   # the f32 attribute
     assert seen == [("qk", P, sc), ("qk_bwd", P, sc), ("av", Pv, 1.0), ("av_bwd", Pv, 1.0)] * 2
 

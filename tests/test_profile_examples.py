@@ -63,21 +63,24 @@ def test_cli_subprocess_and_plot(tmp_path):
 
 
 def test_fused_backend_rows(tmp_path, capsys, monkeypatch):
-    """The fused backend is timed by default wherever it is available, and a problem it cannot take
-    (here float32) is a skipped row in the table and the JSON; the table is the last thing printed."""
+    """A fused backend that cannot take a problem (here the Hopper set in float32) is a skipped row in
+    the table and the JSON; the table is the last thing printed."""
     import jax_na
-    monkeypatch.setattr(jax_na, "available_backends", lambda: ["fused", "reference"])
+    monkeypatch.setattr(jax_na, "available_backends", lambda: ["fused", "fused_sm90", "reference"])
     out = tmp_path / "f.json"
-    assert profile.main([*TINY, "--mode", "fwd", "--no-self-attention", "--json", str(out)]) == 0
+    assert profile.main([*TINY, "--mode", "fwd", "--no-self-attention", "--backends", "fused_sm90,reference",
+                         "--json", str(out)]) == 0
     d = json.loads(out.read_text())
-    assert d["backends"] == ["fused", "reference"]
+    assert d["backends"] == ["fused_sm90", "reference"]
     rows = {r["backend"]: r for r in d["rows"]}
-    assert rows["fused"]["skipped"].startswith("skipped: fused takes float16/bfloat16") and "ms" in rows["reference"]
+    assert rows["fused_sm90"]["skipped"].startswith("skipped: fused_sm90 takes float16/bfloat16")
+    assert "ms" in rows["reference"]
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2].startswith("custom") and "fused" in lines[-2] and "skipped" in lines[-2]
+    assert lines[-2].startswith("custom") and "fused_sm90" in lines[-2] and "skipped" in lines[-2]
     assert lines[-1].startswith("custom") and "reference" in lines[-1]
     p = profile.BY_ID["p11-1d-d64"]
     assert profile.fits(p, "fused", "fwdbwd", jnp.bfloat16) is None
+    assert profile.fits(p, "fused", "fwdbwd", jnp.float32) is None   # the portable kernels take float32
     assert "head dims" in profile.fits(profile.make_problem("x", 1, (64,), 2, 256, 3), "fused", "fwd", jnp.bfloat16)
 
 

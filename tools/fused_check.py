@@ -197,10 +197,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="three small cases in bf16, no benchmark "
+    ap.add_argument("--quick", action="store_true", help="three small cases in bf16 (and float32 on the "
+                    "portable kernels), no benchmark "
                     "(for compute-sanitizer)")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark only these problem ids, no checks")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--bench-dtype", default="bfloat16", help="with --only: bfloat16, float16 or float32 "
+                    "(float32: --arch 80 or 0)")
     ap.add_argument("--once", action="store_true", help="with --only: run each kernel once, untimed, no "
                     "cuDNN (to profile with ncu)")
     ap.add_argument("--arch", default="0", help="kernels, comma list: 0 (auto), 80, 90; checks run for "
@@ -213,15 +216,19 @@ def main():
     print(jax.devices(), _ext.register_targets())
     fails = 0
     if a.only:
-        rows = bench(only=a.only, reps=a.reps, arches=arches)
+        rows = bench(dtype=jnp.dtype(a.bench_dtype), only=a.only, reps=a.reps, arches=arches)
     elif a.quick:
         for arch in arches:
             f, w = check(jnp.bfloat16, 1e-2, [CASES[i] for i in (2, 4, 8)], arch)
             fails += f
+            if arch != 90:  # float32: the portable kernels only
+                fails += check(jnp.float32, 1e-5, [CASES[i] for i in (2, 4, 8)], arch)[0]
         rows = []
     else:
         for arch in arches:
-            for dt, tol in ((jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)):
+            for dt, tol in ((jnp.bfloat16, 1e-2), (jnp.float16, 2e-3), (jnp.float32, 1e-5)):
+                if arch == 90 and dt == jnp.float32:
+                    continue  # the Hopper kernels are 16-bit only
                 f, w = check(dt, tol, CASES, arch)
                 fails += f
                 print(f"arch {arch}, {jnp.dtype(dt).name}: {f} failing cases, worst error / tolerance {w:.3f}",

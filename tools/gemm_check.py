@@ -5,7 +5,7 @@ av output, dq, dk, d_rpb, d_attn, dv); then times both on the benchmark problems
 weights fit in memory (per op: ms, effective TFLOP/s = 2*B*H*N*W*E / time, speedup over naive).
 
 Usage (GPU machine, jax_na installed): python tools/gemm_check.py [--no-bench] [--no-check] [--quick]
-    [--only p2-2d ...] [--json out.json]
+    [--only p2-2d ...] [--bench-dtypes bfloat16,float32] [--reference] [--json out.json]
 """
 
 from __future__ import annotations
@@ -102,9 +102,10 @@ CASES = [
 ]
 
 
-def check(dtypes=(jnp.bfloat16, jnp.float16), dims=(64, 128), cases=CASES):
+def check(dtypes=(jnp.bfloat16, jnp.float16, jnp.float32), dims=(64, 128), cases=CASES):
     """gemm vs naive on every case, dtype and head dim; returns the number of failing cases."""
-    tol = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 2e-3}
+    # float32: the 3xTF32 products (float32 accuracy) against the naive kernels' float32 FMAs.
+    tol = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 2e-3, jnp.dtype(jnp.float32): 1e-5}
     rng = np.random.default_rng(0)
     fails, worst = 0, 0.0
     for dtype in dtypes:
@@ -134,9 +135,10 @@ def check(dtypes=(jnp.bfloat16, jnp.float16), dims=(64, 128), cases=CASES):
     return fails
 
 
-def bench(only=None, dtype=jnp.bfloat16, max_weight_gib=6.0, reps=10, naive_budget_s=2.0):
-    """Per problem and op: naive and gemm time, effective TFLOP/s, speedup. Problems whose weights
-    [B, N, H, W] exceed max_weight_gib are skipped (the unfused ops materialize them)."""
+def bench(only=None, dtype=jnp.bfloat16, max_weight_gib=6.0, reps=10, naive_budget_s=2.0, reference=False):
+    """Per problem and op: naive and gemm time, effective TFLOP/s, speedup (and with ``reference`` the
+    public qk/av on the reference backend). Problems whose weights [B, N, H, W] exceed max_weight_gib
+    are skipped (the unfused ops materialize them)."""
     rows = []
     rng = np.random.default_rng(1)
     for prob in PROBLEMS:
@@ -146,9 +148,9 @@ def bench(only=None, dtype=jnp.bfloat16, max_weight_gib=6.0, reps=10, naive_budg
         E = 64 if D <= 64 else 128  # the kernels' head dim (the lowering zero-pads)
         p = params_for(S, H, D, prob.kernel, prob.stride, prob.dilation, prob.causal, dtype)
         W, N = p.window_size, math.prod(S)
-        gib = B * N * H * W * 2 / 2**30
+        gib = B * N * H * W * jnp.dtype(dtype).itemsize / 2**30
         if gib > max_weight_gib:
-            print(f"{prob.id:18s} skipped: weights {gib:.1f} GiB > {max_weight_gib} GiB", flush=True)
+            print(f"{prob.id:18s} {jnp.dtype(dtype).name} skipped: weights {gib:.1f} GiB > {max_weight_gib} GiB", flush=True)
             continue
         x = inputs(rng, B, S, H, H, E, p, dtype, with_rpb=False)
         x["attn"] = jnp.full((B, *S, H, W), 1.0 / W, dtype)
@@ -167,9 +169,19 @@ def bench(only=None, dtype=jnp.bfloat16, max_weight_gib=6.0, reps=10, naive_budg
             row = dict(problem=prob.id, op=op, gemm_ms=t["gemm"] * 1e3, naive_ms=t["naive"] * 1e3,
                        gemm_tflops=fl / t["gemm"] / 1e12, naive_tflops=fl / t["naive"] / 1e12,
                        speedup=t["naive"] / t["gemm"])
+            if reference and op in ("qk", "av") and all(s == 1 for s in prob.stride):
+                # The public op on the pure-JAX reference (what auto would run without the gemm targets).
+                kw = dict(kernel_size=prob.kernel, dilation=prob.dilation, is_causal=prob.causal,
+                          backend="reference")
+                fn = getattr(jax_na, f"na{len(S)}d_{op}")
+                ref = jax.jit(lambda a, b: fn(a, b, **kw))
+                a, b = (x["q"], x["k"]) if op == "qk" else (x["attn"], x["v"])
+                row["reference_ms"] = time_fn(lambda: ref(a, b), (), reps) * 1e3
+            row["dtype"] = jnp.dtype(dtype).name
             rows.append(row)
-            print(f"{prob.id:18s} {op:7s} naive {row['naive_ms']:9.3f} ms {row['naive_tflops']:6.2f} TF/s | gemm "
-                  f"{row['gemm_ms']:8.3f} ms {row['gemm_tflops']:6.1f} TF/s | x{row['speedup']:.1f}", flush=True)
+            print(f"{prob.id:18s} {row['dtype']:8s} {op:7s} naive {row['naive_ms']:9.3f} ms {row['naive_tflops']:6.2f} TF/s | gemm "
+                  f"{row['gemm_ms']:8.3f} ms {row['gemm_tflops']:6.1f} TF/s | x{row['speedup']:.1f}"
+                  + (f" | reference {row['reference_ms']:8.3f} ms" if "reference_ms" in row else ""), flush=True)
     return rows
 
 
@@ -177,12 +189,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="check bfloat16 only")
+    ap.add_argument("--quick", action="store_true", help="check bfloat16 and float32 only")
+    ap.add_argument("--bench-dtypes", default="bfloat16", help="comma list (bfloat16, float16, float32)")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--reference", action="store_true", help="also time qk/av on the reference backend")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    fails = 0 if a.no_check else check(dtypes=(jnp.bfloat16,) if a.quick else (jnp.bfloat16, jnp.float16))
-    rows = [] if a.no_bench else bench(a.only)
+    fails = 0 if a.no_check else check(**(dict(dtypes=(jnp.bfloat16, jnp.float32)) if a.quick else {}))
+    rows = [] if a.no_bench else [r for dt in a.bench_dtypes.split(",") for r in bench(a.only, dtype=jnp.dtype(dt), reference=a.reference)]
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(fails=fails, bench=rows), f, indent=1)

@@ -3,7 +3,7 @@
 The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at small head dims
 (padded to 64). Here: the edge cases again at the native head dims 64 and 128, problems with many KV
 tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), padded head dims
-(D != D_v), scales <= 0, bitwise determinism of the backward (no atomics), a jitted gradient through
+(D != D_v), float32 (portable set), scales <= 0, bitwise determinism of the backward (no atomics), a jitted gradient through
 the Flax layers, and a forward whose tensors have more
 than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
@@ -92,11 +92,32 @@ def test_many_kv_tiles(backend, case, dtype):
     check_case(case, backend, dtype, seed=11)
 
 
+# ----------------------------------------------------------------------------- float32
+
+# float32 runs on the portable kernel set only (3xTF32 on the tensor cores: float32 accuracy).
+F32_BACKEND = BACKEND if ON_CPU else "fused_sm80"
+F32_CASES = [dataclasses.replace(c, D=(64, 128)[i % 2], Dv=(64, 128)[i % 2]) for i, c in enumerate(helpers.edge_cases())]
+
+
+@pytest.mark.parametrize("case", F32_CASES + MANY_TILES, ids=lambda c: c.id)
+def test_float32(case):
+    """The float32 fused kernels at the native head dims (edge cases, many KV tiles), at float32's
+    tolerance; "fused" (auto) takes float32 to the same kernels."""
+    check_case(case, F32_BACKEND, jnp.float32, seed=helpers.seed_of(case))
+
+
+def test_float32_not_on_hopper_set():
+    """The Hopper kernels are 16-bit only: "fused_sm90" rejects float32 before anything runs."""
+    q = jnp.zeros((1, 8, 2, 64), jnp.float32)
+    with pytest.raises(TypeError, match="fused_sm90"):
+        jax_na.na1d(q, q, q, 3, backend="fused_sm90")
+
+
 # ----------------------------------------------------------------------------- padded head dims
 
 @pytest.mark.parametrize("D,Dv,scale", [(40, 40, None), (32, 64, None), (96, 80, None), (64, 24, 0.3),
                                         (1, 1, None), (128, 100, None)])
-@pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", HALF + [jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_padded_head_dims(dtype, D, Dv, scale):
     """Head dims other than 64/128 run zero-padded to 64 or 128 with the caller's scale (default
     D ** -0.5 of the unpadded D): the same function, and the gradients come back at the true sizes."""
