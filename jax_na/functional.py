@@ -176,20 +176,21 @@ _NA_DOC = """{rank}-D neighborhood attention.
       additional_keys: optional ``[B, N_add, H_kv, D]`` keys seen by every query.
       additional_values: optional ``[B, N_add, H_kv, D_v]``, required with ``additional_keys``.
       return_lse: also return the float32 log-sum-exp ``{lse}``.
-      backend: None/"auto" (the fastest backend that supports the call, chosen per call at lowering
-        time: "fused" on CUDA for float16/bfloat16 with head dims up to 128, else the
-        reference; auto never picks "gemm" here), "fused" (flash-style CUDA kernels: float16/bfloat16 only, head dims
-        ``D, D_v <= 128``, any finite scale (a scale <= 0 runs exactly as ``|scale|`` on ``-q``, or
-        1 on ``q * 0``); head dims other than 64/128 are padded to 64 or 128
-        (zeros, same scale) and the results sliced back; the forward runs a TMA + wgmma kernel on
-        compute capability 9.0 GPUs without dilation at head dim 128 (and at 64 for windows of 256+
-        keys) and the portable sm80-class one otherwise), "fused_sm80" /
-        "fused_sm90" (the same, with the forward kernel pinned: portable / Hopper-only),
+      backend: None/"auto" (chosen per call at lowering time: "fused" on CUDA for float32/float16/
+        bfloat16 with head dims up to 128, else the reference; auto never picks "gemm" here: fused
+        is faster), "fused" (flash-style CUDA kernels: float16/bfloat16, and float32 on the portable
+        kernels (3xTF32 tensor-core products at float32 accuracy), head dims ``D, D_v <= 128``, any
+        finite scale (a scale <= 0 runs exactly as ``|scale|`` on ``-q``, or 1 on ``q * 0``); head
+        dims other than 64/128 are padded to 64 or 128 (zeros, same scale) and the results sliced
+        back; the forward runs a TMA + wgmma kernel on compute capability 9.0 GPUs without dilation
+        at head dim 128 (and at 64 for windows of 256+ keys) in float16/bfloat16 and the portable
+        sm80-class one otherwise), "fused_sm80" / "fused_sm90" (the same, with the kernels pinned:
+        the portable set / the Hopper set, which is float16/bfloat16 only),
         "gemm" (the unfused tensor-core ops of ``na{rank}d_qk``/``na{rank}d_av``: window scores and
         the additional keys' scores in float32, one float32 softmax, then the weights in the input
         dtype applied to the values (as the fused kernels round P); float32/16 and
-        bfloat16, every head dim: tensor cores for float16/bfloat16 with head dims up to 128 (padded
-        to 64/128), naive kernels inside its targets otherwise; materializes
+        bfloat16, every head dim: tensor cores with head dims up to 128 (padded to 64/128; float32
+        at float32 accuracy through 3xTF32), naive kernels inside its targets above; materializes
         ``[B, *spatial, H, prod(kernel_size)]`` scores), "naive" (one thread per output
         element; every float dtype and head dim) or "reference" (pure JAX, every platform). The
         kernel backends raise a ValueError/TypeError for a call they cannot take or when jax_na was
@@ -228,11 +229,11 @@ _QK_DOC = """{rank}-D neighborhood attention scores (unfused), with optional rel
       kernel_size, dilation, is_causal: as in ``na{rank}d`` (stride is always 1 here).
       rpb: optional ``[H, 2*k-1 per axis]`` bias in the input dtype.
       scale: default ``D ** -0.5``.
-      backend: None/"auto" ("gemm" on CUDA where it is compiled, for float16/bfloat16 with head
-        dims up to 128, else the reference), "gemm" (tensor cores for float16/bfloat16 with head
-        dims up to 128, zero-padded to 64/128; float32 and larger head dims run on naive kernels
-        inside its targets), "naive" or "reference"; the fused kernels have no unfused ops ("fused"
-        is a ValueError).
+      backend: None/"auto" ("gemm" on CUDA where it is compiled, for float32/float16/bfloat16 with
+        head dims up to 128, else the reference), "gemm" (tensor cores for float32/float16/bfloat16
+        with head dims up to 128, zero-padded to 64/128, float32 at float32 accuracy through 3xTF32;
+        larger head dims run on naive kernels inside its targets), "naive" or "reference"; the fused
+        kernels have no unfused ops ("fused" is a ValueError).
 
     Returns:
       ``weights`` of shape ``{w}``.

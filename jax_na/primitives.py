@@ -21,7 +21,7 @@ for "auto", the first family of ``AUTO_PREFERENCE`` that supports the call's dty
 (``cuda_kernel``); on every other platform, and for inputs no kernel supports, the pure-JAX reference
 (the backward of the reference is its autodiff). The fused targets run inside a small traced function
 (``_fused_impl``) that zero-pads the head dims to 64 or 128 and slices the results back; the gemm
-targets likewise (``_gemm_impl``: float16/bfloat16, the head dim each op contracts or produces).
+targets likewise (``_gemm_impl``: the head dim each op contracts or produces, float32/float16/bfloat16).
 
 Each primitive lowers through ``sharding.partitioned_lowering`` (``custom_partitioning`` with a Shardy
 rule), which runs a per-device twin ``<name>_local`` carrying the platform lowerings on each shard.
@@ -63,8 +63,9 @@ _NAIVE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # tile's window bounding box) 12-37, the naive kernels 0.4-1.0. So "fused" comes first, and "naive" is
 # not listed: it is only used when asked for. "fused" has only fwd/bwd and "gemm" only the unfused
 # qk/av ops (and their backwards), so each kind has one candidate. auto takes "gemm" only where it
-# runs on tensor cores (float16/bfloat16, head dims up to 128, padded to 64/128), the case it is built
-# to beat the reference in; float32 and larger head dims would run on the naive kernels inside the
+# runs on tensor cores (float32/float16/bfloat16, head dims up to 128, padded to 64/128; float32 through
+# 3xTF32 at float32 accuracy), the case it is built to beat the reference in (float32 on the H100: 6-71x
+# the reference per forward op, README.md); larger head dims would run on the naive kernels inside the
 # gemm targets, so auto leaves them, and fwd/bwd calls no fused kernel takes, to the reference.
 AUTO_PREFERENCE: tuple[str, ...] = ("fused", "gemm")
 
@@ -383,13 +384,13 @@ _ABSTRACT = {"qk": _qk_abstract, "qk_bwd": _qk_bwd_abstract, "av": _av_abstract,
 
 
 def _gemm_impl(kind, *args, params, backend):
-    """The gemm CUDA targets on the primitive's operands: for float16/bfloat16 the head dim of the op
-    (``_GEMM_HEAD_OPERANDS``) zero-padded to the tensor-core kernels' 64 or 128 (zero columns of q and
-    k change no score, zero columns of v and d_out only add zero output columns and zero dv columns;
-    the scale stays the caller's), the results sliced back to the primitive's shapes. float32 and head
-    dims above 128 go unpadded (the targets run them on their naive kernels). The operands, results
-    and attributes are those of the naive targets (docs/ffi.md): qk_bwd gets no rpb operand, only a
-    d_rpb result of its shape."""
+    """The gemm CUDA targets on the primitive's operands: the head dim of the op
+    (``_GEMM_HEAD_OPERANDS``; float32, float16 and bfloat16 alike) zero-padded to the tensor-core
+    kernels' 64 or 128 (zero columns of q and k change no score, zero columns of v and d_out only add
+    zero output columns and zero dv columns; the scale stays the caller's), the results sliced back to
+    the primitive's shapes. Head dims above 128 go unpadded (the targets run them on their naive
+    kernels). The operands, results and attributes are those of the naive targets (docs/ffi.md):
+    qk_bwd gets no rpb operand, only a d_rpb result of its shape."""
     pad = _GEMM_HEAD_OPERANDS[kind]
     P = _checks.gemm_head_dim(args[0].dtype, args[pad[0]].shape[-1])
     padded = [_pad_last(x, P) if i in pad else x for i, x in enumerate(args)]
