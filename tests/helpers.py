@@ -256,3 +256,14 @@ def tol_for(dtype):
     """SEMANTICS.md bounds (relative Frobenius vs float64); float64 runs get a tight bound."""
     return {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5, jnp.dtype(jnp.float16): 2e-3,
             jnp.dtype(jnp.bfloat16): 1e-2}[jnp.dtype(dtype)]
+
+
+def pretend_gemm_targets(mp):
+    """Pretends the gemm targets were compiled (``mp``: a pytest MonkeyPatch; the caller undoes it and
+    clears jax's caches): backend="gemm" passes the checks and, lowered for the CPU, runs its
+    primitives on the reference (the CPU lowering never calls the targets)."""
+    from jax_na import _ext
+    has_target = _ext.has_target
+    mp.setattr(_ext, "has_cuda_kernels", lambda: True)
+    mp.setattr(_ext, "has_target", lambda name: name.startswith("jax_na_gemm_") or has_target(name))
+    jax.clear_caches()

@@ -234,11 +234,7 @@ def test_unfused_attention_is_na(case):
 def pretend_gemm(monkeypatch):
     """The gemm targets pretended compiled: backend="gemm" passes the checks and, lowered for the CPU,
     runs its primitives on the reference."""
-    from jax_na import _ext
-    has_target = _ext.has_target
-    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
-    monkeypatch.setattr(_ext, "has_target", lambda name: name.startswith("jax_na_gemm_") or has_target(name))
-    jax.clear_caches()
+    helpers.pretend_gemm_targets(monkeypatch)
     yield
     monkeypatch.undo()
     jax.clear_caches()

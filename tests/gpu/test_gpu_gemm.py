@@ -24,7 +24,7 @@ import helpers
 import jax_na
 from gpu_common import DTYPES, TOL, check_case, check_unfused, rel, to64, unfused_inputs, unfused_kw
 from helpers import Case
-from jax_na import _ext, primitives
+from jax_na import primitives
 
 pytestmark = pytest.mark.gpu
 
@@ -41,10 +41,7 @@ def gemm_targets():
         yield
         return
     with pytest.MonkeyPatch.context() as mp:
-        has_target = _ext.has_target
-        mp.setattr(_ext, "has_cuda_kernels", lambda: True)
-        mp.setattr(_ext, "has_target", lambda name: name.startswith("jax_na_gemm_") or has_target(name))
-        jax.clear_caches()
+        helpers.pretend_gemm_targets(mp)
         yield
     jax.clear_caches()
 
