@@ -81,17 +81,24 @@ __device__ __forceinline__ void fwd_issue_kv(const FwdKernelParams& p, const Fwd
 // o_rc: the normalized output (rows, cols) of this thread; lse: per fragment row. Every MMA reading
 // sQ must have completed in every warp (the caller's loop ends with them waited for). tid, warp:
 // among the kNThreads computing threads; sync(): a barrier over exactly those threads.
-template <class Traits, class TensorO, int kRows, class Sync>
+// OutTraits (head dim = the columns of o_rc), s_out, col0 and write_lse serve kernels that produce
+// the output in passes of columns: o_rc holds columns [col0, col0 + OutTraits::kHeadDim), staged in
+// s_out (a free (kBlockM, OutTraits::kHeadDim) tile of smem), and only one pass writes the lse.
+template <class Traits, class OutTraits = Traits, class TensorO, int kRows, class Sync>
 __device__ __forceinline__ void fwd_epilogue(const FwdKernelParams& p, const FwdSmem<Traits>& sm, const TensorO& o_rc,
-                                             const float (&lse)[kRows], int tid, int warp, int lane, Sync&& sync) {
+                                             const float (&lse)[kRows], int tid, int warp, int lane, Sync&& sync,
+                                             typename Traits::Element* s_out = nullptr, int col0 = 0,
+                                             bool write_lse = true) {
   using TS = TileScheduler<Traits>;
   using Element = typename Traits::Element;
+  using OutLayout = typename OutTraits::template SmemLayoutRows<Traits::kBlockM>;
   const CtaSchedule& cs = *sm.cs;
   auto q_row_offset = [&](int r) { return TS::q_row_offset(p.pr, cs, r); };
+  if (s_out == nullptr) s_out = sm.q;
   cp_async_wait<0>();
-  sync();  // sQ is reused for O
-  acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutQ>(o_rc, sm.q, 1.f, warp, lane);
-  if ((lane & 3) == 0) {
+  sync();  // s_out (sQ by default) is reused for O
+  acc_to_smem<Traits::kNWarps, Element, OutLayout>(o_rc, s_out, 1.f, warp, lane);
+  if (write_lse && (lane & 3) == 0) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int64_t off = q_row_offset(acc_row<Traits::kNWarps>(r, warp, lane));
@@ -99,8 +106,7 @@ __device__ __forceinline__ void fwd_epilogue(const FwdKernelParams& p, const Fwd
     }
   }
   sync();
-  store_rows<Traits, Traits::kBlockM, typename Traits::SmemLayoutQ>(static_cast<Element*>(p.out), sm.q, tid,
-                                                                    q_row_offset);
+  store_rows<OutTraits, Traits::kBlockM, OutLayout>(static_cast<Element*>(p.out) + col0, s_out, tid, q_row_offset);
 }
 
 }  // namespace fused

@@ -8,8 +8,11 @@ namespace jax_na {
 namespace fused {
 
 bool fwd_supported(DType dtype, int64_t D, int rank) {
-  return (D == 64 || D == 128) && rank >= 1 && rank <= 3;
+  // Head dim 256: 16-bit only (float32 tiles of 256 columns exceed the shared memory).
+  return (D == 64 || D == 128 || (D == 256 && dtype != DType::kF32)) && rank >= 1 && rank <= 3;
 }
+
+bool hopper_supported(DType dtype, int64_t D) { return dtype != DType::kF32 && (D == 64 || D == 128); }
 
 namespace {
 
@@ -28,7 +31,10 @@ cudaError_t dispatch(DType dtype, int64_t D, int rank, F&& f) {
     }
   };
   auto by_dim = [&](auto dt) -> cudaError_t {
-    return D == 64 ? by_rank(dt, std::integral_constant<int, 64>{}) : by_rank(dt, std::integral_constant<int, 128>{});
+    if (D == 64) return by_rank(dt, std::integral_constant<int, 64>{});
+    if constexpr (decltype(dt)::value != DType::kF32)
+      if (D == 256) return by_rank(dt, std::integral_constant<int, 256>{});
+    return by_rank(dt, std::integral_constant<int, 128>{});
   };
   switch (dtype) {
     case DType::kF16: return by_dim(std::integral_constant<DType, DType::kF16>{});
@@ -45,7 +51,7 @@ struct FwdCall {
   template <DType kDT, int kD, int kRank>
   cudaError_t run() {
 #if defined(JNA_FUSED_WITH_SM90)
-    if constexpr (kDT != DType::kF32)  // the Hopper kernels are 16-bit only
+    if constexpr (kDT != DType::kF32 && kD <= 128)  // the Hopper kernels: 16-bit, head dims 64 and 128
       if (hopper) return run_fwd_sm90<kDT, kD, kRank>(pr, args, stream);
 #endif
     return run_fwd<kDT, kD, kRank>(pr, args, stream);
@@ -60,7 +66,7 @@ struct BwdCall {
   template <DType kDT, int kD, int kRank>
   cudaError_t run() {
 #if defined(JNA_FUSED_WITH_SM90)
-    if constexpr (kDT != DType::kF32)
+    if constexpr (kDT != DType::kF32 && kD <= 128)
       if (hopper) return run_bwd_sm90<kDT, kD, kRank>(pr, args, stream);
 #endif
     return run_bwd<kDT, kD, kRank>(pr, args, stream);
@@ -94,7 +100,7 @@ namespace {
 // 128 and at head dim 64 for windows (product of the kernel sizes) of 256 keys or more; for the
 // forward only without dilation (where its K/V tiles come by TMA). `sm90`: the device can run them.
 bool use_hopper(const geo::Problem& pr, int rank, int32_t arch, int32_t D, bool sm90, bool forward) {
-  if (!sm90 || arch == FwdArgs::kPortable) return false;
+  if (!sm90 || arch == FwdArgs::kPortable || D > 128) return false;
   if (arch == FwdArgs::kHopper) return true;
   int64_t window = 1;
   bool dilated = false;
@@ -116,7 +122,7 @@ bool use_hopper(const geo::Problem& pr, int rank, int32_t arch, int32_t D, bool 
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
-  if (args.arch == FwdArgs::kHopper && dtype == DType::kF32) return cudaErrorInvalidValue;  // 16-bit only
+  if (args.arch == FwdArgs::kHopper && !hopper_supported(dtype, args.D)) return cudaErrorInvalidValue;
   const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/true);
   return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
 }
@@ -124,7 +130,7 @@ cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdA
 cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
-  if (args.arch == FwdArgs::kHopper && dtype == DType::kF32) return cudaErrorInvalidValue;  // 16-bit only
+  if (args.arch == FwdArgs::kHopper && !hopper_supported(dtype, args.D)) return cudaErrorInvalidValue;
   const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/false);
   return dispatch(dtype, args.D, rank, BwdCall{pr, args, stream, hopper});
 }

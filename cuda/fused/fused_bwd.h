@@ -5,7 +5,7 @@
 // query-stationary dQ kernel and the key-stationary dK/dV kernel (also the additional keys/values),
 // on SM80-class MMAs (portable) or on Hopper warpgroup MMAs (sm_90a).
 // Deterministic: every output element is written by exactly one CTA, no atomics.
-// Supported: as the forward (fp16/bf16, head dim 64 or 128 with D_v == D, rank 1..3, every
+// Supported: as the forward (fwd_supported; D_v == D, rank 1..3, every
 // kernel/stride/dilation/causal, GQA, additional keys/values).
 #pragma once
 

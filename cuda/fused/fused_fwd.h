@@ -4,8 +4,8 @@
 //
 // Computes out = softmax(scale * q.k^T over each query's window [+ additional keys]) . v and
 // lse = natural log of the sum of exp of the scaled scores, exactly as SEMANTICS.md defines.
-// Supported: fp16/bf16, head dim 64 or 128 (D_v == D), rank 1..3, any kernel/stride/dilation/causal,
-// GQA (H % Hkv == 0), additional keys/values (Na >= 0).
+// Supported: fp16/bf16 at head dim 64, 128 or 256, fp32 at 64 or 128 (D_v == D), rank 1..3, any
+// kernel/stride/dilation/causal, GQA (H % Hkv == 0), additional keys/values (Na >= 0).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -28,14 +28,19 @@ struct FwdArgs {
   float* lse = nullptr;         // [B, *S, H] float32
   int32_t D = 0;                // head dim of q, k and v
   float scale = 1.f;
-  // Which kernel: kAuto (the Hopper one on sm_90 devices at head dim 128 when compiled, else the
-  // portable one), kPortable, or kHopper (an error where it cannot run).
+  // Which kernel: kAuto (dispatch.cu's rule: the Hopper one on sm_90 devices where compiled, at head
+  // dim 128 and for large windows at 64; else the portable one), kPortable, or kHopper (an error where
+  // it cannot run: no sm_90 device, float32, head dim 256).
   enum Arch : int32_t { kAuto = 0, kPortable = 80, kHopper = 90 };
   int32_t arch = kAuto;
 };
 
-// True when a compiled instantiation exists for (dtype, head dim, rank).
+// True when a compiled instantiation exists for (dtype, head dim, rank): head dims 64 and 128, and
+// 256 in float16/bfloat16 (portable kernels only).
 bool fwd_supported(DType dtype, int64_t D, int rank);
+
+// True when the Hopper kernels exist for (dtype, head dim): float16/bfloat16 at head dims 64 and 128.
+bool hopper_supported(DType dtype, int64_t D);
 
 // True when the Hopper forward was compiled (sm_90a in the build) and the current device is sm_90.
 bool sm90_available();

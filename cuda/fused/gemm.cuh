@@ -68,6 +68,8 @@ __device__ __forceinline__ auto a_row_col(Layout l) {
 // kWarpsPerMma: warps that must issue a product together (1 here, a warpgroup on Hopper).
 template <class Traits>
 struct Sm80Gemm {
+  template <class OtherTraits>
+  using Rebind = Sm80Gemm<OtherTraits>;  // the same policy over other tiles (a pass's output columns)
   using Element = typename Traits::Element;
   static constexpr int kD = Traits::kHeadDim;
   static constexpr int kWarpsPerMma = 1;

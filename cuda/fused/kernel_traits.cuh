@@ -98,29 +98,38 @@ struct TraitsBase {
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
                                   cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::Int<kMmaK>>>;
 
-  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim: a multiple of 64 up to 256");
   static constexpr int kBlockKSmem = 8 * kChunkElems;
   // 8 rows x 128 bytes per atom, 16-byte chunks XOR-swizzled by row: conflict-free cp.async stores and
   // ldmatrix loads (ldmatrix moves 32-bit pairs, so float32 rows take the same non-transposed loads).
   using SmemLayoutAtom = decltype(cute::composition(
       cute::Swizzle<3, kChunkShift, 3>{},
       cute::Layout<cute::Shape<cute::_8, cute::Int<kBlockKSmem>>, cute::Stride<cute::Int<kBlockKSmem>, cute::_1>>{}));
-  // A (rows, D) tile of token rows, and the same memory viewed as (D, rows) for a transposed B operand.
-  template <int kRows>
+  // A (rows, kCols) tile of token rows, and the same memory viewed as (kCols, rows) for a transposed B
+  // operand. Tiles of 8 x kBlockKSmem atoms go rows first, so the columns [c * 128, c * 128 + 128) of a
+  // (rows, D) tile are the (rows, 128) tile at element c * rows * 128 (the D > 128 passes below).
+  template <int kRows, int kCols = kHeadDim>
   using SmemLayoutRows =
-      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kHeadDim>>{}));
+      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}));
   // For float32 the k index of the transposed view is permuted inside each 8-row block (k -> key
   // 2 (k % 4) + (k / 4) % 2): an m16n8k8 A operand taken straight from an accumulator (acc_to_a_layout)
   // holds the columns 2t, 2t+1 of its n-block where the MMA expects k = t, t+4, so B reads those keys
   // there. 16-bit accumulators already are m16n8k16 A operands.
-  template <int kRows>
+  template <int kRows, int kCols>
   using TransposedRows = std::conditional_t<
       sizeof(Element) == 2,
-      cute::Layout<cute::Shape<cute::Int<kHeadDim>, cute::Int<kRows>>, cute::Stride<cute::Int<kRows>, cute::_1>>,
-      cute::Layout<cute::Shape<cute::Int<kHeadDim>, cute::Shape<cute::_4, cute::_2, cute::Int<kRows / 8>>>,
+      cute::Layout<cute::Shape<cute::Int<kCols>, cute::Int<kRows>>, cute::Stride<cute::Int<kRows>, cute::_1>>,
+      cute::Layout<cute::Shape<cute::Int<kCols>, cute::Shape<cute::_4, cute::_2, cute::Int<kRows / 8>>>,
                    cute::Stride<cute::Int<kRows>, cute::Stride<cute::_2, cute::_1, cute::_8>>>>;
-  template <int kRows>
-  using SmemLayoutRowsT = decltype(cute::composition(SmemLayoutRows<kRows>{}, TransposedRows<kRows>{}));
+  template <int kRows, int kCols = kHeadDim>
+  using SmemLayoutRowsT =
+      decltype(cute::composition(SmemLayoutRows<kRows, kCols>{}, TransposedRows<kRows, kCols>{}));
+  // Head-dim columns per pass of the products that produce them (O, dQ, dK, dV): float32
+  // accumulators of 256 columns would not fit the register file next to the others, so head dim 256
+  // runs kDPasses = 2 passes of 128 columns, recomputing S (and dP) per pass. A kernel's OutTraits are
+  // its traits at head dim kHeadDimOut: the layouts of one pass's output columns.
+  static constexpr int kHeadDimOut = kHeadDim > 128 ? 128 : kHeadDim;
+  static constexpr int kDPasses = kHeadDim / kHeadDimOut;
 
   using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
   // Transposed reads: ldmatrix.trans moves 16-bit elements only; float32 reads them one by one.
@@ -176,6 +185,8 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
   using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
   using SmemLayoutVt = typename Base::template SmemLayoutRowsT<kBlockN>;  // V (or K) as the B of P.V (dS.K)
+  using OutTraits = std::conditional_t<Base::kDPasses == 1, FwdTraits,
+                                       FwdTraits<kDType_, Base::kHeadDimOut, kRank_, kBlockN_, kNWarps_, kStages_>>;
 
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
@@ -222,6 +233,8 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
 
   using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
   using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
+  using OutTraits = std::conditional_t<Base::kDPasses == 1, BwdKVTraits,
+                                       BwdKVTraits<kDType_, Base::kHeadDimOut, kRank_, kNWarps_, kBlockN_, kBlockM_>>;
 
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;

@@ -55,8 +55,9 @@ cudaError_t launch_fwd_kernel(Kernel kernel, const geo::Problem& pr, const FwdAr
 
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
-  // float32 tiles take twice the bytes: 32-key tiles keep the smem at ~130 KB.
-  using Traits = FwdTraits<kDType, kHeadDim, kRank, kDType == DType::kF32 ? 32 : JNA_FUSED_BLOCK_N>;
+  // float32 rows and head dim 256 take twice the bytes per key: 32-key tiles keep the smem at ~130 KB.
+  constexpr bool kWideRows = kDType == DType::kF32 || kHeadDim > 128;
+  using Traits = FwdTraits<kDType, kHeadDim, kRank, kWideRows ? 32 : JNA_FUSED_BLOCK_N>;
   return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
 }
 

@@ -9,6 +9,8 @@
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced
 // in registers. Query columns outside the group load as zeros (Q = dO = lse = delta = 0), which
 // makes their dV and dK contributions exactly zero without a mask.
+// Head dims over 128 walk the Q tiles once per 128 dK/dV columns (Traits::kDPasses), recomputing S^T
+// and dP^T: two 256-column accumulators would not fit the register file.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -61,6 +63,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kD = Traits::kHeadDim;
+  // One pass's dK/dV columns: the same policy over Traits at head dim kHeadDimOut.
+  using OutTraits = typename Traits::OutTraits;
+  using OutGemm = typename Gemm::template Rebind<OutTraits>;
+  constexpr int kDOut = OutTraits::kHeadDim;
+  static_assert(kDOut == Traits::kHeadDimOut && kD == kDOut * Traits::kDPasses, "dK/dV columns per pass");
   constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(1024) char smem_raw[];
@@ -117,74 +124,89 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   cp_async_commit();
 
   Gemm gemm(tid);
-  auto acc_dk = gemm.template acc<kBlockN, kD>();
-  auto acc_dv = gemm.template acc<kBlockN, kD>();
-  clear(acc_dk);
-  clear(acc_dv);
-
-  QTileWalker<Traits> walker;  // tile i (load_walker is one ahead)
-  for (int32_t i = 0; i < n_iters; ++i) {
-    const int s = i & 1;
-    cp_async_wait<0>();
-    gemm.fence_smem_writes();
-    __syncthreads();  // stage s (and K, V) visible; every warp done with stage s ^ 1
-    if (i + 1 < n_iters) {
-      issue_q(s ^ 1);  // tile i + 1
-      cp_async_commit();
-    }
-    int32_t org[3];
-    walker.origin(ks, org);
-    walker.advance(ks);
-    const bool full = ks.is_add || KS::q_tile_full(ks, org);
-    const float* s_lse = reinterpret_cast<const float*>(small(s, L::kLse));
-    const float* s_dlt = reinterpret_cast<const float*>(small(s, L::kDelta));
-
-    auto acc_s = gemm.template acc<kBlockN, kBlockM>();
-    auto acc_dp = gemm.template acc<kBlockN, kBlockM>();
-    gemm.template ss<kBlockN, kBlockM>(acc_s, sK, sQ(s));
-    gemm.template ss<kBlockN, kBlockM>(acc_dp, sV, sdO(s));
-    gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
-
-    Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
-    Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
-    constexpr int kRows = decltype(size<0>(s_rc))::value;
-    constexpr int kCols = decltype(size<1>(s_rc))::value;
-    if (!full)
-      mask_inverse_tile<Traits>(s_rc, reinterpret_cast<const int2*>(small(s, L::kWin)), ks.k0, warp, lane);
-    // P^T in place of S^T.
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      const float lse2 = s_lse[acc_col(c, lane)] * kLog2e;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2);
-    }
-    Tensor rP = convert_fragment<Element>(acc_s);
-    gemm.template rs<kBlockM>(acc_dv, rP, sdO(s));  // dV += P^T dO
-    gemm.template wait<1>(acc_dp);                  // dP^T done, dV in flight
-    // dS^T in place of dP^T.
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      const float dlt = s_dlt[acc_col(c, lane)];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - dlt);
-    }
-    Tensor rdS = convert_fragment<Element>(acc_dp);
-    gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s));  // dK += dS^T Q
-    gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this
-  }
-
-  // Epilogue: dK * scale and dV -> smem (over K and V) -> rows of dk/dv (or d_add_k/d_add_v).
-  cp_async_wait<0>();
-  __syncthreads();
+  OutGemm out_gemm(tid);
+  auto acc_dk = out_gemm.template acc<kBlockN, kDOut>();
+  auto acc_dv = out_gemm.template acc<kBlockN, kDOut>();
   Tensor dk_rc = make_tensor(acc_dk.data(), row_col(acc_dk.layout()));
   Tensor dv_rc = make_tensor(acc_dv.data(), row_col(acc_dv.layout()));
-  acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutKV>(dk_rc, sK, p.scale, warp, lane);
-  acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutKV>(dv_rc, sV, 1.f, warp, lane);
-  __syncthreads();
-  store_rows<Traits, kBlockN, typename Traits::SmemLayoutKV>(
-      static_cast<Element*>(ks.is_add ? p.d_add_k : p.dk), sK, tid, kv_off);
-  store_rows<Traits, kBlockN, typename Traits::SmemLayoutKV>(
-      static_cast<Element*>(ks.is_add ? p.d_add_v : p.dv), sV, tid, kv_off);
+
+  for (int pass = 0; pass < Traits::kDPasses; ++pass) {
+    clear(acc_dk);
+    clear(acc_dv);
+    const int col0 = pass * kDOut;  // this pass's columns of a (rows, D) tile: the (rows, kDOut) tile at rows * col0
+    QTileWalker<Traits> walker;     // tile i (load_walker is one ahead)
+    for (int32_t i = 0; i < n_iters; ++i) {
+      const int s = i & 1;
+      cp_async_wait<0>();
+      gemm.fence_smem_writes();
+      __syncthreads();  // stage s (and K, V) visible; every warp done with stage s ^ 1
+      if (i + 1 < n_iters) {
+        issue_q(s ^ 1);  // tile i + 1
+        cp_async_commit();
+      }
+      int32_t org[3];
+      walker.origin(ks, org);
+      walker.advance(ks);
+      const bool full = ks.is_add || KS::q_tile_full(ks, org);
+      const float* s_lse = reinterpret_cast<const float*>(small(s, L::kLse));
+      const float* s_dlt = reinterpret_cast<const float*>(small(s, L::kDelta));
+
+      auto acc_s = gemm.template acc<kBlockN, kBlockM>();
+      auto acc_dp = gemm.template acc<kBlockN, kBlockM>();
+      gemm.template ss<kBlockN, kBlockM>(acc_s, sK, sQ(s));
+      gemm.template ss<kBlockN, kBlockM>(acc_dp, sV, sdO(s));
+      gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
+
+      Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
+      Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
+      constexpr int kRows = decltype(size<0>(s_rc))::value;
+      constexpr int kCols = decltype(size<1>(s_rc))::value;
+      if (!full)
+        mask_inverse_tile<Traits>(s_rc, reinterpret_cast<const int2*>(small(s, L::kWin)), ks.k0, warp, lane);
+      // P^T in place of S^T.
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float lse2 = s_lse[acc_col(c, lane)] * kLog2e;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2);
+      }
+      Tensor rP = convert_fragment<Element>(acc_s);
+      out_gemm.template rs<kBlockM>(acc_dv, rP, sdO(s) + kBlockM * col0);  // dV += P^T dO
+      gemm.template wait<1>(acc_dp);                                       // dP^T done, dV in flight
+      // dS^T in place of dP^T.
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float dlt = s_dlt[acc_col(c, lane)];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - dlt);
+      }
+      Tensor rdS = convert_fragment<Element>(acc_dp);
+      out_gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s) + kBlockM * col0);  // dK += dS^T Q
+      out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this
+    }
+
+    // Epilogue: dK * scale and dV -> smem -> rows of dk/dv (or d_add_k/d_add_v). One pass: over K and
+    // V; more: over the Q/dO stages (free now; K and V serve the next pass, whose Q tile 0 loads next).
+    cp_async_wait<0>();
+    __syncthreads();
+    using OutLayout = typename OutTraits::template SmemLayoutRows<kBlockN>;
+    static_assert(Traits::kDPasses == 1 || 2 * kBlockN * kDOut <= 4 * kBlockM * kD, "dK/dV staging over Q/dO");
+    Element* s_dk = Traits::kDPasses == 1 ? sK : sQ(0);
+    Element* s_dv = Traits::kDPasses == 1 ? sV : sQ(0) + kBlockN * kDOut;
+    acc_to_smem<Traits::kNWarps, Element, OutLayout>(dk_rc, s_dk, p.scale, warp, lane);
+    acc_to_smem<Traits::kNWarps, Element, OutLayout>(dv_rc, s_dv, 1.f, warp, lane);
+    __syncthreads();
+    store_rows<OutTraits, kBlockN, OutLayout>(static_cast<Element*>(ks.is_add ? p.d_add_k : p.dk) + col0, s_dk,
+                                              tid, kv_off);
+    store_rows<OutTraits, kBlockN, OutLayout>(static_cast<Element*>(ks.is_add ? p.d_add_v : p.dv) + col0, s_dv,
+                                              tid, kv_off);
+    if (pass + 1 < Traits::kDPasses) {
+      __syncthreads();  // the staging read out before Q tile 0 lands there
+      load_walker = QTileWalker<Traits>{};
+      if (n_iters > 0) issue_q(0);
+      cp_async_commit();
+    }
+  }
 #endif
 }
 

@@ -5,6 +5,8 @@
 //   S = Q K^T, dP = dO V^T, P = exp(scale S - lse) (masked), dS = P (dP - delta), dQ += dS K
 // with K/V double-buffered (tile n+1 loads while tile n computes). dQ = scale * sum; no atomics, so
 // the result is deterministic. dK/dV come from the key-stationary kernel (mainloop_bwd_dkdv.cuh).
+// Head dims over 128 walk the KV tiles once per 128 dQ columns (Traits::kDPasses), recomputing S and
+// dP: 128 columns of dQ accumulators is what fits the register file beside them.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -48,6 +50,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kD = Traits::kHeadDim;
   constexpr int kKVElems = kBlockN * kD;
+  // One pass's dQ columns: the same policy over Traits at head dim kHeadDimOut.
+  using OutTraits = typename Traits::OutTraits;
+  using OutGemm = typename Gemm::template Rebind<OutTraits>;
+  constexpr int kDOut = OutTraits::kHeadDim;
+  static_assert(kDOut == Traits::kHeadDimOut && kD == kDOut * Traits::kDPasses, "dQ columns per pass");
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr uint32_t kGroupMask = (1u << Gemm::kWarpsPerMma) - 1;
 
@@ -90,8 +97,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   cp_async_commit();
 
   Gemm gemm(tid);
-  auto acc_dq = gemm.template acc<kBlockM, kD>();
-  clear(acc_dq);
+  OutGemm out_gemm(tid);
+  auto acc_dq = out_gemm.template acc<kBlockM, kDOut>();
 
   // Per-row lse (log2 domain) and delta; rows outside the group get lse = +inf (P = 0).
   Tensor acc_dq_rc = make_tensor(acc_dq.data(), row_col(acc_dq.layout()));
@@ -105,56 +112,71 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   }
 
   const int32_t n_tiles = __shfl_sync(0xffffffffu, cs.n_tiles, 0);
-  for (int32_t n = 0; n < n_tiles; ++n) {
-    const int stage = n & 1;
+  for (int pass = 0; pass < Traits::kDPasses; ++pass) {
+    clear(acc_dq);
+    for (int32_t n = 0; n < n_tiles; ++n) {
+      const int stage = n & 1;
+      cp_async_wait<0>();
+      gemm.fence_smem_writes();
+      __syncthreads();  // K/V(n) visible; every warp done with stage (n + 1) & 1
+      if (n + 1 < n_tiles) {
+        load_kv(stage ^ 1);  // tile n + 1
+        cp_async_commit();
+      }
+      const TileFlags& tf = cs.flags[stage];
+      const uint32_t active = __shfl_sync(0xffffffffu, tf.active, 0);
+      if (!((active >> group_warp0) & kGroupMask)) continue;  // uniform over the MMA's warps
+      // A warp without any key of the tile in its windows masks all of it (its full bit is clear).
+      const bool full = (tf.full >> warp) & 1u;
+
+      auto acc_s = gemm.template acc<kBlockM, kBlockN>();
+      auto acc_dp = gemm.template acc<kBlockM, kBlockN>();
+      gemm.template ss<kBlockM, kBlockN>(acc_s, sQ, sK + stage * kKVElems);
+      gemm.template ss<kBlockM, kBlockN>(acc_dp, sdO, sV + stage * kKVElems);
+      gemm.template wait<1>(acc_s);  // S done, dP may still run
+
+      Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
+      Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
+      if (!full) {
+        const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
+        mask_tile<Traits>(s_rc, s_win, pr, cs, n, org, warp, lane);
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int c = 0; c < size<1>(s_rc); ++c) s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2[r]);
+      }
+      gemm.template wait<0>(acc_dp);
+      // dS = P (dP - delta), in place of S.
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int c = 0; c < size<1>(s_rc); ++c) s_rc(r, c) *= dp_rc(r, c) - dlt[r];
+      }
+      Tensor rdS = convert_fragment<Element>(acc_s);
+      // dQ[:, this pass's columns] += dS K[:, those columns] (a (kBlockN, kDOut) tile: SmemLayoutRows)
+      out_gemm.template rs<kBlockN>(acc_dq, rdS, sK + stage * kKVElems + pass * kBlockN * kDOut);
+      out_gemm.template wait<0>(acc_dq, rdS);  // stage is read by nothing after this
+    }
+
+    // Epilogue: dQ * scale -> smem -> rows of dq (one pass: over Q; more: over the K stages, free now,
+    // then K/V tile 0 again for the next pass).
     cp_async_wait<0>();
-    gemm.fence_smem_writes();
-    __syncthreads();  // K/V(n) visible; every warp done with stage (n + 1) & 1
-    if (n + 1 < n_tiles) {
-      load_kv(stage ^ 1);  // tile n + 1
+    __syncthreads();
+    Element* s_out = Traits::kDPasses == 1 ? sQ : sK;
+    static_assert(Traits::kDPasses == 1 || kBlockM * kDOut <= 2 * kKVElems, "dQ staging over the K stages");
+    using OutLayout = typename OutTraits::template SmemLayoutRows<kBlockM>;
+    acc_to_smem<Traits::kNWarps, Element, OutLayout>(acc_dq_rc, s_out, p.scale, warp, lane);
+    __syncthreads();
+    store_rows<OutTraits, kBlockM, OutLayout>(static_cast<Element*>(p.dq) + pass * kDOut, s_out, tid,
+                                              q_row_offset);
+    if (pass + 1 < Traits::kDPasses) {
+      __syncthreads();  // s_out read out before K/V tile 0 lands there
+      kv_walker = KVTileWalker<Traits>{};
+      load_kv(0);
       cp_async_commit();
     }
-    const TileFlags& tf = cs.flags[stage];
-    const uint32_t active = __shfl_sync(0xffffffffu, tf.active, 0);
-    if (!((active >> group_warp0) & kGroupMask)) continue;  // uniform over the MMA's warps
-    // A warp without any key of the tile in its windows masks all of it (its full bit is clear).
-    const bool full = (tf.full >> warp) & 1u;
-
-    auto acc_s = gemm.template acc<kBlockM, kBlockN>();
-    auto acc_dp = gemm.template acc<kBlockM, kBlockN>();
-    gemm.template ss<kBlockM, kBlockN>(acc_s, sQ, sK + stage * kKVElems);
-    gemm.template ss<kBlockM, kBlockN>(acc_dp, sdO, sV + stage * kKVElems);
-    gemm.template wait<1>(acc_s);  // S done, dP may still run
-
-    Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
-    Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
-    if (!full) {
-      const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
-      mask_tile<Traits>(s_rc, s_win, pr, cs, n, org, warp, lane);
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int c = 0; c < size<1>(s_rc); ++c) s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2[r]);
-    }
-    gemm.template wait<0>(acc_dp);
-    // dS = P (dP - delta), in place of S.
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int c = 0; c < size<1>(s_rc); ++c) s_rc(r, c) *= dp_rc(r, c) - dlt[r];
-    }
-    Tensor rdS = convert_fragment<Element>(acc_s);
-    gemm.template rs<kBlockN>(acc_dq, rdS, sK + stage * kKVElems);  // dQ += dS K
-    gemm.template wait<0>(acc_dq, rdS);  // stage is read by nothing after this
   }
-
-  // Epilogue: dQ * scale -> smem (sQ) -> rows of dq.
-  cp_async_wait<0>();
-  __syncthreads();
-  acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutQ>(acc_dq_rc, sQ, p.scale, warp, lane);
-  __syncthreads();
-  store_rows<Traits, kBlockM, typename Traits::SmemLayoutQ>(static_cast<Element*>(p.dq), sQ, tid, q_row_offset);
 #endif
 }
 

@@ -6,6 +6,8 @@
 //   wait K/V(n); barrier; issue K/V(n+1) | S = Q K^T | mask, online softmax, O += P V
 // Each warp skips the tiles that miss all of its queries' windows and skips the mask arithmetic on
 // tiles that lie inside all of them. Prologue and epilogue: cta_fwd.cuh.
+// Head dims over 128 walk the KV tiles once per 128 output columns (Traits::kDPasses), recomputing S
+// and the softmax: 256 columns of O accumulators would not fit the register file beside S.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -45,17 +47,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
   fwd_issue_kv<Traits>(p, sm, kv_walker, 0, tid);
   cp_async_commit();
 
+  // One pass's output columns: the (kBlockN, kDOut) V tile at kBlockN * col0 of a stage.
+  using OutTraits = typename Traits::OutTraits;
+  constexpr int kDOut = OutTraits::kHeadDim;
+  static_assert(kDOut == Traits::kHeadDimOut && kD == kDOut * Traits::kDPasses, "output columns per pass");
+
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Traits::SmemLayoutQ{});
   Tensor sK0 = make_tensor(make_smem_ptr(sm.k), typename Traits::SmemLayoutKV{});
-  Tensor sVt_plain = make_tensor(make_smem_ptr(sm.v), make_layout(Shape<Int<kD>, Int<kBlockN>>{}));
+  Tensor sVt_plain = make_tensor(make_smem_ptr(sm.v), make_layout(Shape<Int<kDOut>, Int<kBlockN>>{}));
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor rQ = thr_mma.partition_fragment_A(sQ);         // (MMA, MMA_M, MMA_K)
   Tensor rK = thr_mma.partition_fragment_B(sK0);        // (MMA, MMA_N, MMA_K)
-  Tensor rVt = thr_mma.partition_fragment_B(sVt_plain);  // (MMA, MMA_N=D/8, MMA_K=kBlockN/16)
-  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kD>>{});
-  clear(acc_o);
+  Tensor rVt = thr_mma.partition_fragment_B(sVt_plain);  // (MMA, MMA_N=kDOut/8, MMA_K=kBlockN/16)
+  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kDOut>>{});
 
   auto copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto thr_copy_q = copy_q.get_thread_slice(tid);
@@ -67,45 +73,60 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
 
   Tensor acc_o_rc = make_tensor(acc_o.data(), row_col(acc_o.layout()));
   constexpr int kRows = decltype(size<0>(acc_o_rc))::value;
-  OnlineSoftmax<kRows> softmax;
-  softmax.init();
 
-  for (int32_t n = 0; n < cs.n_tiles; ++n) {
-    const int stage = n & 1;
-    cp_async_wait<0>();
-    __syncthreads();  // K/V(n) (and Q, windows, flags) visible; every warp done with stage (n + 1) & 1
-    if (n + 1 < cs.n_tiles) {
-      fwd_issue_kv<Traits>(p, sm, kv_walker, stage ^ 1, tid);  // tile n + 1: overlaps with this tile's math
+  for (int pass = 0; pass < Traits::kDPasses; ++pass) {
+    const int col0 = pass * kDOut;
+    clear(acc_o);
+    OnlineSoftmax<kRows> softmax;
+    softmax.init();
+    for (int32_t n = 0; n < cs.n_tiles; ++n) {
+      const int stage = n & 1;
+      cp_async_wait<0>();
+      __syncthreads();  // K/V(n) (and Q, windows, flags) visible; every warp done with stage (n + 1) & 1
+      if (n + 1 < cs.n_tiles) {
+        fwd_issue_kv<Traits>(p, sm, kv_walker, stage ^ 1, tid);  // tile n + 1: overlaps with this tile's math
+        cp_async_commit();
+      }
+      const TileFlags& tf = cs.flags[stage];
+      if (!((tf.active >> warp) & 1u)) continue;
+      const bool full = (tf.full >> warp) & 1u;
+
+      Tensor sK = make_tensor(make_smem_ptr(sm.k_stage(stage)), typename Traits::SmemLayoutKV{});
+      Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(stage) + kBlockN * col0), typename OutTraits::SmemLayoutVt{});
+      Tensor tsK = thr_copy_k.partition_S(sK);
+      Tensor tsVt = thr_copy_v.partition_S(sVt);
+      Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      clear(acc_s);
+      gemm_ss(tiled_mma, acc_s, rQ, rK, tsQ, tsK, copy_q, copy_k, thr_copy_q, thr_copy_k);
+
+      Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
+      if (!full) {
+        const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
+        mask_tile<Traits>(s_rc, sm.win, p.pr, cs, n, org, warp, lane);
+      }
+      softmax.update(s_rc, acc_o_rc, p.scale_log2);
+
+      // P (registers, converted to Element) . V
+      Tensor rP = convert_fragment<Element>(acc_s);
+      Tensor rPa = make_tensor(rP.data(), acc_to_a_layout<sizeof(Element)>(rP.layout()));
+      gemm_rs(tiled_mma, acc_o, rPa, rVt, tsVt, copy_v, thr_copy_v);
+    }
+
+    float lse[kRows];
+    softmax.finalize(acc_o_rc, p.scale, lse);
+    constexpr bool kOnePass = Traits::kDPasses == 1;
+    static_assert(kOnePass || kBlockM * kDOut <= Traits::kStages * kBlockN * kD, "O staging over the K stages");
+    // One pass: O staged over Q. More: over the K stages (free now; Q serves the next pass), the
+    // lse written once.
+    fwd_epilogue<Traits, OutTraits>(p, sm, acc_o_rc, lse, tid, warp, lane, [] { __syncthreads(); },
+                                    kOnePass ? sm.q : sm.k, col0, pass == 0);
+    if (pass + 1 < Traits::kDPasses) {
+      __syncthreads();  // the staging read out before K/V tile 0 lands there
+      kv_walker = KVTileWalker<Traits>{};
+      fwd_issue_kv<Traits>(p, sm, kv_walker, 0, tid);
       cp_async_commit();
     }
-    const TileFlags& tf = cs.flags[stage];
-    if (!((tf.active >> warp) & 1u)) continue;
-    const bool full = (tf.full >> warp) & 1u;
-
-    Tensor sK = make_tensor(make_smem_ptr(sm.k_stage(stage)), typename Traits::SmemLayoutKV{});
-    Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(stage)), typename Traits::SmemLayoutVt{});
-    Tensor tsK = thr_copy_k.partition_S(sK);
-    Tensor tsVt = thr_copy_v.partition_S(sVt);
-    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_s);
-    gemm_ss(tiled_mma, acc_s, rQ, rK, tsQ, tsK, copy_q, copy_k, thr_copy_q, thr_copy_k);
-
-    Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
-    if (!full) {
-      const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
-      mask_tile<Traits>(s_rc, sm.win, p.pr, cs, n, org, warp, lane);
-    }
-    softmax.update(s_rc, acc_o_rc, p.scale_log2);
-
-    // P (registers, converted to Element) . V
-    Tensor rP = convert_fragment<Element>(acc_s);
-    Tensor rPa = make_tensor(rP.data(), acc_to_a_layout<sizeof(Element)>(rP.layout()));
-    gemm_rs(tiled_mma, acc_o, rPa, rVt, tsVt, copy_v, thr_copy_v);
   }
-
-  float lse[kRows];
-  softmax.finalize(acc_o_rc, p.scale, lse);
-  fwd_epilogue<Traits>(p, sm, acc_o_rc, lse, tid, warp, lane, [] { __syncthreads(); });
 #endif
 }
 

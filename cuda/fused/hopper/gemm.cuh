@@ -60,6 +60,8 @@ __device__ __forceinline__ auto acc_to_gmma_a_layout(Layout) {
 // the operands nor the accumulators may be touched before. Every warp of a warpgroup must issue.
 template <class Traits>
 struct Sm90Gemm {
+  template <class OtherTraits>
+  using Rebind = Sm90Gemm<OtherTraits>;  // the same policy over other tiles (a pass's output columns)
   using Element = typename Traits::Element;
   static constexpr int kD = Traits::kHeadDim;
   static constexpr int kWarpsPerMma = 4;

@@ -31,6 +31,7 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, 3> {
   using Base::kHeadDim;
   static constexpr int kMinBlocks = 1;
   static constexpr int kNWarpGroups = 2;  // consumers
+  static_assert(Base::kDPasses == 1, "the Hopper forward takes head dims up to 128 (one pass of O columns)");
 
   static constexpr int kLoadThreads = 128;  // the producer warpgroup
   static constexpr int kLoadRowsPerPass = kLoadThreads / Base::kChunks;
