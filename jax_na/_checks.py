@@ -35,9 +35,13 @@ BACKEND_DTYPES = {
     "reference": FLOAT_DTYPES + (jnp.float64,),
     "naive": FLOAT_DTYPES,
 }
-# Head dims the fused kernels are instantiated for (they need D == D_v). Smaller head dims run
-# zero-padded to the next one (see fused_head_dim); larger ones are not supported.
-FUSED_HEAD_DIMS = (64, 128)
+# Head dims the fused kernels are instantiated for (they need D == D_v): FUSED_HEAD_DIMS in float16/
+# bfloat16 on the portable set (256 runs there only: it computes its output columns in two passes of
+# 128), FUSED_HEAD_DIMS_NARROW for float32 (tiles of 256 float32 columns exceed the shared memory)
+# and for the Hopper set. Smaller head dims run zero-padded to the next one (see fused_head_dim);
+# larger ones are not supported.
+FUSED_HEAD_DIMS = (64, 128, 256)
+FUSED_HEAD_DIMS_NARROW = (64, 128)
 # Head dims the gemm (tensor-core) kernels are instantiated for (float16, bfloat16, and float32 at
 # float32 accuracy through 3xTF32): the head dim an unfused op contracts or produces (D for qk, D_v
 # for av) runs zero-padded to the next one up to 128. The gemm targets take larger head dims too and
@@ -54,13 +58,19 @@ def backend_family(backend: str) -> str:
     return "fused" if backend in FUSED_BACKENDS else backend
 
 
-def fused_head_dim(D: int, Dv: int) -> int | None:
+def fused_head_dims(dtype, backend: str = "fused") -> tuple[int, ...]:
+    """The head dims the kernels of a fused backend are instantiated for in ``dtype``."""
+    narrow = backend == "fused_sm90" or jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+    return FUSED_HEAD_DIMS_NARROW if narrow else FUSED_HEAD_DIMS
+
+
+def fused_head_dim(D: int, Dv: int, dtype, backend: str = "fused") -> int | None:
     """The head dim P the fused kernels run a call with head dims (D, D_v) at: q/k are zero-padded
     from D to P and v from D_v to P (zero columns change no score and add only zero output columns).
-    None when max(D, D_v) exceeds the largest instantiated head dim."""
+    None when max(D, D_v) exceeds the largest head dim instantiated for ``dtype`` and ``backend``."""
     if D < 1 or Dv < 1:
         return None
-    return next((p for p in FUSED_HEAD_DIMS if max(D, Dv) <= p), None)
+    return next((p for p in fused_head_dims(dtype, backend) if max(D, Dv) <= p), None)
 
 
 def gemm_head_dim(dtype, d: int) -> int:
@@ -83,7 +93,7 @@ def fused_supports(dtype, D: int, Dv: int, H: int) -> bool:
     """Whether the fused kernels take a call (batch size aside: it is split into chunks). Every
     scale runs (a scale <= 0 through an exact rewrite of q: primitives._fused_impl)."""
     return (any(jnp.dtype(dtype) == jnp.dtype(d) for d in BACKEND_DTYPES["fused"])
-            and fused_head_dim(D, Dv) is not None and 1 <= H <= FUSED_MAX_HEADS)
+            and fused_head_dim(D, Dv, dtype) is not None and 1 <= H <= FUSED_MAX_HEADS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,11 +260,13 @@ def _check_fused(query, value, backend="fused"):
     """Limits of the fused kernels, checked for an explicit fused backend."""
     B, *_, H, D = query.shape
     Dv = value.shape[-1]
-    if fused_head_dim(D, Dv) is None:
-        raise ValueError(f"backend {backend!r} supports head dims up to {FUSED_HEAD_DIMS[-1]} (query/key head "
-                         f"dim D and value head dim D_v; allowed: 1..{FUSED_HEAD_DIMS[-1]}, run zero-padded "
-                         f"to {' or '.join(map(str, FUSED_HEAD_DIMS))}), got D={D}, D_v={Dv}; backends "
-                         f"that support these head dims: ['gemm', 'reference', 'naive']")
+    if fused_head_dim(D, Dv, query.dtype, backend) is None:
+        dims = fused_head_dims(query.dtype, backend)
+        others = [b for b in ("fused", "fused_sm80") if b != backend and fused_head_dim(D, Dv, query.dtype, b)]
+        raise ValueError(f"backend {backend!r} supports head dims up to {dims[-1]} in {_dtype_name(query.dtype)} "
+                         f"(query/key head dim D and value head dim D_v; allowed: 1..{dims[-1]}, run zero-padded "
+                         f"to {' or '.join(map(str, dims))}), got D={D}, D_v={Dv}; backends that support "
+                         f"these head dims: {others + ['gemm', 'reference', 'naive']}")
     if H > FUSED_MAX_HEADS:
         raise ValueError(f"backend {backend!r} supports at most {FUSED_MAX_HEADS} query heads (allowed: "
                          f"1..{FUSED_MAX_HEADS}), query has H={H}; backends that support it: "

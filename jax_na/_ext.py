@@ -92,7 +92,8 @@ def available_backends() -> list[str]:
     """Backends that can run a call on this machine, fastest first (measured on an H100: the fused
     kernels reach 101-401 effective TFLOP/s forward (82-319 forward+backward), the reference 12-37,
     the naive kernels 0.4-1; see jax_na.primitives.AUTO_PREFERENCE). The fused backends take
-    float32/float16/bfloat16 with head dims up to 128 ("fused_sm90" float16/bfloat16 only);
+    float16/bfloat16 with head dims up to 256 and float32 up to 128 ("fused_sm90" float16/bfloat16
+    up to 128);
     "fused_sm90"/"fused_sm80" are "fused" with its kernels pinned (Hopper/portable, forward and
     backward). "gemm" (tensor-core unfused ops in float32, float16 and bfloat16; its na1d/na2d/na3d
     are qk -> softmax -> av) stands before the reference as auto prefers it for the unfused ops; its

@@ -176,16 +176,18 @@ _NA_DOC = """{rank}-D neighborhood attention.
       additional_keys: optional ``[B, N_add, H_kv, D]`` keys seen by every query.
       additional_values: optional ``[B, N_add, H_kv, D_v]``, required with ``additional_keys``.
       return_lse: also return the float32 log-sum-exp ``{lse}``.
-      backend: None/"auto" (chosen per call at lowering time: "fused" on CUDA for float32/float16/
-        bfloat16 with head dims up to 128, else the reference; auto never picks "gemm" here: fused
-        is faster), "fused" (flash-style CUDA kernels: float16/bfloat16, and float32 on the portable
-        kernels (3xTF32 tensor-core products at float32 accuracy), head dims ``D, D_v <= 128``, any
-        finite scale (a scale <= 0 runs exactly as ``|scale|`` on ``-q``, or 1 on ``q * 0``); head
-        dims other than 64/128 are padded to 64 or 128 (zeros, same scale) and the results sliced
-        back; the forward runs a TMA + wgmma kernel on compute capability 9.0 GPUs without dilation
-        at head dim 128 (and at 64 for windows of 256+ keys) in float16/bfloat16 and the portable
-        sm80-class one otherwise), "fused_sm80" / "fused_sm90" (the same, with the kernels pinned:
-        the portable set / the Hopper set, which is float16/bfloat16 only),
+      backend: None/"auto" (chosen per call at lowering time: "fused" on CUDA where its kernels take
+        the call, else the reference; auto never picks "gemm" here: fused is faster), "fused"
+        (flash-style CUDA kernels: float16/bfloat16 with head dims ``D, D_v <= 256``, and float32
+        on the portable kernels (3xTF32 tensor-core products at float32 accuracy) with ``D, D_v <=
+        128``; any finite scale (a scale <= 0 runs exactly as ``|scale|`` on ``-q``, or 1 on
+        ``q * 0``); other head dims than 64/128/256 are padded to the next of them (zeros, same
+        scale) and the results sliced back; the forward runs a TMA + wgmma kernel on compute
+        capability 9.0 GPUs without dilation at head dim 128 (and at 64 for windows of 256+ keys)
+        in float16/bfloat16 and the portable sm80-class one otherwise; head dim 256 runs on the
+        portable kernels, two passes of 128 output columns, and its backward needs an sm_90-class
+        GPU's shared memory), "fused_sm80" / "fused_sm90" (the same, with the kernels pinned: the
+        portable set / the Hopper set, which is float16/bfloat16 with head dims up to 128),
         "gemm" (the unfused tensor-core ops of ``na{rank}d_qk``/``na{rank}d_av``: window scores and
         the additional keys' scores in float32, one float32 softmax, then the weights in the input
         dtype applied to the values (as the fused kernels round P); float32/16 and

@@ -231,8 +231,10 @@ def fits(p: Problem, backend: str, mode: str, dtype=None) -> str | None:
         allowed = [jnp.dtype(d).name for d in _checks.BACKEND_DTYPES[backend]]
         if dtype is not None and jnp.dtype(dtype).name not in allowed:
             return f"skipped: {backend} takes {'/'.join(allowed)}, not {jnp.dtype(dtype).name}"
-        if _checks.fused_head_dim(p.D, p.D) is None:
-            return f"skipped: fused takes head dims up to {_checks.FUSED_HEAD_DIMS[-1]}, not {p.D}"
+        dt = dtype if dtype is not None else jnp.bfloat16
+        if _checks.fused_head_dim(p.D, p.D, dt, backend) is None:
+            return (f"skipped: {backend} takes head dims up to {_checks.fused_head_dims(dt, backend)[-1]} in "
+                    f"{jnp.dtype(dt).name}, not {p.D}")
         if p.H > _checks.FUSED_MAX_HEADS:
             return f"skipped: fused takes at most {_checks.FUSED_MAX_HEADS} heads"
     scores = p.B * p.N * p.H * p.W

@@ -239,13 +239,27 @@ def test_fused_rejects_float64():
             ["backend", "'fused'", "float64", "float16", "bfloat16", "reference"], exc=TypeError)
 
 
-@pytest.mark.parametrize("D,Dv", [(256, 256), (64, 136), (129, 8)])
-def test_fused_rejects_head_dims_above_128(D, Dv):
+@pytest.mark.parametrize("D,Dv", [(264, 264), (64, 272), (257, 8)])
+@pytest.mark.parametrize("backend", ["fused", "fused_sm80"])
+def test_fused_rejects_head_dims_above_256(backend, D, Dv):
     bf = jnp.bfloat16
     q, k, v = _arr((1, 8, 9, 4, D), bf), _arr((1, 8, 9, 2, D), bf), _arr((1, 8, 9, 2, Dv), bf)
-    _expect(lambda: jax_na.na2d(q, k, v, 3, backend="fused"),
-            ["backend", "'fused'", "head dim", f"D={D}", f"D_v={Dv}", "128", "reference", "naive"],
+    _expect(lambda: jax_na.na2d(q, k, v, 3, backend=backend),
+            ["backend", f"'{backend}'", "head dim", f"D={D}", f"D_v={Dv}", "256", "bfloat16", "reference", "naive"],
             exc=ValueError)
+
+
+@pytest.mark.parametrize("D,Dv", [(256, 256), (64, 136), (129, 8)])
+@pytest.mark.parametrize("backend,dtype", [("fused", jnp.float32), ("fused_sm80", jnp.float32),
+                                           ("fused_sm90", jnp.bfloat16), ("fused_sm90", jnp.float16)])
+def test_fused_rejects_head_dims_above_128_in_float32_and_on_hopper(backend, dtype, D, Dv):
+    """float32 tiles and the Hopper kernels stop at head dim 128; the error names what takes the call
+    (the portable 16-bit kernels up to 256 for fused_sm90)."""
+    q, k, v = _arr((1, 8, 9, 4, D), dtype), _arr((1, 8, 9, 2, D), dtype), _arr((1, 8, 9, 2, Dv), dtype)
+    want = ["backend", f"'{backend}'", "head dim", f"D={D}", f"D_v={Dv}", "128", "reference"]
+    if backend == "fused_sm90":
+        want += ["'fused'", "'fused_sm80'"]
+    _expect(lambda: jax_na.na2d(q, k, v, 3, backend=backend), want, exc=ValueError)
 
 
 def test_fused_rejects_too_many_heads():
@@ -290,9 +304,10 @@ def test_pinned_fused_backends_check_like_fused(backend):
         _expect(lambda: jax_na.na2d(Q2, K2, V2, 3, backend=backend),
                 ["backend", repr(backend), "float32", "float16", "bfloat16"], exc=TypeError)
     bf = jnp.bfloat16
-    q, k, v = _arr((1, 8, 9, 4, 256), bf), _arr((1, 8, 9, 2, 256), bf), _arr((1, 8, 9, 2, 256), bf)
+    D, limit = (272, "256") if backend == "fused_sm80" else (256, "128")
+    q, k, v = _arr((1, 8, 9, 4, D), bf), _arr((1, 8, 9, 2, D), bf), _arr((1, 8, 9, 2, D), bf)
     _expect(lambda: jax_na.na2d(q, k, v, 3, backend=backend),
-            ["backend", repr(backend), "head dim", "D=256", "128"], exc=ValueError)
+            ["backend", repr(backend), "head dim", f"D={D}", limit], exc=ValueError)
 
 
 def _gemm_calls():

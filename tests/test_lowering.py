@@ -166,14 +166,16 @@ def _check_fused_lowering():
     f = lambda q, k, v: jax_na.na2d(q, k, v, 3, scale=0.25)
     line = _fused_call_line(_cuda_hlo(f, *args[:3]), "jax_na_fused_fwd", 2, 5)
     assert _scale_of(line) == 0.25 and "x64xf16>" in line, line
-    # auto: float32 on the fused kernels (f32 operands); float64 (no kernel) and head dims above 128
-    # lower to the reference
+    # auto: float32 on the fused kernels (f32 operands); float64 (no kernel), head dims above 256
+    # and float32 head dims above 128 lower to the reference; 16-bit head dims 129..256 run padded to 256
     text = _cuda_hlo(_loss(None), *(a.astype(jnp.float32) for a in _bf16(64, 64)))
     line = _fused_call_line(text, "jax_na_fused_bwd", 6, 9)
     assert f"-> (tensor<{B}x{X}x{Y}x{H}x64xf32>" in line, line
     assert "jax_na_" not in _cuda_hlo(_loss(None), *(a.astype(jnp.float64) for a in _bf16(64, 64)))
-    assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(136, 64))
-    assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(64, 256))
+    assert "jax_na_" not in _cuda_hlo(_loss(None), *(a.astype(jnp.float32) for a in _bf16(136, 64)))
+    assert "jax_na_" not in _cuda_hlo(_loss(None), *_bf16(64, 264))
+    line = _fused_call_line(_cuda_hlo(_loss(None), *_bf16(136, 64)), "jax_na_fused_bwd", 6, 9)
+    assert f"-> (tensor<{B}x{X}x{Y}x{H}x256xbf16>" in line and _scale_of(line) == np.float32(136 ** -0.5), line
     # the unfused ops have no fused kernel: auto lowers them to the gemm targets where they are
     # compiled, else to the reference
     q, k, v = _bf16(64, 64)[:3]
@@ -515,7 +517,7 @@ def test_fused_padding_and_chunks_compute_the_same_function(monkeypatch, D, Dv):
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
-    P = _checks.fused_head_dim(D, Dv)
+    P = _checks.fused_head_dim(D, Dv, jnp.float32)
     assert seen == [("jax_na_fused_fwd", b, P, np.float32(D ** -0.5)) for b in (2, 2, 1)]
     ct_o = jnp.asarray(r.standard_normal(out.shape), jnp.float32)
     ct_l = jnp.asarray(r.standard_normal(lse.shape), jnp.float32)

@@ -43,14 +43,16 @@ def backends_under_test(unfused=False):
 
 def unsupported(backend, dtype, D, Dv):
     """Why ``backend`` cannot take a call of this dtype and head dims (a pytest.skip reason), or None.
-    Only the fused kernels have such limits: head dims up to 128 (padded to 64/128), and float16/bfloat16
-    only on the Hopper set ("fused_sm90")."""
+    Only the fused kernels have such limits: head dims up to 256 in float16/bfloat16 on the portable set
+    and up to 128 in float32 and on the Hopper set ("fused_sm90", float16/bfloat16 only), padded to
+    the next instantiated one (_checks.fused_head_dims)."""
     if _checks.backend_family(backend) != "fused":
         return None
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _checks.BACKEND_DTYPES[backend]]:
         return f"{backend} does not take {jnp.dtype(dtype).name}"
-    if _checks.fused_head_dim(D, Dv) is None:
-        return f"fused takes head dims up to {_checks.FUSED_HEAD_DIMS[-1]}, not D={D}, D_v={Dv}"
+    if _checks.fused_head_dim(D, Dv, dtype, backend) is None:
+        dims = _checks.fused_head_dims(dtype, backend)
+        return f"{backend} takes head dims up to {dims[-1]} in {jnp.dtype(dtype).name}, not D={D}, D_v={Dv}"
     return None
 
 

@@ -2,8 +2,8 @@
 
 The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at small head dims
 (padded to 64). Here: the edge cases again at the native head dims 64 and 128, problems with many KV
-tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), padded head dims
-(D != D_v), float32 (portable set), scales <= 0, bitwise determinism of the backward (no atomics), a jitted gradient through
+tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), head dim 256 (and
+head dims padded to it), padded head dims (D != D_v), float32 (portable set), scales <= 0, bitwise determinism of the backward (no atomics), a jitted gradient through
 the Flax layers, and a forward whose tensors have more
 than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
@@ -124,6 +124,29 @@ def test_padded_head_dims(dtype, D, Dv, scale):
     case = Case((24, 20), (7, 5), stride=(1, 2), is_causal=(False, True), B=2, H=4, Hkv=1, D=D, Dv=Dv, Na=3,
                 scale=scale)
     check_case(case, BACKEND, dtype, seed=D * 1000 + Dv)
+
+
+# ----------------------------------------------------------------------------- head dim 256
+
+# float16/bfloat16 head dims 129..256 run at 256 on the portable kernels ("fused" picks them on every
+# GPU; fused_sm90 has no 256), which compute their outputs in two passes of 128 columns.
+D256_BACKEND = BACKEND if ON_CPU else "fused_sm80"
+D256_CASES = ([dataclasses.replace(c, D=256, Dv=256) for c in helpers.edge_cases()[::4]]
+              + [dataclasses.replace(c, D=256, Dv=256) for c in MANY_TILES])
+
+
+@pytest.mark.parametrize("i,case", list(enumerate(D256_CASES)), ids=[c.id for c in D256_CASES])
+def test_head_dim_256(i, case):
+    """Every fourth edge case and the many-KV-tile problems at head dim 256 (float16/bfloat16
+    alternating): both output passes, the lse written once, dK/dV over two passes of the Q tiles."""
+    check_case(case, D256_BACKEND, HALF[i % 2], seed=helpers.seed_of(case))
+
+
+@pytest.mark.parametrize("D,Dv", [(136, 136), (200, 72), (64, 256), (255, 130)])
+def test_head_dims_padded_to_256(D, Dv):
+    """Head dims above 128 zero-padded to 256 (auto picks the fused kernels for them in 16-bit)."""
+    case = Case((24, 20), (7, 5), stride=(1, 2), is_causal=(False, True), B=2, H=4, Hkv=2, D=D, Dv=Dv, Na=3)
+    check_case(case, BACKEND, jnp.bfloat16, seed=D * 1000 + Dv)
 
 
 # ----------------------------------------------------------------------------- scale <= 0

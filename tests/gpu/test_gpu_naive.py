@@ -1,7 +1,8 @@
 """GPU: every kernel backend against the float64 reference (on upcast inputs) on the edge-case sweep,
 in f32/f16/bf16, forward (out, lse) and backward (all grads), with poisoned memory, twice per case
 (bitwise deterministic), plus a large batch and odd head dims. The fused backend runs every case its
-kernels take (float16/bfloat16, head dims up to 128, padded to 64/128) and skips the rest with the reason;
+kernels take (float16/bfloat16 with head dims up to 256, float32 up to 128, padded to 64/128/256) and
+skips the rest with the reason;
 tests/gpu/test_gpu_fused.py has its own cases at the native head dims."""
 
 import functools
@@ -67,7 +68,7 @@ def test_any_head_dim(backend, D, Dv):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_auto_backend_follows_preference(dtype, D, Dv):
     """auto lowers to the first kernel family of AUTO_PREFERENCE that supports the call (fused for
-    float16/bfloat16 with head dims up to 128), else to the reference, bit for bit."""
+    float16/bfloat16 with head dims up to 256, float32 up to 128), else to the reference, bit for bit."""
     from jax_na import primitives
     case = Case((12, 11), (5, 3), stride=(2, 1), dilation=(2, 3), is_causal=(True, False), H=4, Hkv=2,
                 D=D, Dv=Dv, Na=2)
