@@ -62,10 +62,14 @@ def build(name: str, dtype, backend: str, on_gpu: bool, args, self_impl: str | N
 
 
 def step_times(fn, state, batch, steps: int, warmup: int, carry: bool):
-    """Per-step wall times (device-synchronized). ``carry``: fn returns the next state first."""
+    """(per-step wall times, seconds of the first call: compilation or a cache load, and one step),
+    device-synchronized. ``carry``: fn returns the next state first."""
+    first_s = None
     for _ in range(warmup):
+        t = time.perf_counter()
         out = fn(state, *batch)
         jax.block_until_ready(out)
+        first_s = time.perf_counter() - t if first_s is None else first_s
         if carry:
             state = out[0]
     times = []
@@ -76,13 +80,15 @@ def step_times(fn, state, batch, steps: int, warmup: int, carry: bool):
         times.append(time.perf_counter() - t)
         if carry:
             state = out[0]
-    return np.array(times)
+    return np.array(times), first_s
 
 
-def bench_one(model, params, mode: str, x, y, steps: int, warmup: int):
+def make_step(model, mode: str):
+    """(jitted step, state of float32 params) for one mode. The timing run and the compile-only
+    workers (--compile-workers) build the step here, so that both lower the same program and the
+    workers' persistent-cache entries are the timing run's."""
     if mode == "infer":
-        f = jax.jit(lambda p, x: model.apply(p, x, train=False))
-        return step_times(f, params, (x,), steps, warmup, carry=False)
+        return jax.jit(lambda p, x: model.apply(p, x, train=False)), (lambda params: params)
     tx = optax.adamw(1e-3, weight_decay=0.05)
 
     def train_step(state, x, y, key):
@@ -96,10 +102,17 @@ def bench_one(model, params, mode: str, x, y, steps: int, warmup: int):
         updates, opt = tx.update(grads, opt, p)
         return (optax.apply_updates(p, updates), opt), loss
 
-    f = jax.jit(train_step, donate_argnums=0)
     # Copies: the donated state must not alias the shared parameters.
-    state = (jax.tree.map(jnp.copy, params), tx.init(params))
-    return step_times(f, state, (x, y, jax.random.key(1)), steps, warmup, carry=True)
+    return jax.jit(train_step, donate_argnums=0), lambda params: (jax.tree.map(jnp.copy, params), tx.init(params))
+
+
+def step_args(mode: str, x, y):
+    return (x,) if mode == "infer" else (x, y, jax.random.key(1))
+
+
+def bench_one(model, params, mode: str, x, y, steps: int, warmup: int):
+    f, make_state = make_step(model, mode)
+    return step_times(f, make_state(params), step_args(mode, x, y), steps, warmup, carry=mode != "infer")
 
 
 def main(argv=None) -> int:
@@ -120,6 +133,12 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=540.0,
                     help="start no new entry after this many seconds (the rest are reported skipped)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile-workers", type=int, default=0,
+                    help="compile every entry first in this many parallel processes (AOT, into a persistent "
+                         "compilation cache that the timing run then loads from); 0: compile while timing")
+    ap.add_argument("--cache-dir", default=None,
+                    help="persistent compilation cache for --compile-workers (default: a fresh temporary folder)")
+    ap.add_argument("--compile-shard", default=None, help=argparse.SUPPRESS)  # "i/n": a worker's share
     a = ap.parse_args(argv)
 
     on_gpu = any(d.platform == "gpu" for d in jax.devices())
@@ -132,6 +151,8 @@ def main(argv=None) -> int:
     for m in models:
         if m not in nat.MODELS:
             ap.error(f"unknown model {m}; known: {', '.join(nat.MODELS)}")
+    if a.compile_shard:
+        return compile_shard(a, models, backends, available, on_gpu)
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.device_kind if on_gpu else dev.platform}; backends {backends}; "
           f"batch {a.batch}, {a.image_size}x{a.image_size}, rpb {'on' if a.rpb else 'off'}, "
@@ -141,31 +162,24 @@ def main(argv=None) -> int:
 
     x32 = jax.random.normal(jax.random.key(0), (a.batch, a.image_size, a.image_size, 3), jnp.float32)
     y = jax.random.randint(jax.random.key(1), (a.batch,), 0, a.classes)
+    todo = list(entries(a, models, backends, available))
+    if a.compile_workers > 0:
+        compile_in_workers(a, argv if argv is not None else sys.argv[1:], todo)
     rows = []
     t_start = time.perf_counter()
     header = f"{'model':<12} {'dtype':<9} {'mode':<6} {'backend':<11} {'images/s':>10} {'ms/step':>9} {'p10-p90 ms':>17}"
     print(header, flush=True)
     params_of = {}  # float32 parameters per model, the same for every dtype, mode and backend
-    # bf16 before fp32 and inference before training, so that a --time-limit cut drops the least used.
-    for dtype_name in a.dtypes.split(","):
-        dtype = jnp.dtype(dtype_name)
-        x = x32.astype(dtype)
-        for mode in a.modes.split(","):
-            for name in models:
-                for b in backends:
-                    row = dict(model=name, dtype=dtype.name, mode=mode, backend=b, batch=a.batch)
-                    if b != SELF and b not in available:
-                        row["skipped"] = "not available here"
-                    elif b == "fused" and dtype.name not in ("float16", "bfloat16"):
-                        row["skipped"] = "fused takes float16/bfloat16"
-                    elif b == "fused" and a.rpb:
-                        row["skipped"] = "fused has no relative positional bias (--rpb)"
-                    elif time.perf_counter() - t_start > a.time_limit:
-                        row["skipped"] = f"time limit ({a.time_limit:.0f} s)"
-                    else:
-                        run_entry(row, name, dtype, b, mode, on_gpu, a, x, x32, y, params_of)
-                    rows.append(row)
-                    print(_fmt(row), flush=True)
+    for dtype, mode, name, b, skipped in todo:
+        row = dict(model=name, dtype=dtype.name, mode=mode, backend=b, batch=a.batch)
+        if skipped:
+            row["skipped"] = skipped
+        elif time.perf_counter() - t_start > a.time_limit:
+            row["skipped"] = f"time limit ({a.time_limit:.0f} s)"
+        else:
+            run_entry(row, name, dtype, b, mode, on_gpu, a, x32.astype(dtype), x32, y, params_of)
+        rows.append(row)
+        print(_fmt(row), flush=True)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if a.json:
         with open(a.json, "w") as f:
@@ -173,6 +187,79 @@ def main(argv=None) -> int:
                            available_backends=available, batch=a.batch, image_size=a.image_size,
                            rpb=a.rpb, scan=not a.no_scan, rows=rows), f, indent=1)
         print(f"wrote {a.json}")
+    return 0
+
+
+def entries(a, models, backends, available):
+    """(dtype, mode, model, backend, reason to skip or None) in run order: bf16 before fp32 and
+    inference before training, so that a --time-limit cut drops the least used."""
+    from jax_na import _checks
+
+    for dtype_name in a.dtypes.split(","):
+        dtype = jnp.dtype(dtype_name)
+        for mode in a.modes.split(","):
+            for name in models:
+                for b in backends:
+                    skipped = None
+                    if b != SELF and b not in available:
+                        skipped = "not available here"
+                    elif b != SELF and dtype not in [jnp.dtype(t) for t in _checks.BACKEND_DTYPES[b]]:
+                        skipped = f"{b} does not take {dtype.name}"
+                    elif b != SELF and _checks.backend_family(b) == "fused" and a.rpb:
+                        skipped = "fused has no relative positional bias (--rpb)"
+                    yield dtype, mode, name, b, skipped
+
+
+def use_cache(cache_dir: str) -> None:
+    """Every compilation goes to (and comes from) the persistent cache in ``cache_dir``."""
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def compile_in_workers(a, argv, todo) -> None:
+    """Compiles the entries of ``todo`` in a.compile_workers processes (each takes every n-th one)
+    into a persistent cache, and points this process at it: compilation is CPU-bound and the timed
+    runs then start from the cache. XLA's autotuning runs during those compilations, so its GPU
+    timings share the GPU with the other workers'."""
+    import subprocess
+    import tempfile
+
+    cache = a.cache_dir or tempfile.mkdtemp(prefix="jax_na_models_cache_")
+    n = min(a.compile_workers, max(1, sum(1 for e in todo if not e[-1])))
+    t = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--cache-dir", cache,
+                               "--compile-shard", f"{i}/{n}"]) for i in range(n)]
+    failed = sum(p.wait() != 0 for p in procs)
+    print(f"# compiled in {n} worker processes: {time.perf_counter() - t:.0f} s"
+          f"{f' ({failed} failed: their entries compile while timed)' if failed else ''}", flush=True)
+    use_cache(cache)
+
+
+def compile_shard(a, models, backends, available, on_gpu) -> int:
+    """A --compile-workers worker: lowers and compiles its share of the entries on abstract inputs
+    (no parameters or batches are allocated) into the persistent cache."""
+    i, n = map(int, a.compile_shard.split("/"))
+    use_cache(a.cache_dir)
+    todo = [e for e in entries(a, models, backends, available) if not e[-1]][i::n]
+    image = (a.image_size, a.image_size, 3)
+    y = jax.ShapeDtypeStruct((a.batch,), jnp.int32)
+    params_of = {}
+    for dtype, mode, name, b, _ in todo:
+        impls = [None, "xla"] if b == SELF and self_attention_impl(dtype, on_gpu)[1] == "cudnn" else [None]
+        for impl in impls:
+            _, model = build(name, dtype, b, on_gpu, a, impl)
+            f, make_state = make_step(model, mode)
+            try:
+                if name not in params_of:
+                    _, init_model = build(name, jnp.float32, "reference", on_gpu, a)
+                    params_of[name] = jax.eval_shape(init_model.init, jax.random.key(0),
+                                                     jax.ShapeDtypeStruct((1, *image), jnp.float32))
+                state = jax.eval_shape(make_state, params_of[name])
+                f.lower(state, *step_args(mode, jax.ShapeDtypeStruct((a.batch, *image), dtype), y)).compile()
+                break
+            except Exception as e:  # noqa: BLE001 - the timing run reports it
+                print(f"# worker {i}: {name} {dtype.name} {mode} {b} {impl or ''}: {type(e).__name__}", flush=True)
     return 0
 
 
@@ -193,11 +280,11 @@ def run_entry(row, name, dtype, b, mode, on_gpu, a, x, x32, y, params_of):
                 print(f"# {name}: {n_params / 1e6:.1f} M parameters "
                       f"(init {time.perf_counter() - t:.1f} s)", flush=True)
             t = time.perf_counter()
-            times = bench_one(model, params_of[name], mode, x, y, a.steps, a.warmup)
+            times, first_s = bench_one(model, params_of[name], mode, x, y, a.steps, a.warmup)
             med = float(np.median(times))
             row.update(images_per_s=a.batch / med, ms=1e3 * med,
                        p10_ms=1e3 * float(np.percentile(times, 10)),
-                       p90_ms=1e3 * float(np.percentile(times, 90)), steps=len(times),
+                       p90_ms=1e3 * float(np.percentile(times, 90)), steps=len(times), first_call_s=first_s,
                        wall_s=time.perf_counter() - t)
             row.pop("error", None)
             return

@@ -46,7 +46,10 @@ class DropPath(nn.Module):
 
 
 class GlobalSelfAttention(nn.Module):
-    """Multi-head self attention over all tokens of ``[B, X, Y, C]`` (the dense yardstick)."""
+    """Multi-head self attention over all tokens of ``[B, X, Y, C]`` (the dense yardstick).
+
+    ``implementation="cudnn"`` runs XLA's attention on levels with an odd number of tokens (the 7x7
+    level at 224x224: 49 tokens, a negligible share of the FLOPs): cuDNN's backward refuses them."""
 
     num_heads: int
     implementation: Optional[str] = None  # "cudnn", "xla" or None (jax picks)
@@ -59,7 +62,8 @@ class GlobalSelfAttention(nn.Module):
         hd = c // self.num_heads
         q, k, v = (dense(features=(self.num_heads, hd), name=n)(x).reshape(b, h * w, self.num_heads, hd)
                    for n in ("query", "key", "value"))
-        y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        impl = "xla" if self.implementation == "cudnn" and (h * w) % 2 else self.implementation
+        y = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         y = y.reshape(b, h, w, self.num_heads, hd)
         return nn.DenseGeneral(features=c, axis=(-2, -1), dtype=self.dtype, name="out")(y)
 
