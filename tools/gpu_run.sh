@@ -4,7 +4,9 @@
 # Usage: bash tools/gpu_run.sh [tests|bench|models|all] [args for jax_na.profile or benchmarks/models.py]
 # Environment: PYTEST_MARK (default "gpu"; e.g. "gpu and not large"), PYTEST_ARGS (more pytest arguments),
 # PYTEST_K (a -k expression, spaces allowed), PYTEST_PATHS (default: the whole tests/ folder),
-# JNA_CUDA_FLAGS (extra nvcc flags for kernel experiments, e.g. "-DJNA_SM90_BLOCK_N_ND=128").
+# JNA_CUDA_FLAGS (extra nvcc flags for kernel experiments, e.g. "-DJNA_SM90_BLOCK_N_ND=128"),
+# JNA_WHEEL (a jax_na wheel built elsewhere for this machine's Python and jaxlib, e.g. carried in
+# .carry/: installed instead of building here, which saves the build's minutes of GPU time).
 # (bench: python -m jax_na.profile on the whole problem set; models: benchmarks/models.py; all: tests + bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."; REPO=$PWD
@@ -29,7 +31,11 @@ if ! "$PY" -c "import cutlass_library" 2>/dev/null; then
 fi
 # --no-build-isolation: build against this machine's jaxlib (the one it runs with); no network here.
 # Only sm_90a: this is an H100/H200. Resource usage (registers, stack, spills) per kernel in the log.
-if ! "$PY" -m pip install --no-build-isolation --no-deps -v . \
+if [ -n "${JNA_WHEEL:-}" ]; then
+  if ! "$PY" -m pip install --no-deps --no-index --force-reinstall $JNA_WHEEL > "$OUT/build.log" 2>&1; then
+    tail -20 "$OUT/build.log"; echo "INSTALL FAILED"; exit 1
+  fi
+elif ! "$PY" -m pip install --no-build-isolation --no-deps -v . \
       -Ccmake.define.JAX_NA_CUDA_ARCHS=90a -Ccmake.define.JAX_NA_ENABLE_CUDA=ON \
       -Ccmake.define.JAX_NA_CUDA_RESOURCE_USAGE=ON ${JNA_CUDA_FLAGS:+"-Ccmake.define.CMAKE_CUDA_FLAGS=$JNA_CUDA_FLAGS"} \
       -Cbuild-dir=/tmp/jax_na_build > "$OUT/build.log" 2>&1; then
