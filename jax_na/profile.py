@@ -143,8 +143,10 @@ CPU_DEFAULT = _p("cpu-small", 2, (32, 32), 4, 32, 7)
 # backend's qk -> softmax -> av holds such scores too (in the input dtype, their float32 softmax, the
 # weights in the input dtype; about three times that in the backward). Larger problems are skipped.
 NAIVE_WORKSPACE_LIMIT = 24 << 30
-# Dense self attention without a fused kernel (the XLA yardstick off-GPU) materializes [B, H, N, N].
+# Dense self attention without a fused kernel (the XLA yardstick: off-GPU, and for float32, which
+# cuDNN's fused attention does not take) materializes [B, H, N, N]; larger problems are skipped.
 XLA_SELF_LIMIT = 2 << 30
+XLA_SELF_LIMIT_GPU = 24 << 30
 # Arithmetic intensity (FLOP/byte) under which a problem counts as memory bound: about the H100's
 # bf16 dense FLOP rate over its HBM bandwidth (990 TFLOP/s / 3.35 TB/s).
 RIDGE_FLOP_PER_BYTE = 300.0
@@ -369,9 +371,12 @@ def _say(progress, msg):
         print(msg, file=sys.stderr, flush=True)
 
 
-def yardstick(on_gpu: bool) -> tuple[str, str]:
-    """(row name, jax.nn.dot_product_attention implementation) of the dense self attention baseline."""
-    return ("cudnn-self", "cudnn") if on_gpu else ("xla-self", "xla")
+def yardstick(on_gpu: bool, dtype=jnp.bfloat16) -> tuple[str, str]:
+    """(row name, jax.nn.dot_product_attention implementation) of the dense self attention baseline:
+    cuDNN's fused attention on a GPU in float16/bfloat16, XLA's elsewhere (cuDNN takes 16-bit only)."""
+    if on_gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        return "cudnn-self", "cudnn"
+    return "xla-self", "xla"
 
 
 def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequence[str], reps: int = 20,
@@ -379,7 +384,8 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
     """Time every backend (and dense self attention) on every problem and mode; one dict per row."""
     rows = []
     on_gpu = _on_gpu()
-    sa_name, sa_impl = yardstick(on_gpu)
+    sa_name, sa_impl = yardstick(on_gpu, dtype)
+    sa_limit = XLA_SELF_LIMIT_GPU if on_gpu else XLA_SELF_LIMIT
     itemsize = jnp.dtype(dtype).itemsize
     for p in problems:
         args = make_inputs(p, dtype)
@@ -390,7 +396,7 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
             base = None
             if self_attention:
                 sa_bytes = 4 * p.B * p.H * p.N * p.N * (1 if mode == "fwd" else 3)
-                if not on_gpu and sa_bytes > XLA_SELF_LIMIT:
+                if sa_impl == "xla" and sa_bytes > sa_limit:
                     rows.append(dict(problem=p.id, mode=mode, backend=sa_name,
                                      skipped=f"skipped: [B,H,N,N] scores {sa_bytes / 2**30:.1f} GiB"))
                 else:
@@ -677,7 +683,7 @@ def _meta(dtype, on_gpu) -> dict:
     return dict(jax=jax.__version__, jax_na=jax_na.__version__, platform=d.platform,
                 device=d.device_kind if on_gpu else str(d), dtype=jnp.dtype(dtype).name,
                 available_backends=jax_na.available_backends(),
-                self_attention=yardstick(on_gpu)[0])
+                self_attention=yardstick(on_gpu, dtype)[0])
 
 
 def _write_json(path, obj):

@@ -86,6 +86,14 @@ def test_fused_backend_rows(tmp_path, capsys, monkeypatch):
     assert "head dims" in profile.fits(profile.make_problem("x", 1, (64,), 2, 320, 3), "fused", "fwd", jnp.bfloat16)
 
 
+def test_yardstick_by_platform_and_dtype():
+    """Dense self attention: cuDNN on a GPU in 16-bit, XLA elsewhere (cuDNN takes no float32)."""
+    assert profile.yardstick(True, jnp.bfloat16) == ("cudnn-self", "cudnn")
+    assert profile.yardstick(True, jnp.float16) == ("cudnn-self", "cudnn")
+    assert profile.yardstick(True, jnp.float32) == ("xla-self", "xla")
+    assert profile.yardstick(False, jnp.bfloat16) == ("xla-self", "xla")
+
+
 def test_gemm_fits_by_its_scores():
     """gemm takes every dtype and head dim; it is skipped where its [B, N, H, W] scores (input dtype,
     float32 softmax, weights) would not fit, like naive's workspace."""
