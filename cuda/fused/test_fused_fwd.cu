@@ -3,6 +3,11 @@
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -I cuda -I <cutlass>/include \
 //        -gencode=arch=compute_90a,code=sm_90a cuda/fused/test_fused_fwd.cu cuda/fused/fwd_*.cu cuda/fused/bwd_*.cu cuda/fused/dispatch.cu
 // Exit code 0 only when every case passes.
+// Experiments: -DJNA_TEST_SM90_ONLY links only hopper/fwd_{bf16,f16}_hd128.cu (every case then runs at
+// head dim 128 on the Hopper forward: a variant builds in two units; -DJNA_TEST_BF16_ONLY: bfloat16
+// only, one unit); with -DJNA_FWD_TRACE,
+// `--trace` prints where the CTAs' time goes (hopper/trace.cuh). `--timing` skips the checks, `--big`
+// adds the large benchmark problems (p6, p8, p9).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -17,9 +22,35 @@
 #include <vector>
 
 #include "fused/fused_fwd.h"
+#include "fused/hopper/trace.cuh"
 #include "geometry/window.cuh"
 
 using namespace jax_na;
+
+#if defined(JNA_FWD_TRACE)
+static fused::FwdTrace g_trace;
+fused::FwdTrace jax_na::fused::fwd_trace_target() { return g_trace; }
+#endif
+
+// The forward under test: the dispatcher, or (JNA_TEST_SM90_ONLY) the Hopper kernel at head dim 128.
+static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fused::FwdArgs& args) {
+#if defined(JNA_TEST_SM90_ONLY)
+  if (args.D != 128 || dt == DType::kF32) return cudaErrorInvalidValue;
+  if (dt == DType::kBF16) {
+    if (rank == 1) return fused::run_fwd_sm90<DType::kBF16, 128, 1>(pr, args, 0);
+    if (rank == 2) return fused::run_fwd_sm90<DType::kBF16, 128, 2>(pr, args, 0);
+    return fused::run_fwd_sm90<DType::kBF16, 128, 3>(pr, args, 0);
+  }
+#if defined(JNA_TEST_BF16_ONLY)
+  return cudaErrorInvalidValue;
+#endif
+  if (rank == 1) return fused::run_fwd_sm90<DType::kF16, 128, 1>(pr, args, 0);
+  if (rank == 2) return fused::run_fwd_sm90<DType::kF16, 128, 2>(pr, args, 0);
+  return fused::run_fwd_sm90<DType::kF16, 128, 3>(pr, args, 0);
+#else
+  return fused::launch_fwd(pr, rank, dt, args, 0);
+#endif
+}
 
 #define CK(x)                                                                                  \
   do {                                                                                         \
@@ -126,7 +157,7 @@ static bool run_case(const Case& cs, std::mt19937& rng) {
   fused::FwdArgs args;
   args.q = dq; args.k = dk; args.v = dv; args.add_k = dak; args.add_v = dav;
   args.out = dout; args.lse = dlse; args.D = cs.D; args.scale = scale;
-  CK(fused::launch_fwd(pr, cs.rank, cs.dt, args, 0));
+  CK(launch(pr, cs.rank, cs.dt, args));
   CK(cudaDeviceSynchronize());
   std::vector<uint16_t> out_bits(nq);
   std::vector<float> lse(rows);
@@ -172,11 +203,12 @@ static bool run_case(const Case& cs, std::mt19937& rng) {
         const size_t row = (b * pr.N + t) * pr.H + h;
         if (!std::isfinite(lse[row])) finite = false;
         lse_err = std::max(lse_err, std::fabs(lse[row] - ref_lse));
+        for (int64_t i = 0; i < n; ++i) sc[i] = std::exp(sc[i] - mx) / sum;  // probabilities
         for (int e = 0; e < D; ++e) {
           double o = 0;
           for (int64_t i = 0; i < n; ++i) {
             const float* vr = (i < nwin ? v.val.data() : av.val.data()) + key[i];
-            o += std::exp(sc[i] - mx) / sum * vr[e];
+            o += sc[i] * vr[e];
           }
           const float got = from_bits(out_bits[row * D + e], cs.dt);
           if (!std::isfinite(got)) finite = false;
@@ -195,13 +227,73 @@ static bool run_case(const Case& cs, std::mt19937& rng) {
   return ok;
 }
 
+#if defined(JNA_FWD_TRACE)
+// Mean cycles from entry to each phase, mean cycles per K/V tile in the loop, and the gaps between
+// consecutive CTAs on one SM (globaltimer).
+static void print_trace(std::vector<fused::CtaTrace>& t) {
+  t.erase(std::remove_if(t.begin(), t.end(), [](const fused::CtaTrace& r) { return r.t_end == 0; }), t.end());
+  if (t.empty()) return;
+  static const char* names[] = {"entry", "scheduled", "q_issued", "q_ready", "first_kv", "loop_done", "epilogue", "prod_done"};
+  double mean[fused::kTracePoints] = {}, per_tile = 0, tiles = 0;
+  for (const auto& r : t) {
+    for (int i = 0; i < fused::kTracePoints; ++i) mean[i] += double(r.clk[i] - r.clk[0]) / t.size();
+    per_tile += double(r.clk[fused::kTraceLoopDone] - r.clk[fused::kTraceFirstKV]) / std::max(r.n_tiles, 1) / t.size();
+    tiles += double(r.n_tiles) / t.size();
+  }
+  std::printf("  TRACE %zu CTAs, %.1f tiles/CTA, %.0f cycles/tile in the loop; cycles from entry:", t.size(), tiles, per_tile);
+  for (int i = 1; i < fused::kTracePoints; ++i) std::printf(" %s %.0f", names[i], mean[i]);
+  std::sort(t.begin(), t.end(), [](const fused::CtaTrace& a, const fused::CtaTrace& b) {
+    return a.smid != b.smid ? a.smid < b.smid : a.t_begin < b.t_begin;
+  });
+  double gap = 0, busy = 0;
+  int ngap = 0;
+  uint64_t t0 = ~0ull, t1 = 0;
+  for (size_t i = 0; i < t.size(); ++i) {
+    busy += double(t[i].t_end - t[i].t_begin);
+    t0 = std::min(t0, t[i].t_begin);
+    t1 = std::max(t1, t[i].t_end);
+    if (i > 0 && t[i].smid == t[i - 1].smid && t[i].t_begin >= t[i - 1].t_end) {
+      gap += double(t[i].t_begin - t[i - 1].t_end);
+      ++ngap;
+    }
+  }
+  std::printf("\n  TRACE mean CTA %.2f us, mean gap between CTAs on an SM %.2f us, span %.1f us, SM busy %.1f%%\n",
+              busy / t.size() * 1e-3, ngap ? gap / ngap * 1e-3 : 0.0, (t1 - t0) * 1e-3,
+              100.0 * busy / (double(t1 - t0) * 132));
+}
+#endif
+
+static bool trace = false;
+
+// Uniform values in [-amp, amp) from a hash of the index (the timed problems are too large for a
+// host generator).
+template <class T>
+__global__ void fill_random(T* x, int64_t n, uint32_t seed, float amp) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed ^ static_cast<uint32_t>(i >> 32) * 40503u;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[i] = T(amp * (2.f * (h >> 8) * (1.f / 16777216.f) - 1.f));
+  }
+}
+static void* device_random(size_t n, DType dt, uint32_t seed, float amp) {
+  void* d = nullptr;
+  CK(cudaMalloc(&d, std::max<size_t>(n, 1) * 2));
+  if (dt == DType::kF16)
+    fill_random<<<1024, 256>>>(static_cast<__half*>(d), int64_t(n), seed, amp);
+  else
+    fill_random<<<1024, 256>>>(static_cast<__nv_bfloat16*>(d), int64_t(n), seed, amp);
+  CK(cudaGetLastError());
+  return d;
+}
+
 static void time_case(const Case& cs, std::mt19937& rng) {
   const geo::Problem pr = make_problem(cs);
   const int64_t D = cs.D;
   const size_t nq = pr.B * pr.N * pr.H * D, nk = pr.B * pr.N * pr.Hkv * D;
-  HostT q = random_tensor(nq, cs.dt, rng, 2.f), k = random_tensor(nk, cs.dt, rng, 2.f),
-        v = random_tensor(nk, cs.dt, rng, 1.f);
-  void *dq = upload(q.bits), *dk = upload(k.bits), *dv = upload(v.bits);
+  void *dq = device_random(nq, cs.dt, rng(), 2.f), *dk = device_random(nk, cs.dt, rng(), 2.f),
+       *dv = device_random(nk, cs.dt, rng(), 1.f);
   void* dout;
   float* dlse;
   CK(cudaMalloc(&dout, nq * 2));
@@ -212,12 +304,12 @@ static void time_case(const Case& cs, std::mt19937& rng) {
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) CK(fused::launch_fwd(pr, cs.rank, cs.dt, args, 0));
+  for (int i = 0; i < 3; ++i) CK(launch(pr, cs.rank, cs.dt, args));
   CK(cudaDeviceSynchronize());
   std::vector<float> ms;
   for (int i = 0; i < 25; ++i) {
     CK(cudaEventRecord(e0));
-    CK(fused::launch_fwd(pr, cs.rank, cs.dt, args, 0));
+    CK(launch(pr, cs.rank, cs.dt, args));
     CK(cudaEventRecord(e1));
     CK(cudaEventSynchronize(e1));
     float t;
@@ -229,13 +321,34 @@ static void time_case(const Case& cs, std::mt19937& rng) {
   const double flops = 4.0 * pr.B * pr.H * pr.N * pr.W * D;
   std::printf("TIME %-28s %s median %.3f ms  (min %.3f)  %.1f eff TFLOP/s\n", cs.name.c_str(),
               cs.dt == DType::kF16 ? "f16 " : "bf16", med, ms.front(), flops / (med * 1e-3) / 1e12);
+#if defined(JNA_FWD_TRACE)
+  if (trace) {  // one more launch, recording every CTA
+    const int64_t n = static_cast<int64_t>((pr.N + 127) / 128 + 64) * pr.H * pr.B * 4;
+    CK(cudaMalloc(&g_trace.buf, n * sizeof(fused::CtaTrace)));
+    CK(cudaMemset(g_trace.buf, 0, n * sizeof(fused::CtaTrace)));
+    g_trace.capacity = n;
+    CK(launch(pr, cs.rank, cs.dt, args));
+    CK(cudaDeviceSynchronize());
+    std::vector<fused::CtaTrace> t(n);
+    CK(cudaMemcpy(t.data(), g_trace.buf, n * sizeof(fused::CtaTrace), cudaMemcpyDeviceToHost));
+    CK(cudaFree(g_trace.buf));
+    g_trace = {};
+    print_trace(t);
+  }
+#endif
   for (void* p : {dq, dk, dv, dout}) CK(cudaFree(p));
   CK(cudaFree(dlse));
 }
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines survive a timeout kill
   std::mt19937 rng(1234);
-  const bool timing_only = argc > 1 && std::strcmp(argv[1], "--timing") == 0;
+  bool timing_only = false, big = false;
+  for (int i = 1; i < argc; ++i) {
+    timing_only = timing_only || std::strcmp(argv[i], "--timing") == 0;
+    big = big || std::strcmp(argv[i], "--big") == 0;
+    trace = trace || std::strcmp(argv[i], "--trace") == 0;
+  }
   // name, rank, B, L, k, s, d, causal, H, Hkv, D, dtype, Na
   std::vector<Case> cases = {
       {"1d L=300 k=37 GQA 2:1", 1, 2, {300, 1, 1}, {37, 1, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 2, 1, 64, DType::kBF16, 0},
@@ -252,6 +365,12 @@ int main(int argc, char** argv) {
       {"3d 5x9x11 k=2x3x11 s=2x3x11", 3, 1, {5, 9, 11}, {2, 3, 11}, {2, 3, 11}, {1, 1, 1}, {0, 0, 0}, 2, 1, 64, DType::kBF16, 0},
   };
   bool all = true;
+#if defined(JNA_TEST_SM90_ONLY)
+  for (Case& c : cases) c.D = 128;
+#endif
+#if defined(JNA_TEST_BF16_ONLY)
+  for (Case& c : cases) c.dt = DType::kBF16;
+#endif
   if (!timing_only)
     for (const Case& c : cases) all = run_case(c, rng) && all;
   std::vector<Case> perf = {
@@ -264,7 +383,20 @@ int main(int argc, char** argv) {
       {"p11-1d d64 k1023 causal", 1, 4, {16384, 1, 1}, {1023, 1, 1}, {1, 1, 1}, {1, 1, 1}, {1, 0, 0}, 16, 16, 64, DType::kBF16, 0},
       {"p7-flux-strided 256x256 k80 s16", 2, 1, {256, 256, 1}, {80, 80, 1}, {16, 16, 1}, {1, 1, 1}, {0, 0, 0}, 24, 24, 128, DType::kBF16, 0},
   };
-  for (const Case& c : perf) time_case(c, rng);
+  if (big) {
+    perf.push_back({"p6-flux 256x256 k80", 2, 1, {256, 256, 1}, {80, 80, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 24, 24, 128, DType::kBF16, 0});
+    perf.push_back({"p8-video 30x48x80 k18x24x24", 3, 1, {30, 48, 80}, {18, 24, 24}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 24, 24, 128, DType::kBF16, 0});
+    perf.push_back({"p9-video-strided s16x8x8", 3, 1, {30, 48, 80}, {18, 24, 24}, {16, 8, 8}, {1, 1, 1}, {0, 0, 0}, 24, 24, 128, DType::kBF16, 0});
+  }
+  for (const Case& c : perf) {
+#if defined(JNA_TEST_SM90_ONLY)
+    if (c.D != 128) continue;
+#endif
+#if defined(JNA_TEST_BF16_ONLY)
+    if (c.dt != DType::kBF16) continue;
+#endif
+    time_case(c, rng);
+  }
   std::printf(all ? "ALL PASS\n" : "SOME FAILED\n");
   return all ? 0 : 1;
 }

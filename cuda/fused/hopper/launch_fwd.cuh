@@ -21,6 +21,9 @@ cudaError_t run_fwd_sm90(const geo::Problem& pr, const FwdArgs& args, cudaStream
   dim3 grid;
   if (!fwd_kernel_params<Traits>(pr, args, &hp.base, &grid)) return cudaErrorInvalidValue;
   hp.use_tma = encode_kv_tensor_maps<Traits>(pr, args.k, args.v, &hp.maps);
+#if defined(JNA_FWD_TRACE)
+  hp.trace = fwd_trace_target();
+#endif
   return launch_fwd_grid<Traits>(fused_fwd_sm90_kernel<Traits>, hp, grid, stream);
 }
 

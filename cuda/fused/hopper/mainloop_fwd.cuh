@@ -27,6 +27,7 @@
 #include "fused/hopper/kernel_traits.cuh"
 #include "fused/hopper/pipeline.cuh"
 #include "fused/hopper/tma.cuh"
+#include "fused/hopper/trace.cuh"
 #include "fused/mask.cuh"
 #include "fused/softmax.cuh"
 #include "fused/tile_scheduler.cuh"
@@ -45,6 +46,9 @@ struct HopperFwdParams {
   KVTensorMaps maps;
   FwdKernelParams base;
   int32_t use_tma;
+#if defined(JNA_FWD_TRACE)
+  FwdTrace trace;
+#endif
 };
 
 // Named barriers (cutlass numbering, after its reserved ids): all consumer threads; and per
@@ -75,12 +79,13 @@ struct GemmTurns {
 // consumers released it.
 template <class Traits>
 __device__ __forceinline__ void fwd_produce(const HopperFwdParams& hp, const FwdSmem<Traits>& sm,
-                                            FwdPipeline<Traits::kStages>& pipe, int ptid) {
+                                            FwdPipeline<Traits::kStages>& pipe, int ptid, CtaTrace* tr) {
   using Bar = cutlass::arch::ClusterBarrier;
   const FwdKernelParams& p = hp.base;
   const CtaSchedule& cs = *sm.cs;
   fwd_load_q<Traits>(p, sm, ptid);
   cutlass::arch::cpasync_barrier_arrive_noinc(&pipe.q_full);
+  JNA_TRACE(tr, kTraceQIssued);
   KVTileWalker<Traits> walker;
   PipelineState<Traits::kStages> st;
   const int32_t n_tiles = cs.n_tiles;
@@ -105,13 +110,14 @@ __device__ __forceinline__ void fwd_produce(const HopperFwdParams& hp, const Fwd
     walker.advance(cs);
     st.advance();
   }
+  JNA_TRACE(tr, kTraceProducerDone);
   cp_async_wait<0>();  // nothing in flight when the warp exits
 }
 
 // Consumer warpgroups (ctid 0..255): the main loop and the epilogue.
 template <class Traits>
 __device__ __forceinline__ void fwd_consume(const FwdKernelParams& p, const FwdSmem<Traits>& sm,
-                                            FwdPipeline<Traits::kStages>& pipe, int ctid) {
+                                            FwdPipeline<Traits::kStages>& pipe, int ctid, CtaTrace* tr) {
   using namespace cute;
   using Bar = cutlass::arch::ClusterBarrier;
   using Element = typename Traits::Element;
@@ -157,10 +163,12 @@ __device__ __forceinline__ void fwd_consume(const FwdKernelParams& p, const FwdS
   const GemmTurns<kWarpsPerGroup * 32> turns{warp / kWarpsPerGroup};
   turns.start();
   Bar::wait(&pipe.q_full, 0);
+  JNA_TRACE(tr, kTraceQReady);
   PipelineState<Traits::kStages> st;
   const int32_t n_tiles = __shfl_sync(0xffffffffu, cs.n_tiles, 0);
   for (int32_t n = 0; n < n_tiles; ++n) {
     Bar::wait(&pipe.full[st.stage], st.phase);
+    if (n == 0) JNA_TRACE(tr, kTraceFirstKV);
     cutlass::arch::fence_view_async_shared();  // cp.async writes -> wgmma (async proxy) reads
     // Only lane 0 reads the stage's flags (and passes them on): it is the lane that releases the stage,
     // so its release covers every read of them before the producer rewrites them.
@@ -214,10 +222,18 @@ __device__ __forceinline__ void fwd_consume(const FwdKernelParams& p, const FwdS
   }
   issue_pv();
   wgmma_wait<0>(acc_o, tOrP);
+  JNA_TRACE(tr, kTraceLoopDone);
 
   float lse[kRows];
   softmax.finalize(acc_o_rc, p.scale, lse);
   fwd_epilogue<Traits>(p, sm, acc_o_rc, lse, ctid, warp, lane, consumer_sync);
+  JNA_TRACE(tr, kTraceEpilogueDone);
+#if defined(JNA_FWD_TRACE)
+  if (tr != nullptr) {
+    tr->t_end = global_timer_ns();
+    tr->n_tiles = n_tiles;
+  }
+#endif
 }
 
 template <class Traits>
@@ -228,14 +244,26 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_fwd_sm90_kern
   const FwdSmem<Traits> sm(smem_raw);
   auto& pipe = *reinterpret_cast<FwdPipeline<Traits::kStages>*>(smem_raw + Traits::kOffBarriers);
   const int tid = threadIdx.x;
+  CtaTrace* tr = nullptr;  // the trace record of this CTA, on the threads that write it
+#if defined(JNA_FWD_TRACE)
+  if (tid == 0 || tid == Traits::kLoadThreads) tr = trace_slot(hp.trace);
+  if (tid == 0 && tr != nullptr) {
+    tr->clk[kTraceEntry] = clock64();
+    tr->t_begin = global_timer_ns();
+    uint32_t smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    tr->smid = smid;
+  }
+#endif
   if (tid == 0) pipe.init(Traits::kLoadThreads, Traits::kNWarps);
   if (!fwd_schedule<Traits>(p, sm, tid)) return;  // its barrier also publishes the mbarrier init
+  if (tid == 0) JNA_TRACE(tr, kTraceScheduled);
   if (__shfl_sync(0xffffffffu, tid / Traits::kLoadThreads, 0) == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
-    fwd_produce<Traits>(hp, sm, pipe, tid);
+    fwd_produce<Traits>(hp, sm, pipe, tid, tr);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-    fwd_consume<Traits>(p, sm, pipe, tid - Traits::kLoadThreads);
+    fwd_consume<Traits>(p, sm, pipe, tid - Traits::kLoadThreads, tr);
   }
 #elif defined(__CUDA_ARCH__)
   asm volatile("trap;");
