@@ -60,9 +60,38 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// How far (log2 units) a row's maximum may rise above the running maximum the probabilities are
+// taken against before that reference moves: while it stays within the slack the output needs no
+// rescale (alpha = 1), and the probabilities stay below 2^slack, far inside float32/bfloat16/float16
+// range. The result is exact either way (O, the row sum and the lse share the reference); the slack
+// only takes the rescale of O (a multiply per accumulator per tile) off most tiles. 0 moves the
+// reference whenever the maximum grows (the classic online softmax).
+#ifndef JNA_SOFTMAX_RESCALE_SLACK
+#define JNA_SOFTMAX_RESCALE_SLACK 8
+#endif
+constexpr float kRescaleSlackLog2 = JNA_SOFTMAX_RESCALE_SLACK;
+
+// Max / sum over the columns of row r of s_rc, as kChains independent chains (a single chain puts
+// every FMNMX/FADD latency on the softmax's critical path).
+template <class TensorS>
+__device__ __forceinline__ float row_max(const TensorS& s_rc, int r, float init) {
+  constexpr int kCols = decltype(cute::size<1>(s_rc))::value;
+  constexpr int kChains = kCols >= 8 ? 4 : 1;
+  float m[kChains];
+#pragma unroll
+  for (int i = 0; i < kChains; ++i) m[i] = init;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) m[c % kChains] = fmaxf(m[c % kChains], s_rc(r, c));
+#pragma unroll
+  for (int w = kChains / 2; w > 0; w /= 2)
+#pragma unroll
+    for (int i = 0; i < w; ++i) m[i] = fmaxf(m[i], m[i + w]);
+  return m[0];
+}
+
 template <int kRows>
 struct OnlineSoftmax {
-  float row_max[kRows];  // running max of raw scores (-inf: nothing seen)
+  float row_max[kRows];  // reference maximum of raw scores the probabilities are taken against (-inf: none yet)
   float row_sum[kRows];  // this thread's partial sum of exp (reduced over the quad at the end)
 
   __device__ __forceinline__ void init() {
@@ -74,40 +103,52 @@ struct OnlineSoftmax {
   }
 
   // s_rc: scores (rows, cols), masked entries -inf; overwritten by the unnormalized probabilities.
-  // o_rc: output accumulator (rows, cols), rescaled to the new running max.
+  // o_rc: output accumulator (rows, cols), rescaled to the new reference maximum.
   template <class TensorS, class TensorO>
   __device__ __forceinline__ void update(TensorS& s_rc, TensorO& o_rc, float scale_log2) {
     float alpha[kRows];
-    update_scores(s_rc, scale_log2, alpha);
-    rescale(o_rc, alpha);
+    if (update_scores(s_rc, scale_log2, alpha)) rescale(o_rc, alpha);
   }
 
   // The two halves of update(), for callers that overlap the output rescale with an MMA in flight:
   // scores -> probabilities and the factor alpha per row that the output accumulator needs ...
+  // Returns whether any thread of the warp has a row with alpha != 1 (warp-uniform): else the
+  // rescale can be skipped.
   template <class TensorS>
-  __device__ __forceinline__ void update_scores(TensorS& s_rc, float scale_log2, float alpha[kRows]) {
+  __device__ __forceinline__ bool update_scores(TensorS& s_rc, float scale_log2, float alpha[kRows]) {
     using namespace cute;
     static_assert(decltype(size<0>(s_rc))::value == kRows, "rows");
+    constexpr int kCols = decltype(size<1>(s_rc))::value;
+    bool moved = false;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      float mx = row_max[r];
+      const float mx = quad_max(fused::row_max(s_rc, r, row_max[r]));
+      // The reference moves only when the maximum rises more than the slack above it (always from
+      // -inf: the first scores of a row).
+      const bool move = mx * scale_log2 > row_max[r] * scale_log2 + kRescaleSlackLog2;
+      const float ref = move ? mx : row_max[r];
+      // A row that has seen only masked scores keeps -inf: use 0 so exp2 gives 0, never NaN.
+      const float m_scaled = (ref == -INFINITY) ? 0.f : ref * scale_log2;
+      alpha[r] = move ? fast_exp2(row_max[r] * scale_log2 - m_scaled) : 1.f;  // 0 when row_max was -inf
+      moved = moved || move;
+      row_max[r] = ref;
+      constexpr int kChains = kCols >= 8 ? 4 : 1;
+      float sum[kChains];
 #pragma unroll
-      for (int c = 0; c < size<1>(s_rc); ++c) mx = fmaxf(mx, s_rc(r, c));
-      mx = quad_max(mx);
-      // A row that has seen only masked scores keeps max -inf: use 0 so exp2 gives 0, never NaN.
-      const float m_scaled = (mx == -INFINITY) ? 0.f : mx * scale_log2;
-      const float alpha_r = fast_exp2(row_max[r] * scale_log2 - m_scaled);  // 0 when row_max was -inf
-      row_max[r] = mx;
-      float sum = 0.f;
+      for (int i = 0; i < kChains; ++i) sum[i] = 0.f;
 #pragma unroll
-      for (int c = 0; c < size<1>(s_rc); ++c) {
+      for (int c = 0; c < kCols; ++c) {
         const float pexp = fast_exp2(s_rc(r, c) * scale_log2 - m_scaled);
         s_rc(r, c) = pexp;
-        sum += pexp;
+        sum[c % kChains] += pexp;
       }
-      row_sum[r] = row_sum[r] * alpha_r + sum;
-      alpha[r] = alpha_r;
+#pragma unroll
+      for (int w = kChains / 2; w > 0; w /= 2)
+#pragma unroll
+        for (int i = 0; i < w; ++i) sum[i] += sum[i + w];
+      row_sum[r] = row_sum[r] * alpha[r] + sum[0];
     }
+    return __any_sync(0xffffffffu, moved);
   }
 
   // ... and that rescale.

@@ -101,14 +101,16 @@ struct TileScheduler {
   // Call from every thread; a barrier must follow before reading.
   __device__ static void compute(const geo::Problem& pr, const int32_t q_tiles[3], CtaSchedule& cs, int tid) {
     if (tid >= Traits::kNWarps) return;
-    int64_t lin = blockIdx.x;
+    // 32-bit: the grid's x extent fits int32 (tiles_per_axis), and 64-bit divisions are slow calls
+    // on the critical path of every CTA's start.
+    int32_t lin = static_cast<int32_t>(blockIdx.x);
     int32_t t[3], g[3], Lg[3], q0[3];
     for (int a = 2; a >= 0; --a) {
-      t[a] = static_cast<int32_t>(lin % q_tiles[a]);
+      t[a] = lin % q_tiles[a];
       lin /= q_tiles[a];
     }
     for (int a = 2; a >= 0; --a) {
-      g[a] = static_cast<int32_t>(lin % pr.axis[a].d);
+      g[a] = lin % pr.axis[a].d;
       lin /= pr.axis[a].d;
     }
     bool live = true;
@@ -340,14 +342,14 @@ struct KVScheduler {
     }
     ks.is_add = 0;
     ks.add0 = 0;
-    int64_t lin = blockIdx.x;
+    int32_t lin = static_cast<int32_t>(blockIdx.x);  // 32-bit, as in TileScheduler::compute
     int32_t t[3], g[3];
     for (int a = 2; a >= 0; --a) {
-      t[a] = static_cast<int32_t>(lin % kv_tiles[a]);
+      t[a] = lin % kv_tiles[a];
       lin /= kv_tiles[a];
     }
     for (int a = 2; a >= 0; --a) {
-      g[a] = static_cast<int32_t>(lin % pr.axis[a].d);
+      g[a] = lin % pr.axis[a].d;
       lin /= pr.axis[a].d;
     }
     bool live = true;

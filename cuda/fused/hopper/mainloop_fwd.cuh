@@ -209,9 +209,9 @@ __device__ __forceinline__ void fwd_consume(const FwdKernelParams& p, const FwdS
         mask_tile<Traits>(s_rc, sm.win, p.pr, cs, n, org, warp, lane);
       }
       float alpha[kRows];
-      softmax.update_scores(s_rc, p.scale_log2, alpha);
+      const bool moved = softmax.update_scores(s_rc, p.scale_log2, alpha);
       wgmma_wait<0>(acc_o, tOrP);
-      OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
+      if (moved) OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
       Tensor rP_new = convert_fragment<Element>(acc_s);
       copy(rP_new, rP);
     }
