@@ -157,8 +157,9 @@ struct TraitsBase {
 
 // Query-stationary kernels (forward, backward dQ): a CTA owns a 128-query tile and walks KV tiles of
 // kBlockN_ keys; kNWarps_ warps along M (128 / kNWarps_ query rows each).
+// Shapes_: the QTile / WarpTile / KVTile boxes (TileShapes by default; the Hopper forward has its own).
 template <DType kDType_, int kHeadDim_, int kRank_, int kBlockN_ = JNA_FUSED_BLOCK_N,
-          int kNWarps_ = JNA_FUSED_NWARPS, int kStages_ = 2>
+          int kNWarps_ = JNA_FUSED_NWARPS, int kStages_ = 2, class Shapes_ = TileShapes<kRank_, kBlockN_, kNWarps_>>
 struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using Base = TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_>;
   using Base::kNWarps;
@@ -173,9 +174,9 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;  // K/V smem stages
 
-  using QTile = typename TileShapes<kRank, kBlockN, kNWarps>::QTile;
-  using WarpTile = typename TileShapes<kRank, kBlockN, kNWarps>::WarpTile;
-  using KVTile = typename TileShapes<kRank, kBlockN, kNWarps>::KVTile;
+  using QTile = typename Shapes_::QTile;
+  using WarpTile = typename Shapes_::WarpTile;
+  using KVTile = typename Shapes_::KVTile;
   static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN && WarpTile::kSize == kBlockM / kNWarps, "tile sizes");
   // Warp grid inside the Q tile.
   using WarpGrid = Box<QTile::extent(0) / WarpTile::extent(0), QTile::extent(1) / WarpTile::extent(1),
@@ -186,12 +187,12 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
   using SmemLayoutVt = typename Base::template SmemLayoutRowsT<kBlockN>;  // V (or K) as the B of P.V (dS.K)
   using OutTraits = std::conditional_t<Base::kDPasses == 1, FwdTraits,
-                                       FwdTraits<kDType_, Base::kHeadDimOut, kRank_, kBlockN_, kNWarps_, kStages_>>;
+                                       FwdTraits<kDType_, Base::kHeadDimOut, kRank_, kBlockN_, kNWarps_, kStages_, Shapes_>>;
 
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemWin = kBlockM * kRank * 8;  // int2 (start, end) per row and axis
-  static constexpr int kSmemSched = 1024;  // CtaSchedule (checked in the kernel)
+  static constexpr int kSmemSched = 640;  // CtaSchedule (checked in the kernel)
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kSmemWin + kSmemSched;
 };
 
