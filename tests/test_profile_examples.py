@@ -247,3 +247,17 @@ def test_models_benchmark_compile_workers(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["infer", "train"]
     assert all(r.get("images_per_s", 0) > 0 and r["first_call_s"] > 0 for r in rows), rows
+
+
+def test_timeit_batches_fast_calls():
+    """Calls under profile.BATCH_BELOW_S are timed in batches synchronized once: more calls than samples."""
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x + 1
+
+    med, lo, hi, n = profile.timeit(fn, [jnp.ones(4)], reps=3, budget_s=1.0)
+    assert n == 3
+    assert len(calls) > 2 + n  # the warm-up and timing calls, then batches of more than one call
+    assert 0 < lo <= med <= hi < profile.BATCH_BELOW_S
