@@ -2,9 +2,10 @@
 # One call on a GPU machine: build + install jax_na against the local jaxlib, run the GPU test suite,
 # run the benchmarks; logs and JSON under $OUT.
 # Usage: bash tools/gpu_run.sh [tests|bench|models|all] [args for jax_na.profile or benchmarks/models.py]
-# Environment: PYTEST_MARK (default "gpu"; e.g. "gpu and not large"), PYTEST_ARGS (more pytest arguments),
+# Environment: PYTEST_MARK (default "gpu"; e.g. "gpu and not large"), PYTEST_ARGS (pytest arguments, default -q;
+# e.g. "-v -n 12"),
 # PYTEST_K (a -k expression, spaces allowed), PYTEST_PATHS (default: the whole tests/ folder),
-# JNA_CUDA_FLAGS (extra nvcc flags for kernel experiments, e.g. "-DJNA_SM90_BLOCK_N_ND=128"),
+# JNA_CUDA_FLAGS (extra nvcc flags for kernel experiments, e.g. "-DJNA_SM90_BLOCK_N_3D=128"),
 # JNA_WHEEL (a jax_na wheel built elsewhere for this machine's Python and jaxlib, e.g. carried in
 # .carry/: installed instead of building here, which saves the build's minutes of GPU time).
 # (bench: python -m jax_na.profile on the whole problem set; models: benchmarks/models.py; all: tests + bench)
@@ -60,7 +61,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   t0=$(date +%s)
   # Poisoned outputs: the handlers fill every result with NaN bytes before their kernels run.
   # PYTEST_MARK selects (default: every GPU test; "gpu and not large" leaves out the >2^31-element one).
-  JAX_NA_POISON_OUTPUTS=1 "$PY" -m pytest -q -p no:cacheprovider --durations=15 -m "${PYTEST_MARK:-gpu}" ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} ${PYTEST_PATHS:-"$REPO/tests"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+  JAX_NA_POISON_OUTPUTS=1 "$PY" -m pytest -p no:cacheprovider --durations=15 -m "${PYTEST_MARK:-gpu}" ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:--q} ${PYTEST_PATHS:-"$REPO/tests"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
   rc=${PIPESTATUS[0]}
   echo "gpu tests: rc=$rc, $(( $(date +%s) - t0 )) s"
 fi
