@@ -70,6 +70,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 #define JNA_SOFTMAX_RESCALE_SLACK 8
 #endif
 constexpr float kRescaleSlackLog2 = JNA_SOFTMAX_RESCALE_SLACK;
+static_assert(kRescaleSlackLog2 >= 0.f && kRescaleSlackLog2 <= 14.f,
+              "the probabilities reach 2^slack before the 16-bit P.V operand: at most 2^14 (float16 max 65504)");
 
 // Max / sum over the columns of row r of s_rc, as kChains independent chains (a single chain puts
 // every FMNMX/FADD latency on the softmax's critical path).

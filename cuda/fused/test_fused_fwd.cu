@@ -69,6 +69,7 @@ struct Case {
   int H, Hkv, D;
   DType dt;
   int64_t Na;
+  float scale = 0.f;  // 0: D^-0.5
 };
 
 static geo::Problem make_problem(const Case& cs) {
@@ -140,7 +141,7 @@ static void* upload(const std::vector<uint16_t>& h) {
 static bool run_case(const Case& cs, std::mt19937& rng) {
   const geo::Problem pr = make_problem(cs);
   const int64_t D = cs.D;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const float scale = cs.scale > 0.f ? cs.scale : 1.f / std::sqrt(static_cast<float>(D));
   const size_t nq = pr.B * pr.N * pr.H * D, nk = pr.B * pr.N * pr.Hkv * D, na = pr.B * pr.Na * pr.Hkv * D;
   HostT q = random_tensor(nq, cs.dt, rng, 2.f), k = random_tensor(nk, cs.dt, rng, 2.f),
         v = random_tensor(nk, cs.dt, rng, 1.f), ak = random_tensor(na, cs.dt, rng, 2.f),
@@ -363,6 +364,10 @@ int main(int argc, char** argv) {
       {"3d 16x16x16 k=7x7x7 Na=17 GQA 4:1", 3, 1, {16, 16, 16}, {7, 7, 7}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 4, 1, 64, DType::kF16, 17},
       {"3d 6x10x18 k=6x5x4 d=1x2x4 c=011", 3, 2, {6, 10, 18}, {6, 5, 4}, {1, 2, 1}, {1, 2, 4}, {0, 1, 1}, 1, 1, 128, DType::kF16, 3},
       {"3d 5x9x11 k=2x3x11 s=2x3x11", 3, 1, {5, 9, 11}, {2, 3, 11}, {2, 3, 11}, {1, 1, 1}, {0, 0, 0}, 2, 1, 64, DType::kBF16, 0},
+      // Scale 1: scaled scores spread over tens of log2 units, so the softmax's reference maximum
+      // moves in the middle of the walk (the O rescale with alpha < 1, softmax.cuh).
+      {"2d 40x48 k=13x7 scale=1 Na=5", 2, 1, {40, 48, 1}, {13, 7, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 2, 2, 128, DType::kF16, 5, 1.f},
+      {"3d 6x20x24 k=3x9x7 scale=1", 3, 1, {6, 20, 24}, {3, 9, 7}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 2, 1, 64, DType::kBF16, 0, 1.f},
   };
   bool all = true;
 #if defined(JNA_TEST_SM90_ONLY)

@@ -77,6 +77,7 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
   // mbarriers after the portable kernel's smem (FwdSmem): Q full, and per stage K/V full and empty.
   static constexpr int kOffBarriers = Base::kSmemBytes;
   static constexpr int kSmemBytes = Base::kSmemBytes + 8 * (1 + 2 * Base::kStages);
+  static_assert(kSmemBytes <= 232448, "more than the 227 KB of dynamic shared memory a CTA may take on sm_90");
   static_assert(kOffBarriers % 8 == 0, "mbarrier alignment");
 
   // S = Q K^T: both operands from smem (K-major). O += P V: P from registers, V from smem read
