@@ -73,22 +73,31 @@ constexpr float kRescaleSlackLog2 = JNA_SOFTMAX_RESCALE_SLACK;
 static_assert(kRescaleSlackLog2 >= 0.f && kRescaleSlackLog2 <= 14.f,
               "the probabilities reach 2^slack before the 16-bit P.V operand: at most 2^14 (float16 max 65504)");
 
-// Max / sum over the columns of row r of s_rc, as kChains independent chains (a single chain puts
-// every FMNMX/FADD latency on the softmax's critical path).
+// Row reductions run as kReduceChains independent chains over the columns (a single chain puts every
+// FMNMX/FADD latency on the softmax's critical path), folded pairwise at the end.
+template <int kCols>
+constexpr int kReduceChains = kCols >= 8 ? 4 : 1;
+
+template <int kChains, class Op>
+__device__ __forceinline__ float fold_chains(float (&v)[kChains], Op op) {
+#pragma unroll
+  for (int w = kChains / 2; w > 0; w /= 2)
+#pragma unroll
+    for (int i = 0; i < w; ++i) v[i] = op(v[i], v[i + w]);
+  return v[0];
+}
+
+// Max of init and the columns of row r of s_rc.
 template <class TensorS>
 __device__ __forceinline__ float row_max(const TensorS& s_rc, int r, float init) {
   constexpr int kCols = decltype(cute::size<1>(s_rc))::value;
-  constexpr int kChains = kCols >= 8 ? 4 : 1;
+  constexpr int kChains = kReduceChains<kCols>;
   float m[kChains];
 #pragma unroll
   for (int i = 0; i < kChains; ++i) m[i] = init;
 #pragma unroll
   for (int c = 0; c < kCols; ++c) m[c % kChains] = fmaxf(m[c % kChains], s_rc(r, c));
-#pragma unroll
-  for (int w = kChains / 2; w > 0; w /= 2)
-#pragma unroll
-    for (int i = 0; i < w; ++i) m[i] = fmaxf(m[i], m[i + w]);
-  return m[0];
+  return fold_chains(m, [](float a, float b) { return fmaxf(a, b); });
 }
 
 template <int kRows>
@@ -134,7 +143,7 @@ struct OnlineSoftmax {
       alpha[r] = move ? fast_exp2(row_max[r] * scale_log2 - m_scaled) : 1.f;  // 0 when row_max was -inf
       moved = moved || move;
       row_max[r] = ref;
-      constexpr int kChains = kCols >= 8 ? 4 : 1;
+      constexpr int kChains = kReduceChains<kCols>;
       float sum[kChains];
 #pragma unroll
       for (int i = 0; i < kChains; ++i) sum[i] = 0.f;
@@ -144,11 +153,7 @@ struct OnlineSoftmax {
         s_rc(r, c) = pexp;
         sum[c % kChains] += pexp;
       }
-#pragma unroll
-      for (int w = kChains / 2; w > 0; w /= 2)
-#pragma unroll
-        for (int i = 0; i < w; ++i) sum[i] += sum[i + w];
-      row_sum[r] = row_sum[r] * alpha[r] + sum[0];
+      row_sum[r] = row_sum[r] * alpha[r] + fold_chains(sum, [](float a, float b) { return a + b; });
     }
     return __any_sync(0xffffffffu, moved);
   }
