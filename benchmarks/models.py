@@ -10,8 +10,10 @@ ImageNet shapes by default: 224x224x3 input, batch 128, 1000 classes.
 Relative positional biases are off by default (``--rpb`` turns them on): with them the Flax layer
 runs the unfused qk/softmax/av path, which fused kernels cannot take. The blocks of a level run
 under ``nn.scan`` (one compiled body per dilation pattern) so that the deep models compile fast;
-``--no-scan`` unrolls them. ``--time-limit`` stops starting new entries after that many seconds (the
-rest are reported as skipped), so a default run ends in a few minutes whatever the machine.
+``--no-scan`` unrolls them. ``--time-limit`` stops starting new entries that many seconds after the start, compilation by
+``--compile-workers`` included (the rest are reported as skipped), so a default run ends in a few
+minutes whatever the machine; ``--json`` is rewritten after every entry, so a run killed from
+outside keeps what it measured.
 
 Usage: python benchmarks/models.py [--models nat_mini,dinat_tiny] [--dtypes bfloat16] [--modes infer]
            [--backends reference,naive,self] [--batch 128] [--steps 10] [--json out.json]
@@ -116,6 +118,7 @@ def bench_one(model, params, mode: str, x, y, steps: int, warmup: int):
 
 
 def main(argv=None) -> int:
+    t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma list of {', '.join(nat.MODELS)}")
     ap.add_argument("--dtypes", default="bfloat16,float32")
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rpb", action="store_true", help="relative positional biases (unfused path)")
     ap.add_argument("--no-scan", action="store_true", help="unroll the blocks (slow compilation)")
     ap.add_argument("--time-limit", type=float, default=540.0,
-                    help="start no new entry after this many seconds (the rest are reported skipped)")
+                    help="start no new entry this many seconds after the start, compilation included "
+                         "(the rest are reported skipped)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile-workers", type=int, default=0,
                     help="compile every entry first in this many parallel processes (AOT, into a persistent "
@@ -164,9 +168,9 @@ def main(argv=None) -> int:
     y = jax.random.randint(jax.random.key(1), (a.batch,), 0, a.classes)
     todo = list(entries(a, models, backends, available))
     if a.compile_workers > 0:
-        compile_in_workers(a, argv if argv is not None else sys.argv[1:], todo)
+        # Compilation may take at most 3/4 of the time limit: the timing needs the rest.
+        compile_in_workers(a, argv if argv is not None else sys.argv[1:], todo, t_start + 0.75 * a.time_limit)
     rows = []
-    t_start = time.perf_counter()
     header = f"{'model':<12} {'dtype':<9} {'mode':<6} {'backend':<11} {'images/s':>10} {'ms/step':>9} {'p10-p90 ms':>17}"
     print(header, flush=True)
     params_of = {}  # float32 parameters per model, the same for every dtype, mode and backend
@@ -180,14 +184,19 @@ def main(argv=None) -> int:
             run_entry(row, name, dtype, b, mode, on_gpu, a, x32.astype(dtype), x32, y, params_of)
         rows.append(row)
         print(_fmt(row), flush=True)
+        if a.json:
+            _write_json(a, rows, dev, on_gpu, available)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(kind="models", jax=jax.__version__, device=str(dev.device_kind if on_gpu else dev),
-                           available_backends=available, batch=a.batch, image_size=a.image_size,
-                           rpb=a.rpb, scan=not a.no_scan, rows=rows), f, indent=1)
         print(f"wrote {a.json}")
     return 0
+
+
+def _write_json(a, rows, dev, on_gpu, available) -> None:
+    with open(a.json, "w") as f:
+        json.dump(dict(kind="models", jax=jax.__version__, device=str(dev.device_kind if on_gpu else dev),
+                       available_backends=available, batch=a.batch, image_size=a.image_size,
+                       rpb=a.rpb, scan=not a.no_scan, rows=rows), f, indent=1)
 
 
 def entries(a, models, backends, available):
@@ -217,10 +226,11 @@ def use_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def compile_in_workers(a, argv, todo) -> None:
+def compile_in_workers(a, argv, todo, deadline: float) -> None:
     """Compiles the entries of ``todo`` in a.compile_workers processes (each takes every n-th one)
     into a persistent cache, and points this process at it: compilation is CPU-bound and the timed
-    runs then start from the cache. XLA's autotuning runs during those compilations, so its GPU
+    runs then start from the cache. Workers still running at ``deadline`` (perf_counter seconds) are
+    stopped. XLA's autotuning runs during those compilations, so its GPU
     timings share the GPU with the other workers'."""
     import subprocess
     import tempfile
@@ -230,9 +240,16 @@ def compile_in_workers(a, argv, todo) -> None:
     t = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--cache-dir", cache,
                                "--compile-shard", f"{i}/{n}"]) for i in range(n)]
-    failed = sum(p.wait() != 0 for p in procs)
+    failed = 0
+    for p in procs:  # workers still compiling at the deadline are stopped: their entries compile while timed
+        try:
+            failed += p.wait(timeout=max(1.0, deadline - time.perf_counter())) != 0
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            failed += 1
     print(f"# compiled in {n} worker processes: {time.perf_counter() - t:.0f} s"
-          f"{f' ({failed} failed: their entries compile while timed)' if failed else ''}", flush=True)
+          f"{f' ({failed} failed or stopped: their entries compile while timed)' if failed else ''}", flush=True)
     use_cache(cache)
 
 
