@@ -8,6 +8,7 @@ Flax layers live in ``jax_na.flax``.
 from jax_na import geometry
 from jax_na._ext import available_backends, register_targets as _register_targets
 from jax_na.functional import (
+    fused_tile_configs,
     na1d,
     na1d_av,
     na1d_qk,
@@ -25,6 +26,7 @@ _register_targets()
 
 __all__ = [
     "available_backends",
+    "fused_tile_configs",
     "geometry",
     "na1d",
     "na1d_av",

@@ -47,6 +47,22 @@ FUSED_HEAD_DIMS_NARROW = (64, 128)
 # for av) runs zero-padded to the next one up to 128. The gemm targets take larger head dims too and
 # run them on the naive kernels inside them.
 GEMM_HEAD_DIMS = (64, 128)
+# The fused forward's compiled tile configurations, (q_tile_shape, kv_tile_shape) per kernel set
+# ("sm80": the portable kernels, "sm90": the Hopper ones) and rank, the default first. "narrow":
+# float16/bfloat16 at head dims 64 and 128; "wide": float32 and head dim 256 (32-key tiles; portable
+# only). Mirrors cuda/fused/tile_shapes.cuh (tests/test_tiles.py checks the extension agrees).
+FUSED_FWD_TILES = {
+    ("sm80", "narrow"): {1: (((128,), (64,)),),
+                         2: (((16, 8), (8, 8)), ((8, 16), (8, 8))),
+                         3: (((4, 4, 8), (2, 8, 4)), ((2, 8, 8), (4, 4, 4)))},
+    ("sm80", "wide"): {1: (((128,), (32,)),),
+                       2: (((16, 8), (4, 8)),),
+                       3: (((2, 8, 8), (2, 4, 4)),)},
+    ("sm90", "narrow"): {1: (((128,), (128,)),),
+                         2: (((16, 8), (16, 8)), ((8, 16), (8, 16))),
+                         3: (((4, 4, 8), (2, 8, 4)), ((2, 8, 8), (1, 8, 8)))},
+}
+_KERNEL_SET_NAMES = {"sm80": "portable (fused_sm80)", "sm90": "Hopper (fused_sm90)"}
 # Grid limits of the fused kernels: query heads (and batch, which the lowering splits into chunks
 # of at most this size, so any batch works).
 FUSED_MAX_HEADS = 65535
@@ -96,6 +112,25 @@ def fused_supports(dtype, D: int, Dv: int, H: int) -> bool:
             and fused_head_dim(D, Dv, dtype) is not None and 1 <= H <= FUSED_MAX_HEADS)
 
 
+def fused_fwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> tuple:
+    """The compiled forward tile configurations ((q_tile_shape, kv_tile_shape), ...) of kernel set
+    "sm80" (portable) or "sm90" (Hopper) for a dtype and a padded head dim (64, 128 or 256), the
+    default first; () where that set has no kernel for them."""
+    wide = jnp.dtype(dtype) == jnp.dtype(jnp.float32) or head_dim > 128
+    return FUSED_FWD_TILES.get((kernel_set, "wide" if wide else "narrow"), {}).get(rank, ())
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedTiles:
+    """A forward tile choice for the fused kernels: the ``arch`` attribute of the FFI call (0 auto,
+    80 or 90 when only that kernel set has the shapes asked for) and the configuration index in each
+    set (-1: that set has none with those shapes and must not run)."""
+
+    arch: int
+    sm80: int
+    sm90: int
+
+
 @dataclasses.dataclass(frozen=True)
 class NAParams:
     """Normalized, hashable window parameters (one entry per spatial axis)."""
@@ -108,6 +143,9 @@ class NAParams:
     # The unfused QK op's scores in float32 whatever the input dtype (na*d on the "gemm" backend: the
     # softmax then sees the scores as the fused kernels do); False: in the input dtype (na*d_qk).
     scores_f32: bool = False
+    # The fused forward's tile configuration (q_tile_shape / kv_tile_shape); None: the default. Only
+    # the fused kernels read it.
+    fwd_tiles: FusedTiles | None = None
 
     @property
     def rank(self) -> int:
@@ -273,8 +311,63 @@ def _check_fused(query, value, backend="fused"):
                          f"['gemm', 'reference', 'naive']")
 
 
+def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if rank == 1 and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or len(value) != rank or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v > 0 for v in value):
+        raise ValueError(f"{name} must be None or a tuple of {rank} positive ints (one extent per spatial "
+                         f"axis), got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_shape) -> FusedTiles | None:
+    """Validate a call's q_tile_shape / kv_tile_shape against the fused forward's compiled tile
+    configurations (FUSED_FWD_TILES) for its dtype, head dim, rank and backend. Returns None (both
+    None: the defaults) or the FusedTiles the fused kernels run with. A shape given alone picks the
+    first configuration that has it."""
+    q_shape = _tile_shape("q_tile_shape", q_tile_shape, rank)
+    kv_shape = _tile_shape("kv_tile_shape", kv_tile_shape, rank)
+    if q_shape is None and kv_shape is None:
+        return None
+    if backend != "auto" and backend not in FUSED_BACKENDS:
+        raise ValueError(f"q_tile_shape / kv_tile_shape choose the tiles of the fused kernels; backend "
+                         f"{backend!r} has none (allowed backends with tile shapes: None, 'auto', "
+                         f"{', '.join(repr(b) for b in FUSED_BACKENDS)})")
+    dtype = query.dtype
+    fam = "fused" if backend == "auto" else backend
+    P = fused_head_dim(query.shape[-1], value.shape[-1], dtype, fam)
+    sets = {"fused": ("sm80", "sm90"), "fused_sm80": ("sm80",), "fused_sm90": ("sm90",)}[fam]
+    if P is None:
+        return None  # no fused kernel takes the call (auto then runs the reference; an explicit backend raised)
+    index, listing = {}, []
+    for ks in sets:
+        configs = fused_fwd_tile_configs(ks, dtype, P, rank)
+        if ks == "sm90" and (P > 128 or jnp.dtype(dtype) == jnp.dtype(jnp.float32)):
+            configs = ()
+        if configs:
+            listing.append(f"{_KERNEL_SET_NAMES[ks]}: {', '.join(f'{q} with {kv}' for q, kv in configs)}")
+        index[ks] = next((i for i, (q, kv) in enumerate(configs)
+                          if q_shape in (None, q) and kv_shape in (None, kv)), -1)
+    if all(i < 0 for i in index.values()):
+        raise ValueError(f"no compiled fused forward tile configuration has q_tile_shape={q_shape}, "
+                         f"kv_tile_shape={kv_shape} for {_dtype_name(dtype)} at head dim {P} in {rank}-D on "
+                         f"backend {fam!r}; allowed (q_tile_shape with kv_tile_shape): {'; '.join(listing)}")
+    sm80, sm90 = index.get("sm80", -1), index.get("sm90", -1)
+    arch = FUSED_BACKENDS[fam]
+    if arch == 0 and (sm80 < 0) != (sm90 < 0):
+        arch = 80 if sm90 < 0 else 90
+    if arch == 90 and _ext.has_cuda_device() and not _ext.has_hopper_kernels():
+        raise ValueError(f"q_tile_shape={q_shape}, kv_tile_shape={kv_shape} is a configuration of the Hopper "
+                         f"kernels only, which need a compute capability 9.0 GPU and a build with 90a "
+                         f"(this one: {_ext.cuda_archs() or 'none'}); allowed here: {listing[0] if listing else 'none'}")
+    return FusedTiles(arch, sm80 if "sm80" in sets else -1, sm90 if "sm90" in sets else -1)
+
+
 def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                   additional_keys, additional_values, backend):
+                   additional_keys, additional_values, backend, q_tile_shape=None, kv_tile_shape=None):
     """Validate a na{1,2,3}d call. Returns (NAParams, backend)."""
     _check_array("query", query, rank + 3, _layout(rank, "H", "D"))
     _check_array("key", key, rank + 3, _layout(rank, "H_kv", "D"))
@@ -315,7 +408,9 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
                 raise TypeError(f"{name} dtype {_dtype_name(x.dtype)} differs from query dtype "
                                 f"{_dtype_name(query.dtype)}")
     params = window_params(rank, spatial, kernel_size, stride, dilation, is_causal, scale, D)
-    return params, resolve_backend(backend, query.dtype, "na", query, value)
+    backend = resolve_backend(backend, query.dtype, "na", query, value)
+    tiles = fwd_tiles_args(rank, query, value, backend, q_tile_shape, kv_tile_shape)
+    return dataclasses.replace(params, fwd_tiles=tiles), backend
 
 
 def qk_args(rank: int, query, key, kernel_size, dilation, is_causal, rpb, scale, backend):

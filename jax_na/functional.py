@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax_na import _checks
 from jax_na.primitives import av_bwd_p, av_p, bwd_p, fwd_p, qk_bwd_p, qk_p
 
-__all__ = ["na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av"]
+__all__ = ["na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
+           "fused_tile_configs"]
 
 
 # ----------------------------------------------------------------------------- differentiation
@@ -78,9 +79,10 @@ _av.defvjp(_av_fwd, _av_bwd)
 # ----------------------------------------------------------------------------- shared entry points
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-        additional_values, return_lse, backend):
+        additional_values, return_lse, backend, q_tile_shape=None, kv_tile_shape=None):
     params, backend = _checks.attention_args(rank, query, key, value, kernel_size, stride, dilation,
-                                             is_causal, scale, additional_keys, additional_values, backend)
+                                             is_causal, scale, additional_keys, additional_values, backend,
+                                             q_tile_shape, kv_tile_shape)
     if additional_keys is None:
         B, Hkv = key.shape[0], key.shape[-2]
         additional_keys = jnp.zeros((B, 0, Hkv, key.shape[-1]), key.dtype)
@@ -197,6 +199,13 @@ _NA_DOC = """{rank}-D neighborhood attention.
         element; every float dtype and head dim) or "reference" (pure JAX, every platform). The
         kernel backends raise a ValueError/TypeError for a call they cannot take or when jax_na was
         built without them; a call lowered for a non-CUDA platform uses the reference.
+      q_tile_shape, kv_tile_shape: the fused forward's tile shapes (a tuple of {rank} extents each;
+        None: the default, chosen per kernel set and rank). The compiled configurations are listed in
+        ``jax_na.fused_tile_configs(rank, dtype, head_dim)``; one given alone picks the first
+        configuration that has it, and a configuration only the Hopper (or only the portable)
+        kernels have runs on those. A shape no compiled configuration has, or tile shapes with a
+        non-fused backend, is a ValueError. Other backends (auto on a platform without the fused
+        kernels) compute the same function and ignore them; the backward keeps its own tiles.
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.
@@ -273,21 +282,24 @@ def _doc(template, rank):
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-         additional_keys=None, additional_values=None, return_lse=False, backend=None):
+         additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
+         kv_tile_shape=None):
     return _na(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, return_lse, backend)
+               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape)
 
 
 def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-         additional_keys=None, additional_values=None, return_lse=False, backend=None):
+         additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
+         kv_tile_shape=None):
     return _na(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, return_lse, backend)
+               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape)
 
 
 def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-         additional_keys=None, additional_values=None, return_lse=False, backend=None):
+         additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
+         kv_tile_shape=None):
     return _na(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, return_lse, backend)
+               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape)
 
 
 def na1d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, backend=None):
@@ -312,6 +324,42 @@ def na2d_av(weights, value, kernel_size, dilation=1, is_causal=False, backend=No
 
 def na3d_av(weights, value, kernel_size, dilation=1, is_causal=False, backend=None):
     return _na_av(3, weights, value, kernel_size, dilation, is_causal, backend)
+
+
+def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128) -> dict[str, list]:
+    """The fused forward's compiled tile configurations, the values ``q_tile_shape`` /
+    ``kv_tile_shape`` of ``na{rank}d`` may take, per kernel set.
+
+    Args:
+      rank: 1, 2 or 3.
+      dtype: the inputs' dtype (float16, bfloat16 or float32).
+      head_dim: the head dim (``max(D, D_v)``; padded as the kernels pad it, to 64, 128 or 256).
+
+    Returns:
+      ``{"fused_sm80": [(q_tile_shape, kv_tile_shape), ...], "fused_sm90": [...]}``, the default
+      first in each list (the portable kernels and the Hopper ones; a set without kernels for the
+      dtype and head dim has an empty list). Whether this machine can run a set:
+      ``jax_na.available_backends()``.
+
+    Example:
+      >>> import jax_na
+      >>> jax_na.fused_tile_configs(2)["fused_sm80"][0]
+      ((16, 8), (8, 8))
+    """
+    if rank not in (1, 2, 3):
+        raise ValueError(f"rank must be 1, 2 or 3, got {rank!r}")
+    if not any(jnp.dtype(dtype) == jnp.dtype(d) for d in _checks.FLOAT_DTYPES):
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    out = {}
+    for backend, kernel_set in (("fused_sm80", "sm80"), ("fused_sm90", "sm90")):
+        P = _checks.fused_head_dim(head_dim, head_dim, dtype, backend) if isinstance(head_dim, int) else None
+        if P is None and backend == "fused_sm80":
+            raise ValueError(f"head_dim must be an int in 1..{_checks.fused_head_dims(dtype)[-1]} for "
+                             f"{jnp.dtype(dtype).name}, got {head_dim!r}")
+        out[backend] = list(_checks.fused_fwd_tile_configs(kernel_set, dtype, P, rank)) if P else []
+        if kernel_set == "sm90" and jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+            out[backend] = []
+    return out
 
 
 for _rank, (_f, _fqk, _fav) in {1: (na1d, na1d_qk, na1d_av), 2: (na2d, na2d_qk, na2d_av),

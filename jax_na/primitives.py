@@ -356,10 +356,14 @@ def _fused_impl(kind, *args, params, backend):
     arch = np.int64(_checks.FUSED_BACKENDS.get(backend, 0))  # which kernels: 0 auto, 80 portable, 90 Hopper
 
     if kind == "fwd":
+        # The forward's tile configuration per kernel set (q_tile_shape / kv_tile_shape; 0: default).
+        tiles = params.fwd_tiles or _checks.FusedTiles(int(arch), 0, 0)
+        tile_attrs = dict(arch=np.int64(tiles.arch), tiles_sm80=np.int64(tiles.sm80), tiles_sm90=np.int64(tiles.sm90))
+
         def call(q, k, v, add_k, add_v):
             out = jax.ShapeDtypeStruct((*q.shape[:-1], P), q.dtype)
             lse = jax.ShapeDtypeStruct(q.shape[:-1], f32)
-            return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(q, k, v, add_k, add_v, arch=arch, **attrs)
+            return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(q, k, v, add_k, add_v, **tile_attrs, **attrs)
 
         out, lse = _batch_chunks(call, [_pad_last(x, P) for x in (q_in(args[0]), *args[1:])])
         return [_last(out, Dv), lse]

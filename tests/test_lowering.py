@@ -471,7 +471,7 @@ def _fake_fused_ffi_call(seen, seen_arch=None):
     seen_arch = [] if seen_arch is None else seen_arch
 
     def ffi_call(target, result_shapes, **_):
-        def run(*ops, kernel_size, stride, dilation, is_causal, scale, arch=None):
+        def run(*ops, kernel_size, stride, dilation, is_causal, scale, arch=None, tiles_sm80=None, tiles_sm90=None):
             params = _checks.NAParams(tuple(int(i) for i in kernel_size), tuple(int(i) for i in stride),
                                       tuple(int(i) for i in dilation), tuple(bool(i) for i in is_causal),
                                       float(scale))

@@ -5,7 +5,7 @@
 # Environment: PYTEST_MARK (default "gpu"; e.g. "gpu and not large"), PYTEST_ARGS (pytest arguments, default -q;
 # e.g. "-v -n 12"),
 # PYTEST_K (a -k expression, spaces allowed), PYTEST_PATHS (default: the whole tests/ folder),
-# JNA_CUDA_FLAGS (extra nvcc flags for kernel experiments, e.g. "-DJNA_SM90_BLOCK_N_3D=128"),
+# JNA_CUDA_FLAGS (extra nvcc flags for kernel experiments, e.g. "-DJNA_SOFTMAX_RESCALE_SLACK=0"),
 # JNA_WHEEL (a jax_na wheel built elsewhere for this machine's Python and jaxlib, e.g. carried in
 # .carry/: installed instead of building here, which saves the build's minutes of GPU time).
 # (bench: python -m jax_na.profile on the whole problem set; models: benchmarks/models.py; all: tests + bench)

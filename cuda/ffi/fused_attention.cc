@@ -1,7 +1,9 @@
 // FFI handlers jax_na_fused_fwd / jax_na_fused_bwd: fused neighborhood attention (cuda/fused/: the
 // portable sm80-class kernels, and a Hopper sm_90a forward). Attributes kernel_size, stride, dilation,
-// is_causal (i64 arrays, one entry per spatial axis) and scale (f32); the forward also takes arch (i64:
-// 0 picks the Hopper kernel on sm_90 devices, 80 the portable one, 90 the Hopper one). See docs/ffi.md.
+// is_causal (i64 arrays, one entry per spatial axis) and scale (f32); both take arch (i64: 0 picks the
+// Hopper kernels on sm_90 devices, 80 the portable ones, 90 the Hopper ones), the forward also
+// tiles_sm80 / tiles_sm90 (i64: the tile configuration of each kernel set, an index into
+// fused::fwd_tile_configs; -1 where that set must not run). See docs/ffi.md.
 //   fwd: q, k, v, add_k, add_v -> out, lse (no workspace)
 //   bwd: q, k, v, add_k, add_v, out, lse, d_out, d_lse -> dq, dk, dv, d_add_k, d_add_v, workspace
 //        (float32 [B * N * H]: delta)
@@ -90,16 +92,38 @@ ffi::Error check_arch(const char* kT, int64_t arch) {
   return ffi::Error::Success();
 }
 
+// tiles_sm80 / tiles_sm90: indices into the forward's tile configurations of each kernel set; 0 (the
+// default) always passes, -1 means that set has no configuration with the shapes asked for (the other
+// set must run: arch says which).
+ffi::Error check_tiles(const char* kT, const FusedCall& c, int64_t arch, int64_t tiles_sm80, int64_t tiles_sm90) {
+  const int64_t idx[2] = {tiles_sm80, tiles_sm90};
+  const int archs[2] = {fused::FwdArgs::kPortable, fused::FwdArgs::kHopper};
+  const char* names[2] = {"tiles_sm80", "tiles_sm90"};
+  for (int i = 0; i < 2; ++i) {
+    const int n = fused::fwd_tile_configs(archs[i], c.dtype, c.D, c.rank, nullptr, 0);
+    if (idx[i] < -1 || (idx[i] > 0 && idx[i] >= n))
+      return invalid(kT, std::string(names[i]) + " must be -1, 0 or a tile configuration index below " +
+                             std::to_string(n) + " for " + dtype_name(c.dtype) + ", head dim " + std::to_string(c.D) +
+                             ", rank " + std::to_string(c.rank) + "; got " + std::to_string(idx[i]));
+  }
+  if ((arch == fused::FwdArgs::kHopper && tiles_sm90 < 0) || (arch != fused::FwdArgs::kHopper && tiles_sm80 < 0))
+    return invalid(kT, "arch=" + std::to_string(arch) + " may run a kernel set whose tile index is -1 (tiles_sm80=" +
+                           std::to_string(tiles_sm80) + ", tiles_sm90=" + std::to_string(tiles_sm90) +
+                           "): a tile configuration only one set has needs that set's arch (80 or 90)");
+  return ffi::Error::Success();
+}
+
 ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer add_k, ffi::AnyBuffer add_v, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::AnyBuffer> lse, I64Span kernel_size, I64Span stride, I64Span dilation,
-                    I64Span is_causal, float scale, int64_t arch) {
+                    I64Span is_causal, float scale, int64_t arch, int64_t tiles_sm80, int64_t tiles_sm90) {
   constexpr const char* kT = "jax_na_fused_fwd";
   if (auto e = check_arch(kT, arch); e.failure()) return e;
   FusedCall c;
   if (auto e = decode_fused(kT, arch, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c);
       e.failure())
     return e;
+  if (auto e = check_tiles(kT, c, arch, tiles_sm80, tiles_sm90); e.failure()) return e;
   const TokenTensor& qt = c.q;
   if (auto e = check(kT, "out", *out, c.fdt, token_shape(qt.B, qt.S, qt.heads, c.D)); e.failure()) return e;
   if (auto e = check(kT, "lse", *lse, ffi::DataType::F32, row_shape(qt.B, qt.S, qt.heads)); e.failure()) return e;
@@ -116,6 +140,8 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   args.D = static_cast<int32_t>(c.D);
   args.scale = scale;
   args.arch = static_cast<int32_t>(arch);
+  args.tiles_sm80 = static_cast<int32_t>(tiles_sm80);
+  args.tiles_sm90 = static_cast<int32_t>(tiles_sm90);
   return cuda_check(kT, "the fused forward kernel", fused::launch_fwd(c.pr, c.rank, c.dtype, args, stream));
 }
 
@@ -184,7 +210,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_fused_fwd, jax_na::FusedFwd,
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // lse
                                       JNA_WINDOW_ATTRS.Attr<float>("scale")
-                                  .Attr<int64_t>("arch"),
+                                  .Attr<int64_t>("arch")
+                                  .Attr<int64_t>("tiles_sm80")
+                                  .Attr<int64_t>("tiles_sm90"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_fused_bwd, jax_na::FusedBwd,

@@ -1,8 +1,10 @@
 // Runtime dispatch of the fused kernels over (dtype, head dim, rank) to the compiled instantiations.
 #include "fused/fused_bwd.h"
 #include "fused/fused_fwd.h"
+#include "fused/tile_shapes.cuh"
 
 #include <type_traits>
+#include <utility>
 
 namespace jax_na {
 namespace fused {
@@ -75,6 +77,53 @@ struct BwdCall {
 
 }  // namespace
 
+namespace {
+
+// Copies Configs' descriptions into out[0..max) and returns their count.
+template <class Configs, int... I>
+int describe_configs(TileConfig* out, int max, std::integer_sequence<int, I...>) {
+  const TileConfigDesc all[] = {describe_tiles<typename Configs::template At<I>>()...};
+  for (int i = 0; i < Configs::kCount && i < max; ++i) {
+    for (int a = 0; a < 3; ++a) {
+      out[i].q[a] = all[i].q[a];
+      out[i].kv[a] = all[i].kv[a];
+    }
+  }
+  return Configs::kCount;
+}
+
+template <class Configs>
+int describe_configs(TileConfig* out, int max) {
+  return describe_configs<Configs>(out, max, std::make_integer_sequence<int, Configs::kCount>{});
+}
+
+// dispatch() callback: the configurations of one instantiation into out, their count into *count.
+struct DescribeCall {
+  int arch;
+  TileConfig* out;
+  int max;
+  int* count;
+  template <DType kDT, int kD, int kRank>
+  cudaError_t run() {
+    *count = 0;
+    if (arch == FwdArgs::kPortable) {
+      *count = describe_configs<PortableFwdTilesFor<kDT, kD, kRank>>(out, max);
+    } else if constexpr (kDT != DType::kF32 && kD <= 128) {
+      *count = describe_configs<HopperFwdTiles<kRank>>(out, max);
+    }
+    return cudaSuccess;
+  }
+};
+
+}  // namespace
+
+int fwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max) {
+  if (arch != FwdArgs::kPortable && arch != FwdArgs::kHopper) return 0;
+  int count = 0;
+  dispatch(dtype, D, rank, DescribeCall{arch, out, max, &count});
+  return count;
+}
+
 bool sm90_available() {
 #if defined(JNA_FUSED_WITH_SM90)
   // sm_90a code runs on compute capability 9.0 only; the answer per device is cached.
@@ -123,7 +172,11 @@ cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdA
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
   if (args.arch == FwdArgs::kHopper && !hopper_supported(dtype, args.D)) return cudaErrorInvalidValue;
-  const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/true);
+  // Tile configurations only one kernel set has come with that set's arch (jax_na._checks); this
+  // keeps a direct caller from running the other set with an index it did not mean.
+  if ((args.arch != FwdArgs::kHopper && args.tiles_sm80 < 0) || (args.arch == FwdArgs::kHopper && args.tiles_sm90 < 0))
+    return cudaErrorInvalidValue;
+  const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/true) && args.tiles_sm90 >= 0;
   return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
 }
 

@@ -33,7 +33,23 @@ struct FwdArgs {
   // it cannot run: no sm_90 device, float32, head dim 256).
   enum Arch : int32_t { kAuto = 0, kPortable = 80, kHopper = 90 };
   int32_t arch = kAuto;
+  // Tile configuration of the portable / the Hopper kernel, whichever runs: an index into
+  // fwd_tile_configs (0: the default). The caller gives both; -1 where the shapes it asked for have
+  // no configuration in that set (then that set must not run: arch names the other one).
+  int32_t tiles_sm80 = 0;
+  int32_t tiles_sm90 = 0;
 };
+
+// One compiled tile configuration: Q tile and KV tile extents per axis (axes past the rank are 1).
+struct TileConfig {
+  int32_t q[3];
+  int32_t kv[3];
+};
+
+// The forward's compiled tile configurations of the portable (arch 80) or Hopper (arch 90) kernels
+// for (dtype, head dim, rank), the default first; writes at most `max` into `out` and returns how
+// many there are (0 for a combination with no kernel).
+int fwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max);
 
 // True when a compiled instantiation exists for (dtype, head dim, rank): head dims 64 and 128, and
 // 256 in float16/bfloat16 (portable kernels only).

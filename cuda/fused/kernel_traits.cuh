@@ -1,12 +1,12 @@
-// Compile-time configuration of the fused forward kernel (portable sm80-class path): tile shapes
-// per rank, CuTe MMA / shared-memory layouts / copy atoms.
+// Compile-time configuration of the fused kernels (portable sm80-class path): CuTe MMA / shared-memory
+// layouts / copy atoms over the tile shapes of tile_shapes.cuh.
 //
-// A CTA of kNWarps warps (default 8) owns kBlockM = 128 queries forming a box QTile (in dilation-group
-// positions); each warp owns 128 / kNWarps of them forming a compact sub-box WarpTile, so that a warp can
-// skip the KV tiles that miss its own queries' windows. KV tiles hold kBlockN keys (default 64) forming a
-// box KVTile. Tuning knobs (compile definitions, for experiments): JNA_FUSED_NWARPS (4 or 8),
-// JNA_FUSED_BLOCK_N (32 or 64), JNA_FUSED_MIN_BLOCKS (__launch_bounds__ min blocks).
-// All tile extents are powers of two (coordinates are bit fields of the linear index).
+// A forward CTA of 8 warps owns kBlockM = 128 queries forming a box QTile (in dilation-group
+// positions); each warp owns 16 of them forming a compact sub-box WarpTile, so that a warp can skip
+// the KV tiles that miss its own queries' windows. KV tiles hold kBlockN keys (default 64) forming a
+// box KVTile. Tuning knobs (compile definitions, for experiments): JNA_FUSED_BLOCK_N (32 or 64),
+// JNA_FUSED_MIN_BLOCKS (__launch_bounds__ min blocks). The user picks among the compiled tile
+// configurations at run time (tile_shapes.cuh).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -16,47 +16,10 @@
 
 #include "common/dtype.h"
 #include "fused/mma_3xtf32.cuh"
+#include "fused/tile_shapes.cuh"
 
 namespace jax_na {
 namespace fused {
-
-// A 3-axis box of extents E0 x E1 x E2 (row-major, powers of two).
-template <int E0, int E1, int E2>
-struct Box {
-  static constexpr int kSize = E0 * E1 * E2;
-  static constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
-  __host__ __device__ static constexpr int extent(int a) { return a == 0 ? E0 : (a == 1 ? E1 : E2); }
-  __host__ __device__ static constexpr int shift(int a) {
-    return a == 0 ? ilog2(E1 * E2) : (a == 1 ? ilog2(E2) : 0);
-  }
-  // Coordinate on axis a of linear (row-major) index i.
-  __host__ __device__ static constexpr int coord(int i, int a) { return (i >> shift(a)) & (extent(a) - 1); }
-  static_assert((E0 & (E0 - 1)) == 0 && (E1 & (E1 - 1)) == 0 && (E2 & (E2 - 1)) == 0,
-                "tile extents must be powers of two");
-};
-
-// Tile shapes per rank, KV tile size and warp count (axes past the rank have extent 1).
-// Q tile: 128 queries; warp tile: the 128 / kNWarps queries of one warp; KV tile: kBlockN keys.
-template <int kRank, int kBlockN, int kNWarps>
-struct TileShapes;
-template <int kBlockN, int kNWarps>
-struct TileShapes<1, kBlockN, kNWarps> {
-  using QTile = Box<128, 1, 1>;
-  using WarpTile = Box<128 / kNWarps, 1, 1>;
-  using KVTile = Box<kBlockN, 1, 1>;
-};
-template <int kBlockN, int kNWarps>
-struct TileShapes<2, kBlockN, kNWarps> {
-  using QTile = Box<16, 8, 1>;
-  using WarpTile = Box<16 / kNWarps, 8, 1>;
-  using KVTile = Box<kBlockN / 8, 8, 1>;
-};
-template <int kBlockN, int kNWarps>
-struct TileShapes<3, kBlockN, kNWarps> {
-  using QTile = Box<2, 8, 8>;
-  using WarpTile = Box<8 / kNWarps, 4, 4>;
-  using KVTile = Box<kBlockN / 16, 4, 4>;
-};
 
 template <DType kDType>
 struct ElementOf;
@@ -147,19 +110,11 @@ struct TraitsBase {
   static constexpr int kRowBytes = kHeadDim * int(sizeof(Element));
 };
 
-// Default forward tiling (overridable at compile time for experiments).
-#ifndef JNA_FUSED_NWARPS
-#define JNA_FUSED_NWARPS 8
-#endif
-#ifndef JNA_FUSED_BLOCK_N
-#define JNA_FUSED_BLOCK_N 64
-#endif
-
 // Query-stationary kernels (forward, backward dQ): a CTA owns a 128-query tile and walks KV tiles of
 // kBlockN_ keys; kNWarps_ warps along M (128 / kNWarps_ query rows each).
 // Shapes_: the QTile / WarpTile / KVTile boxes (TileShapes by default; the Hopper forward has its own).
 template <DType kDType_, int kHeadDim_, int kRank_, int kBlockN_ = JNA_FUSED_BLOCK_N,
-          int kNWarps_ = JNA_FUSED_NWARPS, int kStages_ = 2, class Shapes_ = TileShapes<kRank_, kBlockN_, kNWarps_>>
+          int kNWarps_ = 8, int kStages_ = 2, class Shapes_ = TileShapes<kRank_, kBlockN_, kNWarps_>>
 struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using Base = TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_>;
   using Base::kNWarps;

@@ -53,12 +53,15 @@ cudaError_t launch_fwd_kernel(Kernel kernel, const geo::Problem& pr, const FwdAr
   return launch_fwd_grid<Traits>(kernel, kp, grid, stream);
 }
 
+// args.tiles_sm80 picks the configuration (cudaErrorInvalidValue for one that is not compiled).
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
-  // float32 rows and head dim 256 take twice the bytes per key: 32-key tiles keep the smem at ~130 KB.
-  constexpr bool kWideRows = kDType == DType::kF32 || kHeadDim > 128;
-  using Traits = FwdTraits<kDType, kHeadDim, kRank, kWideRows ? 32 : JNA_FUSED_BLOCK_N>;
-  return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
+  using Configs = PortableFwdTilesFor<kDType, kHeadDim, kRank>;
+  return with_tile_config<Configs>(args.tiles_sm80, [&](auto config) {
+    using Shapes = typename Configs::template At<decltype(config)::value>;
+    using Traits = FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize, 8, 2, Shapes>;
+    return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
+  });
 }
 
 #define JNA_FUSED_FWD_INSTANTIATE(DT, D)                                                                 \

@@ -7,7 +7,8 @@
 // head dim 128 on the Hopper forward: a variant builds in two units; -DJNA_TEST_BF16_ONLY: bfloat16
 // only, one unit); with -DJNA_FWD_TRACE,
 // `--trace` prints where the CTAs' time goes (hopper/trace.cuh). `--timing` skips the checks, `--big`
-// adds the large benchmark problems (p6, p8, p9).
+// adds the large benchmark problems (p6, p8, p9), `--tiles N` runs tile configuration N
+// (tile_shapes.cuh) of each kernel set where the rank has one, else the default.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -23,6 +24,7 @@
 
 #include "fused/fused_fwd.h"
 #include "fused/hopper/trace.cuh"
+#include "fused/tile_shapes.cuh"
 #include "geometry/window.cuh"
 
 using namespace jax_na;
@@ -32,8 +34,18 @@ static fused::FwdTrace g_trace;
 fused::FwdTrace jax_na::fused::fwd_trace_target() { return g_trace; }
 #endif
 
+static int g_tiles = 0;  // --tiles
+
 // The forward under test: the dispatcher, or (JNA_TEST_SM90_ONLY) the Hopper kernel at head dim 128.
-static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fused::FwdArgs& args) {
+static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fused::FwdArgs& args_in) {
+  fused::FwdArgs args = args_in;
+  const int n90 = rank == 1 ? fused::HopperFwdTiles<1>::kCount
+                            : (rank == 2 ? fused::HopperFwdTiles<2>::kCount : fused::HopperFwdTiles<3>::kCount);
+  args.tiles_sm90 = g_tiles < n90 ? g_tiles : 0;
+#if !defined(JNA_TEST_SM90_ONLY)
+  const int n80 = fused::fwd_tile_configs(fused::FwdArgs::kPortable, dt, args.D, rank, nullptr, 0);
+  args.tiles_sm80 = g_tiles < n80 ? g_tiles : 0;
+#endif
 #if defined(JNA_TEST_SM90_ONLY)
   if (args.D != 128 || dt == DType::kF32) return cudaErrorInvalidValue;
   if (dt == DType::kBF16) {
@@ -349,6 +361,7 @@ int main(int argc, char** argv) {
     timing_only = timing_only || std::strcmp(argv[i], "--timing") == 0;
     big = big || std::strcmp(argv[i], "--big") == 0;
     trace = trace || std::strcmp(argv[i], "--trace") == 0;
+    if (std::strcmp(argv[i], "--tiles") == 0 && i + 1 < argc) g_tiles = std::atoi(argv[++i]);
   }
   // name, rank, B, L, k, s, d, causal, H, Hkv, D, dtype, Na
   std::vector<Case> cases = {

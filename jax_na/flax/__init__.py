@@ -2,7 +2,8 @@
 
 Fields follow ``flax.linen.MultiHeadDotProductAttention`` (num_heads, qkv_features, out_features,
 use_bias, dtype, param_dtype, kernel_init, bias_init, dropout_rate, deterministic) plus the window
-parameters of ``jax_na.na{1,2,3}d`` and ``backend``.
+parameters of ``jax_na.na{1,2,3}d``, ``backend`` and the fused forward's ``q_tile_shape`` /
+``kv_tile_shape`` (None: the default; see ``jax_na.fused_tile_configs``).
 
 Without ``rel_pos_bias`` a layer calls ``na{1,2,3}d`` (the fused kernels where the backend, or the
 automatic choice, has them). With ``rel_pos_bias=True`` it runs the unfused ``na*d_qk`` + float32
@@ -50,6 +51,8 @@ class _NeighborhoodAttention(nn.Module):
     rpb_init: Callable = nn.initializers.truncated_normal(stddev=0.02)
     scale: Optional[float] = None
     backend: Optional[str] = None
+    q_tile_shape: Optional[Sequence[int]] = None
+    kv_tile_shape: Optional[Sequence[int]] = None
 
     rank: ClassVar[int] = 0
 
@@ -77,6 +80,10 @@ class _NeighborhoodAttention(nn.Module):
         v = dense(features=(kv_heads, head_dim), name="value")(x)
 
         if self.rel_pos_bias:
+            if self.q_tile_shape is not None or self.kv_tile_shape is not None:
+                raise ValueError("q_tile_shape / kv_tile_shape choose the fused kernels' tiles, which "
+                                 "rel_pos_bias=True does not run (it runs the unfused qk/softmax/av ops): "
+                                 "leave them None, or set rel_pos_bias=False")
             if self.backend in _checks.FUSED_BACKENDS:
                 unfused = ", ".join(repr(b) for b in _checks.UNFUSED_BACKENDS)
                 raise ValueError("rel_pos_bias=True runs the unfused qk/softmax/av ops, which the fused "
@@ -100,7 +107,8 @@ class _NeighborhoodAttention(nn.Module):
         else:
             na = getattr(functional, f"na{rank}d")
             y = na(q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
-                   is_causal=self.is_causal, scale=self.scale, backend=self.backend)
+                   is_causal=self.is_causal, scale=self.scale, backend=self.backend,
+                   q_tile_shape=_tuple_or_none(self.q_tile_shape), kv_tile_shape=_tuple_or_none(self.kv_tile_shape))
 
         out = nn.DenseGeneral(features=self.out_features or features, axis=(-2, -1), dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
@@ -109,6 +117,11 @@ class _NeighborhoodAttention(nn.Module):
             deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
             out = nn.Dropout(rate=self.dropout_rate)(out, deterministic=deterministic)
         return out
+
+
+def _tuple_or_none(shape):
+    """Flax may hand a tuple field back as a list: the tile-shape checks take tuples."""
+    return tuple(shape) if isinstance(shape, (list, tuple)) else shape
 
 
 class NeighborhoodAttention1D(_NeighborhoodAttention):

@@ -22,37 +22,17 @@
 namespace jax_na {
 namespace fused {
 
-// Tiles of the Hopper forward. The two consumer warpgroups split the Q tile along axis 0 (warps 0-3
-// hold its first half) and each skips the K/V tiles its own half's windows miss. 1-D and 2-D: the
-// portable forward's boxes (TileShapes; 128-key K/V tiles by default, launch_fwd.cuh). 3-D: 4 x 4 x 8
-// queries (a warpgroup 2 x 4 x 8) over 2 x 8 x 4 K/V tiles: a warpgroup's window box rounds to fewer
-// K/V tiles than with the portable shapes (2 x 8 x 8 over 4 x 4 x 4: 11% fewer tile products on
-// p3), measured 4-11% faster (H200, bf16: p3 1.263 -> 1.141 ms, p8 66.0 -> 63.4, p9 42.4 -> 37.6,
-// p10 1.081 -> 1.033). 128-key 3-D tiles (JNA_SM90_BLOCK_N_3D=128, two stages) measured slower.
-template <int kRank, int kBlockN>
-struct HopperTileShapes : TileShapes<kRank, kBlockN, 8> {};
-template <>
-struct HopperTileShapes<3, 64> {
-  using QTile = Box<4, 4, 8>;
-  using WarpTile = Box<1, 4, 4>;
-  using KVTile = Box<2, 8, 4>;
-};
-template <>
-struct HopperTileShapes<3, 128> {
-  using QTile = Box<4, 4, 8>;
-  using WarpTile = Box<1, 4, 4>;
-  using KVTile = Box<2, 8, 8>;
-};
-
 // K/V smem stages: 3, or 2 where three 128-key stages and the 3-D row windows exceed the 227 KB.
 template <int kRank, int kBlockN>
 constexpr int kHopperFwdStages = (kRank == 3 && kBlockN == 128) ? 2 : 3;
 
-template <DType kDType_, int kHeadDim_, int kRank_, int kBlockN_>
-struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHopperFwdStages<kRank_, kBlockN_>,
-                                   HopperTileShapes<kRank_, kBlockN_>> {
-  using Base = FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHopperFwdStages<kRank_, kBlockN_>,
-                         HopperTileShapes<kRank_, kBlockN_>>;
+// Shapes_: one of HopperFwdTiles (tile_shapes.cuh). The two consumer warpgroups split the Q tile
+// along axis 0 (warps 0-3 hold its first half: the warp grid is row-major) and each skips the K/V
+// tiles its own half's windows miss.
+template <DType kDType_, int kHeadDim_, int kRank_, class Shapes_,
+          int kBlockN_ = Shapes_::KVTile::kSize>
+struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHopperFwdStages<kRank_, kBlockN_>, Shapes_> {
+  using Base = FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHopperFwdStages<kRank_, kBlockN_>, Shapes_>;
   using typename Base::Element;
   using Base::kBlockM;
   using Base::kBlockN;

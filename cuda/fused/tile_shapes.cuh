@@ -1,0 +1,145 @@
+// Tile shapes of the fused kernels: boxes of queries/keys, the default shapes per rank, and the
+// forward's compiled tile configurations per kernel set (the user's q_tile_shape / kv_tile_shape pick
+// one; configuration 0 is the default). Plain C++ (no CuTe), so the host-side table below can be
+// built from the same types the kernels are instantiated with.
+//
+// Every configuration here must be listed in jax_na/_checks.py (FUSED_FWD_TILES), which validates a
+// call's shapes before anything is traced; tests/test_tiles.py checks the two agree.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/dtype.h"
+
+// Default KV tile of the portable forward (overridable at compile time for experiments: 32 or 64).
+#ifndef JNA_FUSED_BLOCK_N
+#define JNA_FUSED_BLOCK_N 64
+#endif
+
+namespace jax_na {
+namespace fused {
+
+// A 3-axis box of extents E0 x E1 x E2 (row-major, powers of two: coordinates are bit fields of the
+// linear index).
+template <int E0, int E1, int E2>
+struct Box {
+  static constexpr int kSize = E0 * E1 * E2;
+  static constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+  __host__ __device__ static constexpr int extent(int a) { return a == 0 ? E0 : (a == 1 ? E1 : E2); }
+  __host__ __device__ static constexpr int shift(int a) {
+    return a == 0 ? ilog2(E1 * E2) : (a == 1 ? ilog2(E2) : 0);
+  }
+  // Coordinate on axis a of linear (row-major) index i.
+  __host__ __device__ static constexpr int coord(int i, int a) { return (i >> shift(a)) & (extent(a) - 1); }
+  static_assert((E0 & (E0 - 1)) == 0 && (E1 & (E1 - 1)) == 0 && (E2 & (E2 - 1)) == 0,
+                "tile extents must be powers of two");
+};
+
+// A query-stationary kernel's boxes: the CTA's Q tile, one warp's sub-box of it, and the KV tile.
+template <class QTile_, class WarpTile_, class KVTile_>
+struct Tiles {
+  using QTile = QTile_;
+  using WarpTile = WarpTile_;
+  using KVTile = KVTile_;
+};
+
+// Default tile shapes per rank, KV tile size and warp count (axes past the rank have extent 1).
+// Q tile: 128 queries; warp tile: the 128 / kNWarps queries of one warp; KV tile: kBlockN keys.
+template <int kRank, int kBlockN, int kNWarps>
+struct TileShapes;
+template <int kBlockN, int kNWarps>
+struct TileShapes<1, kBlockN, kNWarps> : Tiles<Box<128, 1, 1>, Box<128 / kNWarps, 1, 1>, Box<kBlockN, 1, 1>> {};
+template <int kBlockN, int kNWarps>
+struct TileShapes<2, kBlockN, kNWarps> : Tiles<Box<16, 8, 1>, Box<16 / kNWarps, 8, 1>, Box<kBlockN / 8, 8, 1>> {};
+template <int kBlockN, int kNWarps>
+struct TileShapes<3, kBlockN, kNWarps> : Tiles<Box<2, 8, 8>, Box<8 / kNWarps, 4, 4>, Box<kBlockN / 16, 4, 4>> {};
+
+// A list of tile configurations: kCount of them, At<i> the i-th.
+template <class... Ts>
+struct TileConfigs {
+  static constexpr int kCount = sizeof...(Ts);
+  template <int i, class T0, class... Rest>
+  struct Pick : Pick<i - 1, Rest...> {};
+  template <class T0, class... Rest>
+  struct Pick<0, T0, Rest...> {
+    using type = T0;
+  };
+  template <int i>
+  using At = typename Pick<i, Ts...>::type;
+};
+
+// Portable forward (8 warps, 128-query tiles). Rows of 16-bit elements at head dims up to 128 take
+// 64-key tiles and have alternatives; float32 and head dim 256 (kBlockN 32: twice the bytes per key)
+// have the default only. Measured with `python -m jax_na.profile --sweep-tiles` (H200, bf16, D=128,
+// cuda/fused/NOTES.md session 20):
+// - 2-D: 16x8 over 8x8 by default; 8x16 over 8x8 for windows longer along the last axis (7x31 on
+//   64x256: 0.571 vs 0.617 ms; p2's square window: 1.173 vs 1.111).
+// - 3-D: 4x4x8 over 2x8x4 by default (the Hopper default: fewer tiles per warp where the first
+//   axis' window is short; p3 1.896 vs 1.966 ms, p10 1.638 vs 1.738, p8 equal), 2x8x8 over 4x4x4.
+template <int kRank, int kBlockN>
+struct PortableFwdTiles : TileConfigs<TileShapes<kRank, kBlockN, 8>> {};
+template <>
+struct PortableFwdTiles<2, 64>
+    : TileConfigs<TileShapes<2, 64, 8>, Tiles<Box<8, 16, 1>, Box<2, 8, 1>, Box<8, 8, 1>>> {};
+template <>
+struct PortableFwdTiles<3, 64>
+    : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, TileShapes<3, 64, 8>> {};
+
+// The portable forward's configurations for (dtype, head dim, rank): float32 rows and head dim 256
+// take twice the bytes per key, so 32-key tiles keep their smem at ~130 KB.
+template <DType kDType, int kHeadDim, int kRank>
+using PortableFwdTilesFor =
+    PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>;
+
+// Hopper forward (two consumer warpgroups splitting the Q tile along axis 0; see
+// hopper/kernel_traits.cuh). Defaults, measured (H200, bf16, cuda/fused/NOTES.md session 19):
+// - 1-D and 2-D: 128-key K/V tiles. They halve the per-tile work outside the GEMMs (barriers, flags,
+//   row reductions, the O rescale), which in 2-D outweighs the keys their coarser boxes add
+//   (p2 0.688 -> 0.597 ms, p6 14.95 -> 12.64, p7 12.34 -> 9.96 against 64-key tiles).
+// - 3-D: 4x4x8 queries over 2x8x4 keys: a warpgroup's window box rounds to fewer tiles than 2x8x8 over
+//   4x4x4 (p3 1.263 -> 1.141 ms, p8 66.0 -> 63.4). 128-key 3-D tiles need two smem stages (three do
+//   not fit beside the 3-D row windows) and measured slower (p3 1.376, p8 75.0).
+// Alternatives: 2-D 8x16 over 8x16 (windows long on the last axis: 7x31 on 64x256 0.348 vs 0.462 ms;
+// p2 0.598 vs 0.609); 3-D 2x8x8 over 1x8x8 (fewer CTA tiles for windows long on the last two axes
+// by the tile model; measured p8 64.5 vs 64.3 ms, p3 1.377 vs 1.170).
+template <int kRank>
+struct HopperFwdTiles;
+template <>
+struct HopperFwdTiles<1> : TileConfigs<TileShapes<1, 128, 8>> {};
+template <>
+struct HopperFwdTiles<2>
+    : TileConfigs<TileShapes<2, 128, 8>, Tiles<Box<8, 16, 1>, Box<2, 8, 1>, Box<8, 16, 1>>> {};
+template <>
+struct HopperFwdTiles<3>
+    : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, Tiles<Box<2, 8, 8>, Box<1, 4, 4>, Box<1, 8, 8>>> {};
+
+// Host-side description of one configuration (extents per axis; axes past the rank are 1).
+struct TileConfigDesc {
+  int32_t q[3];
+  int32_t kv[3];
+};
+
+template <class Shapes>
+constexpr TileConfigDesc describe_tiles() {
+  using Q = typename Shapes::QTile;
+  using KV = typename Shapes::KVTile;
+  return TileConfigDesc{{Q::extent(0), Q::extent(1), Q::extent(2)}, {KV::extent(0), KV::extent(1), KV::extent(2)}};
+}
+
+// Calls f(std::integral_constant<int, i>{}) for the runtime configuration index i < Configs::kCount
+// (cudaErrorInvalidValue for any other index).
+template <class Configs, int i = 0, class F>
+cudaError_t with_tile_config(int index, F&& f) {
+  if constexpr (i < Configs::kCount) {
+    if (index == i) return f(std::integral_constant<int, i>{});
+    return with_tile_config<Configs, i + 1>(index, f);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fused
+}  // namespace jax_na

@@ -1,0 +1,521 @@
+"""The fused forward's tile configurations (q_tile_shape / kv_tile_shape of na1d/na2d/na3d), on CPU:
+the public listing (jax_na.fused_tile_configs) against the table (_checks.FUSED_FWD_TILES), how a
+call's shapes resolve to the FFI attributes (_checks.fwd_tiles_args), the errors, that other
+backends compute the same function with them, the attributes of the CUDA lowering, and (in builds
+with the fused kernels) that the extension's compiled list agrees with the table."""
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_na
+import jax_na._ext as ext
+from jax_na import _checks
+from jax_na._checks import FusedTiles
+
+RANKS = (1, 2, 3)
+HALF = ("float16", "bfloat16")
+DTYPES = HALF + ("float32",)
+# The default shapes (configuration 0) per kernel set and rank, as documented in cuda/fused/tile_shapes.cuh
+# (16-bit at head dims up to 128; float32 and head dim 256 run the portable kernels' 2x8x8 in 3-D).
+DEFAULT_Q = {"fused_sm80": {1: (128,), 2: (16, 8), 3: (4, 4, 8)},
+             "fused_sm90": {1: (128,), 2: (16, 8), 3: (4, 4, 8)}}
+
+
+def _arr(shape, dtype=jnp.float32, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _spec(rank, dtype="bfloat16", D=128, Dv=None):
+    """query / value stand-ins for fwd_tiles_args (it reads only shape and dtype)."""
+    q = jax.ShapeDtypeStruct((1, *(8,) * rank, 2, D), jnp.dtype(dtype))
+    v = jax.ShapeDtypeStruct((1, *(8,) * rank, 2, D if Dv is None else Dv), jnp.dtype(dtype))
+    return q, v
+
+
+def _on_cpu(*xs):
+    """The arrays committed to the CPU: computations on them run the reference (also on a GPU machine,
+    where auto would run the fused kernels, whose configurations need not agree bitwise)."""
+    return jax.device_put(xs, jax.devices("cpu")[0])
+
+
+@pytest.fixture
+def any_gpu(monkeypatch):
+    """Resolution only: a Hopper-only configuration resolves whatever GPU this machine has (on a
+    GPU without the Hopper kernels fwd_tiles_args refuses it, which test_hopper_only_needs_hopper checks)."""
+    monkeypatch.setattr(ext, "has_hopper_kernels", lambda: True)
+
+
+def _expect(fn, names, exc=ValueError, jit=True):
+    """fn() raises ``exc`` naming every one of ``names``, eagerly and under jax.jit tracing."""
+    names = [names] if isinstance(names, str) else names
+    msgs = []
+    for mode in ("eager", "jit") if jit else ("eager",):
+        with pytest.raises(exc) as ei:
+            fn() if mode == "eager" else jax.jit(lambda: fn())()
+        msg = str(ei.value)
+        for n in names:
+            assert n in msg, f"[{mode}] message does not name {n!r}: {msg}"
+        msgs.append(msg)
+    return msgs[0]
+
+
+# ----------------------------------------------------------------------------- the listing
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_listing_equals_the_table(rank):
+    """fused_tile_configs(rank, dtype, head_dim) is the table's entries: the narrow lists for 16-bit
+    at head dims <= 128 (both sets), the wide list for float32 and head dims 129..256 (portable only,
+    one configuration, an empty Hopper list)."""
+    T = _checks.FUSED_FWD_TILES
+    for dtype in DTYPES:
+        for head_dim in (1, 8, 64, 65, 100, 128, 129, 200, 256):
+            if dtype == "float32" and head_dim > 128:
+                continue
+            got = jax_na.fused_tile_configs(rank, dtype, head_dim)
+            assert set(got) == {"fused_sm80", "fused_sm90"}, got
+            assert all(isinstance(v, list) for v in got.values()), got
+            wide = dtype == "float32" or head_dim > 128
+            assert got["fused_sm80"] == list(T[("sm80", "wide" if wide else "narrow")][rank]), (dtype, head_dim)
+            assert got["fused_sm90"] == ([] if wide else list(T[("sm90", "narrow")][rank])), (dtype, head_dim)
+            if wide:
+                assert len(got["fused_sm80"]) == 1, got
+            else:
+                assert got["fused_sm90"], (dtype, head_dim)
+            # jnp dtypes and numpy dtypes name the same thing
+            assert jax_na.fused_tile_configs(rank, jnp.dtype(dtype), head_dim) == got
+    # the default arguments: bfloat16 at head dim 128
+    assert jax_na.fused_tile_configs(rank) == jax_na.fused_tile_configs(rank, "bfloat16", 128)
+    assert jax_na.fused_tile_configs(rank, jnp.bfloat16, 64) == jax_na.fused_tile_configs(rank, "bfloat16", 128)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_listing_shapes(rank):
+    """Every configuration: rank extents per tile, powers of two, 128 queries per Q tile; 64-key KV
+    tiles on the portable narrow set, 32 on the wide one, 64 or 128 on the Hopper set; no duplicate;
+    the documented default first."""
+    for dtype, head_dim in (("bfloat16", 128), ("float16", 64), ("float32", 64), ("bfloat16", 256)):
+        wide = dtype == "float32" or head_dim > 128
+        got = jax_na.fused_tile_configs(rank, dtype, head_dim)
+        for backend, configs in got.items():
+            assert len(set(configs)) == len(configs), configs
+            for q, kv in configs:
+                assert isinstance(q, tuple) and isinstance(kv, tuple)
+                assert len(q) == len(kv) == rank, (q, kv)
+                for e in q + kv:
+                    assert isinstance(e, int) and e > 0 and e & (e - 1) == 0, (q, kv)
+                assert math.prod(q) == 128, q
+                keys = math.prod(kv)
+                if backend == "fused_sm80":
+                    assert keys == (32 if wide else 64), (dtype, head_dim, kv)
+                else:
+                    assert keys in (64, 128), kv
+            if configs:
+                want = (2, 8, 8) if wide and rank == 3 else DEFAULT_Q[backend][rank]
+                assert configs[0][0] == want, (backend, configs)
+    assert jax_na.fused_tile_configs(2)["fused_sm80"][0] == ((16, 8), (8, 8))   # the docstring's example
+    assert jax_na.fused_tile_configs(1)["fused_sm90"][0] == ((128,), (128,))
+
+
+@pytest.mark.parametrize("call,name,exc", [
+    (lambda: jax_na.fused_tile_configs(0), "rank", ValueError),
+    (lambda: jax_na.fused_tile_configs(4), "rank", ValueError),
+    (lambda: jax_na.fused_tile_configs("2"), "rank", ValueError),
+    (lambda: jax_na.fused_tile_configs(2, "int32"), "dtype", TypeError),
+    (lambda: jax_na.fused_tile_configs(2, jnp.float64), "dtype", TypeError),
+    (lambda: jax_na.fused_tile_configs(2, "bfloat16", 0), "head_dim", ValueError),
+    (lambda: jax_na.fused_tile_configs(2, "bfloat16", 257), "head_dim", ValueError),
+    (lambda: jax_na.fused_tile_configs(2, "float32", 129), "head_dim", ValueError),
+    (lambda: jax_na.fused_tile_configs(2, "float16", 64.0), "head_dim", ValueError),
+], ids=["rank0", "rank4", "rank-str", "int32", "float64", "D0", "D257", "f32-D129", "D-float"])
+def test_listing_bad_arguments(call, name, exc):
+    with pytest.raises(exc) as ei:
+        call()
+    assert name in str(ei.value), str(ei.value)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+def _resolve(rank, backend, q=None, kv=None, dtype="bfloat16", D=128):
+    query, value = _spec(rank, dtype, D)
+    return _checks.fwd_tiles_args(rank, query, value, backend, q, kv)
+
+
+# (rank, q_tile_shape, kv_tile_shape) -> FusedTiles(arch, sm80, sm90) in bfloat16 at head dim 128.
+RESOLVED = [
+    # both kernel sets have it: arch 0 (the FFI target picks the set), both indices
+    (2, (16, 8), None, FusedTiles(0, 0, 0)),
+    (2, (8, 16), None, FusedTiles(0, 1, 1)),
+    (3, (2, 8, 8), None, FusedTiles(0, 1, 1)),
+    (3, (4, 4, 8), None, FusedTiles(0, 0, 0)),
+    (3, (4, 4, 8), (2, 8, 4), FusedTiles(0, 0, 0)),
+    (3, None, (2, 8, 4), FusedTiles(0, 0, 0)),
+    (1, 128, None, FusedTiles(0, 0, 0)),
+    # Hopper only: arch 90, no portable configuration
+    (2, (16, 8), (16, 8), FusedTiles(90, -1, 0)),
+    (2, (8, 16), (8, 16), FusedTiles(90, -1, 1)),
+    (2, None, (8, 16), FusedTiles(90, -1, 1)),
+    (3, (2, 8, 8), (1, 8, 8), FusedTiles(90, -1, 1)),
+    (3, None, (1, 8, 8), FusedTiles(90, -1, 1)),
+    (1, None, (128,), FusedTiles(90, -1, 0)),
+    # portable only: arch 80
+    (2, (16, 8), (8, 8), FusedTiles(80, 0, -1)),
+    (2, (8, 16), (8, 8), FusedTiles(80, 1, -1)),
+    (2, None, (8, 8), FusedTiles(80, 0, -1)),      # kv alone: the first configuration that has it
+    (3, (2, 8, 8), (4, 4, 4), FusedTiles(80, 1, -1)),
+    (3, None, (4, 4, 4), FusedTiles(80, 1, -1)),
+    (1, None, 64, FusedTiles(80, 0, -1)),
+    (1, (128,), (64,), FusedTiles(80, 0, -1)),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+@pytest.mark.parametrize("rank,q,kv,want", RESOLVED, ids=[f"{r}d-{q}-{kv}" for r, q, kv, _ in RESOLVED])
+def test_resolution(rank, q, kv, want, backend, any_gpu):
+    assert _resolve(rank, backend, q, kv) == want
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "fused_sm80", "fused_sm90"])
+def test_no_tile_shapes_resolve_to_none(backend):
+    for rank in RANKS:
+        assert _resolve(rank, backend) is None
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("dtype,D", [("bfloat16", 128), ("float16", 64), ("float32", 128), ("bfloat16", 200)])
+def test_resolution_of_every_listed_configuration(rank, dtype, D, any_gpu):
+    """Every configuration of the listing, given whole, resolves to its index in each set that has
+    it (-1 in the other) and to the arch of the one set that has it (0 where both do); pinned to one
+    set, to that set's index with the other -1."""
+    got = jax_na.fused_tile_configs(rank, dtype, D)
+    s80, s90 = got["fused_sm80"], got["fused_sm90"]
+    for cfg in dict.fromkeys(s80 + s90):
+        i80 = s80.index(cfg) if cfg in s80 else -1
+        i90 = s90.index(cfg) if cfg in s90 else -1
+        arch = 0 if i80 >= 0 and i90 >= 0 else (80 if i80 >= 0 else 90)
+        assert _resolve(rank, "auto", *cfg, dtype=dtype, D=D) == FusedTiles(arch, i80, i90), cfg
+        for backend, idx, own in (("fused_sm80", i80, 80), ("fused_sm90", i90, 90)):
+            if backend == "fused_sm90" and (dtype == "float32" or D > 128):
+                continue   # no Hopper kernel (resolve_backend / the head-dim check reject the call first)
+            if idx >= 0:
+                want = FusedTiles(own, idx if own == 80 else -1, idx if own == 90 else -1)
+                assert _resolve(rank, backend, *cfg, dtype=dtype, D=D) == want, (backend, cfg)
+            else:
+                with pytest.raises(ValueError, match="allowed"):
+                    _resolve(rank, backend, *cfg, dtype=dtype, D=D)
+
+
+def test_pinned_kernel_sets(any_gpu):
+    """fused_sm80 / fused_sm90 resolve against their own list only (arch pinned, the other index -1);
+    a shape only the other set has is a ValueError listing this set's shapes."""
+    assert _resolve(2, "fused_sm80", (16, 8)) == FusedTiles(80, 0, -1)
+    assert _resolve(2, "fused_sm80", (8, 16)) == FusedTiles(80, 1, -1)
+    assert _resolve(2, "fused_sm90", (8, 16)) == FusedTiles(90, -1, 1)
+    assert _resolve(3, "fused_sm90", (4, 4, 8)) == FusedTiles(90, -1, 0)
+    assert _resolve(3, "fused_sm80", (4, 4, 8)) == FusedTiles(80, 0, -1)
+    assert _resolve(3, "fused_sm90", None, (1, 8, 8)) == FusedTiles(90, -1, 1)
+    with pytest.raises(ValueError) as ei:
+        _resolve(2, "fused_sm80", (16, 8), (16, 8))          # Hopper only
+    msg = str(ei.value)
+    assert "allowed" in msg and "(16, 8) with (8, 8)" in msg and "(8, 16) with (8, 8)" in msg, msg
+    assert "Hopper" not in msg and "(16, 8) with (16, 8)" not in msg, msg
+    assert "q_tile_shape=(16, 8)" in msg and "kv_tile_shape=(16, 8)" in msg and "fused_sm80" in msg, msg
+    with pytest.raises(ValueError) as ei:
+        _resolve(3, "fused_sm90", (2, 8, 8), (4, 4, 4))      # portable only
+    msg = str(ei.value)
+    assert "(4, 4, 8) with (2, 8, 4)" in msg and "(2, 8, 8) with (1, 8, 8)" in msg, msg
+    assert "portable" not in msg and "(4, 4, 4)" in msg.split("allowed")[0], msg
+    # float32 and head dim 256: the portable set's single configuration, no Hopper one
+    assert _resolve(2, "auto", (16, 8), dtype="float32") == FusedTiles(80, 0, -1)
+    assert _resolve(3, "fused", None, (2, 4, 4), D=256) == FusedTiles(80, 0, -1)
+    with pytest.raises(ValueError, match="allowed"):
+        _resolve(2, "auto", (16, 8), (16, 8), dtype="float32")
+    with pytest.raises(ValueError, match="allowed"):
+        _resolve(2, "auto", (8, 16), D=256)
+
+
+def test_attention_args_stores_the_tiles(any_gpu):
+    """attention_args puts the resolved choice in NAParams.fwd_tiles (None without tile shapes); the
+    reference backend (and its result) never sees anything else."""
+    q = _arr((1, 8, 9, 2, 64), jnp.bfloat16)
+    common = (3, 1, 1, False, None, None, None, None)
+    params, backend = _checks.attention_args(2, q, q, q, *common, (8, 16), (8, 16))
+    assert backend == "auto" and params.fwd_tiles == FusedTiles(90, -1, 1)
+    params0, _ = _checks.attention_args(2, q, q, q, *common)
+    assert params0.fwd_tiles is None
+    assert params0 == dataclasses.replace(params, fwd_tiles=None)
+    assert hash(params) != hash(params0)   # a static argument of the primitives: a distinct one
+
+
+# ----------------------------------------------------------------------------- errors, public API
+
+Q2 = _arr((1, 8, 9, 2, 64), jnp.bfloat16)
+Q2F = _arr((1, 8, 9, 2, 8), jnp.float32)
+Q3 = _arr((1, 4, 5, 6, 2, 64), jnp.bfloat16)
+Q1 = _arr((1, 12, 2, 64), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["q_tile_shape", "kv_tile_shape"])
+@pytest.mark.parametrize("bad", [(16,), (16, 8, 1), 16, (16.0, 8), (True, 8), (np.bool_(True), 8), (0, 8),
+                                 (16, -8), "16x8", [16, None], (16, 8.5)],
+                         ids=["1-extent", "3-extents", "int-for-2d", "float", "bool", "np-bool", "zero",
+                              "negative", "str", "None-extent", "half"])
+@pytest.mark.parametrize("q", [Q2, Q2F], ids=["bf16", "f32"])
+def test_bad_extents(q, bad, name):
+    msg = _expect(lambda: jax_na.na2d(q, q, q, 3, **{name: bad}), name)
+    assert "2 positive ints" in msg, msg
+
+
+def test_bad_extents_other_ranks():
+    _expect(lambda: jax_na.na3d(Q3, Q3, Q3, 3, q_tile_shape=(2, 8)), "q_tile_shape")
+    _expect(lambda: jax_na.na3d(Q3, Q3, Q3, 3, kv_tile_shape=(2, 8, 0)), "kv_tile_shape")
+    _expect(lambda: jax_na.na1d(Q1, Q1, Q1, 3, q_tile_shape=(128, 1)), "q_tile_shape")
+    _expect(lambda: jax_na.na1d(Q1, Q1, Q1, 3, kv_tile_shape=True), "kv_tile_shape")
+    _expect(lambda: jax_na.na1d(Q1, Q1, Q1, 3, kv_tile_shape=0), "kv_tile_shape")
+    # the valid shape is checked too when the other is bad
+    _expect(lambda: jax_na.na2d(Q2, Q2, Q2, 3, q_tile_shape=(16, 8), kv_tile_shape=(8,)), "kv_tile_shape")
+
+
+def test_uncompiled_shapes():
+    """A shape no compiled configuration has: a ValueError listing the allowed configurations of the
+    dtype's kernel sets (bfloat16: both; float32: the portable one)."""
+    msg = _expect(lambda: jax_na.na2d(Q2, Q2, Q2, 3, q_tile_shape=(32, 4)), ["q_tile_shape", "allowed"])
+    for q, kv in jax_na.fused_tile_configs(2, "bfloat16", 64)["fused_sm80"] + \
+            jax_na.fused_tile_configs(2, "bfloat16", 64)["fused_sm90"]:
+        assert f"{q} with {kv}" in msg, msg
+    assert "portable" in msg and "Hopper" in msg and "bfloat16" in msg and "head dim 64" in msg, msg
+    # each shape exists, but not together
+    msg = _expect(lambda: jax_na.na2d(Q2, Q2, Q2, 3, q_tile_shape=(8, 16), kv_tile_shape=(16, 8)),
+                  ["q_tile_shape=(8, 16)", "kv_tile_shape=(16, 8)", "allowed"])
+    # float32 (head dim 8 -> 64): the wide portable configuration only
+    msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, q_tile_shape=(8, 16)), ["allowed", "float32"])
+    assert "(16, 8) with (4, 8)" in msg and "Hopper" not in msg, msg
+    msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, kv_tile_shape=(8, 8)), ["kv_tile_shape", "allowed"])
+    _expect(lambda: jax_na.na3d(Q3, Q3, Q3, 3, q_tile_shape=(8, 4, 4)), ["q_tile_shape", "allowed", "(2, 8, 8)"])
+    _expect(lambda: jax_na.na1d(Q1, Q1, Q1, 3, q_tile_shape=64), ["q_tile_shape", "allowed", "(128,)"])
+    _expect(lambda: jax_na.na1d(Q1, Q1, Q1, 3, kv_tile_shape=(32,)), ["kv_tile_shape", "allowed"])
+
+
+@pytest.mark.parametrize("name", ["q_tile_shape", "kv_tile_shape"])
+def test_tiles_with_the_reference_backend(name):
+    shape = {"q_tile_shape": (16, 8), "kv_tile_shape": (8, 8)}[name]
+    for q in (Q2, Q2F):
+        msg = _expect(lambda: jax_na.na2d(q, q, q, 3, backend="reference", **{name: shape}), name)
+        assert "'reference'" in msg and "fused" in msg, msg
+
+
+@pytest.mark.parametrize("backend", ["gemm", "naive"])
+@pytest.mark.parametrize("name", ["q_tile_shape", "kv_tile_shape"])
+def test_tiles_with_the_unfused_kernel_backends(monkeypatch, backend, name):
+    """gemm / naive have no tiles to choose: a ValueError naming the argument and the backend before
+    anything is traced (pretending the kernels were compiled, so that the backend itself resolves)."""
+    shape = {"q_tile_shape": (16, 8), "kv_tile_shape": (8, 8)}[name]
+    monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(ext, "has_target", lambda target: True)
+    for q in (Q2, Q2F):
+        msg = _expect(lambda: jax_na.na2d(q, q, q, 3, backend=backend, **{name: shape}), name, jit=False)
+        assert repr(backend) in msg, msg
+    # and the same through fwd_tiles_args directly (no pretending needed)
+    monkeypatch.undo()
+    query, value = _spec(2)
+    with pytest.raises(ValueError, match=name):
+        _checks.fwd_tiles_args(2, query, value, backend, *((shape, None) if name == "q_tile_shape" else (None, shape)))
+
+
+@pytest.mark.parametrize("rank,q,kv", [(2, (16, 8), (16, 8)), (3, None, (1, 8, 8)), (1, 128, 128)])
+def test_hopper_only_needs_hopper(monkeypatch, rank, q, kv):
+    """On a GPU without the Hopper kernels (e.g. an A100), a configuration only they have is a
+    ValueError listing what runs there; without a GPU it resolves (the call then runs the reference,
+    or is lowered for a Hopper GPU elsewhere)."""
+    monkeypatch.setattr(ext, "has_hopper_kernels", lambda: False)
+    monkeypatch.setattr(ext, "has_cuda_device", lambda: True)
+    with pytest.raises(ValueError) as ei:
+        _resolve(rank, "auto", q, kv)
+    msg = str(ei.value)
+    assert "Hopper" in msg and "allowed here" in msg and "portable (fused_sm80)" in msg, msg
+    configs = jax_na.fused_tile_configs(rank)
+    portable_only = next(kv for _, kv in configs["fused_sm80"] if kv not in [c[1] for c in configs["fused_sm90"]])
+    assert _resolve(rank, "auto", None, portable_only).arch == 80
+    monkeypatch.setattr(ext, "has_cuda_device", lambda: False)
+    assert _resolve(rank, "auto", q, kv).arch == 90
+
+
+def test_rank_1_int_extent(any_gpu):
+    """For na1d an int is a one-extent tile shape (numpy ints too); bools are not."""
+    assert _resolve(1, "auto", 128, 64) == _resolve(1, "auto", (128,), (64,)) == FusedTiles(80, 0, -1)
+    assert _resolve(1, "auto", np.int64(128), None) == _resolve(1, "auto", [128], None) == FusedTiles(0, 0, 0)
+    (q,) = _on_cpu(Q1)
+    out = jax_na.na1d(q, q, q, 3, q_tile_shape=128, kv_tile_shape=128)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(jax_na.na1d(q, q, q, 3), np.float32))
+    with pytest.raises(ValueError, match="q_tile_shape"):
+        _resolve(1, "auto", True, None)
+
+
+# ----------------------------------------------------------------------------- same function elsewhere
+
+def _same_function_inputs(rank, dtype):
+    r = np.random.default_rng(3)
+    mk = lambda *s: jnp.asarray(r.standard_normal(s), dtype)
+    if rank == 2:
+        S, kw = (11, 13), dict(kernel_size=(3, 7), stride=(1, 2), dilation=(2, 1), is_causal=(False, True))
+    else:
+        S, kw = (5, 6, 7), dict(kernel_size=(3, 5, 3), is_causal=(True, False, False))
+    q, k, v, ak, av = mk(2, *S, 4, 16), mk(2, *S, 2, 16), mk(2, *S, 2, 16), mk(2, 3, 2, 16), mk(2, 3, 2, 16)
+    return (q, k, v), dict(kw, additional_keys=ak, additional_values=av, return_lse=True)
+
+
+@pytest.mark.parametrize("rank,dtype", [(2, jnp.bfloat16), (3, jnp.bfloat16), (2, jnp.float32)],
+                         ids=["2d-bf16", "3d-bf16", "2d-f32"])
+def test_same_result_without_fused_kernels(rank, dtype):
+    """On CPU (auto: the reference) a valid tile shape changes nothing (a configuration only one set
+    has, a Q or KV shape given alone): the forward and its gradient lower to the same CPU program as
+    without it, and out / lse are bitwise the same."""
+    fn = {2: jax_na.na2d, 3: jax_na.na3d}[rank]
+    args, kw = _same_function_inputs(rank, dtype)
+    args = _on_cpu(*args)
+
+    def fwd(**tiles):
+        return lambda *a: fn(*a, **kw, **tiles)
+
+    def grad(**tiles):
+        return jax.grad(lambda *a: jnp.sum(fwd(**tiles)(*a)[0].astype(jnp.float32) ** 2), argnums=(0, 1, 2))
+
+    def cpu_text(f):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+
+    listed = jax_na.fused_tile_configs(rank, dtype, 16)
+    if dtype == jnp.float32:
+        assert listed["fused_sm90"] == [] and len(listed["fused_sm80"]) == 1, listed
+        shapes = [listed["fused_sm80"][0], (None, listed["fused_sm80"][0][1])]
+    else:
+        sm80, sm90 = listed["fused_sm80"], listed["fused_sm90"]
+        shapes = [next(c for c in sm90 if c not in sm80), (sm80[-1][0], None), (None, sm80[-1][1])]
+    base_fwd, base_grad = cpu_text(fwd()), cpu_text(grad())
+    assert "jax_na_" not in base_fwd + base_grad
+    for q_shape, kv_shape in shapes:
+        t = dict(q_tile_shape=q_shape, kv_tile_shape=kv_shape)
+        assert cpu_text(fwd(**t)) == base_fwd, t
+        assert cpu_text(grad(**t)) == base_grad, t
+    out, lse = jax.jit(fwd())(*args)
+    assert out.dtype == jnp.dtype(dtype) and lse.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))) and bool(jnp.all(jnp.isfinite(lse)))
+    got_out, got_lse = jax.jit(fwd(q_tile_shape=shapes[0][0], kv_tile_shape=shapes[0][1]))(*args)
+    np.testing.assert_array_equal(np.asarray(got_out, np.float32), np.asarray(out, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_lse), np.asarray(lse))
+
+
+# ----------------------------------------------------------------------------- CUDA lowering
+
+def _cuda_hlo(f, *args):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _calls(text, target):
+    return [line for line in text.splitlines() if f"stablehlo.custom_call @{target}(" in line]
+
+
+def _int_attr(line, name):
+    m = re.search(rf"\b{name} = (-?\d+) : i64", line)
+    assert m, (name, line)
+    return int(m.group(1))
+
+
+def _check_tile_attributes():
+    """The jax_na_fused_fwd call carries arch / tiles_sm80 / tiles_sm90 as resolved; the backward
+    keeps its own tiles (no tile attributes) and the backend's arch."""
+    r = np.random.default_rng(0)
+    mk = lambda *s: jnp.asarray(r.standard_normal(s), jnp.bfloat16)
+    q2, k2 = mk(1, 8, 9, 4, 64), mk(1, 8, 9, 2, 64)
+    q3, k3 = mk(1, 4, 5, 6, 2, 128), mk(1, 4, 5, 6, 2, 128)
+    q1 = mk(2, 20, 2, 64)
+    cases = [
+        # (fn, q, k, backend, q_tile_shape, kv_tile_shape, (arch, tiles_sm80, tiles_sm90))
+        (jax_na.na2d, q2, k2, None, None, None, (0, 0, 0)),
+        (jax_na.na2d, q2, k2, "fused", None, None, (0, 0, 0)),
+        (jax_na.na2d, q2, k2, "fused_sm80", None, None, (80, 0, 0)),
+        (jax_na.na2d, q2, k2, "fused_sm90", None, None, (90, 0, 0)),
+        (jax_na.na2d, q2, k2, None, (8, 16), None, (0, 1, 1)),
+        (jax_na.na2d, q2, k2, None, (16, 8), (16, 8), (90, -1, 0)),
+        (jax_na.na2d, q2, k2, "fused", None, (8, 16), (90, -1, 1)),
+        (jax_na.na2d, q2, k2, None, (8, 16), (8, 8), (80, 1, -1)),
+        (jax_na.na2d, q2, k2, "fused_sm80", (8, 16), None, (80, 1, -1)),
+        (jax_na.na2d, q2, k2, "fused_sm90", (8, 16), None, (90, -1, 1)),
+        (jax_na.na3d, q3, k3, None, (2, 8, 8), None, (0, 1, 1)),
+        (jax_na.na3d, q3, k3, None, (2, 8, 8), (1, 8, 8), (90, -1, 1)),
+        (jax_na.na3d, q3, k3, "fused_sm80", (4, 4, 8), None, (80, 0, -1)),
+        (jax_na.na1d, q1, q1, None, 128, 64, (80, 0, -1)),
+        (jax_na.na1d, q1, q1, None, None, 128, (90, -1, 0)),
+    ]
+    for fn, q, k, backend, qt, kvt, want in cases:
+        f = lambda q, k: fn(q, k, k, 3, backend=backend, q_tile_shape=qt, kv_tile_shape=kvt, return_lse=True)
+        text = _cuda_hlo(f, q, k)
+        calls = _calls(text, "jax_na_fused_fwd")
+        assert len(calls) == 1, text
+        got = tuple(_int_attr(calls[0], a) for a in ("arch", "tiles_sm80", "tiles_sm90"))
+        assert got == want, (fn.__name__, backend, qt, kvt, got, calls[0])
+        # the backward: its own tiles, the backend's arch
+        loss = lambda q, k: jnp.sum(f(q, k)[0].astype(jnp.float32))
+        text = _cuda_hlo(jax.grad(loss, argnums=(0, 1)), q, k)
+        fwd, bwd = _calls(text, "jax_na_fused_fwd"), _calls(text, "jax_na_fused_bwd")
+        assert len(fwd) == 1 and len(bwd) == 1, text
+        assert tuple(_int_attr(fwd[0], a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == want, fwd[0]
+        assert "tiles_sm" not in bwd[0], bwd[0]
+        assert _int_attr(bwd[0], "arch") == _checks.FUSED_BACKENDS.get(backend or "fused"), bwd[0]
+    # float32 (head dim 8 -> 64): the portable set only
+    qf = jnp.asarray(r.standard_normal((1, 8, 9, 2, 8)), jnp.float32)
+    line = _calls(_cuda_hlo(lambda q: jax_na.na2d(q, q, q, 3, q_tile_shape=(16, 8)), qf), "jax_na_fused_fwd")[0]
+    assert tuple(_int_attr(line, a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (80, 0, -1), line
+    # the reference, lowered for the CPU, ignores them
+    text = jax.jit(lambda q: jax_na.na2d(q, q, q, 3, q_tile_shape=(8, 16))).trace(q2).lower(
+        lowering_platforms=("cpu",)).as_text()
+    assert "jax_na_" not in text and "tiles_sm" not in text
+
+
+@pytest.mark.parametrize("kernels", ["built", "pretended"])
+def test_cuda_lowering_tile_attributes(monkeypatch, kernels):
+    """The attributes on this build ("built", where it has the fused kernels) and on any build,
+    pretending the kernels were compiled (lowering needs only the target names)."""
+    if kernels == "built" and not ext.has_target("jax_na_fused_fwd"):
+        pytest.skip("jax_na built without the fused kernels (no jax_na_fused_fwd target)")
+    if kernels == "pretended":
+        monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
+        monkeypatch.setattr(ext, "has_target", lambda name: True)
+    # backend "fused_sm90" needs a compute capability 9.0 GPU to resolve; lowering it needs none
+    monkeypatch.setattr(ext, "has_hopper_kernels", lambda: True)
+    jax.clear_caches()
+    try:
+        _check_tile_attributes()
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
+# ----------------------------------------------------------------------------- the extension's list
+
+@pytest.mark.skipif(not ext.has_fused_kernels(), reason="jax_na built without the fused kernels")
+def test_extension_tile_configs_equal_the_table():
+    """jax_na._C.fused_fwd_tile_configs (from cuda/fused/tile_shapes.cuh, the instantiated kernels)
+    lists exactly the Python table's configurations, in order, for both kernel sets; the Hopper set
+    has none for float32 and head dim 256, nothing has float32 at head dim 256."""
+    C = ext._C
+    for arch, backend in ((80, "fused_sm80"), (90, "fused_sm90")):
+        for dtype in DTYPES:
+            for D in (64, 128, 256):
+                for rank in RANKS:
+                    got = [(tuple(q), tuple(kv)) for q, kv in C.fused_fwd_tile_configs(arch, dtype, D, rank)]
+                    if dtype == "float32" and D == 256:
+                        want = []
+                    else:
+                        want = jax_na.fused_tile_configs(rank, dtype, D)[backend]
+                        assert want or arch == 90, (dtype, D, rank)
+                    if arch == 90 and (dtype == "float32" or D == 256):
+                        assert want == [], (dtype, D, rank, want)
+                    assert got == want, (arch, dtype, D, rank, got, want)
+    # no other kernel set
+    assert list(C.fused_fwd_tile_configs(0, "bfloat16", 128, 2)) == []
+    assert list(C.fused_fwd_tile_configs(75, "bfloat16", 128, 2)) == []
