@@ -267,10 +267,12 @@ def fits(p: Problem, backend: str, mode: str, dtype=None) -> str | None:
     return None
 
 
-def na_callable(p: Problem, backend: str, mode: str):
+def na_callable(p: Problem, backend: str, mode: str, **tiles):
+    """A jitted (q, k, v, dout) -> forward or backward of the problem on ``backend``; ``tiles``:
+    q_tile_shape / kv_tile_shape for the fused kernels."""
     na = na_fn(p)
     f = lambda q, k, v: na(q, k, v, p.kernel, stride=p.stride, dilation=p.dilation, is_causal=p.causal,
-                           backend=backend)
+                           backend=backend, **tiles)
     if mode == "fwd":
         return jax.jit(lambda q, k, v, do: f(q, k, v))
     return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
@@ -305,9 +307,9 @@ class TileSweep:
 
 
 # Backends with kernel configurations to choose from at run time (register_tunable); `--sweep-tiles`
-# times each. The fused kernels' tile shapes are fixed when the CUDA code is compiled
-# (cuda/fused/kernel_traits.cuh); what "fused" chooses per call is its forward kernel (portable or
-# Hopper, the basis of the default chooser in cuda/fused/dispatch.cu): registered where both exist.
+# times each. "fused": every kernel set (portable, and Hopper where this machine has it) at every
+# compiled forward tile configuration (jax_na.fused_tile_configs; the backward keeps its tiles), the
+# basis of the defaults in cuda/fused/tile_shapes.cuh and of the kernel choice in cuda/fused/dispatch.cu.
 TUNABLE_BACKENDS: dict[str, TileSweep] = {}
 
 
@@ -316,16 +318,30 @@ def register_tunable(name: str, sweep: TileSweep) -> None:
 
 
 def _register_fused_variants() -> None:
-    """Register "fused" as tunable over its kernel sets (portable and Hopper, each forward and
-    backward) where this machine has both (an H100/H200 with a 90a build)."""
-    if "fused" in TUNABLE_BACKENDS or not _ext.has_hopper_kernels():
+    """Register "fused" as tunable over its kernel sets and forward tile configurations where this
+    machine runs the fused kernels."""
+    if "fused" in TUNABLE_BACKENDS or "fused" not in _ext.available_backends():
         return
-    variants = {"portable (sm80)": "fused_sm80", "hopper (sm90)": "fused_sm90"}
+    sets = {"portable (sm80)": "fused_sm80"}
+    if _ext.has_hopper_kernels():
+        sets["hopper (sm90)"] = "fused_sm90"
 
     def configs(p, mode, dtype):
-        return [] if fits(p, "fused", mode, dtype) else [{"kernels": name} for name in variants]
+        if fits(p, "fused", mode, dtype):
+            return []
+        out = []
+        for name, backend in sets.items():
+            if fits(p, backend, mode, dtype):
+                continue
+            for q, kv in jax_na.fused_tile_configs(p.rank, dtype, p.D)[backend]:
+                out.append({"kernels": name, "q_tile_shape": list(q), "kv_tile_shape": list(kv)})
+        return out
 
-    register_tunable("fused", TileSweep(configs, lambda p, mode, cfg: na_callable(p, variants[cfg["kernels"]], mode)))
+    def make(p, mode, cfg):
+        return na_callable(p, sets[cfg["kernels"]], mode, q_tile_shape=tuple(cfg["q_tile_shape"]),
+                           kv_tile_shape=tuple(cfg["kv_tile_shape"]))
+
+    register_tunable("fused", TileSweep(configs, make))
 
 
 def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None):
@@ -570,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
     r.add_argument("--sweep-tiles", action="store_true",
                    help="sweep the kernel configurations of the backends registered in TUNABLE_BACKENDS "
-                        "instead and report the best (on an H100/H200: fused's portable vs Hopper kernels; "
-                        "tile shapes are fixed at build time)")
+                        "instead and report the best (fused: each kernel set, portable and on an H100/H200 "
+                        "Hopper, at each compiled forward tile configuration, jax_na.fused_tile_configs)")
     o = ap.add_argument_group("output")
     o.add_argument("--json", default=None, help="write the rows (and the problems) as JSON")
     o.add_argument("--plot", default=None, help="write a bar chart (PNG; needs matplotlib)")
@@ -669,9 +685,8 @@ def _main_sweep(a, problems, modes, dtype) -> int:
     if not backends:
         print("--sweep-tiles: no tunable backend is registered "
               f"({'none at all' if not tunable else 'registered: ' + ', '.join(tunable)}; asked for "
-              f"{', '.join(wanted) or 'any'}). The fused kernels' tile shapes are fixed at build time "
-              "(cuda/fused/kernel_traits.cuh) and their forward-kernel choice is only tunable on a "
-              "compute capability 9.0 GPU; nothing was timed.", file=sys.stderr)
+              f"{', '.join(wanted) or 'any'}). The fused kernels' configurations are swept only where "
+              "they run (a GPU and a build with the fused kernels); nothing was timed.", file=sys.stderr)
         if a.json:
             _write_json(a.json, dict(kind="sweep", problems=[p.to_json() for p in problems], rows=[],
                                      tunable_backends=tunable, note="no tunable backend registered",
@@ -681,11 +696,15 @@ def _main_sweep(a, problems, modes, dtype) -> int:
     rows = sweep_tiles(problems, backends, dtype, modes, a.reps, a.budget, progress)
     if progress is not None:
         progress.close()
-    print(f"\n{'problem':<18} {'mode':<7} {'backend':<10} {'median ms':>10} {'eff TF/s':>9}  best config")
+    # Every configuration timed; '*' marks the fastest per problem, mode and backend.
+    print(f"\n{'problem':<18} {'mode':<7} {'backend':<10} {'median ms':>10} {'eff TF/s':>9}  config")
     for r in rows:
-        if r.get("best"):
-            print(f"{r['problem']:<18} {r['mode']:<7} {r['backend']:<10} {r['ms']:>10.3f} "
-                  f"{r['eff_tflops']:>9.2f}  {json.dumps(r['config'])}")
+        cfg = json.dumps(r["config"])
+        if "ms" not in r:
+            print(f"{r['problem']:<18} {r['mode']:<7} {r['backend']:<10} {'error':>10} {'':>9}  {cfg}: {r['error']}")
+            continue
+        print(f"{r['problem']:<18} {r['mode']:<7} {r['backend']:<10} {r['ms']:>10.3f} "
+              f"{r['eff_tflops']:>9.2f}{' *' if r.get('best') else '  '}{cfg}")
     if a.json:
         _write_json(a.json, dict(kind="sweep", problems=[p.to_json() for p in problems], rows=rows,
                                  tunable_backends=tunable, **_meta(dtype, _on_gpu())))

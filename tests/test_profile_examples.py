@@ -113,8 +113,8 @@ def test_problem_table_and_metric():
 
 def test_sweep_tiles_reports_no_tunable_backend(tmp_path, capsys):
     from jax_na import _ext
-    if _ext.has_hopper_kernels():
-        pytest.skip("an H100/H200 with the Hopper kernels: fused is tunable here")
+    if "fused" in _ext.available_backends():
+        pytest.skip("a GPU with the fused kernels: fused is tunable here")
     assert profile.TUNABLE_BACKENDS == {}
     out = tmp_path / "s.json"
     assert profile.main([*TINY, "--sweep-tiles", "--json", str(out)]) == 3
@@ -123,17 +123,19 @@ def test_sweep_tiles_reports_no_tunable_backend(tmp_path, capsys):
     assert d["rows"] == [] and d["tunable_backends"] == []
 
 
-def test_sweep_tiles_times_the_fused_forward_kernels(tmp_path, monkeypatch, capsys):
-    """Where both fused forward kernels exist (pretended here), --sweep-tiles times each and marks the
-    fastest; the callables are stand-ins on CPU (the real ones need an H100/H200)."""
+def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsys):
+    """Where the fused kernels run (pretended here: both kernel sets), --sweep-tiles times every kernel
+    set at every compiled forward tile configuration and marks the fastest; the callables are
+    stand-ins on CPU (the real ones need a GPU)."""
     import jax
     from jax_na import _ext
     monkeypatch.setattr(profile, "TUNABLE_BACKENDS", {})
     monkeypatch.setattr(_ext, "has_hopper_kernels", lambda: True)
+    monkeypatch.setattr(_ext, "available_backends", lambda: ["fused", "fused_sm90", "fused_sm80", "reference"])
     made = []
 
-    def fake_callable(p, backend, mode):
-        made.append(backend)
+    def fake_callable(p, backend, mode, q_tile_shape=None, kv_tile_shape=None):
+        made.append((backend, q_tile_shape, kv_tile_shape))
         slow = backend == "fused_sm80"
         return jax.jit(lambda q, k, v, do: (q * 2.0 if slow else q) + k - v)
 
@@ -141,13 +143,19 @@ def test_sweep_tiles_times_the_fused_forward_kernels(tmp_path, monkeypatch, caps
     out = tmp_path / "s.json"
     assert profile.main([*TINY, "--dtype", "bfloat16", "--mode", "fwd", "--sweep-tiles", "--reps", "3",
                          "--json", str(out)]) == 0
-    assert sorted(set(made)) == ["fused_sm80", "fused_sm90"]
+    rank = len(TINY[TINY.index("--spatial") + 1].split("x"))
+    head_dim = int(TINY[TINY.index("--head-dim") + 1])
+    import jax_na
+    want = [(b, q, kv) for b, configs in jax_na.fused_tile_configs(rank, "bfloat16", head_dim).items()
+            for q, kv in configs]
+    assert sorted(made) == sorted(want) and len(want) >= 2
     d = json.loads(out.read_text())
     assert d["tunable_backends"] == ["fused"]
     rows = [r for r in d["rows"] if "ms" in r]
-    assert {r["config"]["kernels"] for r in rows} == {"portable (sm80)", "hopper (sm90)"}
+    assert len(rows) == len(want) and {r["config"]["kernels"] for r in rows} == {"portable (sm80)", "hopper (sm90)"}
+    assert all(set(r["config"]) == {"kernels", "q_tile_shape", "kv_tile_shape"} for r in rows)
     assert sum(r["best"] for r in rows) == 1 and all(r["ms"] > 0 for r in rows)
-    assert "best config" in capsys.readouterr().out
+    assert " *{" in capsys.readouterr().out
 
 
 def test_bad_problem_is_an_error(capsys):
