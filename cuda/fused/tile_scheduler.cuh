@@ -58,7 +58,7 @@ struct CtaSchedule {
 // In-tile coordinate on axis a of query row r of a query-stationary CTA (see the TiledMma of
 // FwdTraits: warp w holds rows 16w + 16 kNWarps i; each warp's rows form its WarpTile sub-box).
 template <class Traits>
-__host__ __device__ __forceinline__ int q_row_coord(int r, int a) {
+__host__ __device__ __forceinline__ constexpr int q_row_coord(int r, int a) {
   using WarpGrid = typename Traits::WarpGrid;
   using WarpTile = typename Traits::WarpTile;
   const int w = (r >> 4) % Traits::kNWarps;

@@ -17,6 +17,9 @@ cudaError_t run_fwd_sm90_tiles(const geo::Problem& pr, const FwdArgs& args, cuda
   dim3 grid;
   if (!fwd_kernel_params<Traits>(pr, args, &hp.base, &grid)) return cudaErrorInvalidValue;
   hp.use_tma = encode_kv_tensor_maps<Traits>(pr, args.k, args.v, &hp.maps);
+#if !defined(JNA_SM90_Q_GATHER)  // experiment knob: Q by cp.async gathers as before
+  hp.use_tma_q = hp.use_tma && encode_q_tensor_map<Traits>(pr, args.q, &hp.q_map);
+#endif
 #if defined(JNA_FWD_TRACE)
   hp.trace = fwd_trace_target();
 #endif

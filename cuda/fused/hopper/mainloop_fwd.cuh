@@ -1,7 +1,7 @@
 // The Hopper (sm90a) fused neighborhood-attention forward: warp-specialized. A producer warpgroup
-// fills a 3-stage K/V smem ring (mbarriers: hopper/pipeline.cuh): window tiles by TMA, one thread
-// per tile, where the problem allows (hopper/tma.cuh), else by cp.async gathers of the 128 producer
-// threads (and always Q and the additional keys); two consumer warpgroups run the GEMMs on warpgroup
+// loads the Q tile and fills a 3-stage K/V smem ring (mbarriers: hopper/pipeline.cuh): Q and the
+// window tiles by TMA, one thread per tile, where the problem allows (hopper/tma.cuh), else by
+// cp.async gathers of the 128 producer threads (and always the additional keys); two consumer warpgroups run the GEMMs on warpgroup
 // MMAs and the softmax, never waiting on each other (no CTA barrier in the main loop).
 //
 // One CTA = one 128-query tile; consumer warpgroup g owns query rows 64g..64g+63. Per tile n of a
@@ -41,11 +41,14 @@
 namespace jax_na {
 namespace fused {
 
-// Kernel parameters: the portable forward's, and the K/V tensor maps when use_tma.
+// Kernel parameters: the portable forward's, the K/V tensor maps when use_tma and the Q map when
+// use_tma_q.
 struct HopperFwdParams {
   KVTensorMaps maps;
+  CUtensorMap q_map;
   FwdKernelParams base;
   int32_t use_tma;
+  int32_t use_tma_q;
 #if defined(JNA_FWD_TRACE)
   FwdTrace trace;
 #endif
@@ -83,7 +86,15 @@ __device__ __forceinline__ void fwd_produce(const HopperFwdParams& hp, const Fwd
   using Bar = cutlass::arch::ClusterBarrier;
   const FwdKernelParams& p = hp.base;
   const CtaSchedule& cs = *sm.cs;
-  fwd_load_q<Traits>(p, sm, ptid);
+  if (hp.use_tma_q) {  // uniform
+    if (ptid == 0) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&pipe.q_full, q_tile_tma_bytes<Traits>());
+      load_q_tma<Traits>(hp.q_map, p.pr, cs, sm.q, &pipe.q_full);
+    }
+  } else {
+    fwd_load_q<Traits>(p, sm, ptid);
+    if (ptid == 0) Bar::arrive(&pipe.q_full);
+  }
   cutlass::arch::cpasync_barrier_arrive_noinc(&pipe.q_full);
   JNA_TRACE(tr, kTraceQIssued);
   KVTileWalker<Traits> walker;

@@ -1,6 +1,8 @@
 // The producer -> consumer pipeline of the warp-specialized Hopper forward: mbarriers in smem.
 //
-// q_full: the Q tile landed (one cp.async arrival per producer thread).
+// q_full: the Q tile landed: one cp.async arrival per producer thread (immediate when the tile came
+//   by TMA) plus one ordinary arrival of producer thread 0, carrying the TMA transaction bytes when
+//   the tile came by TMA.
 // full[s]: K/V stage s landed and its TileFlags are written: one cp.async arrival per producer
 //   thread (immediate when the tile came by TMA) plus one ordinary arrival of the thread that wrote
 //   the flags (which releases them), carrying the TMA transaction bytes when the tile came by TMA.
@@ -25,7 +27,7 @@ struct FwdPipeline {
   // One thread; a CTA barrier must follow before any other use.
   __device__ __forceinline__ void init(int producer_threads, int consumer_warps) {
     using Bar = cutlass::arch::ClusterBarrier;
-    Bar::init(&q_full, producer_threads);
+    Bar::init(&q_full, producer_threads + 1);
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       Bar::init(&full[s], producer_threads + 1);

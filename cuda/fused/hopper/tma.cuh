@@ -1,16 +1,18 @@
-// K/V window tiles by the tensor memory accelerator (TMA): one thread loads a whole KVTile box of
-// token rows with a tensor map over [B, *S, H_kv, D], into the same swizzled smem tile the cp.async
-// gathers fill (8-row x 128-byte atoms, 128-byte swizzle), and the copy completes on the stage's
+// K/V window tiles and the Q tile by the tensor memory accelerator (TMA): one thread loads a whole
+// box of token rows with a tensor map over [B, *S, heads, D], into the same swizzled smem tile the
+// cp.async gathers fill (8-row x 128-byte atoms, 128-byte swizzle), and the copy completes on an
 // mbarrier with its byte count.
 //
-// Tensor map dimensions, innermost first (a KVTile box is one box; a 128-byte column block of the
-// head dim per load):
-//   rank 1: {D, H_kv, L0, B}           box {64, 1, E0, 1}
-//   rank 2: {D, H_kv, L1, L0, B}       box {64, 1, E1, E0, 1}
-//   rank 3: {D, H_kv, L2, L1, L0 * B}  box {64, 1, E2, E1, E0}   (TMA has at most 5 dimensions)
+// Tensor map dimensions, innermost first (a box of extents E0 x E1 x E2; a 128-byte column block of
+// the head dim per load):
+//   rank 1: {D, heads, L0, B}           box {64, 1, E0, 1}
+//   rank 2: {D, heads, L1, L0, B}       box {64, 1, E1, E0, 1}
+//   rank 3: {D, heads, L2, L1, L0 * B}  box {64, 1, E2, E1, E0}   (TMA has at most 5 dimensions)
 // Boxes past an axis end read zeros, as the gathers do. In rank 3 the merged axis would read the
-// next batch item's rows instead: tiles that cross L0 there take the cp.async path. Only without
-// dilation (a dilation group is then the whole axis); other problems take the cp.async path.
+// next batch item's rows instead: K/V tiles that cross L0 there take the cp.async path; Q rows past
+// L0 are never stored (their results are dropped row by row), so any finite or non-finite values
+// there are harmless. Only without dilation (a dilation group is then the whole axis); other
+// problems take the cp.async path.
 #pragma once
 
 #include <cuda.h>
@@ -33,18 +35,20 @@ struct KVTensorMaps {
   CUtensorMap v;
 };
 
-// L2 hint of the K/V loads: every KV tile is read by the neighbouring query tiles too.
+// L2 hints: every K/V tile is read by the neighbouring query tiles too; a Q tile by its CTA only.
 constexpr uint64_t kTmaEvictLast = 0x14F0000000000000ull;
+constexpr uint64_t kTmaEvictFirst = 0x12F0000000000000ull;
 
-// Host: encodes the maps of k and v for KVTile boxes; false when the problem cannot take them.
-template <class Traits>
-bool encode_kv_tensor_maps(const geo::Problem& pr, const void* k, const void* v, KVTensorMaps* maps) {
-  using KVTile = typename Traits::KVTile;
+// Host: encodes a tensor map over a [B, *S, heads, D] tensor for Box-shaped boxes of 64 columns;
+// false when the problem cannot take it (dilation, alignment, coordinates past 32 bits, no driver
+// entry point).
+template <class Traits, class Box>
+bool encode_token_map(const geo::Problem& pr, const void* ptr, int64_t heads, CUtensorMap* map) {
   constexpr int kRank = Traits::kRank;
   constexpr int kD = Traits::kHeadDim;
   for (int a = 0; a < kRank; ++a)
     if (pr.axis[a].d != 1) return false;
-  if ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16 != 0) return false;
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
   // The driver's encoder through the runtime (jax_na does not link libcuda itself).
   using EncodeFn = decltype(&::cuTensorMapEncodeTiled);
   static EncodeFn encode = [] {
@@ -63,16 +67,16 @@ bool encode_kv_tensor_maps(const geo::Problem& pr, const void* k, const void* v,
   int n = 0;
   dims[n] = kD;
   box[n++] = 64;
-  dims[n] = static_cast<cuuint64_t>(pr.Hkv);
+  dims[n] = static_cast<cuuint64_t>(heads);
   box[n++] = 1;
   cuuint64_t stride = static_cast<cuuint64_t>(kD) * kElemBytes;
   strides[0] = stride;
-  stride *= static_cast<cuuint64_t>(pr.Hkv);
+  stride *= static_cast<cuuint64_t>(heads);
   for (int a = kRank - 1; a >= 0; --a) {  // spatial axes, last (fastest) first
     cuuint64_t len = static_cast<cuuint64_t>(pr.axis[a].L);
     if (kRank == 3 && a == 0) len *= static_cast<cuuint64_t>(pr.B);  // merged with the batch
     dims[n] = len;
-    box[n] = KVTile::extent(a);
+    box[n] = Box::extent(a);
     strides[n++ - 1] = stride;
     stride *= static_cast<cuuint64_t>(pr.axis[a].L);
   }
@@ -86,13 +90,75 @@ bool encode_kv_tensor_maps(const geo::Problem& pr, const void* k, const void* v,
   const CUtensorMapDataType type = std::is_same_v<typename Traits::Element, cutlass::bfloat16_t>
                                        ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  for (int t = 0; t < 2; ++t) {
-    CUresult r = encode(t == 0 ? &maps->k : &maps->v, type, n, const_cast<void*>(t == 0 ? k : v), dims, strides,
-                        box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) return false;
-  }
+  return encode(map, type, n, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Host: the maps of k and v for KVTile boxes; false when the problem cannot take them.
+template <class Traits>
+bool encode_kv_tensor_maps(const geo::Problem& pr, const void* k, const void* v, KVTensorMaps* maps) {
+  using KVTile = typename Traits::KVTile;
+  return encode_token_map<Traits, KVTile>(pr, k, pr.Hkv, &maps->k) &&
+         encode_token_map<Traits, KVTile>(pr, v, pr.Hkv, &maps->v);
+}
+
+// The Q tile by TMA: the smem rows of a CTA's queries are in accumulator order (q_row_coord: warp w
+// holds rows 16w..16w+15 forming its WarpTile sub-box). Where that order is the Q tile's row-major
+// order (1-D; 2-D with one warp column) one QTile box fills it; otherwise each warp's WarpTile box
+// lands at its 16 rows (kNWarps boxes).
+template <class Traits>
+constexpr bool q_rows_are_row_major() {
+  for (int r = 0; r < Traits::kBlockM; ++r)
+    for (int a = 0; a < 3; ++a)
+      if (q_row_coord<Traits>(r, a) != Traits::QTile::coord(r, a)) return false;
   return true;
+}
+template <class Traits>
+using QTmaBox = std::conditional_t<q_rows_are_row_major<Traits>(), typename Traits::QTile, typename Traits::WarpTile>;
+
+// Host: the map of q for QTmaBox boxes.
+template <class Traits>
+bool encode_q_tensor_map(const geo::Problem& pr, const void* q, CUtensorMap* map) {
+  return encode_token_map<Traits, QTmaBox<Traits>>(pr, q, pr.H, map);
+}
+
+// Device, one thread: the CTA's Q tile into sQ, completing on mbar (expected bytes: q_tile_tma_bytes).
+template <class Traits, class Element>
+__device__ __forceinline__ void load_q_tma(const CUtensorMap& map, const geo::Problem& pr, const CtaSchedule& cs,
+                                           Element* sQ, uint64_t* mbar) {
+  using QBox = QTmaBox<Traits>;
+  using WarpGrid = typename Traits::WarpGrid;
+  constexpr int kBoxes = Traits::kBlockM / QBox::kSize;
+  static_assert(kBoxes == 1 || (kBoxes == Traits::kNWarps && QBox::kSize == 16),
+                "per-warp Q boxes need warp w to hold rows 16w..16w+15");
+  constexpr int kCols = Traits::kHeadDim / 64;
+  const int32_t h = cs.h, b = static_cast<int32_t>(cs.b);
+#pragma unroll
+  for (int i = 0; i < kBoxes; ++i) {
+    int32_t o[3];
+#pragma unroll
+    for (int a = 0; a < 3; ++a) o[a] = cs.q0[a] + (kBoxes == 1 ? 0 : WarpGrid::coord(i, a) * QBox::extent(a));
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      // Column block c of the (kBlockM, D) tile is the (kBlockM, 64) tile at element c * kBlockM * 64;
+      // box i's rows start at row i * QBox::kSize of it (a multiple of 8: the swizzle lines up).
+      Element* dst = sQ + c * Traits::kBlockM * 64 + i * QBox::kSize * 64;
+      if constexpr (Traits::kRank == 1) {
+        cute::SM90_TMA_LOAD_4D::copy(&map, mbar, kTmaEvictFirst, dst, c * 64, h, o[0], b);
+      } else if constexpr (Traits::kRank == 2) {
+        cute::SM90_TMA_LOAD_5D::copy(&map, mbar, kTmaEvictFirst, dst, c * 64, h, o[1], o[0], b);
+      } else {
+        cute::SM90_TMA_LOAD_5D::copy(&map, mbar, kTmaEvictFirst, dst, c * 64, h, o[2], o[1],
+                                     b * pr.axis[0].L + o[0]);
+      }
+    }
+  }
+}
+
+template <class Traits>
+constexpr uint32_t q_tile_tma_bytes() {
+  return static_cast<uint32_t>(Traits::kBlockM) * Traits::kHeadDim * sizeof(typename Traits::Element);
 }
 
 // Device: whether window tile `org` of CTA cs can come by TMA (the maps exist).
