@@ -200,7 +200,8 @@ _NA_DOC = """{rank}-D neighborhood attention.
         kernel backends raise a ValueError/TypeError for a call they cannot take or when jax_na was
         built without them; a call lowered for a non-CUDA platform uses the reference.
       q_tile_shape, kv_tile_shape: the fused forward's tile shapes (a tuple of {rank} extents each;
-        None: the default, chosen per kernel set and rank). The compiled configurations are listed in
+        None: chosen per call: each kernel set's default, except 8x16 Q tiles for 2-D windows longer
+        along the last axis). The compiled configurations are listed in
         ``jax_na.fused_tile_configs(rank, dtype, head_dim)``; one given alone picks the first
         configuration that has it, and a configuration only the Hopper (or only the portable)
         kernels have runs on those. A shape no compiled configuration has, or tile shapes with a

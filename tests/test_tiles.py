@@ -519,3 +519,30 @@ def test_extension_tile_configs_equal_the_table():
     # no other kernel set
     assert list(C.fused_fwd_tile_configs(0, "bfloat16", 128, 2)) == []
     assert list(C.fused_fwd_tile_configs(75, "bfloat16", 128, 2)) == []
+
+
+# ----------------------------------------------------------------------------- the chooser
+
+@pytest.mark.parametrize("kernel_size,dtype,backend,want", [
+    ((3, 7), "bfloat16", None, FusedTiles(0, 1, 1)),          # longer along the last axis: 8x16
+    ((3, 7), "float16", "fused_sm80", FusedTiles(80, 1, 1)),
+    ((3, 7), "bfloat16", "fused_sm90", FusedTiles(90, 1, 1)),
+    ((7, 3), "bfloat16", None, None),                         # longer along the first axis: default
+    ((5, 5), "bfloat16", None, None),                         # square: default
+    ((3, 7), "float32", None, None),                          # one configuration only
+])
+def test_chooser_without_tile_shapes(monkeypatch, kernel_size, dtype, backend, want):
+    """Calls without tile shapes run 8x16 Q tiles in 2-D where the window is longer along the last
+    axis (both kernel sets have that configuration), the defaults elsewhere."""
+    monkeypatch.setattr(ext, "has_hopper_kernels", lambda: True)
+    query, value = _spec(2, dtype, 128)
+    got = _checks.fwd_tiles_args(2, query, value, backend or "auto", None, None, kernel_size)
+    assert got == want
+    if want is not None:
+        for ks, i in (("sm80", want.sm80), ("sm90", want.sm90)):
+            assert _checks.fused_fwd_tile_configs(ks, dtype, 128, 2)[i][0] == _checks.LONG_LAST_AXIS_Q_TILE
+    # 1-D and 3-D calls keep the defaults
+    q1, v1 = _spec(1, dtype, 128)
+    assert _checks.fwd_tiles_args(1, q1, v1, "auto", None, None, (7,)) is None
+    q3, v3 = _spec(3, dtype, 128)
+    assert _checks.fwd_tiles_args(3, q3, v3, "auto", None, None, (3, 5, 7)) is None

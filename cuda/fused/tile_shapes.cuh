@@ -4,7 +4,9 @@
 // built from the same types the kernels are instantiated with.
 //
 // Every configuration here must be listed in jax_na/_checks.py (FUSED_FWD_TILES), which validates a
-// call's shapes before anything is traced; tests/test_tiles.py checks the two agree.
+// call's shapes before anything is traced and picks the configuration of a call that gives none
+// (the default, or 8x16 Q tiles for 2-D windows longer along the last axis); tests/test_tiles.py
+// checks the two lists agree.
 #pragma once
 
 #include <cuda_runtime_api.h>
