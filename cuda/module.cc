@@ -49,10 +49,10 @@ NB_MODULE(_C, m) {
       [](int arch, const std::string& dtype, int64_t head_dim, int rank) {
         nb::list configs;
 #if defined(JAX_NA_WITH_FUSED)
+        if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") return configs;
         const jax_na::DType dt = dtype == "float32"   ? jax_na::DType::kF32
                                  : dtype == "float16" ? jax_na::DType::kF16
                                                       : jax_na::DType::kBF16;
-        if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") return configs;
         jax_na::fused::TileConfig out[16];
         const int n = jax_na::fused::fwd_tile_configs(arch, dt, head_dim, rank, out, 16);
         for (int i = 0; i < n && i < 16; ++i) {

@@ -331,17 +331,12 @@ def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
 LONG_LAST_AXIS_Q_TILE = (8, 16)
 
 
-def _chosen_fwd_tiles(rank: int, query, value, backend: str, kernel_size) -> FusedTiles | None:
-    """The chooser's FusedTiles for a call without tile shapes, or None for the defaults."""
+def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, kernel_size) -> FusedTiles | None:
+    """The chooser's FusedTiles for a call without tile shapes on fused backend ``fam`` at padded
+    head dim ``P``, or None for the defaults."""
     if rank != 2 or kernel_size is None or kernel_size[1] <= kernel_size[0]:
         return None
-    if backend != "auto" and backend not in FUSED_BACKENDS:
-        return None
-    fam = "fused" if backend == "auto" else backend
-    P = fused_head_dim(query.shape[-1], value.shape[-1], query.dtype, fam)
-    if P is None:
-        return None
-    index = [next((i for i, (q, _) in enumerate(fused_fwd_tile_configs(ks, query.dtype, P, rank))
+    index = [next((i for i, (q, _) in enumerate(fused_fwd_tile_configs(ks, dtype, P, rank))
                    if q == LONG_LAST_AXIS_Q_TILE), 0) for ks in ("sm80", "sm90")]
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
@@ -355,32 +350,33 @@ def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
     normalized kernel sizes)."""
     q_shape = _tile_shape("q_tile_shape", q_tile_shape, rank)
     kv_shape = _tile_shape("kv_tile_shape", kv_tile_shape, rank)
-    if q_shape is None and kv_shape is None:
-        return _chosen_fwd_tiles(rank, query, value, backend, kernel_size)
+    given = q_shape is not None or kv_shape is not None
     if backend != "auto" and backend not in FUSED_BACKENDS:
-        raise ValueError(f"q_tile_shape / kv_tile_shape choose the tiles of the fused kernels; backend "
-                         f"{backend!r} has none (allowed backends with tile shapes: None, 'auto', "
-                         f"{', '.join(repr(b) for b in FUSED_BACKENDS)})")
+        if given:
+            raise ValueError(f"q_tile_shape / kv_tile_shape choose the tiles of the fused kernels; backend "
+                             f"{backend!r} has none (allowed backends with tile shapes: None, 'auto', "
+                             f"{', '.join(repr(b) for b in FUSED_BACKENDS)})")
+        return None
     dtype = query.dtype
     fam = "fused" if backend == "auto" else backend
     P = fused_head_dim(query.shape[-1], value.shape[-1], dtype, fam)
-    sets = {"fused": ("sm80", "sm90"), "fused_sm80": ("sm80",), "fused_sm90": ("sm90",)}[fam]
     if P is None:
         return None  # no fused kernel takes the call (auto then runs the reference; an explicit backend raised)
-    index, listing = {}, []
+    if not given:
+        return _chosen_fwd_tiles(rank, dtype, P, fam, kernel_size)
+    sets = {"fused": ("sm80", "sm90"), "fused_sm80": ("sm80",), "fused_sm90": ("sm90",)}[fam]
+    index, listing = {"sm80": -1, "sm90": -1}, []
     for ks in sets:
         configs = fused_fwd_tile_configs(ks, dtype, P, rank)
-        if ks == "sm90" and (P > 128 or jnp.dtype(dtype) == jnp.dtype(jnp.float32)):
-            configs = ()
         if configs:
             listing.append(f"{_KERNEL_SET_NAMES[ks]}: {', '.join(f'{q} with {kv}' for q, kv in configs)}")
         index[ks] = next((i for i, (q, kv) in enumerate(configs)
                           if q_shape in (None, q) and kv_shape in (None, kv)), -1)
-    if all(i < 0 for i in index.values()):
+    sm80, sm90 = index["sm80"], index["sm90"]
+    if sm80 < 0 and sm90 < 0:
         raise ValueError(f"no compiled fused forward tile configuration has q_tile_shape={q_shape}, "
                          f"kv_tile_shape={kv_shape} for {_dtype_name(dtype)} at head dim {P} in {rank}-D on "
                          f"backend {fam!r}; allowed (q_tile_shape with kv_tile_shape): {'; '.join(listing)}")
-    sm80, sm90 = index.get("sm80", -1), index.get("sm90", -1)
     arch = FUSED_BACKENDS[fam]
     if arch == 0 and (sm80 < 0) != (sm90 < 0):
         arch = 80 if sm90 < 0 else 90
@@ -388,7 +384,7 @@ def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
         raise ValueError(f"q_tile_shape={q_shape}, kv_tile_shape={kv_shape} is a configuration of the Hopper "
                          f"kernels only, which need a compute capability 9.0 GPU and a build with 90a "
                          f"(this one: {_ext.cuda_archs() or 'none'}); allowed here: {listing[0] if listing else 'none'}")
-    return FusedTiles(arch, sm80 if "sm80" in sets else -1, sm90 if "sm90" in sets else -1)
+    return FusedTiles(arch, sm80, sm90)
 
 
 def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,

@@ -358,8 +358,6 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128) -> dict
             raise ValueError(f"head_dim must be an int in 1..{_checks.fused_head_dims(dtype)[-1]} for "
                              f"{jnp.dtype(dtype).name}, got {head_dim!r}")
         out[backend] = list(_checks.fused_fwd_tile_configs(kernel_set, dtype, P, rank)) if P else []
-        if kernel_set == "sm90" and jnp.dtype(dtype) == jnp.dtype(jnp.float32):
-            out[backend] = []
     return out
 
 

@@ -108,7 +108,7 @@ class _NeighborhoodAttention(nn.Module):
             na = getattr(functional, f"na{rank}d")
             y = na(q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
                    is_causal=self.is_causal, scale=self.scale, backend=self.backend,
-                   q_tile_shape=_tuple_or_none(self.q_tile_shape), kv_tile_shape=_tuple_or_none(self.kv_tile_shape))
+                   q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape)
 
         out = nn.DenseGeneral(features=self.out_features or features, axis=(-2, -1), dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,
@@ -117,11 +117,6 @@ class _NeighborhoodAttention(nn.Module):
             deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
             out = nn.Dropout(rate=self.dropout_rate)(out, deterministic=deterministic)
         return out
-
-
-def _tuple_or_none(shape):
-    """Flax may hand a tuple field back as a list: the tile-shape checks take tuples."""
-    return tuple(shape) if isinstance(shape, (list, tuple)) else shape
 
 
 class NeighborhoodAttention1D(_NeighborhoodAttention):
