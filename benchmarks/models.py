@@ -144,6 +144,10 @@ def main(argv=None) -> int:
                     help="persistent compilation cache for --compile-workers (default: a fresh temporary folder)")
     ap.add_argument("--compile-shard", default=None, help=argparse.SUPPRESS)  # "i/n": a worker's share
     a = ap.parse_args(argv)
+    if a.compile_workers > 0 or a.compile_shard:
+        # The workers and the timing process share the GPU (autotuning runs there): none may take
+        # 75% of its memory up front, as jax does by default (set before the backend starts).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     on_gpu = any(d.platform == "gpu" for d in jax.devices())
     available = jax_na.available_backends()

@@ -146,6 +146,9 @@ class NAParams:
     # The fused forward's tile configuration (q_tile_shape / kv_tile_shape); None: the default. Only
     # the fused kernels read it.
     fwd_tiles: FusedTiles | None = None
+    # False lets the fused backward add dQ with float atomics where it runs the Hopper kernels
+    # (fused_bwd_adds_dq; na*d's deterministic_backward). Only the fused kernels read it.
+    deterministic: bool = True
 
     @property
     def rank(self) -> int:
@@ -311,6 +314,24 @@ def _check_fused(query, value, backend="fused"):
                          f"['gemm', 'reference', 'naive']")
 
 
+def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str) -> bool:
+    """Whether a non-deterministic fused backward at padded head dim ``P`` runs the Hopper kernels,
+    whose dK/dV kernel then adds dQ with float atomics into a float32 workspace of ``P`` floats per
+    query row (the mirror of dispatch.cu's use_hopper for the backward; where the two disagree the
+    kernels stay correct: an unused workspace, or the deterministic Hopper backward)."""
+    if FUSED_BACKENDS.get(backend, 0) == 80 or not _ext.has_hopper_kernels():
+        return False
+    if jnp.dtype(dtype).itemsize != 2 or P > 128:
+        return False
+    return FUSED_BACKENDS.get(backend, 0) == 90 or P == 128 or window_size >= 256
+
+
+def deterministic_arg(value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"deterministic_backward must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -388,7 +409,8 @@ def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
 
 
 def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                   additional_keys, additional_values, backend, q_tile_shape=None, kv_tile_shape=None):
+                   additional_keys, additional_values, backend, q_tile_shape=None, kv_tile_shape=None,
+                   deterministic_backward=True):
     """Validate a na{1,2,3}d call. Returns (NAParams, backend)."""
     _check_array("query", query, rank + 3, _layout(rank, "H", "D"))
     _check_array("key", key, rank + 3, _layout(rank, "H_kv", "D"))
@@ -431,7 +453,8 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
     params = window_params(rank, spatial, kernel_size, stride, dilation, is_causal, scale, D)
     backend = resolve_backend(backend, query.dtype, "na", query, value)
     tiles = fwd_tiles_args(rank, query, value, backend, q_tile_shape, kv_tile_shape, params.kernel_size)
-    return dataclasses.replace(params, fwd_tiles=tiles), backend
+    deterministic = deterministic_arg(deterministic_backward)
+    return dataclasses.replace(params, fwd_tiles=tiles, deterministic=deterministic), backend
 
 
 def qk_args(rank: int, query, key, kernel_size, dilation, is_causal, rpb, scale, backend):

@@ -368,11 +368,17 @@ def _fused_impl(kind, *args, params, backend):
         out, lse = _batch_chunks(call, [_pad_last(x, P) for x in (q_in(args[0]), *args[1:])])
         return [_last(out, Dv), lse]
 
+    # Non-deterministic where the Hopper backward runs: its dK/dV kernel adds dQ with atomics into
+    # P more float32 workspace entries per query row, and no dQ kernel recomputes S and dP.
+    adds_dq = not params.deterministic and _checks.fused_bwd_adds_dq(q.dtype, P, params.window_size, backend)
+
     def call(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
         grads = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, add_k, add_v)]
-        ws = jax.ShapeDtypeStruct((workspace_size("bwd", "fused", (q, k, v, add_k), params),), f32)
-        res = jax.ffi.ffi_call("jax_na_fused_bwd", (*grads, ws))(q, k, v, add_k, add_v, out, lse, d_out,
-                                                                  d_lse, arch=arch, **attrs)
+        rows = workspace_size("bwd", "fused", (q, k, v, add_k), params)
+        ws = jax.ShapeDtypeStruct((rows * (1 + P) if adds_dq else rows,), f32)
+        res = jax.ffi.ffi_call("jax_na_fused_bwd", (*grads, ws))(q, k, v, add_k, add_v, out, lse, d_out, d_lse,
+                                                                  arch=arch, deterministic=np.int64(not adds_dq),
+                                                                  **attrs)
         return res[:5]
 
     q, k, v, add_k, add_v, out, lse, d_out, d_lse = args

@@ -267,12 +267,12 @@ def fits(p: Problem, backend: str, mode: str, dtype=None) -> str | None:
     return None
 
 
-def na_callable(p: Problem, backend: str, mode: str, **tiles):
-    """A jitted (q, k, v, dout) -> forward or backward of the problem on ``backend``; ``tiles``:
-    q_tile_shape / kv_tile_shape for the fused kernels."""
+def na_callable(p: Problem, backend: str, mode: str, **kw):
+    """A jitted (q, k, v, dout) -> forward or backward of the problem on ``backend``; ``kw``: more
+    na{rank}d arguments (q_tile_shape / kv_tile_shape, deterministic_backward)."""
     na = na_fn(p)
     f = lambda q, k, v: na(q, k, v, p.kernel, stride=p.stride, dilation=p.dilation, is_causal=p.causal,
-                           backend=backend, **tiles)
+                           backend=backend, **kw)
     if mode == "fwd":
         return jax.jit(lambda q, k, v, do: f(q, k, v))
     return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
@@ -411,7 +411,8 @@ def yardstick(on_gpu: bool, dtype=jnp.bfloat16) -> tuple[str, str]:
 
 
 def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequence[str], reps: int = 20,
-        budget_s: float = 4.0, self_attention: bool = True, progress=None) -> list[dict]:
+        budget_s: float = 4.0, self_attention: bool = True, progress=None,
+        deterministic_backward: bool = True) -> list[dict]:
     """Time every backend (and dense self attention) on every problem and mode; one dict per row."""
     rows = []
     on_gpu = _on_gpu()
@@ -447,7 +448,8 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                     rows.append(dict(problem=p.id, mode=mode, backend=b, skipped=why))
                     continue
                 try:
-                    med, lo, hi, n = timeit(na_callable(p, b, mode), args, reps, budget_s)
+                    med, lo, hi, n = timeit(na_callable(p, b, mode, deterministic_backward=deterministic_backward),
+                                            args, reps, budget_s)
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(problem=p.id, mode=mode, backend=b, error=_err(e)))
                     _say(progress, format_row(rows[-1]))
@@ -582,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pinned fused_sm80/fused_sm90 (on a GPU: fused, gemm, reference, naive); e.g. "
                         "fused_sm90,fused_sm80 compares the two kernel sets")
     r.add_argument("--no-self-attention", action="store_true", help="skip the dense self attention baseline")
+    r.add_argument("--nondeterministic-backward", action="store_true",
+                   help="na*d's deterministic_backward=False (the Hopper fused backward adds dQ with atomics)")
     r.add_argument("--reps", type=int, default=20, help="timing samples per entry (at most; a sample is one call, or the mean of a batch of calls under 20 ms)")
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
     r.add_argument("--sweep-tiles", action="store_true",
@@ -661,12 +665,14 @@ def main(argv=None) -> int:
     for p in problems:
         print(f"{p.id}: {p.describe()} (N={p.N}, W={p.W}, N/W={p.N / p.W:.1f})")
     progress = _progress(len(problems), not a.no_progress)
-    rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress)
+    rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress,
+               not a.nondeterministic_backward)
     if progress is not None:
         progress.close()
     if a.json:
         _write_json(a.json, dict(kind="profile", problems=[p.to_json() for p in problems], rows=rows,
-                                 backends=backends, modes=modes, **_meta(dtype, on_gpu)))
+                                 backends=backends, modes=modes, deterministic_backward=not a.nondeterministic_backward,
+                                 **_meta(dtype, on_gpu)))
         print(f"wrote {a.json}")
     if a.plot and plot(rows, a.plot, f"{dtype.name} on {device.device_kind if on_gpu else 'CPU'}"):
         print(f"wrote {a.plot}")

@@ -471,7 +471,8 @@ def _fake_fused_ffi_call(seen, seen_arch=None):
     seen_arch = [] if seen_arch is None else seen_arch
 
     def ffi_call(target, result_shapes, **_):
-        def run(*ops, kernel_size, stride, dilation, is_causal, scale, arch=None, tiles_sm80=None, tiles_sm90=None):
+        def run(*ops, kernel_size, stride, dilation, is_causal, scale, arch=None, tiles_sm80=None, tiles_sm90=None,
+                deterministic=None):
             params = _checks.NAParams(tuple(int(i) for i in kernel_size), tuple(int(i) for i in stride),
                                       tuple(int(i) for i in dilation), tuple(bool(i) for i in is_causal),
                                       float(scale))
@@ -487,7 +488,9 @@ def _fake_fused_ffi_call(seen, seen_arch=None):
             q, k, v, ak, av, out, lse, d_out, d_lse = ops
             assert out.shape[-1] == d_out.shape[-1] == P
             ws = result_shapes[5]
-            assert ws.shape == (q.shape[0] * math.prod(q.shape[1:-2]) * q.shape[-2],) and ws.dtype == jnp.float32
+            rows = q.shape[0] * math.prod(q.shape[1:-2]) * q.shape[-2]
+            assert int(deterministic) in (0, 1), deterministic  # 0: dQ accumulators too (test_backward_modes.py)
+            assert ws.shape == (rows * (1 if deterministic else P + 1),) and ws.dtype == jnp.float32
             grads = jax.vjp(fwd, q, k, v, ak, av)[1]((d_out, d_lse))
             return (*grads, jnp.zeros(ws.shape, ws.dtype))
         return run

@@ -3,10 +3,11 @@
 // is_causal (i64 arrays, one entry per spatial axis) and scale (f32); both take arch (i64: 0 picks the
 // Hopper kernels on sm_90 devices, 80 the portable ones, 90 the Hopper ones), the forward also
 // tiles_sm80 / tiles_sm90 (i64: the tile configuration of each kernel set, an index into
-// fused::fwd_tile_configs; -1 where that set must not run). See docs/ffi.md.
+// fused::fwd_tile_configs; -1 where that set must not run), the backward deterministic (i64: 0 lets
+// the Hopper backward add dQ with atomics into the workspace). See docs/ffi.md.
 //   fwd: q, k, v, add_k, add_v -> out, lse (no workspace)
 //   bwd: q, k, v, add_k, add_v, out, lse, d_out, d_lse -> dq, dk, dv, d_add_k, d_add_v, workspace
-//        (float32 [B * N * H]: delta)
+//        (float32 [B * N * H]: delta; deterministic 0: [B * N * H * (D + 1)], dQ accumulators then delta)
 #include <cuda_runtime_api.h>
 
 #include <string>
@@ -151,9 +152,11 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                     ffi::Result<ffi::AnyBuffer> d_add_k, ffi::Result<ffi::AnyBuffer> d_add_v,
                     ffi::Result<ffi::AnyBuffer> workspace, I64Span kernel_size, I64Span stride, I64Span dilation,
-                    I64Span is_causal, float scale, int64_t arch) {
+                    I64Span is_causal, float scale, int64_t arch, int64_t deterministic) {
   constexpr const char* kT = "jax_na_fused_bwd";
   if (auto e = check_arch(kT, arch); e.failure()) return e;
+  if (deterministic != 0 && deterministic != 1)
+    return invalid(kT, "deterministic is " + std::to_string(deterministic) + "; allowed: 0 or 1");
   FusedCall c;
   if (auto e = decode_fused(kT, arch, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c);
       e.failure())
@@ -170,7 +173,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   if (auto e = check_like(kT, "dv", *dv, v); e.failure()) return e;
   if (auto e = check_like(kT, "d_add_k", *d_add_k, add_k); e.failure()) return e;
   if (auto e = check_like(kT, "d_add_v", *d_add_v, add_v); e.failure()) return e;
-  const int64_t ws = fused::bwd_workspace_floats(c.pr);
+  const int64_t ws = fused::bwd_workspace_floats(c.pr, c.D, deterministic != 0);
   if (auto e = check(kT, "workspace", *workspace, ffi::DataType::F32, {ws}); e.failure()) return e;
 
   if (auto e = poison(kT, stream, dq, dk, dv, d_add_k, d_add_v, workspace); e.failure()) return e;
@@ -189,7 +192,10 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   args.dv = dv->untyped_data();
   args.d_add_k = d_add_k->untyped_data();
   args.d_add_v = d_add_v->untyped_data();
-  args.workspace = static_cast<float*>(workspace->untyped_data());
+  // Non-deterministic: the dQ accumulators first (16-byte aligned like the buffer: D is a multiple of 8).
+  float* ws_data = static_cast<float*>(workspace->untyped_data());
+  args.dq_accum = deterministic != 0 ? nullptr : ws_data;
+  args.workspace = deterministic != 0 ? ws_data : ws_data + c.pr.B * c.pr.N * c.pr.H * c.D;
   args.D = static_cast<int32_t>(c.D);
   args.scale = scale;
   args.arch = static_cast<int32_t>(arch);
@@ -234,5 +240,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_fused_bwd, jax_na::FusedBwd,
                                   .Ret<ffi::AnyBuffer>()  // d_add_v
                                   .Ret<ffi::AnyBuffer>()  // workspace
                                       JNA_WINDOW_ATTRS.Attr<float>("scale")
-                                  .Attr<int64_t>("arch"),
+                                  .Attr<int64_t>("arch")
+                                  .Attr<int64_t>("deterministic"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -4,7 +4,8 @@
 // Three launches on one stream: delta = rowsum(dO * O) - d_lse (into the caller's workspace), the
 // query-stationary dQ kernel and the key-stationary dK/dV kernel (also the additional keys/values),
 // on SM80-class MMAs (portable) or on Hopper warpgroup MMAs (sm_90a).
-// Deterministic: every output element is written by exactly one CTA, no atomics.
+// Deterministic by default: every output element is written by exactly one CTA, no atomics. The
+// Hopper backward's non-deterministic mode (BwdArgs::dq_accum) adds dQ with float atomics.
 // Supported: as the forward (fwd_supported; D_v == D, rank 1..3, every
 // kernel/stride/dilation/causal, GQA, additional keys/values).
 #pragma once
@@ -36,13 +37,19 @@ struct BwdArgs {
   void* d_add_k = nullptr;
   void* d_add_v = nullptr;
   float* workspace = nullptr;  // [B * N * H] float32 (delta)
+  // [B * N * H * D] float32, or null (deterministic): where the Hopper backward runs, its dK/dV
+  // kernel adds dQ here with atomics instead of a dQ kernel recomputing S and dP (non-deterministic:
+  // the order of the additions varies). The portable backward ignores it.
+  float* dq_accum = nullptr;
   int32_t D = 0;
   float scale = 1.f;
   int32_t arch = FwdArgs::kAuto;  // as the forward's: kAuto, kPortable or kHopper
 };
 
-// Workspace floats launch_bwd needs.
-inline int64_t bwd_workspace_floats(const geo::Problem& pr) { return pr.B * pr.N * pr.H; }
+// Workspace floats launch_bwd needs: delta, and with dq_accum (non-deterministic) its D floats per row.
+inline int64_t bwd_workspace_floats(const geo::Problem& pr, int64_t D, bool deterministic) {
+  return pr.B * pr.N * pr.H * (deterministic ? 1 : 1 + D);
+}
 
 cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream);
 

@@ -176,13 +176,18 @@ struct BwdTileShapes<3, kBlockM, kBlockN> {
 // neighbourhood, kBlockM queries at a time. Portable default: 64 keys on 4 warps, Q tiles of 32
 // (D = 128, so that dK + dV + S + dP stay within 255 registers) or 64 (D = 64). The Hopper backward
 // (hopper/kernel_traits.cuh) takes 128 keys on 8 warps (two warpgroups) and Q tiles of 64.
+// kDqInKernel_: the kernel also computes dQ (dS K per Q tile, added into a float32 buffer with
+// atomics; the Hopper backward's non-deterministic mode): dS^T goes through smem, and each Q tile's
+// row offsets are kept beside its lse/delta.
 template <DType kDType_, int kHeadDim_, int kRank_, int kNWarps_ = 4, int kBlockN_ = 64,
-          int kBlockM_ = (kHeadDim_ > 64 ? 32 : 64)>
+          int kBlockM_ = (kHeadDim_ > 64 ? 32 : 64), bool kDqInKernel_ = false>
 struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using Base = TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_>;
   using Base::kRank;
   static constexpr int kBlockN = kBlockN_;  // keys per CTA (rows of the MMA)
   static constexpr int kBlockM = kBlockM_;  // queries per Q tile (columns)
+  static constexpr bool kDqInKernel = kDqInKernel_;
+  static_assert(!kDqInKernel || Base::kDPasses == 1, "dQ in the dK/dV kernel: head dims up to 128");
   using QTile = typename BwdTileShapes<kRank, kBlockM, kBlockN>::QTile;
   using KVTile = typename BwdTileShapes<kRank, kBlockM, kBlockN>::KVTile;
   static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN, "tile sizes");
@@ -191,13 +196,18 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
   using OutTraits = std::conditional_t<Base::kDPasses == 1, BwdKVTraits,
                                        BwdKVTraits<kDType_, Base::kHeadDimOut, kRank_, kNWarps_, kBlockN_, kBlockM_>>;
+  // dS^T (keys x queries) as stored for the dQ product: rows of kBlockM query columns (kDqInKernel
+  // only: a placeholder width elsewhere, where kBlockM may be narrower than a swizzle atom).
+  using SmemLayoutDS = typename Base::template SmemLayoutRows<kBlockN, kDqInKernel ? kBlockM : 64>;
 
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
-  // Two stages of: Q, dO, lse and delta per query, windows (int2 per query and axis).
-  static constexpr int kSmemSmallStage = 2 * kBlockM * 4 + kBlockM * kRank * 8;
+  static constexpr int kSmemDS = kDqInKernel ? kBlockN * kBlockM * int(sizeof(typename Base::Element)) : 0;
+  // Two stages of: Q, dO, lse and delta per query, windows (int2 per query and axis), and with
+  // kDqInKernel the query rows' element offsets (int64).
+  static constexpr int kSmemSmallStage = 2 * kBlockM * 4 + kBlockM * kRank * 8 + (kDqInKernel ? kBlockM * 8 : 0);
   static constexpr int kSmemSched = 256;
-  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + 2 * kSmemSmallStage + kSmemSched;
+  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + 2 * kSmemSmallStage + kSmemSched;
 };
 
 }  // namespace fused

@@ -48,6 +48,7 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   kp.dv = args.dv;
   kp.d_add_k = args.d_add_k;
   kp.d_add_v = args.d_add_v;
+  kp.dq_accum = KVTraits::kDqInKernel ? args.dq_accum : nullptr;
   kp.scale = args.scale;
   kp.scale_log2 = static_cast<float>(static_cast<double>(args.scale) * 1.4426950408889634);
 
@@ -59,11 +60,11 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   if (delta_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
   fused_bwd_delta_kernel<Element, kHeadDim><<<static_cast<unsigned>(delta_blocks), 256, 0, stream>>>(
       static_cast<const Element*>(args.out), static_cast<const Element*>(args.d_out), args.d_lse, args.workspace,
-      rows);
+      kp.dq_accum, rows);
   cudaError_t st = cudaGetLastError();
   if (st != cudaSuccess) return st;
 
-  // 2) dQ (query-stationary, as the forward).
+  // 2) dQ (query-stationary, as the forward), unless the dK/dV kernel adds it up (kDqInKernel).
   int64_t q_blocks = 0;
   if (!tiles_per_axis<typename DqTraits::QTile>(pr, kp.q_tiles, &q_blocks)) return cudaErrorInvalidValue;
   // 3) dK/dV (key-stationary) over the window keys, then the additional keys.
@@ -73,11 +74,21 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   const int64_t add_blocks = (pr.Na + KVTraits::kBlockN - 1) / KVTraits::kBlockN;
   if (kv_blocks + add_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
 
-  st = launch_kernel(fused_bwd_dq_kernel<DqTraits, DqGemm>, q_blocks, pr.H, pr.B, DqTraits::kNThreads,
-                     DqSmem<DqTraits>::kBytes, kp, stream);
-  if (st != cudaSuccess) return st;
-  return launch_kernel(fused_bwd_dkdv_kernel<KVTraits, KVGemm>, kv_blocks + add_blocks, pr.Hkv, pr.B,
-                       KVTraits::kNThreads, DkdvSmem<KVTraits>::kBytes, kp, stream);
+  if constexpr (!KVTraits::kDqInKernel) {
+    st = launch_kernel(fused_bwd_dq_kernel<DqTraits, DqGemm>, q_blocks, pr.H, pr.B, DqTraits::kNThreads,
+                       DqSmem<DqTraits>::kBytes, kp, stream);
+    if (st != cudaSuccess) return st;
+  }
+  st = launch_kernel(fused_bwd_dkdv_kernel<KVTraits, KVGemm>, kv_blocks + add_blocks, pr.Hkv, pr.B,
+                     KVTraits::kNThreads, DkdvSmem<KVTraits>::kBytes, kp, stream);
+  if (st != cudaSuccess || !KVTraits::kDqInKernel) return st;
+  // 4) dq = scale * dq_accum (the dK/dV kernel added dQ / scale there).
+  const int64_t n8 = rows * kHeadDim / 8;
+  const int64_t convert_blocks = (n8 + 255) / 256;
+  if (convert_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
+  fused_bwd_dq_convert_kernel<Element><<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
+      kp.dq_accum, static_cast<Element*>(args.dq), args.scale, n8);
+  return cudaGetLastError();
 }
 
 template <DType kDType, int kHeadDim, int kRank>

@@ -7,7 +7,9 @@
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dV += P^T dO,
 //   dS^T = P^T (dP^T - delta), dK += dS^T Q
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced
-// in registers. Query columns outside the group load as zeros (Q = dO = lse = delta = 0), which
+// in registers. With Traits::kDqInKernel the kernel also adds dQ = dS K of every Q tile into a
+// float32 buffer (Gemm::tn; float atomics, so the sums' order varies: not deterministic) and the
+// query-stationary dQ kernel does not run. Query columns outside the group load as zeros (Q = dO = lse = delta = 0), which
 // makes their dV and dK contributions exactly zero without a mask.
 // Head dims over 128 walk the Q tiles once per 128 dK/dV columns (Traits::kDPasses), recomputing S^T
 // and dP^T: two 256-column accumulators would not fit the register file.
@@ -31,24 +33,45 @@ namespace jax_na {
 namespace fused {
 
 // Shared memory of the dK/dV kernel: K, V, two stages each of Q and dO (each tile at a multiple of
-// its size: the 1024-byte alignment the Hopper GMMA layouts need), then two stages of (lse, delta,
-// column windows) and the schedule.
+// its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), then two
+// stages of (lse, delta, column windows, query row offsets) and the schedule.
 template <class Traits>
 struct DkdvSmem {
   static constexpr int kK = 0;
   static constexpr int kV = kK + Traits::kSmemKV;
   static constexpr int kQ = kV + Traits::kSmemKV;        // stage s at kQ + s * kSmemQ
   static constexpr int kDO = kQ + 2 * Traits::kSmemQ;    // stage s at kDO + s * kSmemQ
-  static constexpr int kSmall = kDO + 2 * Traits::kSmemQ;  // stage s at kSmall + s * kSmallStage
+  static constexpr int kDS = kDO + 2 * Traits::kSmemQ;
+  static constexpr int kSmall = kDS + Traits::kSmemDS;   // stage s at kSmall + s * kSmallStage
   static constexpr int kLse = 0;                          // offsets inside a small stage
   static constexpr int kDelta = kLse + Traits::kBlockM * 4;
   static constexpr int kWin = kDelta + Traits::kBlockM * 4;
-  static constexpr int kSmallStage = kWin + Traits::kBlockM * Traits::kRank * 8;
+  static constexpr int kRowOff = kWin + Traits::kBlockM * Traits::kRank * 8;
+  static constexpr int kSmallStage = kRowOff + (Traits::kDqInKernel ? Traits::kBlockM * 8 : 0);
   static constexpr int kSched = kSmall + 2 * kSmallStage;
   static constexpr int kBytes = kSched + Traits::kSmemSched;
   static_assert(kBytes == Traits::kSmemBytes, "smem plan");
-  static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0, "tile alignment");
+  static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0 && Traits::kSmemDS % 1024 == 0,
+                "tile alignment");
 };
+
+// acc (M x N: query rows of the Q tile, head-dim columns; the fragment of Gemm::acc_tn) into the
+// float32 buffer dq_accum ([B, N, H, D] like q) at the rows' element offsets (-1: not a query of
+// this tile), two adjacent columns per atomic.
+template <int M, int N, class Gemm, class Acc>
+__device__ __forceinline__ void add_dq(const Gemm& gemm, const Acc& acc, float* dq_accum, const int64_t* row_off) {
+  using namespace cute;
+  Tensor coord = gemm.template coords_tn<M, N>();  // (row, column) of each accumulator value
+  static_assert(decltype(size(acc))::value % 2 == 0, "column pairs");
+#pragma unroll
+  for (int i = 0; i < size(acc); i += 2) {
+    const int64_t off = row_off[get<0>(coord(i))];
+    if (off >= 0) {
+      float2* dst = reinterpret_cast<float2*>(dq_accum + off + get<1>(coord(i)));
+      atomicAdd(dst, make_float2(acc(i), acc(i + 1)));
+    }
+  }
+}
 
 // Gemm: the MMA policy (Sm80Gemm: mma.sync; Sm90Gemm in hopper/gemm.cuh: wgmma, with the products
 // in flight while the exponentials of the other one run).
@@ -110,6 +133,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         const int64_t row = off >= 0 ? off / kD : 0;  // [B, N, H] row = element offset / D
         cp_async_4(small(s, L::kLse) + 4 * tid, p.lse + row, off >= 0);
         cp_async_4(small(s, L::kDelta) + 4 * tid, p.delta + row, off >= 0);
+        if constexpr (Traits::kDqInKernel) reinterpret_cast<int64_t*>(small(s, L::kRowOff))[tid] = off;
       }
     };
     if (ks.is_add)
@@ -182,7 +206,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
       Tensor rdS = convert_fragment<Element>(acc_dp);
       out_gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s) + kBlockM * col0);  // dK += dS^T Q
-      out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this
+      if constexpr (Traits::kDqInKernel) {
+        // dQ += dS K over all kBlockN keys: dS^T to smem, then one product per Q tile whose columns
+        // the warpgroups split, added to the float32 buffer. The dS^T tile is rewritten only after
+        // the next iteration's __syncthreads, which every thread reaches after its product completed.
+        Element* sdS = reinterpret_cast<Element*>(smem_raw + L::kDS);
+        acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutDS>(dp_rc, sdS, 1.f, warp, lane);
+        gemm.fence_smem_writes();
+        __syncthreads();
+        auto acc_dq = gemm.template acc_tn<kBlockM, kD>();
+        gemm.template tn<kBlockM, kBlockN>(acc_dq, sdS, sK);
+        out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS, acc_dq);
+        add_dq<kBlockM, kD>(gemm, acc_dq, static_cast<float*>(p.dq_accum),
+                            reinterpret_cast<const int64_t*>(small(s, L::kRowOff)));
+      } else {
+        out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this
+      }
     }
 
     // Epilogue: dK * scale and dV -> smem -> rows of dk/dv (or d_add_k/d_add_v). One pass: over K and

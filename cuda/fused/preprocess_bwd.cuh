@@ -1,7 +1,10 @@
 // Fused backward preprocessing: delta = rowsum(dO * O) - d_lse per query row (float32), read by
 // both backward kernels. d_lse enters here because d lse / d s = P: dS = P (dP - rowsum(dO O) + d_lse).
+// Where the dK/dV kernel adds dQ into a float32 buffer, this kernel zeroes the buffer on the way, and
+// a last kernel converts it.
 #pragma once
 
+#include <cutlass/array.h>
 #include <cutlass/numeric_types.h>
 
 #include <cstdint>
@@ -9,12 +12,14 @@
 namespace jax_na {
 namespace fused {
 
-// kTPR threads per row, each 16 bytes (kElems elements) of O and dO; rows = B * N * H.
+// kTPR threads per row, each 16 bytes (kElems elements) of O and dO (and zeroing the same kElems
+// floats of dq_accum unless it is null); rows = B * N * H.
 template <class Element, int kHeadDim>
 __global__ void __launch_bounds__(256) fused_bwd_delta_kernel(const Element* __restrict__ out,
                                                               const Element* __restrict__ d_out,
                                                               const float* __restrict__ d_lse,
-                                                              float* __restrict__ delta, int64_t rows) {
+                                                              float* __restrict__ delta,
+                                                              float* __restrict__ dq_accum, int64_t rows) {
   constexpr int kElems = 16 / int(sizeof(Element));
   constexpr int kTPR = kHeadDim / kElems;
   static_assert(kTPR <= 32 && (32 % kTPR) == 0, "threads per row");
@@ -30,10 +35,33 @@ __global__ void __launch_bounds__(256) fused_bwd_delta_kernel(const Element* __r
     const Element* d = reinterpret_cast<const Element*>(&d4);
 #pragma unroll
     for (int i = 0; i < kElems; ++i) acc += static_cast<float>(o[i]) * static_cast<float>(d[i]);
+    if (dq_accum != nullptr) {
+#pragma unroll
+      for (int i = 0; i < kElems; i += 4) *reinterpret_cast<float4*>(dq_accum + off + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
 #pragma unroll
   for (int m = kTPR / 2; m > 0; m /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, m);
   if (row < rows && part == 0) delta[row] = acc - d_lse[row];
+}
+
+// dq = scale * dq_accum in Element, 8 values per thread; n8 = (elements of dq) / 8.
+template <class Element>
+__global__ void __launch_bounds__(256) fused_bwd_dq_convert_kernel(const float* __restrict__ dq_accum,
+                                                                   Element* __restrict__ dq, float scale,
+                                                                   int64_t n8) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n8) return;
+  const float4 a = reinterpret_cast<const float4*>(dq_accum)[2 * t];
+  const float4 b = reinterpret_cast<const float4*>(dq_accum)[2 * t + 1];
+  const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  cutlass::Array<Element, 8> r;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) r[i] = static_cast<Element>(v[i] * scale);
+  static_assert(sizeof(r) % 16 == 0, "16-byte stores");
+#pragma unroll
+  for (int i = 0; i < int(sizeof(r)) / 16; ++i)
+    reinterpret_cast<uint4*>(dq + 8 * t)[i] = reinterpret_cast<const uint4*>(&r)[i];
 }
 
 }  // namespace fused

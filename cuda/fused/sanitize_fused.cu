@@ -117,7 +117,8 @@ int main() {
     }
     void *dq = dev_zero(nq * 2), *dk = dev_zero(nk * 2), *dv = dev_zero(nk * 2);
     void *dak = dev_zero(na * 2), *dav = dev_zero(na * 2);
-    float* ws = static_cast<float*>(dev_zero(fused::bwd_workspace_floats(pr) * 4));
+    // Room for the non-deterministic mode (dQ accumulators, then delta).
+    float* ws = static_cast<float*>(dev_zero(fused::bwd_workspace_floats(pr, c.D, false) * 4));
     fused::BwdArgs ba;
     ba.q = q;
     ba.k = k;
@@ -133,14 +134,17 @@ int main() {
     ba.dv = dv;
     ba.d_add_k = dak;
     ba.d_add_v = dav;
-    ba.workspace = ws;
     ba.D = c.D;
     ba.scale = fa.scale;
-    // Both backward kernel sets where the Hopper one can run, results poisoned before each.
+    // Both backward kernel sets where the Hopper one can run (deterministic, and adding dQ with
+    // atomics), results poisoned before each.
     bool bwd_ok = true;
-    for (int32_t arch : {fused::FwdArgs::kHopper, fused::FwdArgs::kPortable}) {
+    for (int32_t mode : {0, 1, 2}) {
+      const int32_t arch = mode == 2 ? fused::FwdArgs::kPortable : fused::FwdArgs::kHopper;
       if (arch == fused::FwdArgs::kHopper && !fused::sm90_available()) continue;
       ba.arch = arch;
+      ba.dq_accum = mode == 1 ? ws : nullptr;
+      ba.workspace = mode == 1 ? ws + nq : ws;
       for (auto [ptr, n] : {std::pair<void*, size_t>{dq, nq}, {dk, nk}, {dv, nk}, {dak, na}, {dav, na}})
         if (n) CK(cudaMemset(ptr, 0xff, n * 2));
       CK(fused::launch_bwd(pr, c.rank, DType::kBF16, ba, 0));

@@ -2,8 +2,10 @@
 
 Fields follow ``flax.linen.MultiHeadDotProductAttention`` (num_heads, qkv_features, out_features,
 use_bias, dtype, param_dtype, kernel_init, bias_init, dropout_rate, deterministic) plus the window
-parameters of ``jax_na.na{1,2,3}d``, ``backend`` and the fused forward's ``q_tile_shape`` /
-``kv_tile_shape`` (None: the default; see ``jax_na.fused_tile_configs``).
+parameters of ``jax_na.na{1,2,3}d``, ``backend``, the fused forward's ``q_tile_shape`` /
+``kv_tile_shape`` (None: the default; see ``jax_na.fused_tile_configs``) and
+``deterministic_backward`` (``na{1,2,3}d``'s: False lets the Hopper fused backward add dQ with
+atomics, a few percent faster; ``deterministic`` is dropout's, as in Flax).
 
 Without ``rel_pos_bias`` a layer calls ``na{1,2,3}d`` (the fused kernels where the backend, or the
 automatic choice, has them). With ``rel_pos_bias=True`` it runs the unfused ``na*d_qk`` + float32
@@ -53,6 +55,7 @@ class _NeighborhoodAttention(nn.Module):
     backend: Optional[str] = None
     q_tile_shape: Optional[Sequence[int]] = None
     kv_tile_shape: Optional[Sequence[int]] = None
+    deterministic_backward: bool = True
 
     rank: ClassVar[int] = 0
 
@@ -108,7 +111,8 @@ class _NeighborhoodAttention(nn.Module):
             na = getattr(functional, f"na{rank}d")
             y = na(q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
                    is_causal=self.is_causal, scale=self.scale, backend=self.backend,
-                   q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape)
+                   q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape,
+                   deterministic_backward=self.deterministic_backward)
 
         out = nn.DenseGeneral(features=self.out_features or features, axis=(-2, -1), dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,

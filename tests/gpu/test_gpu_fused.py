@@ -3,7 +3,8 @@
 The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at small head dims
 (padded to 64). Here: the edge cases again at the native head dims 64 and 128, problems with many KV
 tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), head dim 256 (and
-head dims padded to it), padded head dims (D != D_v), float32 (portable set), scales <= 0, bitwise determinism of the backward (no atomics), a jitted gradient through
+head dims padded to it), padded head dims (D != D_v), float32 (portable set), scales <= 0, the Hopper backward's two modes (bitwise determinism by default; dQ added with atomics
+with deterministic_backward=False, on the edge cases too), a jitted gradient through
 the Flax layers, and a forward whose tensors have more
 than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
@@ -68,6 +69,13 @@ KERNEL_SETS = (["fused_sm90", "fused_sm80"] if not ON_CPU and _ext.has_hopper_ke
 @pytest.mark.parametrize("backend", KERNEL_SETS)
 def test_edge_cases_native_head_dims(backend, case, dtype):
     check_case(case, backend, dtype, seed=helpers.seed_of(case))
+
+
+@pytest.mark.parametrize("case,dtype", NATIVE, ids=[f"{c.id}-{jnp.dtype(d).name}" for c, d in NATIVE])
+def test_edge_cases_atomic_dq(case, dtype):
+    """The same with deterministic_backward=False: the Hopper backward adds dQ with atomics (the
+    portable kernels, and the reference on CPU, stay deterministic)."""
+    check_case(case, KERNEL_SETS[0], dtype, seed=helpers.seed_of(case), deterministic_backward=False)
 
 
 # ----------------------------------------------------------------------------- many KV tiles
@@ -165,11 +173,12 @@ def test_non_positive_scale(backend, scale):
 
 @pytest.mark.parametrize("backend", KERNEL_SETS)
 def test_backward_is_deterministic(backend):
-    """No atomics: every result is bitwise the same over three runs, with 8 query heads reducing into
-    one kv head and additional keys/values reduced over every query (poisoned memory in between)."""
+    """deterministic_backward=True: every result is bitwise the same over three runs, with 8 query
+    heads reducing into one kv head and additional keys/values reduced over every query (poisoned
+    memory in between)."""
     case = Case((6, 20, 24), (3, 9, 7), dilation=(1, 2, 1), H=8, Hkv=1, D=128, Dv=128, Na=5)
     args = random_inputs(case, jnp.bfloat16, 3)
-    run = na_fns(case, backend)
+    run = na_fns(case, backend, deterministic_backward=True)
     runs = []
     for _ in range(3):
         poison_device_memory()
@@ -180,6 +189,26 @@ def test_backward_is_deterministic(backend):
     ref = na_fns(case, "reference")(*(to64(a) for a in args))
     for i, (a, b) in enumerate(zip(jax.tree.leaves(run(*args)), jax.tree.leaves(ref))):
         rel(a, b, TOL[jnp.dtype(jnp.bfloat16)] if i != 1 else 1e-5, f"result {i}")
+
+
+# Both modes of the Hopper backward on every rank and feature (the sweeps above run both too).
+DETERMINISTIC_CASES = [
+    Case((70,), (9,), B=2, H=2, Hkv=1, D=128, Dv=128, Na=3),
+    Case((640,), (257,), is_causal=(True,), H=4, Hkv=2, D=64, Dv=64),
+    Case((40, 48), (13, 7), stride=(1, 3), dilation=(2, 1), is_causal=(True, False), H=4, Hkv=2, D=128, Dv=128,
+         Na=5),
+    Case((6, 20, 24), (3, 9, 7), stride=(1, 2, 7), dilation=(1, 2, 1), is_causal=(True, False, False), H=4,
+         Hkv=1, D=128, Dv=96),
+]
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES, ids=[c.id for c in DETERMINISTIC_CASES])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_hopper_backward_modes(case, deterministic):
+    """Each mode of the fused backward against the reference (bitwise reproducible where
+    deterministic, dq too)."""
+    backend = KERNEL_SETS[0]
+    check_case(case, backend, jnp.bfloat16, seed=helpers.seed_of(case), deterministic_backward=deterministic)
 
 
 # ----------------------------------------------------------------------------- Flax layer

@@ -84,8 +84,44 @@ struct Sm90Gemm {
   using RowsT = decltype(cute::composition(
       Rows<kRows>{}, cute::make_layout(cute::Shape<cute::Int<kD>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
 
+  // M x N x K products with both operands MN-major in smem (A^T B with A a (K x M) and B a (K x N)
+  // row tile): the warpgroups side by side along N, M = 64 (dQ = dS K in the dK/dV kernel).
+  static constexpr int kWarpGroups = Traits::kNWarps / 4;
+  template <int M, int N, int K>
+  using MmaTN = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::Int<M>, cute::Int<N / kWarpGroups>, cute::Int<K>>,
+                                 cute::GMMA::Major::MN, cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::_1, cute::Int<kWarpGroups>, cute::_1>>{}));
+  // A (K x kCols) row tile (kCols = 64: one 128-byte swizzle atom wide) viewed as (kCols, K).
+  template <int kRows, int kCols>
+  using RowsNarrowT = decltype(cute::composition(
+      cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{}, cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}),
+      cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
+
   int tid;
   __device__ __forceinline__ explicit Sm90Gemm(int tid_) : tid(tid_) {}
+
+  template <int M, int N>
+  __device__ __forceinline__ auto acc_tn() const {
+    static_assert(M == 64, "one warpgroup MMA along M");
+    return cute::partition_fragment_C(MmaTN<M, N, 16>{}, cute::Shape<cute::Int<M>, cute::Int<N>>{});
+  }
+  // (row, column) in the M x N product of each value of an acc_tn fragment.
+  template <int M, int N>
+  __device__ __forceinline__ auto coords_tn() const {
+    return MmaTN<M, N, 16>{}.get_thread_slice(tid).partition_C(
+        cute::make_identity_tensor(cute::Shape<cute::Int<M>, cute::Int<N>>{}));
+  }
+  // acc (M x kD) = A^T B: A a (K x M) row tile (M = 64 columns), B a (K x kD) row tile.
+  template <int M, int K, class Acc>
+  __device__ __forceinline__ void tn(Acc& acc, const Element* a, const Element* b) const {
+    using namespace cute;
+    MmaTN<M, kD, K> mma;
+    auto thr = mma.get_thread_slice(tid);
+    Tensor sAt = make_tensor(make_smem_ptr(a), RowsNarrowT<K, M>{});
+    Tensor sBt = make_tensor(make_smem_ptr(b), RowsT<K>{});
+    wgmma_issue<true>(mma, thr.partition_fragment_A(sAt), thr.partition_fragment_B(sBt), acc);
+  }
 
   template <int M, int N>
   __device__ __forceinline__ auto acc() const {

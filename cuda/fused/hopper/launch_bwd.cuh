@@ -11,10 +11,15 @@ namespace fused {
 
 // dQ: 128-query tiles on two warpgroups (64 rows each), 64-key tiles (wgmma N = 64 for S and dP).
 // dK/dV: 128 keys on two warpgroups, Q tiles of 64 queries (dK + dV + S^T + dP^T: 192 accumulator
-// registers per thread at D = 128).
+// registers per thread at D = 128). With a dq_accum buffer (non-deterministic mode) the dK/dV kernel
+// adds dQ there too, and the dQ kernel, which recomputes S and dP, does not run.
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
   using DqTraits = FwdTraits<kDType, kHeadDim, kRank, 64, 8>;
+  if (args.dq_accum != nullptr) {
+    using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, /*kDqInKernel=*/true>;
+    return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
+  }
   using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64>;
   return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
 }

@@ -1,0 +1,158 @@
+"""CPU: ``deterministic_backward`` (na1d/na2d/na3d and the Flax layers): argument checks, what the
+CUDA lowering of the fused backward asks for (its ``deterministic`` attribute and the size of its
+workspace, lowered with the kernels pretended where this build lacks them), and that the backends
+without the Hopper backward compute the same gradients either way.
+
+The kernels themselves (both modes against the float64 reference) are in tests/gpu/test_gpu_fused.py.
+"""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_na
+import jax_na._ext as ext
+from jax_na import _checks
+
+R = np.random.default_rng(0)
+
+
+def _arr(*shape, dtype=jnp.bfloat16):
+    return jnp.asarray(R.standard_normal(shape), dtype)
+
+
+@pytest.mark.parametrize("value", [1, 0, None, "yes", np.int64(1), (True,)])
+def test_bad_values(value):
+    q = _arr(1, 8, 2, 16, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="deterministic_backward must be True or False") as ei:
+        jax_na.na1d(q, q, q, 3, deterministic_backward=value)
+    assert repr(value) in str(ei.value)
+
+
+@pytest.mark.parametrize("value", [True, False, np.bool_(False)])
+def test_params_carry_the_mode(value):
+    q = _arr(1, 8, 2, 16, dtype=jnp.float32)
+    params, _ = _checks.attention_args(1, q, q, q, 3, 1, 1, False, None, None, None, None,
+                                       deterministic_backward=value)
+    assert params.deterministic is bool(value)
+
+
+def test_default_is_deterministic():
+    q = _arr(1, 8, 2, 16, dtype=jnp.float32)
+    params, _ = _checks.attention_args(1, q, q, q, 3, 1, 1, False, None, None, None, None)
+    assert params.deterministic is True
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_same_gradients_either_way_on_the_reference(rank):
+    """The reference (and every backend but the Hopper fused one) ignores the mode."""
+    spatial = (9, 7, 5)[:rank]
+    q, k, v = (_arr(2, *spatial, 2, 8, dtype=jnp.float32) for _ in range(3))
+    fn = getattr(jax_na, f"na{rank}d")
+
+    def grads(det):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, 3, backend="reference", deterministic_backward=det) ** 2)
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for a, b in zip(grads(True), grads(False)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- CUDA lowering
+
+@pytest.fixture
+def pretend_kernels(monkeypatch):
+    """Lowering for CUDA needs only the target names: pretend the fused kernels were built, and the
+    Hopper ones present as ``pretend_kernels(hopper)`` says; caches cleared around the test."""
+    def pretend(hopper=True):
+        monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
+        monkeypatch.setattr(ext, "has_fused_kernels", lambda: True)
+        monkeypatch.setattr(ext, "has_target", lambda name: True)
+        monkeypatch.setattr(ext, "has_hopper_kernels", lambda: hopper)
+        jax.clear_caches()
+
+    yield pretend
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def _bwd_call(f, *args):
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @jax_na_fused_bwd(" in line]
+    assert len(calls) == 1, text
+    return calls[0]
+
+
+def _det_attr(line):
+    m = re.search(r"\bdeterministic = (-?\d+) : i64", line)
+    assert m, line
+    return int(m.group(1))
+
+
+def _workspace_elems(line):
+    """Elements of the last (workspace) result of the custom call."""
+    results = line.rsplit("->", 1)[1]
+    shapes = re.findall(r"tensor<([0-9x]+)x(?:f32|bf16|f16)>", results)
+    return math.prod(int(d) for d in shapes[-1].split("x"))
+
+
+def _grad_fn(fn, kernel, backend, det, **kw):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v, kernel, backend=backend, deterministic_backward=det, **kw).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+# (rank, shape, heads, head dim, kernel, dtype, backend, whether deterministic_backward=False adds dQ)
+CASES = [
+    (2, (8, 9), 4, 128, 3, jnp.bfloat16, None, True),            # head dim 128: the Hopper backward
+    (2, (8, 9), 4, 100, 3, jnp.float16, "fused", True),          # padded to 128
+    (2, (8, 9), 4, 64, 3, jnp.bfloat16, None, False),            # head dim 64, 9 keys: portable
+    (1, (300,), 2, 64, 257, jnp.bfloat16, None, True),           # head dim 64, 257 keys: Hopper
+    (2, (8, 9), 4, 64, 3, jnp.bfloat16, "fused_sm90", True),     # pinned Hopper
+    (2, (8, 9), 4, 128, 3, jnp.bfloat16, "fused_sm80", False),   # pinned portable
+    (2, (8, 9), 4, 128, 3, jnp.float32, None, False),            # float32: portable only
+    (2, (8, 9), 4, 256, 3, jnp.bfloat16, None, False),           # head dim 256: portable only
+    (3, (4, 5, 6), 2, 128, (3, 3, 3), jnp.bfloat16, None, True),
+]
+
+
+@pytest.mark.parametrize("rank,shape,H,D,kernel,dtype,backend,adds", CASES)
+def test_lowering(pretend_kernels, rank, shape, H, D, kernel, dtype, backend, adds):
+    """deterministic 0 and a workspace of B*N*H*(P+1) floats exactly where the Hopper backward runs
+    and the call asks for it; else deterministic 1 and B*N*H floats."""
+    pretend_kernels()
+    fn = getattr(jax_na, f"na{rank}d")
+    q, k, v = (_arr(2, *shape, H, D, dtype=dtype) for _ in range(3))
+    rows = 2 * math.prod(shape) * H
+    P = _checks.fused_head_dim(D, D, dtype, backend or "fused")
+    for det in (True, False):
+        line = _bwd_call(_grad_fn(fn, kernel, backend, det), q, k, v)
+        atomic = adds and not det
+        assert _det_attr(line) == (0 if atomic else 1), (det, line)
+        assert _workspace_elems(line) == (rows * (P + 1) if atomic else rows), (det, line)
+
+
+def test_no_hopper_no_atomics(pretend_kernels):
+    """Without a compute capability 9.0 GPU the backward stays deterministic (and small)."""
+    pretend_kernels(hopper=False)
+    q = _arr(1, 8, 9, 2, 128)
+    line = _bwd_call(_grad_fn(jax_na.na2d, 3, None, False), q, q, q)
+    assert _det_attr(line) == 1 and _workspace_elems(line) == 8 * 9 * 2
+
+
+def test_flax_layer_passes_it_on(pretend_kernels):
+    from jax_na.flax import NeighborhoodAttention2D
+
+    pretend_kernels()
+    x = _arr(1, 8, 9, 256)
+    for det, want in ((True, 1), (False, 0)):
+        layer = NeighborhoodAttention2D(num_heads=2, kernel_size=3, dtype=jnp.bfloat16, deterministic_backward=det)
+        params = jax.eval_shape(layer.init, jax.random.key(0), x)
+        params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+        loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32))
+        line = _bwd_call(jax.grad(loss, argnums=1), params, x)
+        assert _det_attr(line) == want, line
