@@ -209,12 +209,13 @@ _NA_DOC = """{rank}-D neighborhood attention.
         non-fused backend, is a ValueError. Other backends (auto on a platform without the fused
         kernels) compute the same function and ignore them; the backward keeps its own tiles.
       deterministic_backward: True (default): every gradient bitwise reproducible. False: where the
-        fused backward runs its Hopper kernels (float16/bfloat16, head dims up to 128, compute
-        capability 9.0 GPUs), its key-stationary kernel also adds dQ into a float32 buffer with
-        atomics, and no second kernel recomputes the scores for dQ: forward+backward 4-11% faster on
-        an H200 (cuda/fused/NOTES.md), but the order of those additions varies, so dq may differ in
-        its last bits between runs. The other backends and the portable fused kernels are
-        deterministic either way.
+        fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16; under
+        "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more; every head
+        dim up to 128 on "fused_sm90"), its key-stationary kernel also adds dQ into a float32 buffer
+        with atomics, and no second kernel recomputes the scores for dQ: forward+backward 4-11%
+        faster on an H200 (cuda/fused/NOTES.md), but the order of those additions varies, so dq may
+        differ in its last bits between runs. The other backends and the portable fused kernels
+        (e.g. head dim 32 or 64 with small windows) are deterministic either way.
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.

@@ -298,10 +298,11 @@ def _attrs(params: NAParams, with_scale=True):
     return attrs
 
 
-def workspace_size(kind: str, family: str, avals, params: NAParams) -> int | None:
+def workspace_size(kind: str, family: str, avals, params: NAParams, adds_dq: bool = False) -> int | None:
     """Elements of the float32 workspace result (the last result, docs/ffi.md) that the CUDA target of
     kernel family ``family`` for primitive ``kind`` takes, or None when it takes none. Leading batch
-    axes count as part of the batch (the kernels get them folded into it)."""
+    axes count as part of the batch (the kernels get them folded into it). ``adds_dq``: the fused
+    backward adds dQ with atomics (its ``deterministic`` attribute 0; operands padded to head dim P)."""
     if kind not in ("fwd", "bwd"):
         return None
     q, add_k = avals[0], avals[3]
@@ -309,8 +310,8 @@ def workspace_size(kind: str, family: str, avals, params: NAParams) -> int | Non
     if family == "naive":  # [B, N, H, W + Na] float32 scores (twice in the backward) + one per row
         scores = rows * (params.window_size + add_k.shape[-3])
         return scores if kind == "fwd" else 2 * scores + rows
-    if family == "fused":  # the backward: one float32 per query token and head; the forward: none
-        return None if kind == "fwd" else rows
+    if family == "fused":  # the backward: one float32 per query token and head (delta), and P dQ
+        return None if kind == "fwd" else rows * (1 + q.shape[-1] if adds_dq else 1)  # accumulators
     raise ValueError(f"unknown kernel family {family!r}")
 
 
@@ -374,8 +375,7 @@ def _fused_impl(kind, *args, params, backend):
 
     def call(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
         grads = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, add_k, add_v)]
-        rows = workspace_size("bwd", "fused", (q, k, v, add_k), params)
-        ws = jax.ShapeDtypeStruct((rows * (1 + P) if adds_dq else rows,), f32)
+        ws = jax.ShapeDtypeStruct((workspace_size("bwd", "fused", (q, k, v, add_k), params, adds_dq),), f32)
         res = jax.ffi.ffi_call("jax_na_fused_bwd", (*grads, ws))(q, k, v, add_k, add_v, out, lse, d_out, d_lse,
                                                                   arch=arch, deterministic=np.int64(not adds_dq),
                                                                   **attrs)

@@ -192,7 +192,8 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   args.dv = dv->untyped_data();
   args.d_add_k = d_add_k->untyped_data();
   args.d_add_v = d_add_v->untyped_data();
-  // Non-deterministic: the dQ accumulators first (16-byte aligned like the buffer: D is a multiple of 8).
+  // Non-deterministic: the dQ accumulators first, at the buffer's own (XLA: 16-byte or better)
+  // alignment, which their float4 accesses need (launch_bwd checks it); delta after them.
   float* ws_data = static_cast<float*>(workspace->untyped_data());
   args.dq_accum = deterministic != 0 ? nullptr : ws_data;
   args.workspace = deterministic != 0 ? ws_data : ws_data + c.pr.B * c.pr.N * c.pr.H * c.D;

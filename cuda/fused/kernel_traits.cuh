@@ -196,9 +196,6 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
   using OutTraits = std::conditional_t<Base::kDPasses == 1, BwdKVTraits,
                                        BwdKVTraits<kDType_, Base::kHeadDimOut, kRank_, kNWarps_, kBlockN_, kBlockM_>>;
-  // dS^T (keys x queries) as stored for the dQ product: rows of kBlockM query columns (kDqInKernel
-  // only: a placeholder width elsewhere, where kBlockM may be narrower than a swizzle atom).
-  using SmemLayoutDS = typename Base::template SmemLayoutRows<kBlockN, kDqInKernel ? kBlockM : 64>;
 
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;

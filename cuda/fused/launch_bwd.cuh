@@ -32,6 +32,8 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   constexpr int kHeadDim = DqTraits::kHeadDim;
   if (pr.B == 0 || pr.N == 0) return cudaSuccess;
   if (pr.H > 65535 || pr.B > 65535) return cudaErrorInvalidValue;
+  // The dQ accumulators take float4 stores (zeroing, conversion) and float2 atomics.
+  if (KVTraits::kDqInKernel && reinterpret_cast<uintptr_t>(args.dq_accum) % 16 != 0) return cudaErrorInvalidValue;
 
   BwdKernelParams kp;
   kp.pr = pr;
@@ -81,14 +83,17 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   }
   st = launch_kernel(fused_bwd_dkdv_kernel<KVTraits, KVGemm>, kv_blocks + add_blocks, pr.Hkv, pr.B,
                      KVTraits::kNThreads, DkdvSmem<KVTraits>::kBytes, kp, stream);
-  if (st != cudaSuccess || !KVTraits::kDqInKernel) return st;
-  // 4) dq = scale * dq_accum (the dK/dV kernel added dQ / scale there).
-  const int64_t n8 = rows * kHeadDim / 8;
-  const int64_t convert_blocks = (n8 + 255) / 256;
-  if (convert_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
-  fused_bwd_dq_convert_kernel<Element><<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
-      kp.dq_accum, static_cast<Element*>(args.dq), args.scale, n8);
-  return cudaGetLastError();
+  if constexpr (KVTraits::kDqInKernel) {
+    if (st != cudaSuccess) return st;
+    // 4) dq = scale * dq_accum (the dK/dV kernel added dQ / scale there).
+    const int64_t n8 = rows * kHeadDim / 8;
+    const int64_t convert_blocks = (n8 + 255) / 256;
+    if (convert_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
+    fused_bwd_dq_convert_kernel<Element><<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
+        kp.dq_accum, static_cast<Element*>(args.dq), args.scale, n8);
+    return cudaGetLastError();
+  }
+  return st;
 }
 
 template <DType kDType, int kHeadDim, int kRank>

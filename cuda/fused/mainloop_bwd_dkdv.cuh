@@ -62,6 +62,8 @@ template <int M, int N, class Gemm, class Acc>
 __device__ __forceinline__ void add_dq(const Gemm& gemm, const Acc& acc, float* dq_accum, const int64_t* row_off) {
   using namespace cute;
   Tensor coord = gemm.template coords_tn<M, N>();  // (row, column) of each accumulator value
+  // A wgmma accumulator holds each row's columns in adjacent pairs: values i, i + 1 (i even) are
+  // (row, col) and (row, col + 1).
   static_assert(decltype(size(acc))::value % 2 == 0, "column pairs");
 #pragma unroll
   for (int i = 0; i < size(acc); i += 2) {
@@ -149,6 +151,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   Gemm gemm(tid);
   OutGemm out_gemm(tid);
+  // With dQ in the kernel, the key rows past the data (loaded as zeros) must add nothing to dQ: their
+  // dS = exp(-lse) (0 - delta) is unused for dK/dV but may overflow (fp16: beyond 65504 once lse <
+  // -11) where tiles skip the mask (additional keys, fully-inside tiles), and inf * 0 is NaN. Bit r:
+  // this thread's accumulator row r holds a key.
+  uint32_t key_rows = ~0u;
+  if constexpr (Traits::kDqInKernel) {
+    auto acc = gemm.template acc<kBlockN, kBlockM>();
+    constexpr int kRows = decltype(size<0>(make_tensor(acc.data(), row_col(acc.layout()))))::value;
+    static_assert(kRows <= 32, "row bits");
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (kv_off(acc_row<Traits::kNWarps>(r, warp, lane)) < 0) key_rows &= ~(1u << r);
+  }
   auto acc_dk = out_gemm.template acc<kBlockN, kDOut>();
   auto acc_dv = out_gemm.template acc<kBlockN, kDOut>();
   Tensor dk_rc = make_tensor(acc_dk.data(), row_col(acc_dk.layout()));
@@ -211,7 +226,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         // the warpgroups split, added to the float32 buffer. The dS^T tile is rewritten only after
         // the next iteration's __syncthreads, which every thread reaches after its product completed.
         Element* sdS = reinterpret_cast<Element*>(smem_raw + L::kDS);
-        acc_to_smem<Traits::kNWarps, Element, typename Traits::SmemLayoutDS>(dp_rc, sdS, 1.f, warp, lane);
+        if (key_rows != ~0u) {
+#pragma unroll
+          for (int r = 0; r < kRows; ++r)
+            if (!((key_rows >> r) & 1u))
+#pragma unroll
+              for (int c = 0; c < kCols; ++c) dp_rc(r, c) = 0.f;
+        }
+        // Rows of kBlockM query columns in the swizzled bytes gemm.tn reads (its GMMA layout applies
+        // the same 128-byte swizzle through the smem pointer, so it cannot address the writes).
+        acc_to_smem<Traits::kNWarps, Element, typename Traits::template SmemLayoutRows<kBlockN, kBlockM>>(
+            dp_rc, sdS, 1.f, warp, lane);
         gemm.fence_smem_writes();
         __syncthreads();
         auto acc_dq = gemm.template acc_tn<kBlockM, kD>();

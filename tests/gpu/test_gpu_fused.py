@@ -211,6 +211,24 @@ def test_hopper_backward_modes(case, deterministic):
     check_case(case, backend, jnp.bfloat16, seed=helpers.seed_of(case), deterministic_backward=deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_with_very_negative_scores(deterministic):
+    """Every score near -25 (lse near -21), float16: a tile with key rows past the data that skips
+    the mask (a window covering the whole sequence; the 5 additional keys) has exp(-lse) there far
+    beyond float16's range; those rows must add nothing (dq finite and right in both modes)."""
+    case = Case((70,), (70,), H=2, Hkv=1, D=128, Dv=128, Na=5)
+    q, k, v, ak, av, ct_o, ct_l = random_inputs(case, jnp.float16, 5)
+    q, k, ak = (jnp.full(x.shape, sign * 1.5, x.dtype) for x, sign in ((q, 1), (k, -1), (ak, -1)))
+    args = (q, k, v, ak, av, ct_o, ct_l)
+    out, lse, grads = na_fns(case, KERNEL_SETS[0], deterministic_backward=deterministic)(*args)
+    ref_out, ref_lse, ref_grads = na_fns(case, "reference")(*(to64(a) for a in args))
+    assert float(jnp.max(ref_lse)) < -15, "the case must push lse far below 0"
+    rel(lse, ref_lse, 1e-5, "lse")
+    for name, g, rg in zip(["dq", "dk", "dv", "d_additional_keys", "d_additional_values"], grads, ref_grads):
+        assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))), name
+        rel(g, rg, TOL[jnp.dtype(jnp.float16)], name)
+
+
 # ----------------------------------------------------------------------------- Flax layer
 
 @pytest.mark.parametrize("rank,shape,ks,kw", [

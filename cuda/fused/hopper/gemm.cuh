@@ -77,12 +77,13 @@ struct Sm90Gemm {
       cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<N>, cute::Int<K>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
       AtomLayout{}));
-  template <int kRows>
+  // A (kRows, kCols) row tile in smem, and the same bytes viewed as (kCols, kRows) (MN-major operand).
+  template <int kRows, int kCols = kD>
   using Rows = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
-                                            cute::Shape<cute::Int<kRows>, cute::Int<kD>>{}));
-  template <int kRows>
+                                            cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}));
+  template <int kRows, int kCols = kD>
   using RowsT = decltype(cute::composition(
-      Rows<kRows>{}, cute::make_layout(cute::Shape<cute::Int<kD>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
+      Rows<kRows, kCols>{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
 
   // M x N x K products with both operands MN-major in smem (A^T B with A a (K x M) and B a (K x N)
   // row tile): the warpgroups side by side along N, M = 64 (dQ = dS K in the dK/dV kernel).
@@ -92,11 +93,6 @@ struct Sm90Gemm {
       cute::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::Int<M>, cute::Int<N / kWarpGroups>, cute::Int<K>>,
                                  cute::GMMA::Major::MN, cute::GMMA::Major::MN>(),
       cute::Layout<cute::Shape<cute::_1, cute::Int<kWarpGroups>, cute::_1>>{}));
-  // A (K x kCols) row tile (kCols = 64: one 128-byte swizzle atom wide) viewed as (kCols, K).
-  template <int kRows, int kCols>
-  using RowsNarrowT = decltype(cute::composition(
-      cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{}, cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}),
-      cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
 
   int tid;
   __device__ __forceinline__ explicit Sm90Gemm(int tid_) : tid(tid_) {}
@@ -112,13 +108,13 @@ struct Sm90Gemm {
     return MmaTN<M, N, 16>{}.get_thread_slice(tid).partition_C(
         cute::make_identity_tensor(cute::Shape<cute::Int<M>, cute::Int<N>>{}));
   }
-  // acc (M x kD) = A^T B: A a (K x M) row tile (M = 64 columns), B a (K x kD) row tile.
+  // acc (M x kD) = A^T B: A a (K x M) row tile (layout Rows<K, M>), B a (K x kD) row tile.
   template <int M, int K, class Acc>
   __device__ __forceinline__ void tn(Acc& acc, const Element* a, const Element* b) const {
     using namespace cute;
     MmaTN<M, kD, K> mma;
     auto thr = mma.get_thread_slice(tid);
-    Tensor sAt = make_tensor(make_smem_ptr(a), RowsNarrowT<K, M>{});
+    Tensor sAt = make_tensor(make_smem_ptr(a), RowsT<K, M>{});
     Tensor sBt = make_tensor(make_smem_ptr(b), RowsT<K>{});
     wgmma_issue<true>(mma, thr.partition_fragment_A(sAt), thr.partition_fragment_B(sBt), acc);
   }

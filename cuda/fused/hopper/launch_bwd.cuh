@@ -3,6 +3,8 @@
 // MMAs, with tiles sized for them.
 #pragma once
 
+#include <type_traits>
+
 #include "fused/hopper/gemm.cuh"
 #include "fused/launch_bwd.cuh"
 
@@ -16,12 +18,11 @@ namespace fused {
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
   using DqTraits = FwdTraits<kDType, kHeadDim, kRank, 64, 8>;
-  if (args.dq_accum != nullptr) {
-    using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, /*kDqInKernel=*/true>;
+  auto launch = [&](auto dq_in_kernel) {
+    using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, decltype(dq_in_kernel)::value>;
     return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
-  }
-  using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64>;
-  return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
+  };
+  return args.dq_accum != nullptr ? launch(std::true_type{}) : launch(std::false_type{});
 }
 
 #define JNA_FUSED_BWD_SM90_INSTANTIATE(DT, D)                                                            \
