@@ -4,15 +4,16 @@ For every model, dtype (bf16, fp32), mode (inference: forward of a jitted apply;
 jitted step of forward, backward and an AdamW update with donated state) and backend (every backend
 in ``jax_na.available_backends()`` but the pinned fused_sm80/fused_sm90 unless named, plus the same
 model with global self attention over each level's tokens as a yardstick: cuDNN's fused attention in
-bf16, XLA's in fp32 where cuDNN has no kernel) it times ``--steps`` steps after ``--warmup`` and reports images/s = batch / median step time.
+bf16, XLA's in fp32 where cuDNN has no kernel) it times ``--steps`` steps after ``--warmup`` and
+reports images/s = batch / median step time.
 ImageNet shapes by default: 224x224x3 input, batch 128, 1000 classes.
 
 Relative positional biases are off by default (``--rpb`` turns them on): with them the Flax layer
 runs the unfused qk/softmax/av path, which fused kernels cannot take. The blocks of a level run
 under ``nn.scan`` (one compiled body per dilation pattern) so that the deep models compile fast;
-``--no-scan`` unrolls them. ``--time-limit`` stops starting new entries that many seconds after the start, compilation by
-``--compile-workers`` included (the rest are reported as skipped), so a default run ends in a few
-minutes whatever the machine; ``--json`` is rewritten after every entry, so a run killed from
+``--no-scan`` unrolls them. ``--time-limit`` stops starting new entries that many seconds after
+the start, compilation by ``--compile-workers`` included (the rest are reported as skipped), so a
+default run ends in a few minutes whatever the machine; ``--json`` is rewritten after every entry, so a run killed from
 outside keeps what it measured.
 
 Usage: python benchmarks/models.py [--models nat_mini,dinat_tiny] [--dtypes bfloat16] [--modes infer]

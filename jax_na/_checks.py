@@ -319,14 +319,14 @@ def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str) -> bool:
     whose dK/dV kernel then adds dQ with float atomics into a float32 workspace of ``P`` floats per
     query row (the mirror of dispatch.cu's use_hopper for the backward; where the two disagree the
     kernels stay correct: an unused workspace, or the deterministic Hopper backward)."""
-    if FUSED_BACKENDS.get(backend, 0) == 80 or not _ext.has_hopper_kernels():
+    arch = FUSED_BACKENDS.get(backend, 0)  # 0: auto ("auto", "fused")
+    if arch == 80 or not _ext.has_hopper_kernels() or jnp.dtype(dtype).itemsize != 2 or P > 128:
         return False
-    if jnp.dtype(dtype).itemsize != 2 or P > 128:
-        return False
-    return FUSED_BACKENDS.get(backend, 0) == 90 or P == 128 or window_size >= 256
+    return arch == 90 or P == 128 or window_size >= 256
 
 
 def deterministic_arg(value) -> bool:
+    """``deterministic_backward`` checked: a bool."""
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"deterministic_backward must be True or False, got {value!r}")
     return bool(value)

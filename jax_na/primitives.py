@@ -310,8 +310,8 @@ def workspace_size(kind: str, family: str, avals, params: NAParams, adds_dq: boo
     if family == "naive":  # [B, N, H, W + Na] float32 scores (twice in the backward) + one per row
         scores = rows * (params.window_size + add_k.shape[-3])
         return scores if kind == "fwd" else 2 * scores + rows
-    if family == "fused":  # the backward: one float32 per query token and head (delta), and P dQ
-        return None if kind == "fwd" else rows * (1 + q.shape[-1] if adds_dq else 1)  # accumulators
+    if family == "fused":  # the backward: delta per query token and head, and P dQ accumulators
+        return None if kind == "fwd" else rows * (1 + q.shape[-1] if adds_dq else 1)
     raise ValueError(f"unknown kernel family {family!r}")
 
 

@@ -9,8 +9,8 @@
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced
 // in registers. With Traits::kDqInKernel the kernel also adds dQ = dS K of every Q tile into a
 // float32 buffer (Gemm::tn; float atomics, so the sums' order varies: not deterministic) and the
-// query-stationary dQ kernel does not run. Query columns outside the group load as zeros (Q = dO = lse = delta = 0), which
-// makes their dV and dK contributions exactly zero without a mask.
+// query-stationary dQ kernel does not run. Query columns outside the group load as zeros (Q = dO =
+// lse = delta = 0), which makes their dV and dK contributions exactly zero without a mask.
 // Head dims over 128 walk the Q tiles once per 128 dK/dV columns (Traits::kDPasses), recomputing S^T
 // and dP^T: two 256-column accumulators would not fit the register file.
 #pragma once

@@ -37,7 +37,8 @@ __global__ void __launch_bounds__(256) fused_bwd_delta_kernel(const Element* __r
     for (int i = 0; i < kElems; ++i) acc += static_cast<float>(o[i]) * static_cast<float>(d[i]);
     if (dq_accum != nullptr) {
 #pragma unroll
-      for (int i = 0; i < kElems; i += 4) *reinterpret_cast<float4*>(dq_accum + off + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int i = 0; i < kElems; i += 4)
+        *reinterpret_cast<float4*>(dq_accum + off + i) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
   }
 #pragma unroll

@@ -3,8 +3,9 @@
 The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at small head dims
 (padded to 64). Here: the edge cases again at the native head dims 64 and 128, problems with many KV
 tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), head dim 256 (and
-head dims padded to it), padded head dims (D != D_v), float32 (portable set), scales <= 0, the Hopper backward's two modes (bitwise determinism by default; dQ added with atomics
-with deterministic_backward=False, on the edge cases too), a jitted gradient through
+head dims padded to it), padded head dims (D != D_v), float32 (portable set), scales <= 0, the
+Hopper backward's two modes (bitwise determinism by default; dQ added with atomics with
+deterministic_backward=False, on the edge cases too), a jitted gradient through
 the Flax layers, and a forward whose tensors have more
 than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.

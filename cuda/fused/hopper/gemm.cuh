@@ -90,7 +90,8 @@ struct Sm90Gemm {
   static constexpr int kWarpGroups = Traits::kNWarps / 4;
   template <int M, int N, int K>
   using MmaTN = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::Int<M>, cute::Int<N / kWarpGroups>, cute::Int<K>>,
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::Int<M>, cute::Int<N / kWarpGroups>, cute::Int<K>>,
                                  cute::GMMA::Major::MN, cute::GMMA::Major::MN>(),
       cute::Layout<cute::Shape<cute::_1, cute::Int<kWarpGroups>, cute::_1>>{}));
 

@@ -1,8 +1,9 @@
 // The Hopper (sm90a) fused neighborhood-attention forward: warp-specialized. A producer warpgroup
 // loads the Q tile and fills a 3-stage K/V smem ring (mbarriers: hopper/pipeline.cuh): Q and the
 // window tiles by TMA, one thread per tile, where the problem allows (hopper/tma.cuh), else by
-// cp.async gathers of the 128 producer threads (and always the additional keys); two consumer warpgroups run the GEMMs on warpgroup
-// MMAs and the softmax, never waiting on each other (no CTA barrier in the main loop).
+// cp.async gathers of the 128 producer threads (and always the additional keys); two consumer
+// warpgroups run the GEMMs on warpgroup MMAs and the softmax, never waiting on each other (no CTA
+// barrier in the main loop).
 //
 // One CTA = one 128-query tile; consumer warpgroup g owns query rows 64g..64g+63. Per tile n of a
 // consumer warpgroup:
