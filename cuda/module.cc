@@ -9,6 +9,7 @@
 #include "ffi/handlers.h"
 #endif
 #if defined(JAX_NA_WITH_FUSED)
+#include "fused/fused_bwd.h"
 #include "fused/fused_fwd.h"
 #endif
 
@@ -44,32 +45,39 @@ NB_MODULE(_C, m) {
       },
       "True when the extension was built with its CUDA kernels.");
 
-  m.def(
-      "fused_fwd_tile_configs",
-      [](int arch, const std::string& dtype, int64_t head_dim, int rank) {
-        nb::list configs;
+  // The compiled tile configurations of one direction: [(q_tile_shape, kv_tile_shape), ...].
+  auto tile_configs = [](bool forward) {
+    return [forward](int arch, const std::string& dtype, int64_t head_dim, int rank) {
+      nb::list configs;
 #if defined(JAX_NA_WITH_FUSED)
-        if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") return configs;
-        const jax_na::DType dt = dtype == "float32"   ? jax_na::DType::kF32
-                                 : dtype == "float16" ? jax_na::DType::kF16
-                                                      : jax_na::DType::kBF16;
-        jax_na::fused::TileConfig out[16];
-        const int n = jax_na::fused::fwd_tile_configs(arch, dt, head_dim, rank, out, 16);
-        for (int i = 0; i < n && i < 16; ++i) {
-          nb::list q, kv;
-          for (int a = 0; a < rank; ++a) {
-            q.append(out[i].q[a]);
-            kv.append(out[i].kv[a]);
-          }
-          configs.append(nb::make_tuple(nb::tuple(q), nb::tuple(kv)));
+      if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") return configs;
+      const jax_na::DType dt = dtype == "float32"   ? jax_na::DType::kF32
+                               : dtype == "float16" ? jax_na::DType::kF16
+                                                    : jax_na::DType::kBF16;
+      jax_na::fused::TileConfig out[16];
+      const int n = forward ? jax_na::fused::fwd_tile_configs(arch, dt, head_dim, rank, out, 16)
+                            : jax_na::fused::bwd_tile_configs(arch, dt, head_dim, rank, out, 16);
+      for (int i = 0; i < n && i < 16; ++i) {
+        nb::list q, kv;
+        for (int a = 0; a < rank; ++a) {
+          q.append(out[i].q[a]);
+          kv.append(out[i].kv[a]);
         }
+        configs.append(nb::make_tuple(nb::tuple(q), nb::tuple(kv)));
+      }
 #endif
-        return configs;
-      },
-      nb::arg("arch"), nb::arg("dtype"), nb::arg("head_dim"), nb::arg("rank"),
-      "The fused forward's compiled tile configurations [(q_tile_shape, kv_tile_shape), ...] of the portable "
-      "(arch 80) or Hopper (arch 90) kernels for a dtype name, head dim and rank, the default first; empty "
-      "where none is compiled.");
+      return configs;
+    };
+  };
+  m.def("fused_fwd_tile_configs", tile_configs(true), nb::arg("arch"), nb::arg("dtype"), nb::arg("head_dim"),
+        nb::arg("rank"),
+        "The fused forward's compiled tile configurations [(q_tile_shape, kv_tile_shape), ...] of the portable "
+        "(arch 80) or Hopper (arch 90) kernels for a dtype name, head dim and rank, the default first; empty "
+        "where none is compiled.");
+  m.def("fused_bwd_tile_configs", tile_configs(false), nb::arg("arch"), nb::arg("dtype"), nb::arg("head_dim"),
+        nb::arg("rank"),
+        "The fused backward's compiled tile configurations [(q_tile_shape, kv_tile_shape), ...] (the dK/dV "
+        "kernel's Q tile per step and KV tile per CTA), as fused_fwd_tile_configs.");
 
   m.def(
       "cuda_archs", []() { return std::string(JAX_NA_CUDA_ARCHS); },

@@ -62,6 +62,23 @@ FUSED_FWD_TILES = {
                          2: (((16, 8), (16, 8)), ((8, 16), (8, 16))),
                          3: (((4, 4, 8), (2, 8, 4)), ((2, 8, 8), (1, 8, 8)))},
 }
+# The fused backward's compiled tile configurations: (backward_q_tile_shape, backward_kv_tile_shape)
+# of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; the dQ
+# kernel keeps its tiles) per kernel set and rank, the default first. Portable: 64 keys per CTA, 32
+# queries per step at head dims over 64 (any dtype), 64 at head dim 64; Hopper (float16/bfloat16,
+# head dims 64 and 128): 128 keys per CTA, 64 queries per step. Mirrors BwdTileConfigs in
+# cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py checks the extension agrees).
+FUSED_BWD_TILES = {
+    ("sm80", 32): {1: (((32,), (64,)),),
+                   2: (((4, 8), (8, 8)), ((2, 16), (4, 16))),
+                   3: (((2, 4, 4), (4, 4, 4)), ((1, 4, 8), (1, 8, 8)))},
+    ("sm80", 64): {1: (((64,), (64,)),),
+                   2: (((8, 8), (8, 8)), ((4, 16), (4, 16))),
+                   3: (((4, 4, 4), (4, 4, 4)), ((2, 4, 8), (1, 8, 8)))},
+    ("sm90", 64): {1: (((64,), (128,)),),
+                   2: (((8, 8), (16, 8)), ((4, 16), (8, 16))),
+                   3: (((4, 4, 4), (4, 4, 8)), ((2, 4, 8), (2, 8, 8)))},
+}
 _KERNEL_SET_NAMES = {"sm80": "portable (fused_sm80)", "sm90": "Hopper (fused_sm90)"}
 # Grid limits of the fused kernels: query heads (and batch, which the lowering splits into chunks
 # of at most this size, so any batch works).
@@ -120,9 +137,19 @@ def fused_fwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> 
     return FUSED_FWD_TILES.get((kernel_set, "wide" if wide else "narrow"), {}).get(rank, ())
 
 
+def fused_bwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> tuple:
+    """The compiled backward tile configurations ((backward_q_tile_shape, backward_kv_tile_shape),
+    ...) of kernel set "sm80" or "sm90" for a dtype and a padded head dim, the default first; () where
+    that set has no kernel for them."""
+    if kernel_set == "sm90" and (jnp.dtype(dtype).itemsize != 2 or head_dim > 128):
+        return ()
+    queries = 64 if kernel_set == "sm90" or head_dim <= 64 else 32
+    return FUSED_BWD_TILES.get((kernel_set, queries), {}).get(rank, ())
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedTiles:
-    """A forward tile choice for the fused kernels: the ``arch`` attribute of the FFI call (0 auto,
+    """A tile choice for the fused kernels in one direction: the ``arch`` attribute of the FFI call (0 auto,
     80 or 90 when only that kernel set has the shapes asked for) and the configuration index in each
     set (-1: that set has none with those shapes and must not run)."""
 
@@ -146,6 +173,8 @@ class NAParams:
     # The fused forward's tile configuration (q_tile_shape / kv_tile_shape); None: the default. Only
     # the fused kernels read it.
     fwd_tiles: FusedTiles | None = None
+    # The fused backward's (backward_q_tile_shape / backward_kv_tile_shape); None: the default.
+    bwd_tiles: FusedTiles | None = None
     # False lets the fused backward add dQ with float atomics where it runs the Hopper kernels
     # (fused_bwd_adds_dq; na*d's deterministic_backward). Only the fused kernels read it.
     deterministic: bool = True
@@ -314,12 +343,15 @@ def _check_fused(query, value, backend="fused"):
                          f"['gemm', 'reference', 'naive']")
 
 
-def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str) -> bool:
+def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str, tiles: FusedTiles | None = None) -> bool:
     """Whether a non-deterministic fused backward at padded head dim ``P`` runs the Hopper kernels,
     whose dK/dV kernel then adds dQ with float atomics into a float32 workspace of ``P`` floats per
     query row (the mirror of dispatch.cu's use_hopper for the backward; where the two disagree the
-    kernels stay correct: an unused workspace, or the deterministic Hopper backward)."""
-    arch = FUSED_BACKENDS.get(backend, 0)  # 0: auto ("auto", "fused")
+    kernels stay correct: an unused workspace, or the deterministic Hopper backward). ``tiles``: the
+    call's backward tile choice (a configuration only the portable set has runs that set)."""
+    arch = tiles.arch if tiles is not None else FUSED_BACKENDS.get(backend, 0)  # 0: auto ("auto", "fused")
+    if tiles is not None and tiles.sm90 < 0:
+        return False
     if arch == 80 or not _ext.has_hopper_kernels() or jnp.dtype(dtype).itemsize != 2 or P > 128:
         return False
     return arch == 90 or P == 128 or window_size >= 256
@@ -362,6 +394,22 @@ def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, kernel_size) -> FusedT
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 
+# The backward's chooser: configuration 0 of each kernel set, except in 3-D for windows at most half
+# as long on the first axis as on the others, which take the flat key tiles (1x8x8 portable, 2x8x8
+# Hopper): measured (H200, bf16, D=128, fwd+bwd, `python -m jax_na.profile --sweep-tiles`) on a
+# 3x13x13 window over 16x32x32: Hopper 3.66 instead of 4.56 ms, portable 4.87 instead of 5.98; on
+# p3 (7x13x13) Hopper equal, portable 9.35 instead of 10.22; on p8 (18x24x24) Hopper 296 instead of
+# 302, portable 502 instead of 476 (hence the factor of two).
+def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, kernel_size) -> FusedTiles | None:
+    """The chooser's backward FusedTiles for a call without backward tile shapes, or None for the
+    defaults."""
+    if rank != 3 or kernel_size is None or 2 * kernel_size[0] > min(kernel_size[1:]):
+        return None
+    index = [next((i for i, (_, kv) in enumerate(fused_bwd_tile_configs(ks, dtype, P, rank))
+                   if kv[0] < kv[1] == kv[2]), 0) for ks in ("sm80", "sm90")]
+    return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
+
+
 def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_shape,
                    kernel_size=None) -> FusedTiles | None:
     """Validate a call's q_tile_shape / kv_tile_shape against the fused forward's compiled tile
@@ -369,12 +417,32 @@ def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
     FusedTiles the fused kernels run with, or None for the defaults. A shape given alone picks the
     first configuration that has it; none picks by the chooser above (``kernel_size``: the call's
     normalized kernel sizes)."""
-    q_shape = _tile_shape("q_tile_shape", q_tile_shape, rank)
-    kv_shape = _tile_shape("kv_tile_shape", kv_tile_shape, rank)
+    return _tiles_args("forward", "", fused_fwd_tile_configs, rank, query, value, backend, q_tile_shape,
+                       kv_tile_shape, lambda dtype, P, fam: _chosen_fwd_tiles(rank, dtype, P, fam, kernel_size))
+
+
+def bwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_shape,
+                   kernel_size=None) -> FusedTiles | None:
+    """Validate a call's backward_q_tile_shape / backward_kv_tile_shape against the fused backward's
+    compiled tile configurations (FUSED_BWD_TILES), as fwd_tiles_args (none given: the backward's
+    chooser above); None: the defaults."""
+    return _tiles_args("backward", "backward_", fused_bwd_tile_configs, rank, query, value, backend,
+                       q_tile_shape, kv_tile_shape,
+                       lambda dtype, P, fam: _chosen_bwd_tiles(rank, dtype, P, fam, kernel_size))
+
+
+def _tiles_args(direction: str, prefix: str, configs_of, rank: int, query, value, backend: str, q_tile_shape,
+                kv_tile_shape, chooser) -> FusedTiles | None:
+    """fwd_tiles_args / bwd_tiles_args: ``configs_of(kernel_set, dtype, P, rank)`` lists a set's
+    configurations, ``chooser(dtype, P, fam)`` picks for a call that gives no shapes; the
+    arguments are named ``{prefix}q_tile_shape`` / ``{prefix}kv_tile_shape``."""
+    q_name, kv_name = f"{prefix}q_tile_shape", f"{prefix}kv_tile_shape"
+    q_shape = _tile_shape(q_name, q_tile_shape, rank)
+    kv_shape = _tile_shape(kv_name, kv_tile_shape, rank)
     given = q_shape is not None or kv_shape is not None
     if backend != "auto" and backend not in FUSED_BACKENDS:
         if given:
-            raise ValueError(f"q_tile_shape / kv_tile_shape choose the tiles of the fused kernels; backend "
+            raise ValueError(f"{q_name} / {kv_name} choose the tiles of the fused kernels; backend "
                              f"{backend!r} has none (allowed backends with tile shapes: None, 'auto', "
                              f"{', '.join(repr(b) for b in FUSED_BACKENDS)})")
         return None
@@ -384,25 +452,25 @@ def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
     if P is None:
         return None  # no fused kernel takes the call (auto then runs the reference; an explicit backend raised)
     if not given:
-        return _chosen_fwd_tiles(rank, dtype, P, fam, kernel_size)
+        return chooser(dtype, P, fam)
     sets = {"fused": ("sm80", "sm90"), "fused_sm80": ("sm80",), "fused_sm90": ("sm90",)}[fam]
     index, listing = {"sm80": -1, "sm90": -1}, []
     for ks in sets:
-        configs = fused_fwd_tile_configs(ks, dtype, P, rank)
+        configs = configs_of(ks, dtype, P, rank)
         if configs:
             listing.append(f"{_KERNEL_SET_NAMES[ks]}: {', '.join(f'{q} with {kv}' for q, kv in configs)}")
         index[ks] = next((i for i, (q, kv) in enumerate(configs)
                           if q_shape in (None, q) and kv_shape in (None, kv)), -1)
     sm80, sm90 = index["sm80"], index["sm90"]
     if sm80 < 0 and sm90 < 0:
-        raise ValueError(f"no compiled fused forward tile configuration has q_tile_shape={q_shape}, "
-                         f"kv_tile_shape={kv_shape} for {_dtype_name(dtype)} at head dim {P} in {rank}-D on "
-                         f"backend {fam!r}; allowed (q_tile_shape with kv_tile_shape): {'; '.join(listing)}")
+        raise ValueError(f"no compiled fused {direction} tile configuration has {q_name}={q_shape}, "
+                         f"{kv_name}={kv_shape} for {_dtype_name(dtype)} at head dim {P} in {rank}-D on "
+                         f"backend {fam!r}; allowed ({q_name} with {kv_name}): {'; '.join(listing)}")
     arch = FUSED_BACKENDS[fam]
     if arch == 0 and (sm80 < 0) != (sm90 < 0):
         arch = 80 if sm90 < 0 else 90
     if arch == 90 and _ext.has_cuda_device() and not _ext.has_hopper_kernels():
-        raise ValueError(f"q_tile_shape={q_shape}, kv_tile_shape={kv_shape} is a configuration of the Hopper "
+        raise ValueError(f"{q_name}={q_shape}, {kv_name}={kv_shape} is a configuration of the Hopper "
                          f"kernels only, which need a compute capability 9.0 GPU and a build with 90a "
                          f"(this one: {_ext.cuda_archs() or 'none'}); allowed here: {listing[0] if listing else 'none'}")
     return FusedTiles(arch, sm80, sm90)
@@ -410,7 +478,7 @@ def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
 
 def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,
                    additional_keys, additional_values, backend, q_tile_shape=None, kv_tile_shape=None,
-                   deterministic_backward=True):
+                   deterministic_backward=True, backward_q_tile_shape=None, backward_kv_tile_shape=None):
     """Validate a na{1,2,3}d call. Returns (NAParams, backend)."""
     _check_array("query", query, rank + 3, _layout(rank, "H", "D"))
     _check_array("key", key, rank + 3, _layout(rank, "H_kv", "D"))
@@ -453,8 +521,10 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
     params = window_params(rank, spatial, kernel_size, stride, dilation, is_causal, scale, D)
     backend = resolve_backend(backend, query.dtype, "na", query, value)
     tiles = fwd_tiles_args(rank, query, value, backend, q_tile_shape, kv_tile_shape, params.kernel_size)
+    bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
+                               params.kernel_size)
     deterministic = deterministic_arg(deterministic_backward)
-    return dataclasses.replace(params, fwd_tiles=tiles, deterministic=deterministic), backend
+    return dataclasses.replace(params, fwd_tiles=tiles, bwd_tiles=bwd_tiles, deterministic=deterministic), backend
 
 
 def qk_args(rank: int, query, key, kernel_size, dilation, is_causal, rpb, scale, backend):

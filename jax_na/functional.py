@@ -80,10 +80,11 @@ _av.defvjp(_av_fwd, _av_bwd)
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
         additional_values, return_lse, backend, q_tile_shape=None, kv_tile_shape=None,
-        deterministic_backward=True):
+        deterministic_backward=True, backward_q_tile_shape=None, backward_kv_tile_shape=None):
     params, backend = _checks.attention_args(rank, query, key, value, kernel_size, stride, dilation,
                                              is_causal, scale, additional_keys, additional_values, backend,
-                                             q_tile_shape, kv_tile_shape, deterministic_backward)
+                                             q_tile_shape, kv_tile_shape, deterministic_backward,
+                                             backward_q_tile_shape, backward_kv_tile_shape)
     if additional_keys is None:
         B, Hkv = key.shape[0], key.shape[-2]
         additional_keys = jnp.zeros((B, 0, Hkv, key.shape[-1]), key.dtype)
@@ -207,7 +208,7 @@ _NA_DOC = """{rank}-D neighborhood attention.
         configuration that has it, and a configuration only the Hopper (or only the portable)
         kernels have runs on those. A shape no compiled configuration has, or tile shapes with a
         non-fused backend, is a ValueError. Other backends (auto on a platform without the fused
-        kernels) compute the same function and ignore them; the backward keeps its own tiles.
+        kernels) compute the same function and ignore them; the backward has its own tiles.
       deterministic_backward: True (default): every gradient bitwise reproducible. False: where the
         fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16; under
         "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more; every head
@@ -216,6 +217,13 @@ _NA_DOC = """{rank}-D neighborhood attention.
         faster on an H200 (cuda/fused/NOTES.md), but the order of those additions varies, so dq may
         differ in its last bits between runs. The other backends and the portable fused kernels
         (e.g. head dim 32 or 64 with small windows) are deterministic either way.
+      backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
+        each CTA of its key-stationary dK/dV kernel owns (kv) and the queries it takes per step
+        (q); the dQ kernel keeps its tiles. Listed in
+        ``jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True)`` and checked as the
+        forward's; the alternatives are flatter boxes, for windows much shorter along the first
+        axis than along the others. None: chosen per call: each kernel set's default, except the
+        flat key tiles for 3-D windows at most half as long on the first axis as on the others.
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.
@@ -293,23 +301,29 @@ def _doc(template, rank):
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
          additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
-         kv_tile_shape=None, deterministic_backward=True):
+         kv_tile_shape=None, deterministic_backward=True, backward_q_tile_shape=None,
+         backward_kv_tile_shape=None):
     return _na(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward)
+               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward,
+               backward_q_tile_shape, backward_kv_tile_shape)
 
 
 def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
          additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
-         kv_tile_shape=None, deterministic_backward=True):
+         kv_tile_shape=None, deterministic_backward=True, backward_q_tile_shape=None,
+         backward_kv_tile_shape=None):
     return _na(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward)
+               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward,
+               backward_q_tile_shape, backward_kv_tile_shape)
 
 
 def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
          additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
-         kv_tile_shape=None, deterministic_backward=True):
+         kv_tile_shape=None, deterministic_backward=True, backward_q_tile_shape=None,
+         backward_kv_tile_shape=None):
     return _na(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward)
+               additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward,
+               backward_q_tile_shape, backward_kv_tile_shape)
 
 
 def na1d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, backend=None):
@@ -336,14 +350,16 @@ def na3d_av(weights, value, kernel_size, dilation=1, is_causal=False, backend=No
     return _na_av(3, weights, value, kernel_size, dilation, is_causal, backend)
 
 
-def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128) -> dict[str, list]:
-    """The fused forward's compiled tile configurations, the values ``q_tile_shape`` /
-    ``kv_tile_shape`` of ``na{rank}d`` may take, per kernel set.
+def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backward: bool = False) -> dict[str, list]:
+    """The fused kernels' compiled tile configurations, the values ``q_tile_shape`` /
+    ``kv_tile_shape`` (``backward_q_tile_shape`` / ``backward_kv_tile_shape`` with ``backward``) of
+    ``na{rank}d`` may take, per kernel set.
 
     Args:
       rank: 1, 2 or 3.
       dtype: the inputs' dtype (float16, bfloat16 or float32).
       head_dim: the head dim (``max(D, D_v)``; padded as the kernels pad it, to 64, 128 or 256).
+      backward: False: the forward's; True: the backward's (its dK/dV kernel's query and key tiles).
 
     Returns:
       ``{"fused_sm80": [(q_tile_shape, kv_tile_shape), ...], "fused_sm90": [...]}``, the default
@@ -355,18 +371,23 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128) -> dict
       >>> import jax_na
       >>> jax_na.fused_tile_configs(2)["fused_sm80"][0]
       ((16, 8), (8, 8))
+      >>> jax_na.fused_tile_configs(2, backward=True)["fused_sm80"][0]
+      ((4, 8), (8, 8))
     """
     if rank not in (1, 2, 3):
         raise ValueError(f"rank must be 1, 2 or 3, got {rank!r}")
     if not any(jnp.dtype(dtype) == jnp.dtype(d) for d in _checks.FLOAT_DTYPES):
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    if not isinstance(backward, bool):
+        raise ValueError(f"backward must be True or False, got {backward!r}")
     out = {}
     for backend, kernel_set in (("fused_sm80", "sm80"), ("fused_sm90", "sm90")):
         P = _checks.fused_head_dim(head_dim, head_dim, dtype, backend) if isinstance(head_dim, int) else None
         if P is None and backend == "fused_sm80":
             raise ValueError(f"head_dim must be an int in 1..{_checks.fused_head_dims(dtype)[-1]} for "
                              f"{jnp.dtype(dtype).name}, got {head_dim!r}")
-        out[backend] = list(_checks.fused_fwd_tile_configs(kernel_set, dtype, P, rank)) if P else []
+        configs_of = _checks.fused_bwd_tile_configs if backward else _checks.fused_fwd_tile_configs
+        out[backend] = list(configs_of(kernel_set, dtype, P, rank)) if P else []
     return out
 
 

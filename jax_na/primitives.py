@@ -371,14 +371,17 @@ def _fused_impl(kind, *args, params, backend):
 
     # Non-deterministic where the Hopper backward runs: its dK/dV kernel adds dQ with atomics into
     # P more float32 workspace entries per query row, and no dQ kernel recomputes S and dP.
-    adds_dq = not params.deterministic and _checks.fused_bwd_adds_dq(q.dtype, P, params.window_size, backend)
+    # The backward's tile configuration per kernel set (backward_q_tile_shape / backward_kv_tile_shape).
+    tiles = params.bwd_tiles or _checks.FusedTiles(int(arch), 0, 0)
+    adds_dq = not params.deterministic and _checks.fused_bwd_adds_dq(q.dtype, P, params.window_size, backend, tiles)
+    tile_attrs = dict(arch=np.int64(tiles.arch), tiles_sm80=np.int64(tiles.sm80), tiles_sm90=np.int64(tiles.sm90))
 
     def call(q, k, v, add_k, add_v, out, lse, d_out, d_lse):
         grads = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, add_k, add_v)]
         ws = jax.ShapeDtypeStruct((workspace_size("bwd", "fused", (q, k, v, add_k), params, adds_dq),), f32)
         res = jax.ffi.ffi_call("jax_na_fused_bwd", (*grads, ws))(q, k, v, add_k, add_v, out, lse, d_out, d_lse,
-                                                                  arch=arch, deterministic=np.int64(not adds_dq),
-                                                                  **attrs)
+                                                                  deterministic=np.int64(not adds_dq),
+                                                                  **tile_attrs, **attrs)
         return res[:5]
 
     q, k, v, add_k, add_v, out, lse, d_out, d_lse = args

@@ -269,7 +269,8 @@ def fits(p: Problem, backend: str, mode: str, dtype=None) -> str | None:
 
 def na_callable(p: Problem, backend: str, mode: str, **kw):
     """A jitted (q, k, v, dout) -> forward or backward of the problem on ``backend``; ``kw``: more
-    na{rank}d arguments (q_tile_shape / kv_tile_shape, deterministic_backward)."""
+    na{rank}d arguments (q_tile_shape / kv_tile_shape, backward_q_tile_shape /
+    backward_kv_tile_shape, deterministic_backward)."""
     na = na_fn(p)
     f = lambda q, k, v: na(q, k, v, p.kernel, stride=p.stride, dilation=p.dilation, is_causal=p.causal,
                            backend=backend, **kw)
@@ -308,8 +309,9 @@ class TileSweep:
 
 # Backends with kernel configurations to choose from at run time (register_tunable); `--sweep-tiles`
 # times each. "fused": every kernel set (portable, and Hopper where this machine has it) at every
-# compiled forward tile configuration (jax_na.fused_tile_configs; the backward keeps its tiles), the
-# basis of the defaults in cuda/fused/tile_shapes.cuh and of the kernel choice in cuda/fused/dispatch.cu.
+# compiled tile configuration of the direction timed (jax_na.fused_tile_configs): the forward's in
+# mode fwd, the backward's in mode fwdbwd (the forward then at its default), the basis of the
+# defaults in cuda/fused/tile_shapes.cuh and of the kernel choice in cuda/fused/dispatch.cu.
 TUNABLE_BACKENDS: dict[str, TileSweep] = {}
 
 
@@ -318,13 +320,16 @@ def register_tunable(name: str, sweep: TileSweep) -> None:
 
 
 def _register_fused_variants() -> None:
-    """Register "fused" as tunable over its kernel sets and forward tile configurations where this
-    machine runs the fused kernels."""
+    """Register "fused" as tunable over its kernel sets and tile configurations where this machine
+    runs the fused kernels."""
     if "fused" in TUNABLE_BACKENDS or "fused" not in _ext.available_backends():
         return
     sets = {"portable (sm80)": "fused_sm80"}
     if _ext.has_hopper_kernels():
         sets["hopper (sm90)"] = "fused_sm90"
+
+    def prefix(mode):  # the na{rank}d arguments a configuration sets: the forward's or the backward's
+        return "" if mode == "fwd" else "backward_"
 
     def configs(p, mode, dtype):
         if fits(p, "fused", mode, dtype):
@@ -333,13 +338,14 @@ def _register_fused_variants() -> None:
         for name, backend in sets.items():
             if fits(p, backend, mode, dtype):
                 continue
-            for q, kv in jax_na.fused_tile_configs(p.rank, dtype, p.D)[backend]:
-                out.append({"kernels": name, "q_tile_shape": list(q), "kv_tile_shape": list(kv)})
+            for q, kv in jax_na.fused_tile_configs(p.rank, dtype, p.D, backward=mode != "fwd")[backend]:
+                out.append({"kernels": name, f"{prefix(mode)}q_tile_shape": list(q),
+                            f"{prefix(mode)}kv_tile_shape": list(kv)})
         return out
 
     def make(p, mode, cfg):
-        return na_callable(p, sets[cfg["kernels"]], mode, q_tile_shape=tuple(cfg["q_tile_shape"]),
-                           kv_tile_shape=tuple(cfg["kv_tile_shape"]))
+        shapes = {k: tuple(v) for k, v in cfg.items() if k != "kernels"}
+        return na_callable(p, sets[cfg["kernels"]], mode, **shapes)
 
     register_tunable("fused", TileSweep(configs, make))
 
@@ -591,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sweep-tiles", action="store_true",
                    help="sweep the kernel configurations of the backends registered in TUNABLE_BACKENDS "
                         "instead and report the best (fused: each kernel set, portable and on an H100/H200 "
-                        "Hopper, at each compiled forward tile configuration, jax_na.fused_tile_configs)")
+                        "Hopper, at each compiled tile configuration, jax_na.fused_tile_configs: the "
+                        "forward's in mode fwd, the backward's in mode fwdbwd)")
     o = ap.add_argument_group("output")
     o.add_argument("--json", default=None, help="write the rows (and the problems) as JSON")
     o.add_argument("--plot", default=None, help="write a bar chart (PNG; needs matplotlib)")

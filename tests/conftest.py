@@ -45,3 +45,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def pretend_kernels(monkeypatch):
+    """Lowering for CUDA needs only the target names: ``pretend_kernels(hopper=True)`` pretends the
+    fused kernels were built, and the Hopper ones present as ``hopper`` says; caches cleared around
+    the test."""
+    import jax_na._ext as ext
+
+    def pretend(hopper=True):
+        monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
+        monkeypatch.setattr(ext, "has_fused_kernels", lambda: True)
+        monkeypatch.setattr(ext, "has_target", lambda name: True)
+        monkeypatch.setattr(ext, "has_hopper_kernels", lambda: hopper)
+        jax.clear_caches()
+
+    yield pretend
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+@pytest.fixture
+def any_gpu(monkeypatch):
+    """Tile resolution only: a Hopper-only tile configuration resolves whatever GPU this machine has
+    (on a GPU without the Hopper kernels it is refused; the tile tests' test_hopper_only_needs_hopper
+    check that)."""
+    import jax_na._ext as ext
+
+    monkeypatch.setattr(ext, "has_hopper_kernels", lambda: True)

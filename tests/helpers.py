@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import zlib
 
 import jax
@@ -267,3 +268,56 @@ def pretend_gemm_targets(mp):
     mp.setattr(_ext, "has_cuda_kernels", lambda: True)
     mp.setattr(_ext, "has_target", lambda name: name.startswith("jax_na_gemm_") or has_target(name))
     jax.clear_caches()
+
+
+# ----------------------------------------------------------------------------- CUDA lowering
+
+def cuda_hlo(f, *args):
+    """The StableHLO text of jit(f) lowered for CUDA (no GPU needed: lowering names the targets)."""
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def custom_calls(text, target):
+    """The lines of ``text`` that call custom-call ``target``."""
+    return [line for line in text.splitlines() if f"stablehlo.custom_call @{target}(" in line]
+
+
+def int_attr(line, name):
+    """The i64 attribute ``name`` of a custom-call line."""
+    m = re.search(rf"\b{name} = (-?\d+) : i64", line)
+    assert m, (name, line)
+    return int(m.group(1))
+
+
+def workspace_elems(line):
+    """Elements of the last (workspace) result of a custom-call line."""
+    shapes = re.findall(r"tensor<([0-9x]+)x(?:f32|bf16|f16)>", line.rsplit("->", 1)[1])
+    return math.prod(int(d) for d in shapes[-1].split("x"))
+
+
+def expect_error(fn, names, exc=ValueError, jit=True):
+    """fn() raises ``exc`` naming every one of ``names``, eagerly and under jax.jit tracing, with the
+    same message both ways; returns the message."""
+    import pytest
+
+    names = [names] if isinstance(names, str) else names
+    msgs = []
+    for mode in ("eager", "jit") if jit else ("eager",):
+        with pytest.raises(exc) as ei:
+            fn() if mode == "eager" else jax.jit(lambda: fn())()
+        msg = str(ei.value)
+        for n in names:
+            assert n in msg, f"[{mode}] message does not name {n!r}: {msg}"
+        msgs.append(msg)
+    assert len(set(msgs)) == 1, msgs
+    return msgs[0]
+
+
+def check_tile_listing(configs, rank):
+    """A list of (q_tile_shape, kv_tile_shape): no duplicate, tuples of ``rank`` power-of-two ints."""
+    assert len(set(configs)) == len(configs), configs
+    for q, kv in configs:
+        assert isinstance(q, tuple) and isinstance(kv, tuple)
+        assert len(q) == len(kv) == rank, (q, kv)
+        for e in q + kv:
+            assert type(e) is int and e > 0 and e & (e - 1) == 0, (q, kv)

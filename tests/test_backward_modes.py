@@ -7,13 +7,13 @@ The kernels themselves (both modes against the float64 reference) are in tests/g
 """
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 import jax_na
 import jax_na._ext as ext
 from jax_na import _checks
@@ -64,40 +64,17 @@ def test_same_gradients_either_way_on_the_reference(rank):
 
 # ----------------------------------------------------------------------------- CUDA lowering
 
-@pytest.fixture
-def pretend_kernels(monkeypatch):
-    """Lowering for CUDA needs only the target names: pretend the fused kernels were built, and the
-    Hopper ones present as ``pretend_kernels(hopper)`` says; caches cleared around the test."""
-    def pretend(hopper=True):
-        monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
-        monkeypatch.setattr(ext, "has_fused_kernels", lambda: True)
-        monkeypatch.setattr(ext, "has_target", lambda name: True)
-        monkeypatch.setattr(ext, "has_hopper_kernels", lambda: hopper)
-        jax.clear_caches()
-
-    yield pretend
-    monkeypatch.undo()
-    jax.clear_caches()
-
-
 def _bwd_call(f, *args):
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    calls = [line for line in text.splitlines() if "stablehlo.custom_call @jax_na_fused_bwd(" in line]
-    assert len(calls) == 1, text
+    calls = helpers.custom_calls(helpers.cuda_hlo(f, *args), "jax_na_fused_bwd")
+    assert len(calls) == 1, calls
     return calls[0]
 
 
 def _det_attr(line):
-    m = re.search(r"\bdeterministic = (-?\d+) : i64", line)
-    assert m, line
-    return int(m.group(1))
+    return helpers.int_attr(line, "deterministic")
 
 
-def _workspace_elems(line):
-    """Elements of the last (workspace) result of the custom call."""
-    results = line.rsplit("->", 1)[1]
-    shapes = re.findall(r"tensor<([0-9x]+)x(?:f32|bf16|f16)>", results)
-    return math.prod(int(d) for d in shapes[-1].split("x"))
+_workspace_elems = helpers.workspace_elems
 
 
 def _grad_fn(fn, kernel, backend, det, **kw):

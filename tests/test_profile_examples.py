@@ -125,8 +125,8 @@ def test_sweep_tiles_reports_no_tunable_backend(tmp_path, capsys):
 
 def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsys):
     """Where the fused kernels run (pretended here: both kernel sets), --sweep-tiles times every kernel
-    set at every compiled forward tile configuration and marks the fastest; the callables are
-    stand-ins on CPU (the real ones need a GPU)."""
+    set at every compiled tile configuration (the forward's in mode fwd, the backward's in mode
+    fwdbwd) and marks the fastest; the callables are stand-ins on CPU (the real ones need a GPU)."""
     import jax
     from jax_na import _ext
     monkeypatch.setattr(profile, "TUNABLE_BACKENDS", {})
@@ -134,8 +134,14 @@ def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(_ext, "available_backends", lambda: ["fused", "fused_sm90", "fused_sm80", "reference"])
     made = []
 
-    def fake_callable(p, backend, mode, q_tile_shape=None, kv_tile_shape=None):
-        made.append((backend, q_tile_shape, kv_tile_shape))
+    def fake_callable(p, backend, mode, q_tile_shape=None, kv_tile_shape=None, backward_q_tile_shape=None,
+                      backward_kv_tile_shape=None):
+        if mode == "fwd":
+            assert backward_q_tile_shape is None and backward_kv_tile_shape is None
+            made.append((backend, q_tile_shape, kv_tile_shape))
+        else:
+            assert q_tile_shape is None and kv_tile_shape is None
+            made.append((backend, backward_q_tile_shape, backward_kv_tile_shape))
         slow = backend == "fused_sm80"
         return jax.jit(lambda q, k, v, do: (q * 2.0 if slow else q) + k - v)
 
@@ -156,6 +162,18 @@ def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsy
     assert all(set(r["config"]) == {"kernels", "q_tile_shape", "kv_tile_shape"} for r in rows)
     assert sum(r["best"] for r in rows) == 1 and all(r["ms"] > 0 for r in rows)
     assert " *{" in capsys.readouterr().out
+
+    # mode fwdbwd: the backward's configurations (the forward at its default)
+    made.clear()
+    assert profile.main([*TINY, "--dtype", "bfloat16", "--mode", "fwdbwd", "--sweep-tiles", "--reps", "3",
+                         "--json", str(out)]) == 0
+    want = [(b, q, kv) for b, configs in jax_na.fused_tile_configs(rank, "bfloat16", head_dim, backward=True).items()
+            for q, kv in configs]
+    assert sorted(made) == sorted(want) and len(want) >= 2
+    rows = [r for r in json.loads(out.read_text())["rows"] if "ms" in r]
+    assert len(rows) == len(want) and all(r["mode"] == "fwdbwd" for r in rows)
+    assert all(set(r["config"]) == {"kernels", "backward_q_tile_shape", "backward_kv_tile_shape"} for r in rows)
+    assert sum(r["best"] for r in rows) == 1
 
 
 def test_bad_problem_is_an_error(capsys):

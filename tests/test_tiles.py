@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 import jax_na
 import jax_na._ext as ext
 from jax_na import _checks
@@ -44,25 +45,7 @@ def _on_cpu(*xs):
     return jax.device_put(xs, jax.devices("cpu")[0])
 
 
-@pytest.fixture
-def any_gpu(monkeypatch):
-    """Resolution only: a Hopper-only configuration resolves whatever GPU this machine has (on a
-    GPU without the Hopper kernels fwd_tiles_args refuses it, which test_hopper_only_needs_hopper checks)."""
-    monkeypatch.setattr(ext, "has_hopper_kernels", lambda: True)
-
-
-def _expect(fn, names, exc=ValueError, jit=True):
-    """fn() raises ``exc`` naming every one of ``names``, eagerly and under jax.jit tracing."""
-    names = [names] if isinstance(names, str) else names
-    msgs = []
-    for mode in ("eager", "jit") if jit else ("eager",):
-        with pytest.raises(exc) as ei:
-            fn() if mode == "eager" else jax.jit(lambda: fn())()
-        msg = str(ei.value)
-        for n in names:
-            assert n in msg, f"[{mode}] message does not name {n!r}: {msg}"
-        msgs.append(msg)
-    return msgs[0]
+_expect = helpers.expect_error
 
 
 # ----------------------------------------------------------------------------- the listing
@@ -103,12 +86,8 @@ def test_listing_shapes(rank):
         wide = dtype == "float32" or head_dim > 128
         got = jax_na.fused_tile_configs(rank, dtype, head_dim)
         for backend, configs in got.items():
-            assert len(set(configs)) == len(configs), configs
+            helpers.check_tile_listing(configs, rank)
             for q, kv in configs:
-                assert isinstance(q, tuple) and isinstance(kv, tuple)
-                assert len(q) == len(kv) == rank, (q, kv)
-                for e in q + kv:
-                    assert isinstance(e, int) and e > 0 and e & (e - 1) == 0, (q, kv)
                 assert math.prod(q) == 128, q
                 keys = math.prod(kv)
                 if backend == "fused_sm80":
@@ -123,19 +102,20 @@ def test_listing_shapes(rank):
 
 
 @pytest.mark.parametrize("call,name,exc", [
-    (lambda: jax_na.fused_tile_configs(0), "rank", ValueError),
-    (lambda: jax_na.fused_tile_configs(4), "rank", ValueError),
-    (lambda: jax_na.fused_tile_configs("2"), "rank", ValueError),
-    (lambda: jax_na.fused_tile_configs(2, "int32"), "dtype", TypeError),
-    (lambda: jax_na.fused_tile_configs(2, jnp.float64), "dtype", TypeError),
-    (lambda: jax_na.fused_tile_configs(2, "bfloat16", 0), "head_dim", ValueError),
-    (lambda: jax_na.fused_tile_configs(2, "bfloat16", 257), "head_dim", ValueError),
-    (lambda: jax_na.fused_tile_configs(2, "float32", 129), "head_dim", ValueError),
-    (lambda: jax_na.fused_tile_configs(2, "float16", 64.0), "head_dim", ValueError),
+    (lambda bw: jax_na.fused_tile_configs(0, backward=bw), "rank", ValueError),
+    (lambda bw: jax_na.fused_tile_configs(4, backward=bw), "rank", ValueError),
+    (lambda bw: jax_na.fused_tile_configs("2", backward=bw), "rank", ValueError),
+    (lambda bw: jax_na.fused_tile_configs(2, "int32", backward=bw), "dtype", TypeError),
+    (lambda bw: jax_na.fused_tile_configs(2, jnp.float64, backward=bw), "dtype", TypeError),
+    (lambda bw: jax_na.fused_tile_configs(2, "bfloat16", 0, backward=bw), "head_dim", ValueError),
+    (lambda bw: jax_na.fused_tile_configs(2, "bfloat16", 257, backward=bw), "head_dim", ValueError),
+    (lambda bw: jax_na.fused_tile_configs(2, "float32", 129, backward=bw), "head_dim", ValueError),
+    (lambda bw: jax_na.fused_tile_configs(2, "float16", 64.0, backward=bw), "head_dim", ValueError),
 ], ids=["rank0", "rank4", "rank-str", "int32", "float64", "D0", "D257", "f32-D129", "D-float"])
-def test_listing_bad_arguments(call, name, exc):
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_listing_bad_arguments(call, name, exc, backward):
     with pytest.raises(exc) as ei:
-        call()
+        call(backward)
     assert name in str(ei.value), str(ei.value)
 
 
@@ -260,15 +240,19 @@ Q3 = _arr((1, 4, 5, 6, 2, 64), jnp.bfloat16)
 Q1 = _arr((1, 12, 2, 64), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("name", ["q_tile_shape", "kv_tile_shape"])
+@pytest.mark.parametrize("name", ["q_tile_shape", "kv_tile_shape", "backward_q_tile_shape", "backward_kv_tile_shape"])
 @pytest.mark.parametrize("bad", [(16,), (16, 8, 1), 16, (16.0, 8), (True, 8), (np.bool_(True), 8), (0, 8),
                                  (16, -8), "16x8", [16, None], (16, 8.5)],
                          ids=["1-extent", "3-extents", "int-for-2d", "float", "bool", "np-bool", "zero",
                               "negative", "str", "None-extent", "half"])
 @pytest.mark.parametrize("q", [Q2, Q2F], ids=["bf16", "f32"])
 def test_bad_extents(q, bad, name):
+    """A malformed shape: a ValueError naming the argument (a backward one never by the forward's
+    name alone) and the value."""
     msg = _expect(lambda: jax_na.na2d(q, q, q, 3, **{name: bad}), name)
-    assert "2 positive ints" in msg, msg
+    assert "2 positive ints" in msg and repr(bad) in msg, msg
+    if name.startswith("backward_"):
+        assert not re.search(r"(?<!backward_)\b(q|kv)_tile_shape", msg), msg
 
 
 def test_bad_extents_other_ranks():
@@ -310,21 +294,25 @@ def test_tiles_with_the_reference_backend(name):
 
 
 @pytest.mark.parametrize("backend", ["gemm", "naive"])
-@pytest.mark.parametrize("name", ["q_tile_shape", "kv_tile_shape"])
+@pytest.mark.parametrize("name", ["q_tile_shape", "kv_tile_shape", "backward_q_tile_shape", "backward_kv_tile_shape"])
 def test_tiles_with_the_unfused_kernel_backends(monkeypatch, backend, name):
-    """gemm / naive have no tiles to choose: a ValueError naming the argument and the backend before
-    anything is traced (pretending the kernels were compiled, so that the backend itself resolves)."""
-    shape = {"q_tile_shape": (16, 8), "kv_tile_shape": (8, 8)}[name]
+    """gemm / naive have no tiles to choose (forward or backward): a ValueError naming the argument
+    and the backend before anything is traced (pretending the kernels were compiled, so that the
+    backend itself resolves)."""
+    shape = {"q_tile_shape": (16, 8), "kv_tile_shape": (8, 8), "backward_q_tile_shape": (8, 8),
+             "backward_kv_tile_shape": (8, 8)}[name]
     monkeypatch.setattr(ext, "has_cuda_kernels", lambda: True)
     monkeypatch.setattr(ext, "has_target", lambda target: True)
     for q in (Q2, Q2F):
         msg = _expect(lambda: jax_na.na2d(q, q, q, 3, backend=backend, **{name: shape}), name, jit=False)
         assert repr(backend) in msg, msg
-    # and the same through fwd_tiles_args directly (no pretending needed)
+    # and the same through fwd_tiles_args / bwd_tiles_args directly (no pretending needed)
     monkeypatch.undo()
     query, value = _spec(2)
+    tiles_args = _checks.bwd_tiles_args if name.startswith("backward_") else _checks.fwd_tiles_args
     with pytest.raises(ValueError, match=name):
-        _checks.fwd_tiles_args(2, query, value, backend, *((shape, None) if name == "q_tile_shape" else (None, shape)))
+        tiles_args(2, query, value, backend, *((shape, None) if name.endswith("q_tile_shape") else (None, shape)))
+    assert tiles_args(2, query, value, backend, None, None) is None  # without shapes: nothing to check
 
 
 @pytest.mark.parametrize("rank,q,kv", [(2, (16, 8), (16, 8)), (3, None, (1, 8, 8)), (1, 128, 128)])
@@ -411,18 +399,7 @@ def test_same_result_without_fused_kernels(rank, dtype):
 
 # ----------------------------------------------------------------------------- CUDA lowering
 
-def _cuda_hlo(f, *args):
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def _calls(text, target):
-    return [line for line in text.splitlines() if f"stablehlo.custom_call @{target}(" in line]
-
-
-def _int_attr(line, name):
-    m = re.search(rf"\b{name} = (-?\d+) : i64", line)
-    assert m, (name, line)
-    return int(m.group(1))
+_cuda_hlo, _calls, _int_attr = helpers.cuda_hlo, helpers.custom_calls, helpers.int_attr
 
 
 def _check_tile_attributes():
@@ -458,14 +435,15 @@ def _check_tile_attributes():
         assert len(calls) == 1, text
         got = tuple(_int_attr(calls[0], a) for a in ("arch", "tiles_sm80", "tiles_sm90"))
         assert got == want, (fn.__name__, backend, qt, kvt, got, calls[0])
-        # the backward: its own tiles, the backend's arch
+        # the backward: its own tiles (the defaults), the backend's arch
         loss = lambda q, k: jnp.sum(f(q, k)[0].astype(jnp.float32))
         text = _cuda_hlo(jax.grad(loss, argnums=(0, 1)), q, k)
         fwd, bwd = _calls(text, "jax_na_fused_fwd"), _calls(text, "jax_na_fused_bwd")
         assert len(fwd) == 1 and len(bwd) == 1, text
         assert tuple(_int_attr(fwd[0], a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == want, fwd[0]
-        assert "tiles_sm" not in bwd[0], bwd[0]
-        assert _int_attr(bwd[0], "arch") == _checks.FUSED_BACKENDS.get(backend or "fused"), bwd[0]
+        # (the backward's tile shapes are separate arguments: tests/test_bwd_tiles.py)
+        arch = _checks.FUSED_BACKENDS.get(backend or "fused")
+        assert tuple(_int_attr(bwd[0], a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (arch, 0, 0), bwd[0]
     # float32 (head dim 8 -> 64): the portable set only
     qf = jnp.asarray(r.standard_normal((1, 8, 9, 2, 8)), jnp.float32)
     line = _calls(_cuda_hlo(lambda q: jax_na.na2d(q, q, q, 3, q_tile_shape=(16, 8)), qf), "jax_na_fused_fwd")[0]
@@ -498,27 +476,34 @@ def test_cuda_lowering_tile_attributes(monkeypatch, kernels):
 # ----------------------------------------------------------------------------- the extension's list
 
 @pytest.mark.skipif(not ext.has_fused_kernels(), reason="jax_na built without the fused kernels")
-def test_extension_tile_configs_equal_the_table():
-    """jax_na._C.fused_fwd_tile_configs (from cuda/fused/tile_shapes.cuh, the instantiated kernels)
-    lists exactly the Python table's configurations, in order, for both kernel sets; the Hopper set
-    has none for float32 and head dim 256, nothing has float32 at head dim 256."""
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_extension_tile_configs_equal_the_table(backward):
+    """jax_na._C.fused_fwd_tile_configs / fused_bwd_tile_configs (from cuda/fused/tile_shapes.cuh, the
+    instantiated kernels) list exactly the Python table's configurations, in order, for both kernel
+    sets; the Hopper set has none for float32 and head dim 256, nothing has float32 at head dim 256;
+    the backward's lists are not the forward's."""
     C = ext._C
+    listed = C.fused_bwd_tile_configs if backward else C.fused_fwd_tile_configs
     for arch, backend in ((80, "fused_sm80"), (90, "fused_sm90")):
         for dtype in DTYPES:
             for D in (64, 128, 256):
                 for rank in RANKS:
-                    got = [(tuple(q), tuple(kv)) for q, kv in C.fused_fwd_tile_configs(arch, dtype, D, rank)]
+                    got = [(tuple(q), tuple(kv)) for q, kv in listed(arch, dtype, D, rank)]
                     if dtype == "float32" and D == 256:
                         want = []
                     else:
-                        want = jax_na.fused_tile_configs(rank, dtype, D)[backend]
+                        want = jax_na.fused_tile_configs(rank, dtype, D, backward=backward)[backend]
                         assert want or arch == 90, (dtype, D, rank)
                     if arch == 90 and (dtype == "float32" or D == 256):
                         assert want == [], (dtype, D, rank, want)
                     assert got == want, (arch, dtype, D, rank, got, want)
-    # no other kernel set
-    assert list(C.fused_fwd_tile_configs(0, "bfloat16", 128, 2)) == []
-    assert list(C.fused_fwd_tile_configs(75, "bfloat16", 128, 2)) == []
+                    if backward and want:
+                        fwd = [(tuple(q), tuple(kv)) for q, kv in C.fused_fwd_tile_configs(arch, dtype, D, rank)]
+                        assert fwd != got, (arch, dtype, D, rank)
+    # no other kernel set or dtype
+    assert list(listed(0, "bfloat16", 128, 2)) == []
+    assert list(listed(75, "bfloat16", 128, 2)) == []
+    assert list(listed(80, "float64", 128, 2)) == []
 
 
 # ----------------------------------------------------------------------------- the chooser

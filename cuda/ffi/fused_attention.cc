@@ -1,10 +1,10 @@
 // FFI handlers jax_na_fused_fwd / jax_na_fused_bwd: fused neighborhood attention (cuda/fused/: the
 // portable sm80-class kernels, and a Hopper sm_90a forward). Attributes kernel_size, stride, dilation,
 // is_causal (i64 arrays, one entry per spatial axis) and scale (f32); both take arch (i64: 0 picks the
-// Hopper kernels on sm_90 devices, 80 the portable ones, 90 the Hopper ones), the forward also
-// tiles_sm80 / tiles_sm90 (i64: the tile configuration of each kernel set, an index into
-// fused::fwd_tile_configs; -1 where that set must not run), the backward deterministic (i64: 0 lets
-// the Hopper backward add dQ with atomics into the workspace). See docs/ffi.md.
+// Hopper kernels on sm_90 devices, 80 the portable ones, 90 the Hopper ones) and tiles_sm80 /
+// tiles_sm90 (i64: the tile configuration of each kernel set, an index into fused::fwd_tile_configs
+// or fused::bwd_tile_configs; -1 where that set must not run), the backward also deterministic (i64:
+// 0 lets the Hopper backward add dQ with atomics into the workspace). See docs/ffi.md.
 //   fwd: q, k, v, add_k, add_v -> out, lse (no workspace)
 //   bwd: q, k, v, add_k, add_v, out, lse, d_out, d_lse -> dq, dk, dv, d_add_k, d_add_v, workspace
 //        (float32 [B * N * H]: delta; deterministic 0: [B * N * H * (D + 1)], dQ accumulators then delta)
@@ -93,15 +93,17 @@ ffi::Error check_arch(const char* kT, int64_t arch) {
   return ffi::Error::Success();
 }
 
-// tiles_sm80 / tiles_sm90: indices into the forward's tile configurations of each kernel set; 0 (the
-// default) always passes, -1 means that set has no configuration with the shapes asked for (the other
-// set must run: arch says which).
-ffi::Error check_tiles(const char* kT, const FusedCall& c, int64_t arch, int64_t tiles_sm80, int64_t tiles_sm90) {
+// tiles_sm80 / tiles_sm90: indices into the tile configurations of each kernel set (`configs`:
+// fused::fwd_tile_configs or fused::bwd_tile_configs); 0 (the default) always passes, -1 means that
+// set has no configuration with the shapes asked for (the other set must run: arch says which).
+using TileConfigsFn = int (*)(int, DType, int64_t, int, fused::TileConfig*, int);
+ffi::Error check_tiles(const char* kT, TileConfigsFn configs, const FusedCall& c, int64_t arch, int64_t tiles_sm80,
+                       int64_t tiles_sm90) {
   const int64_t idx[2] = {tiles_sm80, tiles_sm90};
   const int archs[2] = {fused::FwdArgs::kPortable, fused::FwdArgs::kHopper};
   const char* names[2] = {"tiles_sm80", "tiles_sm90"};
   for (int i = 0; i < 2; ++i) {
-    const int n = fused::fwd_tile_configs(archs[i], c.dtype, c.D, c.rank, nullptr, 0);
+    const int n = configs(archs[i], c.dtype, c.D, c.rank, nullptr, 0);
     if (idx[i] < -1 || (idx[i] > 0 && idx[i] >= n))
       return invalid(kT, std::string(names[i]) + " must be -1, 0 or a tile configuration index below " +
                              std::to_string(n) + " for " + dtype_name(c.dtype) + ", head dim " + std::to_string(c.D) +
@@ -124,7 +126,7 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   if (auto e = decode_fused(kT, arch, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c);
       e.failure())
     return e;
-  if (auto e = check_tiles(kT, c, arch, tiles_sm80, tiles_sm90); e.failure()) return e;
+  if (auto e = check_tiles(kT, fused::fwd_tile_configs, c, arch, tiles_sm80, tiles_sm90); e.failure()) return e;
   const TokenTensor& qt = c.q;
   if (auto e = check(kT, "out", *out, c.fdt, token_shape(qt.B, qt.S, qt.heads, c.D)); e.failure()) return e;
   if (auto e = check(kT, "lse", *lse, ffi::DataType::F32, row_shape(qt.B, qt.S, qt.heads)); e.failure()) return e;
@@ -152,7 +154,8 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                     ffi::Result<ffi::AnyBuffer> d_add_k, ffi::Result<ffi::AnyBuffer> d_add_v,
                     ffi::Result<ffi::AnyBuffer> workspace, I64Span kernel_size, I64Span stride, I64Span dilation,
-                    I64Span is_causal, float scale, int64_t arch, int64_t deterministic) {
+                    I64Span is_causal, float scale, int64_t arch, int64_t tiles_sm80, int64_t tiles_sm90,
+                    int64_t deterministic) {
   constexpr const char* kT = "jax_na_fused_bwd";
   if (auto e = check_arch(kT, arch); e.failure()) return e;
   if (deterministic != 0 && deterministic != 1)
@@ -161,6 +164,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   if (auto e = decode_fused(kT, arch, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c);
       e.failure())
     return e;
+  if (auto e = check_tiles(kT, fused::bwd_tile_configs, c, arch, tiles_sm80, tiles_sm90); e.failure()) return e;
   const TokenTensor& qt = c.q;
   const auto qshape = token_shape(qt.B, qt.S, qt.heads, c.D);
   const auto rows = row_shape(qt.B, qt.S, qt.heads);
@@ -200,6 +204,8 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   args.D = static_cast<int32_t>(c.D);
   args.scale = scale;
   args.arch = static_cast<int32_t>(arch);
+  args.tiles_sm80 = static_cast<int32_t>(tiles_sm80);
+  args.tiles_sm90 = static_cast<int32_t>(tiles_sm90);
   return cuda_check(kT, "the fused backward kernels", fused::launch_bwd(c.pr, c.rank, c.dtype, args, stream));
 }
 
@@ -242,5 +248,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_fused_bwd, jax_na::FusedBwd,
                                   .Ret<ffi::AnyBuffer>()  // workspace
                                       JNA_WINDOW_ATTRS.Attr<float>("scale")
                                   .Attr<int64_t>("arch")
+                                  .Attr<int64_t>("tiles_sm80")
+                                  .Attr<int64_t>("tiles_sm90")
                                   .Attr<int64_t>("deterministic"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -97,9 +97,11 @@ int describe_configs(TileConfig* out, int max) {
   return describe_configs<Configs>(out, max, std::make_integer_sequence<int, Configs::kCount>{});
 }
 
-// dispatch() callback: the configurations of one instantiation into out, their count into *count.
+// dispatch() callback: the configurations of one instantiation (forward or backward) into out,
+// their count into *count.
 struct DescribeCall {
   int arch;
+  bool forward;
   TileConfig* out;
   int max;
   int* count;
@@ -107,21 +109,31 @@ struct DescribeCall {
   cudaError_t run() {
     *count = 0;
     if (arch == FwdArgs::kPortable) {
-      *count = describe_configs<PortableFwdTilesFor<kDT, kD, kRank>>(out, max);
+      *count = forward ? describe_configs<PortableFwdTilesFor<kDT, kD, kRank>>(out, max)
+                       : describe_configs<PortableBwdTiles<kD, kRank>>(out, max);
     } else if constexpr (kDT != DType::kF32 && kD <= 128) {
-      *count = describe_configs<HopperFwdTiles<kRank>>(out, max);
+      *count = forward ? describe_configs<HopperFwdTiles<kRank>>(out, max)
+                       : describe_configs<HopperBwdTiles<kRank>>(out, max);
     }
     return cudaSuccess;
   }
 };
 
+int tile_configs(int arch, bool forward, DType dtype, int64_t D, int rank, TileConfig* out, int max) {
+  if (arch != FwdArgs::kPortable && arch != FwdArgs::kHopper) return 0;
+  int count = 0;
+  dispatch(dtype, D, rank, DescribeCall{arch, forward, out, max, &count});
+  return count;
+}
+
 }  // namespace
 
 int fwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max) {
-  if (arch != FwdArgs::kPortable && arch != FwdArgs::kHopper) return 0;
-  int count = 0;
-  dispatch(dtype, D, rank, DescribeCall{arch, out, max, &count});
-  return count;
+  return tile_configs(arch, /*forward=*/true, dtype, D, rank, out, max);
+}
+
+int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max) {
+  return tile_configs(arch, /*forward=*/false, dtype, D, rank, out, max);
 }
 
 bool sm90_available() {
@@ -184,7 +196,9 @@ cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdA
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;
   if (args.arch == FwdArgs::kHopper && !hopper_supported(dtype, args.D)) return cudaErrorInvalidValue;
-  const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/false);
+  if ((args.arch != FwdArgs::kHopper && args.tiles_sm80 < 0) || (args.arch == FwdArgs::kHopper && args.tiles_sm90 < 0))
+    return cudaErrorInvalidValue;
+  const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/false) && args.tiles_sm90 >= 0;
   return dispatch(dtype, args.D, rank, BwdCall{pr, args, stream, hopper});
 }
 

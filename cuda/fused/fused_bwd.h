@@ -44,7 +44,16 @@ struct BwdArgs {
   int32_t D = 0;
   float scale = 1.f;
   int32_t arch = FwdArgs::kAuto;  // as the forward's: kAuto, kPortable or kHopper
+  // The dK/dV kernel's tile configuration in the portable / the Hopper kernel set, whichever runs:
+  // an index into bwd_tile_configs (0: the default; -1: that set must not run, as FwdArgs').
+  int32_t tiles_sm80 = 0;
+  int32_t tiles_sm90 = 0;
 };
+
+// The backward's compiled tile configurations (the dK/dV kernel's Q tile per step and KV tile per
+// CTA) of the portable (arch 80) or Hopper (arch 90) kernels for (dtype, head dim, rank), as
+// fwd_tile_configs.
+int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max);
 
 // Workspace floats launch_bwd needs: delta, and with dq_accum (non-deterministic) its D floats per row.
 inline int64_t bwd_workspace_floats(const geo::Problem& pr, int64_t D, bool deterministic) {

@@ -151,26 +151,6 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kSmemWin + kSmemSched;
 };
 
-// Q tiles of the key-stationary backward (kBlockM queries) and its KV tiles (kBlockN keys, 64 or 128),
-// per rank: compact boxes (an axis of extent e with window k meets about e + k - 1 queries).
-template <int kRank, int kBlockM, int kBlockN>
-struct BwdTileShapes;
-template <int kBlockM, int kBlockN>
-struct BwdTileShapes<1, kBlockM, kBlockN> {
-  using QTile = Box<kBlockM, 1, 1>;
-  using KVTile = Box<kBlockN, 1, 1>;
-};
-template <int kBlockM, int kBlockN>
-struct BwdTileShapes<2, kBlockM, kBlockN> {
-  using QTile = Box<kBlockM / 8, 8, 1>;
-  using KVTile = Box<kBlockN / 8, 8, 1>;
-};
-template <int kBlockM, int kBlockN>
-struct BwdTileShapes<3, kBlockM, kBlockN> {
-  using QTile = Box<kBlockM / 16, 4, 4>;
-  using KVTile = Box<4, 4, kBlockN / 16>;
-};
-
 // Key-stationary backward (dK, dV): a CTA owns a KV tile of kBlockN keys (kNWarps warps x 16 key rows
 // per MMA row block; dK and dV accumulate in registers) and walks the Q tiles of its keys' inverse
 // neighbourhood, kBlockM queries at a time. Portable default: 64 keys on 4 warps, Q tiles of 32
@@ -179,8 +159,11 @@ struct BwdTileShapes<3, kBlockM, kBlockN> {
 // kDqInKernel_: the kernel also computes dQ (dS K per Q tile, added into a float32 buffer with
 // atomics; the Hopper backward's non-deterministic mode): dS^T goes through smem, and each Q tile's
 // row offsets are kept beside its lse/delta.
+// Shapes_: the Q / KV boxes (BwdTileShapes by default; one of the backward's tile configurations,
+// tile_shapes.cuh).
 template <DType kDType_, int kHeadDim_, int kRank_, int kNWarps_ = 4, int kBlockN_ = 64,
-          int kBlockM_ = (kHeadDim_ > 64 ? 32 : 64), bool kDqInKernel_ = false>
+          int kBlockM_ = kPortableBwdBlockM<kHeadDim_>, bool kDqInKernel_ = false,
+          class Shapes_ = BwdTileShapes<kRank_, kBlockM_, kBlockN_>>
 struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using Base = TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_>;
   using Base::kRank;
@@ -188,14 +171,15 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kBlockM = kBlockM_;  // queries per Q tile (columns)
   static constexpr bool kDqInKernel = kDqInKernel_;
   static_assert(!kDqInKernel || Base::kDPasses == 1, "dQ in the dK/dV kernel: head dims up to 128");
-  using QTile = typename BwdTileShapes<kRank, kBlockM, kBlockN>::QTile;
-  using KVTile = typename BwdTileShapes<kRank, kBlockM, kBlockN>::KVTile;
+  using QTile = typename Shapes_::QTile;
+  using KVTile = typename Shapes_::KVTile;
   static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN, "tile sizes");
 
   using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
   using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
   using OutTraits = std::conditional_t<Base::kDPasses == 1, BwdKVTraits,
-                                       BwdKVTraits<kDType_, Base::kHeadDimOut, kRank_, kNWarps_, kBlockN_, kBlockM_>>;
+                                       BwdKVTraits<kDType_, Base::kHeadDimOut, kRank_, kNWarps_, kBlockN_, kBlockM_,
+                                                   kDqInKernel_, Shapes_>>;
 
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;

@@ -1,12 +1,13 @@
 // Tile shapes of the fused kernels: boxes of queries/keys, the default shapes per rank, and the
-// forward's compiled tile configurations per kernel set (the user's q_tile_shape / kv_tile_shape pick
-// one; configuration 0 is the default). Plain C++ (no CuTe), so the host-side table below can be
-// built from the same types the kernels are instantiated with.
+// compiled tile configurations per kernel set and direction (the user's q_tile_shape / kv_tile_shape
+// and backward_q_tile_shape / backward_kv_tile_shape pick one; configuration 0 is the default).
+// Plain C++ (no CuTe), so the host-side table below can be built from the same types the kernels
+// are instantiated with.
 //
-// Every configuration here must be listed in jax_na/_checks.py (FUSED_FWD_TILES), which validates a
-// call's shapes before anything is traced and picks the configuration of a call that gives none
-// (the default, or 8x16 Q tiles for 2-D windows longer along the last axis); tests/test_tiles.py
-// checks the two lists agree.
+// Every configuration here must be listed in jax_na/_checks.py (FUSED_FWD_TILES, FUSED_BWD_TILES),
+// which validates a call's shapes before anything is traced and picks the configuration of a call
+// that gives none (the default, or 8x16 Q tiles for 2-D windows longer along the last axis);
+// tests/test_tiles.py and tests/test_bwd_tiles.py check the lists agree.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -117,6 +118,50 @@ struct HopperFwdTiles<2>
 template <>
 struct HopperFwdTiles<3>
     : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, Tiles<Box<2, 8, 8>, Box<1, 4, 4>, Box<1, 8, 8>>> {};
+
+// Key-stationary backward (dK/dV kernel) tilings: the KV tile a CTA owns (kBlockN keys) and the Q
+// tile of its inverse neighbourhood it takes per step (kBlockM queries).
+template <class QTile_, class KVTile_>
+struct BwdTiles {
+  using QTile = QTile_;
+  using KVTile = KVTile_;
+};
+
+// Default backward boxes per rank: compact (an axis of extent e with window k meets about e + k - 1
+// queries); 3-D keys take the longer extent on the last axis.
+template <int kRank, int kBlockM, int kBlockN>
+struct BwdTileShapes;
+template <int kBlockM, int kBlockN>
+struct BwdTileShapes<1, kBlockM, kBlockN> : BwdTiles<Box<kBlockM, 1, 1>, Box<kBlockN, 1, 1>> {};
+template <int kBlockM, int kBlockN>
+struct BwdTileShapes<2, kBlockM, kBlockN> : BwdTiles<Box<kBlockM / 8, 8, 1>, Box<kBlockN / 8, 8, 1>> {};
+template <int kBlockM, int kBlockN>
+struct BwdTileShapes<3, kBlockM, kBlockN> : BwdTiles<Box<kBlockM / 16, 4, 4>, Box<4, 4, kBlockN / 16>> {};
+
+// The backward's tile configurations (the user's backward_q_tile_shape / backward_kv_tile_shape pick
+// one; the dQ kernel keeps its tiles). Alternatives to the compact default for windows much shorter
+// on the first axis than on the others (e.g. 3x13x13 video windows, 7x31 in 2-D): the inverse
+// neighbourhood of a KV box of extents e has about prod(e_a + k_a - 1) queries, so flatter boxes
+// (2-D: 16 keys along the last axis; 3-D: one or two key planes of 8x8) meet fewer of them there.
+// 1-D has the default only. kBlockM / kBlockN: the kernel set's queries per step and keys per CTA.
+template <int kRank, int kBlockM, int kBlockN>
+struct BwdTileConfigs : TileConfigs<BwdTileShapes<kRank, kBlockM, kBlockN>> {};
+template <int kBlockM, int kBlockN>
+struct BwdTileConfigs<2, kBlockM, kBlockN>
+    : TileConfigs<BwdTileShapes<2, kBlockM, kBlockN>, BwdTiles<Box<kBlockM / 16, 16, 1>, Box<kBlockN / 16, 16, 1>>> {};
+template <int kBlockM, int kBlockN>
+struct BwdTileConfigs<3, kBlockM, kBlockN>
+    : TileConfigs<BwdTileShapes<3, kBlockM, kBlockN>,
+                  BwdTiles<Box<kBlockM / 32, 4, 8>, Box<kBlockN / 64, 8, 8>>> {};
+
+// Portable dK/dV: 64 keys on 4 warps, Q tiles of 32 queries (head dims over 64: dK + dV + S + dP
+// within 255 registers) or 64. Hopper dK/dV: 128 keys on two warpgroups, Q tiles of 64.
+template <int kHeadDim>
+constexpr int kPortableBwdBlockM = kHeadDim > 64 ? 32 : 64;
+template <int kHeadDim, int kRank>
+using PortableBwdTiles = BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64>;
+template <int kRank>
+using HopperBwdTiles = BwdTileConfigs<kRank, 64, 128>;
 
 // Host-side description of one configuration (extents per axis; axes past the rank are 1).
 struct TileConfigDesc {

@@ -3,8 +3,8 @@
 Fields follow ``flax.linen.MultiHeadDotProductAttention`` (num_heads, qkv_features, out_features,
 use_bias, dtype, param_dtype, kernel_init, bias_init, dropout_rate, deterministic) plus the window
 parameters of ``jax_na.na{1,2,3}d``, ``backend``, the fused forward's ``q_tile_shape`` /
-``kv_tile_shape`` (None: the default; see ``jax_na.fused_tile_configs``) and
-``deterministic_backward`` (``na{1,2,3}d``'s: False lets the Hopper fused backward add dQ with
+``kv_tile_shape`` and the fused backward's ``backward_q_tile_shape`` / ``backward_kv_tile_shape``
+(None: the default; see ``jax_na.fused_tile_configs``) and ``deterministic_backward`` (``na{1,2,3}d``'s: False lets the Hopper fused backward add dQ with
 atomics, a few percent faster; ``deterministic`` is dropout's, as in Flax).
 
 Without ``rel_pos_bias`` a layer calls ``na{1,2,3}d`` (the fused kernels where the backend, or the
@@ -56,6 +56,8 @@ class _NeighborhoodAttention(nn.Module):
     q_tile_shape: Optional[Sequence[int]] = None
     kv_tile_shape: Optional[Sequence[int]] = None
     deterministic_backward: bool = True
+    backward_q_tile_shape: Optional[Sequence[int]] = None
+    backward_kv_tile_shape: Optional[Sequence[int]] = None
 
     rank: ClassVar[int] = 0
 
@@ -83,10 +85,14 @@ class _NeighborhoodAttention(nn.Module):
         v = dense(features=(kv_heads, head_dim), name="value")(x)
 
         if self.rel_pos_bias:
-            if self.q_tile_shape is not None or self.kv_tile_shape is not None:
-                raise ValueError("q_tile_shape / kv_tile_shape choose the fused kernels' tiles, which "
-                                 "rel_pos_bias=True does not run (it runs the unfused qk/softmax/av ops): "
-                                 "leave them None, or set rel_pos_bias=False")
+            tiles = {n: getattr(self, n) for n in ("q_tile_shape", "kv_tile_shape", "backward_q_tile_shape",
+                                                   "backward_kv_tile_shape")}
+            if any(t is not None for t in tiles.values()):
+                given = ", ".join(n for n, t in tiles.items() if t is not None)
+                raise ValueError(f"{given} choose the fused kernels' tiles, which rel_pos_bias=True does not "
+                                 "run (it runs the unfused qk/softmax/av ops): leave q_tile_shape, "
+                                 "kv_tile_shape, backward_q_tile_shape and backward_kv_tile_shape None, or "
+                                 "set rel_pos_bias=False")
             if self.backend in _checks.FUSED_BACKENDS:
                 unfused = ", ".join(repr(b) for b in _checks.UNFUSED_BACKENDS)
                 raise ValueError("rel_pos_bias=True runs the unfused qk/softmax/av ops, which the fused "
@@ -112,7 +118,9 @@ class _NeighborhoodAttention(nn.Module):
             y = na(q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
                    is_causal=self.is_causal, scale=self.scale, backend=self.backend,
                    q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape,
-                   deterministic_backward=self.deterministic_backward)
+                   deterministic_backward=self.deterministic_backward,
+                   backward_q_tile_shape=self.backward_q_tile_shape,
+                   backward_kv_tile_shape=self.backward_kv_tile_shape)
 
         out = nn.DenseGeneral(features=self.out_features or features, axis=(-2, -1), dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=self.kernel_init,

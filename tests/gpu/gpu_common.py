@@ -78,11 +78,14 @@ def rel(a, b, tol, what):
 # ----------------------------------------------------------------------------- one case, checked
 
 @functools.lru_cache(maxsize=None)
-def na_fns(case, backend, deterministic_backward=None):
+def na_fns(case, backend, deterministic_backward=None, bwd_tiles=None):
     """jitted (out, lse, grads) of na{r}d for a case: one compile per (case, backend, dtype);
-    ``deterministic_backward``: passed on unless None (na{r}d's default)."""
+    ``deterministic_backward``: passed on unless None (na{r}d's default); ``bwd_tiles``: None or
+    (backward_q_tile_shape, backward_kv_tile_shape)."""
     fn = helpers.na_fn(case.rank)
     det = {} if deterministic_backward is None else dict(deterministic_backward=deterministic_backward)
+    if bwd_tiles is not None:
+        det.update(backward_q_tile_shape=bwd_tiles[0], backward_kv_tile_shape=bwd_tiles[1])
 
     def run(q, k, v, ak, av, ct_o, ct_l):
         def f(q, k, v, ak, av):
@@ -104,7 +107,18 @@ def random_inputs(case, dtype, seed):
     return q, k, v, ak, av, ct_o, ct_l
 
 
-def adds_dq(case, backend, dtype, deterministic_backward=None) -> bool:
+def bwd_tiles_of(case, backend, dtype, bwd_tiles=None):
+    """The backward's FusedTiles a call resolves to (None: the defaults); ``bwd_tiles`` as na_fns'."""
+    from jax_na import _checks
+
+    q = jax.ShapeDtypeStruct((1, *case.spatial, case.H, case.D), jnp.dtype(dtype))
+    v = jax.ShapeDtypeStruct((1, *case.spatial, case.Hkv, case.Dv), jnp.dtype(dtype))
+    bq, bkv = bwd_tiles or (None, None)
+    ks = case.kernel_size if isinstance(case.kernel_size, (tuple, list)) else (case.kernel_size,) * case.rank
+    return _checks.bwd_tiles_args(case.rank, q, v, backend or "auto", bq, bkv, tuple(ks))
+
+
+def adds_dq(case, backend, dtype, deterministic_backward=None, bwd_tiles=None) -> bool:
     """Whether the call's fused backward adds dQ with atomics (na{r}d's deterministic_backward=False
     on the Hopper kernels): its dq is then not bitwise reproducible."""
     from jax_na import _checks
@@ -113,15 +127,16 @@ def adds_dq(case, backend, dtype, deterministic_backward=None) -> bool:
         return False
     P = _checks.fused_head_dim(case.D, case.Dv, dtype, backend)
     ks = case.kernel_size if isinstance(case.kernel_size, (tuple, list)) else (case.kernel_size,) * case.rank
-    return P is not None and _checks.fused_bwd_adds_dq(dtype, P, int(np.prod(ks)), backend)
+    return P is not None and _checks.fused_bwd_adds_dq(dtype, P, int(np.prod(ks)), backend,
+                                                       bwd_tiles_of(case, backend, dtype, bwd_tiles))
 
 
-def check_case(case, backend, dtype, seed, deterministic_backward=None):
+def check_case(case, backend, dtype, seed, deterministic_backward=None, bwd_tiles=None):
     """out, lse and every gradient of ``backend`` against the float64 reference on the same (upcast)
     inputs, with poisoned memory, and bitwise equal over two runs (deterministic; dq only where the
-    backward is: adds_dq)."""
+    backward is: adds_dq, which this returns). ``bwd_tiles`` as na_fns'."""
     args = random_inputs(case, dtype, seed)
-    run = na_fns(case, backend, deterministic_backward)
+    run = na_fns(case, backend, deterministic_backward, bwd_tiles)
     # 1) a first run on other fresh random inputs, 2) poison, 3) the run under test, 4) poison, 5) again
     jax.block_until_ready(run(*random_inputs(case, dtype, seed + 1000)))
     poison_device_memory()
@@ -131,22 +146,23 @@ def check_case(case, backend, dtype, seed, deterministic_backward=None):
 
     assert out.dtype == jnp.dtype(dtype) and lse.dtype == jnp.float32
     ref_out, ref_lse, ref_grads = na_fns(case, "reference")(*(to64(a) for a in args))
-    tol, lse_tol = tolerances(backend, dtype)
+    tol, lse_tol = tolerances(backend or "fused", dtype)
     rel(out, ref_out, tol, f"out {case.id}")
     rel(lse, ref_lse, lse_tol, f"lse {case.id}")
     names = ["dq", "dk", "dv", "d_additional_keys", "d_additional_values"]
     assert len(grads) == len(ref_grads)
-    for name, g, rg in zip(names, grads, ref_grads):
-        assert g.dtype == jnp.dtype(dtype), name
+    for name, g, rg, x in zip(names, grads, ref_grads, args):
+        assert g.dtype == jnp.dtype(dtype) and g.shape == x.shape, name
         rel(g, rg, tol, f"{name} {case.id}")
     # bitwise deterministic across runs (the second run's dq against the reference where it is not)
-    atomic_dq = adds_dq(case, backend, dtype, deterministic_backward)
+    atomic_dq = adds_dq(case, backend, dtype, deterministic_backward, bwd_tiles)
     for name, a, b in zip(["out", "lse"] + names, [out, lse, *grads], [out2, lse2, *grads2]):
         if name == "dq" and atomic_dq:
             rel(b, ref_grads[0], tol, f"dq {case.id} (second run)")
             continue
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
                                       err_msg=f"{name} not deterministic")
+    return atomic_dq
 
 
 # ----------------------------------------------------------------------------- unfused ops, checked

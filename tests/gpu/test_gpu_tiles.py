@@ -10,6 +10,13 @@ configuration sees all four). Forward only (out and lse), with poisoned memory, 
 two runs. Then "fused" (auto) on every configuration of either set (it runs the set that has it), and
 the gradient through na2d with a non-default Q tile (the backward keeps its own tiles: this checks the
 custom_vjp plumbing). Tolerances: gpu_common.tolerances (TOL for out and gradients, 1e-5 for the LSE).
+
+The backward section does the same for the backward's configurations (backward_q_tile_shape /
+backward_kv_tile_shape, listed by jax_na.fused_tile_configs(..., backward=True)): each one of each
+kernel set, pinned by name with both shapes given, on geometries that stress the dK/dV kernel's
+tiling, every gradient against the float64 reference (poisoned memory, bitwise equal over two runs);
+the Hopper set's alternatives with deterministic_backward=False (atomic dQ); and "fused" with the
+shapes of either set (a portable-only configuration then adds dQ without atomics).
 """
 
 import dataclasses
@@ -23,7 +30,8 @@ import pytest
 
 import helpers
 import jax_na
-from gpu_common import poison_device_memory, random_inputs, rel, to64, tolerances
+from gpu_common import (adds_dq, bwd_tiles_of, check_case, na_fns, poison_device_memory, random_inputs, rel,
+                        to64, tolerances)
 from helpers import Case
 
 pytestmark = pytest.mark.gpu
@@ -217,3 +225,136 @@ def test_grad_with_non_default_q_tile(kernel_set):
     for name, g, r, x in zip(["dq", "dk", "dv", "d_additional_keys", "d_additional_values"], got, ref, args):
         assert g.dtype == jnp.dtype(dtype) and g.shape == x.shape, name
         rel(g, r, tol, f"{name} {case.id} q_tile {q_tile_shape} on {kernel_set}")
+
+
+# ----------------------------------------------------------------------------- the backward's tiles
+
+# Geometries for the backward's key-stationary dK/dV kernel (backward_q_tile_shape: the queries it
+# takes per step; backward_kv_tile_shape: the keys a CTA owns): spatial sizes no multiple of any KV
+# tile (so the last CTAs own partial boxes), kernel sizes asymmetric per axis (inverse neighbourhoods
+# longer on one axis), dilation, stride, per-axis causal masks, GQA (dK/dV summed over the query
+# heads of a KV head), additional keys/values (their gradients from the same kernel), a window much
+# shorter on the first axis (what the flatter alternatives are for).
+BWD_GEOMETRIES = {
+    1: [
+        Case((300,), 17, B=2, H=4, Hkv=2, Na=5),
+        Case((257,), 33, stride=4, dilation=3, is_causal=True, H=2, Hkv=1),
+    ],
+    2: [
+        Case((37, 29), (3, 7), B=2, H=4, Hkv=2, Na=5),
+        Case((29, 37), (7, 3), stride=(2, 1), dilation=(1, 2), is_causal=(True, False), H=2, Hkv=1),
+        Case((19, 70), (3, 31), stride=(1, 4), dilation=(2, 1), is_causal=(False, True), H=2, Hkv=1, Na=3),
+    ],
+    3: [
+        Case((6, 13, 19), (3, 5, 7), B=2, H=4, Hkv=2, Na=5),
+        Case((9, 12, 10), (5, 3, 7), stride=(1, 3, 2), dilation=(1, 2, 1), is_causal=(True, False, True), H=2,
+             Hkv=1),
+        Case((4, 18, 23), (3, 9, 11), dilation=(1, 2, 2), is_causal=(True, False, False), H=4, Hkv=1, Na=3),
+    ],
+}
+def check_backward(case, backend, dtype, bq, bkv, seed, deterministic_backward=True):
+    """gpu_common.check_case with these backward tile shapes (every gradient against the float64
+    reference, poisoned memory, bitwise equal over two runs where dQ is added without atomics), after
+    checking the lowered backward call carries the configuration. Returns whether the backward
+    added dQ with atomics."""
+    tiles = bwd_tiles_of(case, backend, dtype, (bq, bkv))
+    assert tiles is not None
+    atomic = adds_dq(case, backend, dtype, deterministic_backward, (bq, bkv))
+    if not ON_CPU:   # the shapes reach the kernels: the backward call's attributes
+        run = na_fns(case, backend, deterministic_backward, (bq, bkv))
+        text = run.lower(*random_inputs(case, dtype, seed)).as_text()
+        lines = [ln for ln in text.splitlines() if "@jax_na_fused_bwd(" in ln]
+        assert lines, "no jax_na_fused_bwd call"
+        for ln in lines:
+            for name, want in (("arch", tiles.arch), ("tiles_sm80", tiles.sm80), ("tiles_sm90", tiles.sm90),
+                               ("deterministic", int(not atomic))):
+                assert f"{name} = {want} : i64" in ln, (name, want, ln)
+    assert check_case(case, backend, dtype, seed, deterministic_backward, (bq, bkv)) == atomic
+    return atomic
+
+
+def _bwd_config_params():
+    """(kernel set, rank, configuration index, geometry index) for every compiled backward
+    configuration and geometry; the (dtype, head dim) combination (g + c) % 4 (the portable set's
+    configuration c is another shape at head dim 64 than at 128: each sees both)."""
+    params = []
+    for kernel_set in KERNEL_SETS:
+        for rank in (1, 2, 3):
+            for g in range(len(BWD_GEOMETRIES[rank])):
+                for c in range(len(jax_na.fused_tile_configs(rank, "bfloat16", 128, backward=True)[kernel_set])):
+                    dtype, D = COMBOS[(g + c) % len(COMBOS)]
+                    q, kv = jax_na.fused_tile_configs(rank, dtype, D, backward=True)[kernel_set][c]
+                    params.append(pytest.param(
+                        kernel_set, rank, c, g,
+                        id=f"{kernel_set}-{rank}d-c{c}-q{_shape_id(q)}-kv{_shape_id(kv)}-"
+                           f"{jnp.dtype(dtype).name}-D{D}-g{g}"))
+    return params
+
+
+@pytest.mark.parametrize("kernel_set,rank,c,g", _bwd_config_params())
+def test_every_backward_configuration(kernel_set, rank, c, g):
+    """Backward configuration c of ``kernel_set`` (both backward shapes given, backend pinned) on
+    geometry g: every gradient against the float64 reference."""
+    backend = _backend(kernel_set)
+    dtype, D = COMBOS[(g + c) % len(COMBOS)]
+    configs = jax_na.fused_tile_configs(rank, dtype, D, backward=True)[kernel_set]
+    assert len(configs) == (1 if rank == 1 else 2)
+    bq, bkv = configs[c]
+    case = _with_head_dim(BWD_GEOMETRIES[rank][g], D)
+    check_backward(case, backend, dtype, bq, bkv, seed=helpers.seed_of(case) + 7 * c)
+
+
+def _hopper_alt_params():
+    params = []
+    for rank in (2, 3):
+        for c, (q, kv) in enumerate(jax_na.fused_tile_configs(rank, "bfloat16", 128, backward=True)["fused_sm90"]):
+            if c == 0:
+                continue
+            for g, (dtype, D) in enumerate([(jnp.bfloat16, 128), (jnp.float16, 64)]):
+                params.append(pytest.param(rank, c, g, dtype, D, id=f"{rank}d-c{c}-q{_shape_id(q)}-kv{_shape_id(kv)}-"
+                                                                    f"{jnp.dtype(dtype).name}-D{D}-g{g}"))
+    return params
+
+
+@pytest.mark.parametrize("rank,c,g,dtype,D", _hopper_alt_params())
+def test_hopper_backward_configurations_atomic_dq(rank, c, g, dtype, D):
+    """The Hopper set's alternative backward configurations with deterministic_backward=False: its
+    dK/dV kernel then adds dQ with float atomics (dq checked against the reference on both runs; dk,
+    dv and the additional keys'/values' gradients still bitwise reproducible)."""
+    backend = _backend("fused_sm90")
+    bq, bkv = jax_na.fused_tile_configs(rank, dtype, D, backward=True)["fused_sm90"][c]
+    case = _with_head_dim(BWD_GEOMETRIES[rank][g], D)
+    atomic = check_backward(case, backend, dtype, bq, bkv, seed=helpers.seed_of(case) + 11,
+                            deterministic_backward=False)
+    assert atomic == (not ON_CPU)   # pinned to the Hopper kernels: always atomic dQ on the GPU
+
+
+def _auto_bwd_params():
+    listed = jax_na.fused_tile_configs(2, "bfloat16", 128, backward=True)
+    union = list(dict.fromkeys(listed["fused_sm80"] + listed["fused_sm90"]))
+    params = [pytest.param(q, kv, id=f"q{_shape_id(q)}-kv{_shape_id(kv)}") for q, kv in union]
+    params.append(pytest.param(None, union[-1][1], id=f"qany-kv{_shape_id(union[-1][1])}"))
+    return params
+
+
+@pytest.mark.parametrize("bq,bkv", _auto_bwd_params())
+def test_auto_backend_with_backward_tiles(bq, bkv):
+    """backend "fused" with the backward shapes of either set and deterministic_backward=False
+    (bfloat16, head dim 128, where "fused" runs the Hopper backward on a compute capability 9.0 GPU):
+    it runs the set that has them, a configuration only the portable set has without atomics (dq
+    bitwise reproducible), one of the Hopper set only with them (elsewhere a ValueError naming it)."""
+    listed = jax_na.fused_tile_configs(2, "bfloat16", 128, backward=True)
+    has = lambda s: any(bq in (None, q) and bkv in (None, kv) for q, kv in listed[s])
+    assert has("fused_sm80") != has("fused_sm90")   # at head dim 128 no backward shape is in both sets
+    case = _with_head_dim(BWD_GEOMETRIES[2][0], 128)
+    backend = None if ON_CPU else "fused"
+    if not ON_CPU and has("fused_sm90") and "fused_sm90" not in jax_na.available_backends():
+        q = jnp.zeros((1, *case.spatial, 2, 128), jnp.bfloat16)
+        with pytest.raises(ValueError, match="Hopper") as ei:
+            helpers.na_fn(2)(q, q, q, case.kernel_size, backend=backend, backward_q_tile_shape=bq,
+                             backward_kv_tile_shape=bkv)
+        assert "backward_kv_tile_shape" in str(ei.value)
+        return
+    atomic = check_backward(case, backend, jnp.bfloat16, bq, bkv, seed=helpers.seed_of(case) + 3,
+                            deterministic_backward=False)
+    assert atomic == (has("fused_sm90") and not ON_CPU)
