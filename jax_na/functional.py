@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_na import _checks
 from jax_na.primitives import av_bwd_p, av_p, bwd_p, fwd_p, qk_bwd_p, qk_p
@@ -378,8 +379,9 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
         raise ValueError(f"rank must be 1, 2 or 3, got {rank!r}")
     if not any(jnp.dtype(dtype) == jnp.dtype(d) for d in _checks.FLOAT_DTYPES):
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
-    if not isinstance(backward, bool):
+    if not isinstance(backward, (bool, np.bool_)):
         raise ValueError(f"backward must be True or False, got {backward!r}")
+    backward = bool(backward)
     out = {}
     for backend, kernel_set in (("fused_sm80", "sm80"), ("fused_sm90", "sm90")):
         P = _checks.fused_head_dim(head_dim, head_dim, dtype, backend) if isinstance(head_dim, int) else None

@@ -127,6 +127,14 @@ def test_listing_backward_must_be_a_bool(value):
     assert "backward" in str(ei.value) and repr(value) in str(ei.value), str(ei.value)
 
 
+def test_listing_backward_takes_numpy_bools():
+    """numpy bools are bools (as deterministic_backward's)."""
+    for value in (True, False):
+        assert (jax_na.fused_tile_configs(2, "bfloat16", 128, backward=np.bool_(value))
+                == jax_na.fused_tile_configs(2, "bfloat16", 128, backward=value))
+    assert jax_na.fused_tile_configs(2, backward=np.bool_(True)) != jax_na.fused_tile_configs(2)
+
+
 # (the other bad arguments with backward=True: test_tiles.py's test_listing_bad_arguments)
 
 
