@@ -63,11 +63,12 @@ FUSED_FWD_TILES = {
                          3: (((4, 4, 8), (2, 8, 4)), ((2, 8, 8), (1, 8, 8)))},
 }
 # The fused backward's compiled tile configurations: (backward_q_tile_shape, backward_kv_tile_shape)
-# of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; the dQ
-# kernel keeps its tiles) per kernel set and rank, the default first. Portable: 64 keys per CTA, 32
-# queries per step at head dims over 64 (any dtype), 64 at head dim 64; Hopper (float16/bfloat16,
-# head dims 64 and 128): 128 keys per CTA, 64 queries per step. Mirrors BwdTileConfigs in
-# cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py checks the extension agrees).
+# of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; each
+# configuration also sets the dQ kernel's tiles) per kernel set and rank, the default first.
+# Portable: 64 keys per CTA, 32 queries per step at head dims over 64 (any dtype), 64 at head dim
+# 64; Hopper (float16/bfloat16, head dims 64 and 128): 128 keys per CTA, 64 queries per step.
+# Mirrors BwdTileConfigs in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py checks the extension
+# agrees).
 FUSED_BWD_TILES = {
     ("sm80", 32): {1: (((32,), (64,)),),
                    2: (((4, 8), (8, 8)), ((2, 16), (4, 16))),

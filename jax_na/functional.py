@@ -220,7 +220,7 @@ _NA_DOC = """{rank}-D neighborhood attention.
         (e.g. head dim 32 or 64 with small windows) are deterministic either way.
       backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
         each CTA of its key-stationary dK/dV kernel owns (kv) and the queries it takes per step
-        (q); the dQ kernel keeps its tiles. Listed in
+        (q); each configuration also sets the dQ kernel's tiles. Listed in
         ``jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True)`` and checked as the
         forward's; the alternatives are flatter boxes, for windows much shorter along the first
         axis than along the others. None: chosen per call: each kernel set's default, except the

@@ -119,49 +119,76 @@ template <>
 struct HopperFwdTiles<3>
     : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, Tiles<Box<2, 8, 8>, Box<1, 4, 4>, Box<1, 8, 8>>> {};
 
-// Key-stationary backward (dK/dV kernel) tilings: the KV tile a CTA owns (kBlockN keys) and the Q
-// tile of its inverse neighbourhood it takes per step (kBlockM queries).
-template <class QTile_, class KVTile_>
+// Backward tilings: the KV tile a CTA of the key-stationary dK/dV kernel owns (kBlockN keys), the Q
+// tile of its inverse neighbourhood it takes per step (kBlockM queries), and the Tiles of the
+// query-stationary dQ kernel (128 queries on 8 warps over KV tiles of kDqBlockN keys), which go with
+// them: a configuration is one choice for the whole backward.
+template <class QTile_, class KVTile_, class DqTiles_>
 struct BwdTiles {
   using QTile = QTile_;
   using KVTile = KVTile_;
+  using DqTiles = DqTiles_;
 };
+
+// Keys per dQ-kernel KV tile: portable 32 (dQ, S and dP accumulators of 128 queries in registers),
+// Hopper 64 (wgmma N = 64 for S and dP).
+constexpr int kPortableDqBlockN = 32;
+constexpr int kHopperDqBlockN = 64;
+
+// The dQ kernel's default tiles: the forward's shapes, except in 3-D, where 4x4x8 queries over
+// 2 x (kDqBlockN / 8) x 4 keys (warps of 1x4x4) visit fewer key tiles per warp than 2x8x8 over
+// (kDqBlockN / 16) x 4 x 4 for windows short on the first axis (H200, bf16, D = 128, fwd+bwd:
+// p3 10.41 -> 10.27 ms portable, 6.52 -> 6.36 Hopper; p10 -1% / -2%; p8 equal; cuda/fused/NOTES.md).
+template <int kRank, int kDqBlockN>
+struct DqTileShapes : TileShapes<kRank, kDqBlockN, 8> {};
+template <int kDqBlockN>
+struct DqTileShapes<3, kDqBlockN> : Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, kDqBlockN / 8, 4>> {};
 
 // Default backward boxes per rank: compact (an axis of extent e with window k meets about e + k - 1
 // queries); 3-D keys take the longer extent on the last axis.
-template <int kRank, int kBlockM, int kBlockN>
+template <int kRank, int kBlockM, int kBlockN, int kDqBlockN = kPortableDqBlockN>
 struct BwdTileShapes;
-template <int kBlockM, int kBlockN>
-struct BwdTileShapes<1, kBlockM, kBlockN> : BwdTiles<Box<kBlockM, 1, 1>, Box<kBlockN, 1, 1>> {};
-template <int kBlockM, int kBlockN>
-struct BwdTileShapes<2, kBlockM, kBlockN> : BwdTiles<Box<kBlockM / 8, 8, 1>, Box<kBlockN / 8, 8, 1>> {};
-template <int kBlockM, int kBlockN>
-struct BwdTileShapes<3, kBlockM, kBlockN> : BwdTiles<Box<kBlockM / 16, 4, 4>, Box<4, 4, kBlockN / 16>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN>
+struct BwdTileShapes<1, kBlockM, kBlockN, kDqBlockN>
+    : BwdTiles<Box<kBlockM, 1, 1>, Box<kBlockN, 1, 1>, DqTileShapes<1, kDqBlockN>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN>
+struct BwdTileShapes<2, kBlockM, kBlockN, kDqBlockN>
+    : BwdTiles<Box<kBlockM / 8, 8, 1>, Box<kBlockN / 8, 8, 1>, DqTileShapes<2, kDqBlockN>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN>
+struct BwdTileShapes<3, kBlockM, kBlockN, kDqBlockN>
+    : BwdTiles<Box<kBlockM / 16, 4, 4>, Box<4, 4, kBlockN / 16>, DqTileShapes<3, kDqBlockN>> {};
 
 // The backward's tile configurations (the user's backward_q_tile_shape / backward_kv_tile_shape pick
-// one; the dQ kernel keeps its tiles). Alternatives to the compact default for windows much shorter
-// on the first axis than on the others (e.g. 3x13x13 video windows, 7x31 in 2-D): the inverse
-// neighbourhood of a KV box of extents e has about prod(e_a + k_a - 1) queries, so flatter boxes
-// (2-D: 16 keys along the last axis; 3-D: one or two key planes of 8x8) meet fewer of them there.
-// 1-D has the default only. kBlockM / kBlockN: the kernel set's queries per step and keys per CTA.
-template <int kRank, int kBlockM, int kBlockN>
-struct BwdTileConfigs : TileConfigs<BwdTileShapes<kRank, kBlockM, kBlockN>> {};
-template <int kBlockM, int kBlockN>
-struct BwdTileConfigs<2, kBlockM, kBlockN>
-    : TileConfigs<BwdTileShapes<2, kBlockM, kBlockN>, BwdTiles<Box<kBlockM / 16, 16, 1>, Box<kBlockN / 16, 16, 1>>> {};
-template <int kBlockM, int kBlockN>
-struct BwdTileConfigs<3, kBlockM, kBlockN>
-    : TileConfigs<BwdTileShapes<3, kBlockM, kBlockN>,
-                  BwdTiles<Box<kBlockM / 32, 4, 8>, Box<kBlockN / 64, 8, 8>>> {};
+// one). Alternatives to the compact default for windows much shorter on the first axis than on the
+// others (e.g. 3x13x13 video windows, 7x31 in 2-D): the inverse neighbourhood of a KV box of
+// extents e has about prod(e_a + k_a - 1) queries, so flatter boxes (2-D: 16 keys along the last
+// axis; 3-D: one or two key planes of 8x8) meet fewer of them there; their dQ kernel takes Q tiles
+// longer on the last axes too (2-D 8x16 over (kDqBlockN / 16) x 16; 3-D 2x8x8 over 1x4x8 keys
+// portable, 4x4x4 Hopper: 3x13x13 over 16x32x32 portable 4.91 -> 4.80 ms; flatter Hopper keys lost
+// 3%). 1-D has the default only. kBlockM / kBlockN: the kernel set's queries per step and keys per
+// CTA of the dK/dV kernel.
+template <int kRank, int kBlockM, int kBlockN, int kDqBlockN = kPortableDqBlockN>
+struct BwdTileConfigs : TileConfigs<BwdTileShapes<kRank, kBlockM, kBlockN, kDqBlockN>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN>
+struct BwdTileConfigs<2, kBlockM, kBlockN, kDqBlockN>
+    : TileConfigs<BwdTileShapes<2, kBlockM, kBlockN, kDqBlockN>,
+                  BwdTiles<Box<kBlockM / 16, 16, 1>, Box<kBlockN / 16, 16, 1>,
+                           Tiles<Box<8, 16, 1>, Box<2, 8, 1>, Box<kDqBlockN / 16, 16, 1>>>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN>
+struct BwdTileConfigs<3, kBlockM, kBlockN, kDqBlockN>
+    : TileConfigs<BwdTileShapes<3, kBlockM, kBlockN, kDqBlockN>,
+                  BwdTiles<Box<kBlockM / 32, 4, 8>, Box<kBlockN / 64, 8, 8>,
+                           Tiles<Box<2, 8, 8>, Box<1, 4, 4>,
+                                 std::conditional_t<kDqBlockN == 32, Box<1, 4, 8>, Box<kDqBlockN / 16, 4, 4>>>>> {};
 
 // Portable dK/dV: 64 keys on 4 warps, Q tiles of 32 queries (head dims over 64: dK + dV + S + dP
 // within 255 registers) or 64. Hopper dK/dV: 128 keys on two warpgroups, Q tiles of 64.
 template <int kHeadDim>
 constexpr int kPortableBwdBlockM = kHeadDim > 64 ? 32 : 64;
 template <int kHeadDim, int kRank>
-using PortableBwdTiles = BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64>;
+using PortableBwdTiles = BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64, kPortableDqBlockN>;
 template <int kRank>
-using HopperBwdTiles = BwdTileConfigs<kRank, 64, 128>;
+using HopperBwdTiles = BwdTileConfigs<kRank, 64, 128, kHopperDqBlockN>;
 
 // Host-side description of one configuration (extents per axis; axes past the rank are 1).
 struct TileConfigDesc {

@@ -11,17 +11,17 @@
 namespace jax_na {
 namespace fused {
 
-// dQ: 128-query tiles on two warpgroups (64 rows each), 64-key tiles (wgmma N = 64 for S and dP).
-// dK/dV: 128 keys on two warpgroups, Q tiles of 64 queries (dK + dV + S^T + dP^T: 192 accumulator
-// registers per thread at D = 128), boxed as the configuration args.tiles_sm90 asks for
-// (HopperBwdTiles). With a dq_accum buffer (non-deterministic mode) the dK/dV kernel adds dQ there
-// too, and the dQ kernel, which recomputes S and dP, does not run.
+// The tile configuration args.tiles_sm90 asks for (HopperBwdTiles): dQ on 128-query tiles on two
+// warpgroups (64 rows each) over 64-key tiles (wgmma N = 64 for S and dP); dK/dV: 128 keys on two
+// warpgroups, Q tiles of 64 queries (dK + dV + S^T + dP^T: 192 accumulator registers per thread at
+// D = 128). With a dq_accum buffer (non-deterministic mode) the dK/dV kernel adds dQ there too, and
+// the dQ kernel, which recomputes S and dP, does not run.
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
-  using DqTraits = FwdTraits<kDType, kHeadDim, kRank, 64, 8>;
   using Configs = HopperBwdTiles<kRank>;
   return with_tile_config<Configs>(args.tiles_sm90, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
+    using DqTraits = FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, 8, 2, typename Shapes::DqTiles>;
     auto launch = [&](auto dq_in_kernel) {
       using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, decltype(dq_in_kernel)::value, Shapes>;
       return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
