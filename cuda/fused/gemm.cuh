@@ -66,6 +66,7 @@ __device__ __forceinline__ auto a_row_col(Layout l) {
 //   wait<kPending>(frags)  completes the products issued (a no-op here: these run synchronously),
 //   fence_smem_writes()    orders this thread's completed cp.async writes before the MMAs' reads.
 // kWarpsPerMma: warps that must issue a product together (1 here, a warpgroup on Hopper).
+// kTmaLoads: the dK/dV kernel loads its Q/dO tiles by TMA where the problem allows (Hopper only).
 template <class Traits>
 struct Sm80Gemm {
   template <class OtherTraits>
@@ -73,6 +74,7 @@ struct Sm80Gemm {
   using Element = typename Traits::Element;
   static constexpr int kD = Traits::kHeadDim;
   static constexpr int kWarpsPerMma = 1;
+  static constexpr bool kTmaLoads = false;  // every tile by cp.async (portable)
   typename Traits::TiledMma mma;
   int tid;
   __device__ __forceinline__ explicit Sm80Gemm(int tid_) : tid(tid_) {}

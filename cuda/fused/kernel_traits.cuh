@@ -188,7 +188,8 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   // kDqInKernel the query rows' element offsets (int64).
   static constexpr int kSmemSmallStage = 2 * kBlockM * 4 + kBlockM * kRank * 8 + (kDqInKernel ? kBlockM * 8 : 0);
   static constexpr int kSmemSched = 256;
-  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + 2 * kSmemSmallStage + kSmemSched;
+  static constexpr int kSmemBars = 2 * 8;  // an mbarrier per Q/dO stage (TMA loads)
+  static constexpr int kSmemBytes = 2 * kSmemKV + 4 * kSmemQ + kSmemDS + 2 * kSmemSmallStage + kSmemSched + kSmemBars;
 };
 
 }  // namespace fused

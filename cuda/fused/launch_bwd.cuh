@@ -51,6 +51,12 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   kp.d_add_k = args.d_add_k;
   kp.d_add_v = args.d_add_v;
   kp.dq_accum = KVTraits::kDqInKernel ? args.dq_accum : nullptr;
+  // The Hopper kernels' K/V (dQ) and Q/dO (dK/dV) tiles by TMA where the problem takes the maps (no
+  // dilation).
+  kp.kv_tma = 0;
+  kp.q_tma = 0;
+  if constexpr (DqGemm::kTmaLoads) kp.kv_tma = encode_kv_tensor_maps<DqTraits>(pr, args.k, args.v, &kp.kv_maps);
+  if constexpr (KVGemm::kTmaLoads) kp.q_tma = encode_q_tile_maps<KVTraits>(pr, args.q, args.d_out, &kp.q_maps);
   kp.scale = args.scale;
   kp.scale_log2 = static_cast<float>(static_cast<double>(args.scale) * 1.4426950408889634);
 

@@ -3,7 +3,10 @@
 // One CTA = one KV tile of kBlockN keys (64 portable, 128 on Hopper; one batch item, kv head and
 // dilation group; or kBlockN additional keys). K and V stay in shared memory; the CTA walks the Q
 // tiles of its inverse neighbourhood for each of the G query heads of its kv head (KVScheduler,
-// QTileWalker), Q/dO/lse/delta double-buffered. Per Q tile, with the keys as MMA rows:
+// QTileWalker), Q/dO/lse/delta double-buffered: gathered with cp.async by every thread, or on
+// Hopper (Gemm::kTmaLoads, problems without dilation) Q/dO by one thread's TMA boxes, completing on
+// a per-stage mbarrier, so that the other threads only issue lse/delta. Per Q tile, with the keys
+// as MMA rows:
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dV += P^T dO,
 //   dS^T = P^T (dP^T - delta), dK += dS^T Q
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced
@@ -23,6 +26,8 @@
 #include "fused/copy.cuh"
 #include "fused/epilogue.cuh"
 #include "fused/gemm.cuh"  // Sm80Gemm
+#include "fused/hopper/pipeline.cuh"  // LoadStages2
+#include "fused/hopper/tma.cuh"
 #include "fused/kernel_traits.cuh"
 #include "fused/mask.cuh"
 #include "fused/params.cuh"
@@ -34,7 +39,8 @@ namespace fused {
 
 // Shared memory of the dK/dV kernel: K, V, two stages each of Q and dO (each tile at a multiple of
 // its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), then two
-// stages of (lse, delta, column windows, query row offsets) and the schedule.
+// stages of (lse, delta, column windows, query row offsets), the schedule and one mbarrier per
+// Q/dO stage (TMA loads).
 template <class Traits>
 struct DkdvSmem {
   static constexpr int kK = 0;
@@ -49,7 +55,8 @@ struct DkdvSmem {
   static constexpr int kRowOff = kWin + Traits::kBlockM * Traits::kRank * 8;
   static constexpr int kSmallStage = kRowOff + (Traits::kDqInKernel ? Traits::kBlockM * 8 : 0);
   static constexpr int kSched = kSmall + 2 * kSmallStage;
-  static constexpr int kBytes = kSched + Traits::kSmemSched;
+  static constexpr int kBars = kSched + Traits::kSmemSched;
+  static constexpr int kBytes = kBars + Traits::kSmemBars;
   static_assert(kBytes == Traits::kSmemBytes, "smem plan");
   static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0 && Traits::kSmemDS % 1024 == 0,
                 "tile alignment");
@@ -109,6 +116,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
   const int lane = tid % 32;
 
+  constexpr bool kTma = Gemm::kTmaLoads;
+  LoadStages2 q_stages(smem_raw + L::kBars);  // Q/dO stage s landed
+  if constexpr (kTma) {
+    if (tid == 0) q_stages.init();
+  }
   KS::compute(p.pr, p.kv_tiles, p.n_window_ctas, ks, tid);
   __syncthreads();
   if (!ks.live) return;  // uniform over the CTA
@@ -127,9 +139,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   auto issue_q = [&](int s) {
     int32_t org[3];
     load_walker.origin(ks, org);
+    bool tma = false;  // uniform over the CTA
+    if constexpr (kTma) {
+      tma = p.q_tma && !ks.is_add && box_fits_tma<Traits::kRank, typename Traits::QTile>(pr, org);
+      if (tid == 0) {
+        q_stages.arrive(s, tma ? 2 * Traits::kSmemQ : 0);
+        if (tma)
+          load_q_do_tma<Traits>(p.q_maps, pr, ks.hkv * pr.groups() + load_walker.head, static_cast<int32_t>(ks.b),
+                                org, sQ(s), sdO(s), &q_stages.bar[s]);
+      }
+    }
     auto gather = [&](const auto& rows) {
-      load_rows_pair<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
-          sQ(s), static_cast<const Element*>(p.q), sdO(s), static_cast<const Element*>(p.d_out), tid, rows);
+      if (!tma)
+        load_rows_pair<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
+            sQ(s), static_cast<const Element*>(p.q), sdO(s), static_cast<const Element*>(p.d_out), tid, rows);
       if (tid < kBlockM) {
         const int64_t off = rows(tid);
         const int64_t row = off >= 0 ? off / kD : 0;  // [B, N, H] row = element offset / D
@@ -177,6 +200,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (int32_t i = 0; i < n_iters; ++i) {
       const int s = i & 1;
       cp_async_wait<0>();
+      if constexpr (kTma) q_stages.wait(s);
       gemm.fence_smem_writes();
       __syncthreads();  // stage s (and K, V) visible; every warp done with stage s ^ 1
       if (i + 1 < n_iters) {

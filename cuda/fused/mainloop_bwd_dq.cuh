@@ -3,8 +3,10 @@
 // One CTA = one Q tile, the same tiles and KV-tile walk as the forward (TileScheduler, per-warp
 // skipping, mask-free full tiles). Per KV tile:
 //   S = Q K^T, dP = dO V^T, P = exp(scale S - lse) (masked), dS = P (dP - delta), dQ += dS K
-// with K/V double-buffered (tile n+1 loads while tile n computes). dQ = scale * sum; no atomics, so
-// the result is deterministic. dK/dV come from the key-stationary kernel (mainloop_bwd_dkdv.cuh).
+// with K/V double-buffered (tile n+1 loads while tile n computes): gathered with cp.async by every
+// thread, or on Hopper (Gemm::kTmaLoads, window tiles of problems without dilation) by one thread's
+// TMA boxes, completing on a per-stage mbarrier. dQ = scale * sum; no atomics, so the result is
+// deterministic. dK/dV come from the key-stationary kernel (mainloop_bwd_dkdv.cuh).
 // Head dims over 128 walk the KV tiles once per 128 dQ columns (Traits::kDPasses), recomputing S and
 // dP: 128 columns of dQ accumulators is what fits the register file beside them.
 #pragma once
@@ -17,6 +19,8 @@
 #include "fused/copy.cuh"
 #include "fused/epilogue.cuh"
 #include "fused/gemm.cuh"  // Sm80Gemm
+#include "fused/hopper/pipeline.cuh"  // LoadStages2
+#include "fused/hopper/tma.cuh"
 #include "fused/kernel_traits.cuh"
 #include "fused/mask.cuh"
 #include "fused/params.cuh"
@@ -26,7 +30,8 @@
 namespace jax_na {
 namespace fused {
 
-// Shared memory of the dQ kernel: Q, dO, two stages of K and V, row windows, schedule.
+// Shared memory of the dQ kernel: Q, dO, two stages of K and V, row windows, schedule, an mbarrier
+// per K/V stage (TMA loads).
 template <class Traits>
 struct DqSmem {
   static constexpr int kQ = 0;
@@ -35,7 +40,8 @@ struct DqSmem {
   static constexpr int kV = kK + 2 * Traits::kSmemKV;     // 2 stages
   static constexpr int kWin = kV + 2 * Traits::kSmemKV;
   static constexpr int kSched = kWin + Traits::kSmemWin;
-  static constexpr int kBytes = kSched + Traits::kSmemSched;
+  static constexpr int kBars = kSched + Traits::kSmemSched;
+  static constexpr int kBytes = kBars + 2 * 8;  // LoadStages2
 };
 
 // Gemm: the MMA policy (Sm80Gemm, or Sm90Gemm from hopper/gemm.cuh: then a warpgroup skips a KV tile
@@ -75,6 +81,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   const int lane = tid % 32;
   const int group_warp0 = warp / Gemm::kWarpsPerMma * Gemm::kWarpsPerMma;
 
+  constexpr bool kTma = Gemm::kTmaLoads;
+  LoadStages2 kv_stages(smem_raw + L::kBars);  // K/V stage s landed
+  if constexpr (kTma) {
+    if (tid == 0) kv_stages.init();
+  }
   TS::compute(p.pr, p.q_tiles, cs, tid);
   __syncthreads();
   if (!cs.live) return;  // uniform over the CTA
@@ -83,8 +94,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   auto q_row_offset = [&](int r) { return TS::q_row_offset(pr, cs, r); };
   KVTileWalker<Traits> kv_walker;
   auto load_kv = [&](int stage) {
-    kv_walker.issue(pr, cs, p.k, p.v, p.add_k, p.add_v, sK + stage * kKVElems, sV + stage * kKVElems,
-                    cs.flags[stage], tid);
+    Element* k_dst = sK + stage * kKVElems;
+    Element* v_dst = sV + stage * kKVElems;
+    int32_t org[3];
+    kv_walker.origin(cs, org);
+    bool tma = false;  // uniform over the CTA
+    if constexpr (kTma) {
+      tma = p.kv_tma && kv_walker.n < cs.n_window_tiles && kv_tile_fits_tma<Traits>(pr, org);
+      if (tid == 0) {
+        kv_stages.arrive(stage, tma ? kv_tile_tma_bytes<Traits>() : 0);
+        if (tma) load_kv_tma<Traits>(p.kv_maps, pr, cs, org, k_dst, v_dst, &kv_stages.bar[stage]);
+      }
+    }
+    if (!tma) TS::load_kv(pr, cs, kv_walker.n, org, p.k, p.v, p.add_k, p.add_v, k_dst, v_dst, tid);
+    kv_walker.publish(pr, cs, org, cs.flags[stage], tid);
+    kv_walker.advance(cs);
   };
 
   // Prologue: Q, dO, row windows, K/V tile 0.
@@ -117,6 +141,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
     for (int32_t n = 0; n < n_tiles; ++n) {
       const int stage = n & 1;
       cp_async_wait<0>();
+      if constexpr (kTma) kv_stages.wait(stage);
       gemm.fence_smem_writes();
       __syncthreads();  // K/V(n) visible; every warp done with stage (n + 1) & 1
       if (n + 1 < n_tiles) {

@@ -1,6 +1,8 @@
 // Kernel parameters of the fused kernels (passed by value as __grid_constant__).
 #pragma once
 
+#include <cuda.h>
+
 #include <cstdint>
 
 #include "geometry/window.cuh"
@@ -22,7 +24,22 @@ struct FwdKernelParams {
   int32_t q_tiles[3];  // Q tiles per axis: ceil(ceil(L / d) / QTile extent)
 };
 
+// TMA tensor maps (hopper/tma.cuh) of k and v over a query-stationary kernel's KV-tile boxes, and
+// of q and d_out over the key-stationary backward's Q-tile boxes.
+struct KVTensorMaps {
+  CUtensorMap k;
+  CUtensorMap v;
+};
+struct QTensorMaps {
+  CUtensorMap q;
+  CUtensorMap d_out;
+};
+
 struct BwdKernelParams {
+  // The Hopper backward kernels' tiles by TMA: the dQ kernel's K/V window tiles where kv_tma, the
+  // dK/dV kernel's Q/dO tiles where q_tma (unused otherwise).
+  KVTensorMaps kv_maps;
+  QTensorMaps q_maps;
   geo::Problem pr;
   const void* q;
   const void* k;
@@ -44,6 +61,8 @@ struct BwdKernelParams {
   int32_t q_tiles[3];      // dQ kernel: Q tiles per axis (as the forward)
   int32_t kv_tiles[3];     // dK/dV kernel: KV tiles per axis over the longest group
   int32_t n_window_ctas;   // dK/dV kernel: CTAs of window keys (then the additional-keys CTAs)
+  int32_t kv_tma;          // 1: kv_maps are set (Hopper dQ kernel, no dilation); 0: gathers
+  int32_t q_tma;           // 1: q_maps are set (Hopper dK/dV kernel, no dilation); 0: gathers
 };
 
 }  // namespace fused

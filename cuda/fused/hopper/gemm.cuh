@@ -65,6 +65,7 @@ struct Sm90Gemm {
   using Element = typename Traits::Element;
   static constexpr int kD = Traits::kHeadDim;
   static constexpr int kWarpsPerMma = 4;
+  static constexpr bool kTmaLoads = true;  // the dK/dV kernel's Q/dO tiles by TMA where the problem allows
   static_assert(Traits::kNWarps % 4 == 0, "whole warpgroups");
   using AtomLayout = cute::Layout<cute::Shape<cute::Int<Traits::kNWarps / 4>, cute::_1, cute::_1>>;
   // M x N x K products: A (and B) K-major in smem, or A in registers and B MN-major (transposed).

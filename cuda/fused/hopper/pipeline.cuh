@@ -1,4 +1,5 @@
-// The producer -> consumer pipeline of the warp-specialized Hopper forward: mbarriers in smem.
+// The producer -> consumer pipeline of the warp-specialized Hopper forward (mbarriers in smem), and
+// the TMA stages of the backward kernels.
 //
 // q_full: the Q tile landed: one cp.async arrival per producer thread (immediate when the tile came
 //   by TMA) plus one ordinary arrival of producer thread 0, carrying the TMA transaction bytes when
@@ -34,6 +35,34 @@ struct FwdPipeline {
       Bar::init(&empty[s], consumer_warps);
     }
     cutlass::arch::fence_barrier_init();
+  }
+};
+
+// The two stages of a double-buffered load of the backward kernels, either of which may come by TMA:
+// an mbarrier per stage, completed by one arrival of the issuing thread (carrying the TMA bytes when
+// the stage came by TMA). Every thread waits for it, then meets the others at the CTA barrier that
+// also covers their own cp.async writes (lse/delta, gathered tiles).
+struct LoadStages2 {
+  uint64_t* bar;        // 2 mbarriers in smem
+  uint32_t phases = 0;  // bit s: the parity of stage s's next completion
+
+  __device__ __forceinline__ explicit LoadStages2(void* smem) : bar(static_cast<uint64_t*>(smem)) {}
+  // One thread; a CTA barrier must follow before any other use.
+  __device__ __forceinline__ void init() const {
+    cutlass::arch::ClusterBarrier::init(&bar[0], 1);
+    cutlass::arch::ClusterBarrier::init(&bar[1], 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  // The issuing thread, before its TMA copies into stage s: tma_bytes of them (0: none).
+  __device__ __forceinline__ void arrive(int s, uint32_t tma_bytes) const {
+    if (tma_bytes != 0)
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar[s], tma_bytes);
+    else
+      cutlass::arch::ClusterBarrier::arrive(&bar[s]);
+  }
+  __device__ __forceinline__ void wait(int s) {
+    cutlass::arch::ClusterBarrier::wait(&bar[s], (phases >> s) & 1u);
+    phases ^= 1u << s;
   }
 };
 

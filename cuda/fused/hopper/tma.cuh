@@ -1,4 +1,5 @@
-// K/V window tiles and the Q tile by the tensor memory accelerator (TMA): one thread loads a whole
+// K/V window tiles and the Q tile of the forward, and the Q/dO tiles of the key-stationary backward,
+// by the tensor memory accelerator (TMA): one thread loads a whole
 // box of token rows with a tensor map over [B, *S, heads, D], into the same swizzled smem tile the
 // cp.async gathers fill (8-row x 128-byte atoms, 128-byte swizzle), and the copy completes on an
 // mbarrier with its byte count.
@@ -9,8 +10,9 @@
 //   rank 2: {D, heads, L1, L0, B}       box {64, 1, E1, E0, 1}
 //   rank 3: {D, heads, L2, L1, L0 * B}  box {64, 1, E2, E1, E0}   (TMA has at most 5 dimensions)
 // Boxes past an axis end read zeros, as the gathers do. In rank 3 the merged axis would read the
-// next batch item's rows instead: K/V tiles that cross L0 there take the cp.async path; Q rows past
-// L0 are never stored (their results are dropped row by row), so any finite or non-finite values
+// next batch item's rows instead: K/V tiles (and the backward's Q/dO tiles, whose columns past the
+// data must be zeros) that cross L0 there take the cp.async path; forward Q rows past L0 are never
+// stored (their results are dropped row by row), so any finite or non-finite values
 // there are harmless. Only without dilation (a dilation group is then the whole axis); other
 // problems take the cp.async path.
 #pragma once
@@ -24,20 +26,38 @@
 #include <type_traits>
 
 #include "common/dtype.h"
+#include "fused/params.cuh"
 #include "fused/tile_scheduler.cuh"
 #include "geometry/window.cuh"
 
 namespace jax_na {
 namespace fused {
 
-struct KVTensorMaps {
-  CUtensorMap k;
-  CUtensorMap v;
-};
-
-// L2 hints: every K/V tile is read by the neighbouring query tiles too; a Q tile by its CTA only.
+// L2 hints: every K/V tile is read by the neighbouring query tiles too (and a backward Q/dO tile by
+// the neighbouring key tiles); a forward Q tile by its CTA only.
 constexpr uint64_t kTmaEvictLast = 0x14F0000000000000ull;
 constexpr uint64_t kTmaEvictFirst = 0x12F0000000000000ull;
+
+// Device, one thread: the box of column block c (64 columns) at group positions org (no dilation:
+// the token positions) of head h, batch item b into dst, completing on mbar.
+template <int kRank, class Element>
+__device__ __forceinline__ void tma_load_box(const void* map, uint64_t* mbar, uint64_t hint, Element* dst, int32_t c,
+                                             int32_t h, const int32_t org[3], int32_t b, const geo::Problem& pr) {
+  if constexpr (kRank == 1) {
+    cute::SM90_TMA_LOAD_4D::copy(map, mbar, hint, dst, c * 64, h, org[0], b);
+  } else if constexpr (kRank == 2) {
+    cute::SM90_TMA_LOAD_5D::copy(map, mbar, hint, dst, c * 64, h, org[1], org[0], b);
+  } else {
+    cute::SM90_TMA_LOAD_5D::copy(map, mbar, hint, dst, c * 64, h, org[2], org[1], b * pr.axis[0].L + org[0]);
+  }
+}
+
+// Device: whether a Box-shaped box at org can come by TMA: in rank 3 it must not cross the end of
+// axis 0, which the map merges with the batch.
+template <int kRank, class Box>
+__device__ __forceinline__ bool box_fits_tma(const geo::Problem& pr, const int32_t org[3]) {
+  return kRank < 3 || org[0] + Box::extent(0) <= pr.axis[0].L;
+}
 
 // Host: encodes a tensor map over a [B, *S, heads, D] tensor for Box-shaped boxes of 64 columns;
 // false when the problem cannot take it (dilation, alignment, coordinates past 32 bits, no driver
@@ -143,15 +163,8 @@ __device__ __forceinline__ void load_q_tma(const CUtensorMap& map, const geo::Pr
     for (int c = 0; c < kCols; ++c) {
       // Column block c of the (kBlockM, D) tile is the (kBlockM, 64) tile at element c * kBlockM * 64;
       // box i's rows start at row i * QBox::kSize of it (a multiple of 8: the swizzle lines up).
-      Element* dst = sQ + c * Traits::kBlockM * 64 + i * QBox::kSize * 64;
-      if constexpr (Traits::kRank == 1) {
-        cute::SM90_TMA_LOAD_4D::copy(&map, mbar, kTmaEvictFirst, dst, c * 64, h, o[0], b);
-      } else if constexpr (Traits::kRank == 2) {
-        cute::SM90_TMA_LOAD_5D::copy(&map, mbar, kTmaEvictFirst, dst, c * 64, h, o[1], o[0], b);
-      } else {
-        cute::SM90_TMA_LOAD_5D::copy(&map, mbar, kTmaEvictFirst, dst, c * 64, h, o[2], o[1],
-                                     b * pr.axis[0].L + o[0]);
-      }
+      tma_load_box<Traits::kRank>(&map, mbar, kTmaEvictFirst, sQ + c * Traits::kBlockM * 64 + i * QBox::kSize * 64,
+                                  c, h, o, b, pr);
     }
   }
 }
@@ -164,7 +177,7 @@ constexpr uint32_t q_tile_tma_bytes() {
 // Device: whether window tile `org` of CTA cs can come by TMA (the maps exist).
 template <class Traits>
 __device__ __forceinline__ bool kv_tile_fits_tma(const geo::Problem& pr, const int32_t org[3]) {
-  return Traits::kRank < 3 || org[0] + Traits::KVTile::extent(0) <= pr.axis[0].L;
+  return box_fits_tma<Traits::kRank, typename Traits::KVTile>(pr, org);
 }
 
 // Device, one thread: the K and V boxes of window tile `org` into sK/sV, completing on mbar (whose
@@ -177,25 +190,36 @@ __device__ __forceinline__ void load_kv_tma(const KVTensorMaps& maps, const geo:
   const int32_t h = cs.hkv, b = static_cast<int32_t>(cs.b);
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const void* map = t == 0 ? &maps.k : &maps.v;
-      Element* dst = (t == 0 ? sK : sV) + c * kColElems;
-      if constexpr (Traits::kRank == 1) {
-        cute::SM90_TMA_LOAD_4D::copy(map, mbar, kTmaEvictLast, dst, c * 64, h, org[0], b);
-      } else if constexpr (Traits::kRank == 2) {
-        cute::SM90_TMA_LOAD_5D::copy(map, mbar, kTmaEvictLast, dst, c * 64, h, org[1], org[0], b);
-      } else {
-        cute::SM90_TMA_LOAD_5D::copy(map, mbar, kTmaEvictLast, dst, c * 64, h, org[2], org[1],
-                                     b * pr.axis[0].L + org[0]);
-      }
-    }
+    tma_load_box<Traits::kRank>(&maps.k, mbar, kTmaEvictLast, sK + c * kColElems, c, h, org, b, pr);
+    tma_load_box<Traits::kRank>(&maps.v, mbar, kTmaEvictLast, sV + c * kColElems, c, h, org, b, pr);
   }
 }
 
 template <class Traits>
 constexpr uint32_t kv_tile_tma_bytes() {
   return 2u * Traits::kBlockN * Traits::kHeadDim * sizeof(typename Traits::Element);
+}
+
+// Host: the maps of q and d_out for a key-stationary backward's QTile boxes (its Q tiles' rows are
+// the box's row-major order); false when the problem cannot take them.
+template <class Traits>
+bool encode_q_tile_maps(const geo::Problem& pr, const void* q, const void* d_out, QTensorMaps* maps) {
+  using QTile = typename Traits::QTile;
+  return encode_token_map<Traits, QTile>(pr, q, pr.H, &maps->q) &&
+         encode_token_map<Traits, QTile>(pr, d_out, pr.H, &maps->d_out);
+}
+
+// Device, one thread: the Q and dO tiles at group positions org of query head h into sQ/sdO,
+// completing on mbar (expected bytes: 2 * q_tile_tma_bytes).
+template <class Traits, class Element>
+__device__ __forceinline__ void load_q_do_tma(const QTensorMaps& maps, const geo::Problem& pr, int32_t h, int32_t b,
+                                              const int32_t org[3], Element* sQ, Element* sdO, uint64_t* mbar) {
+  constexpr int kColElems = Traits::kBlockM * 64;  // one column block of the smem tile
+#pragma unroll
+  for (int c = 0; c < Traits::kHeadDim / 64; ++c) {
+    tma_load_box<Traits::kRank>(&maps.q, mbar, kTmaEvictLast, sQ + c * kColElems, c, h, org, b, pr);
+    tma_load_box<Traits::kRank>(&maps.d_out, mbar, kTmaEvictLast, sdO + c * kColElems, c, h, org, b, pr);
+  }
 }
 
 }  // namespace fused
