@@ -395,19 +395,24 @@ def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, kernel_size) -> FusedT
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 
-# The backward's chooser: configuration 0 of each kernel set, except in 3-D for windows at most half
-# as long on the first axis as on the others, which take the flat key tiles (1x8x8 portable, 2x8x8
-# Hopper): measured (H200, bf16, D=128, fwd+bwd, `python -m jax_na.profile --sweep-tiles`) on a
-# 3x13x13 window over 16x32x32: Hopper 3.66 instead of 4.56 ms, portable 4.87 instead of 5.98; on
-# p3 (7x13x13) Hopper equal, portable 9.35 instead of 10.22; on p8 (18x24x24) Hopper 296 instead of
-# 302, portable 502 instead of 476 (hence the factor of two).
-def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, kernel_size) -> FusedTiles | None:
+# The backward's chooser: configuration 0 of each kernel set, except in 3-D for windows shorter on the
+# first axis than on the others, which take the flat key tiles (1x8x8 portable, 2x8x8 Hopper) where
+# they measured faster (H200, bf16, D=128, fwd+bwd, `python -m jax_na.profile --sweep-tiles`, ms):
+# - portable, first axis at most 2/3 of the shorter other one: 3x13x13 over 16x32x32 4.87 instead
+#   of 5.98; p3 (7x13x13) 9.41 instead of 10.17; p10 (p3 causal on the first axis) 7.94 instead of
+#   8.29; not p8 (18x24x24: 502 instead of 476).
+# - Hopper, first axis at most half of the others (3x13x13: 3.66 instead of 4.56), or at most 2/3
+#   when causal (p10: 4.97 instead of 5.36; p3, not causal: 6.27 instead of 6.08).
+def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, kernel_size, is_causal=None) -> FusedTiles | None:
     """The chooser's backward FusedTiles for a call without backward tile shapes, or None for the
     defaults."""
-    if rank != 3 or kernel_size is None or 2 * kernel_size[0] > min(kernel_size[1:]):
+    if rank != 3 or kernel_size is None:
         return None
+    k0, other = kernel_size[0], min(kernel_size[1:])
+    causal0 = bool(is_causal is not None and is_causal[0])
+    flat = {"sm80": 3 * k0 <= 2 * other, "sm90": 2 * k0 <= other or (causal0 and 3 * k0 <= 2 * other)}
     index = [next((i for i, (_, kv) in enumerate(fused_bwd_tile_configs(ks, dtype, P, rank))
-                   if kv[0] < kv[1] == kv[2]), 0) for ks in ("sm80", "sm90")]
+                   if kv[0] < kv[1] == kv[2]), 0) if flat[ks] else 0 for ks in ("sm80", "sm90")]
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 
@@ -423,13 +428,13 @@ def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
 
 
 def bwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_shape,
-                   kernel_size=None) -> FusedTiles | None:
+                   kernel_size=None, is_causal=None) -> FusedTiles | None:
     """Validate a call's backward_q_tile_shape / backward_kv_tile_shape against the fused backward's
     compiled tile configurations (FUSED_BWD_TILES), as fwd_tiles_args (none given: the backward's
-    chooser above); None: the defaults."""
+    chooser above, from the normalized ``kernel_size`` and ``is_causal``); None: the defaults."""
     return _tiles_args("backward", "backward_", fused_bwd_tile_configs, rank, query, value, backend,
                        q_tile_shape, kv_tile_shape,
-                       lambda dtype, P, fam: _chosen_bwd_tiles(rank, dtype, P, fam, kernel_size))
+                       lambda dtype, P, fam: _chosen_bwd_tiles(rank, dtype, P, fam, kernel_size, is_causal))
 
 
 def _tiles_args(direction: str, prefix: str, configs_of, rank: int, query, value, backend: str, q_tile_shape,
@@ -523,7 +528,7 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
     backend = resolve_backend(backend, query.dtype, "na", query, value)
     tiles = fwd_tiles_args(rank, query, value, backend, q_tile_shape, kv_tile_shape, params.kernel_size)
     bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
-                               params.kernel_size)
+                               params.kernel_size, params.is_causal)
     deterministic = deterministic_arg(deterministic_backward)
     return dataclasses.replace(params, fwd_tiles=tiles, bwd_tiles=bwd_tiles, deterministic=deterministic), backend
 

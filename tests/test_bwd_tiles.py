@@ -400,26 +400,37 @@ def _tile_attrs(line):
 _workspace_elems = helpers.workspace_elems
 
 
-@pytest.mark.parametrize("kernel_size,flat", [((3, 13, 13), True), ((2, 4, 5), True), ((6, 13, 12), True),
-                                               ((7, 13, 13), False), ((18, 24, 24), False), ((3, 3, 3), False),
-                                               ((3, 13, 5), False), ((13, 3, 13), False)])
+CAUSAL_T = (True, False, False)
+
+
+# flat: whether (portable, Hopper) take their flat key tiles.
+@pytest.mark.parametrize("kernel_size,is_causal,flat", [
+    ((3, 13, 13), None, (True, True)), ((2, 4, 5), None, (True, True)), ((6, 13, 12), None, (True, True)),
+    ((7, 13, 13), None, (True, False)), ((7, 13, 13), CAUSAL_T, (True, True)),
+    ((7, 13, 13), (False, True, False), (True, False)), ((9, 13, 13), CAUSAL_T, (False, False)),
+    ((18, 24, 24), None, (False, False)), ((3, 3, 3), None, (False, False)), ((3, 13, 5), None, (True, False)),
+    ((13, 3, 13), None, (False, False))])
 @pytest.mark.parametrize("backend", [None, "fused", "fused_sm80", "fused_sm90"])
-def test_chooser_without_backward_tile_shapes(any_gpu, kernel_size, flat, backend):
-    """Calls without backward shapes: 3-D windows at most half as long on the first axis as on each
-    other axis take each set's flat key tiles (1x8x8 portable, 2x8x8 Hopper; measured 19-20% faster
-    forward+backward on 3x13x13); every other window, and ranks 1-2, the defaults (None)."""
+def test_chooser_without_backward_tile_shapes(any_gpu, kernel_size, is_causal, flat, backend):
+    """Calls without backward shapes: 3-D windows shorter on the first axis take a set's flat key
+    tiles (1x8x8 portable, 2x8x8 Hopper) where they measured faster: portable at most 2/3 as long as
+    the shorter other axis, Hopper at most half (2/3 when causal on the first axis); every other
+    window, and ranks 1-2, the defaults (None)."""
     fam = backend or "fused"
+    flat_kv = {"fused_sm80": (1, 8, 8), "fused_sm90": (2, 8, 8)}
     for dtype, D in (("bfloat16", 128), ("float16", 64), ("float32", 64)):
         query, value = _spec(3, dtype, D)
-        got = _checks.bwd_tiles_args(3, query, value, backend or "auto", None, None, kernel_size)
-        if not flat:
+        got = _checks.bwd_tiles_args(3, query, value, backend or "auto", None, None, kernel_size, is_causal)
+        listed = jax_na.fused_tile_configs(3, dtype, D, backward=True)
+        expect = {name: f and bool(listed[name]) for name, f in zip(flat_kv, flat)}
+        if not any(expect.values()):
             assert got is None, (kernel_size, got)
             continue
-        listed = jax_na.fused_tile_configs(3, dtype, D, backward=True)
         assert got.arch == _checks.FUSED_BACKENDS[fam], got
-        assert listed["fused_sm80"][got.sm80][1] == (1, 8, 8), (dtype, D, got)
-        if listed["fused_sm90"]:
-            assert listed["fused_sm90"][got.sm90][1] == (2, 8, 8), (dtype, D, got)
+        for name, index in (("fused_sm80", got.sm80), ("fused_sm90", got.sm90)):
+            if listed[name]:
+                assert (listed[name][index][1] == flat_kv[name]) == expect[name], (dtype, D, name, got)
+                assert index == 0 or expect[name], (dtype, D, name, got)
     for rank, ks in ((1, (3,)), (2, (1, 9))):
         query, value = _spec(rank)
         assert _checks.bwd_tiles_args(rank, query, value, backend or "auto", None, None, ks) is None
@@ -455,6 +466,7 @@ LOWERED = [
     ("na2d", "q2h", "k2h", 3, None, ((16, 8), (16, 8)), ((2, 16), (4, 16)), (90, -1, 0), (80, 1, -1)),
     ("na3d", "q3", "q3", 3, "fused_sm90", ((2, 8, 8), None), ((4, 4, 4), None), (90, -1, 1), (90, -1, 0)),
     # no backward shapes, a 3-D window at most half as long on the first axis: the backward's chooser
+    # (both sets flat)
     ("na3d", "q3", "q3", (2, 5, 5), None, (None, None), (None, None), (0, 0, 0), (0, 1, 1)),
     ("na3d", "q3", "q3", (2, 5, 5), "fused_sm80", (None, None), (None, None), (80, 0, 0), (80, 1, 1)),
     ("na3d", "q3", "q3", (2, 5, 5), None, (None, None), ((4, 4, 4), None), (0, 0, 0), (90, -1, 0)),
