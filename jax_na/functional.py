@@ -214,7 +214,7 @@ _NA_DOC = """{rank}-D neighborhood attention.
         fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16; under
         "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more; every head
         dim up to 128 on "fused_sm90"), its key-stationary kernel also adds dQ into a float32 buffer
-        with atomics, and no second kernel recomputes the scores for dQ: forward+backward 4-11%
+        with atomics, and no second kernel recomputes the scores for dQ: forward+backward 3-10%
         faster on an H200 (cuda/fused/NOTES.md), but the order of those additions varies, so dq may
         differ in its last bits between runs. The other backends and the portable fused kernels
         (e.g. head dim 32 or 64 with small windows) are deterministic either way.
