@@ -10,8 +10,12 @@
 import os
 import sys
 
-import jax
-import pytest
+# Parallel workers (pytest -n) share one GPU: preallocating 75% of its memory in each would leave
+# every worker but the first out of memory. An explicit setting in the environment wins.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402 (after the allocator setting)
+import pytest  # noqa: E402
 
 # The oracle comparisons need float64 (fp32 results are compared against float64 evaluations).
 jax.config.update("jax_enable_x64", True)
