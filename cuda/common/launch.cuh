@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 namespace jax_na {
 
@@ -24,6 +25,31 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, co
   if (st != cudaSuccess) return st;
   kernel<<<grid, threads, smem, stream>>>(params);
   return cudaGetLastError();
+}
+
+// The grid of a persistent kernel (one CTA per SM of the current device) over `tiles` work tiles:
+// min(tiles, SMs), or min(tiles, JAX_NA_PERSISTENT_CTAS) where that variable is set (read once:
+// tests use it to give each CTA many tiles of a small problem).
+inline cudaError_t persistent_ctas(int64_t tiles, unsigned* ctas) {
+  constexpr int kMaxDevices = 64;
+  static int sm_count[kMaxDevices] = {};  // per device, queried once
+  static const int64_t cap = [] {
+    const char* v = std::getenv("JAX_NA_PERSISTENT_CTAS");
+    return v != nullptr ? std::strtoll(v, nullptr, 10) : 0;
+  }();
+  int dev = 0;
+  cudaError_t st = cudaGetDevice(&dev);
+  if (st != cudaSuccess) return st;
+  int sms = dev < kMaxDevices ? sm_count[dev] : 0;
+  if (sms <= 0) {
+    st = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (st != cudaSuccess) return st;
+    if (dev < kMaxDevices) sm_count[dev] = sms;
+  }
+  int64_t n = cap > 0 ? cap : sms;
+  if (n > tiles) n = tiles;
+  *ctas = static_cast<unsigned>(n < 1 ? 1 : n);
+  return cudaSuccess;
 }
 
 // Grid-stride loop over [0, n) with 64-bit indices.

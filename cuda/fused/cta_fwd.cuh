@@ -45,7 +45,7 @@ struct FwdSmem {
 // Fills the schedule (then a CTA barrier). False when the CTA owns no query (uniform over the CTA).
 template <class Traits>
 __device__ __forceinline__ bool fwd_schedule(const FwdKernelParams& p, const FwdSmem<Traits>& sm, int tid) {
-  TileScheduler<Traits>::compute(p.pr, p.q_tiles, *sm.cs, tid);
+  TileScheduler<Traits>::compute(p.pr, p.q_tiles, blockIdx, *sm.cs, tid);
   __syncthreads();
   return sm.cs->live != 0;
 }

@@ -51,6 +51,29 @@ __device__ __forceinline__ void acc_to_smem(const TensorAcc& acc_rc, Element* sm
   }
 }
 
+// acc_rc (rows, cols) -> Element pairs stored straight into gathered rows of `out` (row_off[r]: the
+// element offset of fragment row r, or -1 to skip), for kernels that cannot spare the smem a staged
+// store needs. A quad of lanes fills 16 contiguous bytes of a row per store; L2 merges the sectors.
+template <class Element, class TensorAcc, int kRows>
+__device__ __forceinline__ void acc_to_rows(const TensorAcc& acc_rc, Element* out, const int64_t (&row_off)[kRows],
+                                            int lane) {
+  using namespace cute;
+  static_assert(decltype(size<0>(acc_rc))::value == kRows, "one offset per fragment row");
+  constexpr int kCols = decltype(size<1>(acc_rc))::value;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (row_off[r] < 0) continue;
+    Element* row = out + row_off[r];
+#pragma unroll
+    for (int c = 0; c < kCols; c += 2) {
+      cutlass::Array<Element, 2> pair;
+      pair[0] = static_cast<Element>(acc_rc(r, c));
+      pair[1] = static_cast<Element>(acc_rc(r, c + 1));
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(row + acc_col(c, lane)) = pair;
+    }
+  }
+}
+
 // kRows smem rows -> gathered rows of `out` (row_offset(row): element offset or -1 to skip).
 template <class Traits, int kRows, class SmemLayout, class Element, class RowOffset>
 __device__ __forceinline__ void store_rows(Element* out, const Element* smem, int tid, RowOffset&& row_offset) {

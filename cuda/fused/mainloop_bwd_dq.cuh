@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   if constexpr (kTma) {
     if (tid == 0) kv_stages.init();
   }
-  TS::compute(p.pr, p.q_tiles, cs, tid);
+  TS::compute(p.pr, p.q_tiles, blockIdx, cs, tid);
   __syncthreads();
   if (!cs.live) return;  // uniform over the CTA
   const geo::Problem& pr = p.pr;
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
       Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
       if (!full) {
         const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
-        mask_tile<Traits>(s_rc, s_win, pr, cs, n, org, warp, lane);
+        mask_tile<Traits>(s_rc, s_win, pr, cs.n_window_tiles, n, org, warp, lane);
       }
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {

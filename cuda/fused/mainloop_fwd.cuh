@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
       Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
       if (!full) {
         const int32_t org[3] = {tf.org[0], tf.org[1], tf.org[2]};
-        mask_tile<Traits>(s_rc, sm.win, p.pr, cs, n, org, warp, lane);
+        mask_tile<Traits>(s_rc, sm.win, p.pr, cs.n_window_tiles, n, org, warp, lane);
       }
       softmax.update(s_rc, acc_o_rc, p.scale_log2);
 

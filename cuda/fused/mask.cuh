@@ -185,16 +185,16 @@ __device__ __forceinline__ void mask_inverse_tile(TensorS& s_rc, const int2* s_w
   }
 }
 
-// Masks score tile n of a query-stationary kernel: window tiles by the rows' windows, additional-keys
-// tiles by the count of valid keys.
+// Masks score tile n of a query-stationary kernel (whose first n_window_tiles tiles are window
+// tiles): window tiles by the rows' windows, additional-keys tiles by the count of valid keys.
 template <class Traits, class TensorS>
 __device__ __forceinline__ void mask_tile(TensorS& s_rc, const int2* s_win, const geo::Problem& pr,
-                                          const CtaSchedule& cs, int32_t n, const int32_t org[3], int warp,
+                                          int32_t n_window_tiles, int32_t n, const int32_t org[3], int warp,
                                           int lane) {
-  if (n < cs.n_window_tiles)
+  if (n < n_window_tiles)
     mask_window_tile<Traits>(s_rc, s_win, org, warp, lane);
   else
-    mask_count_tile(s_rc, static_cast<int32_t>(pr.Na - static_cast<int64_t>(n - cs.n_window_tiles) * Traits::kBlockN),
+    mask_count_tile(s_rc, static_cast<int32_t>(pr.Na - static_cast<int64_t>(n - n_window_tiles) * Traits::kBlockN),
                     lane);
 }
 

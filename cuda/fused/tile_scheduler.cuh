@@ -47,12 +47,44 @@ struct CtaSchedule {
   int64_t kv_base;
   int64_t kv_step[3];
   int32_t live;  // 0: the CTA owns no query (its group is shorter than the tiled length)
+  int32_t done;  // persistent CTAs: no Q tile left (nothing else is valid then)
   // Per warp: union (bounding box) and intersection of its queries' windows.
   static constexpr int kMaxWarps = 8;
   int32_t warp_live[kMaxWarps];
   int32_t wbox_lo[kMaxWarps][3], wbox_hi[kMaxWarps][3], wfull_lo[kMaxWarps][3], wfull_hi[kMaxWarps][3];
   static constexpr int kMaxStages = 3;
   TileFlags flags[kMaxStages];  // per K/V stage: the tile in it (KVTileWalker::issue)
+};
+
+// The Q tiles of a forward launch as one linear index (x fastest, then head, then batch: the order in
+// which a one-tile-per-CTA grid runs them), for persistent CTAs that stride over it by the grid size.
+struct QTileSpace {
+  int32_t x;      // dilation groups x Q tiles per group (a one-tile-per-CTA grid's x extent)
+  int32_t heads;
+  int64_t total;  // x * heads * batch
+  __host__ __device__ __forceinline__ uint3 at(int64_t t) const {
+    const int64_t xh = t / x;
+    return make_uint3(static_cast<unsigned>(t - xh * x), static_cast<unsigned>(xh % heads),
+                      static_cast<unsigned>(xh / heads));
+  }
+};
+
+// Where a Q tile's rows live (a CtaSchedule's fields that q_row_offset reads): kept by the persistent
+// Hopper forward's consumers for their epilogue while the producer writes the next tile's schedule.
+struct QTileOrigin {
+  int32_t g[3], Lg[3], q0[3];
+  int32_t h;
+  int64_t b;
+  __device__ __forceinline__ void assign(const CtaSchedule& cs) {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      g[a] = cs.g[a];
+      Lg[a] = cs.Lg[a];
+      q0[a] = cs.q0[a];
+    }
+    h = cs.h;
+    b = cs.b;
+  }
 };
 
 // In-tile coordinate on axis a of query row r of a query-stationary CTA (see the TiledMma of
@@ -97,13 +129,15 @@ struct TileScheduler {
   static constexpr int kRank = Traits::kRank;
   static_assert(Traits::kNWarps <= CtaSchedule::kMaxWarps, "CtaSchedule warps");
 
-  // Threads 0..kNWarps-1 each fill the CTA part (thread 0 writes it) and warp `tid`'s part.
-  // Call from every thread; a barrier must follow before reading.
-  __device__ static void compute(const geo::Problem& pr, const int32_t q_tiles[3], CtaSchedule& cs, int tid) {
+  // The schedule of Q tile `tile` (x: dilation group and tile, y: head, z: batch; the block index
+  // of a one-tile-per-CTA grid). Threads 0..kNWarps-1 each fill the CTA part (thread 0 writes it)
+  // and warp `tid`'s part. Call from every thread; a barrier must follow before reading.
+  __device__ static void compute(const geo::Problem& pr, const int32_t q_tiles[3], uint3 tile, CtaSchedule& cs,
+                                 int tid) {
     if (tid >= Traits::kNWarps) return;
     // 32-bit: the grid's x extent fits int32 (tiles_per_axis), and 64-bit divisions are slow calls
     // on the critical path of every CTA's start.
-    int32_t lin = static_cast<int32_t>(blockIdx.x);
+    int32_t lin = static_cast<int32_t>(tile.x);
     int32_t t[3], g[3], Lg[3], q0[3];
     for (int a = 2; a >= 0; --a) {
       t[a] = lin % q_tiles[a];
@@ -142,13 +176,13 @@ struct TileScheduler {
         cs.kv_step[a] = static_cast<int64_t>(pr.axis[a].d) * tok_stride * pr.Hkv * Traits::kHeadDim;
         tok_stride *= pr.axis[a].L;
       }
-      cs.kv_base = geo::offset(static_cast<int64_t>(blockIdx.z), pr.token(x0), blockIdx.y / pr.groups(), 0, pr.N,
-                               pr.Hkv, Traits::kHeadDim);
+      cs.kv_base = geo::offset(static_cast<int64_t>(tile.z), pr.token(x0), tile.y / pr.groups(), 0, pr.N, pr.Hkv,
+                               Traits::kHeadDim);
       cs.n_window_tiles = n_window_tiles;
       cs.n_tiles = n_window_tiles + static_cast<int32_t>((pr.Na + Traits::kBlockN - 1) / Traits::kBlockN);
-      cs.h = blockIdx.y;
-      cs.hkv = blockIdx.y / pr.groups();
-      cs.b = blockIdx.z;
+      cs.h = tile.y;
+      cs.hkv = tile.y / pr.groups();
+      cs.b = tile.z;
       cs.live = live;
     }
     const int w = tid;
@@ -188,7 +222,9 @@ struct TileScheduler {
   }
 
   // Element offset of query row r (head cs.h) in a [B, N, H, D] tensor, or -1 outside the group.
-  __device__ __forceinline__ static int64_t q_row_offset(const geo::Problem& pr, const CtaSchedule& cs, int r) {
+  // Sched: CtaSchedule or QTileOrigin.
+  template <class Sched>
+  __device__ __forceinline__ static int64_t q_row_offset(const geo::Problem& pr, const Sched& cs, int r) {
     int32_t x[3] = {0, 0, 0};
 #pragma unroll
     for (int a = 0; a < kRank; ++a) {

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_nn_kernel(const __grid
   fused::CtaSchedule& cs = *sm.cs;
   auto q_off = [&](int r) { return TS::q_row_offset(pr, cs, r); };
 
-  TS::compute(pr, p.q_tiles, cs, tid);
+  TS::compute(pr, p.q_tiles, blockIdx, cs, tid);
   __syncthreads();
   if (!cs.live) return;  // uniform over the CTA
   fused::store_row_windows<Traits>(pr, cs, sm.win, tid);

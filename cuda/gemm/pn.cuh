@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_pn_kernel(const __grid
   const geo::Problem& pr = p.pr;
   fused::CtaSchedule& cs = *sm.cs;
 
-  TS::compute(pr, p.q_tiles, cs, tid);
+  TS::compute(pr, p.q_tiles, blockIdx, cs, tid);
   __syncthreads();
   if (!cs.live) return;  // uniform over the CTA
   fused::load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
