@@ -311,6 +311,7 @@ def workspace_size(kind: str, family: str, avals, params: NAParams, adds_dq: boo
         scores = rows * (params.window_size + add_k.shape[-3])
         return scores if kind == "fwd" else 2 * scores + rows
     if family == "fused":  # the backward: delta per query token and head, and P dQ accumulators
+        # (the forward's workspace, one int32 tile counter, is not float32: _fused_impl asks for it)
         return None if kind == "fwd" else rows * (1 + q.shape[-1] if adds_dq else 1)
     raise ValueError(f"unknown kernel family {family!r}")
 
@@ -364,7 +365,10 @@ def _fused_impl(kind, *args, params, backend):
         def call(q, k, v, add_k, add_v):
             out = jax.ShapeDtypeStruct((*q.shape[:-1], P), q.dtype)
             lse = jax.ShapeDtypeStruct(q.shape[:-1], f32)
-            return jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse))(q, k, v, add_k, add_v, **tile_attrs, **attrs)
+            # one int32 that the target zeroes: the persistent Hopper forward's tile counter
+            ws = jax.ShapeDtypeStruct((1,), jnp.dtype(jnp.int32))
+            res = jax.ffi.ffi_call("jax_na_fused_fwd", (out, lse, ws))(q, k, v, add_k, add_v, **tile_attrs, **attrs)
+            return res[:2]
 
         out, lse = _batch_chunks(call, [_pad_last(x, P) for x in (q_in(args[0]), *args[1:])])
         return [_last(out, Dv), lse]

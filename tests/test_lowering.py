@@ -129,7 +129,7 @@ def _scale_of(line):
 
 def _check_fused_lowering():
     """backend="fused" and auto (bf16/f16, head dims <= 128) lower to the fused targets of docs/ffi.md:
-    forward q, k, v, add_k, add_v -> out, lse (no workspace); backward 9 operands -> 5 grads + a
+    forward q, k, v, add_k, add_v -> out, lse + an int32 [1] workspace; backward 9 operands -> 5 grads + a
     float32 workspace [B*N*H]; head dims other than 64/128 zero-padded to 64 or 128 with the
     caller's scale; float32, head dims > 128 and the unfused ops never reach them."""
     N = X * Y
@@ -138,11 +138,12 @@ def _check_fused_lowering():
                          (100, 72, 128)):
             args = _bf16(D, Dv)
             text = _cuda_hlo(_fwd(backend), *args)
-            line = _fused_call_line(text, "jax_na_fused_fwd", 2, 5)
+            line = _fused_call_line(text, "jax_na_fused_fwd", 3, 5)
             assert "jax_na_naive" not in text and "jax_na_fused_bwd" not in text
             # every operand runs at head dim P; out [B, X, Y, H, P] -> sliced to D_v; lse f32
             assert f"(tensor<{B}x{X}x{Y}x{H}x{P}xbf16>, tensor<{B}x{X}x{Y}x{HKV}x{P}xbf16>" in line, line
-            assert f"-> (tensor<{B}x{X}x{Y}x{H}x{P}xbf16>, tensor<{B}x{X}x{Y}x{H}xf32>)" in line, line
+            # out, lse, and the int32 tile counter the target zeroes
+            assert f"-> (tensor<{B}x{X}x{Y}x{H}x{P}xbf16>, tensor<{B}x{X}x{Y}x{H}xf32>, tensor<1xi32>)" in line, line
             # the scale of the unpadded head dim, as the user asked for (default D ** -0.5)
             assert _scale_of(line) == np.float32(D ** -0.5), (D, line)
             for attr in ("kernel_size = dense<[3, 4]>", "stride = dense<[1, 2]>", "dilation = dense<1>",
@@ -150,21 +151,21 @@ def _check_fused_lowering():
                 assert attr in line, (attr, line)
             assert ("stablehlo.pad" in text) == (P != D or P != Dv), text
             text = _cuda_hlo(_loss(backend), *args)
-            _fused_call_line(text, "jax_na_fused_fwd", 2, 5)
+            _fused_call_line(text, "jax_na_fused_fwd", 3, 5)
             line = _fused_call_line(text, "jax_na_fused_bwd", 6, 9)
             assert f"tensor<{B * N * H}xf32>)" in line, line   # the workspace, last result
             assert f"-> (tensor<{B}x{X}x{Y}x{H}x{P}xbf16>" in line, line
             assert "jax_na_naive" not in text
     # without additional keys/values: zero-element [B, 0, H_kv, P] operands, padded like the rest
     text = _cuda_hlo(_fwd("fused", with_add=False), *_bf16(40, 40))
-    line = _fused_call_line(text, "jax_na_fused_fwd", 2, 5)
+    line = _fused_call_line(text, "jax_na_fused_fwd", 3, 5)
     assert f"tensor<{B}x0x{HKV}x64xbf16>" in line, line
     _fused_call_line(_cuda_hlo(jax.grad(lambda *a: jnp.sum(_fwd("fused", False)(*a)[0].astype(jnp.float32))),
                                *_bf16(40, 40)), "jax_na_fused_bwd", 6, 9)
     # float16 too; an explicit scale is passed as given
     args = [a.astype(jnp.float16) for a in _bf16(48, 48)]
     f = lambda q, k, v: jax_na.na2d(q, k, v, 3, scale=0.25)
-    line = _fused_call_line(_cuda_hlo(f, *args[:3]), "jax_na_fused_fwd", 2, 5)
+    line = _fused_call_line(_cuda_hlo(f, *args[:3]), "jax_na_fused_fwd", 3, 5)
     assert _scale_of(line) == 0.25 and "x64xf16>" in line, line
     # auto: float32 on the fused kernels (f32 operands); float64 (no kernel), head dims above 256
     # and float32 head dims above 128 lower to the reference; 16-bit head dims 129..256 run padded to 256
@@ -481,9 +482,10 @@ def _fake_fused_ffi_call(seen, seen_arch=None):
             seen.append((target, ops[0].shape[0], P, float(scale)))
             fwd = lambda *a: reference.attention_forward(*a, params)
             seen_arch.append((target, int(arch)))  # the kernel choice: 0 auto, 80 portable, 90 Hopper
-            if target == "jax_na_fused_fwd":
-                assert len(result_shapes) == 2
-                return fwd(*ops)
+            if target == "jax_na_fused_fwd":  # out, lse and the int32 tile counter
+                assert len(result_shapes) == 3 and result_shapes[2].shape == (1,), result_shapes
+                assert result_shapes[2].dtype == jnp.int32, result_shapes
+                return (*fwd(*ops), jnp.zeros((1,), jnp.int32))
             assert target == "jax_na_fused_bwd" and len(result_shapes) == 6
             q, k, v, ak, av, out, lse, d_out, d_lse = ops
             assert out.shape[-1] == d_out.shape[-1] == P

@@ -29,14 +29,15 @@ jax.config.update("jax_enable_x64", True)
 def _attrs(p):
     return dict(kernel_size=np.asarray(p.kernel_size, np.int64), stride=np.asarray(p.stride, np.int64),
                 dilation=np.asarray(p.dilation, np.int64), is_causal=np.asarray(p.is_causal, np.int64),
-                scale=np.float32(p.scale))
+                scale=np.float32(p.scale), tiles_sm80=np.int64(0), tiles_sm90=np.int64(0))
 
 
 def fused_fwd(q, k, v, ak, av, p, arch=0):
     """arch: 0 lets the target pick (Hopper kernel on sm_90), 80 portable, 90 Hopper."""
     shapes = (jax.ShapeDtypeStruct((*q.shape[:-1], v.shape[-1]), q.dtype),
-              jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
-    return jax.ffi.ffi_call("jax_na_fused_fwd", shapes)(q, k, v, ak, av, arch=np.int64(arch), **_attrs(p))
+              jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32),
+              jax.ShapeDtypeStruct((1,), jnp.int32))  # the tile counter (docs/ffi.md)
+    return jax.ffi.ffi_call("jax_na_fused_fwd", shapes)(q, k, v, ak, av, arch=np.int64(arch), **_attrs(p))[:2]
 
 
 def fused_bwd(q, k, v, ak, av, out, lse, do, dlse, p, arch=0):
@@ -45,7 +46,7 @@ def fused_bwd(q, k, v, ak, av, out, lse, do, dlse, p, arch=0):
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, ak, av))
     shapes += (jax.ShapeDtypeStruct((rows,), jnp.float32),)
     return jax.ffi.ffi_call("jax_na_fused_bwd", shapes)(q, k, v, ak, av, out, lse, do, dlse, arch=np.int64(arch),
-                                                                     **_attrs(p))[:5]
+                                                                     deterministic=np.int64(1), **_attrs(p))[:5]
 
 
 def params_for(rank, q, k, v, ks, st, dl, ca, ak=None, av=None):

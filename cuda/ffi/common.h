@@ -46,6 +46,7 @@ inline const char* ffi_dtype_name(ffi::DataType t) {
     case ffi::DataType::F16: return "float16";
     case ffi::DataType::BF16: return "bfloat16";
     case ffi::DataType::F64: return "float64";
+    case ffi::DataType::S32: return "int32";
     default: return "an unsupported type";
   }
 }

@@ -5,7 +5,8 @@
 // tiles_sm90 (i64: the tile configuration of each kernel set, an index into fused::fwd_tile_configs
 // or fused::bwd_tile_configs; -1 where that set must not run), the backward also deterministic (i64:
 // 0 lets the Hopper backward add dQ with atomics into the workspace). See docs/ffi.md.
-//   fwd: q, k, v, add_k, add_v -> out, lse (no workspace)
+//   fwd: q, k, v, add_k, add_v -> out, lse, workspace (int32 [1]: zeroed here, the tile counter of the
+//        persistent Hopper forward)
 //   bwd: q, k, v, add_k, add_v, out, lse, d_out, d_lse -> dq, dk, dv, d_add_k, d_add_v, workspace
 //        (float32 [B * N * H]: delta; deterministic 0: [B * N * H * (D + 1)], dQ accumulators then delta)
 #include <cuda_runtime_api.h>
@@ -118,8 +119,9 @@ ffi::Error check_tiles(const char* kT, TileConfigsFn configs, const FusedCall& c
 
 ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer add_k, ffi::AnyBuffer add_v, ffi::Result<ffi::AnyBuffer> out,
-                    ffi::Result<ffi::AnyBuffer> lse, I64Span kernel_size, I64Span stride, I64Span dilation,
-                    I64Span is_causal, float scale, int64_t arch, int64_t tiles_sm80, int64_t tiles_sm90) {
+                    ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace, I64Span kernel_size,
+                    I64Span stride, I64Span dilation, I64Span is_causal, float scale, int64_t arch,
+                    int64_t tiles_sm80, int64_t tiles_sm90) {
   constexpr const char* kT = "jax_na_fused_fwd";
   if (auto e = check_arch(kT, arch); e.failure()) return e;
   FusedCall c;
@@ -130,8 +132,14 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   const TokenTensor& qt = c.q;
   if (auto e = check(kT, "out", *out, c.fdt, token_shape(qt.B, qt.S, qt.heads, c.D)); e.failure()) return e;
   if (auto e = check(kT, "lse", *lse, ffi::DataType::F32, row_shape(qt.B, qt.S, qt.heads)); e.failure()) return e;
+  if (auto e = check(kT, "workspace", *workspace, ffi::DataType::S32, {1}); e.failure()) return e;
 
   if (auto e = poison(kT, stream, out, lse); e.failure()) return e;
+  // The persistent Hopper forward's CTAs draw their Q tiles from this counter (FwdArgs::tile_counter).
+  if (auto e = cuda_check(kT, "zeroing the tile counter",
+                          cudaMemsetAsync(workspace->untyped_data(), 0, sizeof(int32_t), stream));
+      e.failure())
+    return e;
   fused::FwdArgs args;
   args.q = q.untyped_data();
   args.k = k.untyped_data();
@@ -145,6 +153,7 @@ ffi::Error FusedFwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   args.arch = static_cast<int32_t>(arch);
   args.tiles_sm80 = static_cast<int32_t>(tiles_sm80);
   args.tiles_sm90 = static_cast<int32_t>(tiles_sm90);
+  args.tile_counter = static_cast<int32_t*>(workspace->untyped_data());
   return cuda_check(kT, "the fused forward kernel", fused::launch_fwd(c.pr, c.rank, c.dtype, args, stream));
 }
 
@@ -222,6 +231,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_na_fused_fwd, jax_na::FusedFwd,
                                   .Arg<ffi::AnyBuffer>()  // add_v
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // lse
+                                  .Ret<ffi::AnyBuffer>()  // workspace
                                       JNA_WINDOW_ATTRS.Attr<float>("scale")
                                   .Attr<int64_t>("arch")
                                   .Attr<int64_t>("tiles_sm80")

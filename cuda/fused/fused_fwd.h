@@ -38,6 +38,11 @@ struct FwdArgs {
   // no configuration in that set (then that set must not run: arch names the other one).
   int32_t tiles_sm80 = 0;
   int32_t tiles_sm90 = 0;
+  // One int32 of device memory, zero when the launch runs on its stream (the caller's workspace):
+  // the persistent Hopper forward's CTAs take their next Q tile from it, so a CTA that drew cheap
+  // tiles takes more. nullptr: each CTA strides over the tiles by the grid size (unbalanced where
+  // tile costs vary: causal and border tiles).
+  int32_t* tile_counter = nullptr;
 };
 
 // One compiled tile configuration: Q tile and KV tile extents per axis (axes past the rank are 1).

@@ -104,6 +104,9 @@ int main() {
     fa.lse = lse;
     fa.D = c.D;
     fa.scale = 1.f / std::sqrt(float(c.D));
+    // The persistent Hopper forward's tile counter (zeroed per launch), as the FFI handler passes it;
+    // run with JAX_NA_PERSISTENT_CTAS=2 so that each CTA walks many tiles of these small problems.
+    fa.tile_counter = static_cast<int32_t*>(dev_zero(sizeof(int32_t)));
     // Both forward kernels where the Hopper one can run (its output, then the portable one's, feeds
     // the backward).
     bool fwd_ok = true;
@@ -111,6 +114,7 @@ int main() {
       if (arch == fused::FwdArgs::kHopper && !fused::sm90_available()) continue;
       fa.arch = arch;
       CK(cudaMemset(out, 0xff, nq * 2));  // NaN bf16: an element the kernel forgets stays NaN
+      CK(cudaMemset(fa.tile_counter, 0, sizeof(int32_t)));
       CK(fused::launch_fwd(pr, c.rank, DType::kBF16, fa, 0));
       CK(cudaDeviceSynchronize());
       fwd_ok = fwd_ok && all_finite_bf16(out, nq);
@@ -157,7 +161,7 @@ int main() {
                 c.Na, ok ? "ok" : "NOT FINITE / UNWRITTEN");
     bad += !ok;
     for (void* p : {q, k, v, ak, av, dout, out, static_cast<void*>(lse), static_cast<void*>(dlse), dq, dk, dv, dak,
-                    dav, static_cast<void*>(ws)})
+                    dav, static_cast<void*>(ws), static_cast<void*>(fa.tile_counter)})
       CK(cudaFree(p));
   }
   std::printf("sanitize_fused: %d bad cases\n", bad);

@@ -39,6 +39,12 @@ static int g_tiles = 0;  // --tiles
 // The forward under test: the dispatcher, or (JNA_TEST_SM90_ONLY) the Hopper kernel at head dim 128.
 static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fused::FwdArgs& args_in) {
   fused::FwdArgs args = args_in;
+#if !defined(JNA_TEST_STATIC_TILES)  // the tile counter of the persistent Hopper forward, zeroed per launch
+  static int32_t* counter = nullptr;
+  if (counter == nullptr && cudaMalloc(&counter, sizeof(int32_t)) != cudaSuccess) return cudaErrorMemoryAllocation;
+  if (cudaError_t st = cudaMemsetAsync(counter, 0, sizeof(int32_t), 0); st != cudaSuccess) return st;
+  args.tile_counter = counter;
+#endif
   const int n90 = rank == 1 ? fused::HopperFwdTiles<1>::kCount
                             : (rank == 2 ? fused::HopperFwdTiles<2>::kCount : fused::HopperFwdTiles<3>::kCount);
   args.tiles_sm90 = g_tiles < n90 ? g_tiles : 0;

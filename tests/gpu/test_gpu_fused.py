@@ -5,7 +5,8 @@ The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at
 tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), head dim 256 (and
 head dims padded to it), padded head dims (D != D_v), float32 (portable set), scales <= 0, the
 Hopper backward's two modes (bitwise determinism by default; dQ added with atomics with
-deterministic_backward=False, on the edge cases too), a jitted gradient through
+deterministic_backward=False, on the edge cases too), the persistent Hopper forward with 3 CTAs
+(many query tiles per CTA), a jitted gradient through
 the Flax layers, and a forward whose tensors have more
 than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
@@ -99,6 +100,31 @@ MANY_TILES = [
 @pytest.mark.parametrize("backend", KERNEL_SETS)
 def test_many_kv_tiles(backend, case, dtype):
     check_case(case, backend, dtype, seed=11)
+
+
+# ----------------------------------------------------------------------------- persistent CTAs
+
+def test_persistent_forward_with_few_ctas():
+    """The Hopper forward's persistent CTAs with only 3 of them (JAX_NA_PERSISTENT_CTAS, read once per
+    process: a child process), so that each walks dozens of query tiles of one call, live ones and
+    dead ones (dilation groups shorter than the tiled length), through its K/V ring: the native edge
+    cases and the many-tile problems, forward and backward against the float64 reference."""
+    if ON_CPU or not _ext.has_hopper_kernels():
+        pytest.skip("needs the Hopper kernels on a compute capability 9.0 device")
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]\n"
+            "import conftest, test_gpu_fused as t\n"
+            "cases = t.NATIVE + [(c, d) for c in t.MANY_TILES for d in t.HALF]\n"
+            "for case, dtype in cases:\n"
+            "    t.check_case(case, 'fused_sm90', dtype, seed=t.helpers.seed_of(case))\n"
+            "print('checked', len(cases))\n")
+    env = dict(os.environ, JAX_NA_PERSISTENT_CTAS="3")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    n = len(NATIVE) + len(MANY_TILES) * len(HALF)
+    assert f"checked {n}" in res.stdout, res.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- float32

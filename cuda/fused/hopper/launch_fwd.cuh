@@ -16,6 +16,14 @@ cudaError_t run_fwd_sm90_tiles(const geo::Problem& pr, const FwdArgs& args, cuda
   HopperFwdParams hp{};
   dim3 grid;
   if (!fwd_kernel_params<Traits>(pr, args, &hp.base, &grid)) return cudaErrorInvalidValue;
+  // Persistent CTAs, one per SM (the smem allows no more), over the one-tile-per-CTA grid's tiles.
+  hp.tiles.x = static_cast<int32_t>(grid.x);
+  hp.tiles.heads = static_cast<int32_t>(grid.y);
+  hp.tiles.total = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  unsigned ctas = 0;
+  if (cudaError_t st = persistent_ctas(hp.tiles.total, &ctas); st != cudaSuccess) return st;
+  grid = dim3(ctas);
+  hp.tile_counter = args.tile_counter;
   hp.use_tma = encode_kv_tensor_maps<Traits>(pr, args.k, args.v, &hp.maps);
 #if !defined(JNA_SM90_Q_GATHER)  // experiment knob: Q by cp.async gathers as before
   hp.use_tma_q = hp.use_tma && encode_q_tensor_map<Traits>(pr, args.q, &hp.q_map);

@@ -8,8 +8,13 @@
 //   thread (immediate when the tile came by TMA) plus one ordinary arrival of the thread that wrote
 //   the flags (which releases them), carrying the TMA transaction bytes when the tile came by TMA.
 // empty[s]: every consumer warp is done with stage s (one arrival per consumer warp).
-// Tile n lives in stage n % kStages; its round r = n / kStages decides the parities: consumers wait
-// for completion r of full[s], the producer (from round 1 on) for completion r - 1 of empty[s].
+// The ring runs on over the Q tiles of a persistent CTA: K/V tile n of the CTA's whole walk lives in
+// stage n % kStages; its round r = n / kStages decides the parities: consumers wait for completion r
+// of full[s], the producer (from round 1 on) for completion r - 1 of empty[s].
+// Per Q tile of the CTA (completion i for its i-th tile, or its i-th live tile for the Q barriers):
+// sched_full: the CtaSchedule is written (one arrival per schedule thread);
+// sched_empty: every consumer warp has taken what it needs of the schedule (one arrival per warp);
+// q_empty: every consumer warp's GEMMs that read the Q tile are done (one arrival per warp).
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -22,13 +27,19 @@ namespace fused {
 template <int kStages>
 struct FwdPipeline {
   uint64_t q_full;
+  uint64_t q_empty;
+  uint64_t sched_full;
+  uint64_t sched_empty;
   uint64_t full[kStages];
   uint64_t empty[kStages];
 
   // One thread; a CTA barrier must follow before any other use.
-  __device__ __forceinline__ void init(int producer_threads, int consumer_warps) {
+  __device__ __forceinline__ void init(int producer_threads, int consumer_warps, int schedule_threads) {
     using Bar = cutlass::arch::ClusterBarrier;
     Bar::init(&q_full, producer_threads + 1);
+    Bar::init(&q_empty, consumer_warps);
+    Bar::init(&sched_full, schedule_threads);
+    Bar::init(&sched_empty, consumer_warps);
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       Bar::init(&full[s], producer_threads + 1);
