@@ -23,7 +23,8 @@ cudaError_t run_fwd_sm90_tiles(const geo::Problem& pr, const FwdArgs& args, cuda
   unsigned ctas = 0;
   if (cudaError_t st = persistent_ctas(hp.tiles.total, &ctas); st != cudaSuccess) return st;
   grid = dim3(ctas);
-  hp.tile_counter = args.tile_counter;
+  // The counter is an int32: past its range (no memory holds such a q) the CTAs stride instead.
+  hp.tile_counter = hp.tiles.total <= std::numeric_limits<int32_t>::max() ? args.tile_counter : nullptr;
   hp.use_tma = encode_kv_tensor_maps<Traits>(pr, args.k, args.v, &hp.maps);
 #if !defined(JNA_SM90_Q_GATHER)  // experiment knob: Q by cp.async gathers as before
   hp.use_tma_q = hp.use_tma && encode_q_tensor_map<Traits>(pr, args.q, &hp.q_map);
