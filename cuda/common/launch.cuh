@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -32,7 +33,7 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, co
 // tests use it to give each CTA many tiles of a small problem).
 inline cudaError_t persistent_ctas(int64_t tiles, unsigned* ctas) {
   constexpr int kMaxDevices = 64;
-  static int sm_count[kMaxDevices] = {};  // per device, queried once
+  static std::atomic<int> sm_count[kMaxDevices] = {};  // per device, queried once (host threads race)
   static const int64_t cap = [] {
     const char* v = std::getenv("JAX_NA_PERSISTENT_CTAS");
     return v != nullptr ? std::strtoll(v, nullptr, 10) : 0;
@@ -40,7 +41,7 @@ inline cudaError_t persistent_ctas(int64_t tiles, unsigned* ctas) {
   int dev = 0;
   cudaError_t st = cudaGetDevice(&dev);
   if (st != cudaSuccess) return st;
-  int sms = dev < kMaxDevices ? sm_count[dev] : 0;
+  int sms = dev < kMaxDevices ? sm_count[dev].load() : 0;
   if (sms <= 0) {
     st = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (st != cudaSuccess) return st;

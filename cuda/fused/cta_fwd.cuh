@@ -14,7 +14,7 @@
 namespace jax_na {
 namespace fused {
 
-// Q tile (reused for O), kStages K and V tiles, row windows, the CTA schedule.
+// Q tile (reused for O by the portable kernel), kStages K and V tiles, row windows, the CTA schedule.
 template <class Traits>
 struct FwdSmem {
   using Element = typename Traits::Element;

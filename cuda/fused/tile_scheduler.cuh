@@ -57,7 +57,7 @@ struct CtaSchedule {
 };
 
 // The Q tiles of a forward launch as one linear index (x fastest, then head, then batch: the order in
-// which a one-tile-per-CTA grid runs them), for persistent CTAs that stride over it by the grid size.
+// which a one-tile-per-CTA grid runs them), for persistent CTAs that walk it.
 struct QTileSpace {
   int32_t x;      // dilation groups x Q tiles per group (a one-tile-per-CTA grid's x extent)
   int32_t heads;

@@ -3,9 +3,10 @@
 // ring (mbarriers: hopper/pipeline.cuh): Q and the window tiles by TMA, one thread per tile, where the
 // problem allows (hopper/tma.cuh), else by cp.async gathers of the 128 producer threads (and always
 // the additional keys); two consumer warpgroups run the GEMMs on warpgroup MMAs and the softmax,
-// never waiting on each other (no CTA barrier in the main loop).
+// never waiting on each other (no CTA barrier in the main loop; two consumer barriers per Q tile).
 //
-// One CTA per SM walks the Q tiles (128 queries each) with a stride of the grid. The producer runs
+// One CTA per SM walks Q tiles (128 queries each), drawing each next one from a counter in the call's
+// workspace (or striding by the grid without one). The producer runs
 // ahead across tiles: while the consumers finish a tile (its last products, O and lse stored straight
 // from registers), it already has the next tile's schedule, Q and first K/V stages in flight, so a
 // tile's prologue and epilogue no longer idle the tensor cores.
@@ -60,6 +61,10 @@ struct HopperFwdParams {
   FwdTrace trace;
 #endif
 };
+
+// cutlass's mbarrier waits are asm without a memory clobber: nothing keeps the compiler from reusing
+// a schedule field loaded before the wait. This barrier does (it emits no instruction).
+__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
 
 // Named barriers (cutlass numbering, after its reserved ids): all consumer threads; per consumer
 // warpgroup, the turn to issue its GEMMs; all producer threads.
@@ -123,6 +128,7 @@ __device__ __forceinline__ void fwd_produce(const HopperFwdParams& hp, const Fwd
       }
     }
     Bar::wait(&pipe.sched_full, it & 1u);
+    compiler_fence();  // the schedule is re-read below (the wait's asm tells the compiler nothing)
     if (it == 0) JNA_TRACE(tr, kTraceScheduled);
     if (cs.done) break;      // uniform
     if (!cs.live) continue;  // uniform
@@ -223,6 +229,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
   uint32_t q_round = 0;  // live Q tiles so far
   for (uint32_t it = 0;; ++it) {
     Bar::wait(&pipe.sched_full, it & 1u);
+    compiler_fence();  // as in the producer
     if (__shfl_sync(0xffffffffu, cs.done, 0)) break;  // uniform
     const bool live = __shfl_sync(0xffffffffu, cs.live, 0) != 0;  // uniform
     int32_t n_tiles = 0, n_window_tiles = 0;
