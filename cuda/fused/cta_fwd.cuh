@@ -66,7 +66,7 @@ template <class Traits>
 __device__ __forceinline__ bool fwd_prologue(const FwdKernelParams& p, const FwdSmem<Traits>& sm, int tid) {
   if (!fwd_schedule<Traits>(p, sm, tid)) return false;
   fwd_load_q<Traits>(p, sm, tid);
-  store_row_windows<Traits>(p.pr, *sm.cs, sm.win, tid);
+  RowWindowTable<Traits>::store(p.pr, *sm.cs, sm.win, tid);
   return true;
 }
 

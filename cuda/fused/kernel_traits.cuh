@@ -146,7 +146,11 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
 
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
-  static constexpr int kSmemWin = kBlockM * kRank * 8;  // int2 (start, end) per row and axis
+  // Row windows: int2 (start, end) per axis and in-tile coordinate (a query's window on an axis
+  // depends only on its position on that axis; mask.cuh: RowWindowTable).
+  static constexpr int kWinEntries =
+      QTile::extent(0) + (kRank > 1 ? QTile::extent(1) : 0) + (kRank > 2 ? QTile::extent(2) : 0);
+  static constexpr int kSmemWin = kWinEntries * 8;
   static constexpr int kSmemSched = 640;  // CtaSchedule (checked in the kernel)
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kSmemWin + kSmemSched;
 };

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
                                                                     q_row_offset);
   load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(sdO, static_cast<const Element*>(p.d_out), tid,
                                                                     q_row_offset);
-  store_row_windows<Traits>(pr, cs, s_win, tid);
+  RowWindowTable<Traits>::store(pr, cs, s_win, tid);
   load_kv(0);
   cp_async_commit();
 

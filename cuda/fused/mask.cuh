@@ -24,21 +24,34 @@
 namespace jax_na {
 namespace fused {
 
-// Per-row windows [start, end) on each axis, written once per CTA into smem (int2 per row and axis).
-// Rows past the group's end take the window of the last query (never stored, never empty).
+// The windows [start, end) of a query-stationary CTA's rows, in smem: a query's window on axis a
+// depends only on its position on that axis, so the table holds one int2 per axis and in-tile
+// coordinate (Traits::kWinEntries: 16 in 3-D instead of 128 x 3 per row), and row r's window on axis
+// a is the entry of its coordinate q_row_coord(r, a).
 template <class Traits>
-__device__ __forceinline__ void store_row_windows(const geo::Problem& pr, const CtaSchedule& cs, int2* s_win,
-                                                  int tid) {
-  static_assert(Traits::kNThreads >= Traits::kBlockM, "one thread per row");
-  if (tid >= Traits::kBlockM) return;
-#pragma unroll
-  for (int a = 0; a < Traits::kRank; ++a) {
-    const geo::Axis& ax = pr.axis[a];
-    const int32_t pos = geo::imin(cs.q0[a] + q_row_coord<Traits>(tid, a), cs.Lg[a] - 1);
-    const int32_t s = geo::window_start(ax, pos, cs.Lg[a]);
-    s_win[a * Traits::kBlockM + tid] = make_int2(s, geo::window_end(ax, pos, cs.Lg[a], s));
+struct RowWindowTable {
+  using QTile = typename Traits::QTile;
+  __host__ __device__ static constexpr int first(int a) {
+    return a == 0 ? 0 : (a == 1 ? QTile::extent(0) : QTile::extent(0) + QTile::extent(1));
   }
-}
+  // Fills the table (the first kWinEntries threads, one entry each). Positions past the group's end
+  // take the window of the last query (never stored, never empty).
+  __device__ __forceinline__ static void store(const geo::Problem& pr, const CtaSchedule& cs, int2* s_win, int tid) {
+    static_assert(Traits::kNThreads >= Traits::kWinEntries, "one thread per entry");
+    if (tid >= Traits::kWinEntries) return;
+    int a = 0;
+#pragma unroll
+    for (int b = 1; b < Traits::kRank; ++b) a += tid >= first(b);
+    const int32_t pos = geo::imin(cs.q0[a] + (tid - first(a)), cs.Lg[a] - 1);
+    const geo::Axis& ax = pr.axis[a];
+    const int32_t s = geo::window_start(ax, pos, cs.Lg[a]);
+    s_win[tid] = make_int2(s, geo::window_end(ax, pos, cs.Lg[a], s));
+  }
+  // Row r's window on axis a.
+  __device__ __forceinline__ static int2 at(const int2* s_win, int a, int r) {
+    return s_win[first(a) + q_row_coord<Traits>(r, a)];
+  }
+};
 
 // Key-stationary kernels: the windows of the queries of the Q tile at org (group positions), int2
 // (start, end) per query and axis into win; queries outside the group get an empty window. Called by
@@ -97,7 +110,7 @@ __device__ __forceinline__ void mask_window_tile(TensorS& s_rc, const int2* s_wi
       int32_t lo[3], hi[3];
 #pragma unroll
       for (int a = 0; a < kRank; ++a) {
-        const int2 w = s_win[a * Traits::kBlockM + row];
+        const int2 w = RowWindowTable<Traits>::at(s_win, a, row);
         lo[a] = w.x - org[a];
         hi[a] = w.y - org[a];
       }
@@ -121,7 +134,7 @@ __device__ __forceinline__ void mask_window_tile(TensorS& s_rc, const int2* s_wi
       T bits[3];
 #pragma unroll
       for (int a = 0; a < kRank; ++a) {
-        const int2 w = s_win[a * Traits::kBlockM + row];
+        const int2 w = RowWindowTable<Traits>::at(s_win, a, row);
         bits[a] = interval_bits<T>(w.x - org[a], w.y - org[a], KVTile::extent(a)) >> KVTile::coord(lane_col, a);
       }
 #pragma unroll

@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_nn_kernel(const __grid
   TS::compute(pr, p.q_tiles, blockIdx, cs, tid);
   __syncthreads();
   if (!cs.live) return;  // uniform over the CTA
-  fused::store_row_windows<Traits>(pr, cs, sm.win, tid);
+  fused::RowWindowTable<Traits>::store(pr, cs, sm.win, tid);
   fused::KVTileWalker<Traits> walker;
   issue_key_tile<Traits>(pr, cs, walker, p.b, sm.b_stage(0), cs.flags[0], tid);
   fused::cp_async_commit();

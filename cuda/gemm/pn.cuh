@@ -34,7 +34,7 @@ __device__ __forceinline__ void fill_masked_entries(const geo::Problem& pr, cons
     bool masked = false;
 #pragma unroll
     for (int a = 0; a < Traits::kRank; ++a) {
-      const int2 win = s_win[a * Traits::kBlockM + row];
+      const int2 win = fused::RowWindowTable<Traits>::at(s_win, a, row);
       masked = masked || win.x + wa[a] >= win.y;
     }
     if (masked) out[s_wrow[row] + w] = fill;
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_pn_kernel(const __grid
   if (!cs.live) return;  // uniform over the CTA
   fused::load_rows<Traits, kBlockM, Element, typename Traits::SmemLayoutQ>(
       sm.q, static_cast<const Element*>(p.a), tid, [&](int r) { return TS::q_row_offset(pr, cs, r); });
-  fused::store_row_windows<Traits>(pr, cs, sm.win, tid);
+  fused::RowWindowTable<Traits>::store(pr, cs, sm.win, tid);
   if (tid < kBlockM) {
     const int64_t off = TS::q_row_offset(pr, cs, tid);
     s_wrow[tid] = off >= 0 ? off / Traits::kHeadDim * pr.W : -1;  // [B, N, H] row = offset / E
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_pn_kernel(const __grid
       int32_t qb[3] = {0, 0, 0};  // bias offset of key position 0: k - 1 - query position
 #pragma unroll
       for (int a = 0; a < kRank; ++a) {
-        win[a] = sm.win[a * kBlockM + row];
+        win[a] = fused::RowWindowTable<Traits>::at(sm.win, a, row);
         qb[a] = pr.axis[a].k - 1 - (cs.q0[a] + fused::q_row_coord<Traits>(row, a));
       }
 #pragma unroll

@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "fused/copy.cuh"
-#include "fused/mask.cuh"  // store_row_windows
+#include "fused/mask.cuh"  // RowWindowTable
 #include "fused/tile_scheduler.cuh"
 #include "gemm/params.cuh"
 
@@ -96,7 +96,7 @@ struct RowWindows {
       const int64_t off = fused::TileScheduler<Traits>::q_row_offset(pr, cs, row);
       weights_row[r] = off >= 0 ? off / Traits::kHeadDim * pr.W : -1;  // [B, N, H] row = offset / E
 #pragma unroll
-      for (int a = 0; a < 3; ++a) win[r][a] = a < Traits::kRank ? s_win[a * Traits::kBlockM + row] : make_int2(0, 1);
+      for (int a = 0; a < 3; ++a) win[r][a] = a < Traits::kRank ? fused::RowWindowTable<Traits>::at(s_win, a, row) : make_int2(0, 1);
     }
   }
 };

@@ -235,7 +235,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
     int32_t n_tiles = 0, n_window_tiles = 0;
     if (live) {
       if (it > 0) consumer_sync();  // every warp is done with the previous row windows and origin
-      store_row_windows<Traits>(p.pr, cs, sm.win, ctid);
+      RowWindowTable<Traits>::store(p.pr, cs, sm.win, ctid);
       if (ctid == 0) origin.assign(cs);
       n_tiles = __shfl_sync(0xffffffffu, cs.n_tiles, 0);
       n_window_tiles = cs.n_window_tiles;
