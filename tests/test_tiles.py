@@ -133,15 +133,16 @@ RESOLVED = [
     (2, (8, 16), None, FusedTiles(0, 1, 1)),
     (3, (2, 8, 8), None, FusedTiles(0, 1, 1)),
     (3, (4, 4, 8), None, FusedTiles(0, 0, 0)),
-    (3, (4, 4, 8), (2, 8, 4), FusedTiles(0, 0, 0)),
-    (3, None, (2, 8, 4), FusedTiles(0, 0, 0)),
+    (3, (4, 4, 8), (2, 8, 4), FusedTiles(0, 0, 2)),
+    (3, None, (2, 8, 4), FusedTiles(0, 0, 2)),
     (1, 128, None, FusedTiles(0, 0, 0)),
     # Hopper only: arch 90, no portable configuration
     (2, (16, 8), (16, 8), FusedTiles(90, -1, 0)),
     (2, (8, 16), (8, 16), FusedTiles(90, -1, 1)),
     (2, None, (8, 16), FusedTiles(90, -1, 1)),
-    (3, (2, 8, 8), (1, 8, 8), FusedTiles(90, -1, 1)),
-    (3, None, (1, 8, 8), FusedTiles(90, -1, 1)),
+    (3, (4, 4, 8), (2, 8, 8), FusedTiles(90, -1, 0)),
+    (3, (2, 8, 8), (2, 8, 8), FusedTiles(90, -1, 1)),
+    (3, None, (2, 8, 8), FusedTiles(90, -1, 0)),
     (1, None, (128,), FusedTiles(90, -1, 0)),
     # portable only: arch 80
     (2, (16, 8), (8, 8), FusedTiles(80, 0, -1)),
@@ -198,7 +199,8 @@ def test_pinned_kernel_sets(any_gpu):
     assert _resolve(2, "fused_sm90", (8, 16)) == FusedTiles(90, -1, 1)
     assert _resolve(3, "fused_sm90", (4, 4, 8)) == FusedTiles(90, -1, 0)
     assert _resolve(3, "fused_sm80", (4, 4, 8)) == FusedTiles(80, 0, -1)
-    assert _resolve(3, "fused_sm90", None, (1, 8, 8)) == FusedTiles(90, -1, 1)
+    assert _resolve(3, "fused_sm90", None, (2, 8, 8)) == FusedTiles(90, -1, 0)
+    assert _resolve(3, "fused_sm90", (4, 4, 8), (2, 8, 4)) == FusedTiles(90, -1, 2)
     with pytest.raises(ValueError) as ei:
         _resolve(2, "fused_sm80", (16, 8), (16, 8))          # Hopper only
     msg = str(ei.value)
@@ -208,7 +210,8 @@ def test_pinned_kernel_sets(any_gpu):
     with pytest.raises(ValueError) as ei:
         _resolve(3, "fused_sm90", (2, 8, 8), (4, 4, 4))      # portable only
     msg = str(ei.value)
-    assert "(4, 4, 8) with (2, 8, 4)" in msg and "(2, 8, 8) with (1, 8, 8)" in msg, msg
+    assert "(4, 4, 8) with (2, 8, 8)" in msg and "(2, 8, 8) with (2, 8, 8)" in msg, msg
+    assert "(4, 4, 8) with (2, 8, 4)" in msg, msg
     assert "portable" not in msg and "(4, 4, 4)" in msg.split("allowed")[0], msg
     # float32 and head dim 256: the portable set's single configuration, no Hopper one
     assert _resolve(2, "auto", (16, 8), dtype="float32") == FusedTiles(80, 0, -1)
@@ -315,7 +318,7 @@ def test_tiles_with_the_unfused_kernel_backends(monkeypatch, backend, name):
     assert tiles_args(2, query, value, backend, None, None) is None  # without shapes: nothing to check
 
 
-@pytest.mark.parametrize("rank,q,kv", [(2, (16, 8), (16, 8)), (3, None, (1, 8, 8)), (1, 128, 128)])
+@pytest.mark.parametrize("rank,q,kv", [(2, (16, 8), (16, 8)), (3, None, (2, 8, 8)), (1, 128, 128)])
 def test_hopper_only_needs_hopper(monkeypatch, rank, q, kv):
     """On a GPU without the Hopper kernels (e.g. an A100), a configuration only they have is a
     ValueError listing what runs there; without a GPU it resolves (the call then runs the reference,
@@ -423,7 +426,7 @@ def _check_tile_attributes():
         (jax_na.na2d, q2, k2, "fused_sm80", (8, 16), None, (80, 1, -1)),
         (jax_na.na2d, q2, k2, "fused_sm90", (8, 16), None, (90, -1, 1)),
         (jax_na.na3d, q3, k3, None, (2, 8, 8), None, (0, 1, 1)),
-        (jax_na.na3d, q3, k3, None, (2, 8, 8), (1, 8, 8), (90, -1, 1)),
+        (jax_na.na3d, q3, k3, None, (2, 8, 8), (2, 8, 8), (90, -1, 1)),
         (jax_na.na3d, q3, k3, "fused_sm80", (4, 4, 8), None, (80, 0, -1)),
         (jax_na.na1d, q1, q1, None, 128, 64, (80, 0, -1)),
         (jax_na.na1d, q1, q1, None, None, 128, (90, -1, 0)),

@@ -98,16 +98,18 @@ using PortableFwdTilesFor =
     PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>;
 
 // Hopper forward (two consumer warpgroups splitting the Q tile along axis 0; see
-// hopper/kernel_traits.cuh). Defaults, measured (H200, bf16, cuda/fused/NOTES.md session 19):
-// - 1-D and 2-D: 128-key K/V tiles. They halve the per-tile work outside the GEMMs (barriers, flags,
-//   row reductions, the O rescale), which in 2-D outweighs the keys their coarser boxes add
-//   (p2 0.688 -> 0.597 ms, p6 14.95 -> 12.64, p7 12.34 -> 9.96 against 64-key tiles).
-// - 3-D: 4x4x8 queries over 2x8x4 keys: a warpgroup's window box rounds to fewer tiles than 2x8x8 over
-//   4x4x4 (p3 1.263 -> 1.141 ms, p8 66.0 -> 63.4). 128-key 3-D tiles need two smem stages (three do
-//   not fit beside the 3-D row windows) and measured slower (p3 1.376, p8 75.0).
+// hopper/kernel_traits.cuh). Defaults, measured (H200, bf16, cuda/fused/NOTES.md sessions 19, 26):
+// - 128-key K/V tiles in every rank. They halve the per-tile work outside the GEMMs (barriers, flags,
+//   row reductions, the O rescale), which outweighs the keys their coarser boxes add: 2-D p2 0.688 ->
+//   0.597 ms, p6 14.95 -> 12.64, p7 12.34 -> 9.96 against 64-key tiles; 3-D (4x4x8 queries over 2x8x8
+//   keys against 2x8x4, three stages each) p3 1.093 -> 0.927, p8 63.6 -> 51.4, p9 38.4 -> 30.1, p10
+//   1.02 -> 0.84. (With two stages, before the row windows shrank to a table per axis, 3-D 128-key
+//   tiles had measured slower.)
+// - 3-D: 4x4x8 queries: a warpgroup's 2x4x8 window box rounds to fewer tiles than 2x8x8's 1x8x8
+//   where the first axis' window is short (p3 0.927 vs 1.100 ms, p10 0.84 vs 0.97).
 // Alternatives: 2-D 8x16 over 8x16 (windows long on the last axis: 7x31 on 64x256 0.348 vs 0.462 ms;
-// p2 0.598 vs 0.609); 3-D 2x8x8 over 1x8x8 (fewer CTA tiles for windows long on the last two axes
-// by the tile model; measured p8 64.5 vs 64.3 ms, p3 1.377 vs 1.170).
+// p2 0.598 vs 0.609); 3-D 2x8x8 over 2x8x8 (windows long on every axis: p8 50.8 vs 51.4 ms, p9 29.1
+// vs 30.1) and 4x4x8 over the 64-key 2x8x4 (finer boxes for small windows).
 template <int kRank>
 struct HopperFwdTiles;
 template <>
@@ -117,7 +119,8 @@ struct HopperFwdTiles<2>
     : TileConfigs<TileShapes<2, 128, 8>, Tiles<Box<8, 16, 1>, Box<2, 8, 1>, Box<8, 16, 1>>> {};
 template <>
 struct HopperFwdTiles<3>
-    : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, Tiles<Box<2, 8, 8>, Box<1, 4, 4>, Box<1, 8, 8>>> {};
+    : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 8>>, Tiles<Box<2, 8, 8>, Box<1, 4, 4>, Box<2, 8, 8>>,
+                  Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>> {};
 
 // Backward tilings: the KV tile a CTA of the key-stationary dK/dV kernel owns (kBlockN keys), the Q
 // tile of its inverse neighbourhood it takes per step (kBlockM queries), and the Tiles of the

@@ -6,9 +6,8 @@
 // kNThreads counts the consumers (the MMA, softmax and epilogue threads of the shared code);
 // kLoadThreads the producer (the gathers of copy.cuh).
 //
-// Smem: Q 16-32 KB + 3 stages of K and V (up to 192 KB for 128-key tiles at D = 128; 2 stages for
-// 128-key tiles in 3-D, whose row windows take 3 KB) + the pipeline's mbarriers and the consumers'
-// QTileOrigin fits the 227 KB (no room for a second Q tile or a staged O: see mainloop_fwd.cuh).
+// Smem: Q 16-32 KB + 3 stages of K and V (up to 192 KB for 128-key tiles at D = 128) + the row
+// windows (at most 1 KB) + the pipeline's mbarriers and the consumers' QTileOrigin fits the 227 KB (no room for a second Q tile or a staged O: see mainloop_fwd.cuh).
 // The per-thread ownership of accumulator rows/columns is the same as the portable kernel's (warp w
 // holds rows 16w..16w+15), so the scheduler, masks, softmax and epilogue are shared. The smem tiles
 // are the same bytes (128-byte swizzle of 8 x 64-element atoms); the GMMA layouts below only tag them
@@ -23,17 +22,16 @@
 namespace jax_na {
 namespace fused {
 
-// K/V smem stages: 3, or 2 where three 128-key stages and the 3-D row windows exceed the 227 KB.
-template <int kRank, int kBlockN>
-constexpr int kHopperFwdStages = (kRank == 3 && kBlockN == 128) ? 2 : 3;
+// K/V smem stages.
+constexpr int kHopperFwdStages = 3;
 
 // Shapes_: one of HopperFwdTiles (tile_shapes.cuh). The two consumer warpgroups split the Q tile
 // along axis 0 (warps 0-3 hold its first half: the warp grid is row-major) and each skips the K/V
 // tiles its own half's windows miss.
 template <DType kDType_, int kHeadDim_, int kRank_, class Shapes_,
           int kBlockN_ = Shapes_::KVTile::kSize>
-struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHopperFwdStages<kRank_, kBlockN_>, Shapes_> {
-  using Base = FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHopperFwdStages<kRank_, kBlockN_>, Shapes_>;
+struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHopperFwdStages, Shapes_> {
+  using Base = FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHopperFwdStages, Shapes_>;
   using typename Base::Element;
   using Base::kBlockM;
   using Base::kBlockN;
