@@ -80,8 +80,9 @@ struct TileConfigs {
 // cuda/fused/NOTES.md session 20):
 // - 2-D: 16x8 over 8x8 by default; 8x16 over 8x8 for windows longer along the last axis (7x31 on
 //   64x256: 0.571 vs 0.617 ms; p2's square window: 1.173 vs 1.111).
-// - 3-D: 4x4x8 over 2x8x4 by default (the Hopper default: fewer tiles per warp where the first
-//   axis' window is short; p3 1.896 vs 1.966 ms, p10 1.638 vs 1.738, p8 equal), 2x8x8 over 4x4x4.
+// - 3-D: 4x4x8 over 2x8x4 by default (the Hopper kernel's Q tile too: fewer tiles per warp where
+//   the first axis' window is short; p3 1.896 vs 1.966 ms, p10 1.638 vs 1.738, p8 equal), 2x8x8
+//   over 4x4x4.
 template <int kRank, int kBlockN>
 struct PortableFwdTiles : TileConfigs<TileShapes<kRank, kBlockN, 8>> {};
 template <>
