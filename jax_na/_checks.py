@@ -7,13 +7,14 @@ allowed values, before anything is traced into a kernel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from jax_na import _ext
+from jax_na import _ext, tile_model
 
 # Backends the library knows.
 KNOWN_BACKENDS = ("fused", "fused_sm80", "fused_sm90", "gemm", "reference", "naive")
@@ -79,6 +80,17 @@ FUSED_BWD_TILES = {
     ("sm90", 64): {1: (((64,), (128,)),),
                    2: (((8, 8), (16, 8)), ((4, 16), (8, 16))),
                    3: (((4, 4, 4), (4, 4, 8)), ((2, 4, 8), (2, 8, 8)))},
+}
+# The dQ kernel's tiles in each backward configuration ((Q tile, K/V tile) of the query-stationary
+# kernel, in FUSED_BWD_TILES' order; the same for both portable step sizes): read by the backward's
+# chooser. Mirrors BwdTiles::DqTiles in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py).
+FUSED_BWD_DQ_TILES = {
+    "sm80": {1: (((128,), (32,)),),
+             2: (((16, 8), (4, 8)), ((8, 16), (2, 16))),
+             3: (((4, 4, 8), (2, 4, 4)), ((2, 8, 8), (1, 4, 8)))},
+    "sm90": {1: (((128,), (64,)),),
+             2: (((16, 8), (8, 8)), ((8, 16), (4, 16))),
+             3: (((4, 4, 8), (2, 8, 4)), ((2, 8, 8), (4, 4, 4)))},
 }
 _KERNEL_SET_NAMES = {"sm80": "portable (fused_sm80)", "sm90": "Hopper (fused_sm90)"}
 # Grid limits of the fused kernels: query heads (and batch, which the lowering splits into chunks
@@ -377,64 +389,81 @@ def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
     return tuple(int(v) for v in value)
 
 
-# The tile chooser for calls that give no tile shapes: configuration 0 of each kernel set, except in
-# 2-D for windows longer along the last axis, which take the Q tile longer along it: the K/V tiles a
-# CTA visits fall with it (tile model: 7x13 window 4 instead of 6 on the Hopper kernel, 7x31 6
-# instead of 10) and rise for the transposed window; measured on a 7x31 window over 64x256 (H200,
-# bf16): Hopper 0.348 vs 0.462 ms, portable 0.571 vs 0.617.
-LONG_LAST_AXIS_Q_TILE = (8, 16)
+# The tile choosers for calls that give no tile shapes: per kernel set, the configuration whose tile
+# walk computes the fewest (query, key) pairs for the call's problem (jax_na.tile_model; the first
+# on ties, configuration 0 being the default). The forward compares the configurations with as many
+# keys per K/V tile as its default only: a smaller tile costs more per key outside the matrix
+# products than the pairs it saves (Hopper 3-D, 2x8x4 keys against 2x8x8: 2.5% fewer pairs on p8,
+# 24% slower). The model's choices match what was measured (H200, bf16, D = 128; ms, the chosen
+# configuration first; cuda/fused/NOTES.md sessions 20, 22, 24, 27):
+# - forward, 2-D 7x31 window over 64x256: 8x16 Q tiles, Hopper 0.348 vs 0.462, portable 0.571 vs
+#   0.617; square windows (p2, p6): the default.
+# - backward (fwd+bwd), Hopper: p10 (7x13x13, causal on the first axis) flat 4.97 vs 5.36; 3x13x13
+#   over 16x32x32 flat 3.66 vs 4.56; p8 (18x24x24) flat 296.1 vs 302.0; p3 default 6.08 vs 6.27; p2
+#   default 3.08 vs 3.09. Portable: p3 flat 9.41 vs 10.17, p10 flat 7.94 vs 8.29, 3x13x13 flat 4.87
+#   vs 5.98, p8 default 476 vs 502, p2 default 4.96 vs 5.08.
+def _least_work(configs, work, eligible=lambda c: True) -> int:
+    """Index of the eligible configuration with the least work (the first of equals; 0 when fewer
+    than two are eligible)."""
+    costs = [work(*c) if eligible(c) else math.inf for c in configs]
+    if sum(c < math.inf for c in costs) < 2:
+        return 0
+    return costs.index(min(costs))
 
 
-def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, kernel_size) -> FusedTiles | None:
-    """The chooser's FusedTiles for a call without tile shapes on fused backend ``fam`` at padded
-    head dim ``P``, or None for the defaults."""
-    if rank != 2 or kernel_size is None or kernel_size[1] <= kernel_size[0]:
-        return None
-    index = [next((i for i, (q, _) in enumerate(fused_fwd_tile_configs(ks, dtype, P, rank))
-                   if q == LONG_LAST_AXIS_Q_TILE), 0) for ks in ("sm80", "sm90")]
+@functools.lru_cache(maxsize=1024)
+def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window: tuple) -> FusedTiles | None:
+    """The forward chooser's FusedTiles for a call without tile shapes on fused backend ``fam`` at
+    padded head dim ``P`` over ``spatial`` (``window``: kernel_size, stride, dilation, is_causal,
+    normalized), or None for the defaults."""
+    axes = tile_model.problem_axes(spatial, *window)
+    index = []
+    for ks in ("sm80", "sm90"):
+        configs = fused_fwd_tile_configs(ks, dtype, P, rank)
+        keys = math.prod(configs[0][1]) if configs else 0
+        index.append(_least_work(configs, lambda q, kv: tile_model.forward_work(axes, ks, q, kv),
+                                 lambda c: math.prod(c[1]) == keys))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 
-# The backward's chooser: configuration 0 of each kernel set, except in 3-D for windows shorter on the
-# first axis than on the others, which take the flat key tiles (1x8x8 portable, 2x8x8 Hopper) where
-# they measured faster (H200, bf16, D=128, fwd+bwd, `python -m jax_na.profile --sweep-tiles`, ms):
-# - portable, first axis at most 2/3 of the shorter other one: 3x13x13 over 16x32x32 4.87 instead
-#   of 5.98; p3 (7x13x13) 9.41 instead of 10.17; p10 (p3 causal on the first axis) 7.94 instead of
-#   8.29; not p8 (18x24x24: 502 instead of 476).
-# - Hopper, first axis at most half of the others (3x13x13: 3.66 instead of 4.56), or at most 2/3
-#   when causal (p10: 4.97 instead of 5.36; p3, not causal: 6.27 instead of 6.08).
-def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, kernel_size, is_causal=None) -> FusedTiles | None:
-    """The chooser's backward FusedTiles for a call without backward tile shapes, or None for the
-    defaults."""
-    if rank != 3 or kernel_size is None:
-        return None
-    k0, other = kernel_size[0], min(kernel_size[1:])
-    causal0 = bool(is_causal is not None and is_causal[0])
-    flat = {"sm80": 3 * k0 <= 2 * other, "sm90": 2 * k0 <= other or (causal0 and 3 * k0 <= 2 * other)}
-    index = [next((i for i, (_, kv) in enumerate(fused_bwd_tile_configs(ks, dtype, P, rank))
-                   if kv[0] < kv[1] == kv[2]), 0) if flat[ks] else 0 for ks in ("sm80", "sm90")]
+@functools.lru_cache(maxsize=1024)
+def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window: tuple,
+                      deterministic: bool = True) -> FusedTiles | None:
+    """The backward chooser's FusedTiles for a call without backward tile shapes (as
+    _chosen_fwd_tiles; ``deterministic``: without it the Hopper dK/dV kernel adds dQ itself), or None
+    for the defaults."""
+    axes = tile_model.problem_axes(spatial, *window)
+    index = []
+    for ks in ("sm80", "sm90"):
+        configs = fused_bwd_tile_configs(ks, dtype, P, rank)
+        dq = FUSED_BWD_DQ_TILES[ks].get(rank, ())
+        index.append(_least_work(
+            [(q, kv, *dq[i]) for i, (q, kv) in enumerate(configs)],
+            lambda q, kv, dq_q, dq_kv: tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv, deterministic)))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 
 def fwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_shape,
-                   kernel_size=None) -> FusedTiles | None:
-    """Validate a call's q_tile_shape / kv_tile_shape against the fused forward's compiled tile
+                   window=None) -> FusedTiles | None:
+    """Validate a call's q_tile_shape / kv_tile_shape (either may be None) against the fused forward's
     configurations (FUSED_FWD_TILES) for its dtype, head dim, rank and backend. Returns the
     FusedTiles the fused kernels run with, or None for the defaults. A shape given alone picks the
-    first configuration that has it; none picks by the chooser above (``kernel_size``: the call's
-    normalized kernel sizes)."""
+    first configuration that has it; none picks by the chooser above (``window``: the call's
+    normalized (kernel_size, stride, dilation, is_causal); None: the defaults)."""
     return _tiles_args("forward", "", fused_fwd_tile_configs, rank, query, value, backend, q_tile_shape,
-                       kv_tile_shape, lambda dtype, P, fam: _chosen_fwd_tiles(rank, dtype, P, fam, kernel_size))
+                       kv_tile_shape, lambda dtype, P, fam: None if window is None else _chosen_fwd_tiles(
+                           rank, dtype, P, fam, tuple(query.shape[1:-2]), window))
 
 
 def bwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_shape,
-                   kernel_size=None, is_causal=None) -> FusedTiles | None:
+                   window=None, deterministic: bool = True) -> FusedTiles | None:
     """Validate a call's backward_q_tile_shape / backward_kv_tile_shape against the fused backward's
     compiled tile configurations (FUSED_BWD_TILES), as fwd_tiles_args (none given: the backward's
-    chooser above, from the normalized ``kernel_size`` and ``is_causal``); None: the defaults."""
+    chooser above, from the normalized ``window`` and ``deterministic_backward``); None: the defaults."""
     return _tiles_args("backward", "backward_", fused_bwd_tile_configs, rank, query, value, backend,
                        q_tile_shape, kv_tile_shape,
-                       lambda dtype, P, fam: _chosen_bwd_tiles(rank, dtype, P, fam, kernel_size, is_causal))
+                       lambda dtype, P, fam: None if window is None else _chosen_bwd_tiles(
+                           rank, dtype, P, fam, tuple(query.shape[1:-2]), window, deterministic))
 
 
 def _tiles_args(direction: str, prefix: str, configs_of, rank: int, query, value, backend: str, q_tile_shape,
@@ -526,10 +555,11 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
                                 f"{_dtype_name(query.dtype)}")
     params = window_params(rank, spatial, kernel_size, stride, dilation, is_causal, scale, D)
     backend = resolve_backend(backend, query.dtype, "na", query, value)
-    tiles = fwd_tiles_args(rank, query, value, backend, q_tile_shape, kv_tile_shape, params.kernel_size)
-    bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
-                               params.kernel_size, params.is_causal)
+    window = (params.kernel_size, params.stride, params.dilation, params.is_causal)
     deterministic = deterministic_arg(deterministic_backward)
+    tiles = fwd_tiles_args(rank, query, value, backend, q_tile_shape, kv_tile_shape, window)
+    bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
+                               window, deterministic)
     return dataclasses.replace(params, fwd_tiles=tiles, bwd_tiles=bwd_tiles, deterministic=deterministic), backend
 
 

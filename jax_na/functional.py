@@ -203,8 +203,9 @@ _NA_DOC = """{rank}-D neighborhood attention.
         kernel backends raise a ValueError/TypeError for a call they cannot take or when jax_na was
         built without them; a call lowered for a non-CUDA platform uses the reference.
       q_tile_shape, kv_tile_shape: the fused forward's tile shapes (a tuple of {rank} extents each;
-        None: chosen per call: each kernel set's default, except 8x16 Q tiles for 2-D windows longer
-        along the last axis). The compiled configurations are listed in
+        None: chosen per call: per kernel set, the configuration with the default's keys per tile
+        whose tile walk computes the fewest (query, key) pairs for this problem, ``jax_na.tile_model``;
+        e.g. 8x16 Q tiles for 2-D windows much longer along the last axis). The compiled configurations are listed in
         ``jax_na.fused_tile_configs(rank, dtype, head_dim)``; one given alone picks the first
         configuration that has it, and a configuration only the Hopper (or only the portable)
         kernels have runs on those. A shape no compiled configuration has, or tile shapes with a
@@ -223,10 +224,10 @@ _NA_DOC = """{rank}-D neighborhood attention.
         (q); each configuration also sets the dQ kernel's tiles. Listed in
         ``jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True)`` and checked as the
         forward's; the alternatives are flatter boxes, for windows much shorter along the first
-        axis than along the others. None: chosen per call: each kernel set's default, except the
-        flat key tiles for 3-D windows shorter on the first axis where they measured faster (the
-        portable set at most 2/3 as long as the others; Hopper at most half, or 2/3 when causal on
-        the first axis).
+        axis than along the others. None: chosen per call: per kernel set, the configuration whose
+        dK/dV and dQ kernels compute the fewest pair-products for this problem (``jax_na.tile_model``;
+        e.g. the flat key tiles for 3-D windows much shorter on the first axis, or whose stride they
+        align with).
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.

@@ -60,6 +60,26 @@ def _from_templates(rank, M, N):
 _expect = helpers.expect_error
 
 
+def _dq_from_templates(rank, N):
+    """BwdTileConfigs' dQ Tiles (Q tile, K/V tile) written out for dQ K/V tiles of N keys (portable
+    32, Hopper 64): DqTileShapes by default, then the flat configuration's."""
+    default = {1: ((128,), (N,)), 2: ((16, 8), (N // 8, 8)), 3: ((4, 4, 8), (2, N // 8, 4))}[rank]
+    flat_kv = (1, 4, 8) if N == 32 else (N // 16, 4, 4)
+    alt = {1: [], 2: [((8, 16), (N // 16, 16))], 3: [((2, 8, 8), flat_kv)]}[rank]
+    return [default, *alt]
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_dq_tiles_equal_the_templates(rank):
+    """FUSED_BWD_DQ_TILES (the backward chooser's view of the dQ kernel) lists one dQ tiling per
+    backward configuration of each set, as the C++ templates give them."""
+    for ks, n in (("sm80", 32), ("sm90", 64)):
+        assert list(_checks.FUSED_BWD_DQ_TILES[ks][rank]) == _dq_from_templates(rank, n)
+        for (kset, _), by_rank in _checks.FUSED_BWD_TILES.items():
+            if kset == ks:
+                assert len(by_rank[rank]) == len(_checks.FUSED_BWD_DQ_TILES[ks][rank])
+
+
 # ----------------------------------------------------------------------------- the listing
 
 @pytest.mark.parametrize("rank", RANKS)
@@ -190,14 +210,15 @@ def test_resolution(rank, q, kv, dtype, D, want, backend, any_gpu):
 
 @pytest.mark.parametrize("backend", [None, "fused", "fused_sm80", "fused_sm90"])
 def test_no_tile_shapes_resolve_to_none(backend):
-    """No backward shapes and no kernel size (the chooser's input): None (each set's default), whatever
+    """No backward shapes and no window (the chooser's input): None (each set's default), whatever
     the forward's (test_chooser_without_backward_tile_shapes: the chooser)."""
     for rank in RANKS:
         for dtype, D in (("bfloat16", 128), ("float16", 64)):
             assert _resolve(rank, backend, dtype=dtype, D=D) is None
-    query, value = _spec(2)
-    assert _checks.fwd_tiles_args(2, query, value, backend or "auto", None, None, (3, 7)) is not None  # the chooser
-    assert _resolve(2, backend) is None
+    x = jax.ShapeDtypeStruct((1, 32, 64, 2, 128), jnp.bfloat16)
+    window = ((3, 31), (1, 1), (1, 1), (False, False))
+    assert _checks.fwd_tiles_args(2, x, x, backend or "auto", None, None, window) is not None  # the chooser
+    assert _checks.bwd_tiles_args(2, x, x, backend or "auto", None, None) is None
 
 
 def _expected(listed, fam, q, kv):
@@ -282,7 +303,7 @@ def test_pinned_kernel_sets(any_gpu):
 def test_attention_args_stores_the_tiles(any_gpu):
     """attention_args puts the backward choice in NAParams.bwd_tiles, apart from the forward's
     fwd_tiles (None without shapes); a distinct static argument of the primitives."""
-    q = _arr((1, 8, 9, 2, 64), jnp.bfloat16)
+    q = _arr((1, 16, 8, 2, 64), jnp.bfloat16)
     common = (3, 1, 1, False, None, None, None, None)
     params, backend = _checks.attention_args(2, q, q, q, *common, backward_q_tile_shape=(8, 8),
                                              backward_kv_tile_shape=(16, 8))
@@ -320,8 +341,8 @@ def test_hopper_only_needs_hopper(monkeypatch, rank, q, kv):
 
 # ----------------------------------------------------------------------------- errors, public API
 
-Q2 = _arr((1, 8, 9, 2, 64), jnp.bfloat16)
-Q2F = _arr((1, 8, 9, 2, 8), jnp.float32)
+Q2 = _arr((1, 16, 8, 2, 64), jnp.bfloat16)
+Q2F = _arr((1, 16, 8, 2, 8), jnp.float32)
 Q3 = _arr((1, 4, 5, 6, 2, 64), jnp.bfloat16)
 Q1 = _arr((1, 12, 2, 64), jnp.bfloat16)
 
@@ -365,7 +386,7 @@ def test_uncompiled_shapes():
     msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, backward_kv_tile_shape=(16, 8)), [KVN, "allowed", "float32"])
     assert "(8, 8) with (8, 8)" in msg and "(4, 16) with (4, 16)" in msg and "Hopper" not in msg, msg
     # head dim 128: the 32-query portable shapes; the 64-query ones are not compiled there
-    Q2H = _arr((1, 8, 9, 2, 128), jnp.bfloat16)
+    Q2H = _arr((1, 16, 8, 2, 128), jnp.bfloat16)
     msg = _expect(lambda: jax_na.na2d(Q2H, Q2H, Q2H, 3, backward_q_tile_shape=(4, 16), backward_kv_tile_shape=(4, 16)),
                   [QN, KVN, "allowed", "head dim 128"])
     assert "(4, 8) with (8, 8)" in msg and "(2, 16) with (4, 16)" in msg, msg
@@ -400,48 +421,79 @@ def _tile_attrs(line):
 _workspace_elems = helpers.workspace_elems
 
 
-CAUSAL_T = (True, False, False)
+# The problems the backward configurations were measured on (H200, bf16, D = 128, fwd+bwd; _checks'
+# chooser comment) and p9, with whether (portable, Hopper) take their flat tiles: the faster ones
+# where measured, the tile model's choice on p9 (strided: the flat boxes align with the stride).
+# (spatial, kernel_size, stride, is_causal, flat)
+MEASURED_BWD = [
+    ((128, 128), (31, 31), 1, False, (False, False)),                          # p2
+    ((16, 32, 32), (7, 13, 13), 1, False, (True, False)),                      # p3
+    ((16, 32, 32), (7, 13, 13), 1, (True, False, False), (True, True)),        # p10
+    ((16, 32, 32), (3, 13, 13), 1, False, (True, True)),
+    ((30, 48, 80), (18, 24, 24), 1, False, (False, True)),                     # p8
+    ((30, 48, 80), (18, 24, 24), (16, 8, 8), False, (True, True)),             # p9
+]
 
 
-# flat: whether (portable, Hopper) take their flat key tiles.
-@pytest.mark.parametrize("kernel_size,is_causal,flat", [
-    ((3, 13, 13), None, (True, True)), ((2, 4, 5), None, (True, True)), ((6, 13, 12), None, (True, True)),
-    ((7, 13, 13), None, (True, False)), ((7, 13, 13), CAUSAL_T, (True, True)),
-    ((7, 13, 13), (False, True, False), (True, False)), ((9, 13, 13), CAUSAL_T, (False, False)),
-    ((18, 24, 24), None, (False, False)), ((3, 3, 3), None, (False, False)), ((3, 13, 5), None, (True, False)),
-    ((13, 3, 13), None, (False, False))])
+@pytest.mark.parametrize("spatial,kernel_size,stride,is_causal,flat", MEASURED_BWD,
+                         ids=[f"{'x'.join(map(str, c[0]))}-k{'x'.join(map(str, c[1]))}-{i}"
+                              for i, c in enumerate(MEASURED_BWD)])
 @pytest.mark.parametrize("backend", [None, "fused", "fused_sm80", "fused_sm90"])
-def test_chooser_without_backward_tile_shapes(any_gpu, kernel_size, is_causal, flat, backend):
-    """Calls without backward shapes: 3-D windows shorter on the first axis take a set's flat key
-    tiles (1x8x8 portable, 2x8x8 Hopper) where they measured faster: portable at most 2/3 as long as
-    the shorter other axis, Hopper at most half (2/3 when causal on the first axis); every other
-    window, and ranks 1-2, the defaults (None)."""
+def test_chooser_without_backward_tile_shapes(any_gpu, spatial, kernel_size, stride, is_causal, flat, backend):
+    """Calls without backward shapes take, per kernel set, the configuration whose tile walk computes
+    the fewest pairs (jax_na.tile_model): on the measured problems the faster one."""
     fam = backend or "fused"
-    flat_kv = {"fused_sm80": (1, 8, 8), "fused_sm90": (2, 8, 8)}
+    rank = len(spatial)
+    query = jax.ShapeDtypeStruct((1, *spatial, 2, 128), jnp.bfloat16)
+    params = _checks.window_params(rank, spatial, kernel_size, stride, 1, is_causal, head_dim=128)
+    window = (params.kernel_size, params.stride, params.dilation, params.is_causal)
+    got = _checks.bwd_tiles_args(rank, query, query, backend or "auto", None, None, window)
+    if not any(flat):
+        assert got is None
+        return
+    assert got.arch == _checks.FUSED_BACKENDS[fam], got
+    assert (got.sm80, got.sm90) == tuple(int(f) for f in flat), got
+    # a flat configuration of each set: its keys shorter on the first axis
+    listed = jax_na.fused_tile_configs(rank, "bfloat16", 128, backward=True)
+    for name, index in (("fused_sm80", got.sm80), ("fused_sm90", got.sm90)):
+        kv = listed[name][index][1]
+        assert (kv[0] < kv[1]) == bool(index), (name, kv)
+
+
+def test_backward_chooser_modes_and_dtypes(any_gpu):
+    """The choice depends on the kernel set's configurations for the dtype and head dim (float32: the
+    portable set only) and, on Hopper, on deterministic_backward (without it the dK/dV kernel adds
+    dQ: five products per pair it computes and no dQ kernel); it is the least-work configuration."""
+    from jax_na import tile_model
+    spatial, window = (16, 32, 32), ((7, 13, 13), (1, 1, 1), (1, 1, 1), (False, False, False))
+    axes = tile_model.problem_axes(spatial, *window)
     for dtype, D in (("bfloat16", 128), ("float16", 64), ("float32", 64)):
-        query, value = _spec(3, dtype, D)
-        got = _checks.bwd_tiles_args(3, query, value, backend or "auto", None, None, kernel_size, is_causal)
-        listed = jax_na.fused_tile_configs(3, dtype, D, backward=True)
-        expect = {name: f and bool(listed[name]) for name, f in zip(flat_kv, flat)}
-        if not any(expect.values()):
-            assert got is None, (kernel_size, got)
-            continue
-        assert got.arch == _checks.FUSED_BACKENDS[fam], got
-        for name, index in (("fused_sm80", got.sm80), ("fused_sm90", got.sm90)):
-            if listed[name]:
-                assert (listed[name][index][1] == flat_kv[name]) == expect[name], (dtype, D, name, got)
-                assert index == 0 or expect[name], (dtype, D, name, got)
-    for rank, ks in ((1, (3,)), (2, (1, 9))):
-        query, value = _spec(rank)
-        assert _checks.bwd_tiles_args(rank, query, value, backend or "auto", None, None, ks) is None
+        x = jax.ShapeDtypeStruct((1, *spatial, 2, D), jnp.dtype(dtype))
+        for det in (True, False):
+            got = _checks.bwd_tiles_args(3, x, x, "fused", None, None, window, det) or FusedTiles(0, 0, 0)
+            for ks, index in (("sm80", got.sm80), ("sm90", got.sm90)):
+                configs = _checks.fused_bwd_tile_configs(ks, dtype, D, 3)
+                if not configs:
+                    continue
+                dq = _checks.FUSED_BWD_DQ_TILES[ks][3]
+                work = [tile_model.backward_work(axes, ks, q, kv, *dq[i], det) for i, (q, kv) in enumerate(configs)]
+                assert work[index] == min(work) and work.index(min(work)) == index, (dtype, det, ks, work)
+    # 1-D has one configuration: nothing to choose
+    x = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
+    assert _checks.bwd_tiles_args(1, x, x, "fused", None, None, ((255,), (1,), (1,), (False,))) is None
 
 
 def _inputs():
     r = np.random.default_rng(0)
     mk = lambda *s, dt=jnp.bfloat16: jnp.asarray(r.standard_normal(s), dt)
-    return dict(q2=mk(1, 8, 9, 4, 64), k2=mk(1, 8, 9, 2, 64), q2h=mk(1, 8, 9, 4, 128), k2h=mk(1, 8, 9, 2, 128),
-                q3=mk(1, 4, 5, 6, 2, 128), q1=mk(2, 20, 2, 64), q2f=mk(1, 8, 9, 2, 8, dt=jnp.float32))
+    return dict(q2=mk(1, 16, 8, 4, 64), k2=mk(1, 16, 8, 2, 64), q2h=mk(1, 16, 8, 4, 128), k2h=mk(1, 16, 8, 2, 128),
+                q3=mk(1, 4, 5, 6, 2, 128), q1=mk(2, 20, 2, 64), q2f=mk(1, 16, 8, 2, 8, dt=jnp.float32),
+                q2c=mk(1, 32, 64, 4, 64), k2c=mk(1, 32, 64, 2, 64), q3c=mk(1, 6, 16, 16, 2, 128))
 
+
+# Expected attributes of a call whose shapes the chooser picks (whatever it picks; the choices
+# themselves: test_chooser_without_backward_tile_shapes, test_tiles.py).
+CHOSEN = "chosen"
 
 # (fn, q, k, kernel, backend, forward (q, kv), backward (q, kv), forward attributes, backward attributes)
 LOWERED = [
@@ -465,15 +517,14 @@ LOWERED = [
     ("na2d", "q2", "k2", 3, None, ((8, 16), (8, 8)), ((8, 8), (16, 8)), (80, 1, -1), (90, -1, 0)),
     ("na2d", "q2h", "k2h", 3, None, ((16, 8), (16, 8)), ((2, 16), (4, 16)), (90, -1, 0), (80, 1, -1)),
     ("na3d", "q3", "q3", 3, "fused_sm90", ((2, 8, 8), None), ((4, 4, 4), None), (90, -1, 1), (90, -1, 0)),
-    # no backward shapes, a 3-D window at most half as long on the first axis: the backward's chooser
-    # (both sets flat)
-    ("na3d", "q3", "q3", (2, 5, 5), None, (None, None), (None, None), (0, 0, 0), (0, 1, 1)),
-    ("na3d", "q3", "q3", (2, 5, 5), "fused_sm80", (None, None), (None, None), (80, 0, 0), (80, 1, 1)),
-    ("na3d", "q3", "q3", (2, 5, 5), None, (None, None), ((4, 4, 4), None), (0, 0, 0), (90, -1, 0)),
-    # forward shapes only (and the forward's chooser): the backward keeps its defaults
+    # no backward shapes: the backward's chooser (here the flat tiles of both sets)
+    ("na3d", "q3c", "q3c", (2, 5, 5), None, (None, None), (None, None), (0, 0, 0), CHOSEN),
+    ("na3d", "q3c", "q3c", (2, 5, 5), "fused_sm80", (None, None), (None, None), (80, 0, 0), CHOSEN),
+    ("na3d", "q3c", "q3c", (2, 5, 5), None, (None, None), ((4, 4, 4), None), (0, 0, 0), (90, -1, 0)),
+    # forward shapes only: the backward keeps its defaults (k = 3 over 16x8) or its chooser's
     ("na2d", "q2", "k2", 3, None, ((8, 16), None), (None, None), (0, 1, 1), (0, 0, 0)),
-    ("na2d", "q2", "k2", (3, 7), "fused_sm80", (None, None), (None, None), (80, 1, 1), (80, 0, 0)),
-    ("na2d", "q2", "k2", (3, 7), None, (None, None), ((4, 16), (8, 16)), (0, 1, 1), (90, -1, 1)),
+    ("na2d", "q2c", "k2c", (3, 31), "fused_sm80", (None, None), (None, None), CHOSEN, CHOSEN),
+    ("na2d", "q2c", "k2c", (3, 31), None, (None, None), ((4, 16), (8, 16)), CHOSEN, (90, -1, 1)),
 ]
 
 
@@ -498,6 +549,17 @@ def test_cuda_lowering_tile_attributes(pretend_kernels, fn, qn, kn, kernel, back
             return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
         return run
 
+    if CHOSEN in (want_fwd, want_bwd):
+        params, _ = _checks.attention_args(q.ndim - 3, q, k, k, kernel, 1, 1, False, None, None, None, backend,
+                                           *fwd, True, *bwd)
+        default = (_checks.FUSED_BACKENDS[backend or "fused"], 0, 0)
+        attrs = lambda t: default if t is None else (t.arch, t.sm80, t.sm90)
+        if want_fwd == CHOSEN:
+            want_fwd = attrs(params.fwd_tiles)
+            assert want_fwd != default  # the rows exercise a choice
+        if want_bwd == CHOSEN:
+            want_bwd = attrs(params.bwd_tiles)
+            assert want_bwd != default
     text = _cuda_hlo(jax.grad(loss(*bwd), argnums=(0, 1)), q, k)
     fcalls, bcalls = _calls(text, "jax_na_fused_fwd"), _calls(text, "jax_na_fused_bwd")
     assert len(fcalls) == 1 and len(bcalls) == 1, text
@@ -529,17 +591,17 @@ def test_cuda_lowering_reference_ignores_them():
 
 # (rank, spatial, H, D, kernel, backend, backward (q, kv), with deterministic_backward=False: atomic dQ)
 DETERMINISM = [
-    (2, (8, 9), 4, 128, 3, None, (None, None), True),          # head dim 128: the Hopper backward
-    (2, (8, 9), 4, 128, 3, None, ((2, 16), (4, 16)), False),   # portable-only configuration: the portable one
-    (2, (8, 9), 4, 128, 3, None, ((4, 8), None), False),
-    (2, (8, 9), 4, 128, 3, None, (None, (8, 8)), False),
-    (2, (8, 9), 4, 128, 3, None, ((8, 8), None), True),        # Hopper-only: Hopper
-    (2, (8, 9), 4, 128, 3, "fused", ((4, 16), (8, 16)), True),
-    (2, (8, 9), 4, 128, 3, "fused_sm80", ((2, 16), None), False),
-    (2, (8, 9), 4, 128, 3, "fused_sm90", ((4, 16), None), True),
-    (2, (8, 9), 4, 64, 3, None, ((8, 8), None), False),        # both sets, head dim 64, 9 keys: portable
-    (2, (8, 9), 4, 64, 3, None, ((8, 8), (16, 8)), True),      # Hopper-only
-    (2, (8, 9), 4, 64, 3, None, (None, (4, 16)), False),
+    (2, (16, 8), 4, 128, 3, None, (None, None), True),          # head dim 128: the Hopper backward
+    (2, (16, 8), 4, 128, 3, None, ((2, 16), (4, 16)), False),   # portable-only configuration: the portable one
+    (2, (16, 8), 4, 128, 3, None, ((4, 8), None), False),
+    (2, (16, 8), 4, 128, 3, None, (None, (8, 8)), False),
+    (2, (16, 8), 4, 128, 3, None, ((8, 8), None), True),        # Hopper-only: Hopper
+    (2, (16, 8), 4, 128, 3, "fused", ((4, 16), (8, 16)), True),
+    (2, (16, 8), 4, 128, 3, "fused_sm80", ((2, 16), None), False),
+    (2, (16, 8), 4, 128, 3, "fused_sm90", ((4, 16), None), True),
+    (2, (16, 8), 4, 64, 3, None, ((8, 8), None), False),        # both sets, head dim 64, 9 keys: portable
+    (2, (16, 8), 4, 64, 3, None, ((8, 8), (16, 8)), True),      # Hopper-only
+    (2, (16, 8), 4, 64, 3, None, (None, (4, 16)), False),
     (1, (300,), 2, 64, 257, None, (None, None), True),         # 257 keys: Hopper
     (1, (300,), 2, 64, 257, None, ((64,), None), True),        # both sets: as without shapes
     (1, (300,), 2, 64, 257, None, (None, (64,)), False),       # portable-only
@@ -579,11 +641,11 @@ def test_no_hopper_no_atomics(pretend_kernels):
     """Without the Hopper kernels a Hopper-only backward configuration (lowered for another machine)
     stays deterministic (and small)."""
     pretend_kernels(hopper=False)
-    q = _arr((1, 8, 9, 2, 128), jnp.bfloat16)
+    q = _arr((1, 16, 8, 2, 128), jnp.bfloat16)
     g = jax.grad(lambda q: jnp.sum(jax_na.na2d(q, q, q, 3, deterministic_backward=False,
                                                backward_q_tile_shape=(8, 8)).astype(jnp.float32)))
     (line,) = _calls(_cuda_hlo(g, q), "jax_na_fused_bwd")
-    assert _int_attr(line, "deterministic") == 1 and _workspace_elems(line) == 8 * 9 * 2, line
+    assert _int_attr(line, "deterministic") == 1 and _workspace_elems(line) == 16 * 8 * 2, line
     assert _tile_attrs(line) == (90, -1, 0), line
 
 
@@ -729,7 +791,7 @@ def test_flax_layers_pass_the_fields(monkeypatch, rank):
 def test_flax_rel_pos_bias_names_the_fields(fields, named):
     from jax_na.flax import NeighborhoodAttention2D
 
-    x = _arr((1, 8, 9, 32), jnp.float32)
+    x = _arr((1, 16, 8, 32), jnp.float32)
     layer = NeighborhoodAttention2D(num_heads=2, kernel_size=3, rel_pos_bias=True, **fields)
     with pytest.raises(ValueError) as ei:
         layer.init(jax.random.key(0), x)

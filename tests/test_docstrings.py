@@ -7,9 +7,11 @@ import pytest
 import jax_na
 import jax_na.functional
 import jax_na.geometry
+import jax_na.tile_model
 
 
-@pytest.mark.parametrize("module", [jax_na.functional, jax_na.geometry], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [jax_na.functional, jax_na.geometry, jax_na.tile_model],
+                         ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

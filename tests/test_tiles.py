@@ -225,7 +225,7 @@ def test_pinned_kernel_sets(any_gpu):
 def test_attention_args_stores_the_tiles(any_gpu):
     """attention_args puts the resolved choice in NAParams.fwd_tiles (None without tile shapes); the
     reference backend (and its result) never sees anything else."""
-    q = _arr((1, 8, 9, 2, 64), jnp.bfloat16)
+    q = _arr((1, 16, 8, 2, 64), jnp.bfloat16)
     common = (3, 1, 1, False, None, None, None, None)
     params, backend = _checks.attention_args(2, q, q, q, *common, (8, 16), (8, 16))
     assert backend == "auto" and params.fwd_tiles == FusedTiles(90, -1, 1)
@@ -237,8 +237,8 @@ def test_attention_args_stores_the_tiles(any_gpu):
 
 # ----------------------------------------------------------------------------- errors, public API
 
-Q2 = _arr((1, 8, 9, 2, 64), jnp.bfloat16)
-Q2F = _arr((1, 8, 9, 2, 8), jnp.float32)
+Q2 = _arr((1, 16, 8, 2, 64), jnp.bfloat16)
+Q2F = _arr((1, 16, 8, 2, 8), jnp.float32)
 Q3 = _arr((1, 4, 5, 6, 2, 64), jnp.bfloat16)
 Q1 = _arr((1, 12, 2, 64), jnp.bfloat16)
 
@@ -410,7 +410,7 @@ def _check_tile_attributes():
     keeps its own tiles (no tile attributes) and the backend's arch."""
     r = np.random.default_rng(0)
     mk = lambda *s: jnp.asarray(r.standard_normal(s), jnp.bfloat16)
-    q2, k2 = mk(1, 8, 9, 4, 64), mk(1, 8, 9, 2, 64)
+    q2, k2 = mk(1, 16, 8, 4, 64), mk(1, 16, 8, 2, 64)
     q3, k3 = mk(1, 4, 5, 6, 2, 128), mk(1, 4, 5, 6, 2, 128)
     q1 = mk(2, 20, 2, 64)
     cases = [
@@ -448,7 +448,7 @@ def _check_tile_attributes():
         arch = _checks.FUSED_BACKENDS.get(backend or "fused")
         assert tuple(_int_attr(bwd[0], a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (arch, 0, 0), bwd[0]
     # float32 (head dim 8 -> 64): the portable set only
-    qf = jnp.asarray(r.standard_normal((1, 8, 9, 2, 8)), jnp.float32)
+    qf = jnp.asarray(r.standard_normal((1, 16, 8, 2, 8)), jnp.float32)
     line = _calls(_cuda_hlo(lambda q: jax_na.na2d(q, q, q, 3, q_tile_shape=(16, 8)), qf), "jax_na_fused_fwd")[0]
     assert tuple(_int_attr(line, a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (80, 0, -1), line
     # the reference, lowered for the CPU, ignores them
@@ -511,26 +511,55 @@ def test_extension_tile_configs_equal_the_table(backward):
 
 # ----------------------------------------------------------------------------- the chooser
 
-@pytest.mark.parametrize("kernel_size,dtype,backend,want", [
-    ((3, 7), "bfloat16", None, FusedTiles(0, 1, 1)),          # longer along the last axis: 8x16
-    ((3, 7), "float16", "fused_sm80", FusedTiles(80, 1, 1)),
-    ((3, 7), "bfloat16", "fused_sm90", FusedTiles(90, 1, 1)),
-    ((7, 3), "bfloat16", None, None),                         # longer along the first axis: default
-    ((5, 5), "bfloat16", None, None),                         # square: default
-    ((3, 7), "float32", None, None),                          # one configuration only
-])
-def test_chooser_without_tile_shapes(monkeypatch, kernel_size, dtype, backend, want):
-    """Calls without tile shapes run 8x16 Q tiles in 2-D where the window is longer along the last
-    axis (both kernel sets have that configuration), the defaults elsewhere."""
+def _window(rank, kernel_size, stride=1, is_causal=False):
+    p = _checks.window_params(rank, (1024,) * rank, kernel_size, stride, 1, is_causal, head_dim=128)
+    return p.kernel_size, p.stride, p.dilation, p.is_causal
+
+
+# (spatial, kernel_size, dtype, backend, want): the measured cases (_checks' chooser comment) and
+# their transposes.
+CHOSEN_FWD = [
+    ((64, 256), (7, 31), "bfloat16", None, FusedTiles(0, 1, 1)),          # longer along the last axis: 8x16
+    ((64, 256), (7, 31), "float16", "fused_sm80", FusedTiles(80, 1, 1)),
+    ((64, 256), (7, 31), "bfloat16", "fused_sm90", FusedTiles(90, 1, 1)),
+    ((256, 64), (31, 7), "bfloat16", None, None),                           # longer along the first axis
+    ((128, 128), (31, 31), "bfloat16", None, None),                         # p2: square
+    ((256, 256), (80, 80), "bfloat16", None, None),                         # p6
+    ((64, 256), (7, 31), "float32", None, None),                            # one configuration only
+    ((16, 32, 32), (7, 13, 13), "bfloat16", None, None),                    # p3
+]
+
+
+@pytest.mark.parametrize("spatial,kernel_size,dtype,backend,want", CHOSEN_FWD)
+def test_chooser_without_tile_shapes(monkeypatch, spatial, kernel_size, dtype, backend, want):
+    """Calls without tile shapes take, per kernel set, the configuration whose tile walk computes the
+    fewest pairs among those with the default's keys per tile (jax_na.tile_model): 8x16 Q tiles in
+    2-D where the window is longer along the last axis (measured faster), the defaults elsewhere."""
     monkeypatch.setattr(ext, "has_hopper_kernels", lambda: True)
-    query, value = _spec(2, dtype, 128)
-    got = _checks.fwd_tiles_args(2, query, value, backend or "auto", None, None, kernel_size)
+    rank = len(spatial)
+    x = jax.ShapeDtypeStruct((1, *spatial, 2, 128), jnp.dtype(dtype))
+    got = _checks.fwd_tiles_args(rank, x, x, backend or "auto", None, None, _window(rank, kernel_size))
     assert got == want
     if want is not None:
         for ks, i in (("sm80", want.sm80), ("sm90", want.sm90)):
-            assert _checks.fused_fwd_tile_configs(ks, dtype, 128, 2)[i][0] == _checks.LONG_LAST_AXIS_Q_TILE
-    # 1-D and 3-D calls keep the defaults
-    q1, v1 = _spec(1, dtype, 128)
-    assert _checks.fwd_tiles_args(1, q1, v1, "auto", None, None, (7,)) is None
-    q3, v3 = _spec(3, dtype, 128)
-    assert _checks.fwd_tiles_args(3, q3, v3, "auto", None, None, (3, 5, 7)) is None
+            assert _checks.fused_fwd_tile_configs(ks, dtype, 128, 2)[i][0] == (8, 16)
+    # no window: the defaults; 1-D: one configuration
+    assert _checks.fwd_tiles_args(rank, x, x, "auto", None, None) is None
+    x1 = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.dtype(dtype))
+    assert _checks.fwd_tiles_args(1, x1, x1, "auto", None, None, _window(1, 255)) is None
+
+
+def test_forward_chooser_keeps_the_tile_size(monkeypatch):
+    """The forward compares only configurations with its default's keys per tile: the Hopper 3-D
+    configuration of 64-key tiles (fewer pairs on p8, but slower per key) is never chosen."""
+    from jax_na import tile_model
+    monkeypatch.setattr(ext, "has_hopper_kernels", lambda: True)
+    spatial, window = (30, 48, 80), _window(3, (18, 24, 24))
+    axes = tile_model.problem_axes(spatial, *window)
+    configs = _checks.fused_fwd_tile_configs("sm90", "bfloat16", 128, 3)
+    work = [tile_model.forward_work(axes, "sm90", q, kv) for q, kv in configs]
+    small = [i for i, (_, kv) in enumerate(configs) if math.prod(kv) < math.prod(configs[0][1])]
+    assert small and min(work) in [work[i] for i in small]  # the model alone would take it
+    x = jax.ShapeDtypeStruct((1, *spatial, 2, 128), jnp.bfloat16)
+    got = _checks.fwd_tiles_args(3, x, x, "fused", None, None, window) or FusedTiles(0, 0, 0)
+    assert got.sm90 not in small

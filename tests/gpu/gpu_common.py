@@ -107,15 +107,19 @@ def random_inputs(case, dtype, seed):
     return q, k, v, ak, av, ct_o, ct_l
 
 
-def bwd_tiles_of(case, backend, dtype, bwd_tiles=None):
-    """The backward's FusedTiles a call resolves to (None: the defaults); ``bwd_tiles`` as na_fns'."""
+def bwd_tiles_of(case, backend, dtype, bwd_tiles=None, deterministic_backward=None):
+    """The backward's FusedTiles a call resolves to (None: the defaults); ``bwd_tiles`` and
+    ``deterministic_backward`` as na_fns'."""
     from jax_na import _checks
 
     q = jax.ShapeDtypeStruct((1, *case.spatial, case.H, case.D), jnp.dtype(dtype))
     v = jax.ShapeDtypeStruct((1, *case.spatial, case.Hkv, case.Dv), jnp.dtype(dtype))
     bq, bkv = bwd_tiles or (None, None)
-    ks = case.kernel_size if isinstance(case.kernel_size, (tuple, list)) else (case.kernel_size,) * case.rank
-    return _checks.bwd_tiles_args(case.rank, q, v, backend or "auto", bq, bkv, tuple(ks))
+    p = _checks.window_params(case.rank, case.spatial, case.kernel_size, case.stride, case.dilation,
+                              case.is_causal, case.scale, case.D)
+    return _checks.bwd_tiles_args(case.rank, q, v, backend or "auto", bq, bkv,
+                                  (p.kernel_size, p.stride, p.dilation, p.is_causal),
+                                  deterministic_backward is not False)
 
 
 def adds_dq(case, backend, dtype, deterministic_backward=None, bwd_tiles=None) -> bool:
@@ -128,7 +132,7 @@ def adds_dq(case, backend, dtype, deterministic_backward=None, bwd_tiles=None) -
     P = _checks.fused_head_dim(case.D, case.Dv, dtype, backend)
     ks = case.kernel_size if isinstance(case.kernel_size, (tuple, list)) else (case.kernel_size,) * case.rank
     return P is not None and _checks.fused_bwd_adds_dq(dtype, P, int(np.prod(ks)), backend,
-                                                       bwd_tiles_of(case, backend, dtype, bwd_tiles))
+                                                       bwd_tiles_of(case, backend, dtype, bwd_tiles, False))
 
 
 def check_case(case, backend, dtype, seed, deterministic_backward=None, bwd_tiles=None):

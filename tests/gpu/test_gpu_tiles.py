@@ -257,7 +257,7 @@ def check_backward(case, backend, dtype, bq, bkv, seed, deterministic_backward=T
     reference, poisoned memory, bitwise equal over two runs where dQ is added without atomics), after
     checking the lowered backward call carries the configuration. Returns whether the backward
     added dQ with atomics."""
-    tiles = bwd_tiles_of(case, backend, dtype, (bq, bkv))
+    tiles = bwd_tiles_of(case, backend, dtype, (bq, bkv), deterministic_backward)
     assert tiles is not None
     atomic = adds_dq(case, backend, dtype, deterministic_backward, (bq, bkv))
     if not ON_CPU:   # the shapes reach the kernels: the backward call's attributes

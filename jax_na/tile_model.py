@@ -1,0 +1,152 @@
+"""How many (query, key) pairs the fused kernels compute for a problem and a tile configuration.
+
+A fused kernel computes whole tiles: every (query, key) pair of each (query block, key block) it
+visits, masking the pairs outside the windows. This module counts the blocks the kernels visit,
+following their schedules (cuda/fused/tile_scheduler.cuh) over the one window geometry
+(jax_na.geometry):
+
+- Query-stationary kernels (forward, backward dQ): a CTA owns a Q tile, walks the K/V tiles of the
+  box ``[window_start(first query), window_end(last query))`` per axis (tiled from the box origin),
+  and each of its MMA units (a warp of 16 queries in the portable kernels, a warpgroup of 64 on
+  Hopper) skips the tiles that none of its queries' windows meet.
+- The key-stationary dK/dV kernel: a CTA owns a K/V tile and walks every Q tile of its inverse
+  neighbourhood (the queries that see any of its keys), from the first such query per axis.
+
+Both walks are products of one walk per axis, so the counts are products of per-axis sums. A
+Hopper warpgroup's four warps form a grid of boxes and neighbouring queries' windows overlap (stride
+<= kernel size), so the tiles any of its warps meets are those that meet the bounding box of its
+queries' windows: the counts are exact (tests/test_tile_model.py walks the schedules literally).
+
+The useful pairs over the computed ones bound the fraction of ideal (BENCHMARKS.md) a kernel can
+reach; the fused tile choosers (jax_na._checks) take the configuration that computes the fewest.
+
+Example:
+  >>> from jax_na import tile_model
+  >>> axes = tile_model.problem_axes((128, 128), (31, 31))
+  >>> round(tile_model.useful_pairs(axes) / tile_model.query_stationary_pairs(axes, (16, 8), (8, 8), (16, 8)), 2)
+  0.57
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import numpy as np
+
+from jax_na import geometry
+
+__all__ = ["AxisGroup", "problem_axes", "useful_pairs", "query_stationary_pairs", "key_stationary_pairs",
+           "hopper_unit", "portable_unit", "backward_work", "forward_work"]
+
+# Queries per MMA unit: a portable warp's 16 rows (its sub-box of the Q tile: 16, 2x8, 1x4x4 for every
+# compiled configuration, tile_shapes.cuh), and a Hopper warpgroup's 64 (half the Q tile along axis 0).
+PORTABLE_WARP_BOX = {1: (16,), 2: (2, 8), 3: (1, 4, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisGroup:
+    """One dilation group of one axis: its length and every query position's window [start, end)."""
+
+    length: int
+    start: np.ndarray
+    end: np.ndarray
+
+
+@functools.lru_cache(maxsize=512)
+def _axis(L: int, k: int, s: int, d: int, causal: bool) -> tuple[AxisGroup, ...]:
+    out = []
+    for g in range(d):
+        Lg = int(geometry.group_length(L, d, g))
+        start, end = geometry.window_bounds(np.arange(Lg), Lg, k, s, causal)
+        out.append(AxisGroup(Lg, start, end))
+    return tuple(out)
+
+
+def problem_axes(spatial: Sequence[int], kernel_size: Sequence[int], stride=None, dilation=None,
+                 is_causal=None) -> tuple[tuple[AxisGroup, ...], ...]:
+    """Per axis, its dilation groups (normalized window parameters, one entry per axis)."""
+    r = len(spatial)
+    stride = stride or (1,) * r
+    dilation = dilation or (1,) * r
+    is_causal = is_causal or (False,) * r
+    return tuple(_axis(int(L), int(k), int(s), int(d), bool(c))
+                 for L, k, s, d, c in zip(spatial, kernel_size, stride, dilation, is_causal))
+
+
+def useful_pairs(axes) -> int:
+    """(query, key) pairs inside the windows, per batch item and head."""
+    return math.prod(sum(int(np.sum(g.end - g.start)) for g in groups) for groups in axes)
+
+
+def _unit_tiles(g: AxisGroup, q_extent: int, unit_extent: int, kv_extent: int) -> int:
+    """K/V tiles met by the units of every Q tile on one axis (summed over tiles and units)."""
+    Lg = g.length
+    q0 = np.arange(0, Lg, q_extent)
+    qlo = q0
+    qhi = np.minimum(q0 + q_extent, Lg) - 1
+    lo = g.start[qlo]
+    total = 0
+    for u in range(q_extent // unit_extent):
+        ulo = q0 + u * unit_extent
+        live = ulo < Lg
+        ulo_c = np.minimum(ulo, Lg - 1)
+        uhi = np.maximum(np.minimum(ulo + unit_extent, Lg) - 1, ulo_c)
+        n_box = -((g.end[qhi] - lo) // -kv_extent)
+        first = (g.start[ulo_c] - lo) // kv_extent
+        last = np.minimum(-((g.end[uhi] - lo) // -kv_extent), n_box) - 1
+        total += int(np.sum(np.where(live, last - first + 1, 0)))
+    return total
+
+
+def query_stationary_pairs(axes, q_tile, unit_box, kv_tile) -> int:
+    """Pairs a query-stationary kernel computes (per batch item and head): Q tiles ``q_tile``, whose
+    MMA units of ``unit_box`` queries skip the K/V tiles (``kv_tile``) none of their windows meet."""
+    tiles = math.prod(sum(_unit_tiles(g, qe, ue, ke) for g in groups)
+                      for groups, qe, ue, ke in zip(axes, q_tile, unit_box, kv_tile))
+    return tiles * math.prod(unit_box) * math.prod(kv_tile)
+
+
+def _inverse_tiles(g: AxisGroup, q_extent: int, kv_extent: int) -> int:
+    """Q tiles walked by the K/V tiles of one axis (summed over the K/V tiles)."""
+    k0 = np.arange(0, g.length, kv_extent)
+    k1 = np.minimum(k0 + kv_extent, g.length) - 1
+    begin = np.searchsorted(g.end, k0, side="right")    # first query whose window ends past k0
+    end = np.searchsorted(g.start, k1, side="right")    # first query whose window starts past k1
+    return int(np.sum(-(np.maximum(end - begin, 0) // -q_extent)))
+
+
+def key_stationary_pairs(axes, q_tile, kv_tile) -> int:
+    """Pairs the key-stationary dK/dV kernel computes (per batch item and head)."""
+    steps = math.prod(sum(_inverse_tiles(g, qe, ke) for g in groups)
+                      for groups, qe, ke in zip(axes, q_tile, kv_tile))
+    return steps * math.prod(q_tile) * math.prod(kv_tile)
+
+
+def hopper_unit(q_tile) -> tuple:
+    """A Hopper consumer warpgroup's box: half the Q tile along axis 0."""
+    return (q_tile[0] // 2, *q_tile[1:])
+
+
+def portable_unit(q_tile) -> tuple:
+    """A portable warp's box of 16 queries."""
+    return PORTABLE_WARP_BOX[len(q_tile)]
+
+
+def forward_work(axes, kernel_set: str, q_tile, kv_tile) -> int:
+    """Pairs the forward computes (one matrix product each way: S and P V)."""
+    unit = hopper_unit(q_tile) if kernel_set == "sm90" else portable_unit(q_tile)
+    return query_stationary_pairs(axes, q_tile, unit, kv_tile)
+
+
+def backward_work(axes, kernel_set: str, q_tile, kv_tile, dq_q_tile, dq_kv_tile, deterministic: bool = True) -> int:
+    """Pair-products of the backward: the dK/dV kernel's four (S, dP, dV, dK) per pair it computes and
+    the dQ kernel's three (S, dP, dQ); without determinism on Hopper, the dK/dV kernel's five (dQ
+    added by it) and no dQ kernel."""
+    dkdv = key_stationary_pairs(axes, q_tile, kv_tile)
+    if kernel_set == "sm90" and not deterministic:
+        return 5 * dkdv
+    unit = hopper_unit(dq_q_tile) if kernel_set == "sm90" else portable_unit(dq_q_tile)
+    return 4 * dkdv + 3 * query_stationary_pairs(axes, dq_q_tile, unit, dq_kv_tile)

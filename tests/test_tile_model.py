@@ -1,0 +1,164 @@
+"""jax_na.tile_model (the pairs the fused kernels compute, which the tile choosers minimize) against
+a literal walk of the kernels' schedules on small problems: every (MMA unit, K/V tile) of a
+query-stationary kernel tested pair by pair for a query that holds a key of the tile, every Q tile of
+a key-stationary kernel's inverse neighbourhood from the queries that hold its keys; windows from
+jax_na.geometry.neighborhood (the per-token key lists), not from the model's per-axis bounds.
+CPU only, a few seconds."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from jax_na import _checks, geometry, tile_model
+
+
+def _membership(L, k, s, d, causal):
+    """Per dilation group: [Lg, Lg] bool, entry (p, j): key position j is in query position p's window."""
+    nbr = geometry.neighborhood(L, k, s, d, causal)
+    out = []
+    for g in range(d):
+        tokens = list(range(g, L, d))
+        M = np.zeros((len(tokens), len(tokens)), bool)
+        for p, i in enumerate(tokens):
+            for j in nbr[i]:
+                assert j % d == g
+                M[p, j // d] = True
+        out.append(M)
+    return out
+
+
+def _problem(spatial, kernel, stride, dilation, causal):
+    per_axis = [_membership(*a) for a in zip(spatial, kernel, stride, dilation, causal)]
+    return list(itertools.product(*per_axis))  # per group combination: one membership per axis
+
+
+def _box(origin, extents, lengths):
+    """Valid positions of a box: [n, rank] ints (positions past an axis' length dropped)."""
+    axes = [range(o, min(o + e, L)) for o, e, L in zip(origin, extents, lengths)]
+    return np.array(list(itertools.product(*axes)), dtype=np.int64).reshape(-1, len(extents))
+
+
+def _holds(Ms, qs, ks):
+    """Whether some query of qs holds some key of ks."""
+    if len(qs) == 0 or len(ks) == 0:
+        return False
+    m = np.ones((len(qs), len(ks)), bool)
+    for a, M in enumerate(Ms):
+        m &= M[qs[:, a]][:, ks[:, a]]
+    return bool(m.any())
+
+
+def _walk_query_stationary(groups, q_tile, unit, kv_tile):
+    """Units x K/V tiles a forward / dQ CTA visits, literally: the box spans the windows of the
+    CTA's queries (their first start and last end per axis), tiled from its origin; a unit counts a
+    tile where one of its queries holds one of the tile's keys."""
+    count = 0
+    unit_grid = [q // u for q, u in zip(q_tile, unit)]
+    for Ms in groups:
+        L = [M.shape[0] for M in Ms]
+        for t in itertools.product(*(range(math.ceil(l / e)) for l, e in zip(L, q_tile))):
+            q0 = [ti * e for ti, e in zip(t, q_tile)]
+            qs = _box(q0, q_tile, L)
+            lo = [int(np.nonzero(M[qs[:, a]].any(axis=0))[0].min()) for a, M in enumerate(Ms)]
+            hi = [int(np.nonzero(M[qs[:, a]].any(axis=0))[0].max()) + 1 for a, M in enumerate(Ms)]
+            n_tiles = [math.ceil((h - l_) / e) for l_, h, e in zip(lo, hi, kv_tile)]
+            for uc in itertools.product(*(range(g) for g in unit_grid)):
+                uq = _box([o + c * e for o, c, e in zip(q0, uc, unit)], unit, L)
+                for i in itertools.product(*(range(n) for n in n_tiles)):
+                    ks = _box([l_ + ii * e for l_, ii, e in zip(lo, i, kv_tile)], kv_tile, L)
+                    count += _holds(Ms, uq, ks)
+    return count * math.prod(unit) * math.prod(kv_tile)
+
+
+def _walk_key_stationary(groups, q_tile, kv_tile):
+    """Q tiles a dK/dV CTA visits, literally: per axis, from the first to the last query position
+    that holds a key of its K/V tile (a query holding one on every axis holds one)."""
+    steps = 0
+    for Ms in groups:
+        L = [M.shape[0] for M in Ms]
+        for t in itertools.product(*(range(math.ceil(l / e)) for l, e in zip(L, kv_tile))):
+            k0 = [ti * e for ti, e in zip(t, kv_tile)]
+            n = 1
+            for a, M in enumerate(Ms):
+                keys = np.arange(k0[a], min(k0[a] + kv_tile[a], L[a]))
+                qs = np.nonzero(M[:, keys].any(axis=1))[0]
+                n *= math.ceil((qs.max() - qs.min() + 1) / q_tile[a])
+            steps += n
+    return steps * math.prod(q_tile) * math.prod(kv_tile)
+
+
+def _random_problems(rank, n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        spatial, kernel, stride, dilation, causal = [], [], [], [], []
+        for _a in range(rank):
+            d = int(rng.choice([1, 1, 2, 3]))
+            L = int(rng.integers(2 * d, {1: 700, 2: 48, 3: 20}[rank] + 1))
+            k = int(rng.integers(2, L // d + 1))
+            spatial.append(L), kernel.append(k), dilation.append(d)
+            stride.append(int(rng.integers(1, k + 1)) if rng.random() < 0.3 else 1)
+            causal.append(bool(rng.random() < 0.3))
+        out.append((tuple(spatial), tuple(kernel), tuple(stride), tuple(dilation), tuple(causal)))
+    return out
+
+
+def _fwd_configs(rank):
+    return {(ks, q, kv) for (ks, _), by_rank in _checks.FUSED_FWD_TILES.items() for q, kv in by_rank.get(rank, ())}
+
+
+def _bwd_configs(rank):
+    out = set()
+    for (ks, _), by_rank in _checks.FUSED_BWD_TILES.items():
+        for i, (q, kv) in enumerate(by_rank.get(rank, ())):
+            out.add((ks, q, kv, *_checks.FUSED_BWD_DQ_TILES[ks][rank][i]))
+    return out
+
+
+def _unit(ks, q):
+    return tile_model.hopper_unit(q) if ks == "sm90" else tile_model.portable_unit(q)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_counts_equal_the_literal_walk(rank):
+    """useful_pairs, query_stationary_pairs (forward and dQ tiles of every compiled configuration,
+    portable warps and Hopper warpgroups) and key_stationary_pairs equal the literal walks on random
+    problems with stride, dilation and causal axes."""
+    for prob in _random_problems(rank, {1: 12, 2: 6, 3: 4}[rank], seed=rank):
+        groups = _problem(*prob)
+        axes = tile_model.problem_axes(*prob)
+        useful = sum(math.prod(int(M.sum(axis=1).sum()) for M in Ms) for Ms in groups)
+        assert tile_model.useful_pairs(axes) == useful, prob
+        for ks, q, kv in _fwd_configs(rank):
+            want = _walk_query_stationary(groups, q, _unit(ks, q), kv)
+            assert tile_model.forward_work(axes, ks, q, kv) == want, (prob, ks, q, kv)
+            assert want >= useful
+        for ks, q, kv, dq_q, dq_kv in _bwd_configs(rank):
+            dkdv = _walk_key_stationary(groups, q, kv)
+            assert tile_model.key_stationary_pairs(axes, q, kv) == dkdv, (prob, ks, q, kv)
+            dq = _walk_query_stationary(groups, dq_q, _unit(ks, dq_q), dq_kv)
+            assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv) == 4 * dkdv + 3 * dq, (prob, ks, q)
+            if ks == "sm90":
+                assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv, deterministic=False) == 5 * dkdv
+
+
+def test_known_values():
+    """Hand-checkable cases: a window covering a 128-position axis (one Q tile, one K/V tile: every pair
+    useful); p7, whose tiles align with the stride (only useful pairs); a 3x3 window over 16x8 on the
+    Hopper default (the whole problem is one 16x8 K/V tile, which both 8x8 warpgroups meet)."""
+    axes = tile_model.problem_axes((128,), (128,))
+    assert tile_model.useful_pairs(axes) == 128 * 128
+    assert tile_model.forward_work(axes, "sm90", (128,), (128,)) == 128 * 128
+    assert tile_model.key_stationary_pairs(axes, (64,), (128,)) == 128 * 128
+    p7 = tile_model.problem_axes((256, 256), (80, 80), (16, 16))
+    assert tile_model.forward_work(p7, "sm90", (16, 8), (16, 8)) == tile_model.useful_pairs(p7)
+    small = tile_model.problem_axes((16, 8), (3, 3))
+    assert tile_model.forward_work(small, "sm90", (16, 8), (16, 8)) == 2 * 64 * 128
+
+
+def test_docstring_example():
+    axes = tile_model.problem_axes((128, 128), (31, 31))
+    eff = tile_model.useful_pairs(axes) / tile_model.query_stationary_pairs(axes, (16, 8), (8, 8), (16, 8))
+    assert round(eff, 2) == 0.57

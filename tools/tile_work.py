@@ -1,0 +1,130 @@
+"""How much of the fused kernels' matrix-product work is useful, per problem and tile configuration.
+
+A fused kernel computes whole tiles and masks the pairs outside the windows, so the fraction of
+ideal (BENCHMARKS.md) it can reach is at most the useful (query, key) pairs over the pairs it
+computes. jax_na.tile_model counts the tiles each kernel visits (its schedule in
+cuda/fused/tile_scheduler.cuh, the window geometry of jax_na.geometry); this prints, per problem:
+
+- forward: useful / computed pairs of each forward configuration;
+- backward: the same for the dK/dV kernel and for the dQ kernel of each backward configuration,
+  and the backward's pair-products (4 per dK/dV pair, 3 per dQ pair) over the ideal 5 per useful
+  pair;
+- bound: a Q box of 64 queries (one wgmma) that computed exactly the union of its queries'
+  windows, for its best power-of-two shape: what no tiling of 64-query MMAs can beat;
+- with ``--times`` (a ``python -m jax_na.profile --json`` file): the forward's rate on the pairs it
+  computes (effective TFLOP/s / efficiency), which splits a low fraction of ideal into geometry
+  (this table) and rate.
+
+A star marks the configuration the chooser takes for the problem (jax_na._checks).
+
+Usage: python tools/tile_work.py [--set sm90|sm80] [--problem p3-3d ...] [--times profile.json]
+       [--json out.json]
+Runs on CPU in seconds (no GPU and no extension needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from jax_na import _checks, tile_model  # noqa: E402
+from jax_na.profile import BY_ID, PROBLEMS, Problem  # noqa: E402
+
+DTYPE = jnp.dtype(jnp.bfloat16)
+
+
+def _fmt(box) -> str:
+    return "x".join(str(e) for e in box)
+
+
+def union_bound(axes, rank: int, rows: int = 64) -> tuple[float, tuple]:
+    """Best useful / computed over the power-of-two boxes of `rows` queries that compute exactly the
+    union of their queries' windows (a perfect key gather, no K/V tile rounding)."""
+    useful = tile_model.useful_pairs(axes)
+    best = (0.0, ())
+    for split in itertools.product(range(int(math.log2(rows)) + 1), repeat=rank):
+        if sum(split) != int(math.log2(rows)):
+            continue
+        box = tuple(1 << s for s in split)
+        # a query box with a "K/V tile" of one key computes its windows' union exactly
+        computed = tile_model.query_stationary_pairs(axes, box, box, (1,) * rank)
+        best = max(best, (useful / computed, box))
+    return best
+
+
+def analyse(p: Problem, kernel_set: str) -> dict:
+    axes = tile_model.problem_axes(p.spatial, p.kernel, p.stride, p.dilation, p.causal)
+    useful = tile_model.useful_pairs(axes)
+    P = _checks.fused_head_dim(p.D, p.D, DTYPE)
+    window = (p.kernel, p.stride, p.dilation, p.causal)
+    fwd_pick = _checks._chosen_fwd_tiles(p.rank, DTYPE, P, "fused", p.spatial, window)
+    bwd_pick = _checks._chosen_bwd_tiles(p.rank, DTYPE, P, "fused", p.spatial, window, True)
+    fwd_index = getattr(fwd_pick, kernel_set, 0) if fwd_pick else 0
+    bwd_index = getattr(bwd_pick, kernel_set, 0) if bwd_pick else 0
+    out = {"problem": p.id, "kernel_set": kernel_set, "useful_pairs": useful, "fwd": [], "bwd": []}
+    for i, (q, kv) in enumerate(_checks.fused_fwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
+        computed = tile_model.forward_work(axes, kernel_set, q, kv)
+        out["fwd"].append({"q": q, "kv": kv, "computed": computed, "efficiency": useful / computed,
+                           "chosen": i == fwd_index})
+    dq_tiles = _checks.FUSED_BWD_DQ_TILES[kernel_set][p.rank]
+    for i, (q, kv) in enumerate(_checks.fused_bwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
+        dq_q, dq_kv = dq_tiles[i]
+        dkdv = tile_model.key_stationary_pairs(axes, q, kv)
+        unit = tile_model.hopper_unit(dq_q) if kernel_set == "sm90" else tile_model.portable_unit(dq_q)
+        dq = tile_model.query_stationary_pairs(axes, dq_q, unit, dq_kv)
+        out["bwd"].append({"q": q, "kv": kv, "dq_q": dq_q, "dq_kv": dq_kv, "chosen": i == bwd_index,
+                           "dkdv_efficiency": useful / dkdv, "dq_efficiency": useful / dq,
+                           "products_over_ideal": (4 * dkdv + 3 * dq) / (5 * useful)})
+    out["bound64"], out["bound64_box"] = union_bound(axes, p.rank)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", default="sm90", choices=("sm90", "sm80"), help="kernel set (default: Hopper)")
+    ap.add_argument("--problem", nargs="*", default=None, help="problem ids (default: the whole set)")
+    ap.add_argument("--times", help="a `python -m jax_na.profile --json` file: the forward's rate on the "
+                                    "pairs it computes")
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args(argv)
+    probs = [BY_ID[i] for i in a.problem] if a.problem else PROBLEMS
+    fwd_tflops = {}
+    if a.times:
+        with open(a.times) as f:
+            for r in json.load(f).get("rows", []):
+                if r.get("mode") == "fwd" and r.get("backend") in ("fused", f"fused_{a.set}") and "eff_tflops" in r:
+                    fwd_tflops[r["problem"]] = r["eff_tflops"]
+    print(f"useful / computed pairs, kernel set {a.set} (* the chooser's configuration); backward: "
+          "dK/dV, dQ, pair-products / ideal")
+    results = []
+    for p in probs:
+        r = analyse(p, a.set)
+        results.append(r)
+        print(f"{p.id}  (bound of a 64-query box: {r['bound64']:.2f} at {_fmt(r['bound64_box'])})")
+        for c in r["fwd"]:
+            print(f"  fwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  {c['efficiency']:.2f}")
+        for c in r["bwd"]:
+            print(f"  bwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  "
+                  f"dK/dV {c['dkdv_efficiency']:.2f}  dQ ({_fmt(c['dq_q'])} / {_fmt(c['dq_kv'])}) "
+                  f"{c['dq_efficiency']:.2f}  products {c['products_over_ideal']:.2f}x ideal")
+        if p.id in fwd_tflops:
+            eff = next(c["efficiency"] for c in r["fwd"] if c["chosen"])
+            r["fwd_rate_on_computed_tflops"] = fwd_tflops[p.id] / eff
+            print(f"  forward: {fwd_tflops[p.id]:.0f} effective TF/s = {r['fwd_rate_on_computed_tflops']:.0f} "
+                  f"TF/s on the pairs computed")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
