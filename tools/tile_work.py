@@ -33,7 +33,10 @@ import sys
 
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+try:
+    import jax_na  # noqa: F401  (installed)
+except ImportError:  # the source tree (the model needs no compiled extension)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jax_na import _checks, tile_model  # noqa: E402
 from jax_na.profile import BY_ID, PROBLEMS, Problem  # noqa: E402
 
