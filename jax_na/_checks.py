@@ -405,9 +405,9 @@ def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
 def _least_work(configs, work, eligible=lambda c: True) -> int:
     """Index of the eligible configuration with the least work (the first of equals; 0 when fewer
     than two are eligible)."""
-    costs = [work(*c) if eligible(c) else math.inf for c in configs]
-    if sum(c < math.inf for c in costs) < 2:
+    if sum(bool(eligible(c)) for c in configs) < 2:
         return 0
+    costs = [work(*c) if eligible(c) else math.inf for c in configs]
     return costs.index(min(costs))
 
 
@@ -416,12 +416,12 @@ def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     """The forward chooser's FusedTiles for a call without tile shapes on fused backend ``fam`` at
     padded head dim ``P`` over ``spatial`` (``window``: kernel_size, stride, dilation, is_causal,
     normalized), or None for the defaults."""
-    axes = tile_model.problem_axes(spatial, *window)
+    axes = functools.cache(lambda: tile_model.problem_axes(spatial, *window))  # only where there is a choice
     index = []
     for ks in ("sm80", "sm90"):
         configs = fused_fwd_tile_configs(ks, dtype, P, rank)
         keys = math.prod(configs[0][1]) if configs else 0
-        index.append(_least_work(configs, lambda q, kv: tile_model.forward_work(axes, ks, q, kv),
+        index.append(_least_work(configs, lambda q, kv: tile_model.forward_work(axes(), ks, q, kv),
                                  lambda c: math.prod(c[1]) == keys))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
@@ -432,14 +432,14 @@ def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     """The backward chooser's FusedTiles for a call without backward tile shapes (as
     _chosen_fwd_tiles; ``deterministic``: without it the Hopper dK/dV kernel adds dQ itself), or None
     for the defaults."""
-    axes = tile_model.problem_axes(spatial, *window)
+    axes = functools.cache(lambda: tile_model.problem_axes(spatial, *window))
     index = []
     for ks in ("sm80", "sm90"):
         configs = fused_bwd_tile_configs(ks, dtype, P, rank)
         dq = FUSED_BWD_DQ_TILES[ks].get(rank, ())
         index.append(_least_work(
             [(q, kv, *dq[i]) for i, (q, kv) in enumerate(configs)],
-            lambda q, kv, dq_q, dq_kv: tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv, deterministic)))
+            lambda q, kv, dq_q, dq_kv: tile_model.backward_work(axes(), ks, q, kv, dq_q, dq_kv, deterministic)))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 
