@@ -205,12 +205,13 @@ _NA_DOC = """{rank}-D neighborhood attention.
       q_tile_shape, kv_tile_shape: the fused forward's tile shapes (a tuple of {rank} extents each;
         None: chosen per call: per kernel set, the configuration with the default's keys per tile
         whose tile walk computes the fewest (query, key) pairs for this problem, ``jax_na.tile_model``;
-        e.g. 8x16 Q tiles for 2-D windows much longer along the last axis). The compiled configurations are listed in
-        ``jax_na.fused_tile_configs(rank, dtype, head_dim)``; one given alone picks the first
-        configuration that has it, and a configuration only the Hopper (or only the portable)
-        kernels have runs on those. A shape no compiled configuration has, or tile shapes with a
-        non-fused backend, is a ValueError. Other backends (auto on a platform without the fused
-        kernels) compute the same function and ignore them; the backward has its own tiles.
+        e.g. 8x16 Q tiles for 2-D windows much longer along the last axis). The compiled
+        configurations are listed in ``jax_na.fused_tile_configs(rank, dtype, head_dim)``; one
+        given alone picks the first configuration that has it, and a configuration only the Hopper
+        (or only the portable) kernels have runs on those. A shape no compiled configuration has,
+        or tile shapes with a non-fused backend, is a ValueError. Other backends (auto on a
+        platform without the fused kernels) compute the same function and ignore them; the
+        backward has its own tiles.
       deterministic_backward: True (default): every gradient bitwise reproducible. False: where the
         fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16; under
         "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more; every head
