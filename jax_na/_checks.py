@@ -416,7 +416,7 @@ def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     """The forward chooser's FusedTiles for a call without tile shapes on fused backend ``fam`` at
     padded head dim ``P`` over ``spatial`` (``window``: kernel_size, stride, dilation, is_causal,
     normalized), or None for the defaults."""
-    axes = functools.cache(lambda: tile_model.problem_axes(spatial, *window))  # only where there is a choice
+    axes = lambda: tile_model.problem_axes(spatial, *window)  # per-axis arrays, cached; built only on a choice
     index = []
     for ks in ("sm80", "sm90"):
         configs = fused_fwd_tile_configs(ks, dtype, P, rank)
@@ -432,7 +432,7 @@ def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     """The backward chooser's FusedTiles for a call without backward tile shapes (as
     _chosen_fwd_tiles; ``deterministic``: without it the Hopper dK/dV kernel adds dQ itself), or None
     for the defaults."""
-    axes = functools.cache(lambda: tile_model.problem_axes(spatial, *window))
+    axes = lambda: tile_model.problem_axes(spatial, *window)
     index = []
     for ks in ("sm80", "sm90"):
         configs = fused_bwd_tile_configs(ks, dtype, P, rank)

@@ -39,7 +39,7 @@ import numpy as np
 from jax_na import geometry
 
 __all__ = ["AxisGroup", "problem_axes", "useful_pairs", "query_stationary_pairs", "key_stationary_pairs",
-           "hopper_unit", "portable_unit", "backward_work", "forward_work"]
+           "hopper_unit", "portable_unit", "mma_unit", "backward_work", "forward_work"]
 
 # Queries per MMA unit: a portable warp's 16 rows (its sub-box of the Q tile: 16, 2x8, 1x4x4 for every
 # compiled configuration, tile_shapes.cuh), and a Hopper warpgroup's 64 (half the Q tile along axis 0).
@@ -135,10 +135,14 @@ def portable_unit(q_tile) -> tuple:
     return PORTABLE_WARP_BOX[len(q_tile)]
 
 
+def mma_unit(kernel_set: str, q_tile) -> tuple:
+    """The box of queries that skips K/V tiles together in kernel set "sm90" or "sm80"."""
+    return hopper_unit(q_tile) if kernel_set == "sm90" else portable_unit(q_tile)
+
+
 def forward_work(axes, kernel_set: str, q_tile, kv_tile) -> int:
     """Pairs the forward computes (one matrix product each way: S and P V)."""
-    unit = hopper_unit(q_tile) if kernel_set == "sm90" else portable_unit(q_tile)
-    return query_stationary_pairs(axes, q_tile, unit, kv_tile)
+    return query_stationary_pairs(axes, q_tile, mma_unit(kernel_set, q_tile), kv_tile)
 
 
 def backward_work(axes, kernel_set: str, q_tile, kv_tile, dq_q_tile, dq_kv_tile, deterministic: bool = True) -> int:
@@ -148,5 +152,4 @@ def backward_work(axes, kernel_set: str, q_tile, kv_tile, dq_q_tile, dq_kv_tile,
     dkdv = key_stationary_pairs(axes, q_tile, kv_tile)
     if kernel_set == "sm90" and not deterministic:
         return 5 * dkdv
-    unit = hopper_unit(dq_q_tile) if kernel_set == "sm90" else portable_unit(dq_q_tile)
-    return 4 * dkdv + 3 * query_stationary_pairs(axes, dq_q_tile, unit, dq_kv_tile)
+    return 4 * dkdv + 3 * query_stationary_pairs(axes, dq_q_tile, mma_unit(kernel_set, dq_q_tile), dq_kv_tile)

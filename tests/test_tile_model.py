@@ -117,9 +117,6 @@ def _bwd_configs(rank):
     return out
 
 
-def _unit(ks, q):
-    return tile_model.hopper_unit(q) if ks == "sm90" else tile_model.portable_unit(q)
-
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_counts_equal_the_literal_walk(rank):
@@ -132,13 +129,13 @@ def test_counts_equal_the_literal_walk(rank):
         useful = sum(math.prod(int(M.sum(axis=1).sum()) for M in Ms) for Ms in groups)
         assert tile_model.useful_pairs(axes) == useful, prob
         for ks, q, kv in _fwd_configs(rank):
-            want = _walk_query_stationary(groups, q, _unit(ks, q), kv)
+            want = _walk_query_stationary(groups, q, tile_model.mma_unit(ks, q), kv)
             assert tile_model.forward_work(axes, ks, q, kv) == want, (prob, ks, q, kv)
             assert want >= useful
         for ks, q, kv, dq_q, dq_kv in _bwd_configs(rank):
             dkdv = _walk_key_stationary(groups, q, kv)
             assert tile_model.key_stationary_pairs(axes, q, kv) == dkdv, (prob, ks, q, kv)
-            dq = _walk_query_stationary(groups, dq_q, _unit(ks, dq_q), dq_kv)
+            dq = _walk_query_stationary(groups, dq_q, tile_model.mma_unit(ks, dq_q), dq_kv)
             assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv) == 4 * dkdv + 3 * dq, (prob, ks, q)
             if ks == "sm90":
                 assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv, deterministic=False) == 5 * dkdv

@@ -80,8 +80,7 @@ def analyse(p: Problem, kernel_set: str) -> dict:
     for i, (q, kv) in enumerate(_checks.fused_bwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
         dq_q, dq_kv = dq_tiles[i]
         dkdv = tile_model.key_stationary_pairs(axes, q, kv)
-        unit = tile_model.hopper_unit(dq_q) if kernel_set == "sm90" else tile_model.portable_unit(dq_q)
-        dq = tile_model.query_stationary_pairs(axes, dq_q, unit, dq_kv)
+        dq = tile_model.query_stationary_pairs(axes, dq_q, tile_model.mma_unit(kernel_set, dq_q), dq_kv)
         out["bwd"].append({"q": q, "kv": kv, "dq_q": dq_q, "dq_kv": dq_kv, "chosen": i == bwd_index,
                            "dkdv_efficiency": useful / dkdv, "dq_efficiency": useful / dq,
                            "products_over_ideal": (4 * dkdv + 3 * dq) / (5 * useful)})
