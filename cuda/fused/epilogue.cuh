@@ -6,6 +6,7 @@
 #include <cutlass/numeric_conversion.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace jax_na {
 namespace fused {
@@ -19,15 +20,49 @@ __device__ __forceinline__ int acc_row(int r, int warp, int lane) {
 // Tile column of fragment column c.
 __device__ __forceinline__ int acc_col(int c, int lane) { return (c >> 1) * 8 + (c & 1) + 2 * (lane & 3); }
 
+// Two floats -> one register of two 16-bit values (lo in the low half), rounded to nearest even.
+template <class Element>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  static_assert(sizeof(Element) == 2, "16-bit elements");
+  uint32_t d;
+  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  } else {
+    static_assert(std::is_same_v<Element, cutlass::half_t>, "bf16 or fp16");
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  }
+  return d;
+}
+
+// dst = Element(acc), value by value in storage order (same layout). 16-bit types are written a
+// register (pair) at a time: through cutlass's array converter nvcc split each converted register
+// into its halves and rebuilt the operand registers of the next MMA (about 160 PRMT/LOP3/SHF per
+// 64 x 128 tile and thread in the Hopper forward's loop).
+template <class TensorF, class TensorE>
+__device__ __forceinline__ void convert_fragment_into(const TensorF& acc, TensorE& dst) {
+  using namespace cute;
+  using Element = typename TensorE::value_type;
+  constexpr int kN = decltype(size(acc))::value;
+  static_assert(kN == decltype(size(dst))::value, "same fragment");
+  const float* src = raw_pointer_cast(acc.data());
+  if constexpr (sizeof(Element) == 2) {
+    static_assert(kN % 2 == 0, "pairs");
+    uint32_t* words = reinterpret_cast<uint32_t*>(raw_pointer_cast(dst.data()));
+#pragma unroll
+    for (int j = 0; j < kN / 2; ++j) words[j] = pack_pair<Element>(src[2 * j], src[2 * j + 1]);
+  } else {
+    Element* out = raw_pointer_cast(dst.data());
+#pragma unroll
+    for (int i = 0; i < kN; ++i) out[i] = static_cast<Element>(src[i]);
+  }
+}
+
 // Element copy of a float fragment (same layout).
 template <class Element, class TensorF>
 __device__ __forceinline__ auto convert_fragment(const TensorF& acc) {
   using namespace cute;
   Tensor r = make_tensor_like<Element>(acc);
-  constexpr int kN = decltype(size(acc))::value;
-  cutlass::NumericArrayConverter<Element, float, kN> cvt;
-  *reinterpret_cast<cutlass::Array<Element, kN>*>(r.data()) =
-      cvt(*reinterpret_cast<const cutlass::Array<float, kN>*>(acc.data()));
+  convert_fragment_into(acc, r);
   return r;
 }
 

@@ -39,6 +39,17 @@ __device__ __forceinline__ void wgmma_wait(Frags&... frags) {
   (cute::warpgroup_fence_operand(frags), ...);
 }
 
+// wgmma_wait for one arm of a branch: ptxas moves a wait_group up through the independent
+// instructions of its basic block (up to the last wgmma: the forward's softmax waited for the P.V
+// it was meant to overlap) but not across a branch, so a wait that must follow some work goes in
+// the arms of a branch taken after it. LLVM hoists identical asm out of both arms into the block
+// above: each arm's wait carries its own kArm in its asm text.
+template <int kPending, int kArm, class... Frags>
+__device__ __forceinline__ void wgmma_wait_in_arm(Frags&... frags) {
+  asm volatile("wgmma.wait_group.sync.aligned %0; // arm %1\n" ::"n"(kPending), "n"(kArm) : "memory");
+  (cute::warpgroup_fence_operand(frags), ...);
+}
+
 // The accumulator fragment ((2, 2, N/8), 1, 1) of a 64 x N wgmma viewed as the register A operand
 // ((2, 2, 2), 1, N/16) of the next wgmma (k-block j = accumulator 8-column blocks 2j, 2j + 1). Both
 // are compact in the same order, so only the layout changes.

@@ -306,10 +306,15 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
         }
         float alpha[kRows];
         const bool moved = softmax.update_scores(s_rc, p.scale_log2, alpha);
-        wgmma_wait<0>(acc_o, tOrP);
-        if (moved) OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
-        Tensor rP_new = convert_fragment<Element>(acc_s);
-        copy(rP_new, rP);
+        // P.V(n - 1) completes here, after the softmax, in the arms of the branch on `moved`
+        // (a wait in the softmax's block was scheduled ahead of it: see wgmma_wait_in_arm).
+        if (moved) {
+          wgmma_wait_in_arm<0, 0>(acc_o, tOrP);
+          OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
+        } else {
+          wgmma_wait_in_arm<0, 1>(acc_o, tOrP);
+        }
+        convert_fragment_into(acc_s, rP);  // same layout as acc_s
       }
       // The P.V just waited for read V(n - 1): its stage goes back to the producer.
       if (n > 0 && lane == 0) Bar::arrive(&pipe.empty[pv_stage]);
