@@ -161,6 +161,15 @@ struct Sm90Gemm {
   __device__ __forceinline__ void wait(Frags&... frags) const {
     wgmma_wait<kPending>(frags...);
   }
+  // wait, kept after the work that computed `after` (a value whose content does not matter): the
+  // branch on a vote of it ends that work's basic block and each arm waits (wgmma_wait_in_arm).
+  template <int kPending, class... Frags>
+  __device__ __forceinline__ void wait_after(float after, Frags&... frags) const {
+    if (__any_sync(0xffffffffu, after > 0.f))
+      wgmma_wait_in_arm<kPending, 0>(frags...);
+    else
+      wgmma_wait_in_arm<kPending, 1>(frags...);
+  }
   // cp.async writes are generic-proxy writes; wgmma reads smem through the async proxy.
   __device__ __forceinline__ void fence_smem_writes() const { cutlass::arch::fence_view_async_shared(); }
 };
