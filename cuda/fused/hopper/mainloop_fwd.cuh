@@ -306,9 +306,10 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
         }
         float alpha[kRows];
         const bool moved = softmax.update_scores(s_rc, p.scale_log2, alpha);
-        // P.V(n - 1) completes here, after the softmax, in the arms of the branch on `moved`
-        // (a wait in the softmax's block was scheduled ahead of it: see wgmma_wait_in_arm).
-        if (moved) {
+        // P.V(n - 1) completes here, after the softmax, in the arms of a branch on `moved` over
+        // the warpgroup (a wait in the softmax's block was scheduled ahead of it: see
+        // wgmma_wait_in_arm). A warp whose rows did not move rescales by alpha = 1.
+        if (warpgroup_any(moved, warp / kWarpsPerGroup)) {
           wgmma_wait_in_arm<0, 0>(acc_o, tOrP);
           OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
         } else {
