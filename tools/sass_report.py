@@ -54,7 +54,8 @@ def mma_loops(instrs):
         m = _BRANCH.search(t)
         if m and int(m.group(1), 16) <= a and int(m.group(1), 16) in index:
             edges.append((index[int(m.group(1), 16)], i))
-    inner = [(s, e) for s, e in edges if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in edges)]
+    inner = [(s, e) for s, e in edges
+             if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in edges)]
     return [(s, e) for s, e in sorted(inner) if any("MMA" in t for _, t in instrs[s:e + 1])]
 
 
