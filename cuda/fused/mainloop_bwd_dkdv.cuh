@@ -39,8 +39,8 @@ namespace fused {
 
 // Shared memory of the dK/dV kernel: K, V, two stages each of Q and dO (each tile at a multiple of
 // its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), then two
-// stages of (lse, delta, column windows, query row offsets), the schedule and one mbarrier per
-// Q/dO stage (TMA loads).
+// stages of (lse, delta, query row offsets), the keys' query intervals (InverseRangeTable), the
+// schedule and one mbarrier per Q/dO stage (TMA loads).
 template <class Traits>
 struct DkdvSmem {
   static constexpr int kK = 0;
@@ -51,10 +51,10 @@ struct DkdvSmem {
   static constexpr int kSmall = kDS + Traits::kSmemDS;   // stage s at kSmall + s * kSmallStage
   static constexpr int kLse = 0;                          // offsets inside a small stage
   static constexpr int kDelta = kLse + Traits::kBlockM * 4;
-  static constexpr int kWin = kDelta + Traits::kBlockM * 4;
-  static constexpr int kRowOff = kWin + Traits::kBlockM * Traits::kRank * 8;
+  static constexpr int kRowOff = kDelta + Traits::kBlockM * 4;
   static constexpr int kSmallStage = kRowOff + (Traits::kDqInKernel ? Traits::kBlockM * 8 : 0);
-  static constexpr int kSched = kSmall + 2 * kSmallStage;
+  static constexpr int kInv = kSmall + 2 * kSmallStage;
+  static constexpr int kSched = kInv + Traits::kSmemInv;
   static constexpr int kBars = kSched + Traits::kSmemSched;
   static constexpr int kBytes = kBars + Traits::kSmemBars;
   static_assert(kBytes == Traits::kSmemBytes, "smem plan");
@@ -165,12 +165,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       gather(load_walker.token_rows(ks, org));
     else
       gather(load_walker.window_rows(ks, org));
-    if (tid < kBlockM && !ks.is_add)
-      store_column_windows<Traits>(pr, ks, org, reinterpret_cast<int2*>(small(s, L::kWin)), tid);
     load_walker.advance(ks);
   };
   if (n_iters > 0) issue_q(0);
   cp_async_commit();
+  int2* s_inv = reinterpret_cast<int2*>(smem_raw + L::kInv);  // visible after the loop's first barrier
+  if (!ks.is_add) InverseRangeTable<Traits>::store(pr, ks, s_inv, tid);
 
   Gemm gemm(tid);
   OutGemm out_gemm(tid);
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       constexpr int kRows = decltype(size<0>(s_rc))::value;
       constexpr int kCols = decltype(size<1>(s_rc))::value;
       if (!full)
-        mask_inverse_tile<Traits>(s_rc, reinterpret_cast<const int2*>(small(s, L::kWin)), ks.k0, warp, lane);
+        mask_inverse_tile<Traits>(s_rc, s_inv, org, warp, lane);
       // P^T in place of S^T.
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
