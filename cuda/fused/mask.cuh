@@ -56,6 +56,25 @@ struct RowWindowTable {
   }
 };
 
+// Key-stationary kernels that need each query's window (the gemm backend's inverse-neighbourhood
+// kernel): the windows of the queries of the Q tile at org (group positions), int2 (start, end) per
+// query and axis into win; queries outside the group get an empty window. Called by the first
+// kBlockM threads (one query each).
+template <class Traits>
+__device__ __forceinline__ void store_column_windows(const geo::Problem& pr, const KVSchedule& ks, const int32_t org[3],
+                                                     int2* win, int tid) {
+#pragma unroll
+  for (int a = 0; a < Traits::kRank; ++a) {
+    const int32_t pos = org[a] + Traits::QTile::coord(tid, a);
+    int2 w = make_int2(0, 0);
+    if (pos < ks.Lg[a]) {
+      const int32_t st = geo::window_start(pr.axis[a], pos, ks.Lg[a]);
+      w = make_int2(st, geo::window_end(pr.axis[a], pos, ks.Lg[a], st));
+    }
+    win[a * Traits::kBlockM + tid] = w;
+  }
+}
+
 // Key-stationary kernels: per key row, the queries whose windows contain it. Windows start and end
 // non-decreasing in the query position, so on each axis these queries are one interval of positions
 // (geo::inverse_range), which depends only on the key's coordinate on that axis: the table holds one
