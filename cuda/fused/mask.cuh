@@ -136,20 +136,11 @@ __device__ __forceinline__ void mask_window_tile(TensorS& s_rc, const int2* s_wi
       });
 }
 
-// Additional-keys tile: columns >= n_valid are masked.
-template <class TensorS>
-__device__ __forceinline__ void mask_count_tile(TensorS& s_rc, int32_t n_valid, int lane) {
-  constexpr int kRows = decltype(cute::size<0>(s_rc))::value;
-  constexpr int kCols = decltype(cute::size<1>(s_rc))::value;
-  const int lane_col = 2 * (lane & 3);
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) {
-    const int col = (c >> 1) * 8 + (c & 1) + lane_col;
-    if (col >= n_valid) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) s_rc(r, c) = -INFINITY;
-    }
-  }
+// Additional-keys tile of a query-stationary kernel: columns >= n_valid are masked.
+template <class Traits, class TensorS>
+__device__ __forceinline__ void mask_count_tile(TensorS& s_rc, int32_t n_valid, int warp, int lane) {
+  mask_outside_intervals<Box<Traits::kBlockN, 1, 1>, 1, Traits::kNWarps>(
+      s_rc, warp, lane, [&](int, int) { return make_int2(0, n_valid); });
 }
 
 // Key-stationary tile (rows: keys of the CTA's K/V tile, their query intervals in s_inv; columns:
@@ -174,8 +165,8 @@ __device__ __forceinline__ void mask_tile(TensorS& s_rc, const int2* s_win, cons
   if (n < n_window_tiles)
     mask_window_tile<Traits>(s_rc, s_win, org, warp, lane);
   else
-    mask_count_tile(s_rc, static_cast<int32_t>(pr.Na - static_cast<int64_t>(n - n_window_tiles) * Traits::kBlockN),
-                    lane);
+    mask_count_tile<Traits>(
+        s_rc, static_cast<int32_t>(pr.Na - static_cast<int64_t>(n - n_window_tiles) * Traits::kBlockN), warp, lane);
 }
 
 }  // namespace fused
