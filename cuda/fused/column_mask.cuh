@@ -7,7 +7,8 @@
 // coordinates repeat in blocks of consecutive c and rise within a block, so the columns inside
 // [lo, hi) are one interval per block, [below(lo), below(hi)), the same in every block. A row's word
 // (a few integer instructions per axis) leaves one bit test per score instead of one per axis.
-// Plain C++ (host-tested by tests/test_column_mask.py against the definition).
+// Plain C++ (cuda/fused/test_column_mask.cc checks it against the definition; tests/test_host_cc.py
+// runs it).
 #pragma once
 
 #include <cstdint>

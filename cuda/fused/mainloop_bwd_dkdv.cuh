@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   load_rows<Traits, kBlockN, Element, typename Traits::SmemLayoutKV>(
       sV, static_cast<const Element*>(ks.is_add ? p.add_v : p.v), tid, kv_off);
 
-  // Loads the Q tile `walker` is at into stage s: Q and dO rows, lse/delta per query, each query's
-  // window; then steps the walker on.
+  // Loads the Q tile `walker` is at into stage s: Q and dO rows, lse/delta per query; then steps the
+  // walker on.
   QTileWalker<Traits> load_walker;
   auto issue_q = [&](int s) {
     int32_t org[3];
