@@ -10,15 +10,20 @@ following their schedules (cuda/fused/tile_scheduler.cuh) over the one window ge
   and each of its MMA units (a warp of 16 queries in the portable kernels, a warpgroup of 64 on
   Hopper) skips the tiles that none of its queries' windows meet.
 - The key-stationary dK/dV kernel: a CTA owns a K/V tile and walks every Q tile of its inverse
-  neighbourhood (the queries that see any of its keys), from the first such query per axis.
+  neighbourhood (the queries that see any of its keys), from the first such query per axis; each of
+  its MMA units (a portable warp of 16 keys, a Hopper warpgroup of 64: consecutive rows of the K/V
+  tile, a sub-box of it) skips the Q tiles none of its own keys meet (not with dQ added by the
+  kernel, whose dQ product reads every unit's rows).
 
-Both walks are products of one walk per axis, so the counts are products of per-axis sums. A
+Both walks are products of one walk per axis, so the counts are products of per-axis sums (summed
+over the dK/dV kernel's units, whose boxes differ). A
 Hopper warpgroup's four warps form a grid of boxes and neighbouring queries' windows overlap (stride
 <= kernel size), so the tiles any of its warps meets are those that meet the bounding box of its
 queries' windows: the counts are exact (tests/test_tile_model.py walks the schedules literally).
 
 The useful pairs over the computed ones bound the fraction of ideal (BENCHMARKS.md) a kernel can
-reach; the fused tile choosers (jax_na._checks) take the configuration that computes the fewest.
+reach; the fused tile choosers (jax_na._checks) take the configuration that computes the fewest
+(counting the dK/dV kernel's whole CTA walk, not its units' skips: ``backward_work``).
 
 Example:
   >>> from jax_na import tile_model
@@ -39,11 +44,13 @@ import numpy as np
 from jax_na import geometry
 
 __all__ = ["AxisGroup", "problem_axes", "useful_pairs", "query_stationary_pairs", "key_stationary_pairs",
-           "hopper_unit", "portable_unit", "mma_unit", "backward_work", "forward_work"]
+           "hopper_unit", "portable_unit", "mma_unit", "dkdv_units", "backward_work", "forward_work"]
 
 # Queries per MMA unit: a portable warp's 16 rows (its sub-box of the Q tile: 16, 2x8, 1x4x4 for every
 # compiled configuration, tile_shapes.cuh), and a Hopper warpgroup's 64 (half the Q tile along axis 0).
 PORTABLE_WARP_BOX = {1: (16,), 2: (2, 8), 3: (1, 4, 4)}
+# MMA units of the dK/dV kernel (each owning K/V tile rows): 4 portable warps, 2 Hopper warpgroups.
+DKDV_UNITS = {"sm80": 4, "sm90": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,20 +116,53 @@ def query_stationary_pairs(axes, q_tile, unit_box, kv_tile) -> int:
     return tiles * math.prod(unit_box) * math.prod(kv_tile)
 
 
-def _inverse_tiles(g: AxisGroup, q_extent: int, kv_extent: int) -> int:
-    """Q tiles walked by the K/V tiles of one axis (summed over the K/V tiles)."""
+def _inverse_tiles(g: AxisGroup, q_extent: int, kv_extent: int, sub: tuple[int, int] | None = None) -> int:
+    """Q tiles walked by the K/V tiles of one axis (summed over the K/V tiles); with ``sub`` =
+    (first, count), only those the keys [k0 + first, k0 + first + count) of each K/V tile meet (the
+    walk still tiled from the first query of the whole K/V tile)."""
     k0 = np.arange(0, g.length, kv_extent)
     k1 = np.minimum(k0 + kv_extent, g.length) - 1
     begin = np.searchsorted(g.end, k0, side="right")    # first query whose window ends past k0
     end = np.searchsorted(g.start, k1, side="right")    # first query whose window starts past k1
-    return int(np.sum(-(np.maximum(end - begin, 0) // -q_extent)))
+    if sub is None:
+        return int(np.sum(-(np.maximum(end - begin, 0) // -q_extent)))
+    j0 = k0 + sub[0]
+    j1 = np.minimum(j0 + sub[1], g.length) - 1
+    live = j0 <= j1
+    j0c, j1c = np.minimum(j0, g.length - 1), np.maximum(np.minimum(j1, g.length - 1), 0)
+    ub = np.searchsorted(g.end, j0c, side="right")
+    ue = np.searchsorted(g.start, j1c, side="right")
+    first = (ub - begin) // q_extent
+    last = -((ue - begin) // -q_extent) - 1
+    return int(np.sum(np.where(live & (ue > ub), last - first + 1, 0)))
 
 
-def key_stationary_pairs(axes, q_tile, kv_tile) -> int:
-    """Pairs the key-stationary dK/dV kernel computes (per batch item and head)."""
-    steps = math.prod(sum(_inverse_tiles(g, qe, ke) for g in groups)
-                      for groups, qe, ke in zip(axes, q_tile, kv_tile))
-    return steps * math.prod(q_tile) * math.prod(kv_tile)
+def _unit_boxes(kv_tile, units: int) -> list[tuple[tuple[int, int], ...]]:
+    """Per unit, (first, count) per axis: unit u owns rows [u n, (u + 1) n) of the row-major K/V box,
+    n = size / units, an aligned power-of-two run: one interval of coordinates per axis."""
+    size = math.prod(kv_tile)
+    n = size // units
+    assert n * units == size and n & (n - 1) == 0, (kv_tile, units)  # aligned power-of-two runs
+    strides = [math.prod(kv_tile[a + 1:]) for a in range(len(kv_tile))]
+
+    def coord(i, a):
+        return (i // strides[a]) % kv_tile[a]
+    return [tuple((coord(u * n, a), coord(u * n + n - 1, a) - coord(u * n, a) + 1) for a in range(len(kv_tile)))
+            for u in range(units)]
+
+
+def key_stationary_pairs(axes, q_tile, kv_tile, units: int = 1) -> int:
+    """Pairs the key-stationary dK/dV kernel computes (per batch item and head) when each of its
+    ``units`` MMA units (consecutive K/V tile rows) skips the Q tiles its keys do not meet; ``units``
+    = 1: the CTA's whole walk."""
+    if units == 1:
+        steps = math.prod(sum(_inverse_tiles(g, qe, ke) for g in groups)
+                          for groups, qe, ke in zip(axes, q_tile, kv_tile))
+        return steps * math.prod(q_tile) * math.prod(kv_tile)
+    steps = sum(math.prod(sum(_inverse_tiles(g, qe, ke, sub) for g in groups)
+                          for groups, qe, ke, sub in zip(axes, q_tile, kv_tile, box))
+                for box in _unit_boxes(kv_tile, units))
+    return steps * math.prod(q_tile) * (math.prod(kv_tile) // units)
 
 
 def hopper_unit(q_tile) -> tuple:
@@ -145,11 +185,24 @@ def forward_work(axes, kernel_set: str, q_tile, kv_tile) -> int:
     return query_stationary_pairs(axes, q_tile, mma_unit(kernel_set, q_tile), kv_tile)
 
 
-def backward_work(axes, kernel_set: str, q_tile, kv_tile, dq_q_tile, dq_kv_tile, deterministic: bool = True) -> int:
+def dkdv_units(kernel_set: str, deterministic: bool = True) -> int:
+    """MMA units of the dK/dV kernel that skip Q tiles on their own (1: none; with dQ added by the
+    Hopper kernel every unit takes every Q tile)."""
+    if kernel_set == "sm90" and not deterministic:
+        return 1
+    return DKDV_UNITS[kernel_set]
+
+
+def backward_work(axes, kernel_set: str, q_tile, kv_tile, dq_q_tile, dq_kv_tile, deterministic: bool = True,
+                  unit_skips: bool = False) -> int:
     """Pair-products of the backward: the dK/dV kernel's four (S, dP, dV, dK) per pair it computes and
     the dQ kernel's three (S, dP, dQ); without determinism on Hopper, the dK/dV kernel's five (dQ
-    added by it) and no dQ kernel."""
-    dkdv = key_stationary_pairs(axes, q_tile, kv_tile)
+    added by it) and no dQ kernel. ``unit_skips``: count the dK/dV pairs its MMA units compute (each
+    skipping the Q tiles its keys miss) rather than the CTA's whole walk. The tile choosers count the
+    walk: a unit that skips waits at the CTA's barrier for the others, so its skipped pairs save only
+    the tensor cores and issue slots it leaves to them (not yet measured)."""
+    units = dkdv_units(kernel_set, deterministic) if unit_skips else 1
+    dkdv = key_stationary_pairs(axes, q_tile, kv_tile, units)
     if kernel_set == "sm90" and not deterministic:
         return 5 * dkdv
     return 4 * dkdv + 3 * query_stationary_pairs(axes, dq_q_tile, mma_unit(kernel_set, dq_q_tile), dq_kv_tile)

@@ -72,21 +72,34 @@ def _walk_query_stationary(groups, q_tile, unit, kv_tile):
     return count * math.prod(unit) * math.prod(kv_tile)
 
 
-def _walk_key_stationary(groups, q_tile, kv_tile):
+def _walk_key_stationary(groups, q_tile, kv_tile, units=1):
     """Q tiles a dK/dV CTA visits, literally: per axis, from the first to the last query position
-    that holds a key of its K/V tile (a query holding one on every axis holds one)."""
+    that holds a key of its K/V tile (a query holding one on every axis holds one). With units > 1,
+    the (unit, Q tile) pairs of that walk where a query of the tile holds a key of the unit (unit u:
+    rows [u n, (u + 1) n) of the row-major K/V box, n = its size / units)."""
     steps = 0
+    n = math.prod(kv_tile) // units
+    rows = np.array(list(itertools.product(*(range(e) for e in kv_tile))), dtype=np.int64)  # row-major
     for Ms in groups:
         L = [M.shape[0] for M in Ms]
         for t in itertools.product(*(range(math.ceil(l / e)) for l, e in zip(L, kv_tile))):
             k0 = [ti * e for ti, e in zip(t, kv_tile)]
-            n = 1
+            first, n_tiles = [], []
             for a, M in enumerate(Ms):
                 keys = np.arange(k0[a], min(k0[a] + kv_tile[a], L[a]))
                 qs = np.nonzero(M[:, keys].any(axis=1))[0]
-                n *= math.ceil((qs.max() - qs.min() + 1) / q_tile[a])
-            steps += n
-    return steps * math.prod(q_tile) * math.prod(kv_tile)
+                first.append(int(qs.min()))
+                n_tiles.append(math.ceil((qs.max() - qs.min() + 1) / q_tile[a]))
+            if units == 1:
+                steps += math.prod(n_tiles)
+                continue
+            for u in range(units):
+                ks = rows[u * n:(u + 1) * n] + np.array(k0)
+                ks = ks[(ks < np.array(L)).all(axis=1)]
+                for i in itertools.product(*(range(m) for m in n_tiles)):
+                    qs = _box([f + ii * e for f, ii, e in zip(first, i, q_tile)], q_tile, L)
+                    steps += _holds(Ms, qs, ks)
+    return steps * math.prod(q_tile) * n
 
 
 def _random_problems(rank, n, seed):
@@ -133,12 +146,19 @@ def test_counts_equal_the_literal_walk(rank):
             assert tile_model.forward_work(axes, ks, q, kv) == want, (prob, ks, q, kv)
             assert want >= useful
         for ks, q, kv, dq_q, dq_kv in _bwd_configs(rank):
-            dkdv = _walk_key_stationary(groups, q, kv)
-            assert tile_model.key_stationary_pairs(axes, q, kv) == dkdv, (prob, ks, q, kv)
+            cta = _walk_key_stationary(groups, q, kv)
+            assert tile_model.key_stationary_pairs(axes, q, kv) == cta, (prob, ks, q, kv)
+            units = tile_model.dkdv_units(ks)
+            dkdv = _walk_key_stationary(groups, q, kv, units)
+            assert tile_model.key_stationary_pairs(axes, q, kv, units) == dkdv, (prob, ks, q, kv)
+            assert useful <= dkdv <= cta
             dq = _walk_query_stationary(groups, dq_q, tile_model.mma_unit(ks, dq_q), dq_kv)
-            assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv) == 4 * dkdv + 3 * dq, (prob, ks, q)
-            if ks == "sm90":
-                assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv, deterministic=False) == 5 * dkdv
+            assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv) == 4 * cta + 3 * dq, (prob, ks, q)
+            assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv, unit_skips=True) == 4 * dkdv + 3 * dq
+            if ks == "sm90":  # the dK/dV kernel adding dQ: no unit skips
+                for skips in (False, True):
+                    assert tile_model.backward_work(axes, ks, q, kv, dq_q, dq_kv, deterministic=False,
+                                                    unit_skips=skips) == 5 * cta
 
 
 def test_known_values():
@@ -175,5 +195,6 @@ def test_tile_work_tool(tmp_path, capsys):
     (r,) = json.loads(out.read_text())
     assert r["problem"] == "p2-2d" and round(r["fwd"][0]["efficiency"], 2) == 0.57 and r["fwd"][0]["chosen"]
     assert round(r["bound64"], 2) == 0.73 and tuple(r["bound64_box"]) == (8, 8)
-    assert len(r["bwd"]) == 2 and r["bwd"][0]["chosen"] and 2.2 < r["bwd"][0]["products_over_ideal"] < 2.4
+    assert len(r["bwd"]) == 2 and r["bwd"][0]["chosen"] and 2.0 < r["bwd"][0]["products_over_ideal"] < 2.2
+    assert round(r["bwd"][0]["dkdv_efficiency"], 2) == 0.67 and round(r["bwd"][0]["dkdv_cta_efficiency"], 2) == 0.57
     assert "p2-2d" in capsys.readouterr().out

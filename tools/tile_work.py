@@ -6,16 +6,17 @@ computes. jax_na.tile_model counts the tiles each kernel visits (its schedule in
 cuda/fused/tile_scheduler.cuh, the window geometry of jax_na.geometry); this prints, per problem:
 
 - forward: useful / computed pairs of each forward configuration;
-- backward: the same for the dK/dV kernel and for the dQ kernel of each backward configuration,
-  and the backward's pair-products (4 per dK/dV pair, 3 per dQ pair) over the ideal 5 per useful
-  pair;
+- backward: the same for the dK/dV kernel (its MMA units skipping on their own, and the CTA's
+  whole walk) and for the dQ kernel of each backward configuration, and the backward's
+  pair-products (4 per dK/dV pair, 3 per dQ pair) over the ideal 5 per useful pair;
 - bound: a Q box of 64 queries (one wgmma) that computed exactly the union of its queries'
   windows, for its best power-of-two shape: what no tiling of 64-query MMAs can beat;
 - with ``--times`` (a ``python -m jax_na.profile --json`` file): the forward's rate on the pairs it
   computes (effective TFLOP/s / efficiency), which splits a low fraction of ideal into geometry
   (this table) and rate.
 
-A star marks the configuration the chooser takes for the problem (jax_na._checks).
+A star marks the configuration the chooser takes for the problem (jax_na._checks; it counts the
+dK/dV kernel's CTA walk, not its units' skips: tile_model.backward_work).
 
 Usage: python tools/tile_work.py [--set sm90|sm80] [--problem p3-3d ...] [--times profile.json]
        [--json out.json]
@@ -79,11 +80,14 @@ def analyse(p: Problem, kernel_set: str) -> dict:
     dq_tiles = _checks.FUSED_BWD_DQ_TILES[kernel_set][p.rank]
     for i, (q, kv) in enumerate(_checks.fused_bwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
         dq_q, dq_kv = dq_tiles[i]
-        dkdv = tile_model.key_stationary_pairs(axes, q, kv)
+        dkdv = tile_model.key_stationary_pairs(axes, q, kv, tile_model.dkdv_units(kernel_set))
+        dkdv_cta = tile_model.key_stationary_pairs(axes, q, kv)  # the CTA's walk (no unit skips)
         dq = tile_model.query_stationary_pairs(axes, dq_q, tile_model.mma_unit(kernel_set, dq_q), dq_kv)
         out["bwd"].append({"q": q, "kv": kv, "dq_q": dq_q, "dq_kv": dq_kv, "chosen": i == bwd_index,
-                           "dkdv_efficiency": useful / dkdv, "dq_efficiency": useful / dq,
-                           "products_over_ideal": (4 * dkdv + 3 * dq) / (5 * useful)})
+                           "dkdv_efficiency": useful / dkdv, "dkdv_cta_efficiency": useful / dkdv_cta,
+                           "dq_efficiency": useful / dq,
+                           "products_over_ideal": (4 * dkdv + 3 * dq) / (5 * useful),
+                           "products_cta_walk_over_ideal": (4 * dkdv_cta + 3 * dq) / (5 * useful)})
     out["bound64"], out["bound64_box"] = union_bound(axes, p.rank)
     return out
 
@@ -114,8 +118,9 @@ def main(argv=None) -> int:
             print(f"  fwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  {c['efficiency']:.2f}")
         for c in r["bwd"]:
             print(f"  bwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  "
-                  f"dK/dV {c['dkdv_efficiency']:.2f}  dQ ({_fmt(c['dq_q'])} / {_fmt(c['dq_kv'])}) "
-                  f"{c['dq_efficiency']:.2f}  products {c['products_over_ideal']:.2f}x ideal")
+                  f"dK/dV {c['dkdv_efficiency']:.2f} (CTA walk {c['dkdv_cta_efficiency']:.2f})  dQ ({_fmt(c['dq_q'])} / {_fmt(c['dq_kv'])}) "
+                  f"{c['dq_efficiency']:.2f}  products {c['products_over_ideal']:.2f}x ideal "
+                  f"({c['products_cta_walk_over_ideal']:.2f}x with the CTA walk)")
         if p.id in fwd_tflops:
             eff = next(c["efficiency"] for c in r["fwd"] if c["chosen"])
             r["fwd_rate_on_computed_tflops"] = fwd_tflops[p.id] / eff

@@ -189,9 +189,11 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   static constexpr int kSmemDS = kDqInKernel ? kBlockN * kBlockM * int(sizeof(typename Base::Element)) : 0;
   // Two stages of: Q, dO, lse and delta per query, and with kDqInKernel the query rows' element
-  // offsets (int64); once: the keys' query intervals (int2 per axis and K/V tile coordinate).
+  // offsets (int64); once: the keys' query intervals (int2 per axis and K/V tile coordinate, then
+  // per MMA unit and axis: at most one unit per warp).
   static constexpr int kSmemSmallStage = 2 * kBlockM * 4 + (kDqInKernel ? kBlockM * 8 : 0);
-  static constexpr int kSmemInv = (KVTile::extent(0) + KVTile::extent(1) + KVTile::extent(2)) * 8;
+  static constexpr int kInvEntries = KVTile::extent(0) + KVTile::extent(1) + KVTile::extent(2);
+  static constexpr int kSmemInv = (kInvEntries + 3 * kNWarps_) * 8;
   static constexpr int kSmemSched = 256;
   static constexpr int kSmemBars = 2 * 8;  // an mbarrier per Q/dO stage (TMA loads)
   static constexpr int kSmemBytes =

@@ -10,10 +10,12 @@
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dV += P^T dO,
 //   dS^T = P^T (dP^T - delta), dK += dS^T Q
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced
-// in registers. With Traits::kDqInKernel the kernel also adds dQ = dS K of every Q tile into a
-// float32 buffer (Gemm::tn; float atomics, so the sums' order varies: not deterministic) and the
-// query-stationary dQ kernel does not run. Query columns outside the group load as zeros (Q = dO =
-// lse = delta = 0), which makes their dV and dK contributions exactly zero without a mask.
+// in registers. Each MMA unit (a warp; a warpgroup on Hopper) skips the Q tiles its own keys do not
+// meet (UnitQueryIntervals in mask.cuh; not with kDqInKernel). With Traits::kDqInKernel the kernel
+// also adds dQ = dS K of every Q tile into a float32 buffer (Gemm::tn; float atomics, so the sums'
+// order varies: not deterministic) and the query-stationary dQ kernel does not run. Query columns outside the group
+// load as zeros (Q = dO = lse = delta = 0), which makes their dV and dK contributions exactly zero
+// without a mask.
 // Head dims over 128 walk the Q tiles once per 128 dK/dV columns (Traits::kDPasses), recomputing S^T
 // and dP^T: two 256-column accumulators would not fit the register file.
 #pragma once
@@ -39,8 +41,8 @@ namespace fused {
 
 // Shared memory of the dK/dV kernel: K, V, two stages each of Q and dO (each tile at a multiple of
 // its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), then two
-// stages of (lse, delta, query row offsets), the keys' query intervals (InverseRangeTable), the
-// schedule and one mbarrier per Q/dO stage (TMA loads).
+// stages of (lse, delta, query row offsets), the keys' query intervals (InverseRangeTable, then
+// UnitQueryIntervals), the schedule and one mbarrier per Q/dO stage (TMA loads).
 template <class Traits>
 struct DkdvSmem {
   static constexpr int kK = 0;
@@ -54,6 +56,7 @@ struct DkdvSmem {
   static constexpr int kRowOff = kDelta + Traits::kBlockM * 4;
   static constexpr int kSmallStage = kRowOff + (Traits::kDqInKernel ? Traits::kBlockM * 8 : 0);
   static constexpr int kInv = kSmall + 2 * kSmallStage;
+  static constexpr int kUnitInv = kInv + Traits::kInvEntries * 8;  // up to 3 * kNWarps int2
   static constexpr int kSched = kInv + Traits::kSmemInv;
   static constexpr int kBars = kSched + Traits::kSmemSched;
   static constexpr int kBytes = kBars + Traits::kSmemBars;
@@ -115,6 +118,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // Warp-uniform by construction (a lane-0 shuffle): ptxas must see that no branch steers a wgmma.
   const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
   const int lane = tid % 32;
+  // MMA units (warps, or warpgroups on Hopper) own consecutive key rows; each skips the Q tiles its
+  // keys do not meet (UnitQueryIntervals). With dQ in the kernel every unit takes every Q tile: the
+  // dQ product reads all rows of dS^T.
+  constexpr int kUnits = Traits::kNWarps / Gemm::kWarpsPerMma;
+  constexpr bool kUnitSkip = !Traits::kDqInKernel;
+  static_assert(Traits::kBlockN == 16 * Traits::kNWarps, "one 16-row block of the K/V tile per warp");
+  using UnitIntervals = UnitQueryIntervals<Traits, kUnits>;
+  const int unit = warp / Gemm::kWarpsPerMma;
 
   constexpr bool kTma = Gemm::kTmaLoads;
   LoadStages2 q_stages(smem_raw + L::kBars);  // Q/dO stage s landed
@@ -169,8 +180,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   };
   if (n_iters > 0) issue_q(0);
   cp_async_commit();
-  int2* s_inv = reinterpret_cast<int2*>(smem_raw + L::kInv);  // visible after the loop's first barrier
-  if (!ks.is_add) InverseRangeTable<Traits>::store(pr, ks, s_inv, tid);
+  // Visible after the loop's first barrier.
+  int2* s_inv = reinterpret_cast<int2*>(smem_raw + L::kInv);
+  int2* s_unit = reinterpret_cast<int2*>(smem_raw + L::kUnitInv);
+  if (!ks.is_add) {
+    InverseRangeTable<Traits>::store(pr, ks, s_inv, tid);
+    if constexpr (kUnitSkip) UnitIntervals::store(pr, ks, s_unit, tid);
+  }
 
   Gemm gemm(tid);
   OutGemm out_gemm(tid);
@@ -210,6 +226,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       int32_t org[3];
       walker.origin(ks, org);
       walker.advance(ks);
+      // This unit's keys meet the Q tile. Uniform over the unit: its warps read the same entries (on
+      // Hopper the four warps of a warpgroup; the lane-0 shuffle shows ptxas it is warp-uniform, as
+      // a branch that steers wgmma must be, see `warp`).
+      if constexpr (kUnitSkip) {
+        const bool meets = ks.is_add || UnitIntervals::meets(s_unit, unit, org);
+        if (!__shfl_sync(0xffffffffu, meets, 0)) continue;  // uniform over the unit
+      }
       const bool full = ks.is_add || KS::q_tile_full(ks, org);
       const float* s_lse = reinterpret_cast<const float*>(small(s, L::kLse));
       const float* s_dlt = reinterpret_cast<const float*>(small(s, L::kDelta));

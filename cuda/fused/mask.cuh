@@ -83,7 +83,7 @@ __device__ __forceinline__ void store_column_windows(const geo::Problem& pr, con
 template <class Traits>
 struct InverseRangeTable {
   using KVTile = typename Traits::KVTile;
-  static constexpr int kEntries = KVTile::extent(0) + KVTile::extent(1) + KVTile::extent(2);
+  static constexpr int kEntries = Traits::kInvEntries;
   __host__ __device__ static constexpr int first(int a) { return box_axis_first<KVTile>(a); }
   // Fills the table (the first kEntries threads, one entry each; binary searches over the group).
   // Not inlined: inlined, its divergent search loops made ptxas serialize the wgmmas of the
@@ -101,6 +101,50 @@ struct InverseRangeTable {
   // Key row r's queries on axis a.
   __device__ __forceinline__ static int2 at(const int2* s_inv, int a, int r) {
     return s_inv[first(a) + KVTile::coord(r, a)];
+  }
+};
+
+// Key-stationary kernels: the Q tiles each MMA unit (a warp or a warpgroup: kUnits of them, owning
+// consecutive key rows, i.e. a sub-box of the K/V tile each) has to compute. Per unit and axis, the
+// queries whose windows hold one of its keys form one interval (geo::inverse_range_any; empty for a
+// unit whose keys all lie past the group's end), and a unit skips the Q tiles outside its intervals:
+// the CTA walks the Q tiles its whole K/V tile meets, a unit's keys meet fewer where windows are
+// short next to the tile (tools/tile_work.py counts the pairs).
+template <class Traits, int kUnits>
+struct UnitQueryIntervals {
+  using KVTile = typename Traits::KVTile;
+  using QTile = typename Traits::QTile;
+  static constexpr int kRows = Traits::kBlockN / kUnits;  // key rows per unit
+  static constexpr int kEntries = 3 * kUnits;
+  static_assert(kUnits <= Traits::kNWarps && kRows * kUnits == Traits::kBlockN, "units of key rows");
+  static_assert((kRows & (kRows - 1)) == 0, "a unit's rows are a sub-box of the K/V tile");
+  // Fills the unit entries (the first kEntries threads, one each). Not inlined, as the table above.
+  __device__ __noinline__ static void store(const geo::Problem& pr, const KVSchedule& ks, int2* s_unit, int tid) {
+    if (tid >= kEntries) return;
+    const int u = tid / 3, a = tid % 3;
+    int2 q = make_int2(0, 0);  // empty: meets() is false on it for any org >= 0
+    if (a < Traits::kRank) {
+      // The unit's keys on axis a: an aligned power-of-two run of row-major rows covers one
+      // interval of coordinates per axis.
+      const int32_t j0 = ks.k0[a] + KVTile::coord(u * kRows, a);
+      const int32_t j1 = geo::imin(ks.k0[a] + KVTile::coord(u * kRows + kRows - 1, a), ks.Lg[a] - 1);
+      if (j0 <= j1) {
+        const geo::Range r = geo::inverse_range_any(pr.axis[a], j0, j1, ks.Lg[a]);
+        if (r.begin < r.end) q = make_int2(r.begin, r.end);
+      }
+    }
+    s_unit[tid] = q;
+  }
+  // Whether unit u's keys meet the Q tile at org (group positions). Not warp-uniform to ptxas: a
+  // caller steering wgmma with it passes it through a lane-0 shuffle.
+  __device__ __forceinline__ static bool meets(const int2* s_unit, int u, const int32_t org[3]) {
+    bool m = true;
+#pragma unroll
+    for (int a = 0; a < Traits::kRank; ++a) {
+      const int2 q = s_unit[3 * u + a];
+      m = m && org[a] < q.y && org[a] + QTile::extent(a) > q.x;
+    }
+    return m;
   }
 };
 
