@@ -82,13 +82,18 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   const int64_t add_blocks = (pr.Na + KVTraits::kBlockN - 1) / KVTraits::kBlockN;
   if (kv_blocks + add_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
 
+  // Experiment knobs (standalone timing builds only, test_fused_bwd.cu): leave one kernel out.
+#if !defined(JNA_BWD_EXPERIMENT_NO_DQ_KERNEL)
   if constexpr (!KVTraits::kDqInKernel) {
     st = launch_kernel(fused_bwd_dq_kernel<DqTraits, DqGemm>, q_blocks, pr.H, pr.B, DqTraits::kNThreads,
                        DqSmem<DqTraits>::kBytes, kp, stream);
     if (st != cudaSuccess) return st;
   }
+#endif
+#if !defined(JNA_BWD_EXPERIMENT_NO_DKDV_KERNEL)
   st = launch_kernel(fused_bwd_dkdv_kernel<KVTraits, KVGemm>, kv_blocks + add_blocks, pr.Hkv, pr.B,
                      KVTraits::kNThreads, DkdvSmem<KVTraits>::kBytes, kp, stream);
+#endif
   if constexpr (KVTraits::kDqInKernel) {
     if (st != cudaSuccess) return st;
     // 4) dq = scale * dq_accum (the dK/dV kernel added dQ / scale there).

@@ -122,7 +122,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // keys do not meet (UnitQueryIntervals). With dQ in the kernel every unit takes every Q tile: the
   // dQ product reads all rows of dS^T.
   constexpr int kUnits = Traits::kNWarps / Gemm::kWarpsPerMma;
+#if defined(JNA_BWD_EXPERIMENT_NO_UNIT_SKIP)  // experiment knob: every unit takes every Q tile
+  constexpr bool kUnitSkip = false;
+#else
   constexpr bool kUnitSkip = !Traits::kDqInKernel;
+#endif
   static_assert(Traits::kBlockN == 16 * Traits::kNWarps, "one 16-row block of the K/V tile per warp");
   using UnitIntervals = UnitQueryIntervals<Traits, kUnits>;
   const int unit = warp / Gemm::kWarpsPerMma;
@@ -233,6 +237,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         const bool meets = ks.is_add || UnitIntervals::meets(s_unit, unit, org);
         if (!__shfl_sync(0xffffffffu, meets, 0)) continue;  // uniform over the unit
       }
+#if defined(JNA_BWD_EXPERIMENT_ONE_UNIT)  // experiment knob: unit 0 alone computes (a lone unit's step)
+      if (unit > 0) continue;
+#endif
       const bool full = ks.is_add || KS::q_tile_full(ks, org);
       const float* s_lse = reinterpret_cast<const float*>(small(s, L::kLse));
       const float* s_dlt = reinterpret_cast<const float*>(small(s, L::kDelta));
@@ -254,7 +261,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       for (int c = 0; c < kCols; ++c) {
         const float lse2 = s_lse[acc_col(c, lane)] * kLog2e;
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2);
+        for (int r = 0; r < kRows; ++r)
+#if defined(JNA_BWD_EXPERIMENT_NO_EXP)  // experiment knob: the exponentials' cost (wrong P)
+          s_rc(r, c) = s_rc(r, c) * p.scale_log2 - lse2;
+#else
+          s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2);
+#endif
       }
       Tensor rP = convert_fragment<Element>(acc_s);
       out_gemm.template rs<kBlockM>(acc_dv, rP, sdO(s) + kBlockM * col0);  // dV += P^T dO

@@ -18,24 +18,10 @@
 
 #include "fused/fused_bwd.h"
 #include "fused/fused_fwd.h"
+#include "fused/test_harness.h"  // CK, Case
 #include "geometry/window.cuh"
 
 using namespace jax_na;
-
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                            \
-    }                                                                                          \
-  } while (0)
-
-struct Case {
-  int rank;
-  int L[3], k[3], s[3], d[3], c[3];
-  int B, H, Hkv, D, Na;
-};
 
 static void* dev_random(size_t n, std::mt19937& rng) {
   std::normal_distribution<float> nd;
@@ -63,29 +49,19 @@ static bool all_finite_bf16(const void* d, size_t n) {
 }
 
 int main() {
-  const Case cases[] = {
-      {1, {70, 1, 1}, {9, 1, 1}, {2, 1, 1}, {3, 1, 1}, {0, 0, 0}, 2, 4, 2, 64, 5},
-      {1, {130, 1, 1}, {64, 1, 1}, {1, 1, 1}, {1, 1, 1}, {1, 0, 0}, 1, 2, 1, 128, 0},
-      {2, {19, 23, 1}, {5, 4, 1}, {2, 1, 1}, {2, 3, 1}, {1, 0, 0}, 1, 4, 2, 64, 3},
-      {2, {17, 20, 1}, {7, 9, 1}, {1, 3, 1}, {1, 1, 1}, {0, 1, 0}, 1, 2, 2, 128, 0},
-      {3, {6, 9, 10}, {3, 4, 5}, {1, 2, 1}, {2, 1, 2}, {0, 0, 1}, 1, 2, 1, 128, 4},
-      {3, {5, 7, 8}, {2, 3, 4}, {1, 1, 2}, {1, 2, 1}, {1, 0, 0}, 1, 2, 2, 64, 0},
+  // name, rank, B, L, k, s, d, causal, H, Hkv, D, dtype, Na
+  const test::Case cases[] = {
+      {"1d", 1, 2, {70, 1, 1}, {9, 1, 1}, {2, 1, 1}, {3, 1, 1}, {0, 0, 0}, 4, 2, 64, DType::kBF16, 5},
+      {"1d", 1, 1, {130, 1, 1}, {64, 1, 1}, {1, 1, 1}, {1, 1, 1}, {1, 0, 0}, 2, 1, 128, DType::kBF16, 0},
+      {"2d", 2, 1, {19, 23, 1}, {5, 4, 1}, {2, 1, 1}, {2, 3, 1}, {1, 0, 0}, 4, 2, 64, DType::kBF16, 3},
+      {"2d", 2, 1, {17, 20, 1}, {7, 9, 1}, {1, 3, 1}, {1, 1, 1}, {0, 1, 0}, 2, 2, 128, DType::kBF16, 0},
+      {"3d", 3, 1, {6, 9, 10}, {3, 4, 5}, {1, 2, 1}, {2, 1, 2}, {0, 0, 1}, 2, 1, 128, DType::kBF16, 4},
+      {"3d", 3, 1, {5, 7, 8}, {2, 3, 4}, {1, 1, 2}, {1, 2, 1}, {1, 0, 0}, 2, 2, 64, DType::kBF16, 0},
   };
   std::mt19937 rng(7);
   int bad = 0;
-  for (const Case& c : cases) {
-    geo::Problem pr;
-    pr.B = c.B;
-    pr.H = c.H;
-    pr.Hkv = c.Hkv;
-    pr.N = 1;
-    pr.W = 1;
-    pr.Na = c.Na;
-    for (int a = 0; a < 3; ++a) {
-      pr.axis[a] = geo::Axis{c.L[a], c.k[a], c.s[a], c.d[a], c.c[a]};
-      pr.N *= c.L[a];
-      pr.W *= c.k[a];
-    }
+  for (const test::Case& c : cases) {
+    const geo::Problem pr = test::make_problem(c);
     const size_t nq = size_t(pr.B) * pr.N * c.H * c.D, nk = size_t(pr.B) * pr.N * c.Hkv * c.D;
     const size_t na = size_t(pr.B) * c.Na * c.Hkv * c.D, rows = size_t(pr.B) * pr.N * c.H;
     void *q = dev_random(nq, rng), *k = dev_random(nk, rng), *v = dev_random(nk, rng);
@@ -158,7 +134,7 @@ int main() {
     }
     const bool ok = fwd_ok && bwd_ok;
     std::printf("rank %d L=%dx%dx%d D=%d H=%d/%d Na=%d: %s\n", c.rank, c.L[0], c.L[1], c.L[2], c.D, c.H, c.Hkv,
-                c.Na, ok ? "ok" : "NOT FINITE / UNWRITTEN");
+                int(c.Na), ok ? "ok" : "NOT FINITE / UNWRITTEN");
     bad += !ok;
     for (void* p : {q, k, v, ak, av, dout, out, static_cast<void*>(lse), static_cast<void*>(dlse), dq, dk, dv, dak,
                     dav, static_cast<void*>(ws), static_cast<void*>(fa.tile_counter)})
