@@ -12,8 +12,8 @@ following their schedules (cuda/fused/tile_scheduler.cuh) over the one window ge
 - The key-stationary dK/dV kernel: a CTA owns a K/V tile and walks every Q tile of its inverse
   neighbourhood (the queries that see any of its keys), from the first such query per axis; each of
   its MMA units (a portable warp of 16 keys, a Hopper warpgroup of 64: consecutive rows of the K/V
-  tile, a sub-box of it) skips the Q tiles none of its own keys meet (not with dQ added by the
-  kernel, whose dQ product reads every unit's rows).
+  tile, a sub-box of it) skips the products of the Q tiles none of its own keys meet (with dQ added
+  by the kernel, the CTA's dQ product still runs on every Q tile of the walk).
 
 Both walks are products of one walk per axis, so the counts are products of per-axis sums (summed
 over the dK/dV kernel's units, whose boxes differ). A
@@ -185,11 +185,8 @@ def forward_work(axes, kernel_set: str, q_tile, kv_tile) -> int:
     return query_stationary_pairs(axes, q_tile, mma_unit(kernel_set, q_tile), kv_tile)
 
 
-def dkdv_units(kernel_set: str, deterministic: bool = True) -> int:
-    """MMA units of the dK/dV kernel that skip Q tiles on their own (1: none; with dQ added by the
-    Hopper kernel every unit takes every Q tile)."""
-    if kernel_set == "sm90" and not deterministic:
-        return 1
+def dkdv_units(kernel_set: str) -> int:
+    """MMA units of the dK/dV kernel of ``kernel_set``, each skipping the Q tiles its keys miss."""
     return DKDV_UNITS[kernel_set]
 
 
@@ -197,12 +194,13 @@ def backward_work(axes, kernel_set: str, q_tile, kv_tile, dq_q_tile, dq_kv_tile,
                   unit_skips: bool = False) -> int:
     """Pair-products of the backward: the dK/dV kernel's four (S, dP, dV, dK) per pair it computes and
     the dQ kernel's three (S, dP, dQ); without determinism on Hopper, the dK/dV kernel's five (dQ
-    added by it) and no dQ kernel. ``unit_skips``: count the dK/dV pairs its MMA units compute (each
-    skipping the Q tiles its keys miss) rather than the CTA's whole walk. The tile choosers count the
-    walk: a unit that skips waits at the CTA's barrier for the others, so its skipped pairs save only
-    the tensor cores and issue slots it leaves to them (not yet measured)."""
-    units = dkdv_units(kernel_set, deterministic) if unit_skips else 1
-    dkdv = key_stationary_pairs(axes, q_tile, kv_tile, units)
+    added by it: its dQ product on every pair of the CTA's walk) and no dQ kernel. ``unit_skips``:
+    count the dK/dV pairs its MMA units compute (each skipping the Q tiles its keys miss) rather than
+    the CTA's whole walk. The tile choosers count the walk: a unit that skips waits at the CTA's
+    barrier for the others, so its skipped pairs save only the tensor cores and issue slots it leaves
+    to them (not yet measured)."""
+    cta = key_stationary_pairs(axes, q_tile, kv_tile)
+    dkdv = key_stationary_pairs(axes, q_tile, kv_tile, dkdv_units(kernel_set)) if unit_skips else cta
     if kernel_set == "sm90" and not deterministic:
-        return 5 * dkdv
+        return 4 * dkdv + cta
     return 4 * dkdv + 3 * query_stationary_pairs(axes, dq_q_tile, mma_unit(kernel_set, dq_q_tile), dq_kv_tile)

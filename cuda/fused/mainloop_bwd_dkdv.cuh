@@ -10,10 +10,11 @@
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dV += P^T dO,
 //   dS^T = P^T (dP^T - delta), dK += dS^T Q
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced
-// in registers. Each MMA unit (a warp; a warpgroup on Hopper) skips the Q tiles its own keys do not
-// meet (UnitQueryIntervals in mask.cuh; not with kDqInKernel). With Traits::kDqInKernel the kernel
-// also adds dQ = dS K of every Q tile into a float32 buffer (Gemm::tn; float atomics, so the sums'
-// order varies: not deterministic) and the query-stationary dQ kernel does not run. Query columns outside the group
+// in registers. Each MMA unit (a warp; a warpgroup on Hopper) skips the products of the Q tiles its
+// own keys do not meet (UnitQueryIntervals in mask.cuh). With Traits::kDqInKernel the kernel also
+// adds dQ = dS K of every Q tile into a float32 buffer (Gemm::tn; float atomics, so the sums' order
+// varies: not deterministic; a unit that skipped a tile gives it zero dS^T rows) and the
+// query-stationary dQ kernel does not run. Query columns outside the group
 // load as zeros (Q = dO = lse = delta = 0), which makes their dV and dK contributions exactly zero
 // without a mask.
 // Head dims over 128 walk the Q tiles once per 128 dK/dV columns (Traits::kDPasses), recomputing S^T
@@ -118,14 +119,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // Warp-uniform by construction (a lane-0 shuffle): ptxas must see that no branch steers a wgmma.
   const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
   const int lane = tid % 32;
-  // MMA units (warps, or warpgroups on Hopper) own consecutive key rows; each skips the Q tiles its
-  // keys do not meet (UnitQueryIntervals). With dQ in the kernel every unit takes every Q tile: the
-  // dQ product reads all rows of dS^T.
+  // MMA units (warps, or warpgroups on Hopper) own consecutive key rows; each skips the products of
+  // the Q tiles its keys do not meet (UnitQueryIntervals).
   constexpr int kUnits = Traits::kNWarps / Gemm::kWarpsPerMma;
 #if defined(JNA_BWD_EXPERIMENT_NO_UNIT_SKIP)  // experiment knob: every unit takes every Q tile
   constexpr bool kUnitSkip = false;
 #else
-  constexpr bool kUnitSkip = !Traits::kDqInKernel;
+  constexpr bool kUnitSkip = true;
 #endif
   static_assert(Traits::kBlockN == 16 * Traits::kNWarps, "one 16-row block of the K/V tile per warp");
   using UnitIntervals = UnitQueryIntervals<Traits, kUnits>;
@@ -233,9 +233,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // This unit's keys meet the Q tile. Uniform over the unit: its warps read the same entries (on
       // Hopper the four warps of a warpgroup; the lane-0 shuffle shows ptxas it is warp-uniform, as
       // a branch that steers wgmma must be, see `warp`).
+      bool meets = true;
       if constexpr (kUnitSkip) {
-        const bool meets = ks.is_add || UnitIntervals::meets(s_unit, unit, org);
-        if (!__shfl_sync(0xffffffffu, meets, 0)) continue;  // uniform over the unit
+        meets = __shfl_sync(0xffffffffu, ks.is_add || UnitIntervals::meets(s_unit, unit, org), 0) != 0;
+        // Without dQ the unit has nothing to do on this tile; with dQ it still writes its (zero) rows
+        // of dS^T and takes its share of the dQ product below.
+        if constexpr (!Traits::kDqInKernel) {
+          if (!meets) continue;
+        }
       }
 #if defined(JNA_BWD_EXPERIMENT_ONE_UNIT)  // experiment knob: unit 0 alone computes (a lone unit's step)
       if (unit > 0) continue;
@@ -246,40 +251,47 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
       auto acc_s = gemm.template acc<kBlockN, kBlockM>();
       auto acc_dp = gemm.template acc<kBlockN, kBlockM>();
-      gemm.template ss<kBlockN, kBlockM>(acc_s, sK, sQ(s));
-      gemm.template ss<kBlockN, kBlockM>(acc_dp, sV, sdO(s));
-      gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
-
       Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
       Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
       constexpr int kRows = decltype(size<0>(s_rc))::value;
       constexpr int kCols = decltype(size<1>(s_rc))::value;
-      if (!full)
-        mask_inverse_tile<Traits>(s_rc, s_inv, org, warp, lane);
-      // P^T in place of S^T.
+      // P^T and dS^T as operands, declared here: the dV and dK products reading them stay in flight
+      // until the step's last wait.
+      Tensor rP = make_tensor_like<Element>(acc_s);
+      Tensor rdS = make_tensor_like<Element>(acc_dp);
+      if (meets) {  // uniform over the unit (always true here without dQ in the kernel)
+        gemm.template ss<kBlockN, kBlockM>(acc_s, sK, sQ(s));
+        gemm.template ss<kBlockN, kBlockM>(acc_dp, sV, sdO(s));
+        gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
+        if (!full)
+          mask_inverse_tile<Traits>(s_rc, s_inv, org, warp, lane);
+        // P^T in place of S^T.
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        const float lse2 = s_lse[acc_col(c, lane)] * kLog2e;
+        for (int c = 0; c < kCols; ++c) {
+          const float lse2 = s_lse[acc_col(c, lane)] * kLog2e;
 #pragma unroll
-        for (int r = 0; r < kRows; ++r)
+          for (int r = 0; r < kRows; ++r)
 #if defined(JNA_BWD_EXPERIMENT_NO_EXP)  // experiment knob: the exponentials' cost (wrong P)
-          s_rc(r, c) = s_rc(r, c) * p.scale_log2 - lse2;
+            s_rc(r, c) = s_rc(r, c) * p.scale_log2 - lse2;
 #else
-          s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2);
+            s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2);
 #endif
-      }
-      Tensor rP = convert_fragment<Element>(acc_s);
-      out_gemm.template rs<kBlockM>(acc_dv, rP, sdO(s) + kBlockM * col0);  // dV += P^T dO
-      gemm.template wait<1>(acc_dp);                                       // dP^T done, dV in flight
-      // dS^T in place of dP^T.
+        }
+        convert_fragment_into(acc_s, rP);
+        out_gemm.template rs<kBlockM>(acc_dv, rP, sdO(s) + kBlockM * col0);  // dV += P^T dO
+        gemm.template wait<1>(acc_dp);                                       // dP^T done, dV in flight
+        // dS^T in place of dP^T.
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        const float dlt = s_dlt[acc_col(c, lane)];
+        for (int c = 0; c < kCols; ++c) {
+          const float dlt = s_dlt[acc_col(c, lane)];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - dlt);
+          for (int r = 0; r < kRows; ++r) dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - dlt);
+        }
+        convert_fragment_into(acc_dp, rdS);
+        out_gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s) + kBlockM * col0);  // dK += dS^T Q
+      } else {
+        clear(acc_dp);  // dQ in the kernel: this unit's rows of dS^T are zeros
       }
-      Tensor rdS = convert_fragment<Element>(acc_dp);
-      out_gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s) + kBlockM * col0);  // dK += dS^T Q
       if constexpr (Traits::kDqInKernel) {
         // dQ += dS K over all kBlockN keys: dS^T to smem, then one product per Q tile whose columns
         // the warpgroups split, added to the float32 buffer. The dS^T tile is rewritten only after
