@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
 
 #include <cmath>
 #include <cstdint>
@@ -51,7 +52,8 @@ struct DkdvSmem {
   static constexpr int kQ = kV + Traits::kSmemKV;        // stage s at kQ + s * kSmemQ
   static constexpr int kDO = kQ + 2 * Traits::kSmemQ;    // stage s at kDO + s * kSmemQ
   static constexpr int kDS = kDO + 2 * Traits::kSmemQ;
-  static constexpr int kSmall = kDS + Traits::kSmemDS;   // stage s at kSmall + s * kSmallStage
+  static constexpr int kDQ = kDS + Traits::kSmemDS;       // float32 dQ staging (kDqTmaReduce)
+  static constexpr int kSmall = kDQ + Traits::kSmemDQ;   // stage s at kSmall + s * kSmallStage
   static constexpr int kLse = 0;                          // offsets inside a small stage
   static constexpr int kDelta = kLse + Traits::kBlockM * 4;
   static constexpr int kRowOff = kDelta + Traits::kBlockM * 4;
@@ -62,7 +64,8 @@ struct DkdvSmem {
   static constexpr int kBars = kSched + Traits::kSmemSched;
   static constexpr int kBytes = kBars + Traits::kSmemBars;
   static_assert(kBytes == Traits::kSmemBytes, "smem plan");
-  static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0 && Traits::kSmemDS % 1024 == 0,
+  static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0 && Traits::kSmemDS % 1024 == 0 &&
+                    Traits::kSmemDQ % 1024 == 0,
                 "tile alignment");
 };
 
@@ -85,6 +88,23 @@ __device__ __forceinline__ void add_dq(const Gemm& gemm, const Acc& acc, float* 
     }
   }
 }
+
+// acc (M x N, the fragment of Gemm::acc_tn) into the float32 staging tile of a TMA reduction
+// (dq_staging_offset: 128-byte column blocks, swizzled), a column pair per store.
+template <int M, int N, class Gemm, class Acc>
+__device__ __forceinline__ void stage_dq(const Gemm& gemm, const Acc& acc, float* s_dq) {
+  using namespace cute;
+  Tensor coord = gemm.template coords_tn<M, N>();
+  static_assert(decltype(size(acc))::value % 2 == 0, "column pairs");
+#pragma unroll
+  for (int i = 0; i < size(acc); i += 2)
+    *reinterpret_cast<float2*>(s_dq + dq_staging_offset<M>(get<0>(coord(i)), get<1>(coord(i)))) =
+        make_float2(acc(i), acc(i + 1));
+}
+
+// Named barrier of a warpgroup's dQ staging (cutlass user ids; the Hopper forward's 1-4 belong to
+// another kernel): kDqStagingBarrierId + warpgroup.
+constexpr uint32_t kDqStagingBarrierId = 1;
 
 // Gemm: the MMA policy (Sm80Gemm: mma.sync; Sm90Gemm in hopper/gemm.cuh: wgmma, with the products
 // in flight while the exponentials of the other one run).
@@ -229,6 +249,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
       int32_t org[3];
       walker.origin(ks, org);
+      const int32_t q_head = walker.head;  // query head in the group
       walker.advance(ks);
       // This unit's keys meet the Q tile. Uniform over the unit: its warps read the same entries (on
       // Hopper the four warps of a warpgroup; the lane-0 shuffle shows ptxas it is warp-uniform, as
@@ -309,12 +330,43 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         acc_to_smem<Traits::kNWarps, Element, typename Traits::template SmemLayoutRows<kBlockN, kBlockM>>(
             dp_rc, sdS, 1.f, warp, lane);
         gemm.fence_smem_writes();
+        [[maybe_unused]] const bool dq_issuer = tid % 128 == 0;  // a warpgroup's thread 0 issues its reductions
+        if constexpr (Traits::kDqTmaReduce) {
+          // The staging tile is rewritten after the barrier: the previous tile's reductions must
+          // have read it.
+          if (dq_issuer) cute::tma_store_wait<0>();
+        }
         __syncthreads();
         auto acc_dq = gemm.template acc_tn<kBlockM, kD>();
         gemm.template tn<kBlockM, kBlockN>(acc_dq, sdS, sK);
         out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS, acc_dq);
-        add_dq<kBlockM, kD>(gemm, acc_dq, static_cast<float*>(p.dq_accum),
-                            reinterpret_cast<const int64_t*>(small(s, L::kRowOff)));
+        // By TMA reductions (a whole box of rows per column block; rows past an axis end are
+        // dropped by the TMA) where the Q/dO tile could come by TMA; else float atomics per value.
+        bool dq_by_tma = false;  // uniform over the CTA
+        if constexpr (Traits::kDqTmaReduce)
+          dq_by_tma = p.dq_tma && !ks.is_add && box_fits_tma<Traits::kRank, typename Traits::QTile>(pr, org);
+        if (dq_by_tma) {
+          if constexpr (Traits::kDqTmaReduce) {
+            float* s_dq = reinterpret_cast<float*>(smem_raw + L::kDQ);
+            stage_dq<kBlockM, kD>(gemm, acc_dq, s_dq);
+            cute::tma_store_fence();  // the staging writes, visible to the TMA (async proxy)
+            const int wg = warp / 4;  // its columns: kD / kWarpGroups (Gemm::MmaTN's warpgroups along N)
+            cutlass::arch::NamedBarrier::sync(128, kDqStagingBarrierId + wg);
+            if (dq_issuer) {
+              constexpr int kBlocks = kD / 32 / Gemm::kWarpGroups;
+#pragma unroll
+              for (int j = 0; j < kBlocks; ++j) {
+                const int c = wg * kBlocks + j;
+                tma_reduce_add_box<Traits::kRank>(&p.dq_map, s_dq + c * kBlockM * 32, c, ks.hkv * pr.groups() + q_head,
+                                                  org, static_cast<int32_t>(ks.b), pr);
+              }
+              cute::tma_store_arrive();
+            }
+          }
+        } else {
+          add_dq<kBlockM, kD>(gemm, acc_dq, static_cast<float*>(p.dq_accum),
+                              reinterpret_cast<const int64_t*>(small(s, L::kRowOff)));
+        }
       } else {
         out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this
       }
@@ -322,6 +374,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     // Epilogue: dK * scale and dV -> smem -> rows of dk/dv (or d_add_k/d_add_v). One pass: over K and
     // V; more: over the Q/dO stages (free now; K and V serve the next pass, whose Q tile 0 loads next).
+    if constexpr (Traits::kDqTmaReduce) {
+      if (tid % 128 == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // dQ reductions done
+    }
     cp_async_wait<0>();
     __syncthreads();
     using OutLayout = typename OutTraits::template SmemLayoutRows<kBlockN>;

@@ -5,10 +5,12 @@
 // mbarrier with its byte count.
 //
 // Tensor map dimensions, innermost first (a box of extents E0 x E1 x E2; a 128-byte column block of
-// the head dim per load):
-//   rank 1: {D, heads, L0, B}           box {64, 1, E0, 1}
-//   rank 2: {D, heads, L1, L0, B}       box {64, 1, E1, E0, 1}
-//   rank 3: {D, heads, L2, L1, L0 * B}  box {64, 1, E2, E1, E0}   (TMA has at most 5 dimensions)
+// the head dim per load, C = 64 16-bit or 32 float columns):
+//   rank 1: {D, heads, L0, B}           box {C, 1, E0, 1}
+//   rank 2: {D, heads, L1, L0, B}       box {C, 1, E1, E0, 1}
+//   rank 3: {D, heads, L2, L1, L0 * B}  box {C, 1, E2, E1, E0}   (TMA has at most 5 dimensions)
+// The same maps over a float32 tensor reduce-add the dK/dV kernel's dQ tiles into its accumulator
+// (JNA_BWD_DQ_TMA_REDUCE).
 // Boxes past an axis end read zeros, as the gathers do. In rank 3 the merged axis would read the
 // next batch item's rows instead: K/V tiles (and the backward's Q/dO tiles, whose columns past the
 // data must be zeros) that cross L0 there take the cp.async path; forward Q rows past L0 are never
@@ -38,18 +40,44 @@ namespace fused {
 constexpr uint64_t kTmaEvictLast = 0x14F0000000000000ull;
 constexpr uint64_t kTmaEvictFirst = 0x12F0000000000000ull;
 
-// Device, one thread: the box of column block c (64 columns) at group positions org (no dilation:
-// the token positions) of head h, batch item b into dst, completing on mbar.
+// f(coordinates...) of the box at column `col`, group positions org (no dilation: the token
+// positions) of head h, batch item b, in the map's dimension order (4 in rank 1, else 5).
+template <int kRank, class F>
+__device__ __forceinline__ void with_box_coords(int32_t col, int32_t h, const int32_t org[3], int32_t b,
+                                                const geo::Problem& pr, const F& f) {
+  if constexpr (kRank == 1)
+    f(col, h, org[0], b);
+  else if constexpr (kRank == 2)
+    f(col, h, org[1], org[0], b);
+  else
+    f(col, h, org[2], org[1], b * pr.axis[0].L + org[0]);
+}
+
+// Device, one thread: the box of column block c (64 columns) at group positions org of head h,
+// batch item b into dst, completing on mbar.
 template <int kRank, class Element>
 __device__ __forceinline__ void tma_load_box(const void* map, uint64_t* mbar, uint64_t hint, Element* dst, int32_t c,
                                              int32_t h, const int32_t org[3], int32_t b, const geo::Problem& pr) {
-  if constexpr (kRank == 1) {
-    cute::SM90_TMA_LOAD_4D::copy(map, mbar, hint, dst, c * 64, h, org[0], b);
-  } else if constexpr (kRank == 2) {
-    cute::SM90_TMA_LOAD_5D::copy(map, mbar, hint, dst, c * 64, h, org[1], org[0], b);
-  } else {
-    cute::SM90_TMA_LOAD_5D::copy(map, mbar, hint, dst, c * 64, h, org[2], org[1], b * pr.axis[0].L + org[0]);
-  }
+  with_box_coords<kRank>(c * 64, h, org, b, pr, [&](auto... x) {
+    if constexpr (sizeof...(x) == 4)
+      cute::SM90_TMA_LOAD_4D::copy(map, mbar, hint, dst, x...);
+    else
+      cute::SM90_TMA_LOAD_5D::copy(map, mbar, hint, dst, x...);
+  });
+}
+
+// Device, one thread: adds the float box src of column block c (32 columns) to the tensor at group
+// positions org of head h, batch item b (an asynchronous bulk reduction: the caller commits it and
+// waits before src is written again).
+template <int kRank>
+__device__ __forceinline__ void tma_reduce_add_box(const void* map, const float* src, int32_t c, int32_t h,
+                                                   const int32_t org[3], int32_t b, const geo::Problem& pr) {
+  with_box_coords<kRank>(c * 32, h, org, b, pr, [&](auto... x) {
+    if constexpr (sizeof...(x) == 4)
+      cute::SM90_TMA_REDUCE_ADD_4D::copy(map, src, x...);
+    else
+      cute::SM90_TMA_REDUCE_ADD_5D::copy(map, src, x...);
+  });
 }
 
 // Device: whether a Box-shaped box at org can come by TMA: in rank 3 it must not cross the end of
@@ -59,10 +87,10 @@ __device__ __forceinline__ bool box_fits_tma(const geo::Problem& pr, const int32
   return kRank < 3 || org[0] + Box::extent(0) <= pr.axis[0].L;
 }
 
-// Host: encodes a tensor map over a [B, *S, heads, D] tensor for Box-shaped boxes of 64 columns;
-// false when the problem cannot take it (dilation, alignment, coordinates past 32 bits, no driver
-// entry point).
-template <class Traits, class Box>
+// Host: encodes a tensor map over a [B, *S, heads, D] tensor of Element (the kernel's 16-bit type,
+// or float) for Box-shaped boxes of one 128-byte column block; false when the problem cannot take it
+// (dilation, alignment, coordinates past 32 bits, no driver entry point).
+template <class Traits, class Box, class Element = typename Traits::Element>
 bool encode_token_map(const geo::Problem& pr, const void* ptr, int64_t heads, CUtensorMap* map) {
   constexpr int kRank = Traits::kRank;
   constexpr int kD = Traits::kHeadDim;
@@ -81,12 +109,12 @@ bool encode_token_map(const geo::Problem& pr, const void* ptr, int64_t heads, CU
   }();
   if (encode == nullptr) return false;
 
-  constexpr int kElemBytes = static_cast<int>(sizeof(typename Traits::Element));
+  constexpr int kElemBytes = static_cast<int>(sizeof(Element));
   cuuint64_t dims[5], strides[4];  // strides in bytes of dims 1.. (dim 0 is contiguous)
   cuuint32_t box[5], elem_strides[5] = {1, 1, 1, 1, 1};
   int n = 0;
   dims[n] = kD;
-  box[n++] = 64;
+  box[n++] = 128 / kElemBytes;
   dims[n] = static_cast<cuuint64_t>(heads);
   box[n++] = 1;
   cuuint64_t stride = static_cast<cuuint64_t>(kD) * kElemBytes;
@@ -107,9 +135,9 @@ bool encode_token_map(const geo::Problem& pr, const void* ptr, int64_t heads, CU
   } else if (static_cast<int64_t>(pr.axis[0].L) * pr.B > INT32_MAX) {
     return false;  // coordinates are 32-bit
   }
-  const CUtensorMapDataType type = std::is_same_v<typename Traits::Element, cutlass::bfloat16_t>
-                                       ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType type = std::is_same_v<Element, float> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                   : std::is_same_v<Element, cutlass::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                                  : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   return encode(map, type, n, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
@@ -220,6 +248,22 @@ __device__ __forceinline__ void load_q_do_tma(const QTensorMaps& maps, const geo
     tma_load_box<Traits::kRank>(&maps.q, mbar, kTmaEvictLast, sQ + c * kColElems, c, h, org, b, pr);
     tma_load_box<Traits::kRank>(&maps.d_out, mbar, kTmaEvictLast, sdO + c * kColElems, c, h, org, b, pr);
   }
+}
+
+// Host: the map of the float32 dQ accumulator for a key-stationary backward's QTile boxes (the dK/dV
+// kernel's dQ tiles, reduce-added by tma_reduce_add_box).
+template <class Traits>
+bool encode_dq_accum_map(const geo::Problem& pr, float* dq_accum, CUtensorMap* map) {
+  return encode_token_map<Traits, typename Traits::QTile, float>(pr, dq_accum, pr.H, map);
+}
+
+// The smem tile a float (kRows, D) box reduce-adds from: column block c (32 floats, 128-byte rows)
+// at float c * kRows * 32, row r's 16-byte chunk j at chunk j ^ (r % 8) of the row (the map's
+// 128-byte swizzle; the tile 1024-byte aligned). Float offset of (r, col), col even: a float2.
+template <int kRows>
+__device__ __forceinline__ int dq_staging_offset(int r, int col) {
+  const int chunk = ((col & 31) >> 2) ^ (r & 7);
+  return (col >> 5) * kRows * 32 + r * 32 + chunk * 4 + (col & 3);
 }
 
 }  // namespace fused
