@@ -12,8 +12,8 @@
 # A variant named "head" compiles the kernel unit of the git revision in $HEAD_SRC (a checkout's
 # root) instead of this tree's, for a before/after in the same run. Forward: a variant whose flags
 # hold -DJNA_FWD_TRACE also prints per-CTA phase timings (run adds --trace for it). Backward: the
-# -DJNA_BWD_EXPERIMENT_* knobs (cuda/fused/NOTES.md, session 30) leave parts of the work out; their
-# checks fail by design, their timings are the point.
+# -DJNA_BWD_EXPERIMENT_* knobs (cuda/fused/NOTES.md, session 30) but NO_UNIT_SKIP leave parts of the
+# work out; their checks would fail by design, so those variants run the timings only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 direction=$1 what=$2 dir=$3
@@ -49,7 +49,7 @@ for bin in "$dir"/*.flags; do
   name=$(basename "$bin" .flags)
   extra=()
   grep -q JNA_FWD_TRACE "$bin" && extra=(--trace --timing)  # timings and the phase trace only
-  grep -q JNA_BWD_EXPERIMENT "$bin" && extra=(--timing)       # parts left out: timings only
+  grep -qE "JNA_BWD_EXPERIMENT_(NO_DQ_KERNEL|NO_DKDV_KERNEL|ONE_UNIT|NO_EXP)" "$bin" && extra=(--timing)  # parts left out
   [ "$name" = head ] && extra=(--timing)
   echo "=== $name: $(cat "$bin")"
   timeout "${VARIANT_TIMEOUT:-120}" "$dir/$name" "$@" "${extra[@]}" > "$res/$name.out" 2>&1 || echo "rc=$? ($name)"

@@ -255,17 +255,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // Hopper the four warps of a warpgroup; the lane-0 shuffle shows ptxas it is warp-uniform, as
       // a branch that steers wgmma must be, see `warp`).
       bool meets = true;
-      if constexpr (kUnitSkip) {
+      if constexpr (kUnitSkip)
         meets = __shfl_sync(0xffffffffu, ks.is_add || UnitIntervals::meets(s_unit, unit, org), 0) != 0;
-        // Without dQ the unit has nothing to do on this tile; with dQ it still writes its (zero) rows
-        // of dS^T and takes its share of the dQ product below.
-        if constexpr (!Traits::kDqInKernel) {
-          if (!meets) continue;
-        }
-      }
 #if defined(JNA_BWD_EXPERIMENT_ONE_UNIT)  // experiment knob: unit 0 alone computes (a lone unit's step)
-      if (unit > 0) continue;
+      meets = meets && unit == 0;
 #endif
+      // Without dQ the unit has nothing to do on this tile; with dQ it still writes its (zero) rows of
+      // dS^T and takes its share of the dQ product below.
+      if constexpr (!Traits::kDqInKernel) {
+        if (!meets) continue;
+      }
       const bool full = ks.is_add || KS::q_tile_full(ks, org);
       const float* s_lse = reinterpret_cast<const float*>(small(s, L::kLse));
       const float* s_dlt = reinterpret_cast<const float*>(small(s, L::kDelta));

@@ -8,8 +8,8 @@
 // Without either, it links every unit and calls the dispatcher (launch_bwd).
 // Options (test_harness.h): --timing, --big, --tiles N (backward configuration N), --atomic (the
 // Hopper dK/dV kernel adds dQ: non-deterministic mode). Exit code 0 only when every case passes.
-// The experiment knobs of the kernels (-DJNA_BWD_EXPERIMENT_*, cuda/fused/NOTES.md session 30) make
-// the checks fail on purpose: those variants are for their timings.
+// The experiment knobs of the kernels (-DJNA_BWD_EXPERIMENT_*, cuda/fused/NOTES.md session 30) but
+// NO_UNIT_SKIP make the checks fail on purpose: those variants are for their timings.
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -69,9 +69,11 @@ struct BwdBuffers {
     args.dv = alloc(nk * 2, 0xFF);
     args.d_add_k = alloc(na * 2, 0xFF);
     args.d_add_v = alloc(na * 2, 0xFF);
-    const int64_t ws = fused::bwd_workspace_floats(pr, D, !g_atomic);
-    args.workspace = static_cast<float*>(alloc(ws * 4, 0xFF));
-    args.dq_accum = g_atomic ? args.workspace + pr.B * pr.N * pr.H : nullptr;
+    // As the FFI handler: dQ's float32 sums first (16-byte aligned for the kernels' float4 and
+    // float2 accesses), then delta.
+    float* ws = static_cast<float*>(alloc(fused::bwd_workspace_floats(pr, D, !g_atomic) * 4, 0xFF));
+    args.dq_accum = g_atomic ? ws : nullptr;
+    args.workspace = g_atomic ? ws + pr.B * pr.N * pr.H * D : ws;
   }
   ~BwdBuffers() {
     for (void* p : owned) cudaFree(p);
@@ -98,10 +100,11 @@ static Reference reference_backward(const geo::Problem& pr, const Case& cs, cons
     g.lse[row] = static_cast<float>(r.lse);
     const float* q = &in.q.val[row * D];
     const float* dO = &d_out.val[row * D];
-    double delta = -d_lse[row];  // rowsum(dO O) - d_lse
+    // rowsum(dO O) - d_lse, with O as the kernels get it (rounded): the check measures their error.
+    double delta = -d_lse[row];
     for (int64_t e = 0; e < D; ++e) {
       g.out_bits[row * D + e] = to_bits(static_cast<float>(r.out[e]), cs.dt);
-      delta += double(dO[e]) * r.out[e];
+      delta += double(dO[e]) * from_bits(g.out_bits[row * D + e], cs.dt);
     }
     for (size_t i = 0; i < r.p.size(); ++i) {
       double dp = 0;
@@ -155,7 +158,8 @@ static bool run_case(const Case& cs, std::mt19937& rng) {
   };
   const Grad grads[] = {{"dq", args.dq, &ref.dq}, {"dk", args.dk, &ref.dk}, {"dv", args.dv, &ref.dv},
                         {"dak", args.d_add_k, &ref.dak}, {"dav", args.d_add_v, &ref.dav}};
-  const double tol = cs.dt == DType::kF16 ? 6e-3 : 3e-2;
+  // Relative L2 error, and the largest error over the largest reference value (a few wrong rows).
+  const double tol = cs.dt == DType::kF16 ? 2e-3 : 1e-2, tol_max = cs.dt == DType::kF16 ? 1e-2 : 5e-2;
   bool ok = true;
   std::printf("%-44s %s", cs.name.c_str(), cs.dtype_name());
   for (const Grad& g : grads) {
@@ -163,9 +167,9 @@ static bool run_case(const Case& cs, std::mt19937& rng) {
     const std::vector<uint16_t> got = download<uint16_t>(g.dev, g.want->size());
     ErrorNorm err;
     for (size_t i = 0; i < got.size(); ++i) err.add(from_bits(got[i], cs.dt), (*g.want)[i]);
-    const bool good = err.finite && err.rel() <= tol;
+    const bool good = err.finite && err.rel() <= tol && err.rel_max() <= tol_max;
     ok = ok && good;
-    std::printf(" %s=%.1e%s", g.name, err.rel(), good ? "" : (err.finite ? "!" : "(nan)!"));
+    std::printf(" %s=%.1e/%.1e%s", g.name, err.rel(), err.rel_max(), good ? "" : (err.finite ? "!" : "(nan)!"));
   }
   std::printf("  %s\n", ok ? "PASS" : "FAIL");
   return ok;
@@ -193,13 +197,14 @@ static void time_case(const Case& cs, std::mt19937& rng) {
   args.add_k = args.k, args.add_v = args.v;  // Na = 0
   float* lse = static_cast<float*>(buf.alloc(rows * 4));
   fill_lse<<<1024, 256>>>(lse, int64_t(rows), std::log(float(pr.W)) + 1.f);
+  CK(cudaGetLastError());
   args.lse = lse;
   args.d_lse = static_cast<float*>(buf.alloc(rows * 4, 0));
   args.D = cs.D;
   args.scale = cs.softmax_scale();
   buf.outputs(pr, D);
   const auto [med, best] = time_ms([&] { return launch(pr, cs.rank, cs.dt, args); });
-  const double flops = 10.0 * pr.B * pr.H * pr.N * pr.W * D;  // 2.5 forwards (BENCHMARKS.md)
+  const double flops = 10.0 * pr.B * pr.H * pr.N * pr.W * D;  // 2.5 forwards (the benchmarks' metric)
   std::printf("TIME %-28s %s median %.3f ms  (min %.3f)  %.1f eff TFLOP/s (backward)\n", cs.name.c_str(),
               cs.dtype_name(), med, best, flops / (med * 1e-3) / 1e12);
 }

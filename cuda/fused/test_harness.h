@@ -189,14 +189,18 @@ void for_each_row_forward(const geo::Problem& pr, const HostInputs& in, int64_t 
 // Relative error (L2 norm of the difference over the L2 norm of the reference) and finiteness of
 // a result against its float64 reference.
 struct ErrorNorm {
-  double err2 = 0, ref2 = 0;
+  double err2 = 0, ref2 = 0, err_max = 0, ref_max = 0;
   bool finite = true;
   void add(double got, double want) {
     if (!std::isfinite(got)) finite = false;
     err2 += (got - want) * (got - want);
     ref2 += want * want;
+    err_max = std::max(err_max, std::fabs(got - want));
+    ref_max = std::max(ref_max, std::fabs(want));
   }
   double rel() const { return std::sqrt(err2 / std::max(ref2, 1e-300)); }
+  // The largest error over the largest reference value: a few wrong rows show here.
+  double rel_max() const { return err_max / std::max(ref_max, 1e-300); }
 };
 
 // The correctness cases: every rank, stride, dilation, causal axes, GQA, additional keys, both
@@ -288,7 +292,7 @@ inline Options parse_options(int argc, char** argv) {
     o.big = o.big || std::strcmp(argv[i], "--big") == 0;
     o.trace = o.trace || std::strcmp(argv[i], "--trace") == 0;
     o.atomic = o.atomic || std::strcmp(argv[i], "--atomic") == 0;
-    if (std::strcmp(argv[i], "--tiles") == 0 && i + 1 < argc) o.tiles = std::atoi(argv[++i]);
+    if (std::strcmp(argv[i], "--tiles") == 0 && i + 1 < argc) o.tiles = std::max(0, std::atoi(argv[++i]));
   }
   return o;
 }
