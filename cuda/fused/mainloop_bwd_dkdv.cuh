@@ -14,9 +14,8 @@
 // own keys do not meet (UnitQueryIntervals in mask.cuh). With Traits::kDqInKernel the kernel also
 // adds dQ = dS K of every Q tile into a float32 buffer (Gemm::tn; float atomics, so the sums' order
 // varies: not deterministic; a unit that skipped a tile gives it zero dS^T rows) and the
-// query-stationary dQ kernel does not run. Query columns outside the group
-// load as zeros (Q = dO = lse = delta = 0), which makes their dV and dK contributions exactly zero
-// without a mask.
+// query-stationary dQ kernel does not run. Query columns outside the group load as zeros (Q = dO =
+// lse = delta = 0), which makes their dV and dK contributions exactly zero without a mask.
 // Head dims over 128 walk the Q tiles once per 128 dK/dV columns (Traits::kDPasses), recomputing S^T
 // and dP^T: two 256-column accumulators would not fit the register file.
 #pragma once
@@ -42,9 +41,10 @@ namespace jax_na {
 namespace fused {
 
 // Shared memory of the dK/dV kernel: K, V, two stages each of Q and dO (each tile at a multiple of
-// its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), then two
-// stages of (lse, delta, query row offsets), the keys' query intervals (InverseRangeTable, then
-// UnitQueryIntervals), the schedule and one mbarrier per Q/dO stage (TMA loads).
+// its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), the float32
+// dQ tile of the TMA reductions (kDqTmaReduce), then two stages of (lse, delta, query row offsets),
+// the keys' query intervals (InverseRangeTable, then UnitQueryIntervals), the schedule and one
+// mbarrier per Q/dO stage (TMA loads).
 template <class Traits>
 struct DkdvSmem {
   static constexpr int kK = 0;
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
       int32_t org[3];
       walker.origin(ks, org);
-      const int32_t q_head = walker.head;  // query head in the group
+      [[maybe_unused]] const int32_t q_head = walker.head;  // query head in the group (dQ reductions)
       walker.advance(ks);
       // This unit's keys meet the Q tile. Uniform over the unit: its warps read the same entries (on
       // Hopper the four warps of a warpgroup; the lane-0 shuffle shows ptxas it is warp-uniform, as
