@@ -126,12 +126,10 @@ struct UnitQueryIntervals {
     if (a < Traits::kRank) {
       // The unit's keys on axis a: an aligned power-of-two run of row-major rows covers one
       // interval of coordinates per axis.
-      const int32_t j0 = ks.k0[a] + KVTile::coord(u * kRows, a);
-      const int32_t j1 = geo::imin(ks.k0[a] + KVTile::coord(u * kRows + kRows - 1, a), ks.Lg[a] - 1);
-      if (j0 <= j1) {
-        const geo::Range r = geo::inverse_range_any(pr.axis[a], j0, j1, ks.Lg[a]);
-        if (r.begin < r.end) q = make_int2(r.begin, r.end);
-      }
+      const geo::Range r = geo::inverse_range_any_in_group(pr.axis[a], ks.k0[a] + KVTile::coord(u * kRows, a),
+                                                           ks.k0[a] + KVTile::coord(u * kRows + kRows - 1, a),
+                                                           ks.Lg[a]);
+      q = make_int2(r.begin, r.end);
     }
     s_unit[tid] = q;
   }

@@ -3,6 +3,7 @@
 // Build on demand (not part of the default build):
 //   g++ -std=c++17 -O2 -Wall -I cuda cuda/geometry/test_window.cc -o /tmp/test_window && /tmp/test_window
 // or, in a CMake build with CUDA enabled: cmake --build <dir> --target jax_na_test_window
+#include <algorithm>
 #include <cstdio>
 #include <set>
 #include <string>
@@ -108,6 +109,24 @@ static long check_axis(int L, int k, int s, int d, int causal) {
           CHECK(every == (all.begin <= p && p < all.end), "inverse_range_all L=%d k=%d s=%d d=%d c=%d [%d,%d] p=%d",
                 L, k, s, d, causal, j0, j1, p);
         }
+        ++checks;
+      }
+    // Key ranges reaching past the group (a unit of a K/V tile at the group's end): only the keys
+    // below Lg count; (0, 0) when no query holds any of them.
+    for (int j0 = std::max(0, Lg - 6); j0 < Lg + 3; ++j0)
+      for (int j1 = j0; j1 < Lg + 9; ++j1) {
+        const auto r = jax_na::geo::inverse_range_any_in_group(a, j0, j1, Lg);
+        std::vector<int> brute;
+        for (int p = 0; p < Lg; ++p) {
+          bool some = false;
+          for (int j = j0; j <= j1 && j < Lg; ++j) some = some || (st[p] <= j && j < en[p]);
+          if (some) brute.push_back(p);
+        }
+        std::vector<int> got;
+        for (int p = r.begin; p < r.end; ++p) got.push_back(p);
+        CHECK(got == brute && (r.begin < r.end || (r.begin == 0 && r.end == 0)),
+              "inverse_range_any_in_group L=%d k=%d s=%d d=%d c=%d [%d,%d]: [%d,%d)", L, k, s, d, causal, j0, j1,
+              r.begin, r.end);
         ++checks;
       }
   }

@@ -135,6 +135,17 @@ JNA_HD Range inverse_range_any(const Axis& a, int32_t j0, int32_t j1, int32_t Lg
   return r;
 }
 
+// Query positions whose window contains at least one key of [j0, j1] that lies in the group (keys at
+// Lg and past dropped; j0 >= 0), as an interval; (0, 0) when no such key or no such query exists
+// (the key-stationary kernels' per-unit query intervals).
+JNA_HD Range inverse_range_any_in_group(const Axis& a, int32_t j0, int32_t j1, int32_t Lg) {
+  const Range none{0, 0};
+  j1 = imin(j1, Lg - 1);
+  if (j0 > j1) return none;
+  const Range r = inverse_range_any(a, j0, j1, Lg);
+  return r.begin < r.end ? r : none;
+}
+
 // Query positions whose window contains every key of [j0, j1] (j0 <= j1).
 JNA_HD Range inverse_range_all(const Axis& a, int32_t j0, int32_t j1, int32_t Lg) {
   Range r;
