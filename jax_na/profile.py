@@ -44,6 +44,11 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- problems
 
+# FLOPs of each mode in forwards: the backward does 2.5 forwards' work (BENCHMARKS.md). "bwd" rows
+# are derived, forward+backward minus forward (backward_rows).
+MODE_FORWARDS = {"fwd": 1.0, "fwdbwd": 3.5, "bwd": 2.5}
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     id: str
@@ -69,12 +74,13 @@ class Problem:
         return math.prod(self.kernel)
 
     def flops(self, mode: str) -> float:
-        """Useful FLOPs of NA (BENCHMARKS.md): 4*B*H*N*W*D forward, 3.5x that forward+backward."""
-        return 4.0 * self.B * self.H * self.N * self.W * self.D * (1.0 if mode == "fwd" else 3.5)
+        """Useful FLOPs of NA (BENCHMARKS.md): 4*B*H*N*W*D forward, 3.5x that forward+backward (so
+        2.5x for the backward alone, mode "bwd")."""
+        return 4.0 * self.B * self.H * self.N * self.W * self.D * MODE_FORWARDS[mode]
 
     def dense_flops(self, mode: str) -> float:
         """FLOPs of dense self attention over all N tokens (half of them when causal)."""
-        f = 4.0 * self.B * self.H * self.N * self.N * self.D * (1.0 if mode == "fwd" else 3.5)
+        f = 4.0 * self.B * self.H * self.N * self.N * self.D * MODE_FORWARDS[mode]
         return f / 2 if self.dense_causal else f
 
     @property
@@ -85,7 +91,7 @@ class Problem:
     def io_bytes(self, mode: str, itemsize: int) -> int:
         """q, k, v, out read/written once; the backward adds out, dout, dq, dk, dv (and q, k, v again)."""
         tensor = self.B * self.N * self.H * self.D * itemsize
-        return tensor * (4 if mode == "fwd" else 12)
+        return tensor * {"fwd": 4, "fwdbwd": 12, "bwd": 8}[mode]
 
     def describe(self) -> str:
         x = lambda t: "x".join(str(int(i)) for i in t)
@@ -468,9 +474,45 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                     row["fraction_of_ideal"] = base / med / (p.N / p.W)
                 rows.append(row)
                 _say(progress, format_row(row))
+        for row in backward_rows(p, [r for r in rows if r["problem"] == p.id], itemsize):
+            rows.append(row)
+            _say(progress, format_row(row))
         if progress is not None:
             progress.update(1)
     return rows
+
+
+def backward_rows(p: Problem, rows: Sequence[dict], itemsize: int = 2) -> list[dict]:
+    """The backward alone (mode "bwd"), for each backend of problem ``p`` timed in both modes: the
+    forward+backward median minus the forward's, its effective TFLOP/s (2.5 forwards' FLOPs) and,
+    where dense self attention was timed in both modes, the speedup over its own difference and the
+    fraction of ideal. The rows carry ``derived=True`` and no spread; a difference that is not
+    positive (timing noise on a tiny problem) is a skipped row."""
+    timed = {(r["mode"], r["backend"]): r for r in rows if "ms" in r and r["mode"] in ("fwd", "fwdbwd")}
+    backends = list(dict.fromkeys(b for _, b in timed))
+    out, base = [], None
+    for b in backends:  # the self attention row first (run() times it first), if it has both
+        if ("fwd", b) not in timed or ("fwdbwd", b) not in timed:
+            continue
+        ms = timed["fwdbwd", b]["ms"] - timed["fwd", b]["ms"]
+        row = dict(problem=p.id, mode="bwd", backend=b, derived=True)
+        if ms <= 0:
+            row["skipped"] = "skipped: fwdbwd not slower than fwd (timing noise)"
+            out.append(row)
+            continue
+        row["ms"] = ms
+        if "dense_tflops" in timed["fwd", b]:  # the self attention yardstick
+            row["dense_tflops"] = p.dense_flops("bwd") / (ms * 1e-3) / 1e12
+            base = ms
+        else:
+            flops, io = p.flops("bwd"), p.io_bytes("bwd", itemsize)
+            row.update(eff_tflops=flops / (ms * 1e-3) / 1e12, bandwidth_gbs=io / (ms * 1e-3) / 1e9,
+                       memory_bound=bool(flops / io < RIDGE_FLOP_PER_BYTE))
+            if base:
+                row["speedup_vs_self"] = base / ms
+                row["fraction_of_ideal"] = base / ms / (p.N / p.W)
+        out.append(row)
+    return out
 
 
 def _on_gpu() -> bool:
@@ -490,7 +532,7 @@ def format_row(r: dict) -> str:
     head = f"{r['problem']:<18} {r['mode']:<7} {r['backend']:<11}"
     if "ms" not in r:
         return f"{head} {r.get('skipped') or 'error: ' + r.get('error', '?')}"
-    spread = f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"
+    spread = "fwdbwd - fwd" if r.get("derived") else f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"
     s = f"{head} {r['ms']:>10.3f} {spread:>17}"
     if "eff_tflops" in r:
         s += f" {r['eff_tflops']:>9.3g}"
@@ -685,7 +727,8 @@ def main(argv=None) -> int:
         print(f"wrote {a.plot}")
     # The table is the last thing printed (one line per problem, mode and backend).
     print("\neff TF/s: useful NA FLOPs / median; speedup: dense self attention time / NA time (same "
-          "process); ideal: speedup / (N/W); GB/s shown for memory-bound problems")
+          "process); ideal: speedup / (N/W); GB/s shown for memory-bound problems; bwd: the backward "
+          "alone, fwdbwd - fwd (2.5 forwards' FLOPs)")
     print(format_table(rows))
     return 0
 

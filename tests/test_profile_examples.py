@@ -32,13 +32,22 @@ def test_cli_custom_problem_json(tmp_path, capsys):
         assert k in d
     (p,) = d["problems"]
     assert p["spatial"] == [8, 8] and p["kernel"] == [3, 3] and p["dilation"] == [2, 2] and p["W"] == 9
-    na = [r for r in d["rows"] if r["backend"] == "reference"]
+    na = [r for r in d["rows"] if r["backend"] == "reference" and not r.get("derived")]
     assert {r["mode"] for r in na} == {"fwd", "fwdbwd"}
     for r in na:
         for k in ("ms", "p10_ms", "p90_ms", "reps", "eff_tflops", "bandwidth_gbs", "memory_bound"):
             assert k in r, k
         assert r["ms"] > 0 and r["p10_ms"] <= r["ms"] <= r["p90_ms"] and r["reps"] >= 3
         assert r["speedup_vs_self"] > 0 and r["fraction_of_ideal"] > 0  # vs XLA self attention on CPU
+    # the backward alone, derived from the two modes
+    (bwd,) = [r for r in d["rows"] if r["backend"] == "reference" and r.get("derived")]
+    assert bwd["mode"] == "bwd"
+    ms = {r["mode"]: r["ms"] for r in na}
+    if "ms" in bwd:
+        assert bwd["ms"] == pytest.approx(ms["fwdbwd"] - ms["fwd"])
+        assert bwd["eff_tflops"] == pytest.approx(2.5 * 4 * 9 * 64 * 2 * 8 / (bwd["ms"] * 1e-3) / 1e12)
+    else:
+        assert ms["fwdbwd"] <= ms["fwd"] and "timing noise" in bwd["skipped"]
     assert any(r["backend"] in ("xla-self", "cudnn-self") and "ms" in r for r in d["rows"])
     text = capsys.readouterr().out
     assert "median ms" in text and "reference" in text
@@ -108,6 +117,27 @@ def test_problem_table_and_metric():
     assert p.N == 16 * 32 * 32 and p.W == 7 * 13 * 13
     assert p.flops("fwd") == 4 * 16 * p.N * p.W * 128
     assert p.flops("fwdbwd") == 3.5 * p.flops("fwd")
+    assert p.flops("bwd") == 2.5 * p.flops("fwd")
+
+
+def test_backward_rows():
+    """The backward alone: forward+backward minus forward per backend, its rate at 2.5 forwards'
+    FLOPs, and its speedup over self attention's own difference; a difference that is not positive
+    is a skipped row; backends timed in one mode only get none."""
+    p = profile.BY_ID["p3-3d"]
+    row = lambda mode, backend, ms, **kw: dict(problem=p.id, mode=mode, backend=backend, ms=ms, **kw)
+    rows = [row("fwd", "cudnn-self", 10.0, dense_tflops=1.0), row("fwd", "fused", 1.0), row("fwd", "gemm", 2.0),
+            row("fwd", "naive", 5.0), row("fwdbwd", "cudnn-self", 35.0, dense_tflops=1.0),
+            row("fwdbwd", "fused", 4.0), row("fwdbwd", "gemm", 1.5)]
+    cudnn, fused, gemm = profile.backward_rows(p, rows)
+    assert [r["backend"] for r in (cudnn, fused, gemm)] == ["cudnn-self", "fused", "gemm"]
+    assert all(r["mode"] == "bwd" and r["derived"] for r in (cudnn, fused, gemm))
+    assert cudnn["ms"] == 25.0 and cudnn["dense_tflops"] == pytest.approx(p.dense_flops("bwd") / 25e-3 / 1e12)
+    assert fused["ms"] == 3.0 and fused["eff_tflops"] == pytest.approx(p.flops("bwd") / 3e-3 / 1e12)
+    assert fused["speedup_vs_self"] == pytest.approx(25 / 3)
+    assert fused["fraction_of_ideal"] == pytest.approx(25 / 3 / (p.N / p.W))
+    assert "ms" not in gemm and "timing noise" in gemm["skipped"]
+    assert "fwdbwd - fwd" in profile.format_row(fused) and "skipped" in profile.format_row(gemm)
     assert profile.BY_ID["p11-1d-d64"].causal == (True,)
 
 
