@@ -106,7 +106,7 @@ struct InverseRangeTable {
 
 // Key-stationary kernels: the Q tiles each MMA unit (a warp or a warpgroup: kUnits of them, owning
 // consecutive key rows, i.e. a sub-box of the K/V tile each) has to compute products for. Per unit and axis, the
-// queries whose windows hold one of its keys form one interval (geo::inverse_range_any; empty for a
+// queries whose windows hold one of its keys form one interval (geo::inverse_range_any_in_group; empty for a
 // unit whose keys all lie past the group's end), and a unit skips the Q tiles outside its intervals:
 // the CTA walks the Q tiles its whole K/V tile meets, a unit's keys meet fewer where windows are
 // short next to the tile (tools/tile_work.py counts the pairs).
