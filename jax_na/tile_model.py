@@ -10,10 +10,11 @@ following their schedules (cuda/fused/tile_scheduler.cuh) over the one window ge
   and each of its MMA units (a warp of 16 queries in the portable kernels, a warpgroup of 64 on
   Hopper) skips the tiles that none of its queries' windows meet.
 - The key-stationary dK/dV kernel: a CTA owns a K/V tile and walks every Q tile of its inverse
-  neighbourhood (the queries that see any of its keys), from the first such query per axis; each of
-  its MMA units (a portable warp of 16 keys, a Hopper warpgroup of 64: consecutive rows of the K/V
-  tile, a sub-box of it) skips the products of the Q tiles none of its own keys meet (with dQ added
-  by the kernel, the CTA's dQ product still runs on every Q tile of the walk).
+  neighbourhood (the queries that see any of its keys), from the first such query per axis; in the
+  portable kernels each of its MMA units (a warp of 16 keys: consecutive rows of the K/V tile, a
+  sub-box of it) skips the products of the Q tiles none of its own keys meet. Hopper's two
+  warpgroups take every Q tile of the walk (their skips measured slower: cuda/fused/NOTES.md,
+  session 31); with dQ added by that kernel, its dQ product runs on every Q tile of the walk.
 
 Both walks are products of one walk per axis, so the counts are products of per-axis sums (summed
 over the dK/dV kernel's units, whose boxes differ). A
@@ -49,8 +50,9 @@ __all__ = ["AxisGroup", "problem_axes", "useful_pairs", "query_stationary_pairs"
 # Queries per MMA unit: a portable warp's 16 rows (its sub-box of the Q tile: 16, 2x8, 1x4x4 for every
 # compiled configuration, tile_shapes.cuh), and a Hopper warpgroup's 64 (half the Q tile along axis 0).
 PORTABLE_WARP_BOX = {1: (16,), 2: (2, 8), 3: (1, 4, 4)}
-# MMA units of the dK/dV kernel (each owning K/V tile rows): 4 portable warps, 2 Hopper warpgroups.
-DKDV_UNITS = {"sm80": 4, "sm90": 2}
+# MMA units of the dK/dV kernel that skip on their own (each owning K/V tile rows): 4 portable warps;
+# Hopper's warpgroups do not skip (Sm90Gemm::kUnitSkips), so one unit: the CTA's walk.
+DKDV_UNITS = {"sm80": 4, "sm90": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +188,8 @@ def forward_work(axes, kernel_set: str, q_tile, kv_tile) -> int:
 
 
 def dkdv_units(kernel_set: str) -> int:
-    """MMA units of the dK/dV kernel of ``kernel_set``, each skipping the Q tiles its keys miss."""
+    """MMA units of the dK/dV kernel of ``kernel_set`` each skipping the Q tiles its keys miss (1: none
+    skips, the CTA's walk)."""
     return DKDV_UNITS[kernel_set]
 
 
@@ -196,9 +199,10 @@ def backward_work(axes, kernel_set: str, q_tile, kv_tile, dq_q_tile, dq_kv_tile,
     the dQ kernel's three (S, dP, dQ); without determinism on Hopper, the dK/dV kernel's five (dQ
     added by it: its dQ product on every pair of the CTA's walk) and no dQ kernel. ``unit_skips``:
     count the dK/dV pairs its MMA units compute (each skipping the Q tiles its keys miss) rather than
-    the CTA's whole walk. The tile choosers count the walk: a unit that skips waits at the CTA's
-    barrier for the others, so its skipped pairs save only the tensor cores and issue slots it leaves
-    to them (not yet measured)."""
+    the CTA's whole walk (the same on Hopper, whose units do not skip). The tile choosers count the
+    walk: a unit that skips waits at the CTA's barrier for the others, so its skipped pairs save only
+    the tensor cores and issue slots it leaves to them (on Hopper a lone warpgroup's step took 81-84%
+    of a pair's; the portable warps' skips are not timed yet)."""
     cta = key_stationary_pairs(axes, q_tile, kv_tile)
     dkdv = key_stationary_pairs(axes, q_tile, kv_tile, dkdv_units(kernel_set)) if unit_skips else cta
     if kernel_set == "sm90" and not deterministic:

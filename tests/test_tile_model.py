@@ -195,6 +195,7 @@ def test_tile_work_tool(tmp_path, capsys):
     (r,) = json.loads(out.read_text())
     assert r["problem"] == "p2-2d" and round(r["fwd"][0]["efficiency"], 2) == 0.57 and r["fwd"][0]["chosen"]
     assert round(r["bound64"], 2) == 0.73 and tuple(r["bound64_box"]) == (8, 8)
-    assert len(r["bwd"]) == 2 and r["bwd"][0]["chosen"] and 2.0 < r["bwd"][0]["products_over_ideal"] < 2.2
-    assert round(r["bwd"][0]["dkdv_efficiency"], 2) == 0.67 and round(r["bwd"][0]["dkdv_cta_efficiency"], 2) == 0.57
+    # Hopper's dK/dV warpgroups do not skip: the units' count is the CTA's walk
+    assert len(r["bwd"]) == 2 and r["bwd"][0]["chosen"] and 2.2 < r["bwd"][0]["products_over_ideal"] < 2.4
+    assert round(r["bwd"][0]["dkdv_efficiency"], 2) == round(r["bwd"][0]["dkdv_cta_efficiency"], 2) == 0.57
     assert "p2-2d" in capsys.readouterr().out

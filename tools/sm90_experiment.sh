@@ -12,8 +12,8 @@
 # A variant named "head" compiles the kernel unit of the git revision in $HEAD_SRC (a checkout's
 # root) instead of this tree's, for a before/after in the same run. Forward: a variant whose flags
 # hold -DJNA_FWD_TRACE also prints per-CTA phase timings (run adds --trace for it). Backward: the
-# -DJNA_BWD_EXPERIMENT_* knobs (cuda/fused/NOTES.md, session 30) but NO_UNIT_SKIP leave parts of the
-# work out; their checks would fail by design, so those variants run the timings only.
+# -DJNA_BWD_EXPERIMENT_* knobs (cuda/fused/NOTES.md, sessions 30-31) but NO_UNIT_SKIP and UNIT_SKIP (the
+# dK/dV units' skips off / on whatever the MMA policy's default) leave parts of the work out; their checks would fail by design, so those variants run the timings only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 direction=$1 what=$2 dir=$3

@@ -68,6 +68,7 @@ __device__ __forceinline__ auto a_row_col(Layout l) {
 //   fence_smem_writes()    orders this thread's completed cp.async writes before the MMAs' reads.
 // kWarpsPerMma: warps that must issue a product together (1 here, a warpgroup on Hopper).
 // kTmaLoads: the dK/dV kernel loads its Q/dO tiles by TMA where the problem allows (Hopper only).
+// kUnitSkips: the dK/dV kernel's MMA units skip the Q tiles their own keys miss (UnitQueryIntervals).
 template <class Traits>
 struct Sm80Gemm {
   template <class OtherTraits>
@@ -76,6 +77,8 @@ struct Sm80Gemm {
   static constexpr int kD = Traits::kHeadDim;
   static constexpr int kWarpsPerMma = 1;
   static constexpr bool kTmaLoads = false;  // every tile by cp.async (portable)
+  // A portable warp that skips leaves its SM sub-partition to the other CTA's warps (not yet timed).
+  static constexpr bool kUnitSkips = true;
   typename Traits::TiledMma mma;
   int tid;
   __device__ __forceinline__ explicit Sm80Gemm(int tid_) : tid(tid_) {}

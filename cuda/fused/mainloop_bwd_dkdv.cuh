@@ -10,8 +10,9 @@
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dV += P^T dO,
 //   dS^T = P^T (dP^T - delta), dK += dS^T Q
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced
-// in registers. Each MMA unit (a warp; a warpgroup on Hopper) skips the products of the Q tiles its
-// own keys do not meet (UnitQueryIntervals in mask.cuh). With Traits::kDqInKernel the kernel also
+// in registers. With Gemm::kUnitSkips (the portable warps; not Hopper's warpgroups, measured slower)
+// each MMA unit skips the products of the Q tiles its own keys do not meet (UnitQueryIntervals in
+// mask.cuh). With Traits::kDqInKernel the kernel also
 // adds dQ = dS K of every Q tile into a float32 buffer (Gemm::tn; float atomics, so the sums' order
 // varies: not deterministic; a unit that skipped a tile gives it zero dS^T rows) and the
 // query-stationary dQ kernel does not run. Query columns outside the group load as zeros (Q = dO =
@@ -139,13 +140,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // Warp-uniform by construction (a lane-0 shuffle): ptxas must see that no branch steers a wgmma.
   const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
   const int lane = tid % 32;
-  // MMA units (warps, or warpgroups on Hopper) own consecutive key rows; each skips the products of
-  // the Q tiles its keys do not meet (UnitQueryIntervals).
+  // MMA units (warps, or warpgroups on Hopper) own consecutive key rows; with Gemm::kUnitSkips each
+  // skips the products of the Q tiles its keys do not meet (UnitQueryIntervals).
   constexpr int kUnits = Traits::kNWarps / Gemm::kWarpsPerMma;
 #if defined(JNA_BWD_EXPERIMENT_NO_UNIT_SKIP)  // experiment knob: every unit takes every Q tile
   constexpr bool kUnitSkip = false;
-#else
+#elif defined(JNA_BWD_EXPERIMENT_UNIT_SKIP)  // experiment knob: the units skip on either policy
   constexpr bool kUnitSkip = true;
+#else
+  constexpr bool kUnitSkip = Gemm::kUnitSkips;
 #endif
   static_assert(Traits::kBlockN == 16 * Traits::kNWarps, "one 16-row block of the K/V tile per warp");
   using UnitIntervals = UnitQueryIntervals<Traits, kUnits>;
