@@ -125,11 +125,11 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   // Head dim 64 fits 128 registers without spills: two CTAs per SM hide the gather latency.
   static constexpr int kMinBlocks = kHeadDim_ <= 64 ? 2 : 1;
 #endif
-  static constexpr int kBlockM = 128;
+  using QTile = typename Shapes_::QTile;
+  static constexpr int kBlockM = QTile::kSize;  // 128 (64: the dQ kernel's experiment knob, hopper/launch_bwd.cuh)
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;  // K/V smem stages
 
-  using QTile = typename Shapes_::QTile;
   using WarpTile = typename Shapes_::WarpTile;
   using KVTile = typename Shapes_::KVTile;
   static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN && WarpTile::kSize == kBlockM / kNWarps, "tile sizes");

@@ -8,8 +8,8 @@
 // Without either, it links every unit and calls the dispatcher (launch_bwd).
 // Options (test_harness.h): --timing, --big, --tiles N (backward configuration N), --atomic (the
 // Hopper dK/dV kernel adds dQ: non-deterministic mode). Exit code 0 only when every case passes.
-// The experiment knobs of the kernels (-DJNA_BWD_EXPERIMENT_*, cuda/fused/NOTES.md sessions 30-31) but
-// NO_UNIT_SKIP and UNIT_SKIP make the checks fail on purpose: those variants are for their timings.
+// The experiment knobs NO_DQ_KERNEL, NO_DKDV_KERNEL, ONE_UNIT and NO_EXP (-DJNA_BWD_EXPERIMENT_*,
+// cuda/fused/NOTES.md sessions 30-32) make the checks fail on purpose: those variants are for their timings.
 #include <cstdio>
 #include <random>
 #include <vector>

@@ -191,8 +191,15 @@ template <int kHeadDim>
 constexpr int kPortableBwdBlockM = kHeadDim > 64 ? 32 : 64;
 template <int kHeadDim, int kRank>
 using PortableBwdTiles = BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64, kPortableDqBlockN>;
+// Experiment knob (standalone timing builds): -DJNA_BWD_EXPERIMENT_KV64 gives each Hopper dK/dV CTA
+// 64 keys on one warpgroup, two CTAs per SM, whose steps no longer meet at a shared barrier.
+#if defined(JNA_BWD_EXPERIMENT_KV64)
+constexpr int kHopperBwdBlockN = 64;
+#else
+constexpr int kHopperBwdBlockN = 128;
+#endif
 template <int kRank>
-using HopperBwdTiles = BwdTileConfigs<kRank, 64, 128, kHopperDqBlockN>;
+using HopperBwdTiles = BwdTileConfigs<kRank, 64, kHopperBwdBlockN, kHopperDqBlockN>;
 
 // Host-side description of one configuration (extents per axis; axes past the rank are 1).
 struct TileConfigDesc {

@@ -11,6 +11,19 @@
 namespace jax_na {
 namespace fused {
 
+// Experiment knob (standalone timing builds): -DJNA_BWD_EXPERIMENT_DQ64 gives each dQ CTA half the Q
+// tile (axis 0 halved) on one warpgroup, two CTAs per SM, whose steps no longer meet at a shared barrier.
+#if defined(JNA_BWD_EXPERIMENT_DQ64)
+template <class T>
+using HopperDqTiles = Tiles<Box<T::QTile::extent(0) / 2, T::QTile::extent(1), T::QTile::extent(2)>,
+                            typename T::WarpTile, typename T::KVTile>;
+constexpr int kHopperDqWarps = 4;
+#else
+template <class T>
+using HopperDqTiles = T;
+constexpr int kHopperDqWarps = 8;
+#endif
+
 // The tile configuration args.tiles_sm90 asks for (HopperBwdTiles): dQ on 128-query tiles on two
 // warpgroups (64 rows each) over 64-key tiles (wgmma N = 64 for S and dP); dK/dV: 128 keys on two
 // warpgroups, Q tiles of 64 queries (dK + dV + S^T + dP^T: 192 accumulator registers per thread at
@@ -21,9 +34,11 @@ cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream
   using Configs = HopperBwdTiles<kRank>;
   return with_tile_config<Configs>(args.tiles_sm90, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
-    using DqTraits = FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, 8, 2, typename Shapes::DqTiles>;
+    using DqTraits =
+        FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, kHopperDqWarps, 2, HopperDqTiles<typename Shapes::DqTiles>>;
     auto launch = [&](auto dq_in_kernel) {
-      using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, decltype(dq_in_kernel)::value, Shapes>;
+      using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, kHopperBwdBlockN / 16, kHopperBwdBlockN, 64,
+                                   decltype(dq_in_kernel)::value, Shapes>;
       return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
     };
     return args.dq_accum != nullptr ? launch(std::true_type{}) : launch(std::false_type{});
