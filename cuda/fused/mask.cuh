@@ -85,7 +85,9 @@ struct InverseRangeTable {
   using KVTile = typename Traits::KVTile;
   static constexpr int kEntries = Traits::kInvEntries;
   __host__ __device__ static constexpr int first(int a) { return box_axis_first<KVTile>(a); }
-  // Fills the table (the first kEntries threads, one entry each; binary searches over the group).
+  // Fills the table (the first kEntries threads, one entry each; binary searches inside the CTA's
+  // query ranges, geo::inverse_range_within: a 1-D 32768-key group took 2 x 15 dependent steps per
+  // entry, its 128-key tile's ranges take 2 x 7). Keys past the group get empty ranges.
   // Not inlined: inlined, its divergent search loops made ptxas serialize the wgmmas of the
   // dQ-adding Hopper kernel (C7520); a call once per CTA costs nothing.
   __device__ __noinline__ static void store(const geo::Problem& pr, const KVSchedule& ks, int2* s_inv, int tid) {
@@ -95,7 +97,14 @@ struct InverseRangeTable {
 #pragma unroll
     for (int b = 1; b < 3; ++b) a += tid >= first(b);
     if (a >= Traits::kRank) return;
-    const geo::Range q = geo::inverse_range(pr.axis[a], ks.k0[a] + (tid - first(a)), ks.Lg[a]);
+    const int32_t j = ks.k0[a] + (tid - first(a)), Lg = ks.Lg[a];
+    geo::Range q{Lg, Lg};
+    if (j < Lg) {
+      // The CTA's queries on this axis: [q_begin, q_begin + q_tiles * extent) holds inverse_range_any.
+      const int64_t tiles_end = static_cast<int64_t>(ks.q_begin[a]) + int64_t{ks.q_tiles[a]} * Traits::QTile::extent(a);
+      const int32_t any_end_bound = tiles_end < Lg ? static_cast<int32_t>(tiles_end) : Lg;
+      q = geo::inverse_range_within(pr.axis[a], j, Lg, ks.q_begin[a], any_end_bound, ks.full_lo[a]);
+    }
     s_inv[tid] = make_int2(q.begin, q.end);
   }
   // Key row r's queries on axis a.

@@ -16,6 +16,7 @@
 
 #include "fused/copy.cuh"
 #include "fused/params.cuh"
+#include "geometry/warp_search.cuh"
 #include "geometry/window.cuh"
 
 namespace jax_na {
@@ -356,40 +357,47 @@ struct KVScheduler {
   using KVTile = typename Traits::KVTile;
   static constexpr int kRank = Traits::kRank;
 
-  // Thread 0 fills ks; a barrier must follow.
+  // Warp 0 fills ks (its lanes share the inverse-range searches, geo::WarpSearch; lane 0 stores); a
+  // barrier must follow.
   __device__ static void compute(const geo::Problem& pr, const int32_t kv_tiles[3], int32_t n_window_ctas,
                                  KVSchedule& ks, int tid) {
-    if (tid != 0) return;
-    ks.hkv = blockIdx.y;
-    ks.b = blockIdx.z;
+    if (tid >= 32) return;
+    const geo::WarpSearch search{tid};
+    KVSchedule s;
+    s.hkv = blockIdx.y;
+    s.b = blockIdx.z;
     if (static_cast<int32_t>(blockIdx.x) >= n_window_ctas) {
-      ks.is_add = 1;
-      ks.add0 = static_cast<int64_t>(blockIdx.x - n_window_ctas) * Traits::kBlockN;
-      ks.live = ks.add0 < pr.Na;
-      ks.n_q_tiles = static_cast<int32_t>((pr.N + Traits::kBlockM - 1) / Traits::kBlockM);
-      ks.q_tiles[0] = ks.n_q_tiles;
-      ks.q_tiles[1] = ks.q_tiles[2] = 1;
-      ks.q_base = geo::offset(ks.b, 0, static_cast<int64_t>(ks.hkv) * pr.groups(), 0, pr.N, pr.H, Traits::kHeadDim);
-      ks.q_step[0] = static_cast<int64_t>(pr.H) * Traits::kHeadDim;
-      ks.q_step[1] = ks.q_step[2] = 0;
-      ks.q_lim[0] = static_cast<int32_t>(pr.N);
-      ks.q_lim[1] = ks.q_lim[2] = 1;
+      s.is_add = 1;
+      s.add0 = static_cast<int64_t>(blockIdx.x - n_window_ctas) * Traits::kBlockN;
+      s.live = s.add0 < pr.Na;
+      s.n_q_tiles = static_cast<int32_t>((pr.N + Traits::kBlockM - 1) / Traits::kBlockM);
+      s.q_tiles[0] = s.n_q_tiles;
+      s.q_tiles[1] = s.q_tiles[2] = 1;
+      s.q_base = geo::offset(s.b, 0, static_cast<int64_t>(s.hkv) * pr.groups(), 0, pr.N, pr.H, Traits::kHeadDim);
+      s.q_step[0] = static_cast<int64_t>(pr.H) * Traits::kHeadDim;
+      s.q_step[1] = s.q_step[2] = 0;
+      s.q_lim[0] = static_cast<int32_t>(pr.N);
+      s.q_lim[1] = s.q_lim[2] = 1;
+      if (tid == 0) ks = s;
       return;
     }
-    ks.is_add = 0;
-    ks.add0 = 0;
+    s.is_add = 0;
+    s.add0 = 0;
     int32_t lin = static_cast<int32_t>(blockIdx.x);  // 32-bit, as in TileScheduler::compute
     int32_t t[3], g[3];
+#pragma unroll
     for (int a = 2; a >= 0; --a) {
       t[a] = lin % kv_tiles[a];
       lin /= kv_tiles[a];
     }
+#pragma unroll
     for (int a = 2; a >= 0; --a) {
       g[a] = lin % pr.axis[a].d;
       lin /= pr.axis[a].d;
     }
     bool live = true;
     int32_t n = 1;
+#pragma unroll
     for (int a = 0; a < 3; ++a) {
       const geo::Axis& ax = pr.axis[a];
       const int32_t Lg = a < kRank ? geo::group_length(ax, g[a]) : 1;
@@ -397,35 +405,37 @@ struct KVScheduler {
       live = live && k0 < Lg;
       const int32_t k1 = geo::imin(k0 + KVTile::extent(a), Lg) - 1;  // last valid key
       int32_t qb = 0, qt = 1, flo = 0, fhi = 1;
-      if (a < kRank && k0 < Lg) {
-        const geo::Range any = geo::inverse_range_any(ax, k0, k1, Lg);
-        const geo::Range all = geo::inverse_range_all(ax, k0, k1, Lg);
+      if (a < kRank && k0 < Lg) {  // uniform over the warp
+        const geo::Range any = geo::inverse_range_any(ax, k0, k1, Lg, search);
+        const geo::Range all = geo::inverse_range_all(ax, k0, k1, Lg, search);
         qb = any.begin;
         qt = (any.end - any.begin + QTile::extent(a) - 1) / QTile::extent(a);
         flo = all.begin;
         fhi = all.end;
       }
-      ks.g[a] = g[a];
-      ks.Lg[a] = Lg;
-      ks.k0[a] = k0;
-      ks.q_begin[a] = qb;
-      ks.q_tiles[a] = qt;
-      ks.full_lo[a] = flo;
-      ks.full_hi[a] = fhi;
+      s.g[a] = g[a];
+      s.Lg[a] = Lg;
+      s.k0[a] = k0;
+      s.q_begin[a] = qb;
+      s.q_tiles[a] = qt;
+      s.full_lo[a] = flo;
+      s.full_hi[a] = fhi;
       n *= qt;
     }
-    ks.live = live;
-    ks.n_q_tiles = n;
+    s.live = live;
+    s.n_q_tiles = n;
     int32_t x0[3];
     int64_t tok_stride = 1;
+#pragma unroll
     for (int a = 2; a >= 0; --a) {
       x0[a] = geo::token_of(pr.axis[a], g[a], 0);
-      ks.q_step[a] = static_cast<int64_t>(pr.axis[a].d) * tok_stride * pr.H * Traits::kHeadDim;
-      ks.q_lim[a] = ks.Lg[a];
+      s.q_step[a] = static_cast<int64_t>(pr.axis[a].d) * tok_stride * pr.H * Traits::kHeadDim;
+      s.q_lim[a] = s.Lg[a];
       tok_stride *= pr.axis[a].L;
     }
-    ks.q_base = geo::offset(ks.b, pr.token(x0), static_cast<int64_t>(ks.hkv) * pr.groups(), 0, pr.N, pr.H,
-                            Traits::kHeadDim);
+    s.q_base = geo::offset(s.b, pr.token(x0), static_cast<int64_t>(s.hkv) * pr.groups(), 0, pr.N, pr.H,
+                           Traits::kHeadDim);
+    if (tid == 0) ks = s;
   }
 
   // True when every valid query of the Q tile at org holds every valid key of the KV tile.

@@ -97,6 +97,15 @@ static long check_axis(int L, int k, int s, int d, int causal) {
       for (int j1 = j0; j1 < Lg && j1 < j0 + 9; ++j1) {
         const auto any = jax_na::geo::inverse_range_any(a, j0, j1, Lg);
         const auto all = jax_na::geo::inverse_range_all(a, j0, j1, Lg);
+        // The per-key ranges searched within the range's hulls (any end bound loosened up to Lg).
+        for (int j = j0; j <= j1; ++j) {
+          const auto want = jax_na::geo::inverse_range(a, j, Lg);
+          const auto got = jax_na::geo::inverse_range_within(a, j, Lg, any.begin, std::min(any.end + (j & 3), Lg),
+                                                             all.begin);
+          CHECK(got.begin == want.begin && got.end == want.end,
+                "inverse_range_within L=%d k=%d s=%d d=%d c=%d [%d,%d] j=%d: [%d,%d) vs [%d,%d)", L, k, s, d, causal,
+                j0, j1, j, got.begin, got.end, want.begin, want.end);
+        }
         for (int p = 0; p < Lg; ++p) {
           bool some = false, every = true;
           for (int j = j0; j <= j1; ++j) {

@@ -10,7 +10,8 @@
 //   key token index = g + d * pos.
 // start(p) and end(p) are non-decreasing in p, so the queries whose window contains key position j
 // (its inverse neighborhood) are one contiguous range of positions; inverse_range() finds it by
-// binary search over the same start/end functions, so forward and inverse can never disagree.
+// searching over the same start/end functions (binary search, or a warp's 32-way search), so forward
+// and inverse can never disagree.
 //
 // A problem has up to three spatial axes; missing axes are L=1, k=1, s=1, d=1, causal=0.
 // Tensors are [B, X, Y, Z, heads, E] row-major: token t = (x * Y + y) * Z + z and the linear offset of
@@ -96,41 +97,65 @@ struct Range {
   int32_t end;
 };
 
-// First query position p (group of length Lg) with window_end(p) > j, or Lg.
-JNA_HD int32_t first_end_after(const Axis& a, int32_t j, int32_t Lg) {
-  int32_t lo = 0, hi = Lg;
-  while (lo < hi) {
-    const int32_t mid = lo + (hi - lo) / 2;
-    if (window_end(a, mid, Lg) > j) hi = mid; else lo = mid + 1;
+// The searches below take a search policy: BinarySearch (one thread) here, or WarpSearch
+// (geometry/warp_search.cuh: a whole warp, 32 probes per round) on the device. Both find, for a
+// predicate that is false then true over [lo, hi), its first true position, or hi.
+struct BinarySearch {
+  template <class Pred>
+  JNA_HD int32_t operator()(int32_t lo, int32_t hi, Pred pred) const {
+    while (lo < hi) {
+      const int32_t mid = lo + (hi - lo) / 2;
+      if (pred(mid)) hi = mid; else lo = mid + 1;
+    }
+    return lo;
   }
-  return lo;
+};
+
+// First query position p (group of length Lg) with window_end(p) > j, or Lg.
+template <class Search = BinarySearch>
+JNA_HD int32_t first_end_after(const Axis& a, int32_t j, int32_t Lg, const Search& search = {}) {
+  return search(0, Lg, [&](int32_t p) { return window_end(a, p, Lg) > j; });
 }
 
 // First query position p with window_start(p) > j, or Lg.
-JNA_HD int32_t first_start_after(const Axis& a, int32_t j, int32_t Lg) {
-  int32_t lo = 0, hi = Lg;
-  while (lo < hi) {
-    const int32_t mid = lo + (hi - lo) / 2;
-    if (window_start(a, mid, Lg) > j) hi = mid; else lo = mid + 1;
-  }
-  return lo;
+template <class Search = BinarySearch>
+JNA_HD int32_t first_start_after(const Axis& a, int32_t j, int32_t Lg, const Search& search = {}) {
+  return search(0, Lg, [&](int32_t p) { return window_start(a, p, Lg) > j; });
 }
 
 // Query positions (same group, group length Lg) whose window contains key position j.
 // Uses only window_start/window_end, which are non-decreasing in the query position.
-JNA_HD Range inverse_range(const Axis& a, int32_t j, int32_t Lg) {
+template <class Search = BinarySearch>
+JNA_HD Range inverse_range(const Axis& a, int32_t j, int32_t Lg, const Search& search = {}) {
   Range r;
-  r.begin = first_end_after(a, j, Lg);
-  const int32_t e = first_start_after(a, j, Lg);
+  r.begin = first_end_after(a, j, Lg, search);
+  const int32_t e = first_start_after(a, j, Lg, search);
+  r.end = e < r.begin ? r.begin : e;
+  return r;
+}
+
+// inverse_range(a, j, Lg) for a key j < Lg of a key range [j0, j1] whose inverse_range_any begins at
+// any_begin and ends at or before any_end_bound (<= Lg), and whose inverse_range_all begins at
+// all_begin: the range's begin lies in [any_begin, all_begin] and its end in [any_begin,
+// any_end_bound] (both monotone in j), so the searches cover those spans instead of the group (a
+// K/V tile's per-key table: a tile's width instead of log2 Lg steps).
+template <class Search = BinarySearch>
+JNA_HD Range inverse_range_within(const Axis& a, int32_t j, int32_t Lg, int32_t any_begin, int32_t any_end_bound,
+                                  int32_t all_begin, const Search& search = {}) {
+  Range r;
+  r.begin = search(any_begin, all_begin, [&](int32_t p) { return window_end(a, p, Lg) > j; });
+  // An end below any_begin comes out as any_begin, which the clamp below turns into begin anyway.
+  const int32_t e = search(any_begin, any_end_bound, [&](int32_t p) { return window_start(a, p, Lg) > j; });
   r.end = e < r.begin ? r.begin : e;
   return r;
 }
 
 // Query positions whose window contains at least one key of [j0, j1] (j0 <= j1).
-JNA_HD Range inverse_range_any(const Axis& a, int32_t j0, int32_t j1, int32_t Lg) {
+template <class Search = BinarySearch>
+JNA_HD Range inverse_range_any(const Axis& a, int32_t j0, int32_t j1, int32_t Lg, const Search& search = {}) {
   Range r;
-  r.begin = first_end_after(a, j0, Lg);
-  const int32_t e = first_start_after(a, j1, Lg);
+  r.begin = first_end_after(a, j0, Lg, search);
+  const int32_t e = first_start_after(a, j1, Lg, search);
   r.end = e < r.begin ? r.begin : e;
   return r;
 }
@@ -147,10 +172,11 @@ JNA_HD Range inverse_range_any_in_group(const Axis& a, int32_t j0, int32_t j1, i
 }
 
 // Query positions whose window contains every key of [j0, j1] (j0 <= j1).
-JNA_HD Range inverse_range_all(const Axis& a, int32_t j0, int32_t j1, int32_t Lg) {
+template <class Search = BinarySearch>
+JNA_HD Range inverse_range_all(const Axis& a, int32_t j0, int32_t j1, int32_t Lg, const Search& search = {}) {
   Range r;
-  r.begin = first_end_after(a, j1, Lg);
-  const int32_t e = first_start_after(a, j0, Lg);
+  r.begin = first_end_after(a, j1, Lg, search);
+  const int32_t e = first_start_after(a, j0, Lg, search);
   r.end = e < r.begin ? r.begin : e;
   return r;
 }
