@@ -1,9 +1,9 @@
 // Fused backward, key-stationary part: dK and dV (on SM80 MMAs, or on Hopper wgmma through Sm90Gemm).
 //
-// One CTA = one KV tile of kBlockN keys (64 portable, 128 on Hopper; one batch item, kv head and
-// dilation group; or kBlockN additional keys). K and V stay in shared memory; the CTA walks the Q
-// tiles of its inverse neighbourhood for each of the G query heads of its kv head (KVScheduler,
-// QTileWalker), Q/dO/lse/delta double-buffered: gathered with cp.async by every thread, or on
+// One CTA = one KV tile of kBlockN keys (64 on 4 warps portable, 128 on two warpgroups on Hopper;
+// one batch item, kv head and dilation group; or kBlockN additional keys). K and V stay in shared memory; the
+// CTA walks the Q tiles of its inverse neighbourhood for each of the G query heads of its kv head
+// (KVScheduler, QTileWalker), Q/dO/lse/delta double-buffered: gathered with cp.async by every thread, or on
 // Hopper (Gemm::kTmaLoads, problems without dilation) Q/dO by one thread's TMA boxes, completing on
 // a per-stage mbarrier, so that the other threads only issue lse/delta. Per Q tile, with the keys
 // as MMA rows:
@@ -339,35 +339,49 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           if (dq_issuer) cute::tma_store_wait<0>();
         }
         __syncthreads();
-        auto acc_dq = gemm.template acc_tn<kBlockM, kD>();
-        gemm.template tn<kBlockM, kBlockN>(acc_dq, sdS, sK);
-        out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS, acc_dq);
+        // dQ columns per product: 64 per warpgroup, so a lone warpgroup (-DJNA_BWD_EXPERIMENT_ONE_WARPGROUP)
+        // takes kD / 64 products: its 64 x 128 float32 accumulator would not fit beside dK and dV (spills).
+        constexpr int kDqCols = kD < 64 * Gemm::kWarpGroups ? kD : 64 * Gemm::kWarpGroups;
+        constexpr int kDqColPasses = kD / kDqCols;
+        static_assert(!Traits::kDqTmaReduce || kDqColPasses == 1,
+                      "dQ by TMA reductions: one product per Q tile (two warpgroups)");
         // By TMA reductions (a whole box of rows per column block; rows past an axis end are
         // dropped by the TMA) where the Q/dO tile could come by TMA; else float atomics per value.
         bool dq_by_tma = false;  // uniform over the CTA
         if constexpr (Traits::kDqTmaReduce)
           dq_by_tma = p.dq_tma && !ks.is_add && box_fits_tma<Traits::kRank, typename Traits::QTile>(pr, org);
-        if (dq_by_tma) {
-          if constexpr (Traits::kDqTmaReduce) {
-            float* s_dq = reinterpret_cast<float*>(smem_raw + L::kDQ);
-            stage_dq<kBlockM, kD>(gemm, acc_dq, s_dq);
-            cute::tma_store_fence();  // the staging writes, visible to the TMA (async proxy)
-            const int wg = warp / 4;  // its columns: kD / kWarpGroups (Gemm::MmaTN's warpgroups along N)
-            cutlass::arch::NamedBarrier::sync(128, kDqStagingBarrierId + wg);
-            if (dq_issuer) {
-              constexpr int kBlocks = kD / 32 / Gemm::kWarpGroups;
 #pragma unroll
-              for (int j = 0; j < kBlocks; ++j) {
-                const int c = wg * kBlocks + j;
-                tma_reduce_add_box<Traits::kRank>(&p.dq_map, s_dq + c * kBlockM * 32, c, ks.hkv * pr.groups() + q_head,
-                                                  org, static_cast<int32_t>(ks.b), pr);
+        for (int c = 0; c < kDqColPasses; ++c) {
+          // Columns [c kDqCols, (c + 1) kDqCols) of K: the (kBlockN, kDqCols) tile at c kBlockN kDqCols
+          // (the 64-column blocks of the swizzled rows follow each other).
+          auto acc_dq = gemm.template acc_tn<kBlockM, kDqCols>();
+          gemm.template tn<kBlockM, kBlockN, kDqCols>(acc_dq, sdS, sK + c * kBlockN * kDqCols);
+          if (c == 0)
+            out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS, acc_dq);
+          else
+            gemm.template wait<0>(acc_dq);
+          if (dq_by_tma) {
+            if constexpr (Traits::kDqTmaReduce) {
+              float* s_dq = reinterpret_cast<float*>(smem_raw + L::kDQ);
+              stage_dq<kBlockM, kD>(gemm, acc_dq, s_dq);
+              cute::tma_store_fence();  // the staging writes, visible to the TMA (async proxy)
+              const int wg = warp / 4;  // its columns: kD / kWarpGroups (Gemm::MmaTN's warpgroups along N)
+              cutlass::arch::NamedBarrier::sync(128, kDqStagingBarrierId + wg);
+              if (dq_issuer) {
+                constexpr int kBlocks = kD / 32 / Gemm::kWarpGroups;
+#pragma unroll
+                for (int j = 0; j < kBlocks; ++j) {
+                  const int cb = wg * kBlocks + j;
+                  tma_reduce_add_box<Traits::kRank>(&p.dq_map, s_dq + cb * kBlockM * 32, cb,
+                                                    ks.hkv * pr.groups() + q_head, org, static_cast<int32_t>(ks.b), pr);
+                }
+                cute::tma_store_arrive();
               }
-              cute::tma_store_arrive();
             }
+          } else {
+            add_dq<kBlockM, kDqCols>(gemm, acc_dq, static_cast<float*>(p.dq_accum) + c * kDqCols,
+                                     reinterpret_cast<const int64_t*>(small(s, L::kRowOff)));
           }
-        } else {
-          add_dq<kBlockM, kD>(gemm, acc_dq, static_cast<float*>(p.dq_accum),
-                              reinterpret_cast<const int64_t*>(small(s, L::kRowOff)));
         }
       } else {
         out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this

@@ -135,71 +135,87 @@ struct BwdTiles {
 };
 
 // Keys per dQ-kernel KV tile: portable 32 (dQ, S and dP accumulators of 128 queries in registers),
-// Hopper 64 (wgmma N = 64 for S and dP).
+// Hopper 64 (wgmma N = 64 for S and dP). Queries per dQ CTA: portable 128 (8 warps), Hopper 64 (one
+// warpgroup; two CTAs per SM, see kHopperBwdBlockN below).
 constexpr int kPortableDqBlockN = 32;
 constexpr int kHopperDqBlockN = 64;
+constexpr int kPortableDqBlockM = 128;
 
-// The dQ kernel's default tiles: the forward's shapes, except in 3-D, where 4x4x8 queries over
-// 2 x (kDqBlockN / 8) x 4 keys (warps of 1x4x4) visit fewer key tiles per warp than 2x8x8 over
-// (kDqBlockN / 16) x 4 x 4 for windows short on the first axis (H200, bf16, D = 128, fwd+bwd:
-// p3 10.41 -> 10.27 ms portable, 6.52 -> 6.36 Hopper; p10 -1% / -2%; p8 equal; cuda/fused/NOTES.md).
-template <int kRank, int kDqBlockN>
-struct DqTileShapes : TileShapes<kRank, kDqBlockN, 8> {};
-template <int kDqBlockN>
-struct DqTileShapes<3, kDqBlockN> : Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, kDqBlockN / 8, 4>> {};
+// The dQ kernel's default tiles of kDqBlockM queries (warps of 16): the forward's shapes at 128
+// queries, except in 3-D, where 4x4x8 queries over 2 x (kDqBlockN / 8) x 4 keys (warps of 1x4x4)
+// visit fewer key tiles per warp than 2x8x8 over (kDqBlockN / 16) x 4 x 4 for windows short on the
+// first axis (H200, bf16, D = 128, fwd+bwd: p3 10.41 -> 10.27 ms portable, 6.52 -> 6.36 Hopper; p10
+// -1% / -2%; p8 equal; cuda/fused/NOTES.md). 64 queries halve the first axis.
+template <int kRank, int kDqBlockN, int kDqBlockM = kPortableDqBlockM>
+struct DqTileShapes;
+template <int kDqBlockN, int kDqBlockM>
+struct DqTileShapes<1, kDqBlockN, kDqBlockM> : Tiles<Box<kDqBlockM, 1, 1>, Box<16, 1, 1>, Box<kDqBlockN, 1, 1>> {};
+template <int kDqBlockN, int kDqBlockM>
+struct DqTileShapes<2, kDqBlockN, kDqBlockM>
+    : Tiles<Box<kDqBlockM / 8, 8, 1>, Box<2, 8, 1>, Box<kDqBlockN / 8, 8, 1>> {};
+template <int kDqBlockN, int kDqBlockM>
+struct DqTileShapes<3, kDqBlockN, kDqBlockM> : Tiles<Box<kDqBlockM / 32, 4, 8>, Box<1, 4, 4>, Box<2, kDqBlockN / 8, 4>> {};
 
 // Default backward boxes per rank: compact (an axis of extent e with window k meets about e + k - 1
 // queries); 3-D keys take the longer extent on the last axis.
-template <int kRank, int kBlockM, int kBlockN, int kDqBlockN = kPortableDqBlockN>
+template <int kRank, int kBlockM, int kBlockN, int kDqBlockN = kPortableDqBlockN, int kDqBlockM = kPortableDqBlockM>
 struct BwdTileShapes;
-template <int kBlockM, int kBlockN, int kDqBlockN>
-struct BwdTileShapes<1, kBlockM, kBlockN, kDqBlockN>
-    : BwdTiles<Box<kBlockM, 1, 1>, Box<kBlockN, 1, 1>, DqTileShapes<1, kDqBlockN>> {};
-template <int kBlockM, int kBlockN, int kDqBlockN>
-struct BwdTileShapes<2, kBlockM, kBlockN, kDqBlockN>
-    : BwdTiles<Box<kBlockM / 8, 8, 1>, Box<kBlockN / 8, 8, 1>, DqTileShapes<2, kDqBlockN>> {};
-template <int kBlockM, int kBlockN, int kDqBlockN>
-struct BwdTileShapes<3, kBlockM, kBlockN, kDqBlockN>
-    : BwdTiles<Box<kBlockM / 16, 4, 4>, Box<4, 4, kBlockN / 16>, DqTileShapes<3, kDqBlockN>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN, int kDqBlockM>
+struct BwdTileShapes<1, kBlockM, kBlockN, kDqBlockN, kDqBlockM>
+    : BwdTiles<Box<kBlockM, 1, 1>, Box<kBlockN, 1, 1>, DqTileShapes<1, kDqBlockN, kDqBlockM>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN, int kDqBlockM>
+struct BwdTileShapes<2, kBlockM, kBlockN, kDqBlockN, kDqBlockM>
+    : BwdTiles<Box<kBlockM / 8, 8, 1>, Box<kBlockN / 8, 8, 1>, DqTileShapes<2, kDqBlockN, kDqBlockM>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN, int kDqBlockM>
+struct BwdTileShapes<3, kBlockM, kBlockN, kDqBlockN, kDqBlockM>
+    : BwdTiles<Box<kBlockM / 16, 4, 4>, Box<4, 4, kBlockN / 16>, DqTileShapes<3, kDqBlockN, kDqBlockM>> {};
 
 // The backward's tile configurations (the user's backward_q_tile_shape / backward_kv_tile_shape pick
 // one). Alternatives to the compact default for windows much shorter on the first axis than on the
 // others (e.g. 3x13x13 video windows, 7x31 in 2-D): the inverse neighbourhood of a KV box of
 // extents e has about prod(e_a + k_a - 1) queries, so flatter boxes (2-D: 16 keys along the last
 // axis; 3-D: one or two key planes of 8x8) meet fewer of them there; their dQ kernel takes Q tiles
-// longer on the last axes too (2-D 8x16 over (kDqBlockN / 16) x 16; 3-D 2x8x8 over 1x4x8 keys
-// portable, 4x4x4 Hopper: 3x13x13 over 16x32x32 portable 4.91 -> 4.80 ms; flatter Hopper keys lost
-// 3%). 1-D has the default only. kBlockM / kBlockN: the kernel set's queries per step and keys per
-// CTA of the dK/dV kernel.
-template <int kRank, int kBlockM, int kBlockN, int kDqBlockN = kPortableDqBlockN>
-struct BwdTileConfigs : TileConfigs<BwdTileShapes<kRank, kBlockM, kBlockN, kDqBlockN>> {};
-template <int kBlockM, int kBlockN, int kDqBlockN>
-struct BwdTileConfigs<2, kBlockM, kBlockN, kDqBlockN>
-    : TileConfigs<BwdTileShapes<2, kBlockM, kBlockN, kDqBlockN>,
+// longer on the last axes too (2-D (kDqBlockM / 16) x 16 over (kDqBlockN / 16) x 16; 3-D
+// (kDqBlockM / 64) x 8 x 8 over 1x4x8 keys portable, 4x4x4 Hopper: 3x13x13 over 16x32x32 portable
+// 4.91 -> 4.80 ms; flatter Hopper keys lost 3%). 1-D has the default only. kBlockM / kBlockN: the
+// kernel set's queries per step and keys per CTA of the dK/dV kernel; kDqBlockN / kDqBlockM: keys per
+// step and queries per CTA of the dQ kernel.
+template <int kRank, int kBlockM, int kBlockN, int kDqBlockN = kPortableDqBlockN, int kDqBlockM = kPortableDqBlockM>
+struct BwdTileConfigs : TileConfigs<BwdTileShapes<kRank, kBlockM, kBlockN, kDqBlockN, kDqBlockM>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN, int kDqBlockM>
+struct BwdTileConfigs<2, kBlockM, kBlockN, kDqBlockN, kDqBlockM>
+    : TileConfigs<BwdTileShapes<2, kBlockM, kBlockN, kDqBlockN, kDqBlockM>,
                   BwdTiles<Box<kBlockM / 16, 16, 1>, Box<kBlockN / 16, 16, 1>,
-                           Tiles<Box<8, 16, 1>, Box<2, 8, 1>, Box<kDqBlockN / 16, 16, 1>>>> {};
-template <int kBlockM, int kBlockN, int kDqBlockN>
-struct BwdTileConfigs<3, kBlockM, kBlockN, kDqBlockN>
-    : TileConfigs<BwdTileShapes<3, kBlockM, kBlockN, kDqBlockN>,
+                           Tiles<Box<kDqBlockM / 16, 16, 1>, Box<2, 8, 1>, Box<kDqBlockN / 16, 16, 1>>>> {};
+template <int kBlockM, int kBlockN, int kDqBlockN, int kDqBlockM>
+struct BwdTileConfigs<3, kBlockM, kBlockN, kDqBlockN, kDqBlockM>
+    : TileConfigs<BwdTileShapes<3, kBlockM, kBlockN, kDqBlockN, kDqBlockM>,
                   BwdTiles<Box<kBlockM / 32, 4, 8>, Box<kBlockN / 64, 8, 8>,
-                           Tiles<Box<2, 8, 8>, Box<1, 4, 4>,
+                           Tiles<Box<kDqBlockM / 64, 8, 8>, Box<1, 4, 4>,
                                  std::conditional_t<kDqBlockN == 32, Box<1, 4, 8>, Box<kDqBlockN / 16, 4, 4>>>>> {};
 
 // Portable dK/dV: 64 keys on 4 warps, Q tiles of 32 queries (head dims over 64: dK + dV + S + dP
-// within 255 registers) or 64. Hopper dK/dV: 128 keys on two warpgroups, Q tiles of 64.
+// within 255 registers) or 64.
 template <int kHeadDim>
 constexpr int kPortableBwdBlockM = kHeadDim > 64 ? 32 : 64;
 template <int kHeadDim, int kRank>
 using PortableBwdTiles = BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64, kPortableDqBlockN>;
-// Experiment knob (standalone timing builds): -DJNA_BWD_EXPERIMENT_KV64 gives each Hopper dK/dV CTA
-// 64 keys on one warpgroup, two CTAs per SM, whose steps no longer meet at a shared barrier.
-#if defined(JNA_BWD_EXPERIMENT_KV64)
+// Hopper: both kernels on two warpgroups per CTA (dK/dV: 128 keys, Q tiles of 64; dQ: 128 queries
+// over 64-key tiles). -DJNA_BWD_EXPERIMENT_ONE_WARPGROUP (experiment knob) gives both one warpgroup
+// per CTA, two CTAs per SM (64 keys; 64 queries), so that each CTA meets only its own barriers: one
+// warpgroup's exponentials, loads and prologue run beside the other CTA's products. Standalone,
+// H100, bf16, D = 128, backward alone against the two-warpgroup CTAs: p2 -9.6%, p3 -5.0%, p1 -3.3%,
+// p10 -6.7%, p7 +1.4% (cuda/fused/NOTES.md session 32); not the default until it has run through
+// JAX (its tile lists differ: branch wip/one-warpgroup-bwd).
+#if defined(JNA_BWD_EXPERIMENT_ONE_WARPGROUP)
 constexpr int kHopperBwdBlockN = 64;
+constexpr int kHopperDqBlockM = 64;
 #else
 constexpr int kHopperBwdBlockN = 128;
+constexpr int kHopperDqBlockM = 128;
 #endif
 template <int kRank>
-using HopperBwdTiles = BwdTileConfigs<kRank, 64, kHopperBwdBlockN, kHopperDqBlockN>;
+using HopperBwdTiles = BwdTileConfigs<kRank, 64, kHopperBwdBlockN, kHopperDqBlockN, kHopperDqBlockM>;
 
 // Host-side description of one configuration (extents per axis; axes past the rank are 1).
 struct TileConfigDesc {

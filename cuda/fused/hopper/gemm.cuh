@@ -145,14 +145,15 @@ struct Sm90Gemm {
     return MmaTN<M, N, 16>{}.get_thread_slice(tid).partition_C(
         cute::make_identity_tensor(cute::Shape<cute::Int<M>, cute::Int<N>>{}));
   }
-  // acc (M x kD) = A^T B: A a (K x M) row tile (layout Rows<K, M>), B a (K x kD) row tile.
-  template <int M, int K, class Acc>
+  // acc (M x N) = A^T B: A a (K x M) row tile (layout Rows<K, M>), B a (K x N) row tile (N = kD, or
+  // a block of 64-column blocks of a (K x kD) tile, which starts at element K x its first column).
+  template <int M, int K, int N = kD, class Acc>
   __device__ __forceinline__ void tn(Acc& acc, const Element* a, const Element* b) const {
     using namespace cute;
-    MmaTN<M, kD, K> mma;
+    MmaTN<M, N, K> mma;
     auto thr = mma.get_thread_slice(tid);
     Tensor sAt = make_tensor(make_smem_ptr(a), RowsT<K, M>{});
-    Tensor sBt = make_tensor(make_smem_ptr(b), RowsT<K>{});
+    Tensor sBt = make_tensor(make_smem_ptr(b), RowsT<K, N>{});
     wgmma_issue<true>(mma, thr.partition_fragment_A(sAt), thr.partition_fragment_B(sBt), acc);
   }
 

@@ -11,31 +11,19 @@
 namespace jax_na {
 namespace fused {
 
-// Experiment knob (standalone timing builds): -DJNA_BWD_EXPERIMENT_DQ64 gives each dQ CTA half the Q
-// tile (axis 0 halved) on one warpgroup, two CTAs per SM, whose steps no longer meet at a shared barrier.
-#if defined(JNA_BWD_EXPERIMENT_DQ64)
-template <class T>
-using HopperDqTiles = Tiles<Box<T::QTile::extent(0) / 2, T::QTile::extent(1), T::QTile::extent(2)>,
-                            typename T::WarpTile, typename T::KVTile>;
-constexpr int kHopperDqWarps = 4;
-#else
-template <class T>
-using HopperDqTiles = T;
-constexpr int kHopperDqWarps = 8;
-#endif
-
-// The tile configuration args.tiles_sm90 asks for (HopperBwdTiles): dQ on 128-query tiles on two
-// warpgroups (64 rows each) over 64-key tiles (wgmma N = 64 for S and dP); dK/dV: 128 keys on two
-// warpgroups, Q tiles of 64 queries (dK + dV + S^T + dP^T: 192 accumulator registers per thread at
-// D = 128). With a dq_accum buffer (non-deterministic mode) the dK/dV kernel adds dQ there too, and
-// the dQ kernel, which recomputes S and dP, does not run.
+// The tile configuration args.tiles_sm90 asks for (HopperBwdTiles): dQ on Q tiles of kHopperDqBlockM
+// queries (128: two warpgroups of 64 rows) over 64-key tiles (wgmma N = 64 for S and dP); dK/dV on
+// kHopperBwdBlockN keys (128: two warpgroups), Q tiles of 64 queries (dK + dV + S^T + dP^T: 192
+// accumulator registers per thread at D = 128); one warpgroup each with
+// -DJNA_BWD_EXPERIMENT_ONE_WARPGROUP (tile_shapes.cuh). With a dq_accum buffer (non-deterministic
+// mode) the dK/dV kernel adds dQ there too, and the dQ kernel, which recomputes S and dP, does not run.
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
   using Configs = HopperBwdTiles<kRank>;
   return with_tile_config<Configs>(args.tiles_sm90, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
     using DqTraits =
-        FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, kHopperDqWarps, 2, HopperDqTiles<typename Shapes::DqTiles>>;
+        FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, kHopperDqBlockM / 16, 2, typename Shapes::DqTiles>;
     auto launch = [&](auto dq_in_kernel) {
       using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, kHopperBwdBlockN / 16, kHopperBwdBlockN, 64,
                                    decltype(dq_in_kernel)::value, Shapes>;
