@@ -126,7 +126,7 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kMinBlocks = kHeadDim_ <= 64 ? 2 : 1;
 #endif
   using QTile = typename Shapes_::QTile;
-  static constexpr int kBlockM = QTile::kSize;  // 128 (64: the dQ kernel's experiment knob, hopper/launch_bwd.cuh)
+  static constexpr int kBlockM = QTile::kSize;  // 128 (the Hopper dQ kernel's ONE_WARPGROUP knob: 64)
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;  // K/V smem stages
 

@@ -101,7 +101,8 @@ struct InverseRangeTable {
     geo::Range q{Lg, Lg};
     if (j < Lg) {
       // The CTA's queries on this axis: [q_begin, q_begin + q_tiles * extent) holds inverse_range_any.
-      const int64_t tiles_end = static_cast<int64_t>(ks.q_begin[a]) + int64_t{ks.q_tiles[a]} * Traits::QTile::extent(a);
+      const int64_t tiles_end =
+          static_cast<int64_t>(ks.q_begin[a]) + int64_t{ks.q_tiles[a]} * Traits::QTile::extent(a);
       const int32_t any_end_bound = tiles_end < Lg ? static_cast<int32_t>(tiles_end) : Lg;
       q = geo::inverse_range_within(pr.axis[a], j, Lg, ks.q_begin[a], any_end_bound, ks.full_lo[a]);
     }

@@ -123,17 +123,6 @@ JNA_HD int32_t first_start_after(const Axis& a, int32_t j, int32_t Lg, const Sea
   return search(0, Lg, [&](int32_t p) { return window_start(a, p, Lg) > j; });
 }
 
-// Query positions (same group, group length Lg) whose window contains key position j.
-// Uses only window_start/window_end, which are non-decreasing in the query position.
-template <class Search = BinarySearch>
-JNA_HD Range inverse_range(const Axis& a, int32_t j, int32_t Lg, const Search& search = {}) {
-  Range r;
-  r.begin = first_end_after(a, j, Lg, search);
-  const int32_t e = first_start_after(a, j, Lg, search);
-  r.end = e < r.begin ? r.begin : e;
-  return r;
-}
-
 // inverse_range(a, j, Lg) for a key j < Lg of a key range [j0, j1] whose inverse_range_any begins at
 // any_begin and ends at or before any_end_bound (<= Lg), and whose inverse_range_all begins at
 // all_begin: the range's begin lies in [any_begin, all_begin] and its end in [any_begin,
@@ -148,6 +137,14 @@ JNA_HD Range inverse_range_within(const Axis& a, int32_t j, int32_t Lg, int32_t 
   const int32_t e = search(any_begin, any_end_bound, [&](int32_t p) { return window_start(a, p, Lg) > j; });
   r.end = e < r.begin ? r.begin : e;
   return r;
+}
+
+// Query positions (same group, group length Lg) whose window contains key position j: the search
+// above over the whole group. Uses only window_start/window_end, which are non-decreasing in the
+// query position.
+template <class Search = BinarySearch>
+JNA_HD Range inverse_range(const Axis& a, int32_t j, int32_t Lg, const Search& search = {}) {
+  return inverse_range_within(a, j, Lg, 0, Lg, Lg, search);
 }
 
 // Query positions whose window contains at least one key of [j0, j1] (j0 <= j1).
