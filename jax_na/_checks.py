@@ -67,7 +67,8 @@ FUSED_FWD_TILES = {
 # of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; each
 # configuration also sets the dQ kernel's tiles) per kernel set and rank, the default first.
 # Portable: 64 keys per CTA, 32 queries per step at head dims over 64 (any dtype), 64 at head dim
-# 64; Hopper (float16/bfloat16, head dims 64 and 128): 128 keys per CTA, 64 queries per step.
+# 64; Hopper (float16/bfloat16, head dims 64 and 128): 64 keys per CTA (one warpgroup, two CTAs per
+# SM), 64 queries per step: the portable head-dim-64 shapes.
 # Mirrors BwdTileConfigs in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py checks the extension
 # agrees).
 FUSED_BWD_TILES = {
@@ -77,20 +78,21 @@ FUSED_BWD_TILES = {
     ("sm80", 64): {1: (((64,), (64,)),),
                    2: (((8, 8), (8, 8)), ((4, 16), (4, 16))),
                    3: (((4, 4, 4), (4, 4, 4)), ((2, 4, 8), (1, 8, 8)))},
-    ("sm90", 64): {1: (((64,), (128,)),),
-                   2: (((8, 8), (16, 8)), ((4, 16), (8, 16))),
-                   3: (((4, 4, 4), (4, 4, 8)), ((2, 4, 8), (2, 8, 8)))},
+    ("sm90", 64): {1: (((64,), (64,)),),
+                   2: (((8, 8), (8, 8)), ((4, 16), (4, 16))),
+                   3: (((4, 4, 4), (4, 4, 4)), ((2, 4, 8), (1, 8, 8)))},
 }
 # The dQ kernel's tiles in each backward configuration ((Q tile, K/V tile) of the query-stationary
-# kernel, in FUSED_BWD_TILES' order; the same for both portable step sizes): read by the backward's
-# chooser. Mirrors BwdTiles::DqTiles in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py).
+# kernel, in FUSED_BWD_TILES' order; the same for both portable step sizes; portable CTAs take 128
+# queries, Hopper ones 64 on one warpgroup): read by the backward's chooser. Mirrors BwdTiles::DqTiles
+# in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py).
 FUSED_BWD_DQ_TILES = {
     "sm80": {1: (((128,), (32,)),),
              2: (((16, 8), (4, 8)), ((8, 16), (2, 16))),
              3: (((4, 4, 8), (2, 4, 4)), ((2, 8, 8), (1, 4, 8)))},
-    "sm90": {1: (((128,), (64,)),),
-             2: (((16, 8), (8, 8)), ((8, 16), (4, 16))),
-             3: (((4, 4, 8), (2, 8, 4)), ((2, 8, 8), (4, 4, 4)))},
+    "sm90": {1: (((64,), (64,)),),
+             2: (((8, 8), (8, 8)), ((4, 16), (4, 16))),
+             3: (((2, 4, 8), (2, 8, 4)), ((1, 8, 8), (4, 4, 4)))},
 }
 _KERNEL_SET_NAMES = {"sm80": "portable (fused_sm80)", "sm90": "Hopper (fused_sm90)"}
 # Grid limits of the fused kernels: query heads (and batch, which the lowering splits into chunks

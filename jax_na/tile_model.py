@@ -45,7 +45,7 @@ import numpy as np
 from jax_na import geometry
 
 __all__ = ["AxisGroup", "problem_axes", "useful_pairs", "query_stationary_pairs", "key_stationary_pairs",
-           "hopper_unit", "portable_unit", "mma_unit", "dkdv_units", "backward_work", "forward_work"]
+           "hopper_unit", "portable_unit", "mma_unit", "dq_unit", "dkdv_units", "backward_work", "forward_work"]
 
 # Queries per MMA unit: a portable warp's 16 rows (its sub-box of the Q tile: 16, 2x8, 1x4x4 for every
 # compiled configuration, tile_shapes.cuh), and a Hopper warpgroup's 64 (half the Q tile along axis 0).
@@ -187,6 +187,12 @@ def forward_work(axes, kernel_set: str, q_tile, kv_tile) -> int:
     return query_stationary_pairs(axes, q_tile, mma_unit(kernel_set, q_tile), kv_tile)
 
 
+def dq_unit(kernel_set: str, q_tile) -> tuple:
+    """The box of queries of the backward's dQ kernel that skips K/V tiles together: a Hopper CTA's
+    lone warpgroup (its whole Q tile of 64 queries), a portable warp's 16 queries."""
+    return tuple(q_tile) if kernel_set == "sm90" else portable_unit(q_tile)
+
+
 def dkdv_units(kernel_set: str) -> int:
     """MMA units of the dK/dV kernel of ``kernel_set`` each skipping the Q tiles its keys miss (1: none
     skips, the CTA's walk)."""
@@ -207,4 +213,4 @@ def backward_work(axes, kernel_set: str, q_tile, kv_tile, dq_q_tile, dq_kv_tile,
     dkdv = key_stationary_pairs(axes, q_tile, kv_tile, dkdv_units(kernel_set)) if unit_skips else cta
     if kernel_set == "sm90" and not deterministic:
         return 4 * dkdv + cta
-    return 4 * dkdv + 3 * query_stationary_pairs(axes, dq_q_tile, mma_unit(kernel_set, dq_q_tile), dq_kv_tile)
+    return 4 * dkdv + 3 * query_stationary_pairs(axes, dq_q_tile, dq_unit(kernel_set, dq_q_tile), dq_kv_tile)

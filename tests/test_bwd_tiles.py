@@ -60,12 +60,13 @@ def _from_templates(rank, M, N):
 _expect = helpers.expect_error
 
 
-def _dq_from_templates(rank, N):
-    """BwdTileConfigs' dQ Tiles (Q tile, K/V tile) written out for dQ K/V tiles of N keys (portable
-    32, Hopper 64): DqTileShapes by default, then the flat configuration's."""
-    default = {1: ((128,), (N,)), 2: ((16, 8), (N // 8, 8)), 3: ((4, 4, 8), (2, N // 8, 4))}[rank]
+def _dq_from_templates(rank, N, M):
+    """BwdTileConfigs' dQ Tiles (Q tile, K/V tile) written out for dQ CTAs of M queries (portable 128,
+    Hopper 64) over K/V tiles of N keys (portable 32, Hopper 64): DqTileShapes by default, then the
+    flat configuration's."""
+    default = {1: ((M,), (N,)), 2: ((M // 8, 8), (N // 8, 8)), 3: ((M // 32, 4, 8), (2, N // 8, 4))}[rank]
     flat_kv = (1, 4, 8) if N == 32 else (N // 16, 4, 4)
-    alt = {1: [], 2: [((8, 16), (N // 16, 16))], 3: [((2, 8, 8), flat_kv)]}[rank]
+    alt = {1: [], 2: [((M // 16, 16), (N // 16, 16))], 3: [((M // 64, 8, 8), flat_kv)]}[rank]
     return [default, *alt]
 
 
@@ -73,8 +74,8 @@ def _dq_from_templates(rank, N):
 def test_dq_tiles_equal_the_templates(rank):
     """FUSED_BWD_DQ_TILES (the backward chooser's view of the dQ kernel) lists one dQ tiling per
     backward configuration of each set, as the C++ templates give them."""
-    for ks, n in (("sm80", 32), ("sm90", 64)):
-        assert list(_checks.FUSED_BWD_DQ_TILES[ks][rank]) == _dq_from_templates(rank, n)
+    for ks, n, m in (("sm80", 32, 128), ("sm90", 64, 64)):
+        assert list(_checks.FUSED_BWD_DQ_TILES[ks][rank]) == _dq_from_templates(rank, n, m)
         for (kset, _), by_rank in _checks.FUSED_BWD_TILES.items():
             if kset == ks:
                 assert len(by_rank[rank]) == len(_checks.FUSED_BWD_DQ_TILES[ks][rank])
@@ -101,7 +102,7 @@ def test_listing_equals_the_table(rank):
             assert got["fused_sm80"] == _from_templates(rank, M80, 64), (dtype, head_dim)
             hopper = dtype != "float32" and P <= 128
             assert got["fused_sm90"] == (list(T[("sm90", 64)][rank]) if hopper else []), (dtype, head_dim)
-            assert got["fused_sm90"] == (_from_templates(rank, 64, 128) if hopper else []), (dtype, head_dim)
+            assert got["fused_sm90"] == (_from_templates(rank, 64, 64) if hopper else []), (dtype, head_dim)
             for backend, ks in SETS.items():
                 assert list(_checks.fused_bwd_tile_configs(ks, dtype, P, rank)) == got[backend]
             assert len(got["fused_sm80"]) == (1 if rank == 1 else 2)
@@ -117,7 +118,7 @@ def test_listing_equals_the_table(rank):
 @pytest.mark.parametrize("rank", RANKS)
 def test_listing_shapes(rank):
     """Every configuration: rank extents per tile, powers of two, 32 or 64 queries per step (portable;
-    64 on the Hopper set), 64 keys per CTA (portable) or 128 (Hopper); no duplicate; the compact
+    64 on the Hopper set), 64 keys per CTA (both sets); no duplicate; the compact
     default first (the documented example too)."""
     for dtype, head_dim in (("bfloat16", 128), ("float16", 64), ("float32", 64), ("float32", 128),
                             ("bfloat16", 256)):
@@ -129,15 +130,15 @@ def test_listing_shapes(rank):
                     assert math.prod(q) == (64 if head_dim <= 64 else 32), (dtype, head_dim, q)
                     assert math.prod(kv) == 64, kv
                 else:
-                    assert math.prod(q) == 64 and math.prod(kv) == 128, (q, kv)
+                    assert math.prod(q) == 64 and math.prod(kv) == 64, (q, kv)
             if configs:
                 M = math.prod(configs[0][0])
                 N = math.prod(configs[0][1])
                 assert configs[0] == _from_templates(rank, M, N)[0], (backend, configs)
     assert jax_na.fused_tile_configs(2, backward=True)["fused_sm80"][0] == ((4, 8), (8, 8))  # the docstring's
-    assert jax_na.fused_tile_configs(2, backward=True)["fused_sm90"][0] == ((8, 8), (16, 8))
+    assert jax_na.fused_tile_configs(2, backward=True)["fused_sm90"][0] == ((8, 8), (8, 8))
     assert jax_na.fused_tile_configs(1, "float16", 64, backward=True) == {"fused_sm80": [((64,), (64,))],
-                                                                         "fused_sm90": [((64,), (128,))]}
+                                                                         "fused_sm90": [((64,), (64,))]}
 
 
 @pytest.mark.parametrize("value", ["yes", 1, 0, None, "True"])
@@ -168,32 +169,30 @@ def _resolve(rank, backend, q=None, kv=None, dtype="bfloat16", D=128):
 
 # (rank, backward_q_tile_shape, backward_kv_tile_shape, dtype, D) -> FusedTiles under None / "fused".
 RESOLVED = [
-    # head dim 64: portable 64-query tiles; the two sets share the Q shapes, not the KV ones
+    # head dim 64: both sets have the same shapes (64 queries per step, 64 keys per CTA): arch 0
     (2, (8, 8), None, "bfloat16", 64, FusedTiles(0, 0, 0)),
     (2, (4, 16), None, "float16", 64, FusedTiles(0, 1, 1)),
-    (2, None, (8, 8), "bfloat16", 64, FusedTiles(80, 0, -1)),
-    (2, None, (4, 16), "bfloat16", 64, FusedTiles(80, 1, -1)),
-    (2, (4, 16), (4, 16), "bfloat16", 64, FusedTiles(80, 1, -1)),
-    (2, None, (16, 8), "bfloat16", 64, FusedTiles(90, -1, 0)),
-    (2, (8, 8), (16, 8), "bfloat16", 64, FusedTiles(90, -1, 0)),
-    (2, [4, 16], [8, 16], "bfloat16", 64, FusedTiles(90, -1, 1)),
+    (2, None, (8, 8), "bfloat16", 64, FusedTiles(0, 0, 0)),
+    (2, None, (4, 16), "bfloat16", 64, FusedTiles(0, 1, 1)),
+    (2, [4, 16], [4, 16], "bfloat16", 64, FusedTiles(0, 1, 1)),
     (3, (2, 4, 8), None, "bfloat16", 64, FusedTiles(0, 1, 1)),
-    (3, None, (1, 8, 8), "bfloat16", 64, FusedTiles(80, 1, -1)),
-    (3, (2, 4, 8), (2, 8, 8), "bfloat16", 64, FusedTiles(90, -1, 1)),
+    (3, None, (1, 8, 8), "bfloat16", 64, FusedTiles(0, 1, 1)),
+    (3, (4, 4, 4), (4, 4, 4), "bfloat16", 64, FusedTiles(0, 0, 0)),
     (1, 64, None, "bfloat16", 64, FusedTiles(0, 0, 0)),
-    (1, (64,), (64,), "bfloat16", 64, FusedTiles(80, 0, -1)),
-    (1, None, 128, "bfloat16", 64, FusedTiles(90, -1, 0)),
-    # head dim 128: portable 32-query tiles, no shape in common
+    (1, (64,), (64,), "bfloat16", 64, FusedTiles(0, 0, 0)),
+    # head dim 128: portable 32-query tiles, no (Q, K/V) pair in common; a K/V shape alone can match both
     (2, (4, 8), None, "bfloat16", 128, FusedTiles(80, 0, -1)),
     (2, (2, 16), (4, 16), "bfloat16", 100, FusedTiles(80, 1, -1)),
-    (2, None, (4, 16), "bfloat16", 128, FusedTiles(80, 1, -1)),
+    (2, None, (4, 16), "bfloat16", 128, FusedTiles(0, 1, 1)),
     (2, (8, 8), None, "bfloat16", 128, FusedTiles(90, -1, 0)),
-    (2, None, (8, 16), "float16", 128, FusedTiles(90, -1, 1)),
+    (2, (4, 16), None, "float16", 128, FusedTiles(90, -1, 1)),
+    (2, (4, 16), (4, 16), "bfloat16", 128, FusedTiles(90, -1, 1)),
     (3, (1, 4, 8), None, "bfloat16", 128, FusedTiles(80, 1, -1)),
-    (3, None, (4, 4, 4), "bfloat16", 128, FusedTiles(80, 0, -1)),
+    (3, None, (4, 4, 4), "bfloat16", 128, FusedTiles(0, 0, 0)),
     (3, (4, 4, 4), None, "bfloat16", 128, FusedTiles(90, -1, 0)),
+    (3, (2, 4, 8), (1, 8, 8), "bfloat16", 128, FusedTiles(90, -1, 1)),
     (1, 32, None, "bfloat16", 128, FusedTiles(80, 0, -1)),
-    (1, np.int64(64), 128, "bfloat16", 128, FusedTiles(90, -1, 0)),
+    (1, np.int64(64), 64, "bfloat16", 128, FusedTiles(90, -1, 0)),
     # float32 and head dim 256: the portable set only
     (2, (4, 8), None, "float32", 128, FusedTiles(80, 0, -1)),
     (2, (8, 8), None, "float32", 16, FusedTiles(80, 0, -1)),
@@ -283,16 +282,16 @@ def test_pinned_kernel_sets(any_gpu):
     """A configuration only the other set has, on a pinned backend: a ValueError listing this set's
     configurations only, naming the backward arguments and the direction."""
     with pytest.raises(ValueError) as ei:
-        _resolve(2, "fused_sm80", (8, 8), (16, 8), D=64)     # Hopper only
+        _resolve(2, "fused_sm80", (8, 8), (8, 8), D=128)     # Hopper only
     msg = str(ei.value)
-    assert "allowed" in msg and "(8, 8) with (8, 8)" in msg and "(4, 16) with (4, 16)" in msg, msg
-    assert "Hopper" not in msg and "(8, 8) with (16, 8)" not in msg, msg
-    assert f"{QN}=(8, 8)" in msg and f"{KVN}=(16, 8)" in msg and "fused_sm80" in msg and "backward" in msg, msg
+    assert "allowed" in msg and "(4, 8) with (8, 8)" in msg and "(2, 16) with (4, 16)" in msg, msg
+    assert "Hopper" not in msg and "(8, 8) with (8, 8)" not in msg, msg
+    assert f"{QN}=(8, 8)" in msg and f"{KVN}=(8, 8)" in msg and "fused_sm80" in msg and "backward" in msg, msg
     assert not FWD_NAME.search(msg), msg
     with pytest.raises(ValueError) as ei:
         _resolve(3, "fused_sm90", (1, 4, 8), None, D=128)    # portable only
     msg = str(ei.value)
-    assert "(4, 4, 4) with (4, 4, 8)" in msg and "(2, 4, 8) with (2, 8, 8)" in msg, msg
+    assert "(4, 4, 4) with (4, 4, 4)" in msg and "(2, 4, 8) with (1, 8, 8)" in msg, msg
     assert "portable" not in msg and "(1, 4, 8) with" not in msg and f"{QN}=(1, 4, 8)" in msg, msg
     assert _resolve(3, "fused_sm90", (2, 4, 8), D=128) == FusedTiles(90, -1, 1)
     assert _resolve(3, "fused_sm80", (2, 4, 4), D=128) == FusedTiles(80, 0, -1)
@@ -306,8 +305,8 @@ def test_attention_args_stores_the_tiles(any_gpu):
     q = _arr((1, 16, 8, 2, 64), jnp.bfloat16)
     common = (3, 1, 1, False, None, None, None, None)
     params, backend = _checks.attention_args(2, q, q, q, *common, backward_q_tile_shape=(8, 8),
-                                             backward_kv_tile_shape=(16, 8))
-    assert backend == "auto" and params.bwd_tiles == FusedTiles(90, -1, 0) and params.fwd_tiles is None
+                                             backward_kv_tile_shape=(8, 8))
+    assert backend == "auto" and params.bwd_tiles == FusedTiles(0, 0, 0) and params.fwd_tiles is None
     params0, _ = _checks.attention_args(2, q, q, q, *common)
     assert params0.bwd_tiles is None and params0.fwd_tiles is None
     assert params0 == dataclasses.replace(params, bwd_tiles=None)
@@ -322,7 +321,7 @@ def test_attention_args_stores_the_tiles(any_gpu):
         _checks.attention_args(2, q, q, q, *common, backward_q_tile_shape=(8, 16), backward_kv_tile_shape=(8, 8))
 
 
-@pytest.mark.parametrize("rank,q,kv", [(2, (8, 8), None), (3, None, (2, 8, 8)), (1, 64, 128)])
+@pytest.mark.parametrize("rank,q,kv", [(2, (8, 8), None), (3, (4, 4, 4), None), (1, 64, 64)])
 def test_hopper_only_needs_hopper(monkeypatch, rank, q, kv):
     """On a GPU without the Hopper kernels a Hopper-only backward configuration is a ValueError naming
     the backward arguments and listing the portable set's; without a GPU it resolves."""
@@ -385,9 +384,9 @@ def test_uncompiled_shapes():
     # float32 (head dim 8 -> 64): the portable set only
     msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, backward_kv_tile_shape=(16, 8)), [KVN, "allowed", "float32"])
     assert "(8, 8) with (8, 8)" in msg and "(4, 16) with (4, 16)" in msg and "Hopper" not in msg, msg
-    # head dim 128: the 32-query portable shapes; the 64-query ones are not compiled there
+    # head dim 128: the 32-query portable shapes beside the Hopper set's 64-query ones
     Q2H = _arr((1, 16, 8, 2, 128), jnp.bfloat16)
-    msg = _expect(lambda: jax_na.na2d(Q2H, Q2H, Q2H, 3, backward_q_tile_shape=(4, 16), backward_kv_tile_shape=(4, 16)),
+    msg = _expect(lambda: jax_na.na2d(Q2H, Q2H, Q2H, 3, backward_q_tile_shape=(8, 8), backward_kv_tile_shape=(4, 16)),
                   [QN, KVN, "allowed", "head dim 128"])
     assert "(4, 8) with (8, 8)" in msg and "(2, 16) with (4, 16)" in msg, msg
     _expect(lambda: jax_na.na3d(Q3, Q3, Q3, 3, backward_q_tile_shape=(4, 4, 8)), [QN, "allowed", "(2, 4, 8)"])
@@ -422,15 +421,17 @@ _workspace_elems = helpers.workspace_elems
 
 
 # The problems the backward configurations were measured on (H200, bf16, D = 128, fwd+bwd; _checks'
-# chooser comment) and p9, with whether (portable, Hopper) take their flat tiles: the faster ones
-# where measured, the tile model's choice on p9 (strided: the flat boxes align with the stride).
+# chooser comment) and p9, with whether (portable, Hopper) take their flat tiles: the portable set's
+# faster ones where measured, the tile model's choice on p9 (strided: the flat boxes align with the
+# stride); the Hopper set's since its one-warpgroup CTAs (64-key boxes, cuda/fused/NOTES.md session
+# 32) are the tile model's choices, not measured yet.
 # (spatial, kernel_size, stride, is_causal, flat)
 MEASURED_BWD = [
     ((128, 128), (31, 31), 1, False, (False, False)),                          # p2
-    ((16, 32, 32), (7, 13, 13), 1, False, (True, False)),                      # p3
+    ((16, 32, 32), (7, 13, 13), 1, False, (True, True)),                       # p3
     ((16, 32, 32), (7, 13, 13), 1, (True, False, False), (True, True)),        # p10
     ((16, 32, 32), (3, 13, 13), 1, False, (True, True)),
-    ((30, 48, 80), (18, 24, 24), 1, False, (False, True)),                     # p8
+    ((30, 48, 80), (18, 24, 24), 1, False, (False, False)),                    # p8
     ((30, 48, 80), (18, 24, 24), (16, 8, 8), False, (True, True)),             # p9
 ]
 
@@ -499,22 +500,22 @@ CHOSEN = "chosen"
 LOWERED = [
     ("na2d", "q2", "k2", 3, None, (None, None), ((8, 8), None), (0, 0, 0), (0, 0, 0)),
     ("na2d", "q2", "k2", 3, None, (None, None), ((4, 16), None), (0, 0, 0), (0, 1, 1)),
-    ("na2d", "q2", "k2", 3, None, (None, None), (None, (8, 8)), (0, 0, 0), (80, 0, -1)),
-    ("na2d", "q2", "k2", 3, None, (None, None), ((8, 8), (16, 8)), (0, 0, 0), (90, -1, 0)),
-    ("na2d", "q2", "k2", 3, "fused", (None, None), ((4, 16), (4, 16)), (0, 0, 0), (80, 1, -1)),
+    ("na2d", "q2", "k2", 3, None, (None, None), (None, (8, 8)), (0, 0, 0), (0, 0, 0)),
+    ("na2d", "q2", "k2", 3, None, (None, None), ((8, 8), (8, 8)), (0, 0, 0), (0, 0, 0)),
+    ("na2d", "q2", "k2", 3, "fused", (None, None), ((4, 16), (4, 16)), (0, 0, 0), (0, 1, 1)),
     ("na2d", "q2", "k2", 3, "fused_sm80", (None, None), ((4, 16), None), (80, 0, 0), (80, 1, -1)),
     ("na2d", "q2", "k2", 3, "fused_sm90", (None, None), ((4, 16), None), (90, 0, 0), (90, -1, 1)),
     ("na2d", "q2h", "k2h", 3, None, (None, None), ((2, 16), None), (0, 0, 0), (80, 1, -1)),
     ("na2d", "q2h", "k2h", 3, None, (None, None), ((8, 8), None), (0, 0, 0), (90, -1, 0)),
     ("na2d", "q2h", "k2h", 3, "fused_sm80", (None, None), (None, (4, 16)), (80, 0, 0), (80, 1, -1)),
-    ("na2d", "q2h", "k2h", 3, "fused_sm90", (None, None), (None, (8, 16)), (90, 0, 0), (90, -1, 1)),
+    ("na2d", "q2h", "k2h", 3, "fused_sm90", (None, None), (None, (4, 16)), (90, 0, 0), (90, -1, 1)),
     ("na3d", "q3", "q3", 3, None, (None, None), ((1, 4, 8), (1, 8, 8)), (0, 0, 0), (80, 1, -1)),
-    ("na3d", "q3", "q3", 3, None, (None, None), (None, (2, 8, 8)), (0, 0, 0), (90, -1, 1)),
+    ("na3d", "q3", "q3", 3, None, (None, None), ((2, 4, 8), (1, 8, 8)), (0, 0, 0), (90, -1, 1)),
     ("na1d", "q1", "q1", 3, None, (None, None), (64, None), (0, 0, 0), (0, 0, 0)),
-    ("na1d", "q1", "q1", 3, None, (None, None), (None, 128), (0, 0, 0), (90, -1, 0)),
+    ("na1d", "q1", "q1", 3, "fused_sm90", (None, None), (None, 64), (90, 0, 0), (90, -1, 0)),
     ("na2d", "q2f", "q2f", 3, None, (None, None), ((4, 16), None), (0, 0, 0), (80, 1, -1)),
     # forward and backward shapes together: each call gets its own
-    ("na2d", "q2", "k2", 3, None, ((8, 16), (8, 8)), ((8, 8), (16, 8)), (80, 1, -1), (90, -1, 0)),
+    ("na2d", "q2", "k2", 3, None, ((8, 16), (8, 8)), ((8, 8), (8, 8)), (80, 1, -1), (0, 0, 0)),
     ("na2d", "q2h", "k2h", 3, None, ((16, 8), (16, 8)), ((2, 16), (4, 16)), (90, -1, 0), (80, 1, -1)),
     ("na3d", "q3", "q3", 3, "fused_sm90", ((2, 8, 8), None), ((4, 4, 4), None), (90, -1, 1), (90, -1, 0)),
     # no backward shapes: the backward's chooser (here the flat tiles of both sets)
@@ -524,7 +525,7 @@ LOWERED = [
     # forward shapes only: the backward keeps its defaults (k = 3 over 16x8) or its chooser's
     ("na2d", "q2", "k2", 3, None, ((8, 16), None), (None, None), (0, 1, 1), (0, 0, 0)),
     ("na2d", "q2c", "k2c", (3, 31), "fused_sm80", (None, None), (None, None), CHOSEN, CHOSEN),
-    ("na2d", "q2c", "k2c", (3, 31), None, (None, None), ((4, 16), (8, 16)), CHOSEN, (90, -1, 1)),
+    ("na2d", "q2c", "k2c", (3, 31), None, (None, None), ((4, 16), (4, 16)), CHOSEN, (0, 1, 1)),
 ]
 
 
@@ -584,7 +585,7 @@ def test_cuda_lowering_reference_ignores_them():
     """Lowered for the CPU, the reference (auto there) has no custom call and no tile attribute."""
     X = _inputs()
     g = jax.grad(lambda q: jnp.sum(jax_na.na2d(q, q, q, 3, backward_q_tile_shape=(8, 8),
-                                               backward_kv_tile_shape=(16, 8)).astype(jnp.float32)))
+                                               backward_kv_tile_shape=(8, 8)).astype(jnp.float32)))
     text = jax.jit(g).trace(X["q2"]).lower(lowering_platforms=("cpu",)).as_text()
     assert "jax_na_" not in text and "tiles_sm" not in text
 
@@ -594,19 +595,19 @@ DETERMINISM = [
     (2, (16, 8), 4, 128, 3, None, (None, None), True),          # head dim 128: the Hopper backward
     (2, (16, 8), 4, 128, 3, None, ((2, 16), (4, 16)), False),   # portable-only configuration: the portable one
     (2, (16, 8), 4, 128, 3, None, ((4, 8), None), False),
-    (2, (16, 8), 4, 128, 3, None, (None, (8, 8)), False),
+    (2, (16, 8), 4, 128, 3, None, (None, (8, 8)), True),        # a K/V shape of both sets: as without shapes
     (2, (16, 8), 4, 128, 3, None, ((8, 8), None), True),        # Hopper-only: Hopper
-    (2, (16, 8), 4, 128, 3, "fused", ((4, 16), (8, 16)), True),
+    (2, (16, 8), 4, 128, 3, "fused", ((4, 16), (4, 16)), True),
     (2, (16, 8), 4, 128, 3, "fused_sm80", ((2, 16), None), False),
     (2, (16, 8), 4, 128, 3, "fused_sm90", ((4, 16), None), True),
     (2, (16, 8), 4, 64, 3, None, ((8, 8), None), False),        # both sets, head dim 64, 9 keys: portable
-    (2, (16, 8), 4, 64, 3, None, ((8, 8), (16, 8)), True),      # Hopper-only
+    (2, (16, 8), 4, 64, 3, "fused_sm90", ((8, 8), (8, 8)), True),  # the same shapes, Hopper pinned
     (2, (16, 8), 4, 64, 3, None, (None, (4, 16)), False),
     (1, (300,), 2, 64, 257, None, (None, None), True),         # 257 keys: Hopper
     (1, (300,), 2, 64, 257, None, ((64,), None), True),        # both sets: as without shapes
-    (1, (300,), 2, 64, 257, None, (None, (64,)), False),       # portable-only
+    (1, (300,), 2, 64, 257, "fused_sm80", (None, (64,)), False),  # the portable set pinned
     (3, (4, 5, 6), 2, 128, 3, None, ((1, 4, 8), (1, 8, 8)), False),
-    (3, (4, 5, 6), 2, 128, 3, None, ((2, 4, 8), (2, 8, 8)), True),
+    (3, (4, 5, 6), 2, 128, 3, None, ((2, 4, 8), (1, 8, 8)), True),
 ]
 
 

@@ -82,7 +82,7 @@ def analyse(p: Problem, kernel_set: str) -> dict:
         dq_q, dq_kv = dq_tiles[i]
         dkdv = tile_model.key_stationary_pairs(axes, q, kv, tile_model.dkdv_units(kernel_set))
         dkdv_cta = tile_model.key_stationary_pairs(axes, q, kv)  # the CTA's walk (no unit skips)
-        dq = tile_model.query_stationary_pairs(axes, dq_q, tile_model.mma_unit(kernel_set, dq_q), dq_kv)
+        dq = tile_model.query_stationary_pairs(axes, dq_q, tile_model.dq_unit(kernel_set, dq_q), dq_kv)
         out["bwd"].append({"q": q, "kv": kv, "dq_q": dq_q, "dq_kv": dq_kv, "chosen": i == bwd_index,
                            "dkdv_efficiency": useful / dkdv, "dkdv_cta_efficiency": useful / dkdv_cta,
                            "dq_efficiency": useful / dq,

@@ -159,7 +159,7 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
 // per MMA row block; dK and dV accumulate in registers) and walks the Q tiles of its keys' inverse
 // neighbourhood, kBlockM queries at a time. Portable default: 64 keys on 4 warps, Q tiles of 32
 // (D = 128, so that dK + dV + S + dP stay within 255 registers) or 64 (D = 64). The Hopper backward
-// (hopper/kernel_traits.cuh) takes 128 keys on 8 warps (two warpgroups) and Q tiles of 64.
+// (hopper/launch_bwd.cuh) takes 64 keys on 4 warps (one warpgroup, two CTAs per SM) and Q tiles of 64.
 // kDqInKernel_: the kernel also computes dQ (dS K per Q tile, added into a float32 buffer with
 // atomics; the Hopper backward's non-deterministic mode): dS^T goes through smem, and each Q tile's
 // row offsets are kept beside its lse/delta.

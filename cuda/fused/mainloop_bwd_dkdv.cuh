@@ -1,7 +1,7 @@
 // Fused backward, key-stationary part: dK and dV (on SM80 MMAs, or on Hopper wgmma through Sm90Gemm).
 //
-// One CTA = one KV tile of kBlockN keys (64 on 4 warps portable, 128 on two warpgroups on Hopper;
-// one batch item, kv head and dilation group; or kBlockN additional keys). K and V stay in shared memory; the
+// One CTA = one KV tile of kBlockN keys (64: 4 warps portable, one warpgroup on Hopper; one batch
+// item, kv head and dilation group; or kBlockN additional keys). K and V stay in shared memory; the
 // CTA walks the Q tiles of its inverse neighbourhood for each of the G query heads of its kv head
 // (KVScheduler, QTileWalker), Q/dO/lse/delta double-buffered: gathered with cp.async by every thread, or on
 // Hopper (Gemm::kTmaLoads, problems without dilation) Q/dO by one thread's TMA boxes, completing on
@@ -360,12 +360,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           if (dq_issuer) cute::tma_store_wait<0>();
         }
         __syncthreads();
-        // dQ columns per product: 64 per warpgroup, so a lone warpgroup (-DJNA_BWD_EXPERIMENT_ONE_WARPGROUP)
-        // takes kD / 64 products: its 64 x 128 float32 accumulator would not fit beside dK and dV (spills).
+        // dQ columns per product: 64 per warpgroup, so a lone warpgroup (the default Hopper CTA) takes
+        // kD / 64 products: its 64 x 128 float32 accumulator would not fit beside dK and dV (spills).
         constexpr int kDqCols = kD < 64 * Gemm::kWarpGroups ? kD : 64 * Gemm::kWarpGroups;
         constexpr int kDqColPasses = kD / kDqCols;
         static_assert(!Traits::kDqTmaReduce || kDqColPasses == 1,
-                      "dQ by TMA reductions: one product per Q tile (two warpgroups)");
+                      "dQ by TMA reductions: one product per Q tile (-DJNA_BWD_EXPERIMENT_TWO_WARPGROUPS)");
         // By TMA reductions (a whole box of rows per column block; rows past an axis end are
         // dropped by the TMA) where the Q/dO tile could come by TMA; else float atomics per value.
         bool dq_by_tma = false;  // uniform over the CTA

@@ -200,19 +200,18 @@ template <int kHeadDim>
 constexpr int kPortableBwdBlockM = kHeadDim > 64 ? 32 : 64;
 template <int kHeadDim, int kRank>
 using PortableBwdTiles = BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64, kPortableDqBlockN>;
-// Hopper: both kernels on two warpgroups per CTA (dK/dV: 128 keys, Q tiles of 64; dQ: 128 queries
-// over 64-key tiles). -DJNA_BWD_EXPERIMENT_ONE_WARPGROUP (experiment knob) gives both one warpgroup
-// per CTA, two CTAs per SM (64 keys; 64 queries), so that each CTA meets only its own barriers: one
-// warpgroup's exponentials, loads and prologue run beside the other CTA's products. Standalone,
-// H100, bf16, D = 128, backward alone against the two-warpgroup CTAs: p2 -9.6%, p3 -5.0%, p1 -3.3%,
-// p10 -6.7%, p7 +1.4% (cuda/fused/NOTES.md session 32); not the default until it has run through
-// JAX (its tile lists differ: branch wip/one-warpgroup-bwd).
-#if defined(JNA_BWD_EXPERIMENT_ONE_WARPGROUP)
-constexpr int kHopperBwdBlockN = 64;
-constexpr int kHopperDqBlockM = 64;
-#else
+// Hopper: both kernels on one warpgroup per CTA, two CTAs per SM (dK/dV: 64 keys, Q tiles of 64;
+// dQ: 64 queries over 64-key tiles): each CTA meets only its own barrier, so one warpgroup's
+// exponentials and loads run beside the other CTA's products, and one CTA's prologue beside the
+// other's loop. Against two warpgroups sharing a CTA (128 keys / 128 queries), H100, bf16, D = 128,
+// backward alone: p2 -9.6%, p3 -5.0%, p1 -3.3%, p10 -6.7%, p7 +1.4% (cuda/fused/NOTES.md session
+// 32). -DJNA_BWD_EXPERIMENT_TWO_WARPGROUPS (experiment knob) builds the two-warpgroup CTAs.
+#if defined(JNA_BWD_EXPERIMENT_TWO_WARPGROUPS)
 constexpr int kHopperBwdBlockN = 128;
 constexpr int kHopperDqBlockM = 128;
+#else
+constexpr int kHopperBwdBlockN = 64;
+constexpr int kHopperDqBlockM = 64;
 #endif
 template <int kRank>
 using HopperBwdTiles = BwdTileConfigs<kRank, 64, kHopperBwdBlockN, kHopperDqBlockN, kHopperDqBlockM>;

@@ -12,10 +12,9 @@ namespace jax_na {
 namespace fused {
 
 // The tile configuration args.tiles_sm90 asks for (HopperBwdTiles): dQ on Q tiles of kHopperDqBlockM
-// queries (128: two warpgroups of 64 rows) over 64-key tiles (wgmma N = 64 for S and dP); dK/dV on
-// kHopperBwdBlockN keys (128: two warpgroups), Q tiles of 64 queries (dK + dV + S^T + dP^T: 192
-// accumulator registers per thread at D = 128); one warpgroup each with
-// -DJNA_BWD_EXPERIMENT_ONE_WARPGROUP (tile_shapes.cuh). With a dq_accum buffer (non-deterministic
+// queries (64: one warpgroup) over 64-key tiles (wgmma N = 64 for S and dP); dK/dV on kHopperBwdBlockN
+// keys (64: one warpgroup), Q tiles of 64 queries (dK + dV + S^T + dP^T: 192 accumulator registers per
+// thread at D = 128); two CTAs per SM (tile_shapes.cuh). With a dq_accum buffer (non-deterministic
 // mode) the dK/dV kernel adds dQ there too, and the dQ kernel, which recomputes S and dP, does not run.
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
