@@ -15,8 +15,8 @@
 # -DJNA_BWD_EXPERIMENT_* knobs NO_DQ_KERNEL, NO_DKDV_KERNEL, ONE_UNIT and NO_EXP (cuda/fused/NOTES.md,
 # sessions 30-32) leave parts of the work out; their checks would fail by design, so those variants run
 # the timings only. The others (NO_UNIT_SKIP, UNIT_SKIP: the dK/dV units' skips off / on;
-# TWO_WARPGROUPS: the Hopper backward's former 128-key / 128-query CTAs; EARLY_ROW_STATS: lse/delta read
-# while S^T/dP^T run) compute everything and are checked.
+# TWO_WARPGROUPS: the Hopper backward's former 128-key / 128-query CTAs) compute everything and are
+# checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 direction=$1 what=$2 dir=$3

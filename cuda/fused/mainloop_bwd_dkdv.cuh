@@ -285,25 +285,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       if (meets) {  // uniform over the unit (always true here without dQ in the kernel)
         gemm.template ss<kBlockN, kBlockM>(acc_s, sK, sQ(s));
         gemm.template ss<kBlockN, kBlockM>(acc_dp, sV, sdO(s));
-#if defined(JNA_BWD_EXPERIMENT_EARLY_ROW_STATS)
-        // Experiment knob: the columns' lse read while S^T runs. A wgmma wait is a memory barrier to
-        // the compiler, so the reads below it start after it, right before the exponentials need
-        // them (ncu, p1: the first one's shared-load wait is 3% of the kernel's stall samples).
-        float lse2s[kCols];
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) lse2s[c] = s_lse[acc_col(c, lane)] * kLog2e;
-#endif
         gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
         if (!full)
           mask_inverse_tile<Traits>(s_rc, s_inv, org, warp, lane);
         // P^T in place of S^T.
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
-#if defined(JNA_BWD_EXPERIMENT_EARLY_ROW_STATS)
-          const float lse2 = lse2s[c];
-#else
           const float lse2 = s_lse[acc_col(c, lane)] * kLog2e;
-#endif
 #pragma unroll
           for (int r = 0; r < kRows; ++r)
 #if defined(JNA_BWD_EXPERIMENT_NO_EXP)  // experiment knob: the exponentials' cost (wrong P)
@@ -314,20 +302,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         }
         convert_fragment_into(acc_s, rP);
         out_gemm.template rs<kBlockM>(acc_dv, rP, sdO(s) + kBlockM * col0);  // dV += P^T dO
-#if defined(JNA_BWD_EXPERIMENT_EARLY_ROW_STATS)
-        float dlts[kCols];  // the columns' delta, read while dP^T runs (as lse above)
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) dlts[c] = s_dlt[acc_col(c, lane)];
-#endif
         gemm.template wait<1>(acc_dp);                                       // dP^T done, dV in flight
         // dS^T in place of dP^T.
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
-#if defined(JNA_BWD_EXPERIMENT_EARLY_ROW_STATS)
-          const float dlt = dlts[c];
-#else
           const float dlt = s_dlt[acc_col(c, lane)];
-#endif
 #pragma unroll
           for (int r = 0; r < kRows; ++r) dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - dlt);
         }
