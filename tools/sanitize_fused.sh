@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# GPU machine: build cuda/fused/sanitize_fused.cu with the fused kernels (sm_90a) and run it under
-# compute-sanitizer memcheck, racecheck and synccheck. Logs under $OUT (default ./out).
-# Usage: bash tools/sanitize_fused.sh [cutlass include dir]
+# Build cuda/fused/sanitize_fused.cu with the fused kernels (sm_90a) and run it under compute-sanitizer
+# memcheck, racecheck and synccheck on a GPU machine. Logs under $OUT (default ./out).
+#   bash tools/sanitize_fused.sh [cutlass include dir]     # build (JOBS parallel compiles, default 16) and run
+#   bash tools/sanitize_fused.sh build [cutlass include]   # build only (where nvcc is, e.g. a machine without GPU)
+#   bash tools/sanitize_fused.sh run                       # run the binary built before (B: its folder)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+what=all
+case "${1:-}" in build|run) what=$1; shift ;; esac
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
-CUTLASS=${1:-$(python3 -c "import os, cutlass_library as c; print(os.path.join(os.path.dirname(c.__file__), 'source', 'include'))")}
-B=/tmp/jna_sanitize; mkdir -p "$B"
-FLAGS="-std=c++17 -O2 --expt-relaxed-constexpr -lineinfo -Icuda -isystem $CUTLASS -gencode=arch=compute_90a,code=sm_90a -DJNA_FUSED_WITH_SM90=1"
-# Every fused kernel, the Hopper ones included (the driver runs both kernel sets in each direction).
-ls cuda/fused/fwd_*.cu cuda/fused/hopper/fwd_*.cu cuda/fused/bwd_*.cu cuda/fused/hopper/bwd_*.cu cuda/fused/dispatch.cu cuda/fused/sanitize_fused.cu |
-  xargs -P 16 -I{} sh -c 'nvcc '"$FLAGS"' -c {} -o '"$B"'/$(echo {} | tr / _).o' || { echo "BUILD FAILED"; exit 1; }
-nvcc $FLAGS "$B"/*.o -o "$B/sanitize_fused" || { echo "LINK FAILED"; exit 1; }
+B=${B:-/tmp/jna_sanitize}; mkdir -p "$B"
+if [ "$what" != run ]; then
+  CUTLASS=${1:-$(python3 -c "import os, cutlass_library as c; print(os.path.join(os.path.dirname(c.__file__), 'source', 'include'))")}
+  FLAGS="-std=c++17 -O2 --expt-relaxed-constexpr -lineinfo -Icuda -isystem $CUTLASS -gencode=arch=compute_90a,code=sm_90a -DJNA_FUSED_WITH_SM90=1"
+  # Every fused kernel, the Hopper ones included (the driver runs both kernel sets in each direction).
+  ls cuda/fused/fwd_*.cu cuda/fused/hopper/fwd_*.cu cuda/fused/bwd_*.cu cuda/fused/hopper/bwd_*.cu cuda/fused/dispatch.cu cuda/fused/sanitize_fused.cu |
+    xargs -P "${JOBS:-16}" -I{} sh -c 'nvcc '"$FLAGS"' -c {} -o '"$B"'/$(echo {} | tr / _).o' || { echo "BUILD FAILED"; exit 1; }
+  nvcc $FLAGS "$B"/*.o -o "$B/sanitize_fused" || { echo "LINK FAILED"; exit 1; }
+  [ "$what" = build ] && { echo "built $B/sanitize_fused"; exit 0; }
+fi
 rc=0
 for tool in memcheck racecheck synccheck; do
   # Two persistent CTAs in the Hopper forward: each walks many query tiles of these small problems.
