@@ -400,17 +400,29 @@ def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
 # configuration first; cuda/fused/NOTES.md sessions 20, 22, 24, 27):
 # - forward, 2-D 7x31 window over 64x256: 8x16 Q tiles, Hopper 0.348 vs 0.462, portable 0.571 vs
 #   0.617; square windows (p2, p6): the default.
-# - backward (fwd+bwd), Hopper: p10 (7x13x13, causal on the first axis) flat 4.97 vs 5.36; 3x13x13
-#   over 16x32x32 flat 3.66 vs 4.56; p8 (18x24x24) flat 296.1 vs 302.0; p3 default 6.08 vs 6.27; p2
-#   default 3.08 vs 3.09. Portable: p3 flat 9.41 vs 10.17, p10 flat 7.94 vs 8.29, 3x13x13 flat 4.87
-#   vs 5.98, p8 default 476 vs 502, p2 default 4.96 vs 5.08.
-def _least_work(configs, work, eligible=lambda c: True) -> int:
+# - backward (fwd+bwd), Hopper one-warpgroup CTAs (H100, session 33; see BWD_CHOICE_MARGIN): p2
+#   default 2.34 vs 2.56, p3 default 4.44 vs 4.48, p10 default 3.77 vs 3.88, p8 default 235.6 vs
+#   248.1, p9 default 149.5 vs 152.8, 3x13x13 over 16x32x32 flat 2.61 vs 3.16. Portable (H100): p3
+#   flat 8.04 vs 8.48, p10 flat 6.81 vs 7.12, p9 flat 298.7 vs 307.9, p2 default 4.73 vs 4.82, p8
+#   default 423 vs 452, 3x13x13 flat 4.07 vs 5.18.
+def _least_work(configs, work, eligible=lambda c: True, margin: float = 0.0) -> int:
     """Index of the eligible configuration with the least work (the first of equals; 0 when fewer
-    than two are eligible)."""
+    than two are eligible). An alternative must do less than ``1 - margin`` of the default's work
+    (configuration 0, when eligible) to replace it."""
     if sum(bool(eligible(c)) for c in configs) < 2:
         return 0
     costs = [work(*c) if eligible(c) else math.inf for c in configs]
-    return costs.index(min(costs))
+    best = costs.index(min(costs))
+    return 0 if costs[0] < math.inf and costs[best] >= (1.0 - margin) * costs[0] else best
+
+
+# Per kernel set, the fraction of the default's pair-products a backward alternative must save to
+# replace it: a flat configuration costs more per product (smaller boxes along the first axis, more
+# steps). Hopper's one-warpgroup CTAs (H100, forward+backward, session 33): the flat 3-D tiles save
+# 0.5% on p3, 0.4% on p10 and 5.3% on p9 but ran 0.9%, 2.7% and 2.2% slower (4.48 vs 4.44 ms, 3.88
+# vs 3.77, 152.8 vs 149.5); saving 28.5% (3x13x13 over 16x32x32) they ran 18% faster (2.61 vs 3.16).
+# Portable: saving 6-10% (p3, p10, p9) the flat tiles ran 3-6% faster.
+BWD_CHOICE_MARGIN = {"sm80": 0.02, "sm90": 0.08}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -441,7 +453,8 @@ def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
         dq = FUSED_BWD_DQ_TILES[ks].get(rank, ())
         index.append(_least_work(
             [(q, kv, *dq[i]) for i, (q, kv) in enumerate(configs)],
-            lambda q, kv, dq_q, dq_kv: tile_model.backward_work(axes(), ks, q, kv, dq_q, dq_kv, deterministic)))
+            lambda q, kv, dq_q, dq_kv: tile_model.backward_work(axes(), ks, q, kv, dq_q, dq_kv, deterministic),
+            margin=BWD_CHOICE_MARGIN[ks]))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 

@@ -428,11 +428,12 @@ _workspace_elems = helpers.workspace_elems
 # (spatial, kernel_size, stride, is_causal, flat)
 MEASURED_BWD = [
     ((128, 128), (31, 31), 1, False, (False, False)),                          # p2
-    ((16, 32, 32), (7, 13, 13), 1, False, (True, True)),                       # p3
-    ((16, 32, 32), (7, 13, 13), 1, (True, False, False), (True, True)),        # p10
+    # Hopper flat computes 0.5% fewer pair-products on p3/p10, 5.3% on p9: within BWD_CHOICE_MARGIN
+    ((16, 32, 32), (7, 13, 13), 1, False, (True, False)),                      # p3
+    ((16, 32, 32), (7, 13, 13), 1, (True, False, False), (True, False)),       # p10
     ((16, 32, 32), (3, 13, 13), 1, False, (True, True)),
     ((30, 48, 80), (18, 24, 24), 1, False, (False, False)),                    # p8
-    ((30, 48, 80), (18, 24, 24), (16, 8, 8), False, (True, True)),             # p9
+    ((30, 48, 80), (18, 24, 24), (16, 8, 8), False, (True, False)),            # p9
 ]
 
 
@@ -464,7 +465,8 @@ def test_chooser_without_backward_tile_shapes(any_gpu, spatial, kernel_size, str
 def test_backward_chooser_modes_and_dtypes(any_gpu):
     """The choice depends on the kernel set's configurations for the dtype and head dim (float32: the
     portable set only) and, on Hopper, on deterministic_backward (without it the dK/dV kernel adds
-    dQ: five products per pair it computes and no dQ kernel); it is the least-work configuration."""
+    dQ: five products per pair it computes and no dQ kernel); it is the least-work configuration, or
+    the default where none saves more than BWD_CHOICE_MARGIN of its work."""
     from jax_na import tile_model
     spatial, window = (16, 32, 32), ((7, 13, 13), (1, 1, 1), (1, 1, 1), (False, False, False))
     axes = tile_model.problem_axes(spatial, *window)
@@ -478,7 +480,9 @@ def test_backward_chooser_modes_and_dtypes(any_gpu):
                     continue
                 dq = _checks.FUSED_BWD_DQ_TILES[ks][3]
                 work = [tile_model.backward_work(axes, ks, q, kv, *dq[i], det) for i, (q, kv) in enumerate(configs)]
-                assert work[index] == min(work) and work.index(min(work)) == index, (dtype, det, ks, work)
+                least = work.index(min(work))
+                want = least if work[least] < (1 - _checks.BWD_CHOICE_MARGIN[ks]) * work[0] else 0
+                assert index == want, (dtype, det, ks, work)
     # 1-D has one configuration: nothing to choose
     x = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
     assert _checks.bwd_tiles_args(1, x, x, "fused", None, None, ((255,), (1,), (1,), (False,))) is None
