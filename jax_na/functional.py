@@ -216,9 +216,11 @@ _NA_DOC = """{rank}-D neighborhood attention.
         fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16; under
         "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more; every head
         dim up to 128 on "fused_sm90"), its key-stationary kernel also adds dQ into a float32 buffer
-        with atomics, and no second kernel recomputes the scores for dQ: forward+backward 3-10%
-        faster on an H200 (cuda/fused/NOTES.md), but the order of those additions varies, so dq may
-        differ in its last bits between runs. The other backends and the portable fused kernels
+        with atomics, and no second kernel recomputes the scores for dQ; the order of those
+        additions varies, so dq may differ in its last bits between runs. Since the Hopper backward
+        runs one-warpgroup CTAs of 64 keys (the default), that mode adds twice the atomics per key
+        and measured 5-23% slower than the deterministic default on an H100 (p1, p2, p3, p7, p10;
+        cuda/fused/NOTES.md, session 33): keep the default unless you are comparing the two. The other backends and the portable fused kernels
         (e.g. head dim 32 or 64 with small windows) are deterministic either way.
       backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
         each CTA of its key-stationary dK/dV kernel owns (kv) and the queries it takes per step
