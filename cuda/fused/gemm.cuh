@@ -64,7 +64,8 @@ __device__ __forceinline__ auto a_row_col(Layout l) {
 //   rs<K>(acc, a, b)       acc += A B with A an Element copy of an (M x K) accumulator and B a (K x D)
 //                          row tile in smem (read transposed),
 //   wait<kPending>(frags)  completes the products issued (a no-op here: these run synchronously),
-//   wait_after<kPending>(x, frags)  the same, not before the work that computed x,
+//   wait_after<kPending>(u, frags)  the same, not before the work above it (u: a warpgroup-uniform
+//                          int the Hopper policy branches on),
 //   fence_smem_writes()    orders this thread's completed cp.async writes before the MMAs' reads.
 // kWarpsPerMma: warps that must issue a product together (1 here, a warpgroup on Hopper).
 // kTmaLoads: the dK/dV kernel loads its Q/dO tiles by TMA where the problem allows (Hopper only).
@@ -138,7 +139,7 @@ struct Sm80Gemm {
   template <int kPending, class... Frags>
   __device__ __forceinline__ void wait(Frags&...) const {}
   template <int kPending, class... Frags>
-  __device__ __forceinline__ void wait_after(float, Frags&...) const {}
+  __device__ __forceinline__ void wait_after(int32_t, Frags&...) const {}
   __device__ __forceinline__ void fence_smem_writes() const {}
 };
 

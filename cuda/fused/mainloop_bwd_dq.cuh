@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
 #pragma unroll
         for (int c = 0; c < size<1>(s_rc); ++c) s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2[r]);
       }
-      gemm.template wait_after<0>(s_rc(0, 0), acc_dp);  // dP ran beside the exponentials
+      gemm.template wait_after<0>(n, acc_dp);  // dP ran beside the exponentials
       // dS = P (dP - delta), in place of S.
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {

@@ -44,30 +44,12 @@ __device__ __forceinline__ void wgmma_wait(Frags&... frags) {
 // it was meant to overlap) but not across a branch, so a wait that must follow some work goes in
 // the arms of a branch taken after it. LLVM hoists identical asm out of both arms into the block
 // above: each arm's wait carries its own kArm in its asm text. wait_group is .aligned over the
-// warpgroup: the branch must go the same way in its four warps (warpgroup_any).
+// warpgroup: the branch must go the same way in its four warps, so it tests a value uniform by
+// construction (a step index's parity; a 128-thread vote per step measured slower).
 template <int kPending, int kArm, class... Frags>
 __device__ __forceinline__ void wgmma_wait_in_arm(Frags&... frags) {
   asm volatile("wgmma.wait_group.sync.aligned %0; // arm %1\n" ::"n"(kPending), "n"(kArm) : "memory");
   (cute::warpgroup_fence_operand(frags), ...);
-}
-
-// Named barriers of warpgroup votes (cutlass numbering, after its reserved ids; the Hopper forward's
-// own barriers are 1-4): kWarpgroupVoteBarrierId + warpgroup index, 0 or 1.
-constexpr uint32_t kWarpgroupVoteBarrierId = 5;
-
-// Whether pred holds in any thread of warpgroup wg (one barrier.red over its 128 threads; every
-// thread of the warpgroup must call it).
-__device__ __forceinline__ bool warpgroup_any(bool pred, int wg) {
-  const uint32_t id = static_cast<uint32_t>(cutlass::arch::ReservedNamedBarriers::FirstUserBarrier) +
-                      kWarpgroupVoteBarrierId + static_cast<uint32_t>(wg);
-  uint32_t any;
-  asm volatile(
-      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n barrier.cta.red.or.pred.aligned q, %2, 128, p;\n"
-      " selp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(any)
-      : "r"(static_cast<uint32_t>(pred)), "r"(id)
-      : "memory");
-  return any != 0;
 }
 
 // The accumulator fragment ((2, 2, N/8), 1, 1) of a 64 x N wgmma viewed as the register A operand
@@ -186,12 +168,12 @@ struct Sm90Gemm {
   __device__ __forceinline__ void wait(Frags&... frags) const {
     wgmma_wait<kPending>(frags...);
   }
-  // wait, kept after the work that computed `after` (a value whose content does not matter): the
-  // branch on a warpgroup vote of it ends that work's basic block and each arm waits
-  // (wgmma_wait_in_arm).
+  // wait, kept after the work before it: a branch on `uniform` (any value the same in the whole
+  // warpgroup, e.g. the step index) ends that work's basic block and each arm waits
+  // (wgmma_wait_in_arm). A warpgroup vote would do too, at a 128-thread barrier per call.
   template <int kPending, class... Frags>
-  __device__ __forceinline__ void wait_after(float after, Frags&... frags) const {
-    if (warpgroup_any(after > 0.f, tid / 128))
+  __device__ __forceinline__ void wait_after(int32_t uniform, Frags&... frags) const {
+    if (uniform & 1)
       wgmma_wait_in_arm<kPending, 0>(frags...);
     else
       wgmma_wait_in_arm<kPending, 1>(frags...);
