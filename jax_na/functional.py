@@ -219,18 +219,20 @@ _NA_DOC = """{rank}-D neighborhood attention.
         with atomics, and no second kernel recomputes the scores for dQ; the order of those
         additions varies, so dq may differ in its last bits between runs. Since the Hopper backward
         runs one-warpgroup CTAs of 64 keys (the default), that mode adds twice the atomics per key
-        and measured 5-23% slower than the deterministic default on an H100 (p1, p2, p3, p7, p10;
-        cuda/fused/NOTES.md, session 33): keep the default unless you are comparing the two. The other backends and the portable fused kernels
-        (e.g. head dim 32 or 64 with small windows) are deterministic either way.
+        and measured 6.5-23% slower than the deterministic default on an H100 (p1, p2, p3, p7,
+        p10; cuda/fused/NOTES.md, session 33): keep the default unless you are comparing the two.
+        The other backends and the portable fused kernels (e.g. head dim 32 or 64 with small
+        windows) are deterministic either way.
       backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
         each CTA of its key-stationary dK/dV kernel owns (kv) and the queries it takes per step
         (q); each configuration also sets the dQ kernel's tiles. Listed in
         ``jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True)`` and checked as the
         forward's; the alternatives are flatter boxes, for windows much shorter along the first
         axis than along the others. None: chosen per call: per kernel set, the configuration whose
-        dK/dV and dQ kernels compute the fewest pair-products for this problem (``jax_na.tile_model``;
-        e.g. the flat key tiles for 3-D windows much shorter on the first axis, or whose stride they
-        align with).
+        dK/dV and dQ kernels compute the fewest pair-products for this problem (``jax_na.tile_model``),
+        the default unless an alternative saves more than ``_checks.BWD_CHOICE_MARGIN`` of its
+        products (2% portable, 8% Hopper); e.g. the flat key tiles for 3-D windows much shorter on
+        the first axis.
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.

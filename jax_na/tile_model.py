@@ -12,9 +12,9 @@ following their schedules (cuda/fused/tile_scheduler.cuh) over the one window ge
 - The key-stationary dK/dV kernel: a CTA owns a K/V tile and walks every Q tile of its inverse
   neighbourhood (the queries that see any of its keys), from the first such query per axis; in the
   portable kernels each of its MMA units (a warp of 16 keys: consecutive rows of the K/V tile, a
-  sub-box of it) skips the products of the Q tiles none of its own keys meet. Hopper's two
-  warpgroups take every Q tile of the walk (their skips measured slower: cuda/fused/NOTES.md,
-  session 31); with dQ added by that kernel, its dQ product runs on every Q tile of the walk.
+  sub-box of it) skips the products of the Q tiles none of its own keys meet. A Hopper dK/dV CTA
+  is one warpgroup and takes every Q tile of its walk (per-warpgroup skips, when its CTAs had two,
+  measured slower: cuda/fused/NOTES.md, session 31); with dQ added by that kernel, its dQ product runs on every Q tile of the walk.
 
 Both walks are products of one walk per axis, so the counts are products of per-axis sums (summed
 over the dK/dV kernel's units, whose boxes differ). A

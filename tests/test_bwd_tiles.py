@@ -420,11 +420,9 @@ def _tile_attrs(line):
 _workspace_elems = helpers.workspace_elems
 
 
-# The problems the backward configurations were measured on (H200, bf16, D = 128, fwd+bwd; _checks'
-# chooser comment) and p9, with whether (portable, Hopper) take their flat tiles: the portable set's
-# faster ones where measured, the tile model's choice on p9 (strided: the flat boxes align with the
-# stride); the Hopper set's since its one-warpgroup CTAs (64-key boxes, cuda/fused/NOTES.md session
-# 32) are the tile model's choices, not measured yet.
+# The problems the backward configurations were measured on (H100, bf16, D = 128, fwd+bwd; _checks'
+# chooser comment, cuda/fused/NOTES.md session 33), with whether (portable, Hopper) take their flat
+# tiles: the faster ones, which the tile model with BWD_CHOICE_MARGIN picks.
 # (spatial, kernel_size, stride, is_causal, flat)
 MEASURED_BWD = [
     ((128, 128), (31, 31), 1, False, (False, False)),                          # p2
@@ -443,7 +441,8 @@ MEASURED_BWD = [
 @pytest.mark.parametrize("backend", [None, "fused", "fused_sm80", "fused_sm90"])
 def test_chooser_without_backward_tile_shapes(any_gpu, spatial, kernel_size, stride, is_causal, flat, backend):
     """Calls without backward shapes take, per kernel set, the configuration whose tile walk computes
-    the fewest pairs (jax_na.tile_model): on the measured problems the faster one."""
+    the fewest pairs (jax_na.tile_model; the default unless an alternative saves more than
+    BWD_CHOICE_MARGIN): on the measured problems the faster one."""
     fam = backend or "fused"
     rank = len(spatial)
     query = jax.ShapeDtypeStruct((1, *spatial, 2, 128), jnp.bfloat16)

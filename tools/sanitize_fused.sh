@@ -14,11 +14,13 @@ if [ "$what" != run ]; then
   CUTLASS=${1:-$(python3 -c "import os, cutlass_library as c; print(os.path.join(os.path.dirname(c.__file__), 'source', 'include'))")}
   FLAGS="-std=c++17 -O2 --expt-relaxed-constexpr -lineinfo -Icuda -isystem $CUTLASS -gencode=arch=compute_90a,code=sm_90a -DJNA_FUSED_WITH_SM90=1"
   # Every fused kernel, the Hopper ones included (the driver runs both kernel sets in each direction).
+  rm -f "$B"/*.o "$B/sanitize_fused"  # no object of an older tree gets linked
   ls cuda/fused/fwd_*.cu cuda/fused/hopper/fwd_*.cu cuda/fused/bwd_*.cu cuda/fused/hopper/bwd_*.cu cuda/fused/dispatch.cu cuda/fused/sanitize_fused.cu |
     xargs -P "${JOBS:-16}" -I{} sh -c 'nvcc '"$FLAGS"' -c {} -o '"$B"'/$(echo {} | tr / _).o' || { echo "BUILD FAILED"; exit 1; }
   nvcc $FLAGS "$B"/*.o -o "$B/sanitize_fused" || { echo "LINK FAILED"; exit 1; }
   [ "$what" = build ] && { echo "built $B/sanitize_fused"; exit 0; }
 fi
+[ -x "$B/sanitize_fused" ] || { echo "no $B/sanitize_fused: run 'bash tools/sanitize_fused.sh build' first" >&2; exit 1; }
 rc=0
 for tool in memcheck racecheck synccheck; do
   # Two persistent CTAs in the Hopper forward: each walks many query tiles of these small problems.

@@ -12,9 +12,9 @@
 # A variant named "head" compiles the kernel unit of the git revision in $HEAD_SRC (a checkout's
 # root) instead of this tree's, for a before/after in the same run. Forward: a variant whose flags
 # hold -DJNA_FWD_TRACE also prints per-CTA phase timings (run adds --trace for it). Backward: the
-# -DJNA_BWD_EXPERIMENT_* knobs NO_DQ_KERNEL, NO_DKDV_KERNEL, ONE_UNIT and NO_EXP (cuda/fused/NOTES.md,
-# sessions 30-32) leave parts of the work out; their checks would fail by design, so those variants run
-# the timings only. The others (NO_UNIT_SKIP, UNIT_SKIP: the dK/dV units' skips off / on;
+# -DJNA_BWD_EXPERIMENT_* knobs NO_DQ_KERNEL, NO_DKDV_KERNEL, ONE_UNIT (Hopper: with TWO_WARPGROUPS) and
+# NO_EXP (cuda/fused/NOTES.md, sessions 30-32) leave parts of the work out; their checks would fail by
+# design, so those variants run the timings only. The others (NO_UNIT_SKIP, UNIT_SKIP: the dK/dV units' skips off / on;
 # TWO_WARPGROUPS: the Hopper backward's former 128-key / 128-query CTAs) compute everything and are
 # checked.
 set -euo pipefail

@@ -110,8 +110,8 @@ struct TraitsBase {
   static constexpr int kRowBytes = kHeadDim * int(sizeof(Element));
 };
 
-// Query-stationary kernels (forward, backward dQ): a CTA owns a 128-query tile and walks KV tiles of
-// kBlockN_ keys; kNWarps_ warps along M (128 / kNWarps_ query rows each).
+// Query-stationary kernels (forward, backward dQ): a CTA owns a Q tile (128 queries; 64 in the Hopper
+// dQ kernel's one warpgroup) and walks KV tiles of kBlockN_ keys; kNWarps_ warps along M.
 // Shapes_: the QTile / WarpTile / KVTile boxes (TileShapes by default; the Hopper forward has its own).
 template <DType kDType_, int kHeadDim_, int kRank_, int kBlockN_ = JNA_FUSED_BLOCK_N,
           int kNWarps_ = 8, int kStages_ = 2, class Shapes_ = TileShapes<kRank_, kBlockN_, kNWarps_>>
@@ -126,7 +126,7 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kMinBlocks = kHeadDim_ <= 64 ? 2 : 1;
 #endif
   using QTile = typename Shapes_::QTile;
-  static constexpr int kBlockM = QTile::kSize;  // 128 (the Hopper dQ kernel's ONE_WARPGROUP knob: 64)
+  static constexpr int kBlockM = QTile::kSize;  // 128; 64 in the Hopper dQ kernel (128 with TWO_WARPGROUPS)
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;  // K/V smem stages
 
@@ -188,8 +188,9 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   static constexpr int kSmemDS = kDqInKernel ? kBlockN * kBlockM * int(sizeof(typename Base::Element)) : 0;
-  // dQ added by TMA reductions from a float32 staging tile (experimental, -DJNA_BWD_DQ_TMA_REDUCE;
-  // else float atomics from the registers).
+  // dQ added by TMA reductions from a float32 staging tile (experimental, -DJNA_BWD_DQ_TMA_REDUCE, which
+  // needs -DJNA_BWD_EXPERIMENT_TWO_WARPGROUPS at head dim 128: one dQ product per Q tile; else float
+  // atomics from the registers).
 #if defined(JNA_BWD_DQ_TMA_REDUCE)
   static constexpr bool kDqTmaReduce = kDqInKernel;
 #else

@@ -260,7 +260,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       bool meets = true;
       if constexpr (kUnitSkip)
         meets = __shfl_sync(0xffffffffu, ks.is_add || UnitIntervals::meets(s_unit, unit, org), 0) != 0;
-#if defined(JNA_BWD_EXPERIMENT_ONE_UNIT)  // experiment knob: unit 0 alone computes (a lone unit's step)
+// Experiment knob: unit 0 alone computes (a lone unit's step; a no-op where the CTA is one unit, as
+// the default Hopper CTA: there only with -DJNA_BWD_EXPERIMENT_TWO_WARPGROUPS).
+#if defined(JNA_BWD_EXPERIMENT_ONE_UNIT)
       meets = meets && unit == 0;
 #endif
       // Without dQ the unit has nothing to do on this tile; with dQ it still writes its (zero) rows of

@@ -125,8 +125,8 @@ struct HopperFwdTiles<3>
 
 // Backward tilings: the KV tile a CTA of the key-stationary dK/dV kernel owns (kBlockN keys), the Q
 // tile of its inverse neighbourhood it takes per step (kBlockM queries), and the Tiles of the
-// query-stationary dQ kernel (128 queries on 8 warps over KV tiles of kDqBlockN keys), which go with
-// them: a configuration is one choice for the whole backward.
+// query-stationary dQ kernel (portable: 128 queries on 8 warps; Hopper: 64 on one warpgroup; over KV
+// tiles of kDqBlockN keys), which go with them: a configuration is one choice for the whole backward.
 template <class QTile_, class KVTile_, class DqTiles_>
 struct BwdTiles {
   using QTile = QTile_;

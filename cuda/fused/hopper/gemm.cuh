@@ -45,7 +45,7 @@ __device__ __forceinline__ void wgmma_wait(Frags&... frags) {
 // the arms of a branch taken after it. LLVM hoists identical asm out of both arms into the block
 // above: each arm's wait carries its own kArm in its asm text. wait_group is .aligned over the
 // warpgroup: the branch must go the same way in its four warps, so it tests a value uniform by
-// construction (a step index's parity; a 128-thread vote per step measured slower).
+// construction (a step index's parity; a 128-thread vote per step measured slower in the forward).
 template <int kPending, int kArm, class... Frags>
 __device__ __forceinline__ void wgmma_wait_in_arm(Frags&... frags) {
   asm volatile("wgmma.wait_group.sync.aligned %0; // arm %1\n" ::"n"(kPending), "n"(kArm) : "memory");
