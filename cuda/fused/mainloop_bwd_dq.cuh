@@ -138,6 +138,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(cons
   const int32_t n_tiles = __shfl_sync(0xffffffffu, cs.n_tiles, 0);
   for (int pass = 0; pass < Traits::kDPasses; ++pass) {
     clear(acc_dq);
+    // Not unrolled: on Hopper the dP wait after the exponentials branches on n's parity, which an
+    // unroll by two would make constant (ptxas would then hoist the wait above that work again).
+#pragma unroll 1
     for (int32_t n = 0; n < n_tiles; ++n) {
       const int stage = n & 1;
       cp_async_wait<0>();

@@ -257,6 +257,9 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
     Bar::wait(&pipe.q_full, q_round & 1u);
     ++q_round;
     if (it == 0) JNA_TRACE(tr, kTraceQReady);
+    // Not unrolled: the P.V wait after the softmax branches on n's parity, which an unroll by two
+    // would make constant (ptxas would then hoist the wait above that work again).
+#pragma unroll 1
     for (int32_t n = 0; n < n_tiles; ++n) {
       Bar::wait(&pipe.full[st.stage], st.phase);
       if (it == 0 && n == 0) JNA_TRACE(tr, kTraceFirstKV);
