@@ -90,8 +90,11 @@ def useful_pairs(axes) -> int:
     return math.prod(sum(int(np.sum(g.end - g.start)) for g in groups) for groups in axes)
 
 
-def _unit_tiles(g: AxisGroup, q_extent: int, unit_extent: int, kv_extent: int) -> int:
-    """K/V tiles met by the units of every Q tile on one axis (summed over tiles and units)."""
+def _unit_tiles(g: AxisGroup, q_extent: int, unit_extent: int, kv_extent: int, halves: bool = False) -> int:
+    """K/V tiles met by the units of every Q tile on one axis (summed over tiles and units); with
+    ``halves``, the halves of those tiles (``kv_extent / 2`` positions each) that the units meet: a
+    unit's window box leaves the first half of its first tile or the second half of its last one
+    unmet where it starts or ends inside the other half."""
     Lg = g.length
     q0 = np.arange(0, Lg, q_extent)
     qlo = q0
@@ -106,16 +109,22 @@ def _unit_tiles(g: AxisGroup, q_extent: int, unit_extent: int, kv_extent: int) -
         n_box = -((g.end[qhi] - lo) // -kv_extent)
         first = (g.start[ulo_c] - lo) // kv_extent
         last = np.minimum(-((g.end[uhi] - lo) // -kv_extent), n_box) - 1
-        total += int(np.sum(np.where(live, last - first + 1, 0)))
+        met = last - first + 1
+        if halves:
+            half = kv_extent // 2
+            met = 2 * met - (g.start[ulo_c] - lo - first * kv_extent >= half) - (g.end[uhi] - lo - last * kv_extent <= half)
+        total += int(np.sum(np.where(live, met, 0)))
     return total
 
 
-def query_stationary_pairs(axes, q_tile, unit_box, kv_tile) -> int:
+def query_stationary_pairs(axes, q_tile, unit_box, kv_tile, half_tiles: bool = False) -> int:
     """Pairs a query-stationary kernel computes (per batch item and head): Q tiles ``q_tile``, whose
-    MMA units of ``unit_box`` queries skip the K/V tiles (``kv_tile``) none of their windows meet."""
-    tiles = math.prod(sum(_unit_tiles(g, qe, ue, ke) for g in groups)
-                      for groups, qe, ue, ke in zip(axes, q_tile, unit_box, kv_tile))
-    return tiles * math.prod(unit_box) * math.prod(kv_tile)
+    MMA units of ``unit_box`` queries skip the K/V tiles (``kv_tile``) none of their windows meet.
+    ``half_tiles``: a unit whose windows meet only one half of a tile along axis 0 computes that half
+    alone (the Hopper forward built with -DJNA_SM90_HALF_TILES)."""
+    tiles = math.prod(sum(_unit_tiles(g, qe, ue, ke, half_tiles and a == 0) for g in groups)
+                      for a, (groups, qe, ue, ke) in enumerate(zip(axes, q_tile, unit_box, kv_tile)))
+    return tiles * math.prod(unit_box) * math.prod(kv_tile) // (2 if half_tiles else 1)
 
 
 def _inverse_tiles(g: AxisGroup, q_extent: int, kv_extent: int, sub: tuple[int, int] | None = None) -> int:
@@ -182,9 +191,15 @@ def mma_unit(kernel_set: str, q_tile) -> tuple:
     return hopper_unit(q_tile) if kernel_set == "sm90" else portable_unit(q_tile)
 
 
-def forward_work(axes, kernel_set: str, q_tile, kv_tile) -> int:
-    """Pairs the forward computes (one matrix product each way: S and P V)."""
-    return query_stationary_pairs(axes, q_tile, mma_unit(kernel_set, q_tile), kv_tile)
+def forward_work(axes, kernel_set: str, q_tile, kv_tile, half_tiles: bool = False) -> int:
+    """Pairs the forward computes (one matrix product each way: S and P V). ``half_tiles`` (the
+    Hopper forward built with -DJNA_SM90_HALF_TILES): S over the halves of query_stationary_pairs'
+    ``half_tiles``, P V over whole tiles; the mean of the two products' pairs."""
+    unit = mma_unit(kernel_set, q_tile)
+    whole = query_stationary_pairs(axes, q_tile, unit, kv_tile)
+    if not half_tiles:
+        return whole
+    return (query_stationary_pairs(axes, q_tile, unit, kv_tile, half_tiles=True) + whole) // 2
 
 
 def dq_unit(kernel_set: str, q_tile) -> tuple:

@@ -50,10 +50,11 @@ def _holds(Ms, qs, ks):
     return bool(m.any())
 
 
-def _walk_query_stationary(groups, q_tile, unit, kv_tile):
+def _walk_query_stationary(groups, q_tile, unit, kv_tile, halves=False):
     """Units x K/V tiles a forward / dQ CTA visits, literally: the box spans the windows of the
     CTA's queries (their first start and last end per axis), tiled from its origin; a unit counts a
-    tile where one of its queries holds one of the tile's keys."""
+    tile where one of its queries holds one of the tile's keys. ``halves``: each half of a tile along
+    axis 0 counts on its own (half the pairs), where a query of the unit holds one of its keys."""
     count = 0
     unit_grid = [q // u for q, u in zip(q_tile, unit)]
     for Ms in groups:
@@ -67,9 +68,14 @@ def _walk_query_stationary(groups, q_tile, unit, kv_tile):
             for uc in itertools.product(*(range(g) for g in unit_grid)):
                 uq = _box([o + c * e for o, c, e in zip(q0, uc, unit)], unit, L)
                 for i in itertools.product(*(range(n) for n in n_tiles)):
-                    ks = _box([l_ + ii * e for l_, ii, e in zip(lo, i, kv_tile)], kv_tile, L)
-                    count += _holds(Ms, uq, ks)
-    return count * math.prod(unit) * math.prod(kv_tile)
+                    org = [l_ + ii * e for l_, ii, e in zip(lo, i, kv_tile)]
+                    if not halves:
+                        count += _holds(Ms, uq, _box(org, kv_tile, L))
+                        continue
+                    half = (kv_tile[0] // 2, *kv_tile[1:])
+                    for h in range(2):
+                        count += _holds(Ms, uq, _box([org[0] + h * half[0], *org[1:]], half, L))
+    return count * math.prod(unit) * math.prod(kv_tile) // (2 if halves else 1)
 
 
 def _walk_key_stationary(groups, q_tile, kv_tile, units=1):
@@ -145,6 +151,12 @@ def test_counts_equal_the_literal_walk(rank):
             want = _walk_query_stationary(groups, q, tile_model.mma_unit(ks, q), kv)
             assert tile_model.forward_work(axes, ks, q, kv) == want, (prob, ks, q, kv)
             assert want >= useful
+            if ks == "sm90":  # half tiles (-DJNA_SM90_HALF_TILES)
+                unit = tile_model.mma_unit(ks, q)
+                halves = _walk_query_stationary(groups, q, unit, kv, halves=True)
+                assert tile_model.query_stationary_pairs(axes, q, unit, kv, half_tiles=True) == halves, (prob, q, kv)
+                assert useful <= halves <= want
+                assert tile_model.forward_work(axes, ks, q, kv, half_tiles=True) == (halves + want) // 2
         for ks, q, kv, dq_q, dq_kv in _bwd_configs(rank):
             cta = _walk_key_stationary(groups, q, kv)
             assert tile_model.key_stationary_pairs(axes, q, kv) == cta, (prob, ks, q, kv)
@@ -173,6 +185,14 @@ def test_known_values():
     assert tile_model.forward_work(p7, "sm90", (16, 8), (16, 8)) == tile_model.useful_pairs(p7)
     small = tile_model.problem_axes((16, 8), (3, 3))
     assert tile_model.forward_work(small, "sm90", (16, 8), (16, 8)) == 2 * 64 * 128
+    # half tiles: each warpgroup (8 of the 16 rows, windows 9 rows deep) meets both 8-row halves
+    assert tile_model.forward_work(small, "sm90", (16, 8), (16, 8), half_tiles=True) == 2 * 64 * 128
+    # 1-D, window 2048 over 128-query tiles: a warpgroup's 64 queries span 2111 keys, 16.5 tiles
+    p1 = tile_model.problem_axes((32768,), (2048,))
+    full = tile_model.forward_work(p1, "sm90", (128,), (128,))
+    half = tile_model.query_stationary_pairs(p1, (128,), (64,), (128,), half_tiles=True)
+    assert round(1 - half / full, 4) == 0.0277
+    assert tile_model.forward_work(p1, "sm90", (128,), (128,), half_tiles=True) == (half + full) // 2
 
 
 def test_docstring_example():

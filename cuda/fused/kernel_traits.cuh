@@ -129,6 +129,9 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kBlockM = QTile::kSize;  // 128; 64 in the Hopper dQ kernel (128 with TWO_WARPGROUPS)
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;  // K/V smem stages
+  // Whether the K/V tile walk also publishes which axis-0 halves of a tile each warp meets
+  // (bits of TileFlags::active): only the Hopper forward uses them (HopperFwdTraits).
+  static constexpr bool kHalfTiles = false;
 
   using WarpTile = typename Shapes_::WarpTile;
   using KVTile = typename Shapes_::KVTile;

@@ -177,11 +177,12 @@ __device__ __forceinline__ void mask_outside_intervals(TensorS& s_rc, int warp, 
 }
 
 // Window tile of a query-stationary kernel (rows: the CTA's queries, windows in s_win; columns: the
-// keys of the K/V tile at org, group positions).
-template <class Traits, class TensorS>
+// keys of the K/V tile at org, group positions; ColBox: the tile's box, or a half of it whose origin
+// org is).
+template <class Traits, class ColBox = typename Traits::KVTile, class TensorS>
 __device__ __forceinline__ void mask_window_tile(TensorS& s_rc, const int2* s_win, const int32_t org[3],
                                                  int warp, int lane) {
-  mask_outside_intervals<typename Traits::KVTile, Traits::kRank, Traits::kNWarps>(
+  mask_outside_intervals<ColBox, Traits::kRank, Traits::kNWarps>(
       s_rc, warp, lane, [&](int row, int a) {
         const int2 w = RowWindowTable<Traits>::at(s_win, a, row);
         return make_int2(w.x - org[a], w.y - org[a]);

@@ -24,12 +24,17 @@ namespace fused {
 
 // What the kernels need of KV tile n, published in smem by warp 0 one tile ahead (read after the
 // barrier that also publishes the tile's K/V): its origin and, per warp w, bit w of `active` (the
-// tile meets the windows of some query of warp w) and of `full` (it lies inside all of them).
+// tile meets the windows of some query of warp w) and of `full` (it lies inside all of them). Kernels
+// whose Traits::kHalfTiles (the Hopper forward with -DJNA_SM90_HALF_TILES) also get bit 8 + w of
+// `active` (the first half of the tile along axis 0, i.e. its first kBlockN / 2 keys, meets warp w's
+// windows) and bit 16 + w (the second half does).
 struct TileFlags {
   int32_t org[3];
   uint32_t active;
   uint32_t full;
 };
+constexpr int kHalfLoShift = 8;
+constexpr int kHalfHiShift = 16;
 
 // Per-CTA schedule, computed once into shared memory (keeps ~40 values out of the registers that
 // the accumulators need); every thread reads it back after a barrier.
@@ -222,6 +227,15 @@ struct TileScheduler {
     *full = ful;
   }
 
+  // Which halves along axis 0 of a tile warp w is active on (classify's act) meet its windows: the
+  // tile already meets their bounding box, so only the halves' split point needs testing.
+  __device__ __forceinline__ static void classify_halves(const CtaSchedule& cs, int w, const int32_t org[3], bool act,
+                                                         bool* lo, bool* hi) {
+    const int32_t mid = org[0] + KVTile::extent(0) / 2;
+    *lo = act && mid > cs.wbox_lo[w][0];
+    *hi = act && mid < cs.wbox_hi[w][0];
+  }
+
   // Element offset of query row r (head cs.h) in a [B, N, H, D] tensor, or -1 outside the group.
   // Sched: CtaSchedule or QTileOrigin.
   template <class Sched>
@@ -293,16 +307,21 @@ struct KVTileWalker {
   __device__ __forceinline__ void publish(const geo::Problem& pr, const CtaSchedule& cs, const int32_t org[3],
                                           TileFlags& f, int tid) const {
     if (tid >= 32) return;
-    bool act = true, ful = false;
+    bool act = true, ful = false, lo = true, hi = true;
+    const int w = tid < Traits::kNWarps ? tid : 0;
     if (n < cs.n_window_tiles) {
-      const int w = tid < Traits::kNWarps ? tid : 0;
       TS::classify(cs, w, org, &act, &ful);
+      if constexpr (Traits::kHalfTiles) TS::classify_halves(cs, w, org, act, &lo, &hi);
     } else {
       ful = static_cast<int64_t>(n - cs.n_window_tiles + 1) * Traits::kBlockN <= pr.Na;
     }
     constexpr uint32_t kWarpBits = (1u << Traits::kNWarps) - 1u;
-    const uint32_t a_bits = __ballot_sync(0xffffffffu, act) & kWarpBits;
+    static_assert(Traits::kNWarps <= kHalfLoShift, "8 bits per flag word");
+    uint32_t a_bits = __ballot_sync(0xffffffffu, act) & kWarpBits;
     const uint32_t f_bits = __ballot_sync(0xffffffffu, ful) & kWarpBits;
+    if constexpr (Traits::kHalfTiles)
+      a_bits |= ((__ballot_sync(0xffffffffu, lo) & kWarpBits) << kHalfLoShift) |
+                ((__ballot_sync(0xffffffffu, hi) & kWarpBits) << kHalfHiShift);
     if (tid == 0) {
       f.org[0] = org[0];
       f.org[1] = org[1];

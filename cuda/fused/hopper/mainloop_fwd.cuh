@@ -17,8 +17,10 @@
 // so the tensor cores run P.V while the warpgroup computes exponentials; the two warpgroups take
 // turns issuing their GEMMs (GemmTurns), so each one's softmax overlaps the other's GEMMs. A
 // warpgroup skips S on the tiles that miss all of its queries' windows (wgmma is warpgroup-wide);
-// each warp skips the mask arithmetic on tiles inside all of its own queries' windows. Schedule and
-// windows: tile_scheduler.cuh, mask.cuh (shared with the portable kernel).
+// each warp skips the mask arithmetic on tiles inside all of its own queries' windows. With
+// -DJNA_SM90_HALF_TILES a warpgroup whose windows meet one half of a tile along axis 0 computes S
+// and the softmax over that half only (hopper/kernel_traits.cuh). Schedule and windows:
+// tile_scheduler.cuh, mask.cuh (shared with the portable kernel).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -190,6 +192,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
   using TS = TileScheduler<Traits>;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kBlockNHalf = Traits::kBlockNHalf;
   constexpr int kD = Traits::kHeadDim;
   constexpr int kWarpsPerGroup = 4;
   const FwdKernelParams& p = hp.base;
@@ -214,10 +217,20 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
   constexpr int kRows = decltype(size<0>(acc_o_rc))::value;
   OnlineSoftmax<kRows> softmax;
 
+  // Half tiles (Traits::kHalfTiles): S over one half of a tile's keys.
+  typename Traits::TiledMmaSHalf mma_sh;
+  auto thr_sh = mma_sh.get_thread_slice(ctid);
+  Tensor tSrQh = thr_sh.partition_fragment_A(sQ);
+
   // P of the last tile, waiting for its P.V product (V in stage pv_stage). Always "pending" (zeros
-  // at first and after a skipped tile) so that no branch decides whether a wgmma runs.
+  // at first and after a skipped tile) so that no branch decides whether a wgmma runs. A half
+  // tile's P fills its half of the registers (a 64 x N/2 accumulator fragment is the 64 x N one's
+  // first or second half: its 8-column blocks in order), zeros the other: a P.V over the half alone
+  // (a branch between two P.V shapes) made ptxas serialize the wgmmas (C7513).
   Tensor rP = make_tensor<Element>(partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
   Tensor tOrP = make_tensor(rP.data(), acc_to_gmma_a_layout(rP.layout()));
+  using LayoutSHalf = decltype(partition_fragment_C(mma_sh, Shape<Int<kBlockM>, Int<kBlockNHalf>>{}).layout());
+  constexpr int kHalfFrag = decltype(size(LayoutSHalf{}))::value;
   int pv_stage = 0;
   auto issue_pv = [&]() {
     Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(pv_stage)), typename Traits::GmmaLayoutVt{});
@@ -278,6 +291,13 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
       }
       active = __shfl_sync(0xffffffffu, active, 0);
       full_bits = __shfl_sync(0xffffffffu, full_bits, 0);
+      // The one half of the tile this warpgroup's windows meet, or -1 (both, or none: skipped).
+      int half = -1;
+      if constexpr (Traits::kHalfTiles) {
+        const bool lo = (active >> (kHalfLoShift + wg_warp0)) & 0xfu;
+        const bool hi = (active >> (kHalfHiShift + wg_warp0)) & 0xfu;
+        half = lo == hi ? -1 : (lo ? 0 : 1);
+      }
       const bool last = n + 1 == n_tiles;
       // After the tile's S (or without one), this warp's GEMMs on Q are done: on the last tile the
       // Q tile goes back to the producer, whose next Q then lands while this one's P.V, softmax and
@@ -289,6 +309,42 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
         turns.pass(last);
         wgmma_wait<0>(acc_o, tOrP);
         clear(rP);
+      } else if (half >= 0) {  // uniform over the warpgroup; only with kHalfTiles
+        if constexpr (Traits::kHalfTiles) {
+          // As below, S and the softmax over the half's keys (a boundary tile of the warpgroup's
+          // window box: masked); P.V takes the whole tile, P zero on the other half.
+          Tensor sK = make_tensor(make_smem_ptr(sm.k_stage(st.stage) + half * Traits::kHalfElems),
+                                  typename Traits::GmmaLayoutKHalf{});
+          Tensor acc_s = partition_fragment_C(mma_sh, Shape<Int<kBlockM>, Int<kBlockNHalf>>{});
+          turns.wait();
+          wgmma_issue<true>(mma_sh, tSrQh, thr_sh.partition_fragment_B(sK), acc_s);
+          issue_pv();
+          turns.pass(last);
+          wgmma_wait<1>(acc_s);
+          if (last && lane == 0) Bar::arrive(&pipe.q_empty);
+
+          Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
+#pragma unroll
+          for (int a = 0; a < 3; ++a) org[a] = __shfl_sync(0xffffffffu, org[a], 0);
+          org[0] += half * Traits::HalfKVTile::extent(0);
+          mask_window_tile<Traits, typename Traits::HalfKVTile>(s_rc, sm.win, org, warp, lane);
+          float alpha[kRows];
+          const bool moved = softmax.update_scores(s_rc, p.scale_log2, alpha);
+          if (n & 1)  // as below (arms of their own: identical asm in two blocks may be merged)
+            wgmma_wait_in_arm<0, 2>(acc_o, tOrP);
+          else
+            wgmma_wait_in_arm<0, 3>(acc_o, tOrP);
+          if (moved) OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
+          Tensor rP_lo = make_tensor(rP.data(), LayoutSHalf{});
+          Tensor rP_hi = make_tensor(rP.data() + kHalfFrag, LayoutSHalf{});
+          if (half == 0) {
+            convert_fragment_into(acc_s, rP_lo);
+            clear(rP_hi);
+          } else {
+            clear(rP_lo);
+            convert_fragment_into(acc_s, rP_hi);
+          }
+        }
       } else {
         // A warp without any key of the tile in its windows masks all of it (full is false for it).
         const bool full = (full_bits >> warp) & 1u;
