@@ -121,7 +121,7 @@ def query_stationary_pairs(axes, q_tile, unit_box, kv_tile, half_tiles: bool = F
     """Pairs a query-stationary kernel computes (per batch item and head): Q tiles ``q_tile``, whose
     MMA units of ``unit_box`` queries skip the K/V tiles (``kv_tile``) none of their windows meet.
     ``half_tiles``: a unit whose windows meet only one half of a tile along axis 0 computes that half
-    alone (the Hopper forward built with -DJNA_SM90_HALF_TILES)."""
+    alone (the forward kernels' experiment knobs; see forward_work)."""
     tiles = math.prod(sum(_unit_tiles(g, qe, ue, ke, half_tiles and a == 0) for g in groups)
                       for a, (groups, qe, ue, ke) in enumerate(zip(axes, q_tile, unit_box, kv_tile)))
     return tiles * math.prod(unit_box) * math.prod(kv_tile) // (2 if half_tiles else 1)
@@ -192,14 +192,16 @@ def mma_unit(kernel_set: str, q_tile) -> tuple:
 
 
 def forward_work(axes, kernel_set: str, q_tile, kv_tile, half_tiles: bool = False) -> int:
-    """Pairs the forward computes (one matrix product each way: S and P V). ``half_tiles`` (the
-    Hopper forward built with -DJNA_SM90_HALF_TILES): S over the halves of query_stationary_pairs'
-    ``half_tiles``, P V over whole tiles; the mean of the two products' pairs."""
+    """Pairs the forward computes (one matrix product each way: S and P V). ``half_tiles``: the
+    kernels built with -DJNA_SM80_HALF_TILES (portable: both products over the halves of
+    query_stationary_pairs' ``half_tiles``) or -DJNA_SM90_HALF_TILES (Hopper: S over the halves, P V
+    over whole tiles; the mean of the two products' pairs)."""
     unit = mma_unit(kernel_set, q_tile)
     whole = query_stationary_pairs(axes, q_tile, unit, kv_tile)
     if not half_tiles:
         return whole
-    return (query_stationary_pairs(axes, q_tile, unit, kv_tile, half_tiles=True) + whole) // 2
+    halves = query_stationary_pairs(axes, q_tile, unit, kv_tile, half_tiles=True)
+    return (halves + whole) // 2 if kernel_set == "sm90" else halves
 
 
 def dq_unit(kernel_set: str, q_tile) -> tuple:

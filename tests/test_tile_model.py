@@ -151,12 +151,13 @@ def test_counts_equal_the_literal_walk(rank):
             want = _walk_query_stationary(groups, q, tile_model.mma_unit(ks, q), kv)
             assert tile_model.forward_work(axes, ks, q, kv) == want, (prob, ks, q, kv)
             assert want >= useful
-            if ks == "sm90":  # half tiles (-DJNA_SM90_HALF_TILES)
-                unit = tile_model.mma_unit(ks, q)
-                halves = _walk_query_stationary(groups, q, unit, kv, halves=True)
-                assert tile_model.query_stationary_pairs(axes, q, unit, kv, half_tiles=True) == halves, (prob, q, kv)
-                assert useful <= halves <= want
-                assert tile_model.forward_work(axes, ks, q, kv, half_tiles=True) == (halves + want) // 2
+            # half tiles (-DJNA_SM80_HALF_TILES: both products; -DJNA_SM90_HALF_TILES: S only)
+            unit = tile_model.mma_unit(ks, q)
+            halves = _walk_query_stationary(groups, q, unit, kv, halves=True)
+            assert tile_model.query_stationary_pairs(axes, q, unit, kv, half_tiles=True) == halves, (prob, ks, q, kv)
+            assert useful <= halves <= want
+            assert tile_model.forward_work(axes, ks, q, kv, half_tiles=True) == (
+                (halves + want) // 2 if ks == "sm90" else halves)
         for ks, q, kv, dq_q, dq_kv in _bwd_configs(rank):
             cta = _walk_key_stationary(groups, q, kv)
             assert tile_model.key_stationary_pairs(axes, q, kv) == cta, (prob, ks, q, kv)

@@ -2,8 +2,9 @@
 # Variants of the Hopper (or portable) fused kernels, built as standalone test programs, then
 # checked against float64 and timed on a GPU in one call. DIRECTION is fwd (cuda/fused/test_fused_fwd.cu
 # with the Hopper forward, hopper/fwd_bf16_hd128.cu) or bwd (cuda/fused/test_fused_bwd.cu with the
-# Hopper backward, hopper/bwd_bf16_hd128.cu; a variant whose flags hold -DJNA_TEST_PORTABLE_ONLY
-# takes the portable backward, bwd_bf16_hd128.cu): one kernel unit per variant, bfloat16, head dim 128.
+# Hopper backward, hopper/bwd_bf16_hd128.cu); a variant whose flags hold -DJNA_TEST_PORTABLE_ONLY
+# takes that direction's portable kernels instead (fwd_bf16_hd128.cu, bwd_bf16_hd128.cu): one kernel
+# unit per variant, bfloat16, head dim 128.
 # Build where nvcc is (this machine or the GPU one), run on the GPU machine.
 #
 #   bash tools/sm90_experiment.sh DIRECTION build DIR name="-DFLAG=1 ..." [name2="..."] ...

@@ -129,9 +129,6 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kBlockM = QTile::kSize;  // 128; 64 in the Hopper dQ kernel (128 with TWO_WARPGROUPS)
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;  // K/V smem stages
-  // Whether the K/V tile walk also publishes which axis-0 halves of a tile each warp meets
-  // (bits of TileFlags::active): only the Hopper forward uses them (HopperFwdTraits).
-  static constexpr bool kHalfTiles = false;
 
   using WarpTile = typename Shapes_::WarpTile;
   using KVTile = typename Shapes_::KVTile;
@@ -146,6 +143,31 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using SmemLayoutVt = typename Base::template SmemLayoutRowsT<kBlockN>;  // V (or K) as the B of P.V (dS.K)
   using OutTraits = std::conditional_t<Base::kDPasses == 1, FwdTraits,
                                        FwdTraits<kDType_, Base::kHeadDimOut, kRank_, kBlockN_, kNWarps_, kStages_, Shapes_>>;
+
+  // Half tiles (experiment knob -DJNA_SM80_HALF_TILES; the Hopper forward has its own, see
+  // HopperFwdTraits): the K/V tile walk also publishes which halves of a tile along axis 0 (its first
+  // and last kBlockNHalf keys: the row-major box split on its first axis) each warp's windows meet
+  // (bits of TileFlags::active), and a warp that meets one half only computes S, the softmax and P.V
+  // over that half (16-bit one-pass kernels: the transposed view below). Only the forward kernels
+  // read the bits.
+#if defined(JNA_SM80_HALF_TILES)
+  static constexpr bool kHalfTiles =
+      sizeof(typename Base::Element) == 2 && Base::kDPasses == 1 && KVTile::extent(0) >= 2;
+#else
+  static constexpr bool kHalfTiles = false;
+#endif
+  static constexpr int kBlockNHalf = kBlockN / 2;
+  using HalfKVTile =
+      Box<(KVTile::extent(0) >= 2 ? KVTile::extent(0) / 2 : 1), KVTile::extent(1), KVTile::extent(2)>;
+  // A half's K rows (and its V^T columns) in a stage: the full tile's layout at element offset h *
+  // kHalfElems (the atoms of 8 rows go rows first, and the swizzle repeats every atom).
+  static constexpr int kHalfElems = kBlockNHalf * Base::kBlockKSmem;
+  using SmemLayoutKVHalf = decltype(cute::composition(
+      SmemLayoutKV{}, cute::Layout<cute::Shape<cute::Int<kBlockNHalf>, cute::Int<kHeadDim_>>,
+                                   cute::Stride<cute::_1, cute::Int<kBlockN>>>{}));
+  using SmemLayoutVtHalf = decltype(cute::composition(
+      SmemLayoutKV{}, cute::Layout<cute::Shape<cute::Int<kHeadDim_>, cute::Int<kBlockNHalf>>,
+                                   cute::Stride<cute::Int<kBlockN>, cute::_1>>{}));
 
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;

@@ -5,7 +5,9 @@
 // K/V double-buffered (one barrier per tile):
 //   wait K/V(n); barrier; issue K/V(n+1) | S = Q K^T | mask, online softmax, O += P V
 // Each warp skips the tiles that miss all of its queries' windows and skips the mask arithmetic on
-// tiles that lie inside all of them. Prologue and epilogue: cta_fwd.cuh.
+// tiles that lie inside all of them; with -DJNA_SM80_HALF_TILES (kernel_traits.cuh) it computes
+// over one half of a tile (along axis 0) where its windows meet only that half. Prologue and
+// epilogue: cta_fwd.cuh.
 // Head dims over 128 walk the KV tiles once per 128 output columns (Traits::kDPasses), recomputing S
 // and the softmax: 256 columns of O accumulators would not fit the register file beside S.
 #pragma once
@@ -90,6 +92,35 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
       const TileFlags& tf = cs.flags[stage];
       if (!((tf.active >> warp) & 1u)) continue;
       const bool full = (tf.full >> warp) & 1u;
+
+      if constexpr (Traits::kHalfTiles) {
+        // A warp whose windows meet only one half of the tile along axis 0 (a boundary tile of its
+        // window box: masked) computes over that half alone: the steps below on the half's keys.
+        const bool lo = (tf.active >> (kHalfLoShift + warp)) & 1u;
+        const bool hi = (tf.active >> (kHalfHiShift + warp)) & 1u;
+        if (lo != hi) {
+          const int half = hi ? 1 : 0;
+          constexpr int kHalf = Traits::kBlockNHalf;
+          Tensor sK = make_tensor(make_smem_ptr(sm.k_stage(stage) + half * Traits::kHalfElems),
+                                  typename Traits::SmemLayoutKVHalf{});
+          Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(stage) + half * Traits::kHalfElems),
+                                   typename Traits::SmemLayoutVtHalf{});
+          Tensor rKh = thr_mma.partition_fragment_B(sK);
+          Tensor rVth = thr_mma.partition_fragment_B(
+              make_tensor(make_smem_ptr(sm.v), make_layout(Shape<Int<kD>, Int<kHalf>>{})));
+          Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHalf>>{});
+          clear(acc_s);
+          gemm_ss(tiled_mma, acc_s, rQ, rKh, tsQ, thr_copy_k.partition_S(sK), copy_q, copy_k, thr_copy_q, thr_copy_k);
+          Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
+          const int32_t org[3] = {tf.org[0] + half * Traits::HalfKVTile::extent(0), tf.org[1], tf.org[2]};
+          mask_window_tile<Traits, typename Traits::HalfKVTile>(s_rc, sm.win, org, warp, lane);
+          softmax.update(s_rc, acc_o_rc, p.scale_log2);
+          Tensor rP = convert_fragment<Element>(acc_s);
+          Tensor rPa = make_tensor(rP.data(), acc_to_a_layout<sizeof(Element)>(rP.layout()));
+          gemm_rs(tiled_mma, acc_o, rPa, rVth, thr_copy_v.partition_S(sVt), copy_v, thr_copy_v);
+          continue;
+        }
+      }
 
       Tensor sK = make_tensor(make_smem_ptr(sm.k_stage(stage)), typename Traits::SmemLayoutKV{});
       Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(stage) + kBlockN * col0), typename OutTraits::SmemLayoutVt{});

@@ -6,8 +6,8 @@
 // -DJNA_TEST_SM90_ONLY -DJNA_TEST_BF16_ONLY: the Hopper backward (hopper/bwd_bf16_hd128.cu);
 // -DJNA_TEST_PORTABLE_ONLY -DJNA_TEST_BF16_ONLY: the portable one (bwd_bf16_hd128.cu, built for sm_90a).
 // Without either, it links every unit and calls the dispatcher (launch_bwd).
-// Options (test_harness.h): --timing, --big, --tiles N (backward configuration N), --atomic (the
-// Hopper dK/dV kernel adds dQ: non-deterministic mode). Exit code 0 only when every case passes.
+// Options (test_harness.h): --timing, --checks (no timings), --big, --tiles N (backward configuration
+// N), --atomic (the Hopper dK/dV kernel adds dQ: non-deterministic mode). Exit code 0 only when every case passes.
 // The experiment knobs NO_DQ_KERNEL, NO_DKDV_KERNEL, ONE_UNIT and NO_EXP (-DJNA_BWD_EXPERIMENT_*,
 // cuda/fused/NOTES.md sessions 30-32) make the checks fail on purpose: those variants are for their timings.
 #include <cstdio>

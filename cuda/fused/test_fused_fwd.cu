@@ -6,9 +6,10 @@
 // Exit code 0 only when every case passes.
 // Experiments: -DJNA_TEST_SM90_ONLY links only hopper/fwd_{bf16,f16}_hd128.cu (every case then runs at
 // head dim 128 on the Hopper forward: a variant builds in two units; -DJNA_TEST_BF16_ONLY: bfloat16
-// only, one unit); with -DJNA_FWD_TRACE,
-// `--trace` prints where the CTAs' time goes (hopper/trace.cuh). `--timing` skips the checks, `--big`
-// adds the large benchmark problems (p6, p8, p9), `--tiles N` runs tile configuration N
+// only, one unit); -DJNA_TEST_PORTABLE_ONLY -DJNA_TEST_BF16_ONLY: the portable forward
+// (fwd_bf16_hd128.cu) at head dim 128 the same way; with -DJNA_FWD_TRACE, `--trace` prints where
+// the CTAs' time goes (hopper/trace.cuh). `--timing` skips the checks, `--checks` the timings,
+// `--big` adds the large benchmark problems (p6, p8, p9), `--tiles N` runs tile configuration N
 // (tile_shapes.cuh) of each kernel set where the rank has one, else the default.
 #include <algorithm>
 #include <cstdio>
@@ -31,7 +32,8 @@ fused::FwdTrace jax_na::fused::fwd_trace_target() { return g_trace; }
 
 static int g_tiles = 0;  // --tiles
 
-// The forward under test: the dispatcher, or (JNA_TEST_SM90_ONLY) the Hopper kernel at head dim 128.
+// The forward under test: the dispatcher, or (JNA_TEST_SM90_ONLY / JNA_TEST_PORTABLE_ONLY) one
+// kernel set at head dim 128.
 static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fused::FwdArgs& args_in) {
   fused::FwdArgs args = args_in;
 #if !defined(JNA_TEST_STATIC_TILES)  // the tile counter of the persistent Hopper forward, zeroed per launch
@@ -43,11 +45,16 @@ static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fuse
   const int n90 = rank == 1 ? fused::HopperFwdTiles<1>::kCount
                             : (rank == 2 ? fused::HopperFwdTiles<2>::kCount : fused::HopperFwdTiles<3>::kCount);
   args.tiles_sm90 = g_tiles < n90 ? g_tiles : 0;
-#if !defined(JNA_TEST_SM90_ONLY)
-  const int n80 = fused::fwd_tile_configs(fused::FwdArgs::kPortable, dt, args.D, rank, nullptr, 0);
+#if defined(JNA_TEST_PORTABLE_ONLY)
+  const int n80 = rank == 1 ? fused::PortableFwdTilesFor<DType::kBF16, 128, 1>::kCount
+                            : (rank == 2 ? fused::PortableFwdTilesFor<DType::kBF16, 128, 2>::kCount
+                                         : fused::PortableFwdTilesFor<DType::kBF16, 128, 3>::kCount);
   args.tiles_sm80 = g_tiles < n80 ? g_tiles : 0;
-#endif
-#if defined(JNA_TEST_SM90_ONLY)
+  if (args.D != 128 || dt != DType::kBF16) return cudaErrorInvalidValue;
+  if (rank == 1) return fused::run_fwd<DType::kBF16, 128, 1>(pr, args, 0);
+  if (rank == 2) return fused::run_fwd<DType::kBF16, 128, 2>(pr, args, 0);
+  return fused::run_fwd<DType::kBF16, 128, 3>(pr, args, 0);
+#elif defined(JNA_TEST_SM90_ONLY)
   if (args.D != 128 || dt == DType::kF32) return cudaErrorInvalidValue;
   if (dt == DType::kBF16) {
     if (rank == 1) return fused::run_fwd_sm90<DType::kBF16, 128, 1>(pr, args, 0);
@@ -61,6 +68,8 @@ static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fuse
   if (rank == 2) return fused::run_fwd_sm90<DType::kF16, 128, 2>(pr, args, 0);
   return fused::run_fwd_sm90<DType::kF16, 128, 3>(pr, args, 0);
 #else
+  const int n80 = fused::fwd_tile_configs(fused::FwdArgs::kPortable, dt, args.D, rank, nullptr, 0);
+  args.tiles_sm80 = g_tiles < n80 ? g_tiles : 0;
   return fused::launch_fwd(pr, rank, dt, args, 0);
 #endif
 }

@@ -282,13 +282,14 @@ inline std::vector<Case> experiment_perf(const std::vector<Case>& perf) {
 // N of each kernel set where the rank has one, else the default), --atomic (backward: dQ added by
 // the dK/dV kernel).
 struct Options {
-  bool timing_only = false, big = false, trace = false, atomic = false;
+  bool timing_only = false, checks_only = false, big = false, trace = false, atomic = false;
   int tiles = 0;
 };
 inline Options parse_options(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     o.timing_only = o.timing_only || std::strcmp(argv[i], "--timing") == 0;
+    o.checks_only = o.checks_only || std::strcmp(argv[i], "--checks") == 0;
     o.big = o.big || std::strcmp(argv[i], "--big") == 0;
     o.trace = o.trace || std::strcmp(argv[i], "--trace") == 0;
     o.atomic = o.atomic || std::strcmp(argv[i], "--atomic") == 0;
@@ -306,7 +307,8 @@ int run_program(const Options& opt, const RunCase& run_case, const TimeCase& tim
   bool all = true;
   if (!opt.timing_only)
     for (const Case& c : experiment_cases(check_cases())) all = run_case(c, rng) && all;
-  for (const Case& c : experiment_perf(perf_cases(opt.big))) time_case(c, rng);
+  if (!opt.checks_only)
+    for (const Case& c : experiment_perf(perf_cases(opt.big))) time_case(c, rng);
   std::printf(all ? "ALL PASS\n" : "SOME FAILED\n");
   return all ? 0 : 1;
 }

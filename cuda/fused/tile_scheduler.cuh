@@ -308,8 +308,8 @@ struct KVTileWalker {
                                           TileFlags& f, int tid) const {
     if (tid >= 32) return;
     bool act = true, ful = false, lo = true, hi = true;
-    const int w = tid < Traits::kNWarps ? tid : 0;
     if (n < cs.n_window_tiles) {
+      const int w = tid < Traits::kNWarps ? tid : 0;
       TS::classify(cs, w, org, &act, &ful);
       if constexpr (Traits::kHalfTiles) TS::classify_halves(cs, w, org, act, &lo, &hi);
     } else {

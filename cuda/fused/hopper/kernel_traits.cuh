@@ -40,21 +40,20 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
   static constexpr int kNWarpGroups = 2;  // consumers
   static_assert(Base::kDPasses == 1, "the Hopper forward takes head dims up to 128 (one pass of O columns)");
   using typename Base::KVTile;
+  using Base::kBlockNHalf;
 
-  // Half tiles (experiment knob -DJNA_SM90_HALF_TILES): a consumer warpgroup whose queries' windows
-  // meet only one half of a K/V tile along axis 0 (the first or the last kBlockN / 2 keys: the
-  // row-major box split on its first axis) computes S over that half alone (a wgmma of N = kBlockN /
-  // 2) and its softmax over half the columns; P.V stays whole (zeros for the other half). These are
-  // the tiles at the ends of a warpgroup's window box along axis 0, where a 128-key tile rounds its
-  // 64 queries' box up: 13.6% of p2's S pairs, 2.8% of p1's, 6.3% of p3's (tile_model).
+  // Half tiles (experiment knob -DJNA_SM90_HALF_TILES; FwdTraits' HalfKVTile): a consumer warpgroup
+  // whose queries' windows meet only one half of a K/V tile along axis 0 computes S over that half
+  // alone (a wgmma of N = kBlockN / 2) and its softmax over half the columns; P.V stays whole (zeros
+  // for the other half). These are the tiles at the ends of a warpgroup's window box along axis 0,
+  // where a 128-key tile rounds its 64 queries' box up: 13.6% of p2's S pairs, 2.8% of p1's, 6.3%
+  // of p3's (tile_model).
 #if defined(JNA_SM90_HALF_TILES)
   static constexpr bool kHalfTiles = true;
 #else
   static constexpr bool kHalfTiles = false;
 #endif
-  static constexpr int kBlockNHalf = kBlockN / 2;
-  using HalfKVTile = Box<KVTile::extent(0) / 2, KVTile::extent(1), KVTile::extent(2)>;
-  static_assert(KVTile::extent(0) % 2 == 0 && HalfKVTile::kSize == kBlockNHalf, "K/V tiles split on axis 0");
+  static_assert(KVTile::extent(0) % 2 == 0 && Base::HalfKVTile::kSize == kBlockNHalf, "K/V tiles split on axis 0");
 
   static constexpr int kLoadThreads = 128;  // the producer warpgroup
   static constexpr int kLoadRowsPerPass = kLoadThreads / Base::kChunks;
@@ -99,14 +98,14 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
       GmmaLayoutK{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
 
   // Half tiles: S over kBlockNHalf keys. A half's K is a sub-tile of the stage's: its rows, at
-  // element offset h * kHalfElems, seen through the full tile's layout (the 128-byte swizzle repeats
-  // every 8 rows of 64 elements, so the offset leaves it unchanged).
+  // element offset h * kHalfElems (FwdTraits), seen through the full tile's layout (the 128-byte
+  // swizzle repeats every 8 rows of 64 elements, so the offset leaves it unchanged).
   using TiledMmaSHalf = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float,
                                  cute::Shape<cute::_64, cute::Int<kBlockNHalf>, cute::Int<kHeadDim>>>(),
       AtomLayout{}));
-  static constexpr int kHalfElems = kBlockNHalf * 64;  // rows 0..kBlockNHalf-1 of each 64-column block
-  static_assert(kHalfElems % (8 * 64) == 0, "a half starts on a swizzle period");
+  static_assert(Base::kHalfElems == kBlockNHalf * 64 && Base::kHalfElems % (8 * 64) == 0,
+                "a half: rows 0..kBlockNHalf-1 of each 64-column block, on a swizzle period");
   using GmmaLayoutKHalf = decltype(cute::composition(
       GmmaLayoutK{}, cute::make_layout(cute::Shape<cute::Int<kBlockNHalf>, cute::Int<kHeadDim>>{},
                                        cute::Stride<cute::_1, cute::Int<kBlockN>>{})));
