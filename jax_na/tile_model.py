@@ -111,6 +111,7 @@ def _unit_tiles(g: AxisGroup, q_extent: int, unit_extent: int, kv_extent: int, h
         last = np.minimum(-((g.end[uhi] - lo) // -kv_extent), n_box) - 1
         met = last - first + 1
         if halves:
+            assert kv_extent % 2 == 0, kv_extent
             half = kv_extent // 2
             met = 2 * met - (g.start[ulo_c] - lo - first * kv_extent >= half) - (g.end[uhi] - lo - last * kv_extent <= half)
         total += int(np.sum(np.where(live, met, 0)))
@@ -193,9 +194,9 @@ def mma_unit(kernel_set: str, q_tile) -> tuple:
 
 def forward_work(axes, kernel_set: str, q_tile, kv_tile, half_tiles: bool = False) -> int:
     """Pairs the forward computes (one matrix product each way: S and P V). ``half_tiles``: the
-    kernels built with -DJNA_SM80_HALF_TILES (portable: both products over the halves of
-    query_stationary_pairs' ``half_tiles``) or -DJNA_SM90_HALF_TILES (Hopper: S over the halves, P V
-    over whole tiles; the mean of the two products' pairs)."""
+    kernels built with -DJNA_SM80_HALF_TILES (portable, 16-bit head dims up to 128 only: both products
+    over the halves of query_stationary_pairs' ``half_tiles``) or -DJNA_SM90_HALF_TILES (Hopper: S
+    over the halves, P V over whole tiles; the mean of the two products' pairs)."""
     unit = mma_unit(kernel_set, q_tile)
     whole = query_stationary_pairs(axes, q_tile, unit, kv_tile)
     if not half_tiles:

@@ -4,6 +4,7 @@
 #   bash tools/sanitize_fused.sh [cutlass include dir]     # build (JOBS parallel compiles, default 16) and run
 #   bash tools/sanitize_fused.sh build [cutlass include]   # build only (where nvcc is, e.g. a machine without GPU)
 #   bash tools/sanitize_fused.sh run                       # run the binary built before (B: its folder)
+# JNA_CUDA_FLAGS: extra nvcc flags of the build (experiment knobs, e.g. "-DJNA_SM90_HALF_TILES").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=all
@@ -12,7 +13,7 @@ OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 B=${B:-/tmp/jna_sanitize}; mkdir -p "$B"
 if [ "$what" != run ]; then
   CUTLASS=${1:-$(python3 -c "import os, cutlass_library as c; print(os.path.join(os.path.dirname(c.__file__), 'source', 'include'))")}
-  FLAGS="-std=c++17 -O2 --expt-relaxed-constexpr -lineinfo -Icuda -isystem $CUTLASS -gencode=arch=compute_90a,code=sm_90a -DJNA_FUSED_WITH_SM90=1"
+  FLAGS="-std=c++17 -O2 --expt-relaxed-constexpr -lineinfo -Icuda -isystem $CUTLASS -gencode=arch=compute_90a,code=sm_90a -DJNA_FUSED_WITH_SM90=1 ${JNA_CUDA_FLAGS:-}"
   # Every fused kernel, the Hopper ones included (the driver runs both kernel sets in each direction).
   rm -f "$B"/*.o "$B/sanitize_fused"  # no object of an older tree gets linked
   ls cuda/fused/fwd_*.cu cuda/fused/hopper/fwd_*.cu cuda/fused/bwd_*.cu cuda/fused/hopper/bwd_*.cu cuda/fused/dispatch.cu cuda/fused/sanitize_fused.cu |

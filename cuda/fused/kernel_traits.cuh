@@ -144,18 +144,11 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using OutTraits = std::conditional_t<Base::kDPasses == 1, FwdTraits,
                                        FwdTraits<kDType_, Base::kHeadDimOut, kRank_, kBlockN_, kNWarps_, kStages_, Shapes_>>;
 
-  // Half tiles (experiment knob -DJNA_SM80_HALF_TILES; the Hopper forward has its own, see
-  // HopperFwdTraits): the K/V tile walk also publishes which halves of a tile along axis 0 (its first
-  // and last kBlockNHalf keys: the row-major box split on its first axis) each warp's windows meet
-  // (bits of TileFlags::active), and a warp that meets one half only computes S, the softmax and P.V
-  // over that half (16-bit one-pass kernels: the transposed view below). Only the forward kernels
-  // read the bits.
-#if defined(JNA_SM80_HALF_TILES)
-  static constexpr bool kHalfTiles =
-      sizeof(typename Base::Element) == 2 && Base::kDPasses == 1 && KVTile::extent(0) >= 2;
-#else
+  // Half tiles (the forward kernels' experiment knobs: WithHalfTiles below, HopperFwdTraits): the
+  // K/V tile walk also publishes which halves of a tile along axis 0 (its first and last kBlockNHalf
+  // keys: the row-major box split on its first axis) each warp's windows meet (bits of
+  // TileFlags::active), and a unit that meets one half only computes over that half. Off here.
   static constexpr bool kHalfTiles = false;
-#endif
   static constexpr int kBlockNHalf = kBlockN / 2;
   using HalfKVTile =
       Box<(KVTile::extent(0) >= 2 ? KVTile::extent(0) / 2 : 1), KVTile::extent(1), KVTile::extent(2)>;
@@ -179,6 +172,26 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kSmemSched = 640;  // CtaSchedule (checked in the kernel)
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKV + kSmemWin + kSmemSched;
 };
+
+// The portable forward's traits: Traits (FwdTraits), with half tiles under the experiment knob
+// -DJNA_SM80_HALF_TILES (16-bit one-pass kernels: the transposed V view of a half is written for
+// them): a warp whose windows meet one half of a K/V tile computes S, the softmax and P.V over that
+// half only. The other query-stationary kernels (dQ, gemm) keep FwdTraits' kHalfTiles = false.
+template <class Traits>
+struct WithHalfTiles : Traits {
+  static constexpr bool kHalfTiles =
+      sizeof(typename Traits::Element) == 2 && Traits::kDPasses == 1 && Traits::KVTile::extent(0) >= 2;
+  static_assert(!kHalfTiles ||
+                    (Traits::kBlockNHalf % 16 == 0 && Traits::kHalfElems % (8 * Traits::kBlockKSmem) == 0),
+                "a half: whole MMA tiles of keys, starting on a swizzle period");
+};
+#if defined(JNA_SM80_HALF_TILES)
+template <class Traits>
+using PortableFwdTraitsOf = WithHalfTiles<Traits>;
+#else
+template <class Traits>
+using PortableFwdTraitsOf = Traits;
+#endif
 
 // Key-stationary backward (dK, dV): a CTA owns a KV tile of kBlockN keys (kNWarps warps x 16 key rows
 // per MMA row block; dK and dV accumulate in registers) and walks the Q tiles of its keys' inverse

@@ -59,7 +59,7 @@ cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t st
   using Configs = PortableFwdTilesFor<kDType, kHeadDim, kRank>;
   return with_tile_config<Configs>(args.tiles_sm80, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
-    using Traits = FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize, 8, 2, Shapes>;
+    using Traits = PortableFwdTraitsOf<FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize, 8, 2, Shapes>>;
     return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
   });
 }

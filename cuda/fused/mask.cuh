@@ -5,8 +5,9 @@
 // 4 warps along M: warp w holds rows 16w..16w+15 and 64+16w..64+16w+15): w = (r / 16) % 4 picks the
 // warp's sub-box in the Q tile, i = (r / 64) * 16 + r % 16 the query inside the warp's sub-box.
 // Score element (row, col) of a KV tile: col = 8 * ni + 2 * (lane % 4) + i0 is a row-major index into
-// the KVTile box (power-of-two extents: coordinates are bit fields of col); per row the thread builds
-// one word of its columns inside the window (column_mask.cuh) and tests a compile-time bit per score.
+// the columns' box (the KVTile, or a half of it: power-of-two extents, so coordinates are bit fields
+// of col); per row the thread builds one word of its columns inside the window (column_mask.cuh) and
+// tests a compile-time bit per score.
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -53,7 +53,8 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
 #else
   static constexpr bool kHalfTiles = false;
 #endif
-  static_assert(KVTile::extent(0) % 2 == 0 && Base::HalfKVTile::kSize == kBlockNHalf, "K/V tiles split on axis 0");
+  static_assert(!kHalfTiles || (KVTile::extent(0) % 2 == 0 && Base::HalfKVTile::kSize == kBlockNHalf),
+                "K/V tiles split on axis 0");
 
   static constexpr int kLoadThreads = 128;  // the producer warpgroup
   static constexpr int kLoadRowsPerPass = kLoadThreads / Base::kChunks;
