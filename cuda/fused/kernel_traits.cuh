@@ -226,15 +226,6 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   static constexpr int kSmemDS = kDqInKernel ? kBlockN * kBlockM * int(sizeof(typename Base::Element)) : 0;
-  // dQ added by TMA reductions from a float32 staging tile (experimental, -DJNA_BWD_DQ_TMA_REDUCE, which
-  // needs -DJNA_BWD_EXPERIMENT_TWO_WARPGROUPS at head dim 128: one dQ product per Q tile; else float
-  // atomics from the registers).
-#if defined(JNA_BWD_DQ_TMA_REDUCE)
-  static constexpr bool kDqTmaReduce = kDqInKernel;
-#else
-  static constexpr bool kDqTmaReduce = false;
-#endif
-  static constexpr int kSmemDQ = kDqTmaReduce ? kBlockM * kHeadDim_ * 4 : 0;
   // Two stages of: Q, dO, lse and delta per query, and with kDqInKernel the query rows' element
   // offsets (int64); once: the keys' query intervals (int2 per axis and K/V tile coordinate, then
   // per MMA unit and axis: at most one unit per warp).
@@ -244,7 +235,7 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   static constexpr int kSmemSched = 256;
   static constexpr int kSmemBars = 2 * 8;  // an mbarrier per Q/dO stage (TMA loads)
   static constexpr int kSmemBytes =
-      2 * kSmemKV + 4 * kSmemQ + kSmemDS + kSmemDQ + 2 * kSmemSmallStage + kSmemInv + kSmemSched + kSmemBars;
+      2 * kSmemKV + 4 * kSmemQ + kSmemDS + 2 * kSmemSmallStage + kSmemInv + kSmemSched + kSmemBars;
 };
 
 }  // namespace fused

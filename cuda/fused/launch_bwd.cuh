@@ -57,8 +57,6 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   kp.q_tma = 0;
   if constexpr (DqGemm::kTmaLoads) kp.kv_tma = encode_kv_tensor_maps<DqTraits>(pr, args.k, args.v, &kp.kv_maps);
   if constexpr (KVGemm::kTmaLoads) kp.q_tma = encode_q_tile_maps<KVTraits>(pr, args.q, args.d_out, &kp.q_maps);
-  kp.dq_tma = 0;  // the dK/dV kernel's dQ by TMA reductions (KVTraits::kDqTmaReduce), where the map encodes
-  if constexpr (KVTraits::kDqTmaReduce) kp.dq_tma = encode_dq_accum_map<KVTraits>(pr, args.dq_accum, &kp.dq_map);
   kp.scale = args.scale;
   kp.scale_log2 = static_cast<float>(static_cast<double>(args.scale) * 1.4426950408889634);
 

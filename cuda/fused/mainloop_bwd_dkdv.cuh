@@ -42,8 +42,8 @@ namespace jax_na {
 namespace fused {
 
 // Shared memory of the dK/dV kernel: K, V, two stages each of Q and dO (each tile at a multiple of
-// its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), the float32
-// dQ tile of the TMA reductions (kDqTmaReduce), then two stages of (lse, delta, query row offsets),
+// its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), then two
+// stages of (lse, delta, query row offsets),
 // the keys' query intervals (InverseRangeTable, then UnitQueryIntervals), the schedule and one
 // mbarrier per Q/dO stage (TMA loads).
 template <class Traits>
@@ -53,8 +53,7 @@ struct DkdvSmem {
   static constexpr int kQ = kV + Traits::kSmemKV;        // stage s at kQ + s * kSmemQ
   static constexpr int kDO = kQ + 2 * Traits::kSmemQ;    // stage s at kDO + s * kSmemQ
   static constexpr int kDS = kDO + 2 * Traits::kSmemQ;
-  static constexpr int kDQ = kDS + Traits::kSmemDS;       // float32 dQ staging (kDqTmaReduce)
-  static constexpr int kSmall = kDQ + Traits::kSmemDQ;   // stage s at kSmall + s * kSmallStage
+  static constexpr int kSmall = kDS + Traits::kSmemDS;   // stage s at kSmall + s * kSmallStage
   static constexpr int kLse = 0;                          // offsets inside a small stage
   static constexpr int kDelta = kLse + Traits::kBlockM * 4;
   static constexpr int kRowOff = kDelta + Traits::kBlockM * 4;
@@ -65,8 +64,7 @@ struct DkdvSmem {
   static constexpr int kBars = kSched + Traits::kSmemSched;
   static constexpr int kBytes = kBars + Traits::kSmemBars;
   static_assert(kBytes == Traits::kSmemBytes, "smem plan");
-  static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0 && Traits::kSmemDS % 1024 == 0 &&
-                    Traits::kSmemDQ % 1024 == 0,
+  static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0 && Traits::kSmemDS % 1024 == 0,
                 "tile alignment");
 };
 
@@ -89,23 +87,6 @@ __device__ __forceinline__ void add_dq(const Gemm& gemm, const Acc& acc, float* 
     }
   }
 }
-
-// acc (M x N, the fragment of Gemm::acc_tn) into the float32 staging tile of a TMA reduction
-// (dq_staging_offset: 128-byte column blocks, swizzled), a column pair per store.
-template <int M, int N, class Gemm, class Acc>
-__device__ __forceinline__ void stage_dq(const Gemm& gemm, const Acc& acc, float* s_dq) {
-  using namespace cute;
-  Tensor coord = gemm.template coords_tn<M, N>();
-  static_assert(decltype(size(acc))::value % 2 == 0, "column pairs");
-#pragma unroll
-  for (int i = 0; i < size(acc); i += 2)
-    *reinterpret_cast<float2*>(s_dq + dq_staging_offset<M>(get<0>(coord(i)), get<1>(coord(i)))) =
-        make_float2(acc(i), acc(i + 1));
-}
-
-// Named barrier of a warpgroup's dQ staging (cutlass user ids; the Hopper forward's 1-4 belong to
-// another kernel): kDqStagingBarrierId + warpgroup.
-constexpr uint32_t kDqStagingBarrierId = 1;
 
 // Gemm: the MMA policy (Sm80Gemm: mma.sync; Sm90Gemm in hopper/gemm.cuh: wgmma, with the products
 // in flight while the exponentials of the other one run).
@@ -252,7 +233,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
       int32_t org[3];
       walker.origin(ks, org);
-      [[maybe_unused]] const int32_t q_head = walker.head;  // query head in the group (dQ reductions)
       walker.advance(ks);
       // This unit's keys meet the Q tile. Uniform over the unit: its warps read the same entries (on
       // Hopper the four warps of a warpgroup; the lane-0 shuffle shows ptxas it is warp-uniform, as
@@ -334,24 +314,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         acc_to_smem<Traits::kNWarps, Element, typename Traits::template SmemLayoutRows<kBlockN, kBlockM>>(
             dp_rc, sdS, 1.f, warp, lane);
         gemm.fence_smem_writes();
-        [[maybe_unused]] const bool dq_issuer = tid % 128 == 0;  // a warpgroup's thread 0 issues its reductions
-        if constexpr (Traits::kDqTmaReduce) {
-          // The staging tile is rewritten after the barrier: the previous tile's reductions must
-          // have read it.
-          if (dq_issuer) cute::tma_store_wait<0>();
-        }
         __syncthreads();
         // dQ columns per product: 64 per warpgroup, so a lone warpgroup (the default Hopper CTA) takes
         // kD / 64 products: its 64 x 128 float32 accumulator would not fit beside dK and dV (spills).
         constexpr int kDqCols = kD < 64 * Gemm::kWarpGroups ? kD : 64 * Gemm::kWarpGroups;
         constexpr int kDqColPasses = kD / kDqCols;
-        static_assert(!Traits::kDqTmaReduce || kDqColPasses == 1,
-                      "dQ by TMA reductions: one product per Q tile (-DJNA_BWD_EXPERIMENT_TWO_WARPGROUPS)");
-        // By TMA reductions (a whole box of rows per column block; rows past an axis end are
-        // dropped by the TMA) where the Q/dO tile could come by TMA; else float atomics per value.
-        bool dq_by_tma = false;  // uniform over the CTA
-        if constexpr (Traits::kDqTmaReduce)
-          dq_by_tma = p.dq_tma && !ks.is_add && box_fits_tma<Traits::kRank, typename Traits::QTile>(pr, org);
 #pragma unroll
         for (int c = 0; c < kDqColPasses; ++c) {
           // Columns [c kDqCols, (c + 1) kDqCols) of K: the (kBlockN, kDqCols) tile at c kBlockN kDqCols
@@ -362,28 +329,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS, acc_dq);
           else
             gemm.template wait<0>(acc_dq);
-          if (dq_by_tma) {
-            if constexpr (Traits::kDqTmaReduce) {
-              float* s_dq = reinterpret_cast<float*>(smem_raw + L::kDQ);
-              stage_dq<kBlockM, kD>(gemm, acc_dq, s_dq);
-              cute::tma_store_fence();  // the staging writes, visible to the TMA (async proxy)
-              const int wg = warp / 4;  // its columns: kD / kWarpGroups (Gemm::MmaTN's warpgroups along N)
-              cutlass::arch::NamedBarrier::sync(128, kDqStagingBarrierId + wg);
-              if (dq_issuer) {
-                constexpr int kBlocks = kD / 32 / Gemm::kWarpGroups;
-#pragma unroll
-                for (int j = 0; j < kBlocks; ++j) {
-                  const int cb = wg * kBlocks + j;
-                  tma_reduce_add_box<Traits::kRank>(&p.dq_map, s_dq + cb * kBlockM * 32, cb,
-                                                    ks.hkv * pr.groups() + q_head, org, static_cast<int32_t>(ks.b), pr);
-                }
-                cute::tma_store_arrive();
-              }
-            }
-          } else {
-            add_dq<kBlockM, kDqCols>(gemm, acc_dq, static_cast<float*>(p.dq_accum) + c * kDqCols,
-                                     reinterpret_cast<const int64_t*>(small(s, L::kRowOff)));
-          }
+          add_dq<kBlockM, kDqCols>(gemm, acc_dq, static_cast<float*>(p.dq_accum) + c * kDqCols,
+                                   reinterpret_cast<const int64_t*>(small(s, L::kRowOff)));
         }
       } else {
         out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this
@@ -392,9 +339,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     // Epilogue: dK * scale and dV -> smem -> rows of dk/dv (or d_add_k/d_add_v). One pass: over K and
     // V; more: over the Q/dO stages (free now; K and V serve the next pass, whose Q tile 0 loads next).
-    if constexpr (Traits::kDqTmaReduce) {
-      if (tid % 128 == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // dQ reductions done
-    }
     cp_async_wait<0>();
     __syncthreads();
     using OutLayout = typename OutTraits::template SmemLayoutRows<kBlockN>;

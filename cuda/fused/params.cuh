@@ -37,11 +37,9 @@ struct QTensorMaps {
 
 struct BwdKernelParams {
   // The Hopper backward kernels' tiles by TMA: the dQ kernel's K/V window tiles where kv_tma, the
-  // dK/dV kernel's Q/dO tiles where q_tma, its dQ tiles' reduction into dq_accum where dq_tma
-  // (unused otherwise).
+  // dK/dV kernel's Q/dO tiles where q_tma (unused otherwise).
   KVTensorMaps kv_maps;
   QTensorMaps q_maps;
-  CUtensorMap dq_map;
   geo::Problem pr;
   const void* q;
   const void* k;
@@ -65,7 +63,6 @@ struct BwdKernelParams {
   int32_t n_window_ctas;   // dK/dV kernel: CTAs of window keys (then the additional-keys CTAs)
   int32_t kv_tma;          // 1: kv_maps are set (Hopper dQ kernel, no dilation); 0: gathers
   int32_t q_tma;           // 1: q_maps are set (Hopper dK/dV kernel, no dilation); 0: gathers
-  int32_t dq_tma;          // 1: dq_map is set (dK/dV kernel adding dQ by TMA reductions); 0: atomics
 };
 
 }  // namespace fused

@@ -9,8 +9,6 @@
 //   rank 1: {D, heads, L0, B}           box {C, 1, E0, 1}
 //   rank 2: {D, heads, L1, L0, B}       box {C, 1, E1, E0, 1}
 //   rank 3: {D, heads, L2, L1, L0 * B}  box {C, 1, E2, E1, E0}   (TMA has at most 5 dimensions)
-// The same maps over a float32 tensor reduce-add the dK/dV kernel's dQ tiles into its accumulator
-// (JNA_BWD_DQ_TMA_REDUCE).
 // Boxes past an axis end read zeros, as the gathers do. In rank 3 the merged axis would read the
 // next batch item's rows instead: K/V tiles (and the backward's Q/dO tiles, whose columns past the
 // data must be zeros) that cross L0 there take the cp.async path; forward Q rows past L0 are never
@@ -63,20 +61,6 @@ __device__ __forceinline__ void tma_load_box(const void* map, uint64_t* mbar, ui
       cute::SM90_TMA_LOAD_4D::copy(map, mbar, hint, dst, x...);
     else
       cute::SM90_TMA_LOAD_5D::copy(map, mbar, hint, dst, x...);
-  });
-}
-
-// Device, one thread: adds the float box src of column block c (32 columns) to the tensor at group
-// positions org of head h, batch item b (an asynchronous bulk reduction: the caller commits it and
-// waits before src is written again).
-template <int kRank>
-__device__ __forceinline__ void tma_reduce_add_box(const void* map, const float* src, int32_t c, int32_t h,
-                                                   const int32_t org[3], int32_t b, const geo::Problem& pr) {
-  with_box_coords<kRank>(c * 32, h, org, b, pr, [&](auto... x) {
-    if constexpr (sizeof...(x) == 4)
-      cute::SM90_TMA_REDUCE_ADD_4D::copy(map, src, x...);
-    else
-      cute::SM90_TMA_REDUCE_ADD_5D::copy(map, src, x...);
   });
 }
 
@@ -248,22 +232,6 @@ __device__ __forceinline__ void load_q_do_tma(const QTensorMaps& maps, const geo
     tma_load_box<Traits::kRank>(&maps.q, mbar, kTmaEvictLast, sQ + c * kColElems, c, h, org, b, pr);
     tma_load_box<Traits::kRank>(&maps.d_out, mbar, kTmaEvictLast, sdO + c * kColElems, c, h, org, b, pr);
   }
-}
-
-// Host: the map of the float32 dQ accumulator for a key-stationary backward's QTile boxes (the dK/dV
-// kernel's dQ tiles, reduce-added by tma_reduce_add_box).
-template <class Traits>
-bool encode_dq_accum_map(const geo::Problem& pr, float* dq_accum, CUtensorMap* map) {
-  return encode_token_map<Traits, typename Traits::QTile, float>(pr, dq_accum, pr.H, map);
-}
-
-// The smem tile a float (kRows, D) box reduce-adds from: column block c (32 floats, 128-byte rows)
-// at float c * kRows * 32, row r's 16-byte chunk j at chunk j ^ (r % 8) of the row (the map's
-// 128-byte swizzle; the tile 1024-byte aligned). Float offset of (r, col), col even: a float2.
-template <int kRows>
-__device__ __forceinline__ int dq_staging_offset(int r, int col) {
-  const int chunk = ((col & 31) >> 2) ^ (r & 7);
-  return (col >> 5) * kRows * 32 + r * 32 + chunk * 4 + (col & 3);
 }
 
 }  // namespace fused
