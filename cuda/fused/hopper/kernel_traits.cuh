@@ -53,6 +53,14 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
 #else
   static constexpr bool kHalfTiles = false;
 #endif
+  // With -DJNA_SM90_HALF_TILES_PV as well, P.V shrinks too: two batches of kBlockNHalf keys, the
+  // second a guarded wgmma that runs for whole tiles only (hopper/wgmma_guarded.cuh).
+#if defined(JNA_SM90_HALF_TILES_PV)
+  static_assert(kHalfTiles, "-DJNA_SM90_HALF_TILES_PV needs -DJNA_SM90_HALF_TILES");
+  static constexpr bool kHalfPV = true;
+#else
+  static constexpr bool kHalfPV = false;
+#endif
   static_assert(!kHalfTiles || (KVTile::extent(0) % 2 == 0 && Base::HalfKVTile::kSize == kBlockNHalf),
                 "K/V tiles split on axis 0");
 
@@ -110,6 +118,15 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
   using GmmaLayoutKHalf = decltype(cute::composition(
       GmmaLayoutK{}, cute::make_layout(cute::Shape<cute::Int<kBlockNHalf>, cute::Int<kHeadDim>>{},
                                        cute::Stride<cute::_1, cute::Int<kBlockN>>{})));
+  // kHalfPV: P.V over kBlockNHalf keys (V^T's columns of a half, at the same element offsets).
+  using TiledMmaOHalf = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockNHalf>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      AtomLayout{}));
+  using GmmaLayoutVtHalf = decltype(cute::composition(
+      GmmaLayoutK{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockNHalf>>{},
+                                       cute::Stride<cute::Int<kBlockN>, cute::_1>{})));
 };
 
 }  // namespace fused

@@ -36,6 +36,7 @@
 #include "fused/hopper/pipeline.cuh"
 #include "fused/hopper/tma.cuh"
 #include "fused/hopper/trace.cuh"
+#include "fused/hopper/wgmma_guarded.cuh"
 #include "fused/mask.cuh"
 #include "fused/softmax.cuh"
 #include "fused/tile_scheduler.cuh"
@@ -232,9 +233,39 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
   using LayoutSHalf = decltype(partition_fragment_C(mma_sh, Shape<Int<kBlockM>, Int<kBlockNHalf>>{}).layout());
   constexpr int kHalfFrag = decltype(size(LayoutSHalf{}))::value;
   int pv_stage = 0;
+  // Traits::kHalfPV: P.V in two batches of kBlockNHalf keys, P's first half of registers against the
+  // V rows at pv_half_off (a half tile's, or the whole tile's first), then, where pv_whole, its second
+  // half against the tile's second half of rows (a guarded wgmma: no branch between P.V shapes).
+  typename Traits::TiledMmaOHalf mma_oh;
+  auto thr_oh = mma_oh.get_thread_slice(ctid);
+  Tensor tOrP_lo = make_tensor(rP.data(), acc_to_gmma_a_layout(LayoutSHalf{}));
+  Tensor tOrP_hi = make_tensor(rP.data() + kHalfFrag, acc_to_gmma_a_layout(LayoutSHalf{}));
+  int32_t pv_half_off = 0;
+  uint32_t pv_whole = 1;
   auto issue_pv = [&]() {
-    Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(pv_stage)), typename Traits::GmmaLayoutVt{});
-    wgmma_issue<false>(mma_o, tOrP, thr_o.partition_fragment_B(sVt), acc_o);
+    if constexpr (Traits::kHalfPV) {
+      Tensor sVa = make_tensor(make_smem_ptr(sm.v_stage(pv_stage) + pv_half_off), typename Traits::GmmaLayoutVtHalf{});
+      Tensor sVb = make_tensor(make_smem_ptr(sm.v_stage(pv_stage) + Traits::kHalfElems),
+                               typename Traits::GmmaLayoutVtHalf{});
+      Tensor tVa = thr_oh.partition_fragment_B(sVa);
+      Tensor tVb = thr_oh.partition_fragment_B(sVb);
+      warpgroup_fence_operand(tOrP);
+      warpgroup_fence_operand(acc_o);
+      warpgroup_arrive();
+#pragma unroll
+      for (int k = 0; k < size<2>(tOrP_lo); ++k) cute::gemm(mma_oh, tOrP_lo(_, _, k), tVa(_, _, k), acc_o);
+      auto& acc = *reinterpret_cast<float(*)[kD / 2]>(raw_pointer_cast(acc_o.data()));
+#pragma unroll
+      for (int k = 0; k < size<2>(tOrP_hi); ++k) {
+        Tensor words = recast<uint32_t>(tOrP_hi(_, _, k));
+        const uint32_t a[4] = {words(0), words(1), words(2), words(3)};
+        wgmma_rs_guarded<Element, kD>(acc, a, static_cast<uint64_t>(tVb(_0{}, _0{}, k)), pv_whole);
+      }
+      warpgroup_commit_batch();
+    } else {
+      Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(pv_stage)), typename Traits::GmmaLayoutVt{});
+      wgmma_issue<false>(mma_o, tOrP, thr_o.partition_fragment_B(sVt), acc_o);
+    }
   };
 
   const GemmTurns<kWarpsPerGroup * 32> turns{warp / kWarpsPerGroup};
@@ -266,6 +297,8 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
     st.stage = __shfl_sync(0xffffffffu, st.stage, 0);
     st.phase = __shfl_sync(0xffffffffu, st.phase, 0);
     pv_stage = st.stage;  // tile 0's stage: the first P.V adds zeros times V(0)
+    pv_half_off = 0;
+    pv_whole = !Traits::kHalfPV;  // zeros: half a product suffices
     turns.start();
     Bar::wait(&pipe.q_full, q_round & 1u);
     ++q_round;
@@ -309,6 +342,8 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
         turns.pass(last);
         wgmma_wait<0>(acc_o, tOrP);
         clear(rP);
+        pv_half_off = 0;
+        pv_whole = !Traits::kHalfPV;
       } else if (half >= 0) {  // uniform over the warpgroup; only with kHalfTiles
         if constexpr (Traits::kHalfTiles) {
           // As below, S and the softmax over the half's keys (a boundary tile of the warpgroup's
@@ -337,7 +372,11 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
           if (moved) OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
           Tensor rP_lo = make_tensor(rP.data(), LayoutSHalf{});
           Tensor rP_hi = make_tensor(rP.data() + kHalfFrag, LayoutSHalf{});
-          if (half == 0) {
+          if constexpr (Traits::kHalfPV) {  // P.V over the half's V rows alone
+            convert_fragment_into(acc_s, rP_lo);
+            pv_half_off = half * Traits::kHalfElems;
+            pv_whole = 0;
+          } else if (half == 0) {
             convert_fragment_into(acc_s, rP_lo);
             clear(rP_hi);
           } else {
@@ -376,6 +415,8 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
           wgmma_wait_in_arm<0, 1>(acc_o, tOrP);
         if (moved) OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
         convert_fragment_into(acc_s, rP);  // same layout as acc_s
+        pv_half_off = 0;
+        pv_whole = 1;
       }
       // The P.V just waited for read V(n - 1): its stage goes back to the producer.
       if (n > 0 && lane == 0) Bar::arrive(&pipe.empty[pv_stage]);
