@@ -221,6 +221,8 @@ def test_tile_work_tool(tmp_path, capsys):
     assert tool["main"](["--problem", "p2-2d", "--json", str(out)]) == 0
     (r,) = json.loads(out.read_text())
     assert r["problem"] == "p2-2d" and round(r["fwd"][0]["efficiency"], 2) == 0.57 and r["fwd"][0]["chosen"]
+    # half tiles on Hopper: S over 13.6% fewer pairs, P.V whole (the mean of the two products)
+    assert abs(r["fwd"][0]["half_tiles_efficiency"] - r["fwd"][0]["efficiency"] / (1 - 0.1364 / 2)) < 1e-3
     assert round(r["bound64"], 2) == 0.73 and tuple(r["bound64_box"]) == (8, 8)
     # Hopper's dK/dV CTAs are one warpgroup (64 keys): the units' count is the CTA's walk
     assert len(r["bwd"]) == 2 and r["bwd"][0]["chosen"] and 2.0 < r["bwd"][0]["products_over_ideal"] < 2.2
