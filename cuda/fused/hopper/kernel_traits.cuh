@@ -61,6 +61,15 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
 #else
   static constexpr bool kHalfPV = false;
 #endif
+  // Experiment knob -DJNA_SM90_SKIP_ZERO_PV: the pending P.V runs (guarded wgmmas) only where P holds
+  // probabilities, not the zeros at a Q tile's first step or after a step a warpgroup skipped: one
+  // product of a 128-key tile per Q tile and per skipped step (modeled: 2.9% of p1's products, 6-12%
+  // of the 3-D problems' with their skipped steps, cuda/fused/NOTES.md session 34).
+#if defined(JNA_SM90_SKIP_ZERO_PV)
+  static constexpr bool kSkipZeroPV = true;
+#else
+  static constexpr bool kSkipZeroPV = false;
+#endif
   static_assert(!kHalfTiles || (KVTile::extent(0) % 2 == 0 && Base::HalfKVTile::kSize == kBlockNHalf),
                 "K/V tiles split on axis 0");
 

@@ -242,6 +242,20 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
   Tensor tOrP_hi = make_tensor(rP.data() + kHalfFrag, acc_to_gmma_a_layout(LayoutSHalf{}));
   int32_t pv_half_off = 0;
   uint32_t pv_whole = 1;
+  // Traits::kSkipZeroPV: whether P holds probabilities (0: the zeros of a Q tile's start or of a
+  // skipped step), the guard of the P.V's wgmmas.
+  uint32_t pv_live = 0;
+  // The k-blocks of a P.V batch (register A operand tA, smem descriptors tB) from k0 on as guarded
+  // wgmmas.
+  auto guarded_pv = [&](const auto& tA, const auto& tB, uint32_t run, int k0 = 0) {
+    auto& acc = *reinterpret_cast<float(*)[kD / 2]>(raw_pointer_cast(acc_o.data()));
+#pragma unroll
+    for (int k = k0; k < size<2>(tA); ++k) {
+      Tensor words = recast<uint32_t>(tA(_, _, k));
+      const uint32_t a[4] = {words(0), words(1), words(2), words(3)};
+      wgmma_rs_guarded<Element, kD>(acc, a, static_cast<uint64_t>(tB(_0{}, _0{}, k)), run);
+    }
+  };
   auto issue_pv = [&]() {
     if constexpr (Traits::kHalfPV) {
       Tensor sVa = make_tensor(make_smem_ptr(sm.v_stage(pv_stage) + pv_half_off), typename Traits::GmmaLayoutVtHalf{});
@@ -252,15 +266,25 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
       warpgroup_fence_operand(tOrP);
       warpgroup_fence_operand(acc_o);
       warpgroup_arrive();
+      // The first k-block runs unguarded: with every wgmma of the batch guarded, ptxas serialized
+      // the kernel's wgmmas (C7515).
+      cute::gemm(mma_oh, tOrP_lo(_, _, 0), tVa(_, _, 0), acc_o);
+      if constexpr (Traits::kSkipZeroPV) {
+        guarded_pv(tOrP_lo, tVa, pv_live, 1);
+      } else {
 #pragma unroll
-      for (int k = 0; k < size<2>(tOrP_lo); ++k) cute::gemm(mma_oh, tOrP_lo(_, _, k), tVa(_, _, k), acc_o);
-      auto& acc = *reinterpret_cast<float(*)[kD / 2]>(raw_pointer_cast(acc_o.data()));
-#pragma unroll
-      for (int k = 0; k < size<2>(tOrP_hi); ++k) {
-        Tensor words = recast<uint32_t>(tOrP_hi(_, _, k));
-        const uint32_t a[4] = {words(0), words(1), words(2), words(3)};
-        wgmma_rs_guarded<Element, kD>(acc, a, static_cast<uint64_t>(tVb(_0{}, _0{}, k)), pv_whole);
+        for (int k = 1; k < size<2>(tOrP_lo); ++k) cute::gemm(mma_oh, tOrP_lo(_, _, k), tVa(_, _, k), acc_o);
       }
+      guarded_pv(tOrP_hi, tVb, pv_whole);  // pv_whole implies pv_live
+      warpgroup_commit_batch();
+    } else if constexpr (Traits::kSkipZeroPV) {
+      Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(pv_stage)), typename Traits::GmmaLayoutVt{});
+      Tensor tV = thr_o.partition_fragment_B(sVt);
+      warpgroup_fence_operand(tOrP);
+      warpgroup_fence_operand(acc_o);
+      warpgroup_arrive();
+      cute::gemm(mma_o, tOrP(_, _, 0), tV(_, _, 0), acc_o);  // unguarded: see above
+      guarded_pv(tOrP, tV, pv_live, 1);
       warpgroup_commit_batch();
     } else {
       Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(pv_stage)), typename Traits::GmmaLayoutVt{});
@@ -299,6 +323,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
     pv_stage = st.stage;  // tile 0's stage: the first P.V adds zeros times V(0)
     pv_half_off = 0;
     pv_whole = !Traits::kHalfPV;  // zeros: half a product suffices
+    pv_live = 0;
     turns.start();
     Bar::wait(&pipe.q_full, q_round & 1u);
     ++q_round;
@@ -344,6 +369,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
         clear(rP);
         pv_half_off = 0;
         pv_whole = !Traits::kHalfPV;
+        pv_live = 0;
       } else if (half >= 0) {  // uniform over the warpgroup; only with kHalfTiles
         if constexpr (Traits::kHalfTiles) {
           // As below, S and the softmax over the half's keys (a boundary tile of the warpgroup's
@@ -376,12 +402,15 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
             convert_fragment_into(acc_s, rP_lo);
             pv_half_off = half * Traits::kHalfElems;
             pv_whole = 0;
+            pv_live = 1;
           } else if (half == 0) {
             convert_fragment_into(acc_s, rP_lo);
             clear(rP_hi);
+            pv_live = 1;
           } else {
             clear(rP_lo);
             convert_fragment_into(acc_s, rP_hi);
+            pv_live = 1;
           }
         }
       } else {
@@ -417,6 +446,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
         convert_fragment_into(acc_s, rP);  // same layout as acc_s
         pv_half_off = 0;
         pv_whole = 1;
+        pv_live = 1;
       }
       // The P.V just waited for read V(n - 1): its stage goes back to the producer.
       if (n > 0 && lane == 0) Bar::arrive(&pipe.empty[pv_stage]);
