@@ -153,14 +153,16 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using HalfKVTile =
       Box<(KVTile::extent(0) >= 2 ? KVTile::extent(0) / 2 : 1), KVTile::extent(1), KVTile::extent(2)>;
   // A half's K rows (and its V^T columns) in a stage: the full tile's layout at element offset h *
-  // kHalfElems (the atoms of 8 rows go rows first, and the swizzle repeats every atom).
+  // kHalfElems (the atoms of 8 rows go rows first, and the swizzle repeats every atom), read through
+  // HalfRows / HalfRowsT: the first kBlockNHalf rows of a (kBlockN, D) tile, and the same transposed
+  // (also composed with the Hopper forward's GMMA layouts).
   static constexpr int kHalfElems = kBlockNHalf * Base::kBlockKSmem;
-  using SmemLayoutKVHalf = decltype(cute::composition(
-      SmemLayoutKV{}, cute::Layout<cute::Shape<cute::Int<kBlockNHalf>, cute::Int<kHeadDim_>>,
-                                   cute::Stride<cute::_1, cute::Int<kBlockN>>>{}));
-  using SmemLayoutVtHalf = decltype(cute::composition(
-      SmemLayoutKV{}, cute::Layout<cute::Shape<cute::Int<kHeadDim_>, cute::Int<kBlockNHalf>>,
-                                   cute::Stride<cute::Int<kBlockN>, cute::_1>>{}));
+  using HalfRows = cute::Layout<cute::Shape<cute::Int<kBlockNHalf>, cute::Int<kHeadDim_>>,
+                                cute::Stride<cute::_1, cute::Int<kBlockN>>>;
+  using HalfRowsT = cute::Layout<cute::Shape<cute::Int<kHeadDim_>, cute::Int<kBlockNHalf>>,
+                                 cute::Stride<cute::Int<kBlockN>, cute::_1>>;
+  using SmemLayoutKVHalf = decltype(cute::composition(SmemLayoutKV{}, HalfRows{}));
+  using SmemLayoutVtHalf = decltype(cute::composition(SmemLayoutKV{}, HalfRowsT{}));
 
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;

@@ -124,18 +124,14 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
       AtomLayout{}));
   static_assert(Base::kHalfElems == kBlockNHalf * 64 && Base::kHalfElems % (8 * 64) == 0,
                 "a half: rows 0..kBlockNHalf-1 of each 64-column block, on a swizzle period");
-  using GmmaLayoutKHalf = decltype(cute::composition(
-      GmmaLayoutK{}, cute::make_layout(cute::Shape<cute::Int<kBlockNHalf>, cute::Int<kHeadDim>>{},
-                                       cute::Stride<cute::_1, cute::Int<kBlockN>>{})));
+  using GmmaLayoutKHalf = decltype(cute::composition(GmmaLayoutK{}, typename Base::HalfRows{}));
   // kHalfPV: P.V over kBlockNHalf keys (V^T's columns of a half, at the same element offsets).
   using TiledMmaOHalf = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<Element, Element, float,
                                  cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockNHalf>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
       AtomLayout{}));
-  using GmmaLayoutVtHalf = decltype(cute::composition(
-      GmmaLayoutK{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockNHalf>>{},
-                                       cute::Stride<cute::Int<kBlockN>, cute::_1>{})));
+  using GmmaLayoutVtHalf = decltype(cute::composition(GmmaLayoutK{}, typename Base::HalfRowsT{}));
 };
 
 }  // namespace fused

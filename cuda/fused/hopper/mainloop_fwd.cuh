@@ -245,6 +245,14 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
   // Traits::kSkipZeroPV: whether P holds probabilities (0: the zeros of a Q tile's start or of a
   // skipped step), the guard of the P.V's wgmmas.
   uint32_t pv_live = 0;
+  // What P now holds, for the P.V that will read it: zeros (at a Q tile's start, after a skipped
+  // step; half a product with kHalfPV), a whole tile's probabilities, or a half tile's at offset
+  // v_off of the stage's V rows (kHalfPV).
+  auto pending_pv = [&](int32_t v_off, uint32_t whole, uint32_t live) {
+    pv_half_off = v_off;
+    pv_whole = whole;
+    pv_live = live;
+  };
   // The k-blocks of a P.V batch (register A operand tA, smem descriptors tB) from k0 on as guarded
   // wgmmas.
   auto guarded_pv = [&](const auto& tA, const auto& tB, uint32_t run, int k0 = 0) {
@@ -321,9 +329,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
     st.stage = __shfl_sync(0xffffffffu, st.stage, 0);
     st.phase = __shfl_sync(0xffffffffu, st.phase, 0);
     pv_stage = st.stage;  // tile 0's stage: the first P.V adds zeros times V(0)
-    pv_half_off = 0;
-    pv_whole = !Traits::kHalfPV;  // zeros: half a product suffices
-    pv_live = 0;
+    pending_pv(0, !Traits::kHalfPV, 0);  // zeros
     turns.start();
     Bar::wait(&pipe.q_full, q_round & 1u);
     ++q_round;
@@ -367,9 +373,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
         turns.pass(last);
         wgmma_wait<0>(acc_o, tOrP);
         clear(rP);
-        pv_half_off = 0;
-        pv_whole = !Traits::kHalfPV;
-        pv_live = 0;
+        pending_pv(0, !Traits::kHalfPV, 0);
       } else if (half >= 0) {  // uniform over the warpgroup; only with kHalfTiles
         if constexpr (Traits::kHalfTiles) {
           // As below, S and the softmax over the half's keys (a boundary tile of the warpgroup's
@@ -400,17 +404,16 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
           Tensor rP_hi = make_tensor(rP.data() + kHalfFrag, LayoutSHalf{});
           if constexpr (Traits::kHalfPV) {  // P.V over the half's V rows alone
             convert_fragment_into(acc_s, rP_lo);
-            pv_half_off = half * Traits::kHalfElems;
-            pv_whole = 0;
-            pv_live = 1;
-          } else if (half == 0) {
-            convert_fragment_into(acc_s, rP_lo);
-            clear(rP_hi);
-            pv_live = 1;
+            pending_pv(half * Traits::kHalfElems, 0, 1);
           } else {
-            clear(rP_lo);
-            convert_fragment_into(acc_s, rP_hi);
-            pv_live = 1;
+            if (half == 0) {
+              convert_fragment_into(acc_s, rP_lo);
+              clear(rP_hi);
+            } else {
+              clear(rP_lo);
+              convert_fragment_into(acc_s, rP_hi);
+            }
+            pending_pv(0, 1, 1);  // the whole tile, zeros on the other half
           }
         }
       } else {
@@ -444,9 +447,7 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
           wgmma_wait_in_arm<0, 1>(acc_o, tOrP);
         if (moved) OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
         convert_fragment_into(acc_s, rP);  // same layout as acc_s
-        pv_half_off = 0;
-        pv_whole = 1;
-        pv_live = 1;
+        pending_pv(0, 1, 1);
       }
       // The P.V just waited for read V(n - 1): its stage goes back to the producer.
       if (n > 0 && lane == 0) Bar::arrive(&pipe.empty[pv_stage]);
