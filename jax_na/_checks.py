@@ -37,12 +37,14 @@ BACKEND_DTYPES = {
     "naive": FLOAT_DTYPES,
 }
 # Head dims the fused kernels are instantiated for (they need D == D_v): FUSED_HEAD_DIMS in float16/
-# bfloat16 on the portable set (256 runs there only: it computes its output columns in two passes of
-# 128), FUSED_HEAD_DIMS_NARROW for float32 (tiles of 256 float32 columns exceed the shared memory)
-# and for the Hopper set. Smaller head dims run zero-padded to the next one (see fused_head_dim);
-# larger ones are not supported.
-FUSED_HEAD_DIMS = (64, 128, 256)
-FUSED_HEAD_DIMS_NARROW = (64, 128)
+# bfloat16 (32 and 256 on the portable set only: 256 computes its output columns in two passes of
+# 128), FUSED_HEAD_DIMS_NARROW in float32 (tiles of 256 float32 columns exceed the shared memory),
+# HOPPER_HEAD_DIMS on the Hopper set. Smaller head dims run zero-padded to the next one (see
+# fused_head_dim); larger ones are not supported. So backend "fused" runs head dims up to 32 on the
+# portable kernels unpadded, and "fused_sm90" pads them to 64 for its Hopper kernels.
+FUSED_HEAD_DIMS = (32, 64, 128, 256)
+FUSED_HEAD_DIMS_NARROW = (32, 64, 128)
+HOPPER_HEAD_DIMS = (64, 128)
 # Head dims the gemm (tensor-core) kernels are instantiated for (float16, bfloat16, and float32 at
 # float32 accuracy through 3xTF32): the head dim an unfused op contracts or produces (D for qk, D_v
 # for av) runs zero-padded to the next one up to 128. The gemm targets take larger head dims too and
@@ -50,8 +52,8 @@ FUSED_HEAD_DIMS_NARROW = (64, 128)
 GEMM_HEAD_DIMS = (64, 128)
 # The fused forward's compiled tile configurations, (q_tile_shape, kv_tile_shape) per kernel set
 # ("sm80": the portable kernels, "sm90": the Hopper ones) and rank, the default first. "narrow":
-# float16/bfloat16 at head dims 64 and 128; "wide": float32 and head dim 256 (32-key tiles; portable
-# only). Mirrors cuda/fused/tile_shapes.cuh (tests/test_tiles.py checks the extension agrees).
+# float16/bfloat16 at head dims 32 (portable only), 64 and 128; "wide": float32 and head dim 256
+# (32-key tiles; portable only). Mirrors cuda/fused/tile_shapes.cuh (tests/test_tiles.py checks the extension agrees).
 FUSED_FWD_TILES = {
     ("sm80", "narrow"): {1: (((128,), (64,)),),
                          2: (((16, 8), (8, 8)), ((8, 16), (8, 8))),
@@ -66,8 +68,8 @@ FUSED_FWD_TILES = {
 # The fused backward's compiled tile configurations: (backward_q_tile_shape, backward_kv_tile_shape)
 # of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; each
 # configuration also sets the dQ kernel's tiles) per kernel set and rank, the default first.
-# Portable: 64 keys per CTA, 32 queries per step at head dims over 64 (any dtype), 64 at head dim
-# 64; Hopper (float16/bfloat16, head dims 64 and 128): 64 keys per CTA (one warpgroup, two CTAs per
+# Portable: 64 keys per CTA, 32 queries per step at head dims over 64 (any dtype), 64 at head dims
+# 32 and 64; Hopper (float16/bfloat16, head dims 64 and 128): 64 keys per CTA (one warpgroup, two CTAs per
 # SM), 64 queries per step: the portable head-dim-64 shapes.
 # Mirrors BwdTileConfigs in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py checks the extension
 # agrees).
@@ -108,17 +110,21 @@ def backend_family(backend: str) -> str:
 
 def fused_head_dims(dtype, backend: str = "fused") -> tuple[int, ...]:
     """The head dims the kernels of a fused backend are instantiated for in ``dtype``."""
-    narrow = backend == "fused_sm90" or jnp.dtype(dtype) == jnp.dtype(jnp.float32)
-    return FUSED_HEAD_DIMS_NARROW if narrow else FUSED_HEAD_DIMS
+    if backend == "fused_sm90":
+        return HOPPER_HEAD_DIMS
+    return FUSED_HEAD_DIMS_NARROW if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else FUSED_HEAD_DIMS
 
 
-def fused_head_dim(D: int, Dv: int, dtype, backend: str = "fused") -> int | None:
+def fused_head_dim(D: int, Dv: int, dtype, backend: str = "fused", arch: int = 0) -> int | None:
     """The head dim P the fused kernels run a call with head dims (D, D_v) at: q/k are zero-padded
     from D to P and v from D_v to P (zero columns change no score and add only zero output columns).
-    None when max(D, D_v) exceeds the largest head dim instantiated for ``dtype`` and ``backend``."""
+    None when max(D, D_v) exceeds the largest head dim instantiated for ``dtype`` and ``backend``.
+    ``arch`` 90: the call's tiles pinned the Hopper kernels (FusedTiles.arch), which pad as
+    "fused_sm90" does (head dims up to 32 to 64: they have no 32)."""
     if D < 1 or Dv < 1:
         return None
-    return next((p for p in fused_head_dims(dtype, backend) if max(D, Dv) <= p), None)
+    dims = fused_head_dims(dtype, "fused_sm90" if arch == 90 else backend)
+    return next((p for p in dims if max(D, Dv) <= p), None)
 
 
 def gemm_head_dim(dtype, d: int) -> int:
@@ -146,8 +152,10 @@ def fused_supports(dtype, D: int, Dv: int, H: int) -> bool:
 
 def fused_fwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> tuple:
     """The compiled forward tile configurations ((q_tile_shape, kv_tile_shape), ...) of kernel set
-    "sm80" (portable) or "sm90" (Hopper) for a dtype and a padded head dim (64, 128 or 256), the
+    "sm80" (portable) or "sm90" (Hopper) for a dtype and a padded head dim (32, 64, 128 or 256), the
     default first; () where that set has no kernel for them."""
+    if kernel_set == "sm90" and head_dim not in HOPPER_HEAD_DIMS:
+        return ()
     wide = jnp.dtype(dtype) == jnp.dtype(jnp.float32) or head_dim > 128
     return FUSED_FWD_TILES.get((kernel_set, "wide" if wide else "narrow"), {}).get(rank, ())
 
@@ -156,7 +164,7 @@ def fused_bwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> 
     """The compiled backward tile configurations ((backward_q_tile_shape, backward_kv_tile_shape),
     ...) of kernel set "sm80" or "sm90" for a dtype and a padded head dim, the default first; () where
     that set has no kernel for them."""
-    if kernel_set == "sm90" and (jnp.dtype(dtype).itemsize != 2 or head_dim > 128):
+    if kernel_set == "sm90" and (jnp.dtype(dtype).itemsize != 2 or head_dim not in HOPPER_HEAD_DIMS):
         return ()
     queries = 64 if kernel_set == "sm90" or head_dim <= 64 else 32
     return FUSED_BWD_TILES.get((kernel_set, queries), {}).get(rank, ())
@@ -367,7 +375,7 @@ def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str, tiles: Fuse
     arch = tiles.arch if tiles is not None else FUSED_BACKENDS.get(backend, 0)  # 0: auto ("auto", "fused")
     if tiles is not None and tiles.sm90 < 0:
         return False
-    if arch == 80 or not _ext.has_hopper_kernels() or jnp.dtype(dtype).itemsize != 2 or P > 128:
+    if arch == 80 or not _ext.has_hopper_kernels() or jnp.dtype(dtype).itemsize != 2 or P not in HOPPER_HEAD_DIMS:
         return False
     return arch == 90 or P == 128 or window_size >= 256
 
@@ -506,7 +514,10 @@ def _tiles_args(direction: str, prefix: str, configs_of, rank: int, query, value
     sets = {"fused": ("sm80", "sm90"), "fused_sm80": ("sm80",), "fused_sm90": ("sm90",)}[fam]
     index, listing = {"sm80": -1, "sm90": -1}, []
     for ks in sets:
-        configs = configs_of(ks, dtype, P, rank)
+        # each set at its own padded head dim (the Hopper set has no 32: a configuration only it
+        # has runs the call padded to 64, primitives._fused_impl)
+        P_set = fused_head_dim(query.shape[-1], value.shape[-1], dtype, fam, FUSED_BACKENDS[f"fused_{ks}"])
+        configs = configs_of(ks, dtype, P_set, rank) if P_set else ()
         if configs:
             listing.append(f"{_KERNEL_SET_NAMES[ks]}: {', '.join(f'{q} with {kv}' for q, kv in configs)}")
         index[ks] = next((i for i, (q, kv) in enumerate(configs)

@@ -20,7 +20,7 @@ every primitive has a fixed arity. Every primitive carries ``params`` (``NAParam
 for "auto", the first family of ``AUTO_PREFERENCE`` that supports the call's dtype and shapes
 (``cuda_kernel``); on every other platform, and for inputs no kernel supports, the pure-JAX reference
 (the backward of the reference is its autodiff). The fused targets run inside a small traced function
-(``_fused_impl``) that zero-pads the head dims to 64, 128 or 256 and slices the results back; the gemm
+(``_fused_impl``) that zero-pads the head dims to 32, 64, 128 or 256 and slices the results back; the gemm
 targets likewise (``_gemm_impl``: the head dim each op contracts or produces, float32/float16/bfloat16).
 
 Each primitive lowers through ``sharding.partitioned_lowering`` (``custom_partitioning`` with a Shardy
@@ -344,7 +344,6 @@ def _fused_impl(kind, *args, params, backend):
     into chunks the grid can take, the results sliced back to the primitive's shapes."""
     q, v = args[0], args[2]
     D, Dv = q.shape[-1], v.shape[-1]
-    P = _checks.fused_head_dim(D, Dv, q.dtype, backend)
     attrs = _attrs(params)
     f32 = jnp.dtype(jnp.float32)
     # The kernels' online softmax tracks the running maximum of the raw scores q.k, which orders like
@@ -361,6 +360,7 @@ def _fused_impl(kind, *args, params, backend):
         # The forward's tile configuration per kernel set (q_tile_shape / kv_tile_shape; 0: default).
         tiles = params.fwd_tiles or _checks.FusedTiles(int(arch), 0, 0)
         tile_attrs = dict(arch=np.int64(tiles.arch), tiles_sm80=np.int64(tiles.sm80), tiles_sm90=np.int64(tiles.sm90))
+        P = _checks.fused_head_dim(D, Dv, q.dtype, backend, tiles.arch)
 
         def call(q, k, v, add_k, add_v):
             out = jax.ShapeDtypeStruct((*q.shape[:-1], P), q.dtype)
@@ -377,6 +377,7 @@ def _fused_impl(kind, *args, params, backend):
     # P more float32 workspace entries per query row, and no dQ kernel recomputes S and dP.
     # The backward's tile configuration per kernel set (backward_q_tile_shape / backward_kv_tile_shape).
     tiles = params.bwd_tiles or _checks.FusedTiles(int(arch), 0, 0)
+    P = _checks.fused_head_dim(D, Dv, q.dtype, backend, tiles.arch)
     adds_dq = not params.deterministic and _checks.fused_bwd_adds_dq(q.dtype, P, params.window_size, backend, tiles)
     tile_attrs = dict(arch=np.int64(tiles.arch), tiles_sm80=np.int64(tiles.sm80), tiles_sm90=np.int64(tiles.sm90))
 

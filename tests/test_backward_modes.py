@@ -89,6 +89,8 @@ CASES = [
     (2, (8, 9), 4, 100, 3, jnp.float16, "fused", True),          # padded to 128
     (2, (8, 9), 4, 64, 3, jnp.bfloat16, None, False),            # head dim 64, 9 keys: portable
     (1, (300,), 2, 64, 257, jnp.bfloat16, None, True),           # head dim 64, 257 keys: Hopper
+    (1, (300,), 2, 32, 257, jnp.bfloat16, None, False),          # head dim 32: portable (at 32)
+    (1, (300,), 2, 24, 257, jnp.bfloat16, "fused_sm90", True),   # pinned Hopper: padded to 64
     (2, (8, 9), 4, 64, 3, jnp.bfloat16, "fused_sm90", True),     # pinned Hopper
     (2, (8, 9), 4, 128, 3, jnp.bfloat16, "fused_sm80", False),   # pinned portable
     (2, (8, 9), 4, 128, 3, jnp.float32, None, False),            # float32: portable only

@@ -45,8 +45,10 @@ def _spec(rank, dtype="bfloat16", D=128):
     return x, x
 
 
-def _padded(dtype, head_dim):
-    return next(p for p in (64, 128, 256) if head_dim <= p)
+def _padded(head_dim, dims=(32, 64, 128, 256)):
+    """The head dim a kernel set runs ``head_dim`` at: the portable set's instantiations by default,
+    the Hopper set's with ``dims=(64, 128)``."""
+    return next(p for p in dims if head_dim <= p)
 
 
 def _from_templates(rank, M, N):
@@ -86,25 +88,30 @@ def test_dq_tiles_equal_the_templates(rank):
 @pytest.mark.parametrize("rank", RANKS)
 def test_listing_equals_the_table(rank):
     """fused_tile_configs(..., backward=True) is FUSED_BWD_TILES: the portable set's 64-query list at
-    head dim 64 and its 32-query list above (any dtype), the Hopper set's list for 16-bit at head
-    dims up to 128 (empty for float32 and head dim 256); and it is what the C++ templates give."""
+    head dims 32 and 64 and its 32-query list above (any dtype), the Hopper set's list for 16-bit at
+    head dims up to 128 (padded to 64 or 128; empty for float32 and head dim 256); and it is what the
+    C++ templates give."""
     T = _checks.FUSED_BWD_TILES
     for dtype in DTYPES:
         for head_dim in (1, 8, 32, 64, 65, 100, 128, 129, 200, 256):
             if dtype == "float32" and head_dim > 128:
                 continue
-            P = _padded(dtype, head_dim)
+            P = _padded(head_dim)
             got = jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True)
             assert set(got) == {"fused_sm80", "fused_sm90"}, got
             assert all(isinstance(v, list) for v in got.values()), got
-            M80 = 64 if P == 64 else 32
+            M80 = 64 if P <= 64 else 32
             assert got["fused_sm80"] == list(T[("sm80", M80)][rank]), (dtype, head_dim)
             assert got["fused_sm80"] == _from_templates(rank, M80, 64), (dtype, head_dim)
-            hopper = dtype != "float32" and P <= 128
+            hopper = dtype != "float32" and head_dim <= 128
             assert got["fused_sm90"] == (list(T[("sm90", 64)][rank]) if hopper else []), (dtype, head_dim)
             assert got["fused_sm90"] == (_from_templates(rank, 64, 64) if hopper else []), (dtype, head_dim)
-            for backend, ks in SETS.items():
-                assert list(_checks.fused_bwd_tile_configs(ks, dtype, P, rank)) == got[backend]
+            assert list(_checks.fused_bwd_tile_configs("sm80", dtype, P, rank)) == got["fused_sm80"]
+            if hopper:
+                P90 = _padded(head_dim, (64, 128))
+                assert list(_checks.fused_bwd_tile_configs("sm90", dtype, P90, rank)) == got["fused_sm90"]
+            # backend "fused" runs head dims up to 32 at 32: the portable kernels only
+            assert not _checks.fused_bwd_tile_configs("sm90", dtype, P, rank) or P in (64, 128)
             assert len(got["fused_sm80"]) == (1 if rank == 1 else 2)
             # jnp dtypes name the same thing; the forward's list is another one
             assert jax_na.fused_tile_configs(rank, jnp.dtype(dtype), head_dim, backward=True) == got
@@ -121,7 +128,7 @@ def test_listing_shapes(rank):
     64 on the Hopper set), 64 keys per CTA (both sets); no duplicate; the compact
     default first (the documented example too)."""
     for dtype, head_dim in (("bfloat16", 128), ("float16", 64), ("float32", 64), ("float32", 128),
-                            ("bfloat16", 256)):
+                            ("bfloat16", 256), ("float16", 32), ("float32", 32)):
         got = jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True)
         for backend, configs in got.items():
             helpers.check_tile_listing(configs, rank)
@@ -381,7 +388,7 @@ def test_uncompiled_shapes():
     # each shape exists, but not together
     _expect(lambda: jax_na.na2d(Q2, Q2, Q2, 3, backward_q_tile_shape=(8, 8), backward_kv_tile_shape=(4, 16)),
             [f"{QN}=(8, 8)", f"{KVN}=(4, 16)", "allowed"])
-    # float32 (head dim 8 -> 64): the portable set only
+    # float32 (head dim 8 -> 32): the portable set only
     msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, backward_kv_tile_shape=(16, 8)), [KVN, "allowed", "float32"])
     assert "(8, 8) with (8, 8)" in msg and "(4, 16) with (4, 16)" in msg and "Hopper" not in msg, msg
     # head dim 128: the 32-query portable shapes beside the Hopper set's 64-query ones
@@ -607,6 +614,9 @@ DETERMINISM = [
     (2, (16, 8), 4, 64, 3, "fused_sm90", ((8, 8), (8, 8)), True),  # the same shapes, Hopper pinned
     (2, (16, 8), 4, 64, 3, None, (None, (4, 16)), False),
     (1, (300,), 2, 64, 257, None, (None, None), True),         # 257 keys: Hopper
+    (1, (300,), 2, 32, 257, None, (None, None), False),        # head dim 32: the portable kernels (at 32)
+    (1, (300,), 2, 32, 257, "fused_sm90", (None, None), True),  # ... unless pinned: Hopper, padded to 64
+    (2, (16, 8), 4, 32, 3, None, ((8, 8), None), False),        # shapes of both sets: portable at 32
     (1, (300,), 2, 64, 257, None, ((64,), None), True),        # both sets: as without shapes
     (1, (300,), 2, 64, 257, "fused_sm80", (None, (64,)), False),  # the portable set pinned
     (3, (4, 5, 6), 2, 128, 3, None, ((1, 4, 8), (1, 8, 8)), False),
@@ -625,8 +635,8 @@ def test_deterministic_attribute_and_workspace(pretend_kernels, rank, spatial, H
     fn = getattr(jax_na, f"na{rank}d")
     q = _arr((2, *spatial, H, D), jnp.bfloat16)
     rows = 2 * math.prod(spatial) * H
-    P = _checks.fused_head_dim(D, D, jnp.bfloat16, backend or "fused")
     tiles = _resolve(rank, backend, *bwd, D=D)
+    P = _checks.fused_head_dim(D, D, jnp.bfloat16, backend or "fused", tiles.arch if tiles else 0)
     window = kernel ** rank
     assert _checks.fused_bwd_adds_dq(jnp.bfloat16, P, window, backend or "fused", tiles) is atomic
     for det in (True, False):
@@ -670,6 +680,7 @@ def test_fused_bwd_adds_dq(monkeypatch):
     assert f(bf, 128, 9, "fused", FusedTiles(0, 1, 1))
     assert not f(bf, 128, 9, "fused_sm80", FusedTiles(80, 1, -1))
     assert not f(jnp.float32, 128, 300, "fused", FusedTiles(0, 0, 0))
+    assert not f(bf, 32, 300, "fused", FusedTiles(0, 0, 0))           # head dim 32: no Hopper kernels
     monkeypatch.setattr(ext, "has_hopper_kernels", lambda: False)
     assert not f(bf, 64, 9, "fused", FusedTiles(90, -1, 0))
 
@@ -758,7 +769,7 @@ def test_flax_layers_pass_the_fields(monkeypatch, rank):
     assert Layer(num_heads=2, kernel_size=3).backward_q_tile_shape is None
     assert Layer(num_heads=2, kernel_size=3).backward_kv_tile_shape is None
     spatial = (9, 7, 5)[:rank]
-    x = _arr((1, *spatial, 32), jnp.float32, seed=rank)          # head dim 16 -> 64, float32: portable only
+    x = _arr((1, *spatial, 32), jnp.float32, seed=rank)          # head dim 16 -> 32, float32: portable only
     bq, bkv = jax_na.fused_tile_configs(rank, "float32", 16, backward=True)["fused_sm80"][-1]
     fq, fkv = jax_na.fused_tile_configs(rank, "float32", 16)["fused_sm80"][0]
     calls = _spy(monkeypatch, rank)

@@ -130,12 +130,12 @@ def _scale_of(line):
 def _check_fused_lowering():
     """backend="fused" and auto (bf16/f16, head dims <= 128) lower to the fused targets of docs/ffi.md:
     forward q, k, v, add_k, add_v -> out, lse + an int32 [1] workspace; backward 9 operands -> 5 grads + a
-    float32 workspace [B*N*H]; head dims other than 64/128 zero-padded to 64 or 128 with the
-    caller's scale; float32, head dims > 128 and the unfused ops never reach them."""
+    float32 workspace [B*N*H]; head dims other than 32/64/128 zero-padded to the next of 32, 64 and
+    128 with the caller's scale; float32, head dims > 128 and the unfused ops never reach them."""
     N = X * Y
     for backend in ("fused", None):
-        for D, Dv, P in ((64, 64, 64), (128, 128, 128), (40, 40, 64), (32, 64, 64), (8, 6, 64),
-                         (100, 72, 128)):
+        for D, Dv, P in ((64, 64, 64), (128, 128, 128), (40, 40, 64), (32, 64, 64), (8, 6, 32),
+                         (32, 32, 32), (100, 72, 128)):
             args = _bf16(D, Dv)
             text = _cuda_hlo(_fwd(backend), *args)
             line = _fused_call_line(text, "jax_na_fused_fwd", 3, 5)
@@ -467,7 +467,8 @@ def test_fused_batch_above_grid_limit_runs_in_chunks(monkeypatch):
 
 def _fake_fused_ffi_call(seen, seen_arch=None):
     """A stand-in for jax.ffi.ffi_call that computes the fused targets with the reference (on CPU),
-    checking the contract on the way: one head dim P in (64, 128) for every operand, zero padding."""
+    checking the contract on the way: one head dim P in (32, 64, 128) for every operand (64 or 128 on
+    the Hopper kernels, arch 90), zero padding."""
     from jax_na import _checks, reference
     seen_arch = [] if seen_arch is None else seen_arch
 
@@ -478,7 +479,8 @@ def _fake_fused_ffi_call(seen, seen_arch=None):
                                       tuple(int(i) for i in dilation), tuple(bool(i) for i in is_causal),
                                       float(scale))
             P = ops[0].shape[-1]
-            assert P in (64, 128) and all(ops[i].shape[-1] == P for i in range(5)), [o.shape for o in ops]
+            assert P in ((64, 128) if int(arch) == 90 else (32, 64, 128)), (P, arch)
+            assert all(ops[i].shape[-1] == P for i in range(5)), [o.shape for o in ops]
             seen.append((target, ops[0].shape[0], P, float(scale)))
             fwd = lambda *a: reference.attention_forward(*a, params)
             seen_arch.append((target, int(arch)))  # the kernel choice: 0 auto, 80 portable, 90 Hopper

@@ -57,7 +57,7 @@ def test_listing_equals_the_table(rank):
     one configuration, an empty Hopper list)."""
     T = _checks.FUSED_FWD_TILES
     for dtype in DTYPES:
-        for head_dim in (1, 8, 64, 65, 100, 128, 129, 200, 256):
+        for head_dim in (1, 8, 32, 33, 64, 65, 100, 128, 129, 200, 256):
             if dtype == "float32" and head_dim > 128:
                 continue
             got = jax_na.fused_tile_configs(rank, dtype, head_dim)
@@ -82,7 +82,8 @@ def test_listing_shapes(rank):
     """Every configuration: rank extents per tile, powers of two, 128 queries per Q tile; 64-key KV
     tiles on the portable narrow set, 32 on the wide one, 64 or 128 on the Hopper set; no duplicate;
     the documented default first."""
-    for dtype, head_dim in (("bfloat16", 128), ("float16", 64), ("float32", 64), ("bfloat16", 256)):
+    for dtype, head_dim in (("bfloat16", 128), ("float16", 64), ("float32", 64), ("bfloat16", 256),
+                            ("bfloat16", 32), ("float32", 32)):
         wide = dtype == "float32" or head_dim > 128
         got = jax_na.fused_tile_configs(rank, dtype, head_dim)
         for backend, configs in got.items():
@@ -279,7 +280,7 @@ def test_uncompiled_shapes():
     # each shape exists, but not together
     msg = _expect(lambda: jax_na.na2d(Q2, Q2, Q2, 3, q_tile_shape=(8, 16), kv_tile_shape=(16, 8)),
                   ["q_tile_shape=(8, 16)", "kv_tile_shape=(16, 8)", "allowed"])
-    # float32 (head dim 8 -> 64): the wide portable configuration only
+    # float32 (head dim 8 -> 32): the wide portable configuration only
     msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, q_tile_shape=(8, 16)), ["allowed", "float32"])
     assert "(16, 8) with (4, 8)" in msg and "Hopper" not in msg, msg
     msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, kv_tile_shape=(8, 8)), ["kv_tile_shape", "allowed"])
@@ -447,10 +448,19 @@ def _check_tile_attributes():
         # (the backward's tile shapes are separate arguments: tests/test_bwd_tiles.py)
         arch = _checks.FUSED_BACKENDS.get(backend or "fused")
         assert tuple(_int_attr(bwd[0], a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (arch, 0, 0), bwd[0]
-    # float32 (head dim 8 -> 64): the portable set only
+    # float32 (head dim 8 -> 32): the portable set only
     qf = jnp.asarray(r.standard_normal((1, 16, 8, 2, 8)), jnp.float32)
     line = _calls(_cuda_hlo(lambda q: jax_na.na2d(q, q, q, 3, q_tile_shape=(16, 8)), qf), "jax_na_fused_fwd")[0]
     assert tuple(_int_attr(line, a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (80, 0, -1), line
+    # head dim 16: padded to 32 for the portable kernels; with a configuration only the Hopper set
+    # has, to 64 (that set's smallest) under arch 90
+    qs = mk(1, 16, 8, 2, 16)
+    line = _calls(_cuda_hlo(lambda q: jax_na.na2d(q, q, q, 3), qs), "jax_na_fused_fwd")[0]
+    assert "x32xbf16>" in line and "x64xbf16>" not in line, line
+    line = _calls(_cuda_hlo(lambda q: jax_na.na2d(q, q, q, 3, q_tile_shape=(16, 8), kv_tile_shape=(16, 8)), qs),
+                  "jax_na_fused_fwd")[0]
+    assert tuple(_int_attr(line, a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (90, -1, 0), line
+    assert "x64xbf16>" in line and "x32xbf16>" not in line, line
     # the reference, lowered for the CPU, ignores them
     text = jax.jit(lambda q: jax_na.na2d(q, q, q, 3, q_tile_shape=(8, 16))).trace(q2).lower(
         lowering_platforms=("cpu",)).as_text()
@@ -483,21 +493,21 @@ def test_cuda_lowering_tile_attributes(monkeypatch, kernels):
 def test_extension_tile_configs_equal_the_table(backward):
     """jax_na._C.fused_fwd_tile_configs / fused_bwd_tile_configs (from cuda/fused/tile_shapes.cuh, the
     instantiated kernels) list exactly the Python table's configurations, in order, for both kernel
-    sets; the Hopper set has none for float32 and head dim 256, nothing has float32 at head dim 256;
-    the backward's lists are not the forward's."""
+    sets; the Hopper set has none for float32 and head dims 32 and 256 (fused_sm90 runs head dims up to
+    32 padded to 64), nothing has float32 at head dim 256; the backward's lists are not the forward's."""
     C = ext._C
     listed = C.fused_bwd_tile_configs if backward else C.fused_fwd_tile_configs
     for arch, backend in ((80, "fused_sm80"), (90, "fused_sm90")):
         for dtype in DTYPES:
-            for D in (64, 128, 256):
+            for D in (32, 64, 128, 256):
                 for rank in RANKS:
                     got = [(tuple(q), tuple(kv)) for q, kv in listed(arch, dtype, D, rank)]
-                    if dtype == "float32" and D == 256:
+                    if (dtype == "float32" and D == 256) or (arch == 90 and D == 32):
                         want = []
                     else:
                         want = jax_na.fused_tile_configs(rank, dtype, D, backward=backward)[backend]
                         assert want or arch == 90, (dtype, D, rank)
-                    if arch == 90 and (dtype == "float32" or D == 256):
+                    if arch == 90 and (dtype == "float32" or D in (32, 256)):
                         assert want == [], (dtype, D, rank, want)
                     assert got == want, (arch, dtype, D, rank, got, want)
                     if backward and want:

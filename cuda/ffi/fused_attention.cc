@@ -54,13 +54,14 @@ ffi::Error decode_fused(const char* kT, int64_t arch, const ffi::AnyBuffer& q, c
   if (Dv != D)
     return invalid(kT, "v has head dim " + std::to_string(Dv) + " but q has " + std::to_string(D) +
                            "; the fused kernels need D_v == D (use the naive or reference backend)");
-  if (D != 64 && D != 128 && D != 256)
+  if (D != 32 && D != 64 && D != 128 && D != 256)
     return invalid(kT, "head dim " + std::to_string(D) +
-                           " is not supported by the fused kernels (64, 128 or 256; use the naive or reference "
+                           " is not supported by the fused kernels (32, 64, 128 or 256; use the naive or reference "
                            "backend)");
   if (arch == fused::FwdArgs::kHopper && !fused::hopper_supported(c->dtype, D))
-    return invalid(kT, "head dim " + std::to_string(D) + " has no Hopper kernel (arch=90: 64 or 128; head dim 256 "
-                           "runs on the portable kernels: arch 0 or 80)");
+    return invalid(kT, "head dim " + std::to_string(D) +
+                           " has no Hopper kernel (arch=90: 64 or 128; head dims 32 and 256 run on the portable "
+                           "kernels: arch 0 or 80)");
   if (auto e = check(kT, "k", k, c->fdt, token_shape(qt.B, qt.S, Hkv, D)); e.failure()) return e;
   if (auto e = check(kT, "v", v, c->fdt, token_shape(qt.B, qt.S, Hkv, Dv)); e.failure()) return e;
   if (auto e = make_problem(kT, qt.B, qt.S, qt.heads, Hkv, attrs, &c->pr); e.failure()) return e;

@@ -38,18 +38,28 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Passes of the loading threads over a tile of kRows rows (kLoadRowsPerPass rows each). A tile
+// shorter than one pass (short rows, e.g. head dim 32: many rows per pass, against 32-key tiles)
+// takes one pass in which the threads past its rows load nothing.
+template <class Traits, int kRows>
+struct LoadPasses {
+  static constexpr bool kPartial = kRows < Traits::kLoadRowsPerPass;
+  static_assert(kPartial || kRows % Traits::kLoadRowsPerPass == 0, "rows per pass");
+  static constexpr int kPasses = kPartial ? 1 : kRows / Traits::kLoadRowsPerPass;
+};
+
 // Copies a tile of kRows gathered rows into a swizzled smem tile. row_offset(row) returns the element
 // offset of the row in `base`, or -1 when the row is outside the tensor (zero-filled). Called by the
 // Traits::kLoadThreads loading threads (tid below that).
 template <class Traits, int kRows, class Element, class SmemLayout, class RowOffset>
 __device__ __forceinline__ void load_rows(Element* smem, const Element* base, int tid, RowOffset&& row_offset) {
-  constexpr int kPasses = kRows / Traits::kLoadRowsPerPass;
-  static_assert(kRows % Traits::kLoadRowsPerPass == 0, "rows per pass");
+  constexpr int kPasses = LoadPasses<Traits, kRows>::kPasses;
   const int chunk = tid % Traits::kChunks;
   const int row0 = tid / Traits::kChunks;
 #pragma unroll
   for (int i = 0; i < kPasses; ++i) {
     const int row = row0 + i * Traits::kLoadRowsPerPass;
+    if (LoadPasses<Traits, kRows>::kPartial && row >= kRows) break;
     const int64_t off = row_offset(row);
     const bool valid = off >= 0;
     const Element* src = base + (valid ? off + chunk * Traits::kChunkElems : 0);
@@ -61,13 +71,13 @@ __device__ __forceinline__ void load_rows(Element* smem, const Element* base, in
 template <class Traits, int kRows, class Element, class SmemLayout, class RowOffset>
 __device__ __forceinline__ void load_rows_pair(Element* smem_a, const Element* base_a, Element* smem_b,
                                                const Element* base_b, int tid, RowOffset&& row_offset) {
-  constexpr int kPasses = kRows / Traits::kLoadRowsPerPass;
-  static_assert(kRows % Traits::kLoadRowsPerPass == 0, "rows per pass");
+  constexpr int kPasses = LoadPasses<Traits, kRows>::kPasses;
   const int chunk = tid % Traits::kChunks;
   const int row0 = tid / Traits::kChunks;
 #pragma unroll(Traits::kLoadUnroll)
   for (int i = 0; i < kPasses; ++i) {
     const int row = row0 + i * Traits::kLoadRowsPerPass;
+    if (LoadPasses<Traits, kRows>::kPartial && row >= kRows) break;
     const int64_t off = row_offset(row);
     const bool valid = off >= 0;
     const int64_t src = valid ? off + chunk * Traits::kChunkElems : 0;

@@ -11,12 +11,16 @@ namespace fused {
 
 bool fwd_supported(DType dtype, int64_t D, int rank) {
   // Head dim 256: 16-bit only (float32 tiles of 256 columns exceed the shared memory).
-  return (D == 64 || D == 128 || (D == 256 && dtype != DType::kF32)) && rank >= 1 && rank <= 3;
+  return (D == 32 || D == 64 || D == 128 || (D == 256 && dtype != DType::kF32)) && rank >= 1 && rank <= 3;
 }
 
 bool hopper_supported(DType dtype, int64_t D) { return dtype != DType::kF32 && (D == 64 || D == 128); }
 
 namespace {
+
+// The instantiations the Hopper kernels have (hopper_supported at compile time).
+template <DType kDT, int kD>
+constexpr bool kHasHopperKernels = kDT != DType::kF32 && (kD == 64 || kD == 128);
 
 // Calls f.template run<dtype, D, rank>() for the runtime (dtype, D, rank); every combination that
 // fwd_supported accepts is instantiated.
@@ -33,6 +37,7 @@ cudaError_t dispatch(DType dtype, int64_t D, int rank, F&& f) {
     }
   };
   auto by_dim = [&](auto dt) -> cudaError_t {
+    if (D == 32) return by_rank(dt, std::integral_constant<int, 32>{});
     if (D == 64) return by_rank(dt, std::integral_constant<int, 64>{});
     if constexpr (decltype(dt)::value != DType::kF32)
       if (D == 256) return by_rank(dt, std::integral_constant<int, 256>{});
@@ -53,7 +58,7 @@ struct FwdCall {
   template <DType kDT, int kD, int kRank>
   cudaError_t run() {
 #if defined(JNA_FUSED_WITH_SM90)
-    if constexpr (kDT != DType::kF32 && kD <= 128)  // the Hopper kernels: 16-bit, head dims 64 and 128
+    if constexpr (kHasHopperKernels<kDT, kD>)
       if (hopper) return run_fwd_sm90<kDT, kD, kRank>(pr, args, stream);
 #endif
     return run_fwd<kDT, kD, kRank>(pr, args, stream);
@@ -68,7 +73,7 @@ struct BwdCall {
   template <DType kDT, int kD, int kRank>
   cudaError_t run() {
 #if defined(JNA_FUSED_WITH_SM90)
-    if constexpr (kDT != DType::kF32 && kD <= 128)
+    if constexpr (kHasHopperKernels<kDT, kD>)
       if (hopper) return run_bwd_sm90<kDT, kD, kRank>(pr, args, stream);
 #endif
     return run_bwd<kDT, kD, kRank>(pr, args, stream);
@@ -111,7 +116,7 @@ struct DescribeCall {
     if (arch == FwdArgs::kPortable) {
       *count = forward ? describe_configs<PortableFwdTilesFor<kDT, kD, kRank>>(out, max)
                        : describe_configs<PortableBwdTiles<kD, kRank>>(out, max);
-    } else if constexpr (kDT != DType::kF32 && kD <= 128) {
+    } else if constexpr (kHasHopperKernels<kDT, kD>) {
       *count = forward ? describe_configs<HopperFwdTiles<kRank>>(out, max)
                        : describe_configs<HopperBwdTiles<kRank>>(out, max);
     }
@@ -159,9 +164,10 @@ namespace {
 
 // Whether a call runs the Hopper kernels: where asked for (arch kHopper), or under kAuto at head dim
 // 128 and at head dim 64 for windows (product of the kernel sizes) of 256 keys or more; for the
-// forward only without dilation (where its K/V tiles come by TMA). `sm90`: the device can run them.
+// forward only without dilation (where its K/V tiles come by TMA). Head dims 32 and 256 have no
+// Hopper kernels. `sm90`: the device can run them.
 bool use_hopper(const geo::Problem& pr, int rank, int32_t arch, int32_t D, bool sm90, bool forward) {
-  if (!sm90 || arch == FwdArgs::kPortable || D > 128) return false;
+  if (!sm90 || arch == FwdArgs::kPortable || (D != 64 && D != 128)) return false;
   if (arch == FwdArgs::kHopper) return true;
   int64_t window = 1;
   bool dilated = false;
@@ -179,7 +185,8 @@ bool use_hopper(const geo::Problem& pr, int rank, int32_t arch, int32_t D, bool 
 // for small windows at head dim 64 the portable one runs two CTAs per SM and measured faster (p4,
 // 7x7: 0.69 vs 0.84 ms); with dilation the Hopper forward gathers with cp.async, no faster than the
 // portable kernel. The Hopper backward is 1.3-1.9x the portable one on p1-p3 and p6-p11, and 2-4%
-// slower on p4/p5 (7x7 at head dim 32, padded to 64).
+// slower on p4/p5 (7x7 at head dim 32, then padded to 64; head dim 32 now runs on the portable
+// kernels only).
 cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdArgs& args, cudaStream_t stream) {
   const bool sm90 = sm90_available();
   if (args.arch == FwdArgs::kHopper && !sm90) return cudaErrorNoKernelImageForDevice;

@@ -61,12 +61,18 @@ struct TraitsBase {
                                   cute::Layout<cute::Shape<cute::Int<kNWarps>, cute::_1, cute::_1>>,
                                   cute::Tile<cute::Int<16 * kNWarps>, cute::_16, cute::Int<kMmaK>>>;
 
-  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim: a multiple of 64 up to 256");
-  static constexpr int kBlockKSmem = 8 * kChunkElems;
-  // 8 rows x 128 bytes per atom, 16-byte chunks XOR-swizzled by row: conflict-free cp.async stores and
-  // ldmatrix loads (ldmatrix moves 32-bit pairs, so float32 rows take the same non-transposed loads).
+  static_assert((kHeadDim == 32 || kHeadDim % 64 == 0) && kHeadDim <= 256,
+                "head dim: 32 or a multiple of 64 up to 256");
+  // Columns per swizzle atom: 128 bytes (8 chunks), or the whole row where it is shorter (head dim 32
+  // in 16 bits: 64-byte rows, 4 chunks).
+  static constexpr int kBlockKSmem = kHeadDim < 8 * kChunkElems ? kHeadDim : 8 * kChunkElems;
+  static constexpr int kAtomChunkBits = kBlockKSmem / kChunkElems == 8 ? 3 : 2;
+  // 8 rows per atom, 16-byte chunks XOR-swizzled by row: conflict-free cp.async stores and ldmatrix
+  // loads (ldmatrix moves 32-bit pairs, so float32 rows take the same non-transposed loads). With 4
+  // chunks per row two rows share a 128-byte line, so the chunk index XORs with row / 2: the 8 rows
+  // an ldmatrix reads still land in 8 distinct 16-byte bank groups.
   using SmemLayoutAtom = decltype(cute::composition(
-      cute::Swizzle<3, kChunkShift, 3>{},
+      cute::Swizzle<kAtomChunkBits, kChunkShift, 3>{},
       cute::Layout<cute::Shape<cute::_8, cute::Int<kBlockKSmem>>, cute::Stride<cute::Int<kBlockKSmem>, cute::_1>>{}));
   // A (rows, kCols) tile of token rows, and the same memory viewed as (kCols, rows) for a transposed B
   // operand. Tiles of 8 x kBlockKSmem atoms go rows first, so the columns [c * 128, c * 128 + 128) of a

@@ -1,14 +1,13 @@
 """GPU: the fused backend (jax_na_fused_fwd / jax_na_fused_bwd) against the float64 reference.
 
 The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at small head dims
-(padded to 64). Here: the edge cases again at the native head dims 64 and 128, problems with many KV
-tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional keys/values), head dim 256 (and
-head dims padded to it), padded head dims (D != D_v), float32 (portable set), scales <= 0, the
-Hopper backward's two modes (bitwise determinism by default; dQ added with atomics with
-deterministic_backward=False, on the edge cases too), the persistent Hopper forward with 3 CTAs
-(many query tiles per CTA), a jitted gradient through
-the Flax layers, and a forward whose tensors have more
-than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
+(padded to 32 on the portable kernels). Here: the edge cases again at the native head dims 64 and
+128, problems with many KV tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional
+keys/values), head dim 32 on the portable kernels, head dim 256 (and head dims padded to it),
+padded head dims (D != D_v), float32 (portable set), scales <= 0, the Hopper backward's two modes
+(bitwise determinism by default; dQ added with atomics with deterministic_backward=False, on the
+edge cases too), the persistent Hopper forward with 3 CTAs (many query tiles per CTA), a jitted
+gradient through the Flax layers, and a forward whose tensors have more than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
 """
 
@@ -151,14 +150,32 @@ def test_float32_not_on_hopper_set():
 # ----------------------------------------------------------------------------- padded head dims
 
 @pytest.mark.parametrize("D,Dv,scale", [(40, 40, None), (32, 64, None), (96, 80, None), (64, 24, 0.3),
-                                        (1, 1, None), (128, 100, None)])
+                                        (1, 1, None), (128, 100, None), (24, 8, None)])
 @pytest.mark.parametrize("dtype", HALF + [jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_padded_head_dims(dtype, D, Dv, scale):
-    """Head dims other than 64/128 run zero-padded to 64 or 128 with the caller's scale (default
-    D ** -0.5 of the unpadded D): the same function, and the gradients come back at the true sizes."""
+    """Head dims other than 32/64/128 run zero-padded to the next of them with the caller's scale
+    (default D ** -0.5 of the unpadded D): the same function, and the gradients come back at the true
+    sizes."""
     case = Case((24, 20), (7, 5), stride=(1, 2), is_causal=(False, True), B=2, H=4, Hkv=1, D=D, Dv=Dv, Na=3,
                 scale=scale)
     check_case(case, BACKEND, dtype, seed=D * 1000 + Dv)
+
+
+# ----------------------------------------------------------------------------- head dim 32
+
+# Head dims up to 32 run at 32 on the portable kernels (unpadded at 32; "fused" picks them on every
+# GPU, fused_sm90 pads them to 64): 64-byte rows (a 4-chunk swizzle), K/V tiles shorter than one
+# pass of the loading threads in the dQ kernel. Every third edge case plus the many-KV-tile problems.
+D32_CASES = ([dataclasses.replace(c, D=32, Dv=32) for c in helpers.edge_cases()[::3]]
+             + [dataclasses.replace(c, D=32, Dv=32) for c in MANY_TILES])
+
+
+@pytest.mark.parametrize("i,case", list(enumerate(D32_CASES)), ids=[c.id for c in D32_CASES])
+def test_head_dim_32(i, case):
+    """Head dim 32 on the portable kernels, forward and backward, float16/bfloat16 alternating and
+    float32 on every fourth case."""
+    dtype = jnp.float32 if i % 4 == 3 else HALF[i % 2]
+    check_case(case, "fused_sm80", dtype, seed=helpers.seed_of(case))
 
 
 # ----------------------------------------------------------------------------- head dim 256

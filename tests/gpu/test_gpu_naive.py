@@ -1,7 +1,7 @@
 """GPU: every kernel backend against the float64 reference (on upcast inputs) on the edge-case sweep,
 in f32/f16/bf16, forward (out, lse) and backward (all grads), with poisoned memory, twice per case
 (bitwise deterministic), plus a large batch and odd head dims. The fused backend runs every case its
-kernels take (float16/bfloat16 with head dims up to 256, float32 up to 128, padded to 64/128/256) and
+kernels take (float16/bfloat16 with head dims up to 256, float32 up to 128, padded to 32/64/128/256) and
 skips the rest with the reason;
 tests/gpu/test_gpu_fused.py has its own cases at the native head dims."""
 
