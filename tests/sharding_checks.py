@@ -912,14 +912,14 @@ def cuda_lowering():
                        in_specs=(spec,) * 3, out_specs=spec)
         text = jax.jit(sm).trace(sq, sk, sv).lower(lowering_platforms=("cuda",)).as_text()
         assert "@jax_na_naive_fwd(" in text and "CustomSPMDPartitioning" not in text, text
-        # the fused kernels the same way (head dim 4 padded to 64 on each device), forward and backward
+        # the fused kernels the same way (head dim 4 padded to 32 on each device), forward and backward
         bf = lambda x: x.astype(jnp.bfloat16)
         fsm = shard_map(lambda q, k, v: jax_na.na2d(q, k, v, 3, backend="fused"), mesh=mesh,
                         in_specs=(spec,) * 3, out_specs=spec)
         floss = jax.grad(lambda q, k, v: jnp.sum(fsm(q, k, v).astype(f32)), argnums=(0, 1, 2))
         text = jax.jit(floss).trace(bf(sq), bf(sk), bf(sv)).lower(lowering_platforms=("cuda",)).as_text()
         assert "@jax_na_fused_fwd(" in text and "@jax_na_fused_bwd(" in text, text
-        assert f"tensor<{B // 4}x{X}x{Y}x{H // 2}x64xbf16>" in text, text
+        assert f"tensor<{B // 4}x{X}x{Y}x{H // 2}x32xbf16>" in text, text
         # and auto under the partitioner: bf16 goes to the fused kernels inside the partitioned bodies
         text = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax_na.na2d(q, k, v, 3).astype(f32)), argnums=(0, 1, 2))
                        ).trace(bf(sq), bf(sk), bf(sv)).lower(lowering_platforms=("cuda",)).as_text()
