@@ -160,6 +160,12 @@ def fused_fwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> 
     return FUSED_FWD_TILES.get((kernel_set, "wide" if wide else "narrow"), {}).get(rank, ())
 
 
+def portable_half_tiles(dtype, head_dim: int) -> bool:
+    """Whether the portable forward at this dtype and padded head dim computes over half K/V tiles
+    where a warp's windows meet one half (its 16-bit kernels with one pass of output columns)."""
+    return jnp.dtype(dtype).itemsize == 2 and head_dim <= 128
+
+
 def fused_bwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> tuple:
     """The compiled backward tile configurations ((backward_q_tile_shape, backward_kv_tile_shape),
     ...) of kernel set "sm80" or "sm90" for a dtype and a padded head dim, the default first; () where
@@ -443,7 +449,8 @@ def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     for ks in ("sm80", "sm90"):
         configs = fused_fwd_tile_configs(ks, dtype, P, rank)
         keys = math.prod(configs[0][1]) if configs else 0
-        index.append(_least_work(configs, lambda q, kv: tile_model.forward_work(axes(), ks, q, kv),
+        half = ks == "sm80" and portable_half_tiles(dtype, P)
+        index.append(_least_work(configs, lambda q, kv: tile_model.forward_work(axes(), ks, q, kv, half),
                                  lambda c: math.prod(c[1]) == keys))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
@@ -533,7 +540,8 @@ def _tiles_args(direction: str, prefix: str, configs_of, rank: int, query, value
     if arch == 90 and _ext.has_cuda_device() and not _ext.has_hopper_kernels():
         raise ValueError(f"{q_name}={q_shape}, {kv_name}={kv_shape} is a configuration of the Hopper "
                          f"kernels only, which need a compute capability 9.0 GPU and a build with 90a "
-                         f"(this one: {_ext.cuda_archs() or 'none'}); allowed here: {listing[0] if listing else 'none'}")
+                         f"(this one: {_ext.cuda_archs() or 'none'}); allowed here: "
+                         f"{listing[0] if listing else 'none'}")
     return FusedTiles(arch, sm80, sm90)
 
 

@@ -194,15 +194,12 @@ def mma_unit(kernel_set: str, q_tile) -> tuple:
 
 def forward_work(axes, kernel_set: str, q_tile, kv_tile, half_tiles: bool = False) -> int:
     """Pairs the forward computes (one matrix product each way: S and P V). ``half_tiles``: the
-    kernels built with -DJNA_SM80_HALF_TILES (portable, 16-bit head dims up to 128 only: both products
-    over the halves of query_stationary_pairs' ``half_tiles``) or -DJNA_SM90_HALF_TILES (Hopper: S
-    over the halves, P V over whole tiles; the mean of the two products' pairs)."""
+    kernels compute both products over the halves of query_stationary_pairs' ``half_tiles`` (the
+    portable 16-bit kernels at head dims up to 128, K/V tiles of two or more rows along axis 0)."""
     unit = mma_unit(kernel_set, q_tile)
-    whole = query_stationary_pairs(axes, q_tile, unit, kv_tile)
-    if not half_tiles:
-        return whole
-    halves = query_stationary_pairs(axes, q_tile, unit, kv_tile, half_tiles=True)
-    return (halves + whole) // 2 if kernel_set == "sm90" else halves
+    if not half_tiles or kv_tile[0] < 2:
+        return query_stationary_pairs(axes, q_tile, unit, kv_tile)
+    return query_stationary_pairs(axes, q_tile, unit, kv_tile, half_tiles=True)
 
 
 def dq_unit(kernel_set: str, q_tile) -> tuple:

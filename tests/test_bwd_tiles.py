@@ -309,7 +309,7 @@ def test_pinned_kernel_sets(any_gpu):
 def test_attention_args_stores_the_tiles(any_gpu):
     """attention_args puts the backward choice in NAParams.bwd_tiles, apart from the forward's
     fwd_tiles (None without shapes); a distinct static argument of the primitives."""
-    q = _arr((1, 16, 8, 2, 64), jnp.bfloat16)
+    q = _arr((1, 32, 32, 2, 64), jnp.bfloat16)  # the choosers keep the defaults
     common = (3, 1, 1, False, None, None, None, None)
     params, backend = _checks.attention_args(2, q, q, q, *common, backward_q_tile_shape=(8, 8),
                                              backward_kv_tile_shape=(8, 8))
@@ -497,7 +497,7 @@ def test_backward_chooser_modes_and_dtypes(any_gpu):
 def _inputs():
     r = np.random.default_rng(0)
     mk = lambda *s, dt=jnp.bfloat16: jnp.asarray(r.standard_normal(s), dt)
-    return dict(q2=mk(1, 16, 8, 4, 64), k2=mk(1, 16, 8, 2, 64), q2h=mk(1, 16, 8, 4, 128), k2h=mk(1, 16, 8, 2, 128),
+    return dict(q2=mk(1, 32, 32, 4, 64), k2=mk(1, 32, 32, 2, 64), q2h=mk(1, 32, 32, 4, 128), k2h=mk(1, 32, 32, 2, 128),
                 q3=mk(1, 4, 5, 6, 2, 128), q1=mk(2, 20, 2, 64), q2f=mk(1, 16, 8, 2, 8, dt=jnp.float32),
                 q2c=mk(1, 32, 64, 4, 64), k2c=mk(1, 32, 64, 2, 64), q3c=mk(1, 6, 16, 16, 2, 128))
 

@@ -225,8 +225,9 @@ def test_pinned_kernel_sets(any_gpu):
 
 def test_attention_args_stores_the_tiles(any_gpu):
     """attention_args puts the resolved choice in NAParams.fwd_tiles (None without tile shapes); the
-    reference backend (and its result) never sees anything else."""
-    q = _arr((1, 16, 8, 2, 64), jnp.bfloat16)
+    reference backend (and its result) never sees anything else. (32 x 32 with a 3 x 3 window: the
+    chooser keeps the default tiles of both sets.)"""
+    q = _arr((1, 32, 32, 2, 64), jnp.bfloat16)
     common = (3, 1, 1, False, None, None, None, None)
     params, backend = _checks.attention_args(2, q, q, q, *common, (8, 16), (8, 16))
     assert backend == "auto" and params.fwd_tiles == FusedTiles(90, -1, 1)
@@ -411,7 +412,7 @@ def _check_tile_attributes():
     keeps its own tiles (no tile attributes) and the backend's arch."""
     r = np.random.default_rng(0)
     mk = lambda *s: jnp.asarray(r.standard_normal(s), jnp.bfloat16)
-    q2, k2 = mk(1, 16, 8, 4, 64), mk(1, 16, 8, 2, 64)
+    q2, k2 = mk(1, 32, 32, 4, 64), mk(1, 32, 32, 2, 64)  # the chooser keeps the defaults
     q3, k3 = mk(1, 4, 5, 6, 2, 128), mk(1, 4, 5, 6, 2, 128)
     q1 = mk(2, 20, 2, 64)
     cases = [

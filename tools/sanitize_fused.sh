@@ -4,7 +4,7 @@
 #   bash tools/sanitize_fused.sh [cutlass include dir]     # build (JOBS parallel compiles, default 16) and run
 #   bash tools/sanitize_fused.sh build [cutlass include]   # build only (where nvcc is, e.g. a machine without GPU)
 #   bash tools/sanitize_fused.sh run                       # run the binary built before (B: its folder)
-# JNA_CUDA_FLAGS: extra nvcc flags of the build (experiment knobs, e.g. "-DJNA_SM90_HALF_TILES").
+# JNA_CUDA_FLAGS: extra nvcc flags of the build (experiment knobs, e.g. "-DJNA_SM90_Q_GATHER").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=all

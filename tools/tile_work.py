@@ -5,9 +5,8 @@ ideal (BENCHMARKS.md) it can reach is at most the useful (query, key) pairs over
 computes. jax_na.tile_model counts the tiles each kernel visits (its schedule in
 cuda/fused/tile_scheduler.cuh, the window geometry of jax_na.geometry); this prints, per problem:
 
-- forward: useful / computed pairs of each forward configuration, and the same with the half K/V
-  tiles of the experiment knobs (-DJNA_SM90_HALF_TILES: S over halves; -DJNA_SM80_HALF_TILES: S
-  and P.V; cuda/fused/NOTES.md session 34);
+- forward: useful / computed pairs of each forward configuration (the portable 16-bit kernels
+  compute over half K/V tiles where a warp's windows meet one half; whole tiles in parentheses);
 - backward: the same for the dK/dV kernel (its MMA units skipping on their own, and the CTA's
   whole walk) and for the dQ kernel of each backward configuration, and the backward's
   pair-products (4 per dK/dV pair, 3 per dQ pair) over the ideal 5 per useful pair;
@@ -74,12 +73,13 @@ def analyse(p: Problem, kernel_set: str) -> dict:
     bwd_pick = _checks._chosen_bwd_tiles(p.rank, DTYPE, P, "fused", p.spatial, window, True)
     fwd_index = getattr(fwd_pick, kernel_set, 0) if fwd_pick else 0
     bwd_index = getattr(bwd_pick, kernel_set, 0) if bwd_pick else 0
+    half = kernel_set == "sm80" and _checks.portable_half_tiles(DTYPE, P)
     out = {"problem": p.id, "kernel_set": kernel_set, "useful_pairs": useful, "fwd": [], "bwd": []}
     for i, (q, kv) in enumerate(_checks.fused_fwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
-        computed = tile_model.forward_work(axes, kernel_set, q, kv)
-        halves = tile_model.forward_work(axes, kernel_set, q, kv, half_tiles=True)
+        computed = tile_model.forward_work(axes, kernel_set, q, kv, half)
+        whole = tile_model.forward_work(axes, kernel_set, q, kv)
         out["fwd"].append({"q": q, "kv": kv, "computed": computed, "efficiency": useful / computed,
-                           "half_tiles_efficiency": useful / halves, "chosen": i == fwd_index})
+                           "whole_tiles_efficiency": useful / whole, "chosen": i == fwd_index})
     dq_tiles = _checks.FUSED_BWD_DQ_TILES[kernel_set][p.rank]
     for i, (q, kv) in enumerate(_checks.fused_bwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
         dq_q, dq_kv = dq_tiles[i]
@@ -118,8 +118,9 @@ def main(argv=None) -> int:
         results.append(r)
         print(f"{p.id}  (bound of a 64-query box: {r['bound64']:.2f} at {_fmt(r['bound64_box'])})")
         for c in r["fwd"]:
-            print(f"  fwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  {c['efficiency']:.2f}"
-                  f"  (half tiles {c['half_tiles_efficiency']:.2f})")
+            eff, whole = c["efficiency"], c["whole_tiles_efficiency"]
+            whole = f"  (whole tiles {whole:.2f})" if whole != eff else ""
+            print(f"  fwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  {eff:.2f}{whole}")
         for c in r["bwd"]:
             print(f"  bwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  "
                   f"dK/dV {c['dkdv_efficiency']:.2f} (CTA walk {c['dkdv_cta_efficiency']:.2f})  dQ ({_fmt(c['dq_q'])} / {_fmt(c['dq_kv'])}) "

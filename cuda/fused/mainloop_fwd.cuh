@@ -5,8 +5,8 @@
 // K/V double-buffered (one barrier per tile):
 //   wait K/V(n); barrier; issue K/V(n+1) | S = Q K^T | mask, online softmax, O += P V
 // Each warp skips the tiles that miss all of its queries' windows and skips the mask arithmetic on
-// tiles that lie inside all of them; with -DJNA_SM80_HALF_TILES (kernel_traits.cuh) it computes
-// over one half of a tile (along axis 0) where its windows meet only that half. Prologue and
+// tiles that lie inside all of them; in the 16-bit one-pass kernels (kernel_traits.cuh: WithHalfTiles)
+// it computes over one half of a tile (along axis 0) where its windows meet only that half. Prologue and
 // epilogue: cta_fwd.cuh.
 // Head dims over 128 walk the KV tiles once per 128 output columns (Traits::kDPasses), recomputing S
 // and the softmax: 256 columns of O accumulators would not fit the register file beside S.

@@ -25,9 +25,9 @@ namespace fused {
 // What the kernels need of KV tile n, published in smem by warp 0 one tile ahead (read after the
 // barrier that also publishes the tile's K/V): its origin and, per warp w, bit w of `active` (the
 // tile meets the windows of some query of warp w) and of `full` (it lies inside all of them). Kernels
-// whose Traits::kHalfTiles (the forward kernels under -DJNA_SM80_HALF_TILES / -DJNA_SM90_HALF_TILES)
-// also get bit 8 + w of `active` (the first half of the tile along axis 0, i.e. its first kBlockN / 2
-// keys, meets warp w's windows) and bit 16 + w (the second half does).
+// whose Traits::kHalfTiles (the portable 16-bit forward kernels: kernel_traits.cuh) also get bit
+// 8 + w of `active` (the first half of the tile along axis 0, i.e. its first kBlockN / 2 keys, meets
+// warp w's windows) and bit 16 + w (the second half does).
 struct TileFlags {
   int32_t org[3];
   uint32_t active;

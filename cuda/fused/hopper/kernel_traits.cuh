@@ -39,39 +39,6 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
   static constexpr int kMinBlocks = 1;
   static constexpr int kNWarpGroups = 2;  // consumers
   static_assert(Base::kDPasses == 1, "the Hopper forward takes head dims up to 128 (one pass of O columns)");
-  using typename Base::KVTile;
-  using Base::kBlockNHalf;
-
-  // Half tiles (experiment knob -DJNA_SM90_HALF_TILES; FwdTraits' HalfKVTile): a consumer warpgroup
-  // whose queries' windows meet only one half of a K/V tile along axis 0 computes S over that half
-  // alone (a wgmma of N = kBlockN / 2) and its softmax over half the columns; P.V stays whole (zeros
-  // for the other half). These are the tiles at the ends of a warpgroup's window box along axis 0,
-  // where a 128-key tile rounds its 64 queries' box up: 13.6% of p2's S pairs, 2.8% of p1's, 6.3%
-  // of p3's (tile_model).
-#if defined(JNA_SM90_HALF_TILES)
-  static constexpr bool kHalfTiles = true;
-#else
-  static constexpr bool kHalfTiles = false;
-#endif
-  // With -DJNA_SM90_HALF_TILES_PV as well, P.V shrinks too: two batches of kBlockNHalf keys, the
-  // second a guarded wgmma that runs for whole tiles only (hopper/wgmma_guarded.cuh).
-#if defined(JNA_SM90_HALF_TILES_PV)
-  static_assert(kHalfTiles, "-DJNA_SM90_HALF_TILES_PV needs -DJNA_SM90_HALF_TILES");
-  static constexpr bool kHalfPV = true;
-#else
-  static constexpr bool kHalfPV = false;
-#endif
-  // Experiment knob -DJNA_SM90_SKIP_ZERO_PV: the pending P.V runs (guarded wgmmas) only where P holds
-  // probabilities, not the zeros at a Q tile's first step or after a step a warpgroup skipped: one
-  // product of a 128-key tile per Q tile and per skipped step (modeled: 2.9% of p1's products, 6-12%
-  // of the 3-D problems' with their skipped steps, cuda/fused/NOTES.md session 34).
-#if defined(JNA_SM90_SKIP_ZERO_PV)
-  static constexpr bool kSkipZeroPV = true;
-#else
-  static constexpr bool kSkipZeroPV = false;
-#endif
-  static_assert(!kHalfTiles || (KVTile::extent(0) % 2 == 0 && Base::HalfKVTile::kSize == kBlockNHalf),
-                "K/V tiles split on axis 0");
 
   static constexpr int kLoadThreads = 128;  // the producer warpgroup
   static constexpr int kLoadRowsPerPass = kLoadThreads / Base::kChunks;
@@ -114,24 +81,6 @@ struct HopperFwdTraits : FwdTraits<kDType_, kHeadDim_, kRank_, kBlockN_, 8, kHop
   using GmmaLayoutK = decltype(cute::tile_to_shape(GmmaAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
   using GmmaLayoutVt = decltype(cute::composition(
       GmmaLayoutK{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
-
-  // Half tiles: S over kBlockNHalf keys. A half's K is a sub-tile of the stage's: its rows, at
-  // element offset h * kHalfElems (FwdTraits), seen through the full tile's layout (the 128-byte
-  // swizzle repeats every 8 rows of 64 elements, so the offset leaves it unchanged).
-  using TiledMmaSHalf = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<Element, Element, float,
-                                 cute::Shape<cute::_64, cute::Int<kBlockNHalf>, cute::Int<kHeadDim>>>(),
-      AtomLayout{}));
-  static_assert(Base::kHalfElems == kBlockNHalf * 64 && Base::kHalfElems % (8 * 64) == 0,
-                "a half: rows 0..kBlockNHalf-1 of each 64-column block, on a swizzle period");
-  using GmmaLayoutKHalf = decltype(cute::composition(GmmaLayoutK{}, typename Base::HalfRows{}));
-  // kHalfPV: P.V over kBlockNHalf keys (V^T's columns of a half, at the same element offsets).
-  using TiledMmaOHalf = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<Element, Element, float,
-                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockNHalf>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
-      AtomLayout{}));
-  using GmmaLayoutVtHalf = decltype(cute::composition(GmmaLayoutK{}, typename Base::HalfRowsT{}));
 };
 
 }  // namespace fused

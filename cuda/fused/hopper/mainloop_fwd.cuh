@@ -17,10 +17,8 @@
 // so the tensor cores run P.V while the warpgroup computes exponentials; the two warpgroups take
 // turns issuing their GEMMs (GemmTurns), so each one's softmax overlaps the other's GEMMs. A
 // warpgroup skips S on the tiles that miss all of its queries' windows (wgmma is warpgroup-wide);
-// each warp skips the mask arithmetic on tiles inside all of its own queries' windows. With
-// -DJNA_SM90_HALF_TILES a warpgroup whose windows meet one half of a tile along axis 0 computes S
-// and the softmax over that half only (hopper/kernel_traits.cuh). Schedule and windows:
-// tile_scheduler.cuh, mask.cuh (shared with the portable kernel).
+// each warp skips the mask arithmetic on tiles inside all of its own queries' windows. Schedule and
+// windows: tile_scheduler.cuh, mask.cuh (shared with the portable kernel).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -36,7 +34,6 @@
 #include "fused/hopper/pipeline.cuh"
 #include "fused/hopper/tma.cuh"
 #include "fused/hopper/trace.cuh"
-#include "fused/hopper/wgmma_guarded.cuh"
 #include "fused/mask.cuh"
 #include "fused/softmax.cuh"
 #include "fused/tile_scheduler.cuh"
@@ -193,7 +190,6 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
   using TS = TileScheduler<Traits>;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kBlockNHalf = Traits::kBlockNHalf;
   constexpr int kD = Traits::kHeadDim;
   constexpr int kWarpsPerGroup = 4;
   const FwdKernelParams& p = hp.base;
@@ -218,86 +214,14 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
   constexpr int kRows = decltype(size<0>(acc_o_rc))::value;
   OnlineSoftmax<kRows> softmax;
 
-  // Half tiles (Traits::kHalfTiles): S over one half of a tile's keys.
-  typename Traits::TiledMmaSHalf mma_sh;
-  auto thr_sh = mma_sh.get_thread_slice(ctid);
-  Tensor tSrQh = thr_sh.partition_fragment_A(sQ);
-
   // P of the last tile, waiting for its P.V product (V in stage pv_stage). Always "pending" (zeros
-  // at first and after a skipped tile) so that no branch decides whether a wgmma runs. A half
-  // tile's P fills its half of the registers (a 64 x N/2 accumulator fragment is the 64 x N one's
-  // first or second half: its 8-column blocks in order), zeros the other: a P.V over the half alone
-  // (a branch between two P.V shapes) made ptxas serialize the wgmmas (C7513).
+  // at first and after a skipped tile) so that no branch decides whether a wgmma runs.
   Tensor rP = make_tensor<Element>(partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
   Tensor tOrP = make_tensor(rP.data(), acc_to_gmma_a_layout(rP.layout()));
-  using LayoutSHalf = decltype(partition_fragment_C(mma_sh, Shape<Int<kBlockM>, Int<kBlockNHalf>>{}).layout());
-  constexpr int kHalfFrag = decltype(size(LayoutSHalf{}))::value;
   int pv_stage = 0;
-  // Traits::kHalfPV: P.V in two batches of kBlockNHalf keys, P's first half of registers against the
-  // V rows at pv_half_off (a half tile's, or the whole tile's first), then, where pv_whole, its second
-  // half against the tile's second half of rows (a guarded wgmma: no branch between P.V shapes).
-  typename Traits::TiledMmaOHalf mma_oh;
-  auto thr_oh = mma_oh.get_thread_slice(ctid);
-  Tensor tOrP_lo = make_tensor(rP.data(), acc_to_gmma_a_layout(LayoutSHalf{}));
-  Tensor tOrP_hi = make_tensor(rP.data() + kHalfFrag, acc_to_gmma_a_layout(LayoutSHalf{}));
-  int32_t pv_half_off = 0;
-  uint32_t pv_whole = 1;
-  // Traits::kSkipZeroPV: whether P holds probabilities (0: the zeros of a Q tile's start or of a
-  // skipped step), the guard of the P.V's wgmmas.
-  uint32_t pv_live = 0;
-  // What P now holds, for the P.V that will read it: zeros (at a Q tile's start, after a skipped
-  // step; half a product with kHalfPV), a whole tile's probabilities, or a half tile's at offset
-  // v_off of the stage's V rows (kHalfPV).
-  auto pending_pv = [&](int32_t v_off, uint32_t whole, uint32_t live) {
-    pv_half_off = v_off;
-    pv_whole = whole;
-    pv_live = live;
-  };
-  // The k-blocks of a P.V batch (register A operand tA, smem descriptors tB) from k0 on as guarded
-  // wgmmas.
-  auto guarded_pv = [&](const auto& tA, const auto& tB, uint32_t run, int k0 = 0) {
-    auto& acc = *reinterpret_cast<float(*)[kD / 2]>(raw_pointer_cast(acc_o.data()));
-#pragma unroll
-    for (int k = k0; k < size<2>(tA); ++k) {
-      Tensor words = recast<uint32_t>(tA(_, _, k));
-      const uint32_t a[4] = {words(0), words(1), words(2), words(3)};
-      wgmma_rs_guarded<Element, kD>(acc, a, static_cast<uint64_t>(tB(_0{}, _0{}, k)), run);
-    }
-  };
   auto issue_pv = [&]() {
-    if constexpr (Traits::kHalfPV) {
-      Tensor sVa = make_tensor(make_smem_ptr(sm.v_stage(pv_stage) + pv_half_off), typename Traits::GmmaLayoutVtHalf{});
-      Tensor sVb = make_tensor(make_smem_ptr(sm.v_stage(pv_stage) + Traits::kHalfElems),
-                               typename Traits::GmmaLayoutVtHalf{});
-      Tensor tVa = thr_oh.partition_fragment_B(sVa);
-      Tensor tVb = thr_oh.partition_fragment_B(sVb);
-      warpgroup_fence_operand(tOrP);
-      warpgroup_fence_operand(acc_o);
-      warpgroup_arrive();
-      // The first k-block runs unguarded: with every wgmma of the batch guarded, ptxas serialized
-      // the kernel's wgmmas (C7515).
-      cute::gemm(mma_oh, tOrP_lo(_, _, 0), tVa(_, _, 0), acc_o);
-      if constexpr (Traits::kSkipZeroPV) {
-        guarded_pv(tOrP_lo, tVa, pv_live, 1);
-      } else {
-#pragma unroll
-        for (int k = 1; k < size<2>(tOrP_lo); ++k) cute::gemm(mma_oh, tOrP_lo(_, _, k), tVa(_, _, k), acc_o);
-      }
-      guarded_pv(tOrP_hi, tVb, pv_whole);  // pv_whole implies pv_live
-      warpgroup_commit_batch();
-    } else if constexpr (Traits::kSkipZeroPV) {
-      Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(pv_stage)), typename Traits::GmmaLayoutVt{});
-      Tensor tV = thr_o.partition_fragment_B(sVt);
-      warpgroup_fence_operand(tOrP);
-      warpgroup_fence_operand(acc_o);
-      warpgroup_arrive();
-      cute::gemm(mma_o, tOrP(_, _, 0), tV(_, _, 0), acc_o);  // unguarded: see above
-      guarded_pv(tOrP, tV, pv_live, 1);
-      warpgroup_commit_batch();
-    } else {
-      Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(pv_stage)), typename Traits::GmmaLayoutVt{});
-      wgmma_issue<false>(mma_o, tOrP, thr_o.partition_fragment_B(sVt), acc_o);
-    }
+    Tensor sVt = make_tensor(make_smem_ptr(sm.v_stage(pv_stage)), typename Traits::GmmaLayoutVt{});
+    wgmma_issue<false>(mma_o, tOrP, thr_o.partition_fragment_B(sVt), acc_o);
   };
 
   const GemmTurns<kWarpsPerGroup * 32> turns{warp / kWarpsPerGroup};
@@ -329,7 +253,6 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
     st.stage = __shfl_sync(0xffffffffu, st.stage, 0);
     st.phase = __shfl_sync(0xffffffffu, st.phase, 0);
     pv_stage = st.stage;  // tile 0's stage: the first P.V adds zeros times V(0)
-    pending_pv(0, !Traits::kHalfPV, 0);  // zeros
     turns.start();
     Bar::wait(&pipe.q_full, q_round & 1u);
     ++q_round;
@@ -355,13 +278,6 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
       }
       active = __shfl_sync(0xffffffffu, active, 0);
       full_bits = __shfl_sync(0xffffffffu, full_bits, 0);
-      // The one half of the tile this warpgroup's windows meet, or -1 (both, or none: skipped).
-      int half = -1;
-      if constexpr (Traits::kHalfTiles) {
-        const bool lo = (active >> (kHalfLoShift + wg_warp0)) & 0xfu;
-        const bool hi = (active >> (kHalfHiShift + wg_warp0)) & 0xfu;
-        half = lo == hi ? -1 : (lo ? 0 : 1);
-      }
       const bool last = n + 1 == n_tiles;
       // After the tile's S (or without one), this warp's GEMMs on Q are done: on the last tile the
       // Q tile goes back to the producer, whose next Q then lands while this one's P.V, softmax and
@@ -373,49 +289,6 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
         turns.pass(last);
         wgmma_wait<0>(acc_o, tOrP);
         clear(rP);
-        pending_pv(0, !Traits::kHalfPV, 0);
-      } else if (half >= 0) {  // uniform over the warpgroup; only with kHalfTiles
-        if constexpr (Traits::kHalfTiles) {
-          // As below, S and the softmax over the half's keys (a boundary tile of the warpgroup's
-          // window box: masked); P.V takes the whole tile, P zero on the other half.
-          Tensor sK = make_tensor(make_smem_ptr(sm.k_stage(st.stage) + half * Traits::kHalfElems),
-                                  typename Traits::GmmaLayoutKHalf{});
-          Tensor acc_s = partition_fragment_C(mma_sh, Shape<Int<kBlockM>, Int<kBlockNHalf>>{});
-          turns.wait();
-          wgmma_issue<true>(mma_sh, tSrQh, thr_sh.partition_fragment_B(sK), acc_s);
-          issue_pv();
-          turns.pass(last);
-          wgmma_wait<1>(acc_s);
-          if (last && lane == 0) Bar::arrive(&pipe.q_empty);
-
-          Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
-#pragma unroll
-          for (int a = 0; a < 3; ++a) org[a] = __shfl_sync(0xffffffffu, org[a], 0);
-          org[0] += half * Traits::HalfKVTile::extent(0);
-          mask_window_tile<Traits, typename Traits::HalfKVTile>(s_rc, sm.win, org, warp, lane);
-          float alpha[kRows];
-          const bool moved = softmax.update_scores(s_rc, p.scale_log2, alpha);
-          if (n & 1)  // as below (arms of their own: identical asm in two blocks may be merged)
-            wgmma_wait_in_arm<0, 2>(acc_o, tOrP);
-          else
-            wgmma_wait_in_arm<0, 3>(acc_o, tOrP);
-          if (moved) OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
-          Tensor rP_lo = make_tensor(rP.data(), LayoutSHalf{});
-          Tensor rP_hi = make_tensor(rP.data() + kHalfFrag, LayoutSHalf{});
-          if constexpr (Traits::kHalfPV) {  // P.V over the half's V rows alone
-            convert_fragment_into(acc_s, rP_lo);
-            pending_pv(half * Traits::kHalfElems, 0, 1);
-          } else {
-            if (half == 0) {
-              convert_fragment_into(acc_s, rP_lo);
-              clear(rP_hi);
-            } else {
-              clear(rP_lo);
-              convert_fragment_into(acc_s, rP_hi);
-            }
-            pending_pv(0, 1, 1);  // the whole tile, zeros on the other half
-          }
-        }
       } else {
         // A warp without any key of the tile in its windows masks all of it (full is false for it).
         const bool full = (full_bits >> warp) & 1u;
@@ -447,7 +320,6 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
           wgmma_wait_in_arm<0, 1>(acc_o, tOrP);
         if (moved) OnlineSoftmax<kRows>::rescale(acc_o_rc, alpha);
         convert_fragment_into(acc_s, rP);  // same layout as acc_s
-        pending_pv(0, 1, 1);
       }
       // The P.V just waited for read V(n - 1): its stage goes back to the producer.
       if (n > 0 && lane == 0) Bar::arrive(&pipe.empty[pv_stage]);
