@@ -14,13 +14,20 @@ bool fwd_supported(DType dtype, int64_t D, int rank) {
   return (D == 32 || D == 64 || D == 128 || (D == 256 && dtype != DType::kF32)) && rank >= 1 && rank <= 3;
 }
 
-bool hopper_supported(DType dtype, int64_t D) { return dtype != DType::kF32 && (D == 64 || D == 128); }
-
 namespace {
 
-// The instantiations the Hopper kernels have (hopper_supported at compile time).
+// The (dtype, head dim) instantiations the Hopper kernels have: 16-bit, 64 or 128. The one statement
+// of it: hopper_supported (runtime), kHasHopperKernels (compile time) and use_hopper ask it.
+constexpr bool has_hopper_kernels(DType dtype, int64_t D) { return dtype != DType::kF32 && (D == 64 || D == 128); }
+
 template <DType kDT, int kD>
-constexpr bool kHasHopperKernels = kDT != DType::kF32 && (kD == 64 || kD == 128);
+constexpr bool kHasHopperKernels = has_hopper_kernels(kDT, kD);
+
+}  // namespace
+
+bool hopper_supported(DType dtype, int64_t D) { return has_hopper_kernels(dtype, D); }
+
+namespace {
 
 // Calls f.template run<dtype, D, rank>() for the runtime (dtype, D, rank); every combination that
 // fwd_supported accepts is instantiated.
@@ -164,10 +171,10 @@ namespace {
 
 // Whether a call runs the Hopper kernels: where asked for (arch kHopper), or under kAuto at head dim
 // 128 and at head dim 64 for windows (product of the kernel sizes) of 256 keys or more; for the
-// forward only without dilation (where its K/V tiles come by TMA). Head dims 32 and 256 have no
-// Hopper kernels. `sm90`: the device can run them.
-bool use_hopper(const geo::Problem& pr, int rank, int32_t arch, int32_t D, bool sm90, bool forward) {
-  if (!sm90 || arch == FwdArgs::kPortable || (D != 64 && D != 128)) return false;
+// forward only without dilation (where its K/V tiles come by TMA). Never where no Hopper kernel is
+// instantiated (has_hopper_kernels). `sm90`: the device can run them.
+bool use_hopper(const geo::Problem& pr, int rank, DType dtype, int32_t arch, int32_t D, bool sm90, bool forward) {
+  if (!sm90 || arch == FwdArgs::kPortable || !has_hopper_kernels(dtype, D)) return false;
   if (arch == FwdArgs::kHopper) return true;
   int64_t window = 1;
   bool dilated = false;
@@ -195,7 +202,7 @@ cudaError_t launch_fwd(const geo::Problem& pr, int rank, DType dtype, const FwdA
   // keeps a direct caller from running the other set with an index it did not mean.
   if ((args.arch != FwdArgs::kHopper && args.tiles_sm80 < 0) || (args.arch == FwdArgs::kHopper && args.tiles_sm90 < 0))
     return cudaErrorInvalidValue;
-  const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/true) && args.tiles_sm90 >= 0;
+  const bool hopper = use_hopper(pr, rank, dtype, args.arch, args.D, sm90, /*forward=*/true) && args.tiles_sm90 >= 0;
   return dispatch(dtype, args.D, rank, FwdCall{pr, args, stream, hopper});
 }
 
@@ -205,7 +212,7 @@ cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdA
   if (args.arch == FwdArgs::kHopper && !hopper_supported(dtype, args.D)) return cudaErrorInvalidValue;
   if ((args.arch != FwdArgs::kHopper && args.tiles_sm80 < 0) || (args.arch == FwdArgs::kHopper && args.tiles_sm90 < 0))
     return cudaErrorInvalidValue;
-  const bool hopper = use_hopper(pr, rank, args.arch, args.D, sm90, /*forward=*/false) && args.tiles_sm90 >= 0;
+  const bool hopper = use_hopper(pr, rank, dtype, args.arch, args.D, sm90, /*forward=*/false) && args.tiles_sm90 >= 0;
   return dispatch(dtype, args.D, rank, BwdCall{pr, args, stream, hopper});
 }
 

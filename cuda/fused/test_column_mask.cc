@@ -93,7 +93,7 @@ void check_boxes() {
 }  // namespace
 
 int main() {
-  check_boxes<16>();  // half tiles of 32-key K/V tiles (-DJNA_SM80_HALF_TILES with JNA_FUSED_BLOCK_N=32)
+  check_boxes<16>();  // half tiles of 32-key K/V tiles (the portable forward built with JNA_FUSED_BLOCK_N=32)
   check_boxes<32>();
   check_boxes<64>();
   check_boxes<128>();
