@@ -4,7 +4,7 @@
 # with the Hopper forward, hopper/fwd_bf16_hd128.cu) or bwd (cuda/fused/test_fused_bwd.cu with the
 # Hopper backward, hopper/bwd_bf16_hd128.cu); a variant whose flags hold -DJNA_TEST_PORTABLE_ONLY
 # takes that direction's portable kernels instead (fwd_bf16_hd128.cu, bwd_bf16_hd128.cu): one kernel
-# unit per variant, bfloat16, head dim 128.
+# unit per variant, bfloat16, head dim $HD (default 128; e.g. HD=32 for the portable kernels on p4/p5).
 # Build where nvcc is (this machine or the GPU one), run on the GPU machine.
 #
 #   bash tools/sm90_experiment.sh DIRECTION build DIR name="-DFLAG=1 ..." [name2="..."] ...
@@ -28,7 +28,8 @@ case "$direction" in
 esac
 NVCC=${NVCC:-nvcc}
 CUTLASS=${CUTLASS:-$(python3 -c "import os, cutlass_library as c; print(os.path.join(os.path.dirname(c.__file__), 'source', 'include'))" 2>/dev/null || echo .carry/cutlass_include)}
-FLAGS="-std=c++17 -O3 --expt-relaxed-constexpr -lineinfo -gencode=arch=compute_90a,code=sm_90a -DJNA_TEST_BF16_ONLY"
+HD=${HD:-128}
+FLAGS="-std=c++17 -O3 --expt-relaxed-constexpr -lineinfo -gencode=arch=compute_90a,code=sm_90a -DJNA_TEST_BF16_ONLY -DJNA_TEST_HEAD_DIM=$HD"
 mkdir -p "$dir"
 if [ "$what" = build ]; then
   pids=()
@@ -36,8 +37,8 @@ if [ "$what" = build ]; then
     name=${spec%%=*} flags=${spec#*=}
     src=cuda
     [ "$name" = head ] && src=${HEAD_SRC:?HEAD_SRC: a checkout of the revision to compare with}/cuda
-    unit="$src/fused/hopper/${direction}_bf16_hd128.cu" select=-DJNA_TEST_SM90_ONLY
-    case "$flags" in *JNA_TEST_PORTABLE_ONLY*) unit="$src/fused/${direction}_bf16_hd128.cu" select= ;; esac
+    unit="$src/fused/hopper/${direction}_bf16_hd$HD.cu" select=-DJNA_TEST_SM90_ONLY
+    case "$flags" in *JNA_TEST_PORTABLE_ONLY*) unit="$src/fused/${direction}_bf16_hd$HD.cu" select= ;; esac
     # shellcheck disable=SC2086
     ( $NVCC $FLAGS $select $flags -I"$src" -Icuda -I"$CUTLASS" -Xptxas -v "$unit" \
         "cuda/fused/test_fused_${direction}.cu" -o "$dir/$name" > "$dir/$name.build.log" 2>&1 \

@@ -4,7 +4,8 @@
 // outputs; then event timing of the benchmark shapes (the backward alone: its delta, dQ and dK/dV
 // kernels). Built by tools/sm90_experiment.sh (bwd) as one kernel unit plus this file:
 // -DJNA_TEST_SM90_ONLY -DJNA_TEST_BF16_ONLY: the Hopper backward (hopper/bwd_bf16_hd128.cu);
-// -DJNA_TEST_PORTABLE_ONLY -DJNA_TEST_BF16_ONLY: the portable one (bwd_bf16_hd128.cu, built for sm_90a).
+// -DJNA_TEST_PORTABLE_ONLY -DJNA_TEST_BF16_ONLY: the portable one (bwd_bf16_hd128.cu, built for sm_90a);
+// -DJNA_TEST_HEAD_DIM=D (with either): that head dim's unit instead of 128's.
 // Without either, it links every unit and calls the dispatcher (launch_bwd).
 // Options (test_harness.h): --timing, --checks (no timings), --big, --tiles N (backward configuration
 // N), --atomic (the Hopper dK/dV kernel adds dQ: non-deterministic mode). Exit code 0 only when every case passes.
@@ -30,20 +31,21 @@ static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fuse
   // Configuration g_tiles where the rank has it (the 16-bit head-dim-128 lists), else the default.
   const int n90 = rank == 1 ? fused::HopperBwdTiles<1>::kCount
                             : (rank == 2 ? fused::HopperBwdTiles<2>::kCount : fused::HopperBwdTiles<3>::kCount);
-  const int n80 = rank == 1 ? fused::PortableBwdTiles<128, 1>::kCount
-                            : (rank == 2 ? fused::PortableBwdTiles<128, 2>::kCount : fused::PortableBwdTiles<128, 3>::kCount);
+  constexpr int kD = kTestHeadDim;  // 128 unless an experiment build says otherwise
+  const int n80 = rank == 1 ? fused::PortableBwdTiles<kD, 1>::kCount
+                            : (rank == 2 ? fused::PortableBwdTiles<kD, 2>::kCount : fused::PortableBwdTiles<kD, 3>::kCount);
   args.tiles_sm90 = g_tiles < n90 ? g_tiles : 0;
   args.tiles_sm80 = g_tiles < n80 ? g_tiles : 0;
 #if defined(JNA_TEST_SM90_ONLY) || defined(JNA_TEST_PORTABLE_ONLY)
-  if (args.D != 128 || dt != DType::kBF16) return cudaErrorInvalidValue;
+  if (args.D != kD || dt != DType::kBF16) return cudaErrorInvalidValue;
 #if defined(JNA_TEST_SM90_ONLY)
-  if (rank == 1) return fused::run_bwd_sm90<DType::kBF16, 128, 1>(pr, args, 0);
-  if (rank == 2) return fused::run_bwd_sm90<DType::kBF16, 128, 2>(pr, args, 0);
-  return fused::run_bwd_sm90<DType::kBF16, 128, 3>(pr, args, 0);
+  if (rank == 1) return fused::run_bwd_sm90<DType::kBF16, kD, 1>(pr, args, 0);
+  if (rank == 2) return fused::run_bwd_sm90<DType::kBF16, kD, 2>(pr, args, 0);
+  return fused::run_bwd_sm90<DType::kBF16, kD, 3>(pr, args, 0);
 #else
-  if (rank == 1) return fused::run_bwd<DType::kBF16, 128, 1>(pr, args, 0);
-  if (rank == 2) return fused::run_bwd<DType::kBF16, 128, 2>(pr, args, 0);
-  return fused::run_bwd<DType::kBF16, 128, 3>(pr, args, 0);
+  if (rank == 1) return fused::run_bwd<DType::kBF16, kD, 1>(pr, args, 0);
+  if (rank == 2) return fused::run_bwd<DType::kBF16, kD, 2>(pr, args, 0);
+  return fused::run_bwd<DType::kBF16, kD, 3>(pr, args, 0);
 #endif
 #else
   return fused::launch_bwd(pr, rank, dt, args, 0);

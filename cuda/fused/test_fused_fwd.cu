@@ -7,7 +7,7 @@
 // Experiments: -DJNA_TEST_SM90_ONLY links only hopper/fwd_{bf16,f16}_hd128.cu (every case then runs at
 // head dim 128 on the Hopper forward: a variant builds in two units; -DJNA_TEST_BF16_ONLY: bfloat16
 // only, one unit); -DJNA_TEST_PORTABLE_ONLY -DJNA_TEST_BF16_ONLY: the portable forward
-// (fwd_bf16_hd128.cu) at head dim 128 the same way; with -DJNA_FWD_TRACE, `--trace` prints where
+// (fwd_bf16_hd<D>.cu) at head dim D = -DJNA_TEST_HEAD_DIM (default 128) the same way; with -DJNA_FWD_TRACE, `--trace` prints where
 // the CTAs' time goes (hopper/trace.cuh). `--timing` skips the checks, `--checks` the timings,
 // `--big` adds the large benchmark problems (p6, p8, p9), `--tiles N` runs tile configuration N
 // (tile_shapes.cuh) of each kernel set where the rank has one, else the default.
@@ -46,14 +46,15 @@ static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fuse
                             : (rank == 2 ? fused::HopperFwdTiles<2>::kCount : fused::HopperFwdTiles<3>::kCount);
   args.tiles_sm90 = g_tiles < n90 ? g_tiles : 0;
 #if defined(JNA_TEST_PORTABLE_ONLY)
-  const int n80 = rank == 1 ? fused::PortableFwdTilesFor<DType::kBF16, 128, 1>::kCount
-                            : (rank == 2 ? fused::PortableFwdTilesFor<DType::kBF16, 128, 2>::kCount
-                                         : fused::PortableFwdTilesFor<DType::kBF16, 128, 3>::kCount);
+  constexpr int kD = kTestHeadDim;
+  const int n80 = rank == 1 ? fused::PortableFwdTilesFor<DType::kBF16, kD, 1>::kCount
+                            : (rank == 2 ? fused::PortableFwdTilesFor<DType::kBF16, kD, 2>::kCount
+                                         : fused::PortableFwdTilesFor<DType::kBF16, kD, 3>::kCount);
   args.tiles_sm80 = g_tiles < n80 ? g_tiles : 0;
-  if (args.D != 128 || dt != DType::kBF16) return cudaErrorInvalidValue;
-  if (rank == 1) return fused::run_fwd<DType::kBF16, 128, 1>(pr, args, 0);
-  if (rank == 2) return fused::run_fwd<DType::kBF16, 128, 2>(pr, args, 0);
-  return fused::run_fwd<DType::kBF16, 128, 3>(pr, args, 0);
+  if (args.D != kD || dt != DType::kBF16) return cudaErrorInvalidValue;
+  if (rank == 1) return fused::run_fwd<DType::kBF16, kD, 1>(pr, args, 0);
+  if (rank == 2) return fused::run_fwd<DType::kBF16, kD, 2>(pr, args, 0);
+  return fused::run_fwd<DType::kBF16, kD, 3>(pr, args, 0);
 #elif defined(JNA_TEST_SM90_ONLY)
   if (args.D != 128 || dt == DType::kF32) return cudaErrorInvalidValue;
   if (dt == DType::kBF16) {

@@ -237,6 +237,8 @@ inline std::vector<Case> perf_cases(bool big) {
       {"p10 3d causal T", 3, 1, {16, 32, 32}, {7, 13, 13}, {1, 1, 1}, {1, 1, 1}, {1, 0, 0}, 16, 16, 128, DType::kBF16, 0},
       {"p11-1d d64 k1023 causal", 1, 4, {16384, 1, 1}, {1023, 1, 1}, {1, 1, 1}, {1, 1, 1}, {1, 0, 0}, 16, 16, 64, DType::kBF16, 0},
       {"p7-flux-strided 256x256 k80 s16", 2, 1, {256, 256, 1}, {80, 80, 1}, {16, 16, 1}, {1, 1, 1}, {0, 0, 0}, 24, 24, 128, DType::kBF16, 0},
+      {"p4-nat-small 56x56 k7", 2, 64, {56, 56, 1}, {7, 7, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 4, 4, 32, DType::kBF16, 0},
+      {"p5-dinat-dilated 28x28 k7 d4", 2, 32, {28, 28, 1}, {7, 7, 1}, {1, 1, 1}, {4, 4, 1}, {0, 0, 0}, 8, 8, 32, DType::kBF16, 0},
   };
   if (big) {
     perf.push_back({"p6-flux 256x256 k80", 2, 1, {256, 256, 1}, {80, 80, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 24, 24, 128, DType::kBF16, 0});
@@ -246,16 +248,21 @@ inline std::vector<Case> perf_cases(bool big) {
   return perf;
 }
 
-// The experiment builds (one kernel unit: -DJNA_TEST_SM90_ONLY, the Hopper kernels at head dim 128;
-// -DJNA_TEST_PORTABLE_ONLY, the portable ones at head dim 128; -DJNA_TEST_BF16_ONLY, bfloat16 only)
-// run every check case in what they have, and only the timed problems they have.
+// The experiment builds (one kernel unit: -DJNA_TEST_SM90_ONLY, the Hopper kernels; -DJNA_TEST_PORTABLE_ONLY,
+// the portable ones; both at head dim kTestHeadDim, -DJNA_TEST_HEAD_DIM=32/64/128, 128 by default;
+// -DJNA_TEST_BF16_ONLY, bfloat16 only) run every check case in what they have, and only the timed
+// problems they have.
+#if !defined(JNA_TEST_HEAD_DIM)
+#define JNA_TEST_HEAD_DIM 128
+#endif
+constexpr int kTestHeadDim = JNA_TEST_HEAD_DIM;
 #if defined(JNA_TEST_SM90_ONLY) || defined(JNA_TEST_PORTABLE_ONLY)
-#define JNA_TEST_HD128_ONLY 1
+#define JNA_TEST_ONE_HEAD_DIM 1
 #endif
 inline std::vector<Case> experiment_cases(std::vector<Case> cases) {
   for (Case& c : cases) {
-#if defined(JNA_TEST_HD128_ONLY)
-    c.D = 128;
+#if defined(JNA_TEST_ONE_HEAD_DIM)
+    c.D = kTestHeadDim;
 #endif
 #if defined(JNA_TEST_BF16_ONLY)
     c.dt = DType::kBF16;
@@ -267,8 +274,8 @@ inline std::vector<Case> experiment_cases(std::vector<Case> cases) {
 inline std::vector<Case> experiment_perf(const std::vector<Case>& perf) {
   std::vector<Case> out;
   for (const Case& c : perf) {
-#if defined(JNA_TEST_HD128_ONLY)
-    if (c.D != 128) continue;
+#if defined(JNA_TEST_ONE_HEAD_DIM)
+    if (c.D != kTestHeadDim) continue;
 #endif
 #if defined(JNA_TEST_BF16_ONLY)
     if (c.dt != DType::kBF16) continue;
