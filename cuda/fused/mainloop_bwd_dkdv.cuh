@@ -91,7 +91,7 @@ __device__ __forceinline__ void add_dq(const Gemm& gemm, const Acc& acc, float* 
 // Gemm: the MMA policy (Sm80Gemm: mma.sync; Sm90Gemm in hopper/gemm.cuh: wgmma, with the products
 // in flight while the exponentials of the other one run).
 template <class Traits, class Gemm = Sm80Gemm<Traits>>
-__global__ void __launch_bounds__(Traits::kNThreads, 1)
+__global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
     fused_bwd_dkdv_kernel(const __grid_constant__ BwdKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace cute;

@@ -47,7 +47,7 @@ struct DqSmem {
 // Gemm: the MMA policy (Sm80Gemm, or Sm90Gemm from hopper/gemm.cuh: then a warpgroup skips a KV tile
 // only when none of its four warps has a key of it in its windows).
 template <class Traits, class Gemm = Sm80Gemm<Traits>>
-__global__ void __launch_bounds__(Traits::kNThreads, 1) fused_bwd_dq_kernel(const __grid_constant__ BwdKernelParams p) {
+__global__ void __launch_bounds__(Traits::kNThreads, kDqMinBlocks<Traits>) fused_bwd_dq_kernel(const __grid_constant__ BwdKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace cute;
   using Element = typename Traits::Element;
