@@ -413,7 +413,8 @@ def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
 # 24% slower). The model's choices match what was measured (H200, bf16, D = 128; ms, the chosen
 # configuration first; cuda/fused/NOTES.md sessions 20, 22, 24, 27):
 # - forward, 2-D 7x31 window over 64x256: 8x16 Q tiles, Hopper 0.348 vs 0.462, portable 0.571 vs
-#   0.617; square windows (p2, p6): the default.
+#   0.617; square windows (p2, p6): the default. The portable set counts its half tiles
+#   (portable_half_tiles), which on p8 picks 2x8x8 / 4x4x4: 105.0 vs 108.8 (H100, session 36).
 # - backward (fwd+bwd), Hopper one-warpgroup CTAs (H100, session 33; see BWD_CHOICE_MARGIN): p2
 #   default 2.34 vs 2.56, p3 default 4.44 vs 4.48, p10 default 3.77 vs 3.88, p8 default 235.6 vs
 #   248.1, p9 default 149.5 vs 152.8, 3x13x13 over 16x32x32 flat 2.61 vs 3.16. Portable (H100): p3
