@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import functools
 import math
 import sys
 import time
@@ -314,10 +315,11 @@ class TileSweep:
 
 
 # Backends with kernel configurations to choose from at run time (register_tunable); `--sweep-tiles`
-# times each. "fused": every kernel set (portable, and Hopper where this machine has it) at every
-# compiled tile configuration of the direction timed (jax_na.fused_tile_configs): the forward's in
-# mode fwd, the backward's in mode fwdbwd (the forward then at its default), the basis of the
-# defaults in cuda/fused/tile_shapes.cuh and of the kernel choice in cuda/fused/dispatch.cu.
+# times each (by default "fused" only). "fused": every kernel set (portable, and Hopper where this
+# machine has it) at every compiled tile configuration of the direction timed
+# (jax_na.fused_tile_configs): the forward's in mode fwd, the backward's in mode fwdbwd (the forward
+# then at its default), the basis of the defaults in cuda/fused/tile_shapes.cuh and of the kernel
+# choice in cuda/fused/dispatch.cu. "fused_sm80" / "fused_sm90": the same over that kernel set only.
 TUNABLE_BACKENDS: dict[str, TileSweep] = {}
 
 
@@ -327,7 +329,7 @@ def register_tunable(name: str, sweep: TileSweep) -> None:
 
 def _register_fused_variants() -> None:
     """Register "fused" as tunable over its kernel sets and tile configurations where this machine
-    runs the fused kernels."""
+    runs the fused kernels, and each kernel set's pinned backend over that set's."""
     if "fused" in TUNABLE_BACKENDS or "fused" not in _ext.available_backends():
         return
     sets = {"portable (sm80)": "fused_sm80"}
@@ -337,12 +339,12 @@ def _register_fused_variants() -> None:
     def prefix(mode):  # the na{rank}d arguments a configuration sets: the forward's or the backward's
         return "" if mode == "fwd" else "backward_"
 
-    def configs(p, mode, dtype):
+    def configs(p, mode, dtype, only=None):
         if fits(p, "fused", mode, dtype):
             return []
         out = []
         for name, backend in sets.items():
-            if fits(p, backend, mode, dtype):
+            if (only and backend != only) or fits(p, backend, mode, dtype):
                 continue
             for q, kv in jax_na.fused_tile_configs(p.rank, dtype, p.D, backward=mode != "fwd")[backend]:
                 out.append({"kernels": name, f"{prefix(mode)}q_tile_shape": list(q),
@@ -354,6 +356,8 @@ def _register_fused_variants() -> None:
         return na_callable(p, sets[cfg["kernels"]], mode, **shapes)
 
     register_tunable("fused", TileSweep(configs, make))
+    for backend in sets.values():
+        register_tunable(backend, TileSweep(functools.partial(configs, only=backend), make))
 
 
 def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None):
@@ -640,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep the kernel configurations of the backends registered in TUNABLE_BACKENDS "
                         "instead and report the best (fused: each kernel set, portable and on an H100/H200 "
                         "Hopper, at each compiled tile configuration, jax_na.fused_tile_configs: the "
-                        "forward's in mode fwd, the backward's in mode fwdbwd)")
+                        "forward's in mode fwd, the backward's in mode fwdbwd; --backends fused_sm80 or "
+                        "fused_sm90: that kernel set only)")
     o = ap.add_argument_group("output")
     o.add_argument("--json", default=None, help="write the rows (and the problems) as JSON")
     o.add_argument("--plot", default=None, help="write a bar chart (PNG; needs matplotlib)")
@@ -736,7 +741,7 @@ def main(argv=None) -> int:
 def _main_sweep(a, problems, modes, dtype) -> int:
     _register_fused_variants()
     tunable = sorted(TUNABLE_BACKENDS)
-    wanted = a.backends.split(",") if a.backends else tunable
+    wanted = a.backends.split(",") if a.backends else [b for b in tunable if b == "fused"] or tunable
     backends = [b for b in wanted if b in TUNABLE_BACKENDS]
     if not backends:
         print("--sweep-tiles: no tunable backend is registered "

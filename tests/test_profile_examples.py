@@ -186,7 +186,7 @@ def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsy
             for q, kv in configs]
     assert sorted(made) == sorted(want) and len(want) >= 2
     d = json.loads(out.read_text())
-    assert d["tunable_backends"] == ["fused"]
+    assert d["tunable_backends"] == ["fused", "fused_sm80", "fused_sm90"]  # the sweep: "fused" by default
     rows = [r for r in d["rows"] if "ms" in r]
     assert len(rows) == len(want) and {r["config"]["kernels"] for r in rows} == {"portable (sm80)", "hopper (sm90)"}
     assert all(set(r["config"]) == {"kernels", "q_tile_shape", "kv_tile_shape"} for r in rows)
@@ -204,6 +204,15 @@ def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsy
     assert len(rows) == len(want) and all(r["mode"] == "fwdbwd" for r in rows)
     assert all(set(r["config"]) == {"kernels", "backward_q_tile_shape", "backward_kv_tile_shape"} for r in rows)
     assert sum(r["best"] for r in rows) == 1
+
+    # a pinned backend: that kernel set's configurations only
+    made.clear()
+    assert profile.main([*TINY, "--dtype", "bfloat16", "--mode", "fwd", "--sweep-tiles", "--reps", "3",
+                         "--backends", "fused_sm80", "--json", str(out)]) == 0
+    want = [("fused_sm80", q, kv) for q, kv in jax_na.fused_tile_configs(rank, "bfloat16", head_dim)["fused_sm80"]]
+    assert sorted(made) == sorted(want) and want
+    rows = [r for r in json.loads(out.read_text())["rows"] if "ms" in r]
+    assert {r["backend"] for r in rows} == {"fused_sm80"} and len(rows) == len(want)
 
 
 def test_bad_problem_is_an_error(capsys):
