@@ -156,14 +156,19 @@ def fused_fwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> 
     default first; () where that set has no kernel for them."""
     if kernel_set == "sm90" and head_dim not in HOPPER_HEAD_DIMS:
         return ()
-    wide = jnp.dtype(dtype) == jnp.dtype(jnp.float32) or head_dim > 128
-    return FUSED_FWD_TILES.get((kernel_set, "wide" if wide else "narrow"), {}).get(rank, ())
+    return FUSED_FWD_TILES.get((kernel_set, "narrow" if _narrow(dtype, head_dim) else "wide"), {}).get(rank, ())
+
+
+def _narrow(dtype, head_dim: int) -> bool:
+    """16-bit rows at head dims up to 128: the forward's 64-key tiles (portable) with alternatives,
+    one pass of output columns; float32 and head dim 256 are "wide" (kernel_traits.cuh: kDPasses)."""
+    return jnp.dtype(dtype).itemsize == 2 and head_dim <= 128
 
 
 def portable_half_tiles(dtype, head_dim: int) -> bool:
     """Whether the portable forward at this dtype and padded head dim computes over half K/V tiles
-    where a warp's windows meet one half (its 16-bit kernels with one pass of output columns)."""
-    return jnp.dtype(dtype).itemsize == 2 and head_dim <= 128
+    where a warp's windows meet one half (its narrow kernels: kernel_traits.cuh, WithHalfTiles)."""
+    return _narrow(dtype, head_dim)
 
 
 def fused_bwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> tuple:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import functools
+import json
 import math
 import sys
 import time
@@ -741,7 +741,7 @@ def main(argv=None) -> int:
 def _main_sweep(a, problems, modes, dtype) -> int:
     _register_fused_variants()
     tunable = sorted(TUNABLE_BACKENDS)
-    wanted = a.backends.split(",") if a.backends else [b for b in tunable if b == "fused"] or tunable
+    wanted = a.backends.split(",") if a.backends else (["fused"] if "fused" in TUNABLE_BACKENDS else tunable)
     backends = [b for b in wanted if b in TUNABLE_BACKENDS]
     if not backends:
         print("--sweep-tiles: no tunable backend is registered "
