@@ -52,12 +52,18 @@ HOPPER_HEAD_DIMS = (64, 128)
 GEMM_HEAD_DIMS = (64, 128)
 # The fused forward's compiled tile configurations, (q_tile_shape, kv_tile_shape) per kernel set
 # ("sm80": the portable kernels, "sm90": the Hopper ones) and rank, the default first. "narrow":
-# float16/bfloat16 at head dims 32 (portable only), 64 and 128; "wide": float32 and head dim 256
-# (32-key tiles; portable only). Mirrors cuda/fused/tile_shapes.cuh (tests/test_tiles.py checks the extension agrees).
+# float16/bfloat16 at head dims 64 and 128; "narrow32": the same at head dim 32 (portable only), with
+# 64-query tiles (4 warps) appended in 1-D and 2-D for small windows; "wide": float32 and head dim
+# 256 (32-key tiles; portable only). Mirrors cuda/fused/tile_shapes.cuh (tests/test_tiles.py checks
+# the extension agrees).
+_PORTABLE_NARROW_FWD = {1: (((128,), (64,)),),
+                        2: (((16, 8), (8, 8)), ((8, 16), (8, 8))),
+                        3: (((4, 4, 8), (2, 8, 4)), ((2, 8, 8), (4, 4, 4)))}
 FUSED_FWD_TILES = {
-    ("sm80", "narrow"): {1: (((128,), (64,)),),
-                         2: (((16, 8), (8, 8)), ((8, 16), (8, 8))),
-                         3: (((4, 4, 8), (2, 8, 4)), ((2, 8, 8), (4, 4, 4)))},
+    ("sm80", "narrow"): _PORTABLE_NARROW_FWD,
+    ("sm80", "narrow32"): {1: _PORTABLE_NARROW_FWD[1] + (((64,), (64,)),),
+                           2: _PORTABLE_NARROW_FWD[2] + (((8, 8), (8, 8)),),
+                           3: _PORTABLE_NARROW_FWD[3]},
     ("sm80", "wide"): {1: (((128,), (32,)),),
                        2: (((16, 8), (4, 8)),),
                        3: (((2, 8, 8), (2, 4, 4)),)},
@@ -85,17 +91,29 @@ FUSED_BWD_TILES = {
                    3: (((4, 4, 4), (4, 4, 4)), ((2, 4, 8), (1, 8, 8)))},
 }
 # The dQ kernel's tiles in each backward configuration ((Q tile, K/V tile) of the query-stationary
-# kernel, in FUSED_BWD_TILES' order; the same for both portable step sizes; portable CTAs take 128
-# queries, Hopper ones 64 on one warpgroup): read by the backward's chooser. Mirrors BwdTiles::DqTiles
-# in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py).
+# kernel, in FUSED_BWD_TILES' order; the same for both portable step sizes), per kernel set and
+# queries per dQ CTA (fused_bwd_dq_tiles: portable 128, 64 at head dim 32; Hopper 64 on one
+# warpgroup): read by the backward's chooser. Mirrors BwdTiles::DqTiles in
+# cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py).
 FUSED_BWD_DQ_TILES = {
-    "sm80": {1: (((128,), (32,)),),
-             2: (((16, 8), (4, 8)), ((8, 16), (2, 16))),
-             3: (((4, 4, 8), (2, 4, 4)), ((2, 8, 8), (1, 4, 8)))},
-    "sm90": {1: (((64,), (64,)),),
-             2: (((8, 8), (8, 8)), ((4, 16), (4, 16))),
-             3: (((2, 4, 8), (2, 8, 4)), ((1, 8, 8), (4, 4, 4)))},
+    ("sm80", 128): {1: (((128,), (32,)),),
+                    2: (((16, 8), (4, 8)), ((8, 16), (2, 16))),
+                    3: (((4, 4, 8), (2, 4, 4)), ((2, 8, 8), (1, 4, 8)))},
+    ("sm80", 64): {1: (((64,), (32,)),),
+                   2: (((8, 8), (4, 8)), ((4, 16), (2, 16))),
+                   3: (((2, 4, 8), (2, 4, 4)), ((1, 8, 8), (1, 4, 8)))},
+    ("sm90", 64): {1: (((64,), (64,)),),
+                   2: (((8, 8), (8, 8)), ((4, 16), (4, 16))),
+                   3: (((2, 4, 8), (2, 8, 4)), ((1, 8, 8), (4, 4, 4)))},
 }
+
+
+def fused_bwd_dq_tiles(kernel_set: str, head_dim: int, rank: int) -> tuple:
+    """The dQ kernel's (Q tile, K/V tile) per backward configuration of kernel set "sm80" or "sm90" at
+    a padded head dim: portable CTAs take 128 queries (64 at head dim 32: kPortableDqBlockMFor in
+    tile_shapes.cuh), Hopper ones 64."""
+    queries = 64 if kernel_set == "sm90" or head_dim <= 32 else 128
+    return FUSED_BWD_DQ_TILES[(kernel_set, queries)].get(rank, ())
 _KERNEL_SET_NAMES = {"sm80": "portable (fused_sm80)", "sm90": "Hopper (fused_sm90)"}
 # Grid limits of the fused kernels: query heads (and batch, which the lowering splits into chunks
 # of at most this size, so any batch works).
@@ -156,7 +174,8 @@ def fused_fwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> 
     default first; () where that set has no kernel for them."""
     if kernel_set == "sm90" and head_dim not in HOPPER_HEAD_DIMS:
         return ()
-    return FUSED_FWD_TILES.get((kernel_set, "narrow" if _narrow(dtype, head_dim) else "wide"), {}).get(rank, ())
+    kind = ("narrow32" if kernel_set == "sm80" and head_dim <= 32 else "narrow") if _narrow(dtype, head_dim) else "wide"
+    return FUSED_FWD_TILES.get((kernel_set, kind), {}).get(rank, ())
 
 
 def _narrow(dtype, head_dim: int) -> bool:
@@ -425,6 +444,16 @@ def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
 #   248.1, p9 default 149.5 vs 152.8, 3x13x13 over 16x32x32 flat 2.61 vs 3.16. Portable (H100): p3
 #   flat 8.04 vs 8.48, p10 flat 6.81 vs 7.12, p9 flat 298.7 vs 307.9, p2 default 4.73 vs 4.82, p8
 #   default 423 vs 452, 3x13x13 flat 4.07 vs 5.18.
+# What a portable warp's step through a K/V tile it skips costs (it waits at the step's barrier for
+# the warps that compute), as a fraction of computing the tile, where it shows: at head dim 32 a
+# tile's products are short beside a step's barrier and loads. Fitted to the 64- against 128-query
+# tiles (H100, bf16, D = 32; the fits ranged 0.1-0.5): with 0.25 the chooser takes 64 queries on p4
+# (0.262 vs 0.292 ms), p5 (0.055 vs 0.080), 13x13 on 56x56, p2's and 1-D k255 windows, and keeps 128
+# in 3-D (p3's window: 0.630 vs 0.659 for 4x4x4 queries, a tile set not compiled). Not measured at
+# larger head dims, where the products dominate: 0 there.
+PORTABLE_IDLE_WEIGHT = 0.25
+
+
 def _least_work(configs, work, eligible=lambda c: True, margin: float = 0.0) -> int:
     """Index of the eligible configuration with the least work (the first of equals; 0 when fewer
     than two are eligible). An alternative must do less than ``1 - margin`` of the default's work
@@ -456,7 +485,8 @@ def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
         configs = fused_fwd_tile_configs(ks, dtype, P, rank)
         keys = math.prod(configs[0][1]) if configs else 0
         half = ks == "sm80" and portable_half_tiles(dtype, P)
-        index.append(_least_work(configs, lambda q, kv: tile_model.forward_work(axes(), ks, q, kv, half),
+        idle = PORTABLE_IDLE_WEIGHT if ks == "sm80" and P <= 32 else 0.0
+        index.append(_least_work(configs, lambda q, kv: tile_model.forward_work(axes(), ks, q, kv, half, idle),
                                  lambda c: math.prod(c[1]) == keys))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
@@ -471,7 +501,7 @@ def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     index = []
     for ks in ("sm80", "sm90"):
         configs = fused_bwd_tile_configs(ks, dtype, P, rank)
-        dq = FUSED_BWD_DQ_TILES[ks].get(rank, ())
+        dq = fused_bwd_dq_tiles(ks, P, rank)
         index.append(_least_work(
             [(q, kv, *dq[i]) for i, (q, kv) in enumerate(configs)],
             lambda q, kv, dq_q, dq_kv: tile_model.backward_work(axes(), ks, q, kv, dq_q, dq_kv, deterministic),

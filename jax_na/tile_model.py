@@ -192,14 +192,21 @@ def mma_unit(kernel_set: str, q_tile) -> tuple:
     return hopper_unit(q_tile) if kernel_set == "sm90" else portable_unit(q_tile)
 
 
-def forward_work(axes, kernel_set: str, q_tile, kv_tile, half_tiles: bool = False) -> int:
+def forward_work(axes, kernel_set: str, q_tile, kv_tile, half_tiles: bool = False, idle_weight: float = 0.0):
     """Pairs the forward computes (one matrix product each way: S and P V). ``half_tiles``: the
     kernels compute both products over the halves of query_stationary_pairs' ``half_tiles`` (the
-    portable 16-bit kernels at head dims up to 128, K/V tiles of two or more rows along axis 0)."""
+    portable 16-bit kernels at head dims up to 128, K/V tiles of two or more rows along axis 0).
+    ``idle_weight``: also count the pairs of the tiles a CTA walks that its units skip (they wait for
+    the others at the step's barrier), at this weight (an int count when 0, else a float)."""
     unit = mma_unit(kernel_set, q_tile)
     if not half_tiles or kv_tile[0] < 2:
-        return query_stationary_pairs(axes, q_tile, unit, kv_tile)
-    return query_stationary_pairs(axes, q_tile, unit, kv_tile, half_tiles=True)
+        work = query_stationary_pairs(axes, q_tile, unit, kv_tile)
+    else:
+        work = query_stationary_pairs(axes, q_tile, unit, kv_tile, half_tiles=True)
+    if not idle_weight:
+        return work
+    walked = query_stationary_pairs(axes, q_tile, q_tile, kv_tile)  # every unit through every tile walked
+    return work + idle_weight * max(walked - work, 0)
 
 
 def dq_unit(kernel_set: str, q_tile) -> tuple:

@@ -75,12 +75,17 @@ def _dq_from_templates(rank, N, M):
 @pytest.mark.parametrize("rank", RANKS)
 def test_dq_tiles_equal_the_templates(rank):
     """FUSED_BWD_DQ_TILES (the backward chooser's view of the dQ kernel) lists one dQ tiling per
-    backward configuration of each set, as the C++ templates give them."""
-    for ks, n, m in (("sm80", 32, 128), ("sm90", 64, 64)):
-        assert list(_checks.FUSED_BWD_DQ_TILES[ks][rank]) == _dq_from_templates(rank, n, m)
+    backward configuration of each set, as the C++ templates give them; fused_bwd_dq_tiles takes the
+    portable 64-query CTAs at head dim 32 only."""
+    for ks, n, m in (("sm80", 32, 128), ("sm80", 32, 64), ("sm90", 64, 64)):
+        assert list(_checks.FUSED_BWD_DQ_TILES[(ks, m)][rank]) == _dq_from_templates(rank, n, m)
         for (kset, _), by_rank in _checks.FUSED_BWD_TILES.items():
             if kset == ks:
-                assert len(by_rank[rank]) == len(_checks.FUSED_BWD_DQ_TILES[ks][rank])
+                assert len(by_rank[rank]) == len(_checks.FUSED_BWD_DQ_TILES[(ks, m)][rank])
+    for head_dim, m in ((32, 64), (64, 128), (128, 128), (256, 128)):
+        assert _checks.fused_bwd_dq_tiles("sm80", head_dim, rank) == _checks.FUSED_BWD_DQ_TILES[("sm80", m)][rank]
+    for head_dim in (64, 128):
+        assert _checks.fused_bwd_dq_tiles("sm90", head_dim, rank) == _checks.FUSED_BWD_DQ_TILES[("sm90", 64)][rank]
 
 
 # ----------------------------------------------------------------------------- the listing
@@ -484,7 +489,7 @@ def test_backward_chooser_modes_and_dtypes(any_gpu):
                 configs = _checks.fused_bwd_tile_configs(ks, dtype, D, 3)
                 if not configs:
                     continue
-                dq = _checks.FUSED_BWD_DQ_TILES[ks][3]
+                dq = _checks.fused_bwd_dq_tiles(ks, D, 3)
                 work = [tile_model.backward_work(axes, ks, q, kv, *dq[i], det) for i, (q, kv) in enumerate(configs)]
                 least = work.index(min(work))
                 want = least if work[least] < (1 - _checks.BWD_CHOICE_MARGIN[ks]) * work[0] else 0

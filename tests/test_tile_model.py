@@ -136,7 +136,8 @@ def _bwd_configs(rank):
     out = set()
     for (ks, _), by_rank in _checks.FUSED_BWD_TILES.items():
         for i, (q, kv) in enumerate(by_rank.get(rank, ())):
-            out.add((ks, q, kv, *_checks.FUSED_BWD_DQ_TILES[ks][rank][i]))
+            for head_dim in (32, 64):
+                out.add((ks, q, kv, *_checks.fused_bwd_dq_tiles(ks, head_dim, rank)[i]))
     return out
 
 
@@ -204,6 +205,22 @@ def test_known_values():
     full16 = tile_model.forward_work(p1, "sm80", (128,), (64,))
     assert tile_model.forward_work(p1, "sm80", (128,), (64,), half_tiles=True) == (
         tile_model.query_stationary_pairs(p1, (128,), (16,), (64,), half_tiles=True)) < full16
+
+
+def test_idle_weight():
+    """forward_work's idle_weight adds the pairs of the tiles a CTA walks that its units skip: on p4
+    (7x7 over 56x56) a 128-query CTA's warps skip 4.9 of every useful pair's walk, a 64-query CTA's
+    2.01; weight 0 is the plain count, and a CTA of one unit skips nothing."""
+    p4 = tile_model.problem_axes((56, 56), (7, 7))
+    useful = tile_model.useful_pairs(p4)
+    for q, skipped in (((16, 8), 4.90), ((8, 8), 2.01)):
+        work = tile_model.forward_work(p4, "sm80", q, (8, 8), half_tiles=True)
+        walked = tile_model.query_stationary_pairs(p4, q, q, (8, 8))
+        assert tile_model.forward_work(p4, "sm80", q, (8, 8), True, 0.0) == work
+        assert tile_model.forward_work(p4, "sm80", q, (8, 8), True, 0.25) == work + 0.25 * (walked - work)
+        assert round((walked - work) / useful, 2) == skipped
+    one = tile_model.forward_work(p4, "sm90", (16, 8), (16, 8))  # a Hopper unit: half the Q tile
+    assert tile_model.forward_work(p4, "sm90", (16, 8), (16, 8), idle_weight=0.5) > one
 
 
 def test_docstring_example():

@@ -53,8 +53,9 @@ _expect = helpers.expect_error
 @pytest.mark.parametrize("rank", RANKS)
 def test_listing_equals_the_table(rank):
     """fused_tile_configs(rank, dtype, head_dim) is the table's entries: the narrow lists for 16-bit
-    at head dims <= 128 (both sets), the wide list for float32 and head dims 129..256 (portable only,
-    one configuration, an empty Hopper list)."""
+    at head dims <= 128 (both sets; the portable set's "narrow32" list at head dims <= 32: the narrow
+    one plus 64-query tiles in 1-D and 2-D), the wide list for float32 and head dims 129..256
+    (portable only, one configuration, an empty Hopper list)."""
     T = _checks.FUSED_FWD_TILES
     for dtype in DTYPES:
         for head_dim in (1, 8, 32, 33, 64, 65, 100, 128, 129, 200, 256):
@@ -64,7 +65,12 @@ def test_listing_equals_the_table(rank):
             assert set(got) == {"fused_sm80", "fused_sm90"}, got
             assert all(isinstance(v, list) for v in got.values()), got
             wide = dtype == "float32" or head_dim > 128
-            assert got["fused_sm80"] == list(T[("sm80", "wide" if wide else "narrow")][rank]), (dtype, head_dim)
+            kind = "wide" if wide else ("narrow32" if head_dim <= 32 else "narrow")
+            assert got["fused_sm80"] == list(T[("sm80", kind)][rank]), (dtype, head_dim)
+            if kind == "narrow32":
+                small = [c for c in T[("sm80", kind)][rank] if math.prod(c[0]) == 64]
+                assert got["fused_sm80"] == list(T[("sm80", "narrow")][rank]) + small, got
+                assert len(small) == (rank < 3), small
             assert got["fused_sm90"] == ([] if wide else list(T[("sm90", "narrow")][rank])), (dtype, head_dim)
             if wide:
                 assert len(got["fused_sm80"]) == 1, got
@@ -79,7 +85,8 @@ def test_listing_equals_the_table(rank):
 
 @pytest.mark.parametrize("rank", RANKS)
 def test_listing_shapes(rank):
-    """Every configuration: rank extents per tile, powers of two, 128 queries per Q tile; 64-key KV
+    """Every configuration: rank extents per tile, powers of two, 128 queries per Q tile (64 for the
+    last portable one at 16-bit head dim 32 in 1-D and 2-D: warp boxes as the others'); 64-key KV
     tiles on the portable narrow set, 32 on the wide one, 64 or 128 on the Hopper set; no duplicate;
     the documented default first."""
     for dtype, head_dim in (("bfloat16", 128), ("float16", 64), ("float32", 64), ("bfloat16", 256),
@@ -89,7 +96,8 @@ def test_listing_shapes(rank):
         for backend, configs in got.items():
             helpers.check_tile_listing(configs, rank)
             for q, kv in configs:
-                assert math.prod(q) == 128, q
+                small = backend == "fused_sm80" and not wide and head_dim <= 32 and rank < 3 and (q, kv) == configs[-1]
+                assert math.prod(q) == (64 if small else 128), (q, head_dim)
                 keys = math.prod(kv)
                 if backend == "fused_sm80":
                     assert keys == (32 if wide else 64), (dtype, head_dim, kv)
@@ -558,6 +566,41 @@ def test_chooser_without_tile_shapes(monkeypatch, spatial, kernel_size, dtype, b
     assert _checks.fwd_tiles_args(rank, x, x, "auto", None, None) is None
     x1 = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.dtype(dtype))
     assert _checks.fwd_tiles_args(1, x1, x1, "auto", None, None, _window(1, 255)) is None
+
+
+# Head dim 32 (16-bit, portable): (spatial, kernel_size, dilation, want) measured on an H100 (bf16,
+# _checks.PORTABLE_IDLE_WEIGHT): the 64-query tiles on small 1-D/2-D windows, the default in 3-D.
+CHOSEN_FWD_32 = [
+    ((56, 56), (7, 7), 1, (8, 8)),             # p4: 0.262 vs 0.292 ms
+    ((28, 28), (7, 7), 4, (8, 8)),             # p5: 0.055 vs 0.080
+    ((56, 56), (13, 13), 1, (8, 8)),           # 0.114 vs 0.127
+    ((128, 128), (31, 31), 1, (8, 8)),         # p2's window: 0.369 vs 0.383
+    ((16384,), (255,), 1, (64,)),              # 0.342 vs 0.362
+    ((16, 32, 32), (7, 13, 13), 1, None),      # p3's window: 4x4x4 queries lost (0.659 vs 0.630)
+]
+
+
+@pytest.mark.parametrize("spatial,kernel_size,dilation,want", CHOSEN_FWD_32)
+def test_chooser_head_dim_32(monkeypatch, spatial, kernel_size, dilation, want):
+    """At 16-bit head dim 32 the portable chooser also counts the tiles a CTA walks that its warps
+    skip (PORTABLE_IDLE_WEIGHT) and takes the 64-query tiles where they save that; at head dim 64
+    the same problems keep their 128-query choice."""
+    monkeypatch.setattr(ext, "has_hopper_kernels", lambda: True)
+    rank = len(spatial)
+    p = _checks.window_params(rank, spatial, kernel_size, 1, dilation, False, head_dim=32)
+    window = (p.kernel_size, p.stride, p.dilation, p.is_causal)
+    x = jax.ShapeDtypeStruct((1, *spatial, 2, 32), jnp.bfloat16)
+    got = _checks.fwd_tiles_args(rank, x, x, "auto", None, None, window)
+    configs = _checks.fused_fwd_tile_configs("sm80", "bfloat16", 32, rank)
+    chosen = configs[got.sm80 if got is not None else 0][0]
+    if want is None:
+        assert math.prod(chosen) == 128, chosen
+    else:
+        assert chosen == want, (got, configs)
+    x64 = jax.ShapeDtypeStruct((1, *spatial, 2, 64), jnp.bfloat16)
+    got64 = _checks.fwd_tiles_args(rank, x64, x64, "auto", None, None, window)
+    configs64 = _checks.fused_fwd_tile_configs("sm80", "bfloat16", 64, rank)
+    assert math.prod(configs64[got64.sm80 if got64 is not None else 0][0]) == 128
 
 
 def test_forward_chooser_keeps_the_tile_size(monkeypatch):

@@ -80,7 +80,7 @@ def analyse(p: Problem, kernel_set: str) -> dict:
         whole = tile_model.forward_work(axes, kernel_set, q, kv)
         out["fwd"].append({"q": q, "kv": kv, "computed": computed, "efficiency": useful / computed,
                            "whole_tiles_efficiency": useful / whole, "chosen": i == fwd_index})
-    dq_tiles = _checks.FUSED_BWD_DQ_TILES[kernel_set][p.rank]
+    dq_tiles = _checks.fused_bwd_dq_tiles(kernel_set, P, p.rank)
     for i, (q, kv) in enumerate(_checks.fused_bwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
         dq_q, dq_kv = dq_tiles[i]
         dkdv = tile_model.key_stationary_pairs(axes, q, kv, tile_model.dkdv_units(kernel_set))

@@ -131,7 +131,9 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   // Head dim 64 fits 128 registers without spills: two CTAs per SM hide the gather latency. The
   // 16-bit head-dim-32 forward takes three (80 registers, 16-40 bytes of spills): p4/p5 0.334 ->
   // 0.290 ms and 0.097 -> 0.077 (H100, session 36). Float32 there stays at two (128 registers).
-  static constexpr int kMinBlocks = (kHeadDim_ <= 32 && kDType_ != DType::kF32) ? 3 : (kHeadDim_ <= 64 ? 2 : 1);
+  // Counted for 8-warp CTAs: a CTA of fewer warps (64-query tiles) asks for proportionally more.
+  static constexpr int kMinBlocks =
+      ((kHeadDim_ <= 32 && kDType_ != DType::kF32) ? 3 : (kHeadDim_ <= 64 ? 2 : 1)) * (8 / kNWarps_);
 #endif
   using QTile = typename Shapes_::QTile;
   static constexpr int kBlockM = QTile::kSize;  // 128; 64 in the Hopper dQ kernel (128 with TWO_WARPGROUPS)
@@ -199,14 +201,14 @@ using PortableFwdTraitsOf = WithHalfTiles<Traits>;
 
 // CTAs per SM the backward kernels ask ptxas to fit (__launch_bounds__). At 16-bit head dim 32 their
 // accumulators are small and the default register budget left the SMs at 8 warps: the dK/dV kernel
-// (128 threads) takes four CTAs (128 registers), the dQ kernel (256 threads) three (80). Elsewhere
-// one: the accumulators need the registers.
+// (128 threads) takes four CTAs (128 registers), the dQ kernel three of 8 warps (80; six of its 4-warp
+// 64-query CTAs). Elsewhere one: the accumulators need the registers.
 template <class Traits>
 constexpr bool kSmallHeadDim16 = Traits::kHeadDim <= 32 && sizeof(typename Traits::Element) == 2;
 template <class Traits>
 constexpr int kDkdvMinBlocks = kSmallHeadDim16<Traits> ? 4 : 1;
 template <class Traits>
-constexpr int kDqMinBlocks = kSmallHeadDim16<Traits> ? 3 : 1;
+constexpr int kDqMinBlocks = kSmallHeadDim16<Traits> ? 3 * 8 / Traits::kNWarps : 1;
 
 // Key-stationary backward (dK, dV): a CTA owns a KV tile of kBlockN keys (kNWarps warps x 16 key rows
 // per MMA row block; dK and dV accumulate in registers) and walks the Q tiles of its keys' inverse

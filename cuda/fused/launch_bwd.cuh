@@ -109,14 +109,16 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
 
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
-  // The tile configuration args.tiles_sm80 asks for (PortableBwdTiles): dQ on 128-query tiles over
-  // 32-key tiles (dQ, S and dP accumulators in registers); dK/dV: 64 keys on 4 warps.
+  // The tile configuration args.tiles_sm80 asks for (PortableBwdTiles): dQ on 128-query tiles (64 at
+  // head dim 32) over 32-key tiles (dQ, S and dP accumulators in registers), a warp per 16 queries;
+  // dK/dV: 64 keys on 4 warps.
   // float32 at head dim 128 and 16-bit at head dim 256: ~197 KB of smem for dQ (Q and dO tiles of
   // 64 KB each): sm_90 class GPUs (elsewhere the launch fails with cudaErrorInvalidValue).
   using Configs = PortableBwdTiles<kHeadDim, kRank>;
   return with_tile_config<Configs>(args.tiles_sm80, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
-    using DqTraits = FwdTraits<kDType, kHeadDim, kRank, kPortableDqBlockN, 8, 2, typename Shapes::DqTiles>;
+    using DqTiles = typename Shapes::DqTiles;
+    using DqTraits = FwdTraits<kDType, kHeadDim, kRank, kPortableDqBlockN, DqTiles::QTile::kSize / 16, 2, DqTiles>;
     using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 4, 64, kPortableBwdBlockM<kHeadDim>, false, Shapes>;
     return launch_bwd_kernels<DqTraits, KVTraits, Sm80Gemm<DqTraits>, Sm80Gemm<KVTraits>>(pr, args, stream);
   });

@@ -31,6 +31,9 @@ bool fwd_kernel_params(const geo::Problem& pr, const FwdArgs& args, FwdKernelPar
   kp->lse = args.lse;
   kp->scale = args.scale;
   kp->scale_log2 = static_cast<float>(static_cast<double>(args.scale) * 1.4426950408889634);
+#if defined(JNA_FWD_TRACE)
+  kp->trace = fwd_trace_target();
+#endif
   int64_t blocks = 0;
   if (!tiles_per_axis<QTile>(pr, kp->q_tiles, &blocks) || pr.H > 65535 || pr.B > 65535) return false;
   *grid = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(pr.H), static_cast<unsigned>(pr.B));
@@ -59,7 +62,9 @@ cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t st
   using Configs = PortableFwdTilesFor<kDType, kHeadDim, kRank>;
   return with_tile_config<Configs>(args.tiles_sm80, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
-    using Traits = PortableFwdTraitsOf<FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize, 8, 2, Shapes>>;
+    // A warp per 16 queries: 8 for the 128-query tiles, 4 for head dim 32's 64-query ones.
+    using Traits = PortableFwdTraitsOf<
+        FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize, Shapes::QTile::kSize / 16, 2, Shapes>>;
     return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
   });
 }

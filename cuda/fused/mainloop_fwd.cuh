@@ -43,7 +43,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
   const int warp = tid / 32;
   const int lane = tid % 32;
 
+#if defined(JNA_FWD_TRACE)  // phase timestamps of thread 0 (trace.cuh; test_fused_fwd.cu --trace)
+  CtaTrace* tr = tid == 0 ? trace_slot(p.trace) : nullptr;
+  trace_begin(tr);
+#endif
   if (!fwd_prologue<Traits>(p, sm, tid)) return;
+  JNA_TRACE(tr, kTraceScheduled);
   const CtaSchedule& cs = *sm.cs;
   KVTileWalker<Traits> kv_walker;
   fwd_issue_kv<Traits>(p, sm, kv_walker, 0, tid);
@@ -85,6 +90,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
       const int stage = n & 1;
       cp_async_wait<0>();
       __syncthreads();  // K/V(n) (and Q, windows, flags) visible; every warp done with stage (n + 1) & 1
+      if (n == 0) JNA_TRACE(tr, kTraceFirstKV);
       if (n + 1 < cs.n_tiles) {
         fwd_issue_kv<Traits>(p, sm, kv_walker, stage ^ 1, tid);  // tile n + 1: overlaps with this tile's math
         cp_async_commit();
@@ -143,6 +149,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
       gemm_rs(tiled_mma, acc_o, rPa, rVt, tsVt, copy_v, thr_copy_v);
     }
 
+    JNA_TRACE(tr, kTraceLoopDone);
     float lse[kRows];
     softmax.finalize(acc_o_rc, p.scale, lse);
     constexpr bool kOnePass = Traits::kDPasses == 1;
@@ -151,6 +158,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) fused_f
     // lse written once.
     fwd_epilogue<Traits, OutTraits>(p, sm, acc_o_rc, lse, tid, warp, lane, [] { __syncthreads(); },
                                     kOnePass ? sm.q : sm.k, col0, pass == 0);
+#if defined(JNA_FWD_TRACE)
+    trace_end(tr, cs.n_tiles);
+#endif
     if (pass + 1 < Traits::kDPasses) {
       __syncthreads();  // the staging read out before K/V tile 0 lands there
       kv_walker = KVTileWalker<Traits>{};

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "fused/trace.cuh"
 #include "geometry/window.cuh"
 
 namespace jax_na {
@@ -22,6 +23,9 @@ struct FwdKernelParams {
   float scale;         // natural-log domain (lse)
   float scale_log2;    // scale * log2(e) (exp2 domain)
   int32_t q_tiles[3];  // Q tiles per axis: ceil(ceil(L / d) / QTile extent)
+#if defined(JNA_FWD_TRACE)
+  FwdTrace trace;  // the portable forward's phase timestamps (experiments: trace.cuh)
+#endif
 };
 
 // TMA tensor maps (hopper/tma.cuh) of k and v over a query-stationary kernel's KV-tile boxes, and

@@ -8,7 +8,7 @@
 // head dim 128 on the Hopper forward: a variant builds in two units; -DJNA_TEST_BF16_ONLY: bfloat16
 // only, one unit); -DJNA_TEST_PORTABLE_ONLY -DJNA_TEST_BF16_ONLY: the portable forward
 // (fwd_bf16_hd<D>.cu) at head dim D = -DJNA_TEST_HEAD_DIM (default 128) the same way; with -DJNA_FWD_TRACE, `--trace` prints where
-// the CTAs' time goes (hopper/trace.cuh). `--timing` skips the checks, `--checks` the timings,
+// the CTAs' time goes (trace.cuh). `--timing` skips the checks, `--checks` the timings,
 // `--big` adds the large benchmark problems (p6, p8, p9), `--tiles N` runs tile configuration N
 // (tile_shapes.cuh) of each kernel set where the rank has one, else the default.
 #include <algorithm>
@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "fused/fused_fwd.h"
-#include "fused/hopper/trace.cuh"
+#include "fused/trace.cuh"
 #include "fused/test_harness.h"
 #include "fused/tile_shapes.cuh"
 
@@ -129,7 +129,8 @@ static void print_trace(std::vector<fused::CtaTrace>& t) {
     tiles += double(r.n_tiles) / t.size();
   }
   std::printf("  TRACE %zu CTAs, %.1f tiles/CTA, %.0f cycles/tile in the loop; cycles from entry:", t.size(), tiles, per_tile);
-  for (int i = 1; i < fused::kTracePoints; ++i) std::printf(" %s %.0f", names[i], mean[i]);
+  for (int i = 1; i < fused::kTracePoints; ++i)
+    if (t[0].clk[i] != 0) std::printf(" %s %.0f", names[i], mean[i]);  // points the kernel records
   std::sort(t.begin(), t.end(), [](const fused::CtaTrace& a, const fused::CtaTrace& b) {
     return a.smid != b.smid ? a.smid < b.smid : a.t_begin < b.t_begin;
   });

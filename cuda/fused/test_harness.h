@@ -239,6 +239,11 @@ inline std::vector<Case> perf_cases(bool big) {
       {"p7-flux-strided 256x256 k80 s16", 2, 1, {256, 256, 1}, {80, 80, 1}, {16, 16, 1}, {1, 1, 1}, {0, 0, 0}, 24, 24, 128, DType::kBF16, 0},
       {"p4-nat-small 56x56 k7", 2, 64, {56, 56, 1}, {7, 7, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 4, 4, 32, DType::kBF16, 0},
       {"p5-dinat-dilated 28x28 k7 d4", 2, 32, {28, 28, 1}, {7, 7, 1}, {1, 1, 1}, {4, 4, 1}, {0, 0, 0}, 8, 8, 32, DType::kBF16, 0},
+      // Head dim 32 beyond 7x7 (the head-dim-32 tile choices: 64- against 128-query tiles).
+      {"nat 56x56 k13 d32", 2, 16, {56, 56, 1}, {13, 13, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 4, 4, 32, DType::kBF16, 0},
+      {"p2 128x128 k31 d32", 2, 1, {128, 128, 1}, {31, 31, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 32, DType::kBF16, 0},
+      {"p3 16x32x32 k7x13x13 d32", 3, 1, {16, 32, 32}, {7, 13, 13}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 32, DType::kBF16, 0},
+      {"1d 16384 k255 d32", 1, 4, {16384, 1, 1}, {255, 1, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 32, DType::kBF16, 0},
   };
   if (big) {
     perf.push_back({"p6-flux 256x256 k80", 2, 1, {256, 256, 1}, {80, 80, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 24, 24, 128, DType::kBF16, 0});
@@ -287,10 +292,11 @@ inline std::vector<Case> experiment_perf(const std::vector<Case>& perf) {
 
 // Command line: --timing (no checks), --big (p6, p8, p9 too), --trace, --tiles N (tile configuration
 // N of each kernel set where the rank has one, else the default), --atomic (backward: dQ added by
-// the dK/dV kernel).
+// the dK/dV kernel), --only TEXT (the timed problems whose name holds TEXT; e.g. for ncu).
 struct Options {
   bool timing_only = false, checks_only = false, big = false, trace = false, atomic = false;
   int tiles = 0;
+  const char* only = nullptr;
 };
 inline Options parse_options(int argc, char** argv) {
   Options o;
@@ -301,6 +307,7 @@ inline Options parse_options(int argc, char** argv) {
     o.trace = o.trace || std::strcmp(argv[i], "--trace") == 0;
     o.atomic = o.atomic || std::strcmp(argv[i], "--atomic") == 0;
     if (std::strcmp(argv[i], "--tiles") == 0 && i + 1 < argc) o.tiles = std::max(0, std::atoi(argv[++i]));
+    if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) o.only = argv[++i];
   }
   return o;
 }
@@ -315,7 +322,8 @@ int run_program(const Options& opt, const RunCase& run_case, const TimeCase& tim
   if (!opt.timing_only)
     for (const Case& c : experiment_cases(check_cases())) all = run_case(c, rng) && all;
   if (!opt.checks_only)
-    for (const Case& c : experiment_perf(perf_cases(opt.big))) time_case(c, rng);
+    for (const Case& c : experiment_perf(perf_cases(opt.big)))
+      if (opt.only == nullptr || c.name.find(opt.only) != std::string::npos) time_case(c, rng);
   std::printf(all ? "ALL PASS\n" : "SOME FAILED\n");
   return all ? 0 : 1;
 }

@@ -72,6 +72,15 @@ struct TileConfigs {
   };
   template <int i>
   using At = typename Pick<i, Ts...>::type;
+  using List = TileConfigs;  // the plain list (a configuration set derives from it)
+};
+
+// Configs (a TileConfigs list) with T appended.
+template <class Configs, class T>
+struct AppendConfig;
+template <class... Ts, class T>
+struct AppendConfig<TileConfigs<Ts...>, T> {
+  using type = TileConfigs<Ts..., T>;
 };
 
 // Portable forward (8 warps, 128-query tiles). Rows of 16-bit elements at head dims up to 128 take
@@ -92,11 +101,28 @@ template <>
 struct PortableFwdTiles<3, 64>
     : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, TileShapes<3, 64, 8>> {};
 
+// 64-query tiles on 4 warps (the warps' boxes of the 128-query tiles, over 64 keys): the 16-bit
+// head-dim-32 forward appends them in 1-D and 2-D for small windows, where a 128-query CTA walks K/V
+// tiles that most of its warps skip (they wait at the step's barrier: 44% of p4's stall samples)
+// and 64-query CTAs walk fewer such tiles. H100, bf16, D = 32, ms, 128 / 64 queries: p4 0.292 /
+// 0.262, p5 0.080 / 0.055, 13x13 on 56x56 0.127 / 0.114, p2's window 0.383 / 0.369, 1-D k255 0.362 /
+// 0.342; in 3-D 4x4x4 over 4x4x4 lost (p3's window 0.630 / 0.659), so 3-D has none.
+template <int kRank>
+struct SmallQTiles;
+template <>
+struct SmallQTiles<1> : Tiles<Box<64, 1, 1>, Box<16, 1, 1>, Box<64, 1, 1>> {};
+template <>
+struct SmallQTiles<2> : Tiles<Box<8, 8, 1>, Box<2, 8, 1>, Box<8, 8, 1>> {};
+
 // The portable forward's configurations for (dtype, head dim, rank): float32 rows and head dim 256
-// take twice the bytes per key, so 32-key tiles keep their smem at ~130 KB.
-template <DType kDType, int kHeadDim, int kRank>
+// take twice the bytes per key, so 32-key tiles keep their smem at ~130 KB; 16-bit head dim 32 adds
+// the 64-query tiles last in 1-D and 2-D.
+template <DType kDType, int kHeadDim, int kRank,
+          class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>>
 using PortableFwdTilesFor =
-    PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>;
+    std::conditional_t<kDType != DType::kF32 && kHeadDim <= 32 && kRank < 3 &&
+                           Base::template At<0>::KVTile::kSize == 64,
+                       typename AppendConfig<typename Base::List, SmallQTiles<kRank == 1 ? 1 : 2>>::type, Base>;
 
 // Hopper forward (two consumer warpgroups splitting the Q tile along axis 0; see
 // hopper/kernel_traits.cuh). Defaults, measured (H200, bf16, cuda/fused/NOTES.md sessions 19, 26):
@@ -135,11 +161,19 @@ struct BwdTiles {
 };
 
 // Keys per dQ-kernel KV tile: portable 32 (dQ, S and dP accumulators of 128 queries in registers),
-// Hopper 64 (wgmma N = 64 for S and dP). Queries per dQ CTA: portable 128 (8 warps), Hopper 64 (one
-// warpgroup; two CTAs per SM, see kHopperBwdBlockN below).
+// Hopper 64 (wgmma N = 64 for S and dP). Queries per dQ CTA: portable 128 (8 warps; 64 on 4 warps at
+// head dim 32, see kPortableDqBlockMFor), Hopper 64 (one warpgroup; two CTAs per SM, see
+// kHopperBwdBlockN below).
 constexpr int kPortableDqBlockN = 32;
 constexpr int kHopperDqBlockN = 64;
 constexpr int kPortableDqBlockM = 128;
+// At head dim 32 a dQ CTA's products are short beside its steps' barriers and loads, and with small
+// windows most of its warps skip most of its K/V tiles: 64-query CTAs (six per SM at 16 bits) walk
+// fewer of those. H100, bf16, backward alone (delta, dQ, dK/dV), ms, 128 / 64 queries: p4 0.90 /
+// 0.83, p5 0.184 / 0.156, 13x13 on 56x56 0.362 / 0.335, p2's window 1.07 / 1.04, p3's 2.14 / 2.08,
+// 1-D k255 1.24 / 1.22.
+template <int kHeadDim>
+constexpr int kPortableDqBlockMFor = kHeadDim <= 32 ? 64 : kPortableDqBlockM;
 
 // The dQ kernel's default tiles of kDqBlockM queries (warps of 16): the forward's shapes at 128
 // queries, except in 3-D, where 4x4x8 queries over 2 x (kDqBlockN / 8) x 4 keys (warps of 1x4x4)
@@ -199,7 +233,8 @@ struct BwdTileConfigs<3, kBlockM, kBlockN, kDqBlockN, kDqBlockM>
 template <int kHeadDim>
 constexpr int kPortableBwdBlockM = kHeadDim > 64 ? 32 : 64;
 template <int kHeadDim, int kRank>
-using PortableBwdTiles = BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64, kPortableDqBlockN>;
+using PortableBwdTiles =
+    BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64, kPortableDqBlockN, kPortableDqBlockMFor<kHeadDim>>;
 // Hopper: both kernels on one warpgroup per CTA, two CTAs per SM (dK/dV: 64 keys, Q tiles of 64;
 // dQ: 64 queries over 64-key tiles): each CTA meets only its own barrier, so one warpgroup's
 // exponentials and loads run beside the other CTA's products, and one CTA's prologue beside the

@@ -21,6 +21,7 @@ shapes of either set (a portable-only configuration then adds dQ without atomics
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -157,6 +158,33 @@ def test_every_configuration(kernel_set, rank, c, g):
     assert configs == jax_na.fused_tile_configs(rank, "bfloat16", 128)[kernel_set]
     q_tile_shape, kv_tile_shape = configs[c]
     case = _with_head_dim(GEOMETRIES[rank][g], D)
+    check_forward(case, backend, dtype, q_tile_shape, kv_tile_shape, seed=helpers.seed_of(case) + c)
+
+
+def _head_dim_32_params():
+    """(rank, configuration index, geometry index) of the portable set's head-dim-32 configurations
+    that the other head dims lack (the 64-query tiles of 1-D and 2-D), on every geometry."""
+    params = []
+    for rank in (1, 2, 3):
+        common = jax_na.fused_tile_configs(rank, "bfloat16", 64)["fused_sm80"]
+        for c, (q, kv) in enumerate(jax_na.fused_tile_configs(rank, "bfloat16", 32)["fused_sm80"]):
+            if (q, kv) in common:
+                continue
+            for g in range(len(GEOMETRIES[rank])):
+                params.append(pytest.param(rank, c, g, id=f"{rank}d-c{c}-q{_shape_id(q)}-kv{_shape_id(kv)}-g{g}"))
+    return params
+
+
+@pytest.mark.parametrize("rank,c,g", _head_dim_32_params())
+def test_head_dim_32_configurations(rank, c, g):
+    """The portable set's 64-query configurations (16-bit head dim 32 only) on every geometry, float16
+    and bfloat16 alternating, pinned with both shapes given."""
+    backend = _backend("fused_sm80")
+    dtype = (jnp.float16, jnp.bfloat16)[(g + c) % 2]
+    configs = jax_na.fused_tile_configs(rank, dtype, 32)["fused_sm80"]
+    q_tile_shape, kv_tile_shape = configs[c]
+    assert math.prod(q_tile_shape) == 64, configs
+    case = _with_head_dim(GEOMETRIES[rank][g], 32)
     check_forward(case, backend, dtype, q_tile_shape, kv_tile_shape, seed=helpers.seed_of(case) + c)
 
 
@@ -301,6 +329,27 @@ def test_every_backward_configuration(kernel_set, rank, c, g):
     assert len(configs) == (1 if rank == 1 else 2)
     bq, bkv = configs[c]
     case = _with_head_dim(BWD_GEOMETRIES[rank][g], D)
+    check_backward(case, backend, dtype, bq, bkv, seed=helpers.seed_of(case) + 7 * c)
+
+
+def _bwd_head_dim_32_params():
+    params = []
+    for rank in (1, 2, 3):
+        for c, (q, kv) in enumerate(jax_na.fused_tile_configs(rank, "bfloat16", 32, backward=True)["fused_sm80"]):
+            for g in range(len(BWD_GEOMETRIES[rank])):
+                params.append(pytest.param(rank, c, g, id=f"{rank}d-c{c}-q{_shape_id(q)}-kv{_shape_id(kv)}-g{g}"))
+    return params
+
+
+@pytest.mark.parametrize("rank,c,g", _bwd_head_dim_32_params())
+def test_every_backward_configuration_head_dim_32(rank, c, g):
+    """The portable backward's configurations at head dim 32, whose dQ kernel takes 64-query CTAs (4
+    warps; 128 queries at the other head dims), on every geometry, float16 and bfloat16 alternating:
+    every gradient against the float64 reference."""
+    backend = _backend("fused_sm80")
+    dtype = (jnp.bfloat16, jnp.float16)[(g + c) % 2]
+    bq, bkv = jax_na.fused_tile_configs(rank, dtype, 32, backward=True)["fused_sm80"][c]
+    case = _with_head_dim(BWD_GEOMETRIES[rank][g], 32)
     check_backward(case, backend, dtype, bq, bkv, seed=helpers.seed_of(case) + 7 * c)
 
 

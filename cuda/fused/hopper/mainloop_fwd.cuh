@@ -33,7 +33,7 @@
 #include "fused/hopper/kernel_traits.cuh"
 #include "fused/hopper/pipeline.cuh"
 #include "fused/hopper/tma.cuh"
-#include "fused/hopper/trace.cuh"
+#include "fused/trace.cuh"
 #include "fused/mask.cuh"
 #include "fused/softmax.cuh"
 #include "fused/tile_scheduler.cuh"
@@ -342,15 +342,9 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
       for (int r = 0; r < kRows; ++r)
         if (row_off[r] >= 0) p.lse[row_off[r] / kD] = lse[r];  // [B, N, H] row index = element offset / D
     }
-    if (it == 0) {
-      JNA_TRACE(tr, kTraceEpilogueDone);
 #if defined(JNA_FWD_TRACE)
-      if (tr != nullptr) {
-        tr->t_end = global_timer_ns();
-        tr->n_tiles = n_tiles;
-      }
+    if (it == 0) trace_end(tr, n_tiles);
 #endif
-    }
   }
 }
 
@@ -364,13 +358,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_fwd_sm90_kern
   CtaTrace* tr = nullptr;  // the trace record of this CTA, on the threads that write it
 #if defined(JNA_FWD_TRACE)
   if (tid == 0 || tid == Traits::kLoadThreads) tr = trace_slot(hp.trace);
-  if (tid == 0 && tr != nullptr) {
-    tr->clk[kTraceEntry] = clock64();
-    tr->t_begin = global_timer_ns();
-    uint32_t smid;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    tr->smid = smid;
-  }
+  if (tid == 0) trace_begin(tr);
 #endif
   if (tid == 0) pipe.init(Traits::kLoadThreads, Traits::kNWarps, Traits::kNWarps);
   __syncthreads();  // the mbarriers' init

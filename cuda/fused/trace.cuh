@@ -1,6 +1,8 @@
-// Per-CTA phase timestamps of the Hopper forward, for experiments only: compiled in with
-// -DJNA_FWD_TRACE (cuda/fused/test_fused_fwd.cu --trace reads them back and prints where a CTA's time
-// goes). Without the definition every trace point compiles to nothing.
+// Per-CTA phase timestamps of the forward kernels (Hopper and portable), for experiments only:
+// compiled in with -DJNA_FWD_TRACE (cuda/fused/test_fused_fwd.cu --trace reads them back and prints
+// where a CTA's time goes). Without the definition every trace point compiles to nothing. The
+// portable kernel records entry, scheduled (after its whole prologue), first_kv, loop_done and
+// epilogue on thread 0.
 #pragma once
 
 #include <cstdint>
@@ -54,6 +56,21 @@ __device__ __forceinline__ CtaTrace* trace_slot(const FwdTrace& t) {
   do {                                               \
     if ((tr) != nullptr) (tr)->clk[point] = clock64(); \
   } while (0)
+// A CTA's first record (entry clock, start time, SM) and its last (epilogue done, end time, tiles).
+__device__ __forceinline__ void trace_begin(CtaTrace* tr) {
+  if (tr == nullptr) return;
+  tr->clk[kTraceEntry] = clock64();
+  tr->t_begin = global_timer_ns();
+  uint32_t smid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  tr->smid = smid;
+}
+__device__ __forceinline__ void trace_end(CtaTrace* tr, int32_t n_tiles) {
+  if (tr == nullptr) return;
+  tr->clk[kTraceEpilogueDone] = clock64();
+  tr->t_end = global_timer_ns();
+  tr->n_tiles = n_tiles;
+}
 #else
 #define JNA_TRACE(tr, point) \
   do {                       \
