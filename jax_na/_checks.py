@@ -38,12 +38,14 @@ BACKEND_DTYPES = {
 }
 # Head dims the fused kernels are instantiated for (they need D == D_v): FUSED_HEAD_DIMS in float16/
 # bfloat16 (32 and 256 on the portable set only: 256 computes its output columns in two passes of
-# 128), FUSED_HEAD_DIMS_NARROW in float32 (tiles of 256 float32 columns exceed the shared memory),
-# HOPPER_HEAD_DIMS on the Hopper set. Smaller head dims run zero-padded to the next one (see
-# fused_head_dim); larger ones are not supported. So backend "fused" runs head dims up to 32 on the
-# portable kernels unpadded, and "fused_sm90" pads them to 64 for its Hopper kernels.
+# 128), FUSED_HEAD_DIMS_NARROW in float32 (tiles of 256 float32 columns exceed the shared memory; no
+# 32: float32, the accuracy path, runs head dims up to 32 padded to 64, which keeps two of the
+# build's slowest units out), HOPPER_HEAD_DIMS on the Hopper set. Smaller head dims run zero-padded
+# to the next one (see fused_head_dim); larger ones are not supported. So backend "fused" runs 16-bit
+# head dims up to 32 on the portable kernels unpadded, and "fused_sm90" pads them to 64 for its
+# Hopper kernels.
 FUSED_HEAD_DIMS = (32, 64, 128, 256)
-FUSED_HEAD_DIMS_NARROW = (32, 64, 128)
+FUSED_HEAD_DIMS_NARROW = (64, 128)
 HOPPER_HEAD_DIMS = (64, 128)
 # Head dims the gemm (tensor-core) kernels are instantiated for (float16, bfloat16, and float32 at
 # float32 accuracy through 3xTF32): the head dim an unfused op contracts or produces (D for qk, D_v
@@ -75,7 +77,7 @@ FUSED_FWD_TILES = {
 # of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; each
 # configuration also sets the dQ kernel's tiles) per kernel set and rank, the default first.
 # Portable: 64 keys per CTA, 32 queries per step at head dims over 64 (any dtype), 64 at head dims
-# 32 and 64; Hopper (float16/bfloat16, head dims 64 and 128): 64 keys per CTA (one warpgroup, two CTAs per
+# 32 and 64; float32 has the default only (fused_bwd_tile_configs; PortableBwdTiles); Hopper (float16/bfloat16, head dims 64 and 128): 64 keys per CTA (one warpgroup, two CTAs per
 # SM), 64 queries per step: the portable head-dim-64 shapes.
 # Mirrors BwdTileConfigs in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py checks the extension
 # agrees).
@@ -197,7 +199,8 @@ def fused_bwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> 
     if kernel_set == "sm90" and (jnp.dtype(dtype).itemsize != 2 or head_dim not in HOPPER_HEAD_DIMS):
         return ()
     queries = 64 if kernel_set == "sm90" or head_dim <= 64 else 32
-    return FUSED_BWD_TILES.get((kernel_set, queries), {}).get(rank, ())
+    configs = FUSED_BWD_TILES.get((kernel_set, queries), {}).get(rank, ())
+    return configs[:1] if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else configs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -368,7 +368,7 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
       rank: 1, 2 or 3.
       dtype: the inputs' dtype (float16, bfloat16 or float32).
       head_dim: the head dim (``max(D, D_v)``; padded as each kernel set pads it: to 32, 64, 128 or
-        256 on the portable set, to 64 or 128 on the Hopper one).
+        256 on the portable set (float32: 64 or 128), to 64 or 128 on the Hopper one).
       backward: False: the forward's; True: the backward's (its dK/dV kernel's query and key tiles).
 
     Returns:

@@ -20,7 +20,7 @@ every primitive has a fixed arity. Every primitive carries ``params`` (``NAParam
 for "auto", the first family of ``AUTO_PREFERENCE`` that supports the call's dtype and shapes
 (``cuda_kernel``); on every other platform, and for inputs no kernel supports, the pure-JAX reference
 (the backward of the reference is its autodiff). The fused targets run inside a small traced function
-(``_fused_impl``) that zero-pads the head dims to 32, 64, 128 or 256 and slices the results back; the gemm
+(``_fused_impl``) that zero-pads the head dims to 32, 64, 128 or 256 (float32: 64 or 128) and slices the results back; the gemm
 targets likewise (``_gemm_impl``: the head dim each op contracts or produces, float32/float16/bfloat16).
 
 Each primitive lowers through ``sharding.partitioned_lowering`` (``custom_partitioning`` with a Shardy

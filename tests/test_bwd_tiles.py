@@ -94,20 +94,22 @@ def test_dq_tiles_equal_the_templates(rank):
 def test_listing_equals_the_table(rank):
     """fused_tile_configs(..., backward=True) is FUSED_BWD_TILES: the portable set's 64-query list at
     head dims 32 and 64 and its 32-query list above (any dtype), the Hopper set's list for 16-bit at
-    head dims up to 128 (padded to 64 or 128; empty for float32 and head dim 256); and it is what the
-    C++ templates give."""
+    head dims up to 128 (padded to 64 or 128; empty for float32 and head dim 256); float32 has the
+    default only (padded to 64 at least); and it is what the C++ templates give."""
     T = _checks.FUSED_BWD_TILES
     for dtype in DTYPES:
         for head_dim in (1, 8, 32, 64, 65, 100, 128, 129, 200, 256):
             if dtype == "float32" and head_dim > 128:
                 continue
-            P = _padded(head_dim)
+            f32 = dtype == "float32"
+            P = _padded(head_dim, (64, 128) if f32 else (32, 64, 128, 256))
             got = jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True)
             assert set(got) == {"fused_sm80", "fused_sm90"}, got
             assert all(isinstance(v, list) for v in got.values()), got
             M80 = 64 if P <= 64 else 32
-            assert got["fused_sm80"] == list(T[("sm80", M80)][rank]), (dtype, head_dim)
-            assert got["fused_sm80"] == _from_templates(rank, M80, 64), (dtype, head_dim)
+            n80 = 1 if f32 else None
+            assert got["fused_sm80"] == list(T[("sm80", M80)][rank])[:n80], (dtype, head_dim)
+            assert got["fused_sm80"] == _from_templates(rank, M80, 64)[:n80], (dtype, head_dim)
             hopper = dtype != "float32" and head_dim <= 128
             assert got["fused_sm90"] == (list(T[("sm90", 64)][rank]) if hopper else []), (dtype, head_dim)
             assert got["fused_sm90"] == (_from_templates(rank, 64, 64) if hopper else []), (dtype, head_dim)
@@ -117,7 +119,7 @@ def test_listing_equals_the_table(rank):
                 assert list(_checks.fused_bwd_tile_configs("sm90", dtype, P90, rank)) == got["fused_sm90"]
             # backend "fused" runs head dims up to 32 at 32: the portable kernels only
             assert not _checks.fused_bwd_tile_configs("sm90", dtype, P, rank) or P in (64, 128)
-            assert len(got["fused_sm80"]) == (1 if rank == 1 else 2)
+            assert len(got["fused_sm80"]) == (1 if rank == 1 or f32 else 2)
             # jnp dtypes name the same thing; the forward's list is another one
             assert jax_na.fused_tile_configs(rank, jnp.dtype(dtype), head_dim, backward=True) == got
             fwd = jax_na.fused_tile_configs(rank, dtype, head_dim)
@@ -139,6 +141,7 @@ def test_listing_shapes(rank):
             helpers.check_tile_listing(configs, rank)
             for q, kv in configs:
                 if backend == "fused_sm80":
+                    # float32 at head dim 32 runs padded to 64: 64 queries per step as 16-bit
                     assert math.prod(q) == (64 if head_dim <= 64 else 32), (dtype, head_dim, q)
                     assert math.prod(kv) == 64, kv
                 else:
@@ -393,9 +396,9 @@ def test_uncompiled_shapes():
     # each shape exists, but not together
     _expect(lambda: jax_na.na2d(Q2, Q2, Q2, 3, backward_q_tile_shape=(8, 8), backward_kv_tile_shape=(4, 16)),
             [f"{QN}=(8, 8)", f"{KVN}=(4, 16)", "allowed"])
-    # float32 (head dim 8 -> 32): the portable set only
+    # float32 (head dim 8 -> 64): the portable set's default only
     msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, backward_kv_tile_shape=(16, 8)), [KVN, "allowed", "float32"])
-    assert "(8, 8) with (8, 8)" in msg and "(4, 16) with (4, 16)" in msg and "Hopper" not in msg, msg
+    assert "(8, 8) with (8, 8)" in msg and "(4, 16) with (4, 16)" not in msg and "Hopper" not in msg, msg
     # head dim 128: the 32-query portable shapes beside the Hopper set's 64-query ones
     Q2H = _arr((1, 16, 8, 2, 128), jnp.bfloat16)
     msg = _expect(lambda: jax_na.na2d(Q2H, Q2H, Q2H, 3, backward_q_tile_shape=(8, 8), backward_kv_tile_shape=(4, 16)),
@@ -528,7 +531,7 @@ LOWERED = [
     ("na3d", "q3", "q3", 3, None, (None, None), ((2, 4, 8), (1, 8, 8)), (0, 0, 0), (90, -1, 1)),
     ("na1d", "q1", "q1", 3, None, (None, None), (64, None), (0, 0, 0), (0, 0, 0)),
     ("na1d", "q1", "q1", 3, "fused_sm90", (None, None), (None, 64), (90, 0, 0), (90, -1, 0)),
-    ("na2d", "q2f", "q2f", 3, None, (None, None), ((4, 16), None), (0, 0, 0), (80, 1, -1)),
+    ("na2d", "q2f", "q2f", 3, None, (None, None), ((8, 8), None), (0, 0, 0), (80, 0, -1)),  # float32: the default only
     # forward and backward shapes together: each call gets its own
     ("na2d", "q2", "k2", 3, None, ((8, 16), (8, 8)), ((8, 8), (8, 8)), (80, 1, -1), (0, 0, 0)),
     ("na2d", "q2h", "k2h", 3, None, ((16, 8), (16, 8)), ((2, 16), (4, 16)), (90, -1, 0), (80, 1, -1)),
@@ -774,7 +777,7 @@ def test_flax_layers_pass_the_fields(monkeypatch, rank):
     assert Layer(num_heads=2, kernel_size=3).backward_q_tile_shape is None
     assert Layer(num_heads=2, kernel_size=3).backward_kv_tile_shape is None
     spatial = (9, 7, 5)[:rank]
-    x = _arr((1, *spatial, 32), jnp.float32, seed=rank)          # head dim 16 -> 32, float32: portable only
+    x = _arr((1, *spatial, 32), jnp.float32, seed=rank)          # head dim 16 -> 64, float32: portable only
     bq, bkv = jax_na.fused_tile_configs(rank, "float32", 16, backward=True)["fused_sm80"][-1]
     fq, fkv = jax_na.fused_tile_configs(rank, "float32", 16)["fused_sm80"][0]
     calls = _spy(monkeypatch, rank)

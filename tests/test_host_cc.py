@@ -67,4 +67,4 @@ def test_smem_layouts(tmp_path):
                    check=True)
     proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "test_smem_layouts: OK" in proc.stdout and "207360 elements checked, 0 wrong" in proc.stdout, proc.stdout
+    assert "test_smem_layouts: OK" in proc.stdout and "199680 elements checked, 0 wrong" in proc.stdout, proc.stdout

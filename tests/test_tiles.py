@@ -289,7 +289,7 @@ def test_uncompiled_shapes():
     # each shape exists, but not together
     msg = _expect(lambda: jax_na.na2d(Q2, Q2, Q2, 3, q_tile_shape=(8, 16), kv_tile_shape=(16, 8)),
                   ["q_tile_shape=(8, 16)", "kv_tile_shape=(16, 8)", "allowed"])
-    # float32 (head dim 8 -> 32): the wide portable configuration only
+    # float32 (head dim 8 -> 64): the wide portable configuration only
     msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, q_tile_shape=(8, 16)), ["allowed", "float32"])
     assert "(16, 8) with (4, 8)" in msg and "Hopper" not in msg, msg
     msg = _expect(lambda: jax_na.na2d(Q2F, Q2F, Q2F, 3, kv_tile_shape=(8, 8)), ["kv_tile_shape", "allowed"])
@@ -457,7 +457,7 @@ def _check_tile_attributes():
         # (the backward's tile shapes are separate arguments: tests/test_bwd_tiles.py)
         arch = _checks.FUSED_BACKENDS.get(backend or "fused")
         assert tuple(_int_attr(bwd[0], a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (arch, 0, 0), bwd[0]
-    # float32 (head dim 8 -> 32): the portable set only
+    # float32 (head dim 8 -> 64): the portable set only
     qf = jnp.asarray(r.standard_normal((1, 16, 8, 2, 8)), jnp.float32)
     line = _calls(_cuda_hlo(lambda q: jax_na.na2d(q, q, q, 3, q_tile_shape=(16, 8)), qf), "jax_na_fused_fwd")[0]
     assert tuple(_int_attr(line, a) for a in ("arch", "tiles_sm80", "tiles_sm90")) == (80, 0, -1), line

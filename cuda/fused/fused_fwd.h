@@ -4,7 +4,7 @@
 //
 // Computes out = softmax(scale * q.k^T over each query's window [+ additional keys]) . v and
 // lse = natural log of the sum of exp of the scaled scores, exactly as SEMANTICS.md defines.
-// Supported: fp16/bf16 at head dim 64, 128 or 256, fp32 at 64 or 128 (D_v == D), rank 1..3, any
+// Supported: fp16/bf16 at head dim 32, 64, 128 or 256, fp32 at 64 or 128 (D_v == D), rank 1..3, any
 // kernel/stride/dilation/causal, GQA (H % Hkv == 0), additional keys/values (Na >= 0).
 #pragma once
 

@@ -114,7 +114,7 @@ cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t st
   // dK/dV: 64 keys on 4 warps.
   // float32 at head dim 128 and 16-bit at head dim 256: ~197 KB of smem for dQ (Q and dO tiles of
   // 64 KB each): sm_90 class GPUs (elsewhere the launch fails with cudaErrorInvalidValue).
-  using Configs = PortableBwdTiles<kHeadDim, kRank>;
+  using Configs = PortableBwdTiles<kDType, kHeadDim, kRank>;
   return with_tile_config<Configs>(args.tiles_sm80, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
     using DqTiles = typename Shapes::DqTiles;

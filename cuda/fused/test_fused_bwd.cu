@@ -32,10 +32,11 @@ static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fuse
   const int n90 = rank == 1 ? fused::HopperBwdTiles<1>::kCount
                             : (rank == 2 ? fused::HopperBwdTiles<2>::kCount : fused::HopperBwdTiles<3>::kCount);
   constexpr int kD = kTestHeadDim;  // 128 unless an experiment build says otherwise
-  const int n80 = rank == 1 ? fused::PortableBwdTiles<kD, 1>::kCount
-                            : (rank == 2 ? fused::PortableBwdTiles<kD, 2>::kCount : fused::PortableBwdTiles<kD, 3>::kCount);
+  const int n80 = rank == 1 ? fused::PortableBwdTiles<DType::kBF16, kD, 1>::kCount
+                            : (rank == 2 ? fused::PortableBwdTiles<DType::kBF16, kD, 2>::kCount
+                                         : fused::PortableBwdTiles<DType::kBF16, kD, 3>::kCount);
   args.tiles_sm90 = g_tiles < n90 ? g_tiles : 0;
-  args.tiles_sm80 = g_tiles < n80 ? g_tiles : 0;
+  args.tiles_sm80 = g_tiles < n80 && dt != DType::kF32 ? g_tiles : 0;  // float32: the default only
 #if defined(JNA_TEST_SM90_ONLY) || defined(JNA_TEST_PORTABLE_ONLY)
   if (args.D != kD || dt != DType::kBF16) return cudaErrorInvalidValue;
 #if defined(JNA_TEST_SM90_ONLY)

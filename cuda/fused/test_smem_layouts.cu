@@ -59,7 +59,6 @@ int main() {
   check_dim<DType::kBF16, 256>();
   check_dim<DType::kF16, 32>();
   check_dim<DType::kF16, 128>();
-  check_dim<DType::kF32, 32>();
   check_dim<DType::kF32, 64>();
   check_dim<DType::kF32, 128>();
   std::printf("%ld elements checked, %ld wrong\n", g_checked, g_failed);

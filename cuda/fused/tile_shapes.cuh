@@ -232,9 +232,13 @@ struct BwdTileConfigs<3, kBlockM, kBlockN, kDqBlockN, kDqBlockM>
 // within 255 registers) or 64.
 template <int kHeadDim>
 constexpr int kPortableBwdBlockM = kHeadDim > 64 ? 32 : 64;
-template <int kHeadDim, int kRank>
+// float32 keeps the default configuration only: its 3xTF32 backward units were the build's longest
+// (174-259 s each on CI's two cores), and float32 is the accuracy path, not the fast one.
+template <DType kDType, int kHeadDim, int kRank,
+          class All = BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64, kPortableDqBlockN,
+                                     kPortableDqBlockMFor<kHeadDim>>>
 using PortableBwdTiles =
-    BwdTileConfigs<kRank, kPortableBwdBlockM<kHeadDim>, 64, kPortableDqBlockN, kPortableDqBlockMFor<kHeadDim>>;
+    std::conditional_t<kDType == DType::kF32, TileConfigs<typename All::template At<0>>, typename All::List>;
 // Hopper: both kernels on one warpgroup per CTA, two CTAs per SM (dK/dV: 64 keys, Q tiles of 64;
 // dQ: 64 queries over 64-key tiles): each CTA meets only its own barrier, so one warpgroup's
 // exponentials and loads run beside the other CTA's products, and one CTA's prologue beside the
