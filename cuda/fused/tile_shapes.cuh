@@ -64,8 +64,10 @@ struct TileShapes<3, kBlockN, kNWarps> : Tiles<Box<2, 8, 8>, Box<8 / kNWarps, 4,
 template <class... Ts>
 struct TileConfigs {
   static constexpr int kCount = sizeof...(Ts);
+  template <int i, class... Rest>
+  struct Pick;
   template <int i, class T0, class... Rest>
-  struct Pick : Pick<i - 1, Rest...> {};
+  struct Pick<i, T0, Rest...> : Pick<i - 1, Rest...> {};
   template <class T0, class... Rest>
   struct Pick<0, T0, Rest...> {
     using type = T0;
@@ -75,12 +77,12 @@ struct TileConfigs {
   using List = TileConfigs;  // the plain list (a configuration set derives from it)
 };
 
-// Configs (a TileConfigs list) with T appended.
-template <class Configs, class T>
-struct AppendConfig;
-template <class... Ts, class T>
-struct AppendConfig<TileConfigs<Ts...>, T> {
-  using type = TileConfigs<Ts..., T>;
+// Two TileConfigs lists, one after the other.
+template <class A, class B>
+struct ConcatConfigs;
+template <class... As, class... Bs>
+struct ConcatConfigs<TileConfigs<As...>, TileConfigs<Bs...>> {
+  using type = TileConfigs<As..., Bs...>;
 };
 
 // Portable forward (8 warps, 128-query tiles). Rows of 16-bit elements at head dims up to 128 take
@@ -108,11 +110,11 @@ struct PortableFwdTiles<3, 64>
 // 0.262, p5 0.080 / 0.055, 13x13 on 56x56 0.127 / 0.114, p2's window 0.383 / 0.369, 1-D k255 0.362 /
 // 0.342; in 3-D 4x4x4 over 4x4x4 lost (p3's window 0.630 / 0.659), so 3-D has none.
 template <int kRank>
-struct SmallQTiles;
+struct SmallQTiles : TileConfigs<> {};
 template <>
-struct SmallQTiles<1> : Tiles<Box<64, 1, 1>, Box<16, 1, 1>, Box<64, 1, 1>> {};
+struct SmallQTiles<1> : TileConfigs<Tiles<Box<64, 1, 1>, Box<16, 1, 1>, Box<64, 1, 1>>> {};
 template <>
-struct SmallQTiles<2> : Tiles<Box<8, 8, 1>, Box<2, 8, 1>, Box<8, 8, 1>> {};
+struct SmallQTiles<2> : TileConfigs<Tiles<Box<8, 8, 1>, Box<2, 8, 1>, Box<8, 8, 1>>> {};
 
 // The portable forward's configurations for (dtype, head dim, rank): float32 rows and head dim 256
 // take twice the bytes per key, so 32-key tiles keep their smem at ~130 KB; 16-bit head dim 32 adds
@@ -120,9 +122,8 @@ struct SmallQTiles<2> : Tiles<Box<8, 8, 1>, Box<2, 8, 1>, Box<8, 8, 1>> {};
 template <DType kDType, int kHeadDim, int kRank,
           class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>>
 using PortableFwdTilesFor =
-    std::conditional_t<kDType != DType::kF32 && kHeadDim <= 32 && kRank < 3 &&
-                           Base::template At<0>::KVTile::kSize == 64,
-                       typename AppendConfig<typename Base::List, SmallQTiles<kRank == 1 ? 1 : 2>>::type, Base>;
+    std::conditional_t<kDType != DType::kF32 && kHeadDim <= 32 && Base::template At<0>::KVTile::kSize == 64,
+                       typename ConcatConfigs<typename Base::List, typename SmallQTiles<kRank>::List>::type, Base>;
 
 // Hopper forward (two consumer warpgroups splitting the Q tile along axis 0; see
 // hopper/kernel_traits.cuh). Defaults, measured (H200, bf16, cuda/fused/NOTES.md sessions 19, 26):

@@ -110,7 +110,7 @@ __device__ __forceinline__ void fwd_produce(const HopperFwdParams& hp, const Fwd
       cutlass::arch::NamedBarrier::sync(Traits::kLoadThreads, kProducerBarrierId);
       Bar::wait(&pipe.sched_empty, (it - 1) & 1u);
     }
-    if (ptid < 32) {  // warp 0: the next tile, and its schedule by the first kNWarps threads
+    if (ptid < 32) {  // warp 0: the next tile and its schedule (TileScheduler::compute on its lanes)
       if (it > 0) {
         if (hp.tile_counter != nullptr) {
           int32_t drawn = 0;
@@ -120,9 +120,10 @@ __device__ __forceinline__ void fwd_produce(const HopperFwdParams& hp, const Fwd
           tile += gridDim.x;
         }
       }
+      const bool done = tile >= hp.tiles.total;  // uniform over warp 0
+      if (!done) TileScheduler<Traits>::compute(p.pr, p.q_tiles, hp.tiles.at(tile), *sm.cs, ptid);
+      __syncwarp();  // the whole warp's schedule writes, ordered before the first kNWarps lanes' arrivals
       if (ptid < Traits::kNWarps) {
-        const bool done = tile >= hp.tiles.total;
-        if (!done) TileScheduler<Traits>::compute(p.pr, p.q_tiles, hp.tiles.at(tile), *sm.cs, ptid);
         if (ptid == 0) sm.cs->done = done;
         Bar::arrive(&pipe.sched_full);
       }
