@@ -194,8 +194,8 @@ def portable_half_tiles(dtype, head_dim: int) -> bool:
 
 def fused_bwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> tuple:
     """The compiled backward tile configurations ((backward_q_tile_shape, backward_kv_tile_shape),
-    ...) of kernel set "sm80" or "sm90" for a dtype and a padded head dim, the default first; () where
-    that set has no kernel for them."""
+    ...) of kernel set "sm80" or "sm90" for a dtype and a padded head dim, the default first (float32:
+    the default only); () where that set has no kernel for them."""
     if kernel_set == "sm90" and (jnp.dtype(dtype).itemsize != 2 or head_dim not in HOPPER_HEAD_DIMS):
         return ()
     queries = 64 if kernel_set == "sm90" or head_dim <= 64 else 32

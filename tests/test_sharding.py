@@ -41,6 +41,9 @@ def results():
     return status, log, proc
 
 
+# One xdist worker takes every check (tools/test.sh: --dist loadgroup): the module-scoped fixture
+# would otherwise run the subprocess once per worker.
+@pytest.mark.xdist_group("sharding")
 @pytest.mark.parametrize("name", list(sharding_checks.CHECKS))
 def test_sharding(results, name):
     status, log, proc = results

@@ -130,7 +130,7 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
 #else
   // Head dim 64 fits 128 registers without spills: two CTAs per SM hide the gather latency. The
   // 16-bit head-dim-32 forward takes three (80 registers, 16-40 bytes of spills): p4/p5 0.334 ->
-  // 0.290 ms and 0.097 -> 0.077 (H100, session 36). Float32 there stays at two (128 registers).
+  // 0.290 ms and 0.097 -> 0.077 (H100, session 36). (Float32 has no head dim 32: it pads to 64.)
   // Counted for 8-warp CTAs: a CTA of fewer warps (64-query tiles) asks for proportionally more.
   static constexpr int kMinBlocks =
       ((kHeadDim_ <= 32 && kDType_ != DType::kF32) ? 3 : (kHeadDim_ <= 64 ? 2 : 1)) * (8 / kNWarps_);

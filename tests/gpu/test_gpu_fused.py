@@ -163,9 +163,10 @@ def test_padded_head_dims(dtype, D, Dv, scale):
 
 # ----------------------------------------------------------------------------- head dim 32
 
-# Head dims up to 32 run at 32 on the portable kernels (unpadded at 32; "fused" picks them on every
-# GPU, fused_sm90 pads them to 64): 64-byte rows (a 4-chunk swizzle), K/V tiles shorter than one
-# pass of the loading threads in the dQ kernel. Every third edge case plus the many-KV-tile problems.
+# 16-bit head dims up to 32 run at 32 on the portable kernels (unpadded at 32; "fused" picks them on
+# every GPU, fused_sm90 pads them to 64; float32 pads them to 64): 64-byte rows (a 4-chunk swizzle),
+# K/V tiles shorter than one pass of the loading threads in the dQ kernel. Every third edge case plus
+# the many-KV-tile problems.
 D32_CASES = ([dataclasses.replace(c, D=32, Dv=32) for c in helpers.edge_cases()[::3]]
              + [dataclasses.replace(c, D=32, Dv=32) for c in MANY_TILES])
 
@@ -173,7 +174,7 @@ D32_CASES = ([dataclasses.replace(c, D=32, Dv=32) for c in helpers.edge_cases()[
 @pytest.mark.parametrize("i,case", list(enumerate(D32_CASES)), ids=[c.id for c in D32_CASES])
 def test_head_dim_32(i, case):
     """Head dim 32 on the portable kernels, forward and backward, float16/bfloat16 alternating and
-    float32 on every fourth case."""
+    float32 (padded to 64) on every fourth case."""
     dtype = jnp.float32 if i % 4 == 3 else HALF[i % 2]
     check_case(case, "fused_sm80", dtype, seed=helpers.seed_of(case))
 
