@@ -41,7 +41,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # `import oracle`, `import helper
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU and the compiled kernels (skipped elsewhere)")
     config.addinivalue_line("markers", "slow: long-running CPU test")
-    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist keeps a group on one worker (--dist loadgroup)")
     config.addinivalue_line("markers", "large: needs tens of GB of device memory (GPU; deselect with "
                                        "-m \"gpu and not large\")")
 
