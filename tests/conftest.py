@@ -16,7 +16,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _no_gpu_here() -> bool:
-    return not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl"))
+    # /dev/dxg: a WSL2 host's GPU (it has no /dev/nvidia* nodes)
+    return not any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"))
 
 
 # Without a GPU the suite's time is XLA compiling small CPU programs (their run time is negligible):

@@ -62,9 +62,9 @@ cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t st
   using Configs = PortableFwdTilesFor<kDType, kHeadDim, kRank>;
   return with_tile_config<Configs>(args.tiles_sm80, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
-    // A warp per 16 queries: 8 for the 128-query tiles, 4 for head dim 32's 64-query ones.
-    using Traits = PortableFwdTraitsOf<
-        FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize, Shapes::QTile::kSize / 16, 2, Shapes>>;
+    // A warp per warp tile: 8 for the 128-query tiles, 4 for head dim 32's 64-query ones.
+    using Traits = PortableFwdTraitsOf<FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize,
+                                                 Shapes::QTile::kSize / Shapes::WarpTile::kSize, 2, Shapes>>;
     return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
   });
 }

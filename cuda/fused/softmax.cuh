@@ -149,7 +149,11 @@ struct OnlineSoftmax {
       for (int i = 0; i < kChains; ++i) sum[i] = 0.f;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
+#if defined(JNA_FWD_EXPERIMENT_NO_EXP)  // experiment knob: the exponentials' cost (wrong P)
+        const float pexp = s_rc(r, c) * scale_log2 - m_scaled;
+#else
         const float pexp = fast_exp2(s_rc(r, c) * scale_log2 - m_scaled);
+#endif
         s_rc(r, c) = pexp;
         sum[c % kChains] += pexp;
       }

@@ -119,11 +119,29 @@ struct SmallQTiles<2> : TileConfigs<Tiles<Box<8, 8, 1>, Box<2, 8, 1>, Box<8, 8, 
 // The portable forward's configurations for (dtype, head dim, rank): float32 rows and head dim 256
 // take twice the bytes per key, so 32-key tiles keep their smem at ~130 KB; 16-bit head dim 32 adds
 // the 64-query tiles last in 1-D and 2-D.
+#if defined(JNA_FWD_EXPERIMENT_WIDE_WARPS)
+// Experiment: 128-query tiles on 4 warps of 32 queries (two m16 atoms per warp, as FlashAttention-2
+// at head dim 128: each K/V fragment read from smem serves twice the rows), the only configuration
+// of the 16-bit head-dim-64/128 portable forward.
+template <int kRank>
+struct WideWarpTiles;
+template <>
+struct WideWarpTiles<1> : TileConfigs<Tiles<Box<128, 1, 1>, Box<32, 1, 1>, Box<64, 1, 1>>> {};
+template <>
+struct WideWarpTiles<2> : TileConfigs<Tiles<Box<16, 8, 1>, Box<4, 8, 1>, Box<8, 8, 1>>> {};
+template <>
+struct WideWarpTiles<3> : TileConfigs<Tiles<Box<4, 4, 8>, Box<2, 4, 4>, Box<2, 8, 4>>> {};
+template <DType kDType, int kHeadDim, int kRank,
+          class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>>
+using PortableFwdTilesFor =
+    std::conditional_t<(kDType != DType::kF32 && kHeadDim > 32 && kHeadDim <= 128), WideWarpTiles<kRank>, Base>;
+#else
 template <DType kDType, int kHeadDim, int kRank,
           class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>>
 using PortableFwdTilesFor =
     std::conditional_t<kDType != DType::kF32 && kHeadDim <= 32 && Base::template At<0>::KVTile::kSize == 64,
                        typename ConcatConfigs<typename Base::List, typename SmallQTiles<kRank>::List>::type, Base>;
+#endif
 
 // Hopper forward (two consumer warpgroups splitting the Q tile along axis 0; see
 // hopper/kernel_traits.cuh). Defaults, measured (H200, bf16, cuda/fused/NOTES.md sessions 19, 26):
