@@ -136,24 +136,28 @@ struct TileScheduler {
   static_assert(Traits::kNWarps <= CtaSchedule::kMaxWarps, "CtaSchedule warps");
 
   // The schedule of Q tile `tile` (x: dilation group and tile, y: head, z: batch; the block index
-  // of a one-tile-per-CTA grid), computed by warp 0: lane 3 w + a (w < kNWarps) takes warp w's box on
-  // axis a, lanes 0..2 also the CTA's part of their axis (lane 0 writes the rest), so each lane runs
-  // the window searches of one axis: the integer divisions on the CTA's critical path are a third of
-  // one thread doing all three axes (a 64-query forward CTA on p4 spent ~7.7k of its ~28k cycles
-  // before its first K/V tile). Every lane runs the same code on its axis' values (no divergence).
-  // Call from all of warp 0 (other threads return at once); a barrier must follow before reading.
+  // of a one-tile-per-CTA grid), computed by warp 0: lane kRank w + a (w < kNWarps) takes warp w's
+  // box on axis a, lanes 0..kRank-1 also the CTA's part of their axis (lane 0 writes the rest), so
+  // each lane runs the window searches of one axis: the integer divisions on the CTA's critical path
+  // are a third of one thread doing all three axes in 3-D (a 64-query forward CTA on p4 spent ~7.7k
+  // of its ~28k cycles before its first K/V tile). The axis is a compile-time 0 in 1-D (a runtime
+  // index into the problem's axes costs registers and local copies there, where it gains nothing).
+  // Axes past the rank get one position and one tile. Every lane runs the same code on its axis'
+  // values (no divergence). Call from all of warp 0 (other threads return at once); a barrier must
+  // follow before reading.
   __device__ static void compute(const geo::Problem& pr, const int32_t q_tiles[3], uint3 tile, CtaSchedule& cs,
                                  int tid) {
     if (tid >= 32) return;
     constexpr unsigned kAll = 0xffffffffu;
+    constexpr int kLanes = kRank * Traits::kNWarps;  // lanes with a (warp, axis) of their own
+    static_assert(kLanes <= 32, "one lane per warp and axis");
     const int lane = tid;
-    const int a = lane % 3;
-    const int w = lane / 3 < Traits::kNWarps ? lane / 3 : 0;  // lanes past 3 kNWarps: warp 0's values, unused
-    const bool axis_lane = a < kRank;
+    const int a = lane % kRank;
+    const int w = lane / kRank < Traits::kNWarps ? lane / kRank : 0;  // lanes past kLanes: warp 0's values, unused
     // tile.x = G T + tt: T Q tiles per group, tt = (t0 q1 + t1) q2 + t2, G = (g0 d1 + g1) d2 + g2.
     int32_t inner_t = 1, inner_d = 1;
 #pragma unroll
-    for (int b = 1; b < 3; ++b) {
+    for (int b = 1; b < kRank; ++b) {
       if (b > a) {
         inner_t *= q_tiles[b];
         inner_d *= pr.axis[b].d;
@@ -164,57 +168,63 @@ struct TileScheduler {
     const geo::Axis ax = pr.axis[a];
     const int32_t t = lin % T / inner_t % q_tiles[a];
     const int32_t g = lin / T / inner_d % ax.d;
-    const int32_t Lg = axis_lane ? geo::group_length(ax, g) : 1;
+    const int32_t Lg = geo::group_length(ax, g);
     const int32_t q_ext = QTile::extent(a), w_ext = WarpTile::extent(a), kv_shift = __ffs(KVTile::extent(a)) - 1;
-    const int32_t q0 = axis_lane ? t * q_ext : 0;
+    const int32_t q0 = t * q_ext;
     // The CTA's box on axis a (every lane computes it: the warp boxes need q0 and Lg).
     const int32_t qlo = geo::imin(q0, Lg - 1);
     const int32_t qhi = geo::imin(q0 + q_ext, Lg) - 1;
-    const int32_t lo = axis_lane ? geo::window_start(ax, qlo, Lg) : 0;
-    const int32_t hi = axis_lane ? geo::window_end(ax, geo::imax(qhi, qlo), Lg) : 1;
+    const int32_t lo = geo::window_start(ax, qlo, Lg);
+    const int32_t hi = geo::window_end(ax, geo::imax(qhi, qlo), Lg);
     const int32_t nt = (hi - lo + (1 << kv_shift) - 1) >> kv_shift;
     // Warp w's box and the intersection of its windows on axis a.
     const int32_t wq = q0 + WarpGrid::coord(w, a) * w_ext;
     const int32_t wlo = geo::imin(wq, Lg - 1);
     const int32_t whi = geo::imax(geo::imin(wq + w_ext, Lg) - 1, wlo);
-    int32_t box_lo = 0, box_hi = 1, full_lo = 0, full_hi = 1;
-    if (axis_lane) {
-      const int32_t s_lo = geo::window_start(ax, wlo, Lg);
-      const int32_t s_hi = geo::window_start(ax, whi, Lg);
-      box_lo = s_lo;
-      box_hi = geo::window_end(ax, whi, Lg, s_hi);
-      full_lo = s_hi;
-      full_hi = geo::window_end(ax, wlo, Lg, s_lo);
+    const int32_t s_lo = geo::window_start(ax, wlo, Lg);
+    const int32_t s_hi = geo::window_start(ax, whi, Lg);
+    if (lane < kLanes) {
+      cs.wbox_lo[w][a] = s_lo;
+      cs.wbox_hi[w][a] = geo::window_end(ax, whi, Lg, s_hi);
+      cs.wfull_lo[w][a] = s_hi;
+      cs.wfull_hi[w][a] = geo::window_end(ax, wlo, Lg, s_lo);
     }
-    if (lane < 3 * Traits::kNWarps) {
-      cs.wbox_lo[w][a] = box_lo;
-      cs.wbox_hi[w][a] = box_hi;
-      cs.wfull_lo[w][a] = full_lo;
-      cs.wfull_hi[w][a] = full_hi;
-    }
-    if (lane < 3) {
+    if (lane < kRank) {
       cs.g[a] = g;
       cs.Lg[a] = Lg;
       cs.q0[a] = q0;
       cs.box_lo[a] = lo;
       cs.ntiles[a] = nt;
     }
-    // Across the axes: lanes 3 w .. 3 w + 2 hold warp w's axes, lanes 0..2 the CTA's.
+    if (lane < Traits::kNWarps) {
+#pragma unroll
+      for (int b = kRank; b < 3; ++b) {
+        cs.wbox_lo[lane][b] = cs.wfull_lo[lane][b] = 0;
+        cs.wbox_hi[lane][b] = cs.wfull_hi[lane][b] = 1;
+      }
+    }
+    // Across the axes: lanes kRank w .. kRank w + kRank - 1 hold warp w's axes, lanes 0..kRank-1 the
+    // CTA's. Every shuffle on every lane (a short-circuited one would leave lanes out of the others).
     const int base = lane - a;
-    const bool wlive_a = !axis_lane || wq < Lg;
-    // (every shuffle on every lane: a short-circuited one would leave lanes out of the others)
-    const int wl0 = __shfl_sync(kAll, int(wlive_a), base), wl1 = __shfl_sync(kAll, int(wlive_a), base + 1),
-              wl2 = __shfl_sync(kAll, int(wlive_a), base + 2);
-    const bool wlive = wl0 && wl1 && wl2;
-    if (a == 0 && lane < 3 * Traits::kNWarps) cs.warp_live[w] = wlive;
-    const int32_t g0 = __shfl_sync(kAll, g, 0), g1 = __shfl_sync(kAll, g, 1), g2 = __shfl_sync(kAll, g, 2);
-    const int32_t n_window_tiles = __shfl_sync(kAll, nt, 0) * __shfl_sync(kAll, nt, 1) * __shfl_sync(kAll, nt, 2);
-    const bool live_a = !axis_lane || q0 < Lg;
-    const int l0 = __shfl_sync(kAll, int(live_a), 0), l1 = __shfl_sync(kAll, int(live_a), 1),
-              l2 = __shfl_sync(kAll, int(live_a), 2);
-    const bool live = l0 && l1 && l2;
+    int wlive = 1, live = 1;
+    int32_t gs[3] = {0, 0, 0}, n_window_tiles = 1;
+#pragma unroll
+    for (int b = 0; b < kRank; ++b) {
+      wlive &= __shfl_sync(kAll, int(wq < Lg), base + b);
+      live &= __shfl_sync(kAll, int(q0 < Lg), b);
+      gs[b] = __shfl_sync(kAll, g, b);
+      n_window_tiles *= __shfl_sync(kAll, nt, b);
+    }
+    if (a == 0 && lane < kLanes) cs.warp_live[w] = wlive;
     if (lane == 0) {
-      const int32_t gs[3] = {g0, g1, g2};
+#pragma unroll
+      for (int b = kRank; b < 3; ++b) {
+        cs.g[b] = 0;
+        cs.Lg[b] = 1;
+        cs.q0[b] = 0;
+        cs.box_lo[b] = 0;
+        cs.ntiles[b] = 1;
+      }
       int32_t x0[3];
       int64_t tok_stride = 1;
       for (int b = 2; b >= 0; --b) {
