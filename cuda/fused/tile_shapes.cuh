@@ -121,8 +121,10 @@ struct SmallQTiles<2> : TileConfigs<Tiles<Box<8, 8, 1>, Box<2, 8, 1>, Box<8, 8, 
 // the 64-query tiles last in 1-D and 2-D.
 #if defined(JNA_FWD_EXPERIMENT_WIDE_WARPS)
 // Experiment: 128-query tiles on 4 warps of 32 queries (two m16 atoms per warp, as FlashAttention-2
-// at head dim 128: each K/V fragment read from smem serves twice the rows), the only configuration
-// of the 16-bit head-dim-64/128 portable forward.
+// at head dim 128: each K/V fragment read from smem serves twice the rows). It replaces the whole
+// configuration list of the 16-bit head-dim-64/128 portable forward (so configuration 1 is not
+// compiled there, unlike what jax_na._checks lists: for the standalone tests only); head dim 32 keeps
+// its list.
 template <int kRank>
 struct WideWarpTiles;
 template <>
@@ -133,8 +135,10 @@ template <>
 struct WideWarpTiles<3> : TileConfigs<Tiles<Box<4, 4, 8>, Box<2, 4, 4>, Box<2, 8, 4>>> {};
 template <DType kDType, int kHeadDim, int kRank,
           class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>>
-using PortableFwdTilesFor =
-    std::conditional_t<(kDType != DType::kF32 && kHeadDim > 32 && kHeadDim <= 128), WideWarpTiles<kRank>, Base>;
+using PortableFwdTilesFor = std::conditional_t<
+    (kDType != DType::kF32 && kHeadDim > 32 && kHeadDim <= 128), WideWarpTiles<kRank>,
+    std::conditional_t<kDType != DType::kF32 && kHeadDim <= 32 && Base::template At<0>::KVTile::kSize == 64,
+                       typename ConcatConfigs<typename Base::List, typename SmallQTiles<kRank>::List>::type, Base>>;
 #else
 template <DType kDType, int kHeadDim, int kRank,
           class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>>
