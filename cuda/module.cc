@@ -80,6 +80,29 @@ NB_MODULE(_C, m) {
         "kernel's Q tile per step and KV tile per CTA), as fused_fwd_tile_configs.");
 
   m.def(
+      "fused_fwd_warp_tiles",
+      [](const std::string& dtype, int64_t head_dim, int rank) {
+        nb::list boxes;
+#if defined(JAX_NA_WITH_FUSED)
+        if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") return boxes;
+        const jax_na::DType dt = dtype == "float32"   ? jax_na::DType::kF32
+                                 : dtype == "float16" ? jax_na::DType::kF16
+                                                      : jax_na::DType::kBF16;
+        jax_na::fused::TileConfig out[16];
+        const int n = jax_na::fused::fwd_tile_configs(/*arch=*/80, dt, head_dim, rank, out, 16);
+        for (int i = 0; i < n && i < 16; ++i) {
+          nb::list w;
+          for (int a = 0; a < rank; ++a) w.append(out[i].warp[a]);
+          boxes.append(nb::tuple(w));
+        }
+#endif
+        return boxes;
+      },
+      nb::arg("dtype"), nb::arg("head_dim"), nb::arg("rank"),
+      "The portable fused forward's warp boxes (the queries of one warp: 16 or 32), one per compiled tile "
+      "configuration in fused_fwd_tile_configs(80, ...)'s order; empty where none is compiled.");
+
+  m.def(
       "cuda_archs", []() { return std::string(JAX_NA_CUDA_ARCHS); },
       "CUDA architectures the kernels were built for (e.g. \"80;90a\"); empty without CUDA.");
 }

@@ -186,6 +186,22 @@ def _narrow(dtype, head_dim: int) -> bool:
     return jnp.dtype(dtype).itemsize == 2 and head_dim <= 128
 
 
+# Queries per warp of the portable forward's configurations (FUSED_FWD_TILES' order) at 16-bit head
+# dims 65..128: 32 (two MMA atoms, 4-warp CTAs), except 2-D 8x16, whose windows (short on the first
+# axis) meet fewer K/V tiles with 16-row warps' 2x8 boxes; 16 everywhere else. Mirrors
+# kPortableFwdWarpRows / PortableFwdTiles in cuda/fused/tile_shapes.cuh (tests/test_tiles.py checks
+# the extension's warp boxes).
+_PORTABLE_FWD_WARP_ROWS_128 = {1: (32,), 2: (32, 16), 3: (32, 32)}
+
+
+def portable_fwd_warp_rows(dtype, head_dim: int, rank: int) -> tuple[int, ...]:
+    """Queries per warp (16 or 32) of each portable forward configuration at this dtype and padded
+    head dim, in fused_fwd_tile_configs' order."""
+    if _narrow(dtype, head_dim) and head_dim > 64:
+        return _PORTABLE_FWD_WARP_ROWS_128[rank]
+    return (16,) * len(fused_fwd_tile_configs("sm80", dtype, head_dim, rank))
+
+
 def portable_half_tiles(dtype, head_dim: int) -> bool:
     """Whether the portable forward at this dtype and padded head dim computes over half K/V tiles
     where a warp's windows meet one half (its narrow kernels: kernel_traits.cuh, WithHalfTiles)."""
@@ -455,6 +471,12 @@ def _tile_shape(name: str, value, rank: int) -> tuple[int, ...] | None:
 # in 3-D (p3's window: 0.630 vs 0.659 for 4x4x4 queries, a tile set not compiled). Not measured at
 # larger head dims, where the products dominate: 0 there.
 PORTABLE_IDLE_WEIGHT = 0.25
+# What a pair costs on the portable forward's warps of 16 and 32 queries, relative to 16 (the 32-row
+# warps read each K/V fragment once for two MMA atoms). Measured per pair (H100, bf16, D = 128,
+# session 40): 0.78-0.86 on problems of long windows (p1, p2, p3, p6-p10), 0.96-1.0 on 7x31 over
+# 64x256 (short walks); 0.9 keeps the measured choices: p2's 16x8 on 32-row warps (0.92 ms against
+# 1.06 for 8x16 on 16-row ones), 7x31's 8x16 on 16-row warps (1.80 against 2.14).
+PORTABLE_WARP_PAIR_COST = {16: 1.0, 32: 0.9}
 
 
 def _least_work(configs, work, eligible=lambda c: True, margin: float = 0.0) -> int:
@@ -489,7 +511,10 @@ def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
         keys = math.prod(configs[0][1]) if configs else 0
         half = ks == "sm80" and portable_half_tiles(dtype, P)
         idle = PORTABLE_IDLE_WEIGHT if ks == "sm80" and P <= 32 else 0.0
-        index.append(_least_work(configs, lambda q, kv: tile_model.forward_work(axes(), ks, q, kv, half, idle),
+        rows = portable_fwd_warp_rows(dtype, P, rank) if ks == "sm80" else (16,) * len(configs)
+        index.append(_least_work([(*c, r) for c, r in zip(configs, rows)],
+                                 lambda q, kv, r: PORTABLE_WARP_PAIR_COST[r] * tile_model.forward_work(
+                                     axes(), ks, q, kv, half, idle, r),
                                  lambda c: math.prod(c[1]) == keys))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 

@@ -7,8 +7,8 @@ following their schedules (cuda/fused/tile_scheduler.cuh) over the one window ge
 
 - Query-stationary kernels (forward, backward dQ): a CTA owns a Q tile, walks the K/V tiles of the
   box ``[window_start(first query), window_end(last query))`` per axis (tiled from the box origin),
-  and each of its MMA units (a warp of 16 queries in the portable kernels, a warpgroup of 64 on
-  Hopper) skips the tiles that none of its queries' windows meet.
+  and each of its MMA units (a warp of 16 or 32 queries in the portable kernels, a warpgroup of 64
+  on Hopper) skips the tiles that none of its queries' windows meet.
 - The key-stationary dK/dV kernel: a CTA owns a K/V tile and walks every Q tile of its inverse
   neighbourhood (the queries that see any of its keys), from the first such query per axis; in the
   portable kernels each of its MMA units (a warp of 16 keys: consecutive rows of the K/V tile, a
@@ -48,7 +48,9 @@ __all__ = ["AxisGroup", "problem_axes", "useful_pairs", "query_stationary_pairs"
            "hopper_unit", "portable_unit", "mma_unit", "dq_unit", "dkdv_units", "backward_work", "forward_work"]
 
 # Queries per MMA unit: a portable warp's 16 rows (its sub-box of the Q tile: 16, 2x8, 1x4x4 for every
-# compiled configuration, tile_shapes.cuh), and a Hopper warpgroup's 64 (half the Q tile along axis 0).
+# compiled configuration; WarpBox in tile_shapes.cuh), or 32 (two MMA atoms: axis 0 doubled, the
+# forward at 16-bit head dims 64 and 128: jax_na._checks.portable_fwd_warp_rows), and a Hopper
+# warpgroup's 64 (half the Q tile along axis 0).
 PORTABLE_WARP_BOX = {1: (16,), 2: (2, 8), 3: (1, 4, 4)}
 # MMA units of the dK/dV kernel that skip on their own (each owning K/V tile rows): 4 portable warps;
 # Hopper's warpgroups do not skip (Sm90Gemm::kUnitSkips), so one unit: the CTA's walk.
@@ -182,23 +184,29 @@ def hopper_unit(q_tile) -> tuple:
     return (q_tile[0] // 2, *q_tile[1:])
 
 
-def portable_unit(q_tile) -> tuple:
-    """A portable warp's box of 16 queries."""
-    return PORTABLE_WARP_BOX[len(q_tile)]
+def portable_unit(q_tile, rows: int = 16) -> tuple:
+    """A portable warp's box of ``rows`` (16 or 32) queries."""
+    if rows not in (16, 32):
+        raise ValueError(f"rows must be 16 or 32, got {rows!r}")
+    box = PORTABLE_WARP_BOX[len(q_tile)]
+    return (box[0] * rows // 16, *box[1:])
 
 
-def mma_unit(kernel_set: str, q_tile) -> tuple:
-    """The box of queries that skips K/V tiles together in kernel set "sm90" or "sm80"."""
-    return hopper_unit(q_tile) if kernel_set == "sm90" else portable_unit(q_tile)
+def mma_unit(kernel_set: str, q_tile, warp_rows: int = 16) -> tuple:
+    """The box of queries that skips K/V tiles together in kernel set "sm90" or "sm80" (whose warps
+    take ``warp_rows`` queries each)."""
+    return hopper_unit(q_tile) if kernel_set == "sm90" else portable_unit(q_tile, warp_rows)
 
 
-def forward_work(axes, kernel_set: str, q_tile, kv_tile, half_tiles: bool = False, idle_weight: float = 0.0):
+def forward_work(axes, kernel_set: str, q_tile, kv_tile, half_tiles: bool = False, idle_weight: float = 0.0,
+                 warp_rows: int = 16):
     """Pairs the forward computes (one matrix product each way: S and P V). ``half_tiles``: the
     kernels compute both products over the halves of query_stationary_pairs' ``half_tiles`` (the
     portable 16-bit kernels at head dims up to 128, K/V tiles of two or more rows along axis 0).
     ``idle_weight``: also count the pairs of the tiles a CTA walks that its units skip (they wait for
-    the others at the step's barrier), at this weight (an int count when 0, else a float)."""
-    unit = mma_unit(kernel_set, q_tile)
+    the others at the step's barrier), at this weight (an int count when 0, else a float).
+    ``warp_rows``: queries per portable warp (16 or 32; ignored on "sm90")."""
+    unit = mma_unit(kernel_set, q_tile, warp_rows)
     if not half_tiles or kv_tile[0] < 2:
         work = query_stationary_pairs(axes, q_tile, unit, kv_tile)
     else:

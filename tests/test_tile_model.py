@@ -154,17 +154,19 @@ def test_counts_equal_the_literal_walk(rank):
         assert tile_model.useful_pairs(axes) == useful, prob
         halved = _fwd_configs(rank, halved=True)
         for ks, q, kv in _fwd_configs(rank):
-            want = _walk_query_stationary(groups, q, tile_model.mma_unit(ks, q), kv)
-            assert tile_model.forward_work(axes, ks, q, kv) == want, (prob, ks, q, kv)
+          for rows in ((16, 32) if ks == "sm80" else (16,)):  # portable warps of 16 or 32 queries
+            unit = tile_model.mma_unit(ks, q, rows)
+            want = _walk_query_stationary(groups, q, unit, kv)
+            assert tile_model.forward_work(axes, ks, q, kv, warp_rows=rows) == want, (prob, ks, q, kv, rows)
             assert want >= useful
             if (ks, q, kv) not in halved:
                 continue
             # half tiles (the portable 16-bit kernels: both products)
-            unit = tile_model.mma_unit(ks, q)
             halves = _walk_query_stationary(groups, q, unit, kv, halves=True)
             assert tile_model.query_stationary_pairs(axes, q, unit, kv, half_tiles=True) == halves, (prob, ks, q, kv)
             assert useful <= halves <= want
-            assert tile_model.forward_work(axes, ks, q, kv, half_tiles=True) == (halves if kv[0] >= 2 else want)
+            assert tile_model.forward_work(axes, ks, q, kv, half_tiles=True, warp_rows=rows) == (
+                halves if kv[0] >= 2 else want)
         for ks, q, kv, dq_q, dq_kv in _bwd_configs(rank):
             cta = _walk_key_stationary(groups, q, kv)
             assert tile_model.key_stationary_pairs(axes, q, kv) == cta, (prob, ks, q, kv)
@@ -205,6 +207,30 @@ def test_known_values():
     full16 = tile_model.forward_work(p1, "sm80", (128,), (64,))
     assert tile_model.forward_work(p1, "sm80", (128,), (64,), half_tiles=True) == (
         tile_model.query_stationary_pairs(p1, (128,), (16,), (64,), half_tiles=True)) < full16
+    # 32-query warps (two atoms: axis 0 of the 16-query box doubled): coarser boxes. Here the same
+    # tiles and halves (a 32-query warp's 2079 keys meet them as the 16-query warps do), in 2-D
+    # (p2's 31x31 window) 4.5% more pairs
+    assert [tile_model.portable_unit(q, 32) for q in ((128,), (16, 8), (4, 4, 8))] == [(32,), (4, 8), (2, 4, 4)]
+    assert tile_model.forward_work(p1, "sm80", (128,), (64,), True, warp_rows=32) == (
+        tile_model.forward_work(p1, "sm80", (128,), (64,), True))
+    p2 = tile_model.problem_axes((128, 128), (31, 31))
+    rows16, rows32 = (tile_model.forward_work(p2, "sm80", (16, 8), (8, 8), True, warp_rows=r) for r in (16, 32))
+    assert round(rows32 / rows16 - 1, 3) == 0.045
+    with pytest.raises(ValueError, match="rows must be 16 or 32"):
+        tile_model.portable_unit((128,), 64)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_portable_fwd_warp_rows(rank):
+    """The portable forward's warps take 32 queries at 16-bit head dim 128 only (as
+    kPortableFwdWarpRows in tile_shapes.cuh), except 2-D 8x16 tiles; one entry per configuration."""
+    for dt in ("bfloat16", "float16", "float32"):
+        for P in (32, 64, 128, 256):
+            rows = _checks.portable_fwd_warp_rows(dt, P, rank)
+            configs = _checks.fused_fwd_tile_configs("sm80", dt, P, rank)
+            assert len(rows) == len(configs) > 0, (dt, P, rows, configs)
+            wide = dt != "float32" and P == 128
+            assert rows == tuple(16 if (not wide or q == (8, 16)) else 32 for q, _ in configs), (dt, P, rows)
 
 
 def test_idle_weight():

@@ -532,6 +532,25 @@ def test_extension_tile_configs_equal_the_table(backward):
     assert list(listed(80, "float64", 128, 2)) == []
 
 
+@pytest.mark.skipif(not ext.has_fused_kernels(), reason="jax_na built without the fused kernels")
+def test_extension_warp_boxes_equal_the_model():
+    """jax_na._C.fused_fwd_warp_tiles lists each portable forward configuration's warp box: the tile
+    model's unit (tile_model.portable_unit) at _checks.portable_fwd_warp_rows' 16 or 32 queries."""
+    from jax_na import tile_model
+    C = ext._C
+    for dtype in DTYPES:
+        for D in (32, 64, 128, 256):
+            for rank in RANKS:
+                if dtype == "float32" and D in (32, 256):
+                    continue
+                configs = _checks.fused_fwd_tile_configs("sm80", dtype, D, rank)
+                rows = _checks.portable_fwd_warp_rows(dtype, D, rank)
+                got = [tuple(w) for w in C.fused_fwd_warp_tiles(dtype, D, rank)]
+                assert got == [tile_model.portable_unit(q, r) for (q, _), r in zip(configs, rows)], (dtype, D, rank)
+    assert 32 in _checks.portable_fwd_warp_rows("bfloat16", 128, 2)
+    assert list(C.fused_fwd_warp_tiles("float64", 128, 2)) == []
+
+
 # ----------------------------------------------------------------------------- the chooser
 
 def _window(rank, kernel_size, stride=1, is_causal=False):

@@ -74,10 +74,12 @@ def analyse(p: Problem, kernel_set: str) -> dict:
     fwd_index = getattr(fwd_pick, kernel_set, 0) if fwd_pick else 0
     bwd_index = getattr(bwd_pick, kernel_set, 0) if bwd_pick else 0
     half = kernel_set == "sm80" and _checks.portable_half_tiles(DTYPE, P)
+    rows = _checks.portable_fwd_warp_rows(DTYPE, P, p.rank) if kernel_set == "sm80" else None
     out = {"problem": p.id, "kernel_set": kernel_set, "useful_pairs": useful, "fwd": [], "bwd": []}
     for i, (q, kv) in enumerate(_checks.fused_fwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
-        computed = tile_model.forward_work(axes, kernel_set, q, kv, half)
-        whole = tile_model.forward_work(axes, kernel_set, q, kv)
+        r = rows[i] if rows else 16
+        computed = tile_model.forward_work(axes, kernel_set, q, kv, half, warp_rows=r)
+        whole = tile_model.forward_work(axes, kernel_set, q, kv, warp_rows=r)
         out["fwd"].append({"q": q, "kv": kv, "computed": computed, "efficiency": useful / computed,
                            "whole_tiles_efficiency": useful / whole, "chosen": i == fwd_index})
     dq_tiles = _checks.fused_bwd_dq_tiles(kernel_set, P, p.rank)

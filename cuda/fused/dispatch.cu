@@ -101,6 +101,7 @@ int describe_configs(TileConfig* out, int max, std::integer_sequence<int, I...>)
     for (int a = 0; a < 3; ++a) {
       out[i].q[a] = all[i].q[a];
       out[i].kv[a] = all[i].kv[a];
+      out[i].warp[a] = all[i].warp[a];
     }
   }
   return Configs::kCount;

@@ -85,23 +85,49 @@ struct ConcatConfigs<TileConfigs<As...>, TileConfigs<Bs...>> {
   using type = TileConfigs<As..., Bs...>;
 };
 
-// Portable forward (8 warps, 128-query tiles). Rows of 16-bit elements at head dims up to 128 take
-// 64-key tiles and have alternatives; float32 and head dim 256 (kBlockN 32: twice the bytes per key)
-// have the default only. Measured with `python -m jax_na.profile --sweep-tiles` (H200, bf16, D=128,
-// cuda/fused/NOTES.md session 20):
+// A portable warp's box of kRows queries in rank kRank: 16 rows (one m16 MMA atom: 16, 2x8, 1x4x4)
+// or 32 (two atoms, axis 0 doubled: 32, 4x8, 2x4x4). Of the 32-query boxes that tile every
+// configuration below, these meet the fewest K/V tiles (jax_na.tile_model on p2, p3, p8, p10 and
+// 7x31 on 64x256).
+template <int kRank, int kRows>
+using WarpBox = std::conditional_t<kRank == 1, Box<kRows, 1, 1>,
+                                   std::conditional_t<kRank == 2, Box<kRows / 8, 8, 1>, Box<kRows / 16, 4, 4>>>;
+
+// Rows per warp of the portable forward. 16-bit head dim 128 takes two m16 atoms per warp, as
+// FlashAttention-2 does: each K/V fragment a warp reads from smem (ldmatrix) serves 32 rows, so a
+// 128-query CTA of 4 warps (two per SM, 255 registers) reads each K/V tile 4 times instead of 8.
+// H100, bf16, D = 128, default tiles, ms, 16 / 32 rows (cuda/fused/NOTES.md, session 40): p1 2.38 /
+// 2.05, p2 1.04 / 0.92, p3 1.68 / 1.54, p6 26.6 / 21.5, p7 22.7 / 17.8, p9 72.6 / 57.1, p10 1.46 /
+// 1.44 (coarser warp boxes skip fewer of its causal tiles); p8 (2x8x8 over 4x4x4) 105.2 / 86.8.
+// Head dim 64 keeps 16: two atoms' accumulators need 234-240 registers there, so 4-warp CTAs fit
+// two per SM (8 warps against 16), which lost (p2 0.514 / 0.56 ms, p3 0.83 / 0.92, p11 1.256 /
+// 1.293; at 168 or 128 registers, spills made it slower still). Head dim 32 (64-query CTAs of
+// 16-row warps won there), float32 (3xTF32 fragments: three times the registers) and head dim 256
+// (32-key tiles) keep 16 too.
+template <DType kDType, int kHeadDim>
+constexpr int kPortableFwdWarpRows = (kDType != DType::kF32 && kHeadDim > 64 && kHeadDim <= 128) ? 32 : 16;
+
+// Portable forward (128-query tiles: 8 warps of 16 rows or 4 of 32). Rows of 16-bit elements at head
+// dims up to 128 take 64-key tiles and have alternatives; float32 and head dim 256 (kBlockN 32: twice
+// the bytes per key) have the default only. Measured with `python -m jax_na.profile --sweep-tiles`
+// (H200, bf16, D=128, 16-row warps, cuda/fused/NOTES.md session 20):
 // - 2-D: 16x8 over 8x8 by default; 8x16 over 8x8 for windows longer along the last axis (7x31 on
 //   64x256: 0.571 vs 0.617 ms; p2's square window: 1.173 vs 1.111).
 // - 3-D: 4x4x8 over 2x8x4 by default (the Hopper kernel's Q tile too: fewer tiles per warp where
 //   the first axis' window is short; p3 1.896 vs 1.966 ms, p10 1.638 vs 1.738, p8 equal), 2x8x8
 //   over 4x4x4.
-template <int kRank, int kBlockN>
-struct PortableFwdTiles : TileConfigs<TileShapes<kRank, kBlockN, 8>> {};
-template <>
-struct PortableFwdTiles<2, 64>
-    : TileConfigs<TileShapes<2, 64, 8>, Tiles<Box<8, 16, 1>, Box<2, 8, 1>, Box<8, 8, 1>>> {};
-template <>
-struct PortableFwdTiles<3, 64>
-    : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, TileShapes<3, 64, 8>> {};
+template <int kRank, int kBlockN, int kWarpRows = 16>
+struct PortableFwdTiles : TileConfigs<Tiles<typename TileShapes<kRank, kBlockN, 8>::QTile, WarpBox<kRank, kWarpRows>,
+                                            typename TileShapes<kRank, kBlockN, 8>::KVTile>> {};
+// 2-D 8x16 keeps 16-row warps: the windows it is for (short on the first axis) meet more K/V tiles
+// with 32-row warps' 4x8 boxes than the 2x8 ones gain back (7x31 on 64x256, H100, D = 128, ms: 8x16
+// on 16-row warps 1.797, on 32-row ones 2.096, 16x8 on 32-row ones 2.144).
+template <int kWarpRows>
+struct PortableFwdTiles<2, 64, kWarpRows> : TileConfigs<Tiles<Box<16, 8, 1>, WarpBox<2, kWarpRows>, Box<8, 8, 1>>,
+                                                        Tiles<Box<8, 16, 1>, WarpBox<2, 16>, Box<8, 8, 1>>> {};
+template <int kWarpRows>
+struct PortableFwdTiles<3, 64, kWarpRows> : TileConfigs<Tiles<Box<4, 4, 8>, WarpBox<3, kWarpRows>, Box<2, 8, 4>>,
+                                                        Tiles<Box<2, 8, 8>, WarpBox<3, kWarpRows>, Box<4, 4, 4>>> {};
 
 // 64-query tiles on 4 warps (the warps' boxes of the 128-query tiles, over 64 keys): the 16-bit
 // head-dim-32 forward appends them in 1-D and 2-D for small windows, where a 128-query CTA walks K/V
@@ -112,40 +138,19 @@ struct PortableFwdTiles<3, 64>
 template <int kRank>
 struct SmallQTiles : TileConfigs<> {};
 template <>
-struct SmallQTiles<1> : TileConfigs<Tiles<Box<64, 1, 1>, Box<16, 1, 1>, Box<64, 1, 1>>> {};
+struct SmallQTiles<1> : TileConfigs<Tiles<Box<64, 1, 1>, WarpBox<1, 16>, Box<64, 1, 1>>> {};
 template <>
-struct SmallQTiles<2> : TileConfigs<Tiles<Box<8, 8, 1>, Box<2, 8, 1>, Box<8, 8, 1>>> {};
+struct SmallQTiles<2> : TileConfigs<Tiles<Box<8, 8, 1>, WarpBox<2, 16>, Box<8, 8, 1>>> {};
 
 // The portable forward's configurations for (dtype, head dim, rank): float32 rows and head dim 256
 // take twice the bytes per key, so 32-key tiles keep their smem at ~130 KB; 16-bit head dim 32 adds
 // the 64-query tiles last in 1-D and 2-D.
-#if defined(JNA_FWD_EXPERIMENT_WIDE_WARPS)
-// Experiment: 128-query tiles on 4 warps of 32 queries (two m16 atoms per warp, as FlashAttention-2
-// at head dim 128: each K/V fragment read from smem serves twice the rows). It replaces the whole
-// configuration list of the 16-bit head-dim-64/128 portable forward (so configuration 1 is not
-// compiled there, unlike what jax_na._checks lists: for the standalone tests only); head dim 32 keeps
-// its list.
-template <int kRank>
-struct WideWarpTiles;
-template <>
-struct WideWarpTiles<1> : TileConfigs<Tiles<Box<128, 1, 1>, Box<32, 1, 1>, Box<64, 1, 1>>> {};
-template <>
-struct WideWarpTiles<2> : TileConfigs<Tiles<Box<16, 8, 1>, Box<4, 8, 1>, Box<8, 8, 1>>> {};
-template <>
-struct WideWarpTiles<3> : TileConfigs<Tiles<Box<4, 4, 8>, Box<2, 4, 4>, Box<2, 8, 4>>> {};
 template <DType kDType, int kHeadDim, int kRank,
-          class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>>
-using PortableFwdTilesFor = std::conditional_t<
-    (kDType != DType::kF32 && kHeadDim > 32 && kHeadDim <= 128), WideWarpTiles<kRank>,
-    std::conditional_t<kDType != DType::kF32 && kHeadDim <= 32 && Base::template At<0>::KVTile::kSize == 64,
-                       typename ConcatConfigs<typename Base::List, typename SmallQTiles<kRank>::List>::type, Base>>;
-#else
-template <DType kDType, int kHeadDim, int kRank,
-          class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N>>
+          class Base = PortableFwdTiles<kRank, (kDType == DType::kF32 || kHeadDim > 128) ? 32 : JNA_FUSED_BLOCK_N,
+                                        kPortableFwdWarpRows<kDType, kHeadDim>>>
 using PortableFwdTilesFor =
     std::conditional_t<kDType != DType::kF32 && kHeadDim <= 32 && Base::template At<0>::KVTile::kSize == 64,
                        typename ConcatConfigs<typename Base::List, typename SmallQTiles<kRank>::List>::type, Base>;
-#endif
 
 // Hopper forward (two consumer warpgroups splitting the Q tile along axis 0; see
 // hopper/kernel_traits.cuh). Defaults, measured (H200, bf16, cuda/fused/NOTES.md sessions 19, 26):
@@ -278,17 +283,29 @@ constexpr int kHopperDqBlockM = 64;
 template <int kRank>
 using HopperBwdTiles = BwdTileConfigs<kRank, 64, kHopperBwdBlockN, kHopperDqBlockN, kHopperDqBlockM>;
 
-// Host-side description of one configuration (extents per axis; axes past the rank are 1).
+// Host-side description of one configuration (extents per axis; axes past the rank are 1; warp: a
+// query-stationary configuration's warp box, zeros for the backward's).
 struct TileConfigDesc {
   int32_t q[3];
   int32_t kv[3];
+  int32_t warp[3];
 };
+
+template <class Shapes, class = void>
+struct HasWarpTile : std::false_type {};
+template <class Shapes>
+struct HasWarpTile<Shapes, std::void_t<typename Shapes::WarpTile>> : std::true_type {};
 
 template <class Shapes>
 constexpr TileConfigDesc describe_tiles() {
   using Q = typename Shapes::QTile;
   using KV = typename Shapes::KVTile;
-  return TileConfigDesc{{Q::extent(0), Q::extent(1), Q::extent(2)}, {KV::extent(0), KV::extent(1), KV::extent(2)}};
+  TileConfigDesc d{{Q::extent(0), Q::extent(1), Q::extent(2)}, {KV::extent(0), KV::extent(1), KV::extent(2)}, {0, 0, 0}};
+  if constexpr (HasWarpTile<Shapes>::value) {
+    using W = typename Shapes::WarpTile;
+    d.warp[0] = W::extent(0), d.warp[1] = W::extent(1), d.warp[2] = W::extent(2);
+  }
+  return d;
 }
 
 // Calls f(std::integral_constant<int, i>{}) for the runtime configuration index i < Configs::kCount
