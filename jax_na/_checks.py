@@ -197,9 +197,10 @@ _PORTABLE_FWD_WARP_ROWS_128 = {1: (32,), 2: (32, 16), 3: (32, 32)}
 def portable_fwd_warp_rows(dtype, head_dim: int, rank: int) -> tuple[int, ...]:
     """Queries per warp (16 or 32) of each portable forward configuration at this dtype and padded
     head dim, in fused_fwd_tile_configs' order."""
-    if _narrow(dtype, head_dim) and head_dim > 64:
-        return _PORTABLE_FWD_WARP_ROWS_128[rank]
-    return (16,) * len(fused_fwd_tile_configs("sm80", dtype, head_dim, rank))
+    n = len(fused_fwd_tile_configs("sm80", dtype, head_dim, rank))
+    rows = _PORTABLE_FWD_WARP_ROWS_128.get(rank, ()) if _narrow(dtype, head_dim) and head_dim > 64 else (16,) * n
+    assert len(rows) == n, (rows, n)  # one per configuration
+    return rows
 
 
 def portable_half_tiles(dtype, head_dim: int) -> bool:

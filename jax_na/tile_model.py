@@ -47,10 +47,10 @@ from jax_na import geometry
 __all__ = ["AxisGroup", "problem_axes", "useful_pairs", "query_stationary_pairs", "key_stationary_pairs",
            "hopper_unit", "portable_unit", "mma_unit", "dq_unit", "dkdv_units", "backward_work", "forward_work"]
 
-# Queries per MMA unit: a portable warp's 16 rows (its sub-box of the Q tile: 16, 2x8, 1x4x4 for every
-# compiled configuration; WarpBox in tile_shapes.cuh), or 32 (two MMA atoms: axis 0 doubled, the
-# forward at 16-bit head dims 64 and 128: jax_na._checks.portable_fwd_warp_rows), and a Hopper
-# warpgroup's 64 (half the Q tile along axis 0).
+# Queries per MMA unit: a portable warp's 16 rows (its sub-box of the Q tile: 16, 2x8, 1x4x4; WarpBox
+# in tile_shapes.cuh) or 32 (two MMA atoms, axis 0 doubled: the forward's configurations at 16-bit
+# head dim 128 but 2-D 8x16, jax_na._checks.portable_fwd_warp_rows), and a Hopper warpgroup's 64
+# (half the Q tile along axis 0).
 PORTABLE_WARP_BOX = {1: (16,), 2: (2, 8), 3: (1, 4, 4)}
 # MMA units of the dK/dV kernel that skip on their own (each owning K/V tile rows): 4 portable warps;
 # Hopper's warpgroups do not skip (Sm90Gemm::kUnitSkips), so one unit: the CTA's walk.

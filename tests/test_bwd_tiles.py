@@ -523,11 +523,12 @@ LOWERED = [
     ("na2d", "q2", "k2", 3, "fused", (None, None), ((4, 16), (4, 16)), (0, 0, 0), (0, 1, 1)),
     ("na2d", "q2", "k2", 3, "fused_sm80", (None, None), ((4, 16), None), (80, 0, 0), (80, 1, -1)),
     ("na2d", "q2", "k2", 3, "fused_sm90", (None, None), ((4, 16), None), (90, 0, 0), (90, -1, 1)),
-    # head dim 128, 3x3: the portable forward's chooser may take 8x16 (16-query warps' 2x8 boxes)
-    ("na2d", "q2h", "k2h", 3, None, (None, None), ((2, 16), None), CHOSEN, (80, 1, -1)),
-    ("na2d", "q2h", "k2h", 3, None, (None, None), ((8, 8), None), CHOSEN, (90, -1, 0)),
-    ("na2d", "q2h", "k2h", 3, "fused_sm80", (None, None), (None, (4, 16)), CHOSEN, (80, 1, -1)),
-    ("na2d", "q2h", "k2h", 3, "fused_sm90", (None, None), (None, (4, 16)), CHOSEN, (90, -1, 1)),
+    # head dim 128, 3x3: the portable forward's chooser takes 8x16 (16-query warps' 2x8 boxes meet
+    # fewer K/V tiles than the default's 32-query 4x8 ones)
+    ("na2d", "q2h", "k2h", 3, None, (None, None), ((2, 16), None), (0, 1, 0), (80, 1, -1)),
+    ("na2d", "q2h", "k2h", 3, None, (None, None), ((8, 8), None), (0, 1, 0), (90, -1, 0)),
+    ("na2d", "q2h", "k2h", 3, "fused_sm80", (None, None), (None, (4, 16)), (80, 1, 0), (80, 1, -1)),
+    ("na2d", "q2h", "k2h", 3, "fused_sm90", (None, None), (None, (4, 16)), (90, 1, 0), (90, -1, 1)),
     ("na3d", "q3", "q3", 3, None, (None, None), ((1, 4, 8), (1, 8, 8)), (0, 0, 0), (80, 1, -1)),
     ("na3d", "q3", "q3", 3, None, (None, None), ((2, 4, 8), (1, 8, 8)), (0, 0, 0), (90, -1, 1)),
     ("na1d", "q1", "q1", 3, None, (None, None), (64, None), (0, 0, 0), (0, 0, 0)),

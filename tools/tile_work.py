@@ -80,7 +80,7 @@ def analyse(p: Problem, kernel_set: str) -> dict:
         r = rows[i] if rows else 16
         computed = tile_model.forward_work(axes, kernel_set, q, kv, half, warp_rows=r)
         whole = tile_model.forward_work(axes, kernel_set, q, kv, warp_rows=r)
-        out["fwd"].append({"q": q, "kv": kv, "computed": computed, "efficiency": useful / computed,
+        out["fwd"].append({"q": q, "kv": kv, "warp_rows": r, "computed": computed, "efficiency": useful / computed,
                            "whole_tiles_efficiency": useful / whole, "chosen": i == fwd_index})
     dq_tiles = _checks.fused_bwd_dq_tiles(kernel_set, P, p.rank)
     for i, (q, kv) in enumerate(_checks.fused_bwd_tile_configs(kernel_set, DTYPE, P, p.rank)):
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
         for c in r["fwd"]:
             eff, whole = c["efficiency"], c["whole_tiles_efficiency"]
             whole = f"  (whole tiles {whole:.2f})" if whole != eff else ""
-            print(f"  fwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  {eff:.2f}{whole}")
+            print(f"  fwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  {eff:.2f}{whole}"
+                  f"  (warps of {c['warp_rows']})")
         for c in r["bwd"]:
             print(f"  bwd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  "
                   f"dK/dV {c['dkdv_efficiency']:.2f} (CTA walk {c['dkdv_cta_efficiency']:.2f})  dQ ({_fmt(c['dq_q'])} / {_fmt(c['dq_kv'])}) "

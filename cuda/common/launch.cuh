@@ -28,25 +28,36 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, co
   return cudaGetLastError();
 }
 
+// Attribute kAttr (a positive int) of the current device, queried once per device (host threads
+// race benignly: they store the same value).
+template <cudaDeviceAttr kAttr>
+inline cudaError_t current_device_attribute(int* value) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t st = cudaGetDevice(&dev);
+  if (st != cudaSuccess) return st;
+  int v = dev < kMaxDevices ? cache[dev].load() : 0;
+  if (v <= 0) {
+    st = cudaDeviceGetAttribute(&v, kAttr, dev);
+    if (st != cudaSuccess) return st;
+    if (dev < kMaxDevices) cache[dev] = v;
+  }
+  *value = v;
+  return cudaSuccess;
+}
+
 // The grid of a persistent kernel (one CTA per SM of the current device) over `tiles` work tiles:
 // min(tiles, SMs), or min(tiles, JAX_NA_PERSISTENT_CTAS) where that variable is set (read once:
 // tests use it to give each CTA many tiles of a small problem).
 inline cudaError_t persistent_ctas(int64_t tiles, unsigned* ctas) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> sm_count[kMaxDevices] = {};  // per device, queried once (host threads race)
   static const int64_t cap = [] {
     const char* v = std::getenv("JAX_NA_PERSISTENT_CTAS");
     return v != nullptr ? std::strtoll(v, nullptr, 10) : 0;
   }();
-  int dev = 0;
-  cudaError_t st = cudaGetDevice(&dev);
+  int sms = 0;
+  const cudaError_t st = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms);
   if (st != cudaSuccess) return st;
-  int sms = dev < kMaxDevices ? sm_count[dev].load() : 0;
-  if (sms <= 0) {
-    st = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (st != cudaSuccess) return st;
-    if (dev < kMaxDevices) sm_count[dev] = sms;
-  }
   int64_t n = cap > 0 ? cap : sms;
   if (n > tiles) n = tiles;
   *ctas = static_cast<unsigned>(n < 1 ? 1 : n);

@@ -49,7 +49,7 @@ struct FwdArgs {
 struct TileConfig {
   int32_t q[3];
   int32_t kv[3];
-  int32_t warp[3];  // a forward configuration's warp box (its MMA rows: 16 or 32 queries); zeros in the backward
+  int32_t warp[3];  // a portable forward configuration's warp box (16 or 32 queries); zeros in the backward
 };
 
 // The forward's compiled tile configurations of the portable (arch 80) or Hopper (arch 90) kernels

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
 #include "common/launch.cuh"
@@ -56,15 +57,46 @@ cudaError_t launch_fwd_kernel(Kernel kernel, const geo::Problem& pr, const FwdAr
   return launch_fwd_grid<Traits>(kernel, kp, grid, stream);
 }
 
+// The portable forward's traits for tile configuration Shapes: a warp per warp tile (8 of 16 rows
+// for the 128-query tiles, 4 for head dim 32's 64-query ones, 4 of 32 rows at head dim 128).
+template <DType kDType, int kHeadDim, int kRank, class Shapes>
+using PortableFwdTraitsFor = PortableFwdTraitsOf<FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize,
+                                                           Shapes::QTile::kSize / Shapes::WarpTile::kSize, 2, Shapes>>;
+
+// Whether the current device runs Traits' 32-row warps (two CTAs per SM: 8 warps, as one CTA of
+// 16-row ones). An SM whose shared memory holds only one such CTA (A100: 164 KB, sm86/89: 100 KB)
+// would run 4 warps, one per scheduler, with nothing to hide their stalls: the 16-row warps run
+// there instead. JAX_NA_FUSED_16_ROW_WARPS=1 (read once) takes them everywhere, so that the GPU
+// tests check them on an H100 too.
+template <class Traits>
+cudaError_t runs_32_row_warps(bool* yes) {
+  static const bool forced = [] {
+    const char* v = std::getenv("JAX_NA_FUSED_16_ROW_WARPS");
+    return v != nullptr && v[0] == '1';
+  }();
+  int smem = 0;
+  const cudaError_t st = current_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(&smem);
+  constexpr int kReservedPerCta = 1024;  // shared memory the system keeps per CTA (sm80 and up)
+  *yes = !forced && smem >= 2 * (Traits::kSmemBytes + kReservedPerCta);
+  return st;
+}
+
 // args.tiles_sm80 picks the configuration (cudaErrorInvalidValue for one that is not compiled).
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_fwd(const geo::Problem& pr, const FwdArgs& args, cudaStream_t stream) {
   using Configs = PortableFwdTilesFor<kDType, kHeadDim, kRank>;
   return with_tile_config<Configs>(args.tiles_sm80, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
-    // A warp per warp tile: 8 for the 128-query tiles, 4 for head dim 32's 64-query ones.
-    using Traits = PortableFwdTraitsOf<FwdTraits<kDType, kHeadDim, kRank, Shapes::KVTile::kSize,
-                                                 Shapes::QTile::kSize / Shapes::WarpTile::kSize, 2, Shapes>>;
+    using Traits = PortableFwdTraitsFor<kDType, kHeadDim, kRank, Shapes>;
+    if constexpr (Shapes::WarpTile::kSize == 32) {
+      bool wide = false;
+      if (const cudaError_t st = runs_32_row_warps<Traits>(&wide); st != cudaSuccess) return st;
+      if (!wide) {
+        using Narrow = PortableFwdTraitsFor<kDType, kHeadDim, kRank,
+                                            Tiles<typename Shapes::QTile, WarpBox<kRank, 16>, typename Shapes::KVTile>>;
+        return launch_fwd_kernel<Narrow>(fused_fwd_kernel<Narrow>, pr, args, stream);
+      }
+    }
     return launch_fwd_kernel<Traits>(fused_fwd_kernel<Traits>, pr, args, stream);
   });
 }

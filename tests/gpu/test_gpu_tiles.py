@@ -23,6 +23,9 @@ import dataclasses
 import functools
 import math
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +162,24 @@ def test_every_configuration(kernel_set, rank, c, g):
     q_tile_shape, kv_tile_shape = configs[c]
     case = _with_head_dim(GEOMETRIES[rank][g], D)
     check_forward(case, backend, dtype, q_tile_shape, kv_tile_shape, seed=helpers.seed_of(case) + c)
+
+
+def test_every_portable_configuration_on_16_row_warps():
+    """JAX_NA_FUSED_16_ROW_WARPS=1 runs the portable forward's 32-query-warp configurations (16-bit
+    head dim 128) on 16-query warps, as GPUs whose SMs hold only one 32-row CTA do (A100, sm86/89):
+    test_every_configuration on fused_sm80 passes that way too, in a process of its own (the
+    variable is read once per process)."""
+    _backend("fused_sm80")
+    if ON_CPU:
+        pytest.skip("the variable only matters to the CUDA kernels")
+    env = dict(os.environ, JAX_NA_FUSED_16_ROW_WARPS="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                          __file__, "-k", "test_every_configuration and fused_sm80"],
+                         env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(__file__))
+    tail = run.stdout[-3000:] + run.stderr[-2000:]
+    assert run.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) == len([p for p in _config_params() if p.values[0] == "fused_sm80"]), tail
 
 
 def _head_dim_32_params():
