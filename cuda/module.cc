@@ -19,6 +19,21 @@ namespace nb = nanobind;
 #define JAX_NA_CUDA_ARCHS ""
 #endif
 
+#if defined(JAX_NA_WITH_FUSED)
+// The fused kernels' dtype of a dtype name; false for a name they do not take.
+static bool fused_dtype(const std::string& name, jax_na::DType* dt) {
+  if (name == "float32")
+    *dt = jax_na::DType::kF32;
+  else if (name == "float16")
+    *dt = jax_na::DType::kF16;
+  else if (name == "bfloat16")
+    *dt = jax_na::DType::kBF16;
+  else
+    return false;
+  return true;
+}
+#endif
+
 NB_MODULE(_C, m) {
   m.doc() = "jax_na compiled extension: XLA FFI handlers of the CUDA kernels";
 
@@ -50,10 +65,8 @@ NB_MODULE(_C, m) {
     return [forward](int arch, const std::string& dtype, int64_t head_dim, int rank) {
       nb::list configs;
 #if defined(JAX_NA_WITH_FUSED)
-      if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") return configs;
-      const jax_na::DType dt = dtype == "float32"   ? jax_na::DType::kF32
-                               : dtype == "float16" ? jax_na::DType::kF16
-                                                    : jax_na::DType::kBF16;
+      jax_na::DType dt;
+      if (!fused_dtype(dtype, &dt)) return configs;
       jax_na::fused::TileConfig out[16];
       const int n = forward ? jax_na::fused::fwd_tile_configs(arch, dt, head_dim, rank, out, 16)
                             : jax_na::fused::bwd_tile_configs(arch, dt, head_dim, rank, out, 16);
@@ -84,10 +97,8 @@ NB_MODULE(_C, m) {
       [](const std::string& dtype, int64_t head_dim, int rank) {
         nb::list boxes;
 #if defined(JAX_NA_WITH_FUSED)
-        if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16") return boxes;
-        const jax_na::DType dt = dtype == "float32"   ? jax_na::DType::kF32
-                                 : dtype == "float16" ? jax_na::DType::kF16
-                                                      : jax_na::DType::kBF16;
+        jax_na::DType dt;
+        if (!fused_dtype(dtype, &dt)) return boxes;
         jax_na::fused::TileConfig out[16];
         const int n = jax_na::fused::fwd_tile_configs(/*arch=*/80, dt, head_dim, rank, out, 16);
         for (int i = 0; i < n && i < 16; ++i) {

@@ -13,7 +13,8 @@
 # A variant named "head" compiles the kernel unit of the git revision in $HEAD_SRC (a checkout's
 # root) instead of this tree's, for a before/after in the same run. Forward: a variant whose flags
 # hold -DJNA_FWD_TRACE also prints per-CTA phase timings (run adds --trace for it); one with
-# -DJNA_FWD_EXPERIMENT_NO_EXP (the softmax without its exponentials: wrong results) is timed only. Backward: the
+# -DJNA_FWD_EXPERIMENT_NO_EXP (the softmax without its exponentials) or -DJNA_FWD_EXPERIMENT_NO_MASK (no
+# mask arithmetic: every score of a visited tile counts) computes wrong results and is timed only. Backward: the
 # -DJNA_BWD_EXPERIMENT_* knobs NO_DQ_KERNEL, NO_DKDV_KERNEL, ONE_UNIT (Hopper: with TWO_WARPGROUPS) and
 # NO_EXP (cuda/fused/NOTES.md, sessions 30-32) leave parts of the work out; their checks would fail by
 # design, so those variants run the timings only. The others (NO_UNIT_SKIP, UNIT_SKIP: the dK/dV units' skips off / on;
@@ -55,7 +56,7 @@ for bin in "$dir"/*.flags; do
   name=$(basename "$bin" .flags)
   extra=()
   grep -q JNA_FWD_TRACE "$bin" && extra=(--trace --timing)  # timings and the phase trace only
-  grep -qE "JNA_BWD_EXPERIMENT_(NO_DQ_KERNEL|NO_DKDV_KERNEL|ONE_UNIT|NO_EXP)|JNA_FWD_EXPERIMENT_NO_EXP" "$bin" && extra=(--timing)  # parts left out
+  grep -qE "JNA_BWD_EXPERIMENT_(NO_DQ_KERNEL|NO_DKDV_KERNEL|ONE_UNIT|NO_EXP)|JNA_FWD_EXPERIMENT_NO_(EXP|MASK)" "$bin" && extra=(--timing)  # parts left out
   [ "$name" = head ] && extra=(--timing)
   echo "=== $name: $(cat "$bin")"
   timeout "${VARIANT_TIMEOUT:-120}" "$dir/$name" "$@" "${extra[@]}" > "$res/$name.out" 2>&1 || echo "rc=$? ($name)"

@@ -4,9 +4,9 @@
 // A forward CTA owns kBlockM = 128 queries forming a box QTile (in dilation-group positions); each of
 // its warps (8 of 16 rows, or 4 of 32: two MMA atoms) owns a compact sub-box WarpTile of them, so
 // that a warp can skip the KV tiles that miss its own queries' windows. KV tiles hold kBlockN keys
-// (default 64) forming a box KVTile. Tuning knobs (compile definitions, for experiments): JNA_FUSED_BLOCK_N (32 or 64),
-// JNA_FUSED_MIN_BLOCKS (__launch_bounds__ min blocks). The user picks among the compiled tile
-// configurations at run time (tile_shapes.cuh).
+// (default 64) forming a box KVTile. Tuning knobs (compile definitions, for experiments):
+// JNA_FUSED_BLOCK_N (32 or 64), JNA_FUSED_MIN_BLOCKS (__launch_bounds__ min blocks). The user picks
+// among the compiled tile configurations at run time (tile_shapes.cuh).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -131,13 +131,11 @@ struct FwdTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   // Head dim 64 fits 128 registers without spills: two CTAs per SM hide the gather latency. The
   // 16-bit head-dim-32 forward takes three (80 registers, 16-40 bytes of spills): p4/p5 0.334 ->
   // 0.290 ms and 0.097 -> 0.077 (H100, session 36). (Float32 has no head dim 32: it pads to 64.)
-  // Counted for 8-warp CTAs of 16-row warps: a CTA of fewer such warps (64-query tiles) asks for
-  // proportionally more. 4-warp CTAs of 32-row warps (head dim 128: two atoms' accumulators per
-  // thread) take two per SM, 255 registers each, as the one 8-warp CTA.
+  // Counted for 8-warp CTAs: a CTA of 4 warps asks for twice as many. That also covers the 4-warp
+  // CTAs of 32-row warps (head dim 128, two atoms' accumulators per thread): two per SM, 255
+  // registers each, as the one 8-warp CTA of 16-row warps.
   static constexpr int kMinBlocks =
-      Shapes_::WarpTile::kSize == 32
-          ? 2
-          : ((kHeadDim_ <= 32 && kDType_ != DType::kF32) ? 3 : (kHeadDim_ <= 64 ? 2 : 1)) * (8 / kNWarps_);
+      ((kHeadDim_ <= 32 && kDType_ != DType::kF32) ? 3 : (kHeadDim_ <= 64 ? 2 : 1)) * (8 / kNWarps_);
 #endif
   using QTile = typename Shapes_::QTile;
   static constexpr int kBlockM = QTile::kSize;  // 128; 64 in the Hopper dQ kernel (128 with TWO_WARPGROUPS)

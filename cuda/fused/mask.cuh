@@ -166,6 +166,9 @@ __device__ __forceinline__ void mask_outside_intervals(TensorS& s_rc, int warp, 
   constexpr int kRows = decltype(cute::size<0>(s_rc))::value;
   constexpr int kCols = decltype(cute::size<1>(s_rc))::value;
   static_assert(kCols * 4 == ColBox::kSize, "a thread holds a quarter of a row's columns");
+#if defined(JNA_FWD_EXPERIMENT_NO_MASK)  // timing experiment: what the masks cost (wrong results)
+  return;
+#endif
   const int lane_col = 2 * (lane & 3);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {

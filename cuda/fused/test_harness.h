@@ -246,6 +246,12 @@ inline std::vector<Case> perf_cases(bool big) {
       {"1d 16384 k255 d32", 1, 4, {16384, 1, 1}, {255, 1, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 32, DType::kBF16, 0},
       // Windows longer along the last axis (the 2-D tile choice: 8x16 against 16x8 Q tiles).
       {"2d 64x256 k7x31", 2, 4, {64, 256, 1}, {7, 31, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 128, DType::kBF16, 0},
+      // Small windows at head dim 128 (the forward chooser's 2-D picks there: --tiles 0 against 1).
+      {"small 2d 128x128 k3", 2, 4, {128, 128, 1}, {3, 3, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 128, DType::kBF16, 0},
+      {"small 2d 128x128 k7", 2, 4, {128, 128, 1}, {7, 7, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 128, DType::kBF16, 0},
+      {"small 2d 128x128 k13", 2, 4, {128, 128, 1}, {13, 13, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 128, DType::kBF16, 0},
+      // Every key in every window: the kernels' mask-free dense rate (against dense attention).
+      {"dense 1d 16384 k16384", 1, 1, {16384, 1, 1}, {16384, 1, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 128, DType::kBF16, 0},
       // Head dim 64 (the portable forward's warp rows there).
       {"p1 32768 k2048 d64", 1, 1, {32768, 1, 1}, {2048, 1, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 64, DType::kBF16, 0},
       {"p2 128x128 k31 d64", 2, 1, {128, 128, 1}, {31, 31, 1}, {1, 1, 1}, {1, 1, 1}, {0, 0, 0}, 16, 16, 64, DType::kBF16, 0},
