@@ -273,4 +273,23 @@ def test_tile_work_tool(tmp_path, capsys):
     # Hopper's dK/dV CTAs are one warpgroup (64 keys): the units' count is the CTA's walk
     assert len(r["bwd"]) == 2 and r["bwd"][0]["chosen"] and 2.0 < r["bwd"][0]["products_over_ideal"] < 2.2
     assert round(r["bwd"][0]["dkdv_efficiency"], 2) == round(r["bwd"][0]["dkdv_cta_efficiency"], 2) == 0.67
-    assert "p2-2d" in capsys.readouterr().out
+    assert "p2-2d" in capsys.readouterr().out and "bound_warp" not in r  # Hopper: 64-query boxes only
+
+
+def test_tile_work_tool_portable_warp_bound(tmp_path):
+    """On the portable set tools/tile_work.py also bounds the chooser's warp box: p3 on 32-query
+    warps (16-bit, head dim 128) computes 0.62 useful pairs over 64-key tiles, where a key-exact walk
+    of 2x4x4 warp boxes would compute 0.73 (64-query boxes: 0.64)."""
+    import json
+    import os
+    import runpy
+
+    tool = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "tile_work.py"))
+    out = tmp_path / "p3.json"
+    assert tool["main"](["--set", "sm80", "--problem", "p3-3d", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    chosen = [c for c in r["fwd"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["warp_rows"] == r["bound_warp_rows"] == 32
+    assert round(chosen[0]["efficiency"], 2) == 0.62
+    assert round(r["bound_warp"], 2) == 0.73 and tuple(r["bound_warp_box"]) == (2, 4, 4)
+    assert round(r["bound64"], 2) == 0.64 and r["bound_warp"] > r["bound64"]

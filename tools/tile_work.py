@@ -11,7 +11,9 @@ cuda/fused/tile_scheduler.cuh, the window geometry of jax_na.geometry); this pri
   whole walk) and for the dQ kernel of each backward configuration, and the backward's
   pair-products (4 per dK/dV pair, 3 per dQ pair) over the ideal 5 per useful pair;
 - bound: a Q box of 64 queries (one wgmma) that computed exactly the union of its queries'
-  windows, for its best power-of-two shape: what no tiling of 64-query MMAs can beat;
+  windows, for its best power-of-two shape: what no tiling of 64-query MMAs can beat; for the
+  portable set also the box of one warp of the chooser's configuration (16 or 32 queries: the
+  granularity at which its warps skip K/V tiles), what a key-exact walk of such warps would reach;
 - with ``--times`` (a ``python -m jax_na.profile --json`` file): the forward's rate on the pairs it
   computes (effective TFLOP/s / efficiency), which splits a low fraction of ideal into geometry
   (this table) and rate.
@@ -94,6 +96,9 @@ def analyse(p: Problem, kernel_set: str) -> dict:
                            "products_over_ideal": (4 * dkdv + 3 * dq) / (5 * useful),
                            "products_cta_walk_over_ideal": (4 * dkdv_cta + 3 * dq) / (5 * useful)})
     out["bound64"], out["bound64_box"] = union_bound(axes, p.rank)
+    if rows:  # the portable warps skip K/V tiles per warp box
+        out["bound_warp_rows"] = rows[fwd_index]
+        out["bound_warp"], out["bound_warp_box"] = union_bound(axes, p.rank, rows[fwd_index])
     return out
 
 
@@ -118,7 +123,9 @@ def main(argv=None) -> int:
     for p in probs:
         r = analyse(p, a.set)
         results.append(r)
-        print(f"{p.id}  (bound of a 64-query box: {r['bound64']:.2f} at {_fmt(r['bound64_box'])})")
+        warp = (f"; of a {r['bound_warp_rows']}-query warp box: {r['bound_warp']:.2f} at {_fmt(r['bound_warp_box'])}"
+                if "bound_warp" in r else "")
+        print(f"{p.id}  (bound of a 64-query box: {r['bound64']:.2f} at {_fmt(r['bound64_box'])}{warp})")
         for c in r["fwd"]:
             eff, whole = c["efficiency"], c["whole_tiles_efficiency"]
             whole = f"  (whole tiles {whole:.2f})" if whole != eff else ""
