@@ -5,6 +5,7 @@
     python -m jax_na.profile --spatial 64x64 --heads 4 --head-dim 32 --kernel 7 --dilation 2 \\
         --batch 8 --dtype bfloat16 --mode fwd,fwdbwd --backends fused,gemm,reference,naive --plot out.png
     python -m jax_na.profile --problem p2-2d --sweep-tiles     # tile-shape sweep of the tunable backends
+    python -m jax_na.profile --problem p1-1d-long --clocks     # each row with its SM clock and power
 
 Installed as the console script ``jax-na-profile`` too.
 
@@ -26,7 +27,11 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -39,7 +44,7 @@ from jax_na import _checks, _ext
 
 __all__ = [
     "PROBLEMS", "BY_ID", "Problem", "TUNABLE_BACKENDS", "TileSweep", "register_tunable", "make_problem",
-    "parse_problem", "run", "timeit", "format_table", "main",
+    "parse_problem", "run", "timeit", "ClockSampler", "format_table", "main",
 ]
 
 
@@ -214,12 +219,13 @@ def parse_problem(a) -> Problem:
 BATCH_BELOW_S = 0.02
 
 
-def timeit(fn: Callable, args: Sequence, reps: int = 20, budget_s: float = 4.0):
+def timeit(fn: Callable, args: Sequence, reps: int = 20, budget_s: float = 4.0, window: list | None = None):
     """Median, 10th and 90th percentile (seconds per call) and the number of samples, after a warm-up.
 
     A sample is one device-synchronized call, or for calls under ``BATCH_BELOW_S`` the mean of a batch
     of calls issued back to back and synchronized once. ``reps`` samples, or fewer (at least 3) when
-    they would exceed ``budget_s``."""
+    they would exceed ``budget_s``. ``window``: a list that gets the wall-clock span (``time.time()``
+    at the first and after the last timed call) appended, for :class:`ClockSampler`."""
     jax.block_until_ready(fn(*args))  # compile + warm-up
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -227,14 +233,109 @@ def timeit(fn: Callable, args: Sequence, reps: int = 20, budget_s: float = 4.0):
     batch = max(1, min(64, int(BATCH_BELOW_S / max(first, 1e-6)))) if first < BATCH_BELOW_S else 1
     reps = max(3, min(reps, int(budget_s / max(first * batch, 1e-6))))
     times = []
+    start = time.time()
     for _ in range(reps):
         t = time.perf_counter()
         for _ in range(batch):
             out = fn(*args)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t) / batch)
+    if window is not None:
+        window.append((start, time.time()))
     times = np.array(times)
     return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90)), reps
+
+
+class ClockSampler:
+    """The GPU's SM clock, board power and power-cap state, sampled by ``nvidia-smi`` every
+    ``interval_ms`` in a background thread, so that a timing can be read with the clock it ran at
+    (back-to-back calls hold an H100/H200 at its 700 W cap, where the SM clock drops well below its
+    maximum, and less so for short, isolated launches). A context manager; ``ok`` is False, with
+    ``why`` saying why, when ``nvidia-smi`` cannot be run. Samples are of GPU ``index`` (nvidia-smi's
+    numbering; default: the first of ``CUDA_VISIBLE_DEVICES`` when it is a number, else 0, i.e. the
+    GPU of jax's first device)."""
+
+    def __init__(self, interval_ms: int = 100, index: int | None = None, command: str = "nvidia-smi"):
+        self.samples: list[tuple[float, float, float, bool]] = []  # (time, SM MHz, W, power-capped)
+        self.interval_s = interval_ms / 1e3
+        self.ok, self.why, self._proc, self._thread = False, "", None, None
+        if index is None:
+            first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            index = int(first) if first.isdigit() else 0
+        exe = shutil.which(command)
+        if exe is None:
+            self.why = f"{command} not found"
+            return
+        # The power-cap reason field's name changed (clocks_throttle_reasons -> clocks_event_reasons).
+        probe = None
+        for reasons in ("clocks_event_reasons", "clocks_throttle_reasons"):
+            query = f"clocks.sm,power.draw,{reasons}.sw_power_cap"
+            try:
+                probe = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits",
+                                        f"--id={index}"], capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.SubprocessError) as e:
+                self.why = f"{command} failed: {e}"
+                return
+            if probe.returncode == 0:
+                break
+        else:
+            self.why = f"{command} --query-gpu failed: {(probe.stderr or probe.stdout).strip()[:200]}"
+            return
+        self._proc = subprocess.Popen([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits", f"--id={index}",
+                                       "-lms", str(interval_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self.ok = True
+
+    def _read(self):
+        for line in self._proc.stdout:
+            fields = [f.strip() for f in line.split(",")]
+            try:
+                self.samples.append((time.time(), float(fields[0]), float(fields[1]), fields[2].lower() == "active"))
+            except (ValueError, IndexError):  # "[N/A]" or a partial line
+                continue
+
+    def window(self, start: float, end: float) -> dict | None:
+        """Mean SM clock (MHz), its minimum, mean board power (W) and the fraction of samples under
+        the software power cap, over the samples taken in [start, end] (a window shorter than the
+        sampling interval: those within one interval of it); None when there are none."""
+        samples = list(self.samples)
+        got = [x for x in samples if start <= x[0] <= end]
+        if not got:
+            got = [x for x in samples if start - self.interval_s <= x[0] <= end + self.interval_s]
+        if not got:
+            return None
+        return dict(sm_mhz=sum(x[1] for x in got) / len(got), sm_mhz_min=min(x[1] for x in got),
+                    power_w=sum(x[2] for x in got) / len(got), power_capped=sum(x[3] for x in got) / len(got),
+                    clock_samples=len(got))
+
+    def close(self):
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                self._proc.kill()
+            self._proc = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _clocked(row: dict, clocks: ClockSampler | None, window: list) -> dict:
+    """``row`` with the clock and power of its timed calls (ClockSampler.window), when sampled."""
+    if clocks is not None and window:
+        got = clocks.window(*window[-1])
+        if got:
+            row.update(got)
+    return row
 
 
 def make_inputs(p: Problem, dtype, seed: int = 0):
@@ -428,8 +529,11 @@ def yardstick(on_gpu: bool, dtype=jnp.bfloat16) -> tuple[str, str]:
 
 def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequence[str], reps: int = 20,
         budget_s: float = 4.0, self_attention: bool = True, progress=None,
-        deterministic_backward: bool = True) -> list[dict]:
-    """Time every backend (and dense self attention) on every problem and mode; one dict per row."""
+        deterministic_backward: bool = True, clocks: ClockSampler | None = None) -> list[dict]:
+    """Time every backend (and dense self attention) on every problem and mode; one dict per row.
+    ``clocks``: a running :class:`ClockSampler`; each timed row then carries the mean SM clock, board
+    power and power-cap share of its timed calls (``sm_mhz``, ``sm_mhz_min``, ``power_w``,
+    ``power_capped``, ``clock_samples``)."""
     rows = []
     on_gpu = _on_gpu()
     sa_name, sa_impl = yardstick(on_gpu, dtype)
@@ -449,12 +553,13 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                                      skipped=f"skipped: [B,H,N,N] scores {sa_bytes / 2**30:.1f} GiB"))
                 else:
                     try:
+                        window = []
                         med, lo, hi, n = timeit(self_attention_callable(p, mode, sa_impl), args, reps,
-                                                budget_s)
+                                                budget_s, window)
                         base = med
                         row = dict(problem=p.id, mode=mode, backend=sa_name, ms=1e3 * med, p10_ms=1e3 * lo,
                                    p90_ms=1e3 * hi, reps=n, dense_tflops=p.dense_flops(mode) / med / 1e12)
-                        rows.append(row)
+                        rows.append(_clocked(row, clocks, window))
                         _say(progress, format_row(row))
                     except Exception as e:  # noqa: BLE001 - report and continue
                         rows.append(dict(problem=p.id, mode=mode, backend=sa_name, error=_err(e)))
@@ -463,9 +568,10 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                 if why:
                     rows.append(dict(problem=p.id, mode=mode, backend=b, skipped=why))
                     continue
+                window = []
                 try:
                     med, lo, hi, n = timeit(na_callable(p, b, mode, deterministic_backward=deterministic_backward),
-                                            args, reps, budget_s)
+                                            args, reps, budget_s, window)
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(problem=p.id, mode=mode, backend=b, error=_err(e)))
                     _say(progress, format_row(rows[-1]))
@@ -476,7 +582,7 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                 if base:
                     row["speedup_vs_self"] = base / med
                     row["fraction_of_ideal"] = base / med / (p.N / p.W)
-                rows.append(row)
+                rows.append(_clocked(row, clocks, window))
                 _say(progress, format_row(row))
         for row in backward_rows(p, [r for r in rows if r["problem"] == p.id], itemsize):
             rows.append(row)
@@ -547,6 +653,8 @@ def format_row(r: dict) -> str:
         s += f" {r['bandwidth_gbs']:>8.1f}" if r.get("memory_bound") else f" {'-':>8}"
     else:
         s += f" {'':>9} (dense {r['dense_tflops']:.3g} TFLOP/s)"
+    if "sm_mhz" in r:
+        s += f"  [SM {r['sm_mhz']:.0f} MHz, {r['power_w']:.0f} W, power-capped {r['power_capped']:.0%}]"
     return s
 
 
@@ -640,6 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="na*d's deterministic_backward=False (the Hopper fused backward adds dQ with atomics)")
     r.add_argument("--reps", type=int, default=20, help="timing samples per entry (at most; a sample is one call, or the mean of a batch of calls under 20 ms)")
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
+    r.add_argument("--clocks", action="store_true",
+                   help="sample the GPU's SM clock, board power and power-cap state (nvidia-smi, every 100 ms) "
+                        "over each entry's timed calls and add them to its row (back-to-back calls can hold a "
+                        "GPU at its power cap, at a lower clock than short runs)")
     r.add_argument("--sweep-tiles", action="store_true",
                    help="sweep the kernel configurations of the backends registered in TUNABLE_BACKENDS "
                         "instead and report the best (fused: each kernel set, portable and on an H100/H200 "
@@ -718,9 +830,19 @@ def main(argv=None) -> int:
         backends = [b for b in backends if b in available]
     for p in problems:
         print(f"{p.id}: {p.describe()} (N={p.N}, W={p.W}, N/W={p.N / p.W:.1f})")
+    clocks = None
+    if a.clocks:
+        clocks = ClockSampler()
+        if not clocks.ok:
+            print(f"note: --clocks: {clocks.why}; the rows carry no clocks", file=sys.stderr)
+            clocks = None
     progress = _progress(len(problems), not a.no_progress)
-    rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress,
-               not a.nondeterministic_backward)
+    try:
+        rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress,
+                   not a.nondeterministic_backward, clocks)
+    finally:
+        if clocks is not None:
+            clocks.close()
     if progress is not None:
         progress.close()
     if a.json:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -326,3 +327,85 @@ def test_timeit_batches_fast_calls():
     assert n == 3
     assert len(calls) > 2 + n  # the warm-up and timing calls, then batches of more than one call
     assert 0 < lo <= med <= hi < profile.BATCH_BELOW_S
+
+
+FAKE_SMI = """#!{python}
+# A stand-in for nvidia-smi: one CSV line per query ("1500, 690.5, Active" for GPU 0; the clock is
+# 1500 + the --id), every -lms milliseconds when looping. Exits 9 on a field it does not know, as
+# the real one does.
+import sys, time
+args = sys.argv[1:]
+query = next(a.split("=", 1)[1] for a in args if a.startswith("--query-gpu="))
+gpu = int(next((a.split("=", 1)[1] for a in args if a.startswith("--id=")), "0"))
+if "{reasons}" not in query:
+    print("Field is not a valid field to query."); sys.exit(9)
+loop = float(args[args.index("-lms") + 1]) / 1e3 if "-lms" in args else None
+while True:
+    print(f"{{1500 + gpu}}, 690.5, Active", flush=True)
+    if loop is None:
+        break
+    time.sleep(loop)
+"""
+
+
+def _fake_smi(tmp_path, reasons="clocks_throttle_reasons"):
+    """A directory holding a fake nvidia-smi that takes the power-cap field under ``reasons``."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    exe = d / "nvidia-smi"
+    exe.write_text(FAKE_SMI.format(python=sys.executable, reasons=reasons))
+    exe.chmod(0o755)
+    return d
+
+
+@pytest.mark.parametrize("reasons", ["clocks_event_reasons", "clocks_throttle_reasons"])
+def test_clock_sampler_windows(tmp_path, monkeypatch, reasons):
+    """ClockSampler reads nvidia-smi's loop (either name of the power-cap field) and averages a window."""
+    monkeypatch.setenv("PATH", f"{_fake_smi(tmp_path, reasons)}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with profile.ClockSampler(interval_ms=20) as clocks:
+        assert clocks.ok, clocks.why
+        t0 = time.time()
+        time.sleep(0.5)
+        got = clocks.window(t0, time.time())
+        assert clocks.window(t0 - 100, t0 - 50) is None
+    assert got["sm_mhz"] == 1500 and got["sm_mhz_min"] == 1500 and got["power_w"] == pytest.approx(690.5)
+    assert got["power_capped"] == 1.0 and got["clock_samples"] >= 3
+
+
+def test_clock_sampler_follows_cuda_visible_devices(tmp_path, monkeypatch):
+    """jax's first GPU is the first of CUDA_VISIBLE_DEVICES: that is the one nvidia-smi samples."""
+    monkeypatch.setenv("PATH", f"{_fake_smi(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    with profile.ClockSampler(interval_ms=20) as clocks:
+        t0 = time.time()
+        time.sleep(0.2)
+        assert clocks.window(t0, time.time())["sm_mhz"] == 1503
+    with profile.ClockSampler(interval_ms=20, index=1) as clocks:
+        t0 = time.time()
+        time.sleep(0.2)
+        assert clocks.window(t0, time.time())["sm_mhz"] == 1501
+
+
+def test_clock_sampler_without_nvidia_smi():
+    clocks = profile.ClockSampler(command="jax-na-no-such-nvidia-smi")
+    assert not clocks.ok and "not found" in clocks.why
+    clocks.close()
+
+
+def test_cli_clocks(tmp_path, capsys, monkeypatch):
+    """--clocks puts the sampled clock and power on every timed row (JSON and table); without
+    nvidia-smi it says so and times as before."""
+    monkeypatch.setenv("PATH", f"{_fake_smi(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = tmp_path / "c.json"
+    assert profile.main([*TINY, "--mode", "fwd", "--budget", "0.5", "--clocks", "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if "ms" in r]
+    assert {r["backend"] for r in rows} >= {"reference"} and len(rows) >= 2  # and the self attention
+    for r in rows:
+        assert r["sm_mhz"] == 1500 and r["power_w"] == pytest.approx(690.5) and r["power_capped"] == 1.0, r
+    assert "[SM 1500 MHz, 690 W, power-capped 100%]" in capsys.readouterr().out
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert profile.main([*TINY, "--mode", "fwd", "--no-self-attention", "--clocks", "--json", str(out)]) == 0
+    assert "nvidia-smi not found" in capsys.readouterr().err
+    assert all("sm_mhz" not in r for r in json.loads(out.read_text())["rows"])

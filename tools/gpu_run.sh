@@ -8,7 +8,8 @@
 # JNA_CUDA_FLAGS (extra nvcc flags for kernel experiments, e.g. "-DJNA_SOFTMAX_RESCALE_SLACK=0"),
 # JNA_WHEEL (a jax_na wheel built elsewhere for this machine's Python and jaxlib, e.g. carried in
 # .carry/: installed instead of building here, which saves the build's minutes of GPU time).
-# (bench: python -m jax_na.profile on the whole problem set; models: benchmarks/models.py; all: tests + bench)
+# (bench: python -m jax_na.profile on the whole problem set, with --clocks; models: benchmarks/models.py;
+# all: tests + bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."; REPO=$PWD
 OUT=${OUT:-$PWD/out}
@@ -66,7 +67,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "gpu tests: rc=$rc, $(( $(date +%s) - t0 )) s"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  "$PY" -m jax_na.profile --problem all --json "$OUT/bench.json" --plot "$OUT/bench.png" "$@" \
+  "$PY" -m jax_na.profile --problem all --clocks --json "$OUT/bench.json" --plot "$OUT/bench.png" "$@" \
     2> "$OUT/bench_progress.log" | tee "$OUT/bench.txt"
 fi
 if [ "$what" = models ]; then
