@@ -5,7 +5,7 @@
     python -m jax_na.profile --spatial 64x64 --heads 4 --head-dim 32 --kernel 7 --dilation 2 \\
         --batch 8 --dtype bfloat16 --mode fwd,fwdbwd --backends fused,gemm,reference,naive --plot out.png
     python -m jax_na.profile --problem p2-2d --sweep-tiles     # tile-shape sweep of the tunable backends
-    python -m jax_na.profile --problem p1-1d-long --clocks     # each row with its SM clock and power
+    python -m jax_na.profile --problem p1-1d-long --clocks --sustain 3   # steady state, with clocks
 
 Installed as the console script ``jax-na-profile`` too.
 
@@ -219,19 +219,28 @@ def parse_problem(a) -> Problem:
 BATCH_BELOW_S = 0.02
 
 
-def timeit(fn: Callable, args: Sequence, reps: int = 20, budget_s: float = 4.0, window: list | None = None):
+def timeit(fn: Callable, args: Sequence, reps: int = 20, budget_s: float = 4.0, window: list | None = None,
+           sustain_s: float = 0.0):
     """Median, 10th and 90th percentile (seconds per call) and the number of samples, after a warm-up.
 
     A sample is one device-synchronized call, or for calls under ``BATCH_BELOW_S`` the mean of a batch
     of calls issued back to back and synchronized once. ``reps`` samples, or fewer (at least 3) when
     they would exceed ``budget_s``. ``window``: a list that gets the wall-clock span (``time.time()``
-    at the first and after the last timed call) appended, for :class:`ClockSampler`."""
+    at the first and after the last timed call) appended, for :class:`ClockSampler`. ``sustain_s``:
+    first run the calls back to back, untimed, for this many seconds, so that the timed ones see the
+    GPU's steady state under load (its power cap and the clock that goes with it) rather than the
+    climb to it."""
     jax.block_until_ready(fn(*args))  # compile + warm-up
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t
     batch = max(1, min(64, int(BATCH_BELOW_S / max(first, 1e-6)))) if first < BATCH_BELOW_S else 1
     reps = max(3, min(reps, int(budget_s / max(first * batch, 1e-6))))
+    until = time.perf_counter() + sustain_s
+    while time.perf_counter() < until:
+        for _ in range(batch):
+            out = fn(*args)
+        jax.block_until_ready(out)
     times = []
     start = time.time()
     for _ in range(reps):
@@ -529,11 +538,13 @@ def yardstick(on_gpu: bool, dtype=jnp.bfloat16) -> tuple[str, str]:
 
 def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequence[str], reps: int = 20,
         budget_s: float = 4.0, self_attention: bool = True, progress=None,
-        deterministic_backward: bool = True, clocks: ClockSampler | None = None) -> list[dict]:
+        deterministic_backward: bool = True, clocks: ClockSampler | None = None,
+        sustain_s: float = 0.0) -> list[dict]:
     """Time every backend (and dense self attention) on every problem and mode; one dict per row.
     ``clocks``: a running :class:`ClockSampler`; each timed row then carries the mean SM clock, board
     power and power-cap share of its timed calls (``sm_mhz``, ``sm_mhz_min``, ``power_w``,
-    ``power_capped``, ``clock_samples``)."""
+    ``power_capped``, ``clock_samples``). ``sustain_s``: :func:`timeit`'s untimed back-to-back calls
+    before each entry's timed ones."""
     rows = []
     on_gpu = _on_gpu()
     sa_name, sa_impl = yardstick(on_gpu, dtype)
@@ -555,7 +566,7 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                     try:
                         window = []
                         med, lo, hi, n = timeit(self_attention_callable(p, mode, sa_impl), args, reps,
-                                                budget_s, window)
+                                                budget_s, window, sustain_s)
                         base = med
                         row = dict(problem=p.id, mode=mode, backend=sa_name, ms=1e3 * med, p10_ms=1e3 * lo,
                                    p90_ms=1e3 * hi, reps=n, dense_tflops=p.dense_flops(mode) / med / 1e12)
@@ -571,7 +582,7 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                 window = []
                 try:
                     med, lo, hi, n = timeit(na_callable(p, b, mode, deterministic_backward=deterministic_backward),
-                                            args, reps, budget_s, window)
+                                            args, reps, budget_s, window, sustain_s)
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(problem=p.id, mode=mode, backend=b, error=_err(e)))
                     _say(progress, format_row(rows[-1]))
@@ -752,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample the GPU's SM clock, board power and power-cap state (nvidia-smi, every 100 ms) "
                         "over each entry's timed calls and add them to its row (back-to-back calls can hold a "
                         "GPU at its power cap, at a lower clock than short runs)")
+    r.add_argument("--sustain", type=float, default=0.0, metavar="SECONDS",
+                   help="before each entry's timed calls, run it back to back (untimed) for this long, so that "
+                        "its timing (and --clocks) is of the GPU's steady state under load, e.g. 3")
     r.add_argument("--sweep-tiles", action="store_true",
                    help="sweep the kernel configurations of the backends registered in TUNABLE_BACKENDS "
                         "instead and report the best (fused: each kernel set, portable and on an H100/H200 "
@@ -798,6 +812,8 @@ def main(argv=None) -> int:
         modes = ["fwd", "fwdbwd"] if a.mode == "both" else a.mode.split(",")
         if any(m not in ("fwd", "fwdbwd") for m in modes):
             raise ValueError(f"--mode: fwd, fwdbwd or both, got {a.mode}")
+        if not a.sustain >= 0:
+            raise ValueError(f"--sustain: seconds >= 0, got {a.sustain}")
         dtype = jnp.dtype(a.dtype)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -839,7 +855,7 @@ def main(argv=None) -> int:
     progress = _progress(len(problems), not a.no_progress)
     try:
         rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress,
-                   not a.nondeterministic_backward, clocks)
+                   not a.nondeterministic_backward, clocks, a.sustain)
     finally:
         if clocks is not None:
             clocks.close()

@@ -409,3 +409,28 @@ def test_cli_clocks(tmp_path, capsys, monkeypatch):
     assert profile.main([*TINY, "--mode", "fwd", "--no-self-attention", "--clocks", "--json", str(out)]) == 0
     assert "nvidia-smi not found" in capsys.readouterr().err
     assert all("sm_mhz" not in r for r in json.loads(out.read_text())["rows"])
+
+
+def test_timeit_sustain_runs_untimed_calls_first():
+    """sustain_s: untimed back-to-back calls for that long before the timed ones (the GPU's steady
+    state under load); the timed samples and their window come after."""
+    calls = []
+
+    def fn(x):
+        calls.append(time.perf_counter())
+        return x + 1
+
+    window = []
+    t0 = time.perf_counter()
+    med, lo, hi, n = profile.timeit(fn, [jnp.ones(4)], reps=3, budget_s=0.5, window=window, sustain_s=0.3)
+    assert n == 3 and 0 < lo <= med <= hi
+    assert time.perf_counter() - t0 >= 0.3
+    before = [c for c in calls if c < t0 + 0.3]
+    assert len(before) > 10, len(before)  # calls kept coming through the sustain period
+    (start, end), = window
+    assert end - start < 0.3  # the window holds the timed calls only
+
+
+def test_cli_rejects_negative_sustain(capsys):
+    assert profile.main([*TINY, "--sustain", "-1"]) == 2
+    assert "--sustain: seconds >= 0, got -1.0" in capsys.readouterr().err
