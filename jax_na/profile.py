@@ -470,9 +470,11 @@ def _register_fused_variants() -> None:
         register_tunable(backend, TileSweep(functools.partial(configs, only=backend), make))
 
 
-def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None):
+def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None,
+                clocks: ClockSampler | None = None, sustain_s: float = 0.0):
     """Time every tile configuration of every tunable backend; rows as ``run`` plus ``config`` and
-    ``best`` (the fastest configuration per problem, mode and backend)."""
+    ``best`` (the fastest configuration per problem, mode and backend). ``clocks`` and ``sustain_s``
+    as in :func:`run`."""
     rows = []
     for p in problems:
         args = make_inputs(p, dtype)
@@ -481,8 +483,9 @@ def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None)
                 sweep = TUNABLE_BACKENDS[b]
                 entries = []
                 for cfg in sweep.configs(p, mode, dtype):
+                    window: list = []
                     try:
-                        med, lo, hi, n = timeit(sweep.make(p, mode, cfg), args, reps, budget_s)
+                        med, lo, hi, n = timeit(sweep.make(p, mode, cfg), args, reps, budget_s, window, sustain_s)
                     except Exception as e:  # noqa: BLE001 - report and continue
                         rows.append(dict(problem=p.id, mode=mode, backend=b, config=cfg,
                                          error=_err(e)))
@@ -490,9 +493,10 @@ def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None)
                     row = dict(problem=p.id, mode=mode, backend=b, config=cfg, ms=1e3 * med,
                                p10_ms=1e3 * lo, p90_ms=1e3 * hi, reps=n,
                                eff_tflops=p.flops(mode) / med / 1e12, best=False)
+                    _clocked(row, clocks, window)
                     entries.append(row)
                     rows.append(row)
-                    _say(progress, f"{p.id:<18} {mode:<7} {b:<10} {json.dumps(cfg)} {row['ms']:.3f} ms")
+                    _say(progress, f"{p.id:<18} {mode:<7} {b:<10} {json.dumps(cfg)} {row['ms']:.3f} ms{_clock_note(row)}")
                 if entries:
                     min(entries, key=lambda r: r["ms"])["best"] = True
         if progress is not None:
@@ -664,9 +668,14 @@ def format_row(r: dict) -> str:
         s += f" {r['bandwidth_gbs']:>8.1f}" if r.get("memory_bound") else f" {'-':>8}"
     else:
         s += f" {'':>9} (dense {r['dense_tflops']:.3g} TFLOP/s)"
-    if "sm_mhz" in r:
-        s += f"  [SM {r['sm_mhz']:.0f} MHz, {r['power_w']:.0f} W, power-capped {r['power_capped']:.0%}]"
-    return s
+    return s + _clock_note(r)
+
+
+def _clock_note(r: dict) -> str:
+    """The SM clock, power and power-cap share of a row's timed calls (--clocks), or nothing."""
+    if "sm_mhz" not in r:
+        return ""
+    return f"  [SM {r['sm_mhz']:.0f} MHz, {r['power_w']:.0f} W, power-capped {r['power_capped']:.0%}]"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -846,12 +855,7 @@ def main(argv=None) -> int:
         backends = [b for b in backends if b in available]
     for p in problems:
         print(f"{p.id}: {p.describe()} (N={p.N}, W={p.W}, N/W={p.N / p.W:.1f})")
-    clocks = None
-    if a.clocks:
-        clocks = ClockSampler()
-        if not clocks.ok:
-            print(f"note: --clocks: {clocks.why}; the rows carry no clocks", file=sys.stderr)
-            clocks = None
+    clocks = _start_clocks(a)
     progress = _progress(len(problems), not a.no_progress)
     try:
         rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress,
@@ -876,6 +880,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _start_clocks(a) -> ClockSampler | None:
+    """The running sampler that --clocks asks for, or None (not asked, or no nvidia-smi: a note)."""
+    if not a.clocks:
+        return None
+    clocks = ClockSampler()
+    if not clocks.ok:
+        print(f"note: --clocks: {clocks.why}; the rows carry no clocks", file=sys.stderr)
+        return None
+    return clocks
+
+
 def _main_sweep(a, problems, modes, dtype) -> int:
     _register_fused_variants()
     tunable = sorted(TUNABLE_BACKENDS)
@@ -891,8 +906,13 @@ def _main_sweep(a, problems, modes, dtype) -> int:
                                      tunable_backends=tunable, note="no tunable backend registered",
                                      **_meta(dtype, _on_gpu())))
         return 3
+    clocks = _start_clocks(a)
     progress = _progress(len(problems), not a.no_progress)
-    rows = sweep_tiles(problems, backends, dtype, modes, a.reps, a.budget, progress)
+    try:
+        rows = sweep_tiles(problems, backends, dtype, modes, a.reps, a.budget, progress, clocks, a.sustain)
+    finally:
+        if clocks is not None:
+            clocks.close()
     if progress is not None:
         progress.close()
     # Every configuration timed; '*' marks the fastest per problem, mode and backend.
@@ -903,7 +923,7 @@ def _main_sweep(a, problems, modes, dtype) -> int:
             print(f"{r['problem']:<18} {r['mode']:<7} {r['backend']:<10} {'error':>10} {'':>9}  {cfg}: {r['error']}")
             continue
         print(f"{r['problem']:<18} {r['mode']:<7} {r['backend']:<10} {r['ms']:>10.3f} "
-              f"{r['eff_tflops']:>9.2f}{' *' if r.get('best') else '  '}{cfg}")
+              f"{r['eff_tflops']:>9.2f}{' *' if r.get('best') else '  '}{cfg}{_clock_note(r)}")
     if a.json:
         _write_json(a.json, dict(kind="sweep", problems=[p.to_json() for p in problems], rows=rows,
                                  tunable_backends=tunable, **_meta(dtype, _on_gpu())))

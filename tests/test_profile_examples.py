@@ -434,3 +434,32 @@ def test_timeit_sustain_runs_untimed_calls_first():
 def test_cli_rejects_negative_sustain(capsys):
     assert profile.main([*TINY, "--sustain", "-1"]) == 2
     assert "--sustain: seconds >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_sweep_tiles_takes_clocks_and_sustain(tmp_path, monkeypatch, capsys):
+    """--sweep-tiles with --clocks and --sustain: each configuration's row carries the clock of its
+    timed calls, after its untimed sustain period (stand-in kernels and nvidia-smi, as above)."""
+    import jax
+    from jax_na import _ext
+    monkeypatch.setenv("PATH", f"{_fake_smi(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(profile, "TUNABLE_BACKENDS", {})
+    monkeypatch.setattr(_ext, "has_hopper_kernels", lambda: True)
+    monkeypatch.setattr(_ext, "available_backends", lambda: ["fused", "fused_sm90", "fused_sm80", "reference"])
+    monkeypatch.setattr(profile, "na_callable", lambda p, backend, mode, **tiles: jax.jit(lambda q, k, v, do: q + k - v))
+    sustained = []
+    timeit = profile.timeit
+
+    def spy(fn, args, reps=20, budget_s=4.0, window=None, sustain_s=0.0):
+        sustained.append(sustain_s)
+        return timeit(fn, args, reps, budget_s, window, sustain_s)
+
+    monkeypatch.setattr(profile, "timeit", spy)
+    out = tmp_path / "s.json"
+    assert profile.main([*TINY, "--dtype", "bfloat16", "--mode", "fwd", "--sweep-tiles", "--reps", "3",
+                         "--budget", "0.3", "--clocks", "--sustain", "0.05", "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if "ms" in r]
+    assert len(rows) >= 2 and sustained == [0.05] * len(rows)
+    for r in rows:
+        assert r["sm_mhz"] == 1500 and r["power_capped"] == 1.0 and r["clock_samples"] >= 1, r
+    assert "[SM 1500 MHz, 690 W, power-capped 100%]" in capsys.readouterr().out
