@@ -278,10 +278,10 @@ class ClockSampler:
         # The power-cap reason field's name changed (clocks_throttle_reasons -> clocks_event_reasons).
         probe = None
         for reasons in ("clocks_event_reasons", "clocks_throttle_reasons"):
-            query = f"clocks.sm,power.draw,{reasons}.sw_power_cap"
+            args = [exe, f"--query-gpu=clocks.sm,power.draw,{reasons}.sw_power_cap", "--format=csv,noheader,nounits",
+                    f"--id={index}"]
             try:
-                probe = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits",
-                                        f"--id={index}"], capture_output=True, text=True, timeout=30)
+                probe = subprocess.run(args, capture_output=True, text=True, timeout=30)
             except (OSError, subprocess.SubprocessError) as e:
                 self.why = f"{command} failed: {e}"
                 return
@@ -290,9 +290,9 @@ class ClockSampler:
         else:
             self.why = f"{command} --query-gpu failed: {(probe.stderr or probe.stdout).strip()[:200]}"
             return
-        self._proc = subprocess.Popen([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits", f"--id={index}",
-                                       "-lms", str(interval_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                      text=True)
+        # The same query, looping.
+        self._proc = subprocess.Popen([*args, "-lms", str(interval_ms)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         self.ok = True
