@@ -19,7 +19,9 @@
 # NO_EXP (cuda/fused/NOTES.md, sessions 30-32) leave parts of the work out; their checks would fail by
 # design, so those variants run the timings only. The others (NO_UNIT_SKIP, UNIT_SKIP: the dK/dV units' skips off / on;
 # TWO_WARPGROUPS: the Hopper backward's former 128-key / 128-query CTAs) compute everything and are
-# checked.
+# checked. WS: the non-deterministic mode (--atomic) on the warp-specialized dK/dV/dQ kernel
+# (hopper/mainloop_bwd.cuh), checked; with WS_NO_DQ (no dQ product) or WS_NO_REDUCE (no dQ
+# reductions) timed only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 direction=$1 what=$2 dir=$3
@@ -56,7 +58,7 @@ for bin in "$dir"/*.flags; do
   name=$(basename "$bin" .flags)
   extra=()
   grep -q JNA_FWD_TRACE "$bin" && extra=(--trace --timing)  # timings and the phase trace only
-  grep -qE "JNA_BWD_EXPERIMENT_(NO_DQ_KERNEL|NO_DKDV_KERNEL|ONE_UNIT|NO_EXP)|JNA_FWD_EXPERIMENT_NO_(EXP|MASK)" "$bin" && extra=(--timing)  # parts left out
+  grep -qE "JNA_BWD_EXPERIMENT_(NO_DQ_KERNEL|NO_DKDV_KERNEL|ONE_UNIT|NO_EXP|WS_NO_DQ|WS_NO_REDUCE)|JNA_FWD_EXPERIMENT_NO_(EXP|MASK)" "$bin" && extra=(--timing)  # parts left out
   [ "$name" = head ] && extra=(--timing)
   echo "=== $name: $(cat "$bin")"
   timeout "${VARIANT_TIMEOUT:-120}" "$dir/$name" "$@" "${extra[@]}" > "$res/$name.out" 2>&1 || echo "rc=$? ($name)"

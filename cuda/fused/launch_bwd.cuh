@@ -24,9 +24,19 @@ cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int heads, int64_t batc
   return launch_with_smem(kernel, grid, threads, smem, kp, stream);
 }
 
+// The key-stationary kernel of a backward: its function, threads per CTA and smem (the synchronous
+// dK/dV kernel of mainloop_bwd_dkdv.cuh; the Hopper non-deterministic mode has its own:
+// hopper/launch_bwd.cuh).
+template <class KVTraits, class KVGemm>
+struct DkdvLaunch {
+  static auto kernel() { return fused_bwd_dkdv_kernel<KVTraits, KVGemm>; }
+  static constexpr int kThreads = KVTraits::kNThreads;
+  static constexpr int kSmem = DkdvSmem<KVTraits>::kBytes;
+};
+
 // The three launches of the backward with the given tilings and MMA policies (Sm80Gemm here, Sm90Gemm
 // for the Hopper backward: hopper/launch_bwd.cuh).
-template <class DqTraits, class KVTraits, class DqGemm, class KVGemm>
+template <class DqTraits, class KVTraits, class DqGemm, class KVGemm, class Dkdv = DkdvLaunch<KVTraits, KVGemm>>
 cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
   using Element = typename DqTraits::Element;
   constexpr int kHeadDim = DqTraits::kHeadDim;
@@ -91,8 +101,7 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   }
 #endif
 #if !defined(JNA_BWD_EXPERIMENT_NO_DKDV_KERNEL)
-  st = launch_kernel(fused_bwd_dkdv_kernel<KVTraits, KVGemm>, kv_blocks + add_blocks, pr.Hkv, pr.B,
-                     KVTraits::kNThreads, DkdvSmem<KVTraits>::kBytes, kp, stream);
+  st = launch_kernel(Dkdv::kernel(), kv_blocks + add_blocks, pr.Hkv, pr.B, Dkdv::kThreads, Dkdv::kSmem, kp, stream);
 #endif
   if constexpr (KVTraits::kDqInKernel) {
     if (st != cudaSuccess) return st;

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "fused/bwd_tile_math.cuh"
 #include "fused/copy.cuh"
 #include "fused/epilogue.cuh"
 #include "fused/gemm.cuh"  // Sm80Gemm
@@ -106,7 +107,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
   using OutGemm = typename Gemm::template Rebind<OutTraits>;
   constexpr int kDOut = OutTraits::kHeadDim;
   static_assert(kDOut == Traits::kHeadDimOut && kD == kDOut * Traits::kDPasses, "dK/dV columns per pass");
-  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(1024) char smem_raw[];
   Element* sK = reinterpret_cast<Element*>(smem_raw + L::kK);
@@ -198,19 +198,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
 
   Gemm gemm(tid);
   OutGemm out_gemm(tid);
-  // With dQ in the kernel, the key rows past the data (loaded as zeros) must add nothing to dQ: their
-  // dS = exp(-lse) (0 - delta) is unused for dK/dV but may overflow (fp16: beyond 65504 once lse <
-  // -11) where tiles skip the mask (additional keys, fully-inside tiles), and inf * 0 is NaN. Bit r:
-  // this thread's accumulator row r holds a key.
+  // With dQ in the kernel, the key rows past the data add nothing to it (key_row_bits).
   uint32_t key_rows = ~0u;
-  if constexpr (Traits::kDqInKernel) {
-    auto acc = gemm.template acc<kBlockN, kBlockM>();
-    constexpr int kRows = decltype(size<0>(make_tensor(acc.data(), row_col(acc.layout()))))::value;
-    static_assert(kRows <= 32, "row bits");
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-      if (kv_off(acc_row<Traits::kNWarps>(r, warp, lane)) < 0) key_rows &= ~(1u << r);
-  }
+  if constexpr (Traits::kDqInKernel)
+    key_rows = key_row_bits<Traits::kNWarps>(gemm.template acc<kBlockN, kBlockM>(), kv_off, warp, lane);
   auto acc_dk = out_gemm.template acc<kBlockN, kDOut>();
   auto acc_dv = out_gemm.template acc<kBlockN, kDOut>();
   Tensor dk_rc = make_tensor(acc_dk.data(), row_col(acc_dk.layout()));
@@ -258,8 +249,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
       auto acc_dp = gemm.template acc<kBlockN, kBlockM>();
       Tensor s_rc = make_tensor(acc_s.data(), row_col(acc_s.layout()));
       Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
-      constexpr int kRows = decltype(size<0>(s_rc))::value;
-      constexpr int kCols = decltype(size<1>(s_rc))::value;
       // P^T and dS^T as operands, declared here: the dV and dK products reading them stay in flight
       // until the step's last wait.
       Tensor rP = make_tensor_like<Element>(acc_s);
@@ -270,28 +259,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
         gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
         if (!full)
           mask_inverse_tile<Traits>(s_rc, s_inv, org, warp, lane);
-        // P^T in place of S^T.
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) {
-          const float lse2 = s_lse[acc_col(c, lane)] * kLog2e;
-#pragma unroll
-          for (int r = 0; r < kRows; ++r)
-#if defined(JNA_BWD_EXPERIMENT_NO_EXP)  // experiment knob: the exponentials' cost (wrong P)
-            s_rc(r, c) = s_rc(r, c) * p.scale_log2 - lse2;
-#else
-            s_rc(r, c) = fast_exp2(s_rc(r, c) * p.scale_log2 - lse2);
-#endif
-        }
+        probabilities_t(s_rc, s_lse, p.scale_log2, lane);
         convert_fragment_into(acc_s, rP);
         out_gemm.template rs<kBlockM>(acc_dv, rP, sdO(s) + kBlockM * col0);  // dV += P^T dO
         gemm.template wait<1>(acc_dp);                                       // dP^T done, dV in flight
-        // dS^T in place of dP^T.
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) {
-          const float dlt = s_dlt[acc_col(c, lane)];
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - dlt);
-        }
+        score_grads_t(dp_rc, s_rc, s_dlt, lane);
         convert_fragment_into(acc_dp, rdS);
         out_gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s) + kBlockM * col0);  // dK += dS^T Q
       } else {
@@ -302,13 +274,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
         // the warpgroups split, added to the float32 buffer. The dS^T tile is rewritten only after
         // the next iteration's __syncthreads, which every thread reaches after its product completed.
         Element* sdS = reinterpret_cast<Element*>(smem_raw + L::kDS);
-        if (key_rows != ~0u) {
-#pragma unroll
-          for (int r = 0; r < kRows; ++r)
-            if (!((key_rows >> r) & 1u))
-#pragma unroll
-              for (int c = 0; c < kCols; ++c) dp_rc(r, c) = 0.f;
-        }
+        zero_rows_outside(dp_rc, key_rows);
         // Rows of kBlockM query columns in the swizzled bytes gemm.tn reads (its GMMA layout applies
         // the same 128-byte swizzle through the smem pointer, so it cannot address the writes).
         acc_to_smem<Traits::kNWarps, Element, typename Traits::template SmemLayoutRows<kBlockN, kBlockM>>(

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "fused/hopper/gemm.cuh"
+#include "fused/hopper/mainloop_bwd.cuh"
 #include "fused/launch_bwd.cuh"
 
 namespace jax_na {
@@ -16,6 +17,14 @@ namespace fused {
 // keys (64: one warpgroup), Q tiles of 64 queries (dK + dV + S^T + dP^T: 192 accumulator registers per
 // thread at D = 128); two CTAs per SM (tile_shapes.cuh). With a dq_accum buffer (non-deterministic
 // mode) the dK/dV kernel adds dQ there too, and the dQ kernel, which recomputes S and dP, does not run.
+// The warp-specialized dK/dV/dQ kernel (hopper/mainloop_bwd.cuh) of the non-deterministic mode.
+template <class Traits>
+struct Sm90DkdvDqLaunch {
+  static auto kernel() { return fused_bwd_sm90_kernel<Traits>; }
+  static constexpr int kThreads = Traits::kLaunchThreads;
+  static constexpr int kSmem = BwdSm90Smem<Traits>::kBytes;
+};
+
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
   using Configs = HopperBwdTiles<kRank>;
@@ -23,6 +32,16 @@ cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream
     using Shapes = typename Configs::template At<decltype(config)::value>;
     using DqTraits =
         FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, kHopperDqBlockM / 16, 2, typename Shapes::DqTiles>;
+#if defined(JNA_BWD_EXPERIMENT_WS)
+    if (args.dq_accum != nullptr) {
+      // 128-key CTAs: the configuration's boxes with twice the keys.
+      using WsShapes = typename BwdTileConfigs<kRank, 64, 128, kHopperDqBlockN, kHopperDqBlockM>::template At<
+          decltype(config)::value>;
+      using KVTraits = HopperBwdTraits<BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, true, WsShapes>>;
+      return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>,
+                                Sm90DkdvDqLaunch<KVTraits>>(pr, args, stream);
+    }
+#endif
     auto launch = [&](auto dq_in_kernel) {
       using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, kHopperBwdBlockN / 16, kHopperBwdBlockN, 64,
                                    decltype(dq_in_kernel)::value, Shapes>;
