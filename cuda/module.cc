@@ -62,14 +62,14 @@ NB_MODULE(_C, m) {
 
   // The compiled tile configurations of one direction: [(q_tile_shape, kv_tile_shape), ...].
   auto tile_configs = [](bool forward) {
-    return [forward](int arch, const std::string& dtype, int64_t head_dim, int rank) {
+    return [forward](int arch, const std::string& dtype, int64_t head_dim, int rank, bool deterministic) {
       nb::list configs;
 #if defined(JAX_NA_WITH_FUSED)
       jax_na::DType dt;
       if (!fused_dtype(dtype, &dt)) return configs;
       jax_na::fused::TileConfig out[16];
       const int n = forward ? jax_na::fused::fwd_tile_configs(arch, dt, head_dim, rank, out, 16)
-                            : jax_na::fused::bwd_tile_configs(arch, dt, head_dim, rank, out, 16);
+                            : jax_na::fused::bwd_tile_configs(arch, dt, head_dim, rank, out, 16, deterministic);
       for (int i = 0; i < n && i < 16; ++i) {
         nb::list q, kv;
         for (int a = 0; a < rank; ++a) {
@@ -82,15 +82,19 @@ NB_MODULE(_C, m) {
       return configs;
     };
   };
-  m.def("fused_fwd_tile_configs", tile_configs(true), nb::arg("arch"), nb::arg("dtype"), nb::arg("head_dim"),
-        nb::arg("rank"),
+  m.def("fused_fwd_tile_configs",
+        [f = tile_configs(true)](int arch, const std::string& dtype, int64_t head_dim, int rank) {
+          return f(arch, dtype, head_dim, rank, true);
+        },
+        nb::arg("arch"), nb::arg("dtype"), nb::arg("head_dim"), nb::arg("rank"),
         "The fused forward's compiled tile configurations [(q_tile_shape, kv_tile_shape), ...] of the portable "
         "(arch 80) or Hopper (arch 90) kernels for a dtype name, head dim and rank, the default first; empty "
         "where none is compiled.");
   m.def("fused_bwd_tile_configs", tile_configs(false), nb::arg("arch"), nb::arg("dtype"), nb::arg("head_dim"),
-        nb::arg("rank"),
+        nb::arg("rank"), nb::arg("deterministic") = true,
         "The fused backward's compiled tile configurations [(q_tile_shape, kv_tile_shape), ...] (the dK/dV "
-        "kernel's Q tile per step and KV tile per CTA), as fused_fwd_tile_configs.");
+        "kernel's Q tile per step and KV tile per CTA), as fused_fwd_tile_configs; deterministic=False: the "
+        "Hopper non-deterministic mode's (its CTAs take twice the keys).");
 
   m.def(
       "fused_fwd_warp_tiles",

@@ -77,8 +77,10 @@ FUSED_FWD_TILES = {
 # of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; each
 # configuration also sets the dQ kernel's tiles) per kernel set and rank, the default first.
 # Portable: 64 keys per CTA, 32 queries per step at head dims over 64 (any dtype), 64 at head dims
-# 32 and 64; float32 has the default only (fused_bwd_tile_configs; PortableBwdTiles); Hopper (float16/bfloat16, head dims 64 and 128): 64 keys per CTA (one warpgroup, two CTAs per
-# SM), 64 queries per step: the portable head-dim-64 shapes.
+# 32 and 64; float32 has the default only (fused_bwd_tile_configs; PortableBwdTiles); Hopper
+# (float16/bfloat16, head dims 64 and 128): 64 keys per CTA (one warpgroup, two CTAs per SM), 64
+# queries per step: the portable head-dim-64 shapes. deterministic_backward=False on Hopper runs one
+# warp-specialized kernel with CTAs of twice the keys: FUSED_BWD_TILES_NONDETERMINISTIC.
 # Mirrors BwdTileConfigs in cuda/fused/tile_shapes.cuh (tests/test_bwd_tiles.py checks the extension
 # agrees).
 FUSED_BWD_TILES = {
@@ -91,6 +93,15 @@ FUSED_BWD_TILES = {
     ("sm90", 64): {1: (((64,), (64,)),),
                    2: (((8, 8), (8, 8)), ((4, 16), (4, 16))),
                    3: (((4, 4, 4), (4, 4, 4)), ((2, 4, 8), (1, 8, 8)))},
+}
+# The Hopper backward's non-deterministic mode (one warp-specialized kernel adds dK, dV and dQ; no dQ
+# kernel): 128 keys per CTA (two consumer warpgroups), 64 queries per step; configuration i is
+# FUSED_BWD_TILES[("sm90", 64)]'s i with twice its keys. Mirrors HopperBwdWsTiles in
+# cuda/fused/tile_shapes.cuh.
+FUSED_BWD_TILES_NONDETERMINISTIC = {
+    "sm90": {1: (((64,), (128,)),),
+             2: (((8, 8), (16, 8)), ((4, 16), (8, 16))),
+             3: (((4, 4, 4), (4, 4, 8)), ((2, 4, 8), (2, 8, 8)))},
 }
 # The dQ kernel's tiles in each backward configuration ((Q tile, K/V tile) of the query-stationary
 # kernel, in FUSED_BWD_TILES' order; the same for both portable step sizes), per kernel set and
@@ -209,12 +220,16 @@ def portable_half_tiles(dtype, head_dim: int) -> bool:
     return _narrow(dtype, head_dim)
 
 
-def fused_bwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int) -> tuple:
+def fused_bwd_tile_configs(kernel_set: str, dtype, head_dim: int, rank: int, deterministic: bool = True) -> tuple:
     """The compiled backward tile configurations ((backward_q_tile_shape, backward_kv_tile_shape),
     ...) of kernel set "sm80" or "sm90" for a dtype and a padded head dim, the default first (float32:
-    the default only); () where that set has no kernel for them."""
+    the default only); () where that set has no kernel for them. ``deterministic`` False: the
+    Hopper set's non-deterministic kernel's (FUSED_BWD_TILES_NONDETERMINISTIC; the portable set has
+    one mode)."""
     if kernel_set == "sm90" and (jnp.dtype(dtype).itemsize != 2 or head_dim not in HOPPER_HEAD_DIMS):
         return ()
+    if kernel_set == "sm90" and not deterministic:
+        return FUSED_BWD_TILES_NONDETERMINISTIC["sm90"].get(rank, ())
     queries = 64 if kernel_set == "sm90" or head_dim <= 64 else 32
     configs = FUSED_BWD_TILES.get((kernel_set, queries), {}).get(rank, ())
     return configs[:1] if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else configs
@@ -248,7 +263,7 @@ class NAParams:
     fwd_tiles: FusedTiles | None = None
     # The fused backward's (backward_q_tile_shape / backward_kv_tile_shape); None: the default.
     bwd_tiles: FusedTiles | None = None
-    # False lets the fused backward add dQ with float atomics where it runs the Hopper kernels
+    # False lets the fused backward add dQ in its warp-specialized Hopper kernel where it runs those
     # (fused_bwd_adds_dq; na*d's deterministic_backward). Only the fused kernels read it.
     deterministic: bool = True
 
@@ -418,7 +433,7 @@ def _check_fused(query, value, backend="fused"):
 
 def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str, tiles: FusedTiles | None = None) -> bool:
     """Whether a non-deterministic fused backward at padded head dim ``P`` runs the Hopper kernels,
-    whose dK/dV kernel then adds dQ with float atomics into a float32 workspace of ``P`` floats per
+    whose warp-specialized dK/dV/dQ kernel then adds dQ into a float32 workspace of ``P`` floats per
     query row (the mirror of dispatch.cu's use_hopper for the backward; where the two disagree the
     kernels stay correct: an unused workspace, or the deterministic Hopper backward). ``tiles``: the
     call's backward tile choice (a configuration only the portable set has runs that set)."""
@@ -529,7 +544,7 @@ def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     axes = lambda: tile_model.problem_axes(spatial, *window)
     index = []
     for ks in ("sm80", "sm90"):
-        configs = fused_bwd_tile_configs(ks, dtype, P, rank)
+        configs = fused_bwd_tile_configs(ks, dtype, P, rank, deterministic)
         dq = fused_bwd_dq_tiles(ks, P, rank)
         index.append(_least_work(
             [(q, kv, *dq[i]) for i, (q, kv) in enumerate(configs)],
@@ -555,8 +570,9 @@ def bwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
     """Validate a call's backward_q_tile_shape / backward_kv_tile_shape against the fused backward's
     compiled tile configurations (FUSED_BWD_TILES), as fwd_tiles_args (none given: the backward's
     chooser above, from the normalized ``window`` and ``deterministic_backward``); None: the defaults."""
-    return _tiles_args("backward", "backward_", fused_bwd_tile_configs, rank, query, value, backend,
-                       q_tile_shape, kv_tile_shape,
+    return _tiles_args("backward", "backward_",
+                       lambda ks, dtype, P, r: fused_bwd_tile_configs(ks, dtype, P, r, deterministic), rank,
+                       query, value, backend, q_tile_shape, kv_tile_shape,
                        lambda dtype, P, fam: None if window is None else _chosen_bwd_tiles(
                            rank, dtype, P, fam, tuple(query.shape[1:-2]), window, deterministic))
 

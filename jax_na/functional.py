@@ -215,14 +215,14 @@ _NA_DOC = """{rank}-D neighborhood attention.
       deterministic_backward: True (default): every gradient bitwise reproducible. False: where the
         fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16; under
         "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more; every head
-        dim up to 128 on "fused_sm90"), its key-stationary kernel also adds dQ into a float32 buffer
-        with atomics, and no second kernel recomputes the scores for dQ; the order of those
-        additions varies, so dq may differ in its last bits between runs. Since the Hopper backward
-        runs one-warpgroup CTAs of 64 keys (the default), that mode adds twice the atomics per key
-        and measured 6.5-23% slower than the deterministic default on an H100 (p1, p2, p3, p7,
-        p10; cuda/fused/NOTES.md, session 33): keep the default unless you are comparing the two.
-        The other backends and the portable fused kernels (e.g. head dim 32 or 64 with small
-        windows) are deterministic either way.
+        dim up to 128 on "fused_sm90"), one warp-specialized kernel computes dK, dV and dQ (CTAs of
+        128 keys: the configurations of ``fused_tile_configs(rank, dtype, head_dim, backward=True,
+        deterministic_backward=False)``), adding dQ into a float32 buffer in whatever order its
+        CTAs get there, so dq may differ in its last bits between runs; no second kernel
+        recomputes the scores for dQ. The backward alone measured 6-25% faster than the
+        deterministic default on p1, p2, p7 and p10 and 2.5% slower on p3 (H200, bfloat16, head dim
+        128; cuda/fused/NOTES.md, session 44). The other backends and the portable fused kernels
+        (e.g. head dim 32 or 64 with small windows) are deterministic either way.
       backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
         each CTA of its key-stationary dK/dV kernel owns (kv) and the queries it takes per step
         (q); each configuration also sets the dQ kernel's tiles. Listed in
@@ -359,7 +359,8 @@ def na3d_av(weights, value, kernel_size, dilation=1, is_causal=False, backend=No
     return _na_av(3, weights, value, kernel_size, dilation, is_causal, backend)
 
 
-def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backward: bool = False) -> dict[str, list]:
+def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backward: bool = False,
+                       deterministic_backward: bool = True) -> dict[str, list]:
     """The fused kernels' compiled tile configurations, the values ``q_tile_shape`` /
     ``kv_tile_shape`` (``backward_q_tile_shape`` / ``backward_kv_tile_shape`` with ``backward``) of
     ``na{rank}d`` may take, per kernel set.
@@ -370,6 +371,8 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
       head_dim: the head dim (``max(D, D_v)``; padded as each kernel set pads it: to 32, 64, 128 or
         256 on the portable set (float32: 64 or 128), to 64 or 128 on the Hopper one).
       backward: False: the forward's; True: the backward's (its dK/dV kernel's query and key tiles).
+      deterministic_backward: with ``backward``, the configurations of that mode of ``na{rank}d``
+        (False: the Hopper set's non-deterministic kernel takes twice the keys per CTA).
 
     Returns:
       ``{"fused_sm80": [(q_tile_shape, kv_tile_shape), ...], "fused_sm90": [...]}``, the default
@@ -383,6 +386,8 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
       ((16, 8), (8, 8))
       >>> jax_na.fused_tile_configs(2, backward=True)["fused_sm80"][0]
       ((4, 8), (8, 8))
+      >>> jax_na.fused_tile_configs(1, backward=True, deterministic_backward=False)["fused_sm90"]
+      [((64,), (128,))]
     """
     if rank not in (1, 2, 3):
         raise ValueError(f"rank must be 1, 2 or 3, got {rank!r}")
@@ -391,14 +396,18 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
     if not isinstance(backward, (bool, np.bool_)):
         raise ValueError(f"backward must be True or False, got {backward!r}")
     backward = bool(backward)
+    deterministic = _checks.deterministic_arg(deterministic_backward)
     out = {}
     for backend, kernel_set in (("fused_sm80", "sm80"), ("fused_sm90", "sm90")):
         P = _checks.fused_head_dim(head_dim, head_dim, dtype, backend) if isinstance(head_dim, int) else None
         if P is None and backend == "fused_sm80":
             raise ValueError(f"head_dim must be an int in 1..{_checks.fused_head_dims(dtype)[-1]} for "
                              f"{jnp.dtype(dtype).name}, got {head_dim!r}")
-        configs_of = _checks.fused_bwd_tile_configs if backward else _checks.fused_fwd_tile_configs
-        out[backend] = list(configs_of(kernel_set, dtype, P, rank)) if P else []
+        if backward:
+            configs = _checks.fused_bwd_tile_configs(kernel_set, dtype, P, rank, deterministic) if P else ()
+        else:
+            configs = _checks.fused_fwd_tile_configs(kernel_set, dtype, P, rank) if P else ()
+        out[backend] = list(configs)
     return out
 
 

@@ -302,7 +302,7 @@ def workspace_size(kind: str, family: str, avals, params: NAParams, adds_dq: boo
     """Elements of the float32 workspace result (the last result, docs/ffi.md) that the CUDA target of
     kernel family ``family`` for primitive ``kind`` takes, or None when it takes none. Leading batch
     axes count as part of the batch (the kernels get them folded into it). ``adds_dq``: the fused
-    backward adds dQ with atomics (its ``deterministic`` attribute 0; operands padded to head dim P)."""
+    backward adds dQ in its warp-specialized kernel (its ``deterministic`` attribute 0; operands padded to head dim P)."""
     if kind not in ("fwd", "bwd"):
         return None
     q, add_k = avals[0], avals[3]
@@ -373,8 +373,8 @@ def _fused_impl(kind, *args, params, backend):
         out, lse = _batch_chunks(call, [_pad_last(x, P) for x in (q_in(args[0]), *args[1:])])
         return [_last(out, Dv), lse]
 
-    # Non-deterministic where the Hopper backward runs: its dK/dV kernel adds dQ with atomics into
-    # P more float32 workspace entries per query row, and no dQ kernel recomputes S and dP.
+    # Non-deterministic where the Hopper backward runs: its warp-specialized dK/dV/dQ kernel adds dQ
+    # into P more float32 workspace entries per query row, and no dQ kernel recomputes S and dP.
     # The backward's tile configuration per kernel set (backward_q_tile_shape / backward_kv_tile_shape).
     tiles = params.bwd_tiles or _checks.FusedTiles(int(arch), 0, 0)
     P = _checks.fused_head_dim(D, Dv, q.dtype, backend, tiles.arch)

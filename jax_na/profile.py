@@ -765,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fused_sm90,fused_sm80 compares the two kernel sets")
     r.add_argument("--no-self-attention", action="store_true", help="skip the dense self attention baseline")
     r.add_argument("--nondeterministic-backward", action="store_true",
-                   help="na*d's deterministic_backward=False (the Hopper fused backward adds dQ with atomics)")
+                   help="na*d's deterministic_backward=False (the Hopper fused backward's warp-specialized "
+                        "kernel adds dQ)")
     r.add_argument("--reps", type=int, default=20, help="timing samples per entry (at most; a sample is one call, or the mean of a batch of calls under 20 ms)")
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
     r.add_argument("--clocks", action="store_true",

@@ -113,6 +113,13 @@ def test_listing_equals_the_table(rank):
             hopper = dtype != "float32" and head_dim <= 128
             assert got["fused_sm90"] == (list(T[("sm90", 64)][rank]) if hopper else []), (dtype, head_dim)
             assert got["fused_sm90"] == (_from_templates(rank, 64, 64) if hopper else []), (dtype, head_dim)
+            # deterministic_backward=False: the Hopper set's warp-specialized kernel, 128 keys per CTA
+            # (HopperBwdWsTiles); the portable set has one mode
+            nd = jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True, deterministic_backward=False)
+            assert nd["fused_sm80"] == got["fused_sm80"], (dtype, head_dim)
+            want_nd = list(_checks.FUSED_BWD_TILES_NONDETERMINISTIC["sm90"][rank]) if hopper else []
+            assert nd["fused_sm90"] == want_nd == (_from_templates(rank, 64, 128) if hopper else []), (dtype, head_dim)
+            assert len(nd["fused_sm90"]) == len(got["fused_sm90"])  # configuration i in both modes
             assert list(_checks.fused_bwd_tile_configs("sm80", dtype, P, rank)) == got["fused_sm80"]
             if hopper:
                 P90 = _padded(head_dim, (64, 128))
@@ -176,10 +183,11 @@ def test_listing_backward_takes_numpy_bools():
 
 # ----------------------------------------------------------------------------- resolution
 
-def _resolve(rank, backend, q=None, kv=None, dtype="bfloat16", D=128):
+def _resolve(rank, backend, q=None, kv=None, dtype="bfloat16", D=128, deterministic=True):
     """bwd_tiles_args as attention_args calls it (backend None: resolve_backend's "auto")."""
     query, value = _spec(rank, dtype, D)
-    return _checks.bwd_tiles_args(rank, query, value, "auto" if backend is None else backend, q, kv)
+    return _checks.bwd_tiles_args(rank, query, value, "auto" if backend is None else backend, q, kv,
+                                  deterministic=deterministic)
 
 
 # (rank, backward_q_tile_shape, backward_kv_tile_shape, dtype, D) -> FusedTiles under None / "fused".
@@ -610,18 +618,20 @@ def test_cuda_lowering_reference_ignores_them():
     assert "jax_na_" not in text and "tiles_sm" not in text
 
 
-# (rank, spatial, H, D, kernel, backend, backward (q, kv), with deterministic_backward=False: atomic dQ)
+# (rank, spatial, H, D, kernel, backend, backward (q, kv), with deterministic_backward=False: the
+# Hopper kernel adds dQ). The shapes are valid in both modes (the non-deterministic Hopper kernel's
+# K/V boxes have twice the keys: FUSED_BWD_TILES_NONDETERMINISTIC).
 DETERMINISM = [
     (2, (16, 8), 4, 128, 3, None, (None, None), True),          # head dim 128: the Hopper backward
     (2, (16, 8), 4, 128, 3, None, ((2, 16), (4, 16)), False),   # portable-only configuration: the portable one
     (2, (16, 8), 4, 128, 3, None, ((4, 8), None), False),
-    (2, (16, 8), 4, 128, 3, None, (None, (8, 8)), True),        # a K/V shape of both sets: as without shapes
+    (2, (16, 8), 4, 128, 3, None, (None, (8, 8)), False),       # a K/V shape the non-deterministic Hopper kernel lacks
     (2, (16, 8), 4, 128, 3, None, ((8, 8), None), True),        # Hopper-only: Hopper
-    (2, (16, 8), 4, 128, 3, "fused", ((4, 16), (4, 16)), True),
+    (2, (16, 8), 4, 128, 3, "fused", ((4, 16), None), True),
     (2, (16, 8), 4, 128, 3, "fused_sm80", ((2, 16), None), False),
     (2, (16, 8), 4, 128, 3, "fused_sm90", ((4, 16), None), True),
     (2, (16, 8), 4, 64, 3, None, ((8, 8), None), False),        # both sets, head dim 64, 9 keys: portable
-    (2, (16, 8), 4, 64, 3, "fused_sm90", ((8, 8), (8, 8)), True),  # the same shapes, Hopper pinned
+    (2, (16, 8), 4, 64, 3, "fused_sm90", ((8, 8), None), True),  # the same shape, Hopper pinned
     (2, (16, 8), 4, 64, 3, None, (None, (4, 16)), False),
     (1, (300,), 2, 64, 257, None, (None, None), True),         # 257 keys: Hopper
     (1, (300,), 2, 32, 257, None, (None, None), False),        # head dim 32: the portable kernels (at 32)
@@ -630,26 +640,28 @@ DETERMINISM = [
     (1, (300,), 2, 64, 257, None, ((64,), None), True),        # both sets: as without shapes
     (1, (300,), 2, 64, 257, "fused_sm80", (None, (64,)), False),  # the portable set pinned
     (3, (4, 5, 6), 2, 128, 3, None, ((1, 4, 8), (1, 8, 8)), False),
-    (3, (4, 5, 6), 2, 128, 3, None, ((2, 4, 8), (1, 8, 8)), True),
+    (3, (4, 5, 6), 2, 128, 3, None, ((2, 4, 8), None), True),
 ]
 
 
 @pytest.mark.parametrize("rank,spatial,H,D,kernel,backend,bwd,atomic", DETERMINISM,
                          ids=[f"{c[0]}d-D{c[3]}-k{c[4]}-{c[5]}-{c[6]}" for c in DETERMINISM])
 def test_deterministic_attribute_and_workspace(pretend_kernels, rank, spatial, H, D, kernel, backend, bwd, atomic):
-    """deterministic_backward=False adds dQ with atomics (deterministic 0, a workspace of B*N*H*(P+1)
-    floats) only where the backward runs the Hopper kernels: never with a configuration only the
-    portable set has (whatever the head dim, window or backend would pick), as
-    _checks.fused_bwd_adds_dq says; deterministic_backward=True: always 1 and B*N*H floats."""
+    """deterministic_backward=False adds dQ in the Hopper kernel (deterministic 0, a workspace of
+    B*N*H*(P+1) floats) only where the backward runs the Hopper kernels: never with a configuration
+    only the portable set has (whatever the head dim, window or backend would pick), as
+    _checks.fused_bwd_adds_dq says; deterministic_backward=True: always 1 and B*N*H floats. Each
+    mode resolves the shapes against its own configurations."""
     pretend_kernels()
     fn = getattr(jax_na, f"na{rank}d")
     q = _arr((2, *spatial, H, D), jnp.bfloat16)
     rows = 2 * math.prod(spatial) * H
-    tiles = _resolve(rank, backend, *bwd, D=D)
-    P = _checks.fused_head_dim(D, D, jnp.bfloat16, backend or "fused", tiles.arch if tiles else 0)
     window = kernel ** rank
-    assert _checks.fused_bwd_adds_dq(jnp.bfloat16, P, window, backend or "fused", tiles) is atomic
     for det in (True, False):
+        tiles = _resolve(rank, backend, *bwd, D=D, deterministic=det)
+        P = _checks.fused_head_dim(D, D, jnp.bfloat16, backend or "fused", tiles.arch if tiles else 0)
+        if not det:
+            assert _checks.fused_bwd_adds_dq(jnp.bfloat16, P, window, backend or "fused", tiles) is atomic
         g = jax.grad(lambda q: jnp.sum(fn(q, q, q, kernel, backend=backend, deterministic_backward=det,
                                           backward_q_tile_shape=bwd[0], backward_kv_tile_shape=bwd[1])
                                        .astype(jnp.float32)))

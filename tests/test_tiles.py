@@ -526,6 +526,11 @@ def test_extension_tile_configs_equal_the_table(backward):
                     if backward and want:
                         fwd = [(tuple(q), tuple(kv)) for q, kv in C.fused_fwd_tile_configs(arch, dtype, D, rank)]
                         assert fwd != got, (arch, dtype, D, rank)
+                    if backward:  # the non-deterministic mode's (the Hopper set's 128-key kernel)
+                        nd = [(tuple(q), tuple(kv)) for q, kv in listed(arch, dtype, D, rank, deterministic=False)]
+                        want_nd = [] if not want else jax_na.fused_tile_configs(
+                            rank, dtype, D, backward=True, deterministic_backward=False)[backend]
+                        assert nd == want_nd, (arch, dtype, D, rank, nd, want_nd)
     # no other kernel set or dtype
     assert list(listed(0, "bfloat16", 128, 2)) == []
     assert list(listed(75, "bfloat16", 128, 2)) == []

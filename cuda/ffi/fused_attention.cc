@@ -4,7 +4,7 @@
 // Hopper kernels on sm_90 devices, 80 the portable ones, 90 the Hopper ones) and tiles_sm80 /
 // tiles_sm90 (i64: the tile configuration of each kernel set, an index into fused::fwd_tile_configs
 // or fused::bwd_tile_configs; -1 where that set must not run), the backward also deterministic (i64:
-// 0 lets the Hopper backward add dQ with atomics into the workspace). See docs/ffi.md.
+// 0 lets the Hopper backward add dQ into the workspace). See docs/ffi.md.
 //   fwd: q, k, v, add_k, add_v -> out, lse, workspace (int32 [1]: zeroed here, the tile counter of the
 //        persistent Hopper forward)
 //   bwd: q, k, v, add_k, add_v, out, lse, d_out, d_lse -> dq, dk, dv, d_add_k, d_add_v, workspace

@@ -117,6 +117,7 @@ int describe_configs(TileConfig* out, int max) {
 struct DescribeCall {
   int arch;
   bool forward;
+  bool deterministic;  // backward: without it the Hopper set runs its warp-specialized kernel
   TileConfig* out;
   int max;
   int* count;
@@ -127,28 +128,34 @@ struct DescribeCall {
       *count = forward ? describe_configs<PortableFwdTilesFor<kDT, kD, kRank>>(out, max)
                        : describe_configs<PortableBwdTiles<kDT, kD, kRank>>(out, max);
     } else if constexpr (kHasHopperKernels<kDT, kD>) {
-      *count = forward ? describe_configs<HopperFwdTiles<kRank>>(out, max)
-                       : describe_configs<HopperBwdTiles<kRank>>(out, max);
+      *count = forward         ? describe_configs<HopperFwdTiles<kRank>>(out, max)
+               : deterministic ? describe_configs<HopperBwdTiles<kRank>>(out, max)
+                               : describe_configs<HopperBwdWsTiles<kRank>>(out, max);
     }
     return cudaSuccess;
   }
 };
 
-int tile_configs(int arch, bool forward, DType dtype, int64_t D, int rank, TileConfig* out, int max) {
+int tile_configs(int arch, bool forward, bool deterministic, DType dtype, int64_t D, int rank, TileConfig* out,
+                 int max) {
   if (arch != FwdArgs::kPortable && arch != FwdArgs::kHopper) return 0;
   int count = 0;
-  dispatch(dtype, D, rank, DescribeCall{arch, forward, out, max, &count});
+  dispatch(dtype, D, rank, DescribeCall{arch, forward, deterministic, out, max, &count});
   return count;
 }
 
 }  // namespace
 
 int fwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max) {
-  return tile_configs(arch, /*forward=*/true, dtype, D, rank, out, max);
+  return tile_configs(arch, /*forward=*/true, /*deterministic=*/true, dtype, D, rank, out, max);
+}
+
+int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max, bool deterministic) {
+  return tile_configs(arch, /*forward=*/false, deterministic, dtype, D, rank, out, max);
 }
 
 int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max) {
-  return tile_configs(arch, /*forward=*/false, dtype, D, rank, out, max);
+  return bwd_tile_configs(arch, dtype, D, rank, out, max, /*deterministic=*/true);
 }
 
 bool sm90_available() {

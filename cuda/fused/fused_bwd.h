@@ -5,7 +5,9 @@
 // query-stationary dQ kernel and the key-stationary dK/dV kernel (also the additional keys/values),
 // on SM80-class MMAs (portable) or on Hopper warpgroup MMAs (sm_90a).
 // Deterministic by default: every output element is written by exactly one CTA, no atomics. The
-// Hopper backward's non-deterministic mode (BwdArgs::dq_accum) adds dQ with float atomics.
+// Hopper backward's non-deterministic mode (BwdArgs::dq_accum) runs one warp-specialized kernel for
+// dK, dV and dQ instead of the last two, adding dQ with bulk reductions in whatever order its CTAs
+// reach them.
 // Supported: as the forward (fwd_supported; D_v == D, rank 1..3, every
 // kernel/stride/dilation/causal, GQA, additional keys/values).
 #pragma once
@@ -38,7 +40,7 @@ struct BwdArgs {
   void* d_add_v = nullptr;
   float* workspace = nullptr;  // [B * N * H] float32 (delta)
   // [B * N * H * D] float32, or null (deterministic): where the Hopper backward runs, its dK/dV
-  // kernel adds dQ here with atomics instead of a dQ kernel recomputing S and dP (non-deterministic:
+  // kernel adds dQ here (bulk reductions) instead of a dQ kernel recomputing S and dP (non-deterministic:
   // the order of the additions varies). The portable backward ignores it.
   float* dq_accum = nullptr;
   int32_t D = 0;
@@ -52,7 +54,9 @@ struct BwdArgs {
 
 // The backward's compiled tile configurations (the dK/dV kernel's Q tile per step and KV tile per
 // CTA) of the portable (arch 80) or Hopper (arch 90) kernels for (dtype, head dim, rank), as
-// fwd_tile_configs.
+// fwd_tile_configs; !deterministic: the Hopper non-deterministic mode's (its CTAs take twice the keys).
+// Both modes have the same number of configurations (configuration i of one is i of the other).
+int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max, bool deterministic);
 int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max);
 
 // Workspace floats launch_bwd needs: delta, and with dq_accum (non-deterministic) its D floats per row.

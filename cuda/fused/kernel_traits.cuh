@@ -216,22 +216,17 @@ constexpr int kDqMinBlocks = kSmallHeadDim16<Traits> ? 3 * 8 / Traits::kNWarps :
 // per MMA row block; dK and dV accumulate in registers) and walks the Q tiles of its keys' inverse
 // neighbourhood, kBlockM queries at a time. Portable default: 64 keys on 4 warps, Q tiles of 32
 // (D = 128, so that dK + dV + S + dP stay within 255 registers) or 64 (D = 64). The Hopper backward
-// (hopper/launch_bwd.cuh) takes 64 keys on 4 warps (one warpgroup, two CTAs per SM) and Q tiles of 64.
-// kDqInKernel_: the kernel also computes dQ (dS K per Q tile, added into a float32 buffer with
-// atomics; the Hopper backward's non-deterministic mode): dS^T goes through smem, and each Q tile's
-// row offsets are kept beside its lse/delta.
+// (hopper/launch_bwd.cuh) takes 64 keys on 4 warps (one warpgroup, two CTAs per SM) and Q tiles of 64;
+// its non-deterministic mode's warp-specialized kernel 128 keys on 8 warps (hopper/mainloop_bwd.cuh).
 // Shapes_: the Q / KV boxes (BwdTileShapes by default; one of the backward's tile configurations,
 // tile_shapes.cuh).
 template <DType kDType_, int kHeadDim_, int kRank_, int kNWarps_ = 4, int kBlockN_ = 64,
-          int kBlockM_ = kPortableBwdBlockM<kHeadDim_>, bool kDqInKernel_ = false,
-          class Shapes_ = BwdTileShapes<kRank_, kBlockM_, kBlockN_>>
+          int kBlockM_ = kPortableBwdBlockM<kHeadDim_>, class Shapes_ = BwdTileShapes<kRank_, kBlockM_, kBlockN_>>
 struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using Base = TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_>;
   using Base::kRank;
   static constexpr int kBlockN = kBlockN_;  // keys per CTA (rows of the MMA)
   static constexpr int kBlockM = kBlockM_;  // queries per Q tile (columns)
-  static constexpr bool kDqInKernel = kDqInKernel_;
-  static_assert(!kDqInKernel || Base::kDPasses == 1, "dQ in the dK/dV kernel: head dims up to 128");
   using QTile = typename Shapes_::QTile;
   using KVTile = typename Shapes_::KVTile;
   static_assert(QTile::kSize == kBlockM && KVTile::kSize == kBlockN, "tile sizes");
@@ -239,22 +234,19 @@ struct BwdKVTraits : TraitsBase<kDType_, kHeadDim_, kRank_, kNWarps_> {
   using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
   using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
   using OutTraits = std::conditional_t<Base::kDPasses == 1, BwdKVTraits,
-                                       BwdKVTraits<kDType_, Base::kHeadDimOut, kRank_, kNWarps_, kBlockN_, kBlockM_,
-                                                   kDqInKernel_, Shapes_>>;
+                                       BwdKVTraits<kDType_, Base::kHeadDimOut, kRank_, kNWarps_, kBlockN_, kBlockM_, Shapes_>>;
 
   static constexpr int kSmemKV = kBlockN * Base::kRowBytes;
   static constexpr int kSmemQ = kBlockM * Base::kRowBytes;
-  static constexpr int kSmemDS = kDqInKernel ? kBlockN * kBlockM * int(sizeof(typename Base::Element)) : 0;
-  // Two stages of: Q, dO, lse and delta per query, and with kDqInKernel the query rows' element
-  // offsets (int64); once: the keys' query intervals (int2 per axis and K/V tile coordinate, then
-  // per MMA unit and axis: at most one unit per warp).
-  static constexpr int kSmemSmallStage = 2 * kBlockM * 4 + (kDqInKernel ? kBlockM * 8 : 0);
+  // Two stages of: Q, dO, lse and delta per query; once: the keys' query intervals (int2 per axis and
+  // K/V tile coordinate, then per MMA unit and axis: at most one unit per warp).
+  static constexpr int kSmemSmallStage = 2 * kBlockM * 4;
   static constexpr int kInvEntries = KVTile::extent(0) + KVTile::extent(1) + KVTile::extent(2);
   static constexpr int kSmemInv = (kInvEntries + 3 * kNWarps_) * 8;
   static constexpr int kSmemSched = 256;
   static constexpr int kSmemBars = 2 * 8;  // an mbarrier per Q/dO stage (TMA loads)
   static constexpr int kSmemBytes =
-      2 * kSmemKV + 4 * kSmemQ + kSmemDS + 2 * kSmemSmallStage + kSmemInv + kSmemSched + kSmemBars;
+      2 * kSmemKV + 4 * kSmemQ + 2 * kSmemSmallStage + kSmemInv + kSmemSched + kSmemBars;
 };
 
 }  // namespace fused

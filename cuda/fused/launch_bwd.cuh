@@ -24,14 +24,16 @@ cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int heads, int64_t batc
   return launch_with_smem(kernel, grid, threads, smem, kp, stream);
 }
 
-// The key-stationary kernel of a backward: its function, threads per CTA and smem (the synchronous
-// dK/dV kernel of mainloop_bwd_dkdv.cuh; the Hopper non-deterministic mode has its own:
-// hopper/launch_bwd.cuh).
+// The key-stationary kernel of a backward: its function, threads per CTA and smem, and whether it
+// adds dQ into the float32 buffer args.dq_accum itself (kAddsDq: then the dQ kernel does not run).
+// Here the synchronous dK/dV kernel of mainloop_bwd_dkdv.cuh; the Hopper non-deterministic mode has
+// its own (hopper/launch_bwd.cuh).
 template <class KVTraits, class KVGemm>
 struct DkdvLaunch {
   static auto kernel() { return fused_bwd_dkdv_kernel<KVTraits, KVGemm>; }
   static constexpr int kThreads = KVTraits::kNThreads;
   static constexpr int kSmem = DkdvSmem<KVTraits>::kBytes;
+  static constexpr bool kAddsDq = false;
 };
 
 // The three launches of the backward with the given tilings and MMA policies (Sm80Gemm here, Sm90Gemm
@@ -42,8 +44,8 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   constexpr int kHeadDim = DqTraits::kHeadDim;
   if (pr.B == 0 || pr.N == 0) return cudaSuccess;
   if (pr.H > 65535 || pr.B > 65535) return cudaErrorInvalidValue;
-  // The dQ accumulators take float4 stores (zeroing, conversion) and float2 atomics.
-  if (KVTraits::kDqInKernel && reinterpret_cast<uintptr_t>(args.dq_accum) % 16 != 0) return cudaErrorInvalidValue;
+  // The dQ accumulators take float4 stores (zeroing, conversion) and 16-byte aligned bulk reductions.
+  if (Dkdv::kAddsDq && reinterpret_cast<uintptr_t>(args.dq_accum) % 16 != 0) return cudaErrorInvalidValue;
 
   BwdKernelParams kp;
   kp.pr = pr;
@@ -60,7 +62,7 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   kp.dv = args.dv;
   kp.d_add_k = args.d_add_k;
   kp.d_add_v = args.d_add_v;
-  kp.dq_accum = KVTraits::kDqInKernel ? args.dq_accum : nullptr;
+  kp.dq_accum = Dkdv::kAddsDq ? args.dq_accum : nullptr;
   // The Hopper kernels' K/V (dQ) and Q/dO (dK/dV) tiles by TMA where the problem takes the maps (no
   // dilation).
   kp.kv_tma = 0;
@@ -82,7 +84,7 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   cudaError_t st = cudaGetLastError();
   if (st != cudaSuccess) return st;
 
-  // 2) dQ (query-stationary, as the forward), unless the dK/dV kernel adds it up (kDqInKernel).
+  // 2) dQ (query-stationary, as the forward), unless the dK/dV kernel adds it up (kAddsDq).
   int64_t q_blocks = 0;
   if (!tiles_per_axis<typename DqTraits::QTile>(pr, kp.q_tiles, &q_blocks)) return cudaErrorInvalidValue;
   // 3) dK/dV (key-stationary) over the window keys, then the additional keys.
@@ -94,7 +96,7 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
 
   // Experiment knobs (standalone timing builds only, test_fused_bwd.cu): leave one kernel out.
 #if !defined(JNA_BWD_EXPERIMENT_NO_DQ_KERNEL)
-  if constexpr (!KVTraits::kDqInKernel) {
+  if constexpr (!Dkdv::kAddsDq) {
     st = launch_kernel(fused_bwd_dq_kernel<DqTraits, DqGemm>, q_blocks, pr.H, pr.B, DqTraits::kNThreads,
                        DqSmem<DqTraits>::kBytes, kp, stream);
     if (st != cudaSuccess) return st;
@@ -103,7 +105,7 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
 #if !defined(JNA_BWD_EXPERIMENT_NO_DKDV_KERNEL)
   st = launch_kernel(Dkdv::kernel(), kv_blocks + add_blocks, pr.Hkv, pr.B, Dkdv::kThreads, Dkdv::kSmem, kp, stream);
 #endif
-  if constexpr (KVTraits::kDqInKernel) {
+  if constexpr (Dkdv::kAddsDq) {
     if (st != cudaSuccess) return st;
     // 4) dq = scale * dq_accum (the dK/dV kernel added dQ / scale there).
     const int64_t n8 = rows * kHeadDim / 8;
@@ -128,7 +130,7 @@ cudaError_t run_bwd(const geo::Problem& pr, const BwdArgs& args, cudaStream_t st
     using Shapes = typename Configs::template At<decltype(config)::value>;
     using DqTiles = typename Shapes::DqTiles;
     using DqTraits = FwdTraits<kDType, kHeadDim, kRank, kPortableDqBlockN, DqTiles::QTile::kSize / 16, 2, DqTiles>;
-    using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 4, 64, kPortableBwdBlockM<kHeadDim>, false, Shapes>;
+    using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, 4, 64, kPortableBwdBlockM<kHeadDim>, Shapes>;
     return launch_bwd_kernels<DqTraits, KVTraits, Sm80Gemm<DqTraits>, Sm80Gemm<KVTraits>>(pr, args, stream);
   });
 }

@@ -12,11 +12,9 @@
 // dK = scale * sum. Every key belongs to exactly one CTA: no atomics, deterministic, GQA reduced
 // in registers. With Gemm::kUnitSkips (the portable warps; not Hopper's warpgroups, measured slower)
 // each MMA unit skips the products of the Q tiles its own keys do not meet (UnitQueryIntervals in
-// mask.cuh). With Traits::kDqInKernel the kernel also
-// adds dQ = dS K of every Q tile into a float32 buffer (Gemm::tn; float atomics, so the sums' order
-// varies: not deterministic; a unit that skipped a tile gives it zero dS^T rows) and the
-// query-stationary dQ kernel does not run. Query columns outside the group load as zeros (Q = dO =
-// lse = delta = 0), which makes their dV and dK contributions exactly zero without a mask.
+// mask.cuh). Query columns outside the group load as zeros (Q = dO = lse = delta = 0), which makes
+// their dV and dK contributions exactly zero without a mask. (The Hopper backward's
+// non-deterministic mode, which also adds dQ, has its own kernel: hopper/mainloop_bwd.cuh.)
 // Head dims over 128 walk the Q tiles once per 128 dK/dV columns (Traits::kDPasses), recomputing S^T
 // and dP^T: two 256-column accumulators would not fit the register file.
 #pragma once
@@ -43,8 +41,7 @@ namespace jax_na {
 namespace fused {
 
 // Shared memory of the dK/dV kernel: K, V, two stages each of Q and dO (each tile at a multiple of
-// its size: the 1024-byte alignment the Hopper GMMA layouts need), dS^T (kDqInKernel), then two
-// stages of (lse, delta, query row offsets),
+// its size: the 1024-byte alignment the Hopper GMMA layouts need), then two stages of (lse, delta),
 // the keys' query intervals (InverseRangeTable, then UnitQueryIntervals), the schedule and one
 // mbarrier per Q/dO stage (TMA loads).
 template <class Traits>
@@ -53,41 +50,18 @@ struct DkdvSmem {
   static constexpr int kV = kK + Traits::kSmemKV;
   static constexpr int kQ = kV + Traits::kSmemKV;        // stage s at kQ + s * kSmemQ
   static constexpr int kDO = kQ + 2 * Traits::kSmemQ;    // stage s at kDO + s * kSmemQ
-  static constexpr int kDS = kDO + 2 * Traits::kSmemQ;
-  static constexpr int kSmall = kDS + Traits::kSmemDS;   // stage s at kSmall + s * kSmallStage
+  static constexpr int kSmall = kDO + 2 * Traits::kSmemQ;  // stage s at kSmall + s * kSmallStage
   static constexpr int kLse = 0;                          // offsets inside a small stage
   static constexpr int kDelta = kLse + Traits::kBlockM * 4;
-  static constexpr int kRowOff = kDelta + Traits::kBlockM * 4;
-  static constexpr int kSmallStage = kRowOff + (Traits::kDqInKernel ? Traits::kBlockM * 8 : 0);
+  static constexpr int kSmallStage = kDelta + Traits::kBlockM * 4;
   static constexpr int kInv = kSmall + 2 * kSmallStage;
   static constexpr int kUnitInv = kInv + Traits::kInvEntries * 8;  // up to 3 * kNWarps int2
   static constexpr int kSched = kInv + Traits::kSmemInv;
   static constexpr int kBars = kSched + Traits::kSmemSched;
   static constexpr int kBytes = kBars + Traits::kSmemBars;
   static_assert(kBytes == Traits::kSmemBytes, "smem plan");
-  static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0 && Traits::kSmemDS % 1024 == 0,
-                "tile alignment");
+  static_assert(Traits::kSmemKV % 1024 == 0 && Traits::kSmemQ % 1024 == 0, "tile alignment");
 };
-
-// acc (M x N: query rows of the Q tile, head-dim columns; the fragment of Gemm::acc_tn) into the
-// float32 buffer dq_accum ([B, N, H, D] like q) at the rows' element offsets (-1: not a query of
-// this tile), two adjacent columns per atomic.
-template <int M, int N, class Gemm, class Acc>
-__device__ __forceinline__ void add_dq(const Gemm& gemm, const Acc& acc, float* dq_accum, const int64_t* row_off) {
-  using namespace cute;
-  Tensor coord = gemm.template coords_tn<M, N>();  // (row, column) of each accumulator value
-  // A wgmma accumulator holds each row's columns in adjacent pairs: values i, i + 1 (i even) are
-  // (row, col) and (row, col + 1).
-  static_assert(decltype(size(acc))::value % 2 == 0, "column pairs");
-#pragma unroll
-  for (int i = 0; i < size(acc); i += 2) {
-    const int64_t off = row_off[get<0>(coord(i))];
-    if (off >= 0) {
-      float2* dst = reinterpret_cast<float2*>(dq_accum + off + get<1>(coord(i)));
-      atomicAdd(dst, make_float2(acc(i), acc(i + 1)));
-    }
-  }
-}
 
 // Gemm: the MMA policy (Sm80Gemm: mma.sync; Sm90Gemm in hopper/gemm.cuh: wgmma, with the products
 // in flight while the exponentials of the other one run).
@@ -177,7 +151,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
         const int64_t row = off >= 0 ? off / kD : 0;  // [B, N, H] row = element offset / D
         cp_async_4(small(s, L::kLse) + 4 * tid, p.lse + row, off >= 0);
         cp_async_4(small(s, L::kDelta) + 4 * tid, p.delta + row, off >= 0);
-        if constexpr (Traits::kDqInKernel) reinterpret_cast<int64_t*>(small(s, L::kRowOff))[tid] = off;
       }
     };
     if (ks.is_add)
@@ -198,10 +171,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
 
   Gemm gemm(tid);
   OutGemm out_gemm(tid);
-  // With dQ in the kernel, the key rows past the data add nothing to it (key_row_bits).
-  uint32_t key_rows = ~0u;
-  if constexpr (Traits::kDqInKernel)
-    key_rows = key_row_bits<Traits::kNWarps>(gemm.template acc<kBlockN, kBlockM>(), kv_off, warp, lane);
   auto acc_dk = out_gemm.template acc<kBlockN, kDOut>();
   auto acc_dv = out_gemm.template acc<kBlockN, kDOut>();
   Tensor dk_rc = make_tensor(acc_dk.data(), row_col(acc_dk.layout()));
@@ -236,11 +205,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
 #if defined(JNA_BWD_EXPERIMENT_ONE_UNIT)
       meets = meets && unit == 0;
 #endif
-      // Without dQ the unit has nothing to do on this tile; with dQ it still writes its (zero) rows of
-      // dS^T and takes its share of the dQ product below.
-      if constexpr (!Traits::kDqInKernel) {
-        if (!meets) continue;
-      }
+      if (!meets) continue;  // this unit has nothing to do on this tile
       const bool full = ks.is_add || KS::q_tile_full(ks, org);
       const float* s_lse = reinterpret_cast<const float*>(small(s, L::kLse));
       const float* s_dlt = reinterpret_cast<const float*>(small(s, L::kDelta));
@@ -253,54 +218,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
       // until the step's last wait.
       Tensor rP = make_tensor_like<Element>(acc_s);
       Tensor rdS = make_tensor_like<Element>(acc_dp);
-      if (meets) {  // uniform over the unit (always true here without dQ in the kernel)
-        gemm.template ss<kBlockN, kBlockM>(acc_s, sK, sQ(s));
-        gemm.template ss<kBlockN, kBlockM>(acc_dp, sV, sdO(s));
-        gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
-        if (!full)
-          mask_inverse_tile<Traits>(s_rc, s_inv, org, warp, lane);
-        probabilities_t(s_rc, s_lse, p.scale_log2, lane);
-        convert_fragment_into(acc_s, rP);
-        out_gemm.template rs<kBlockM>(acc_dv, rP, sdO(s) + kBlockM * col0);  // dV += P^T dO
-        gemm.template wait<1>(acc_dp);                                       // dP^T done, dV in flight
-        score_grads_t(dp_rc, s_rc, s_dlt, lane);
-        convert_fragment_into(acc_dp, rdS);
-        out_gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s) + kBlockM * col0);  // dK += dS^T Q
-      } else {
-        clear(acc_dp);  // dQ in the kernel: this unit's rows of dS^T are zeros
-      }
-      if constexpr (Traits::kDqInKernel) {
-        // dQ += dS K over all kBlockN keys: dS^T to smem, then one product per Q tile whose columns
-        // the warpgroups split, added to the float32 buffer. The dS^T tile is rewritten only after
-        // the next iteration's __syncthreads, which every thread reaches after its product completed.
-        Element* sdS = reinterpret_cast<Element*>(smem_raw + L::kDS);
-        zero_rows_outside(dp_rc, key_rows);
-        // Rows of kBlockM query columns in the swizzled bytes gemm.tn reads (its GMMA layout applies
-        // the same 128-byte swizzle through the smem pointer, so it cannot address the writes).
-        acc_to_smem<Traits::kNWarps, Element, typename Traits::template SmemLayoutRows<kBlockN, kBlockM>>(
-            dp_rc, sdS, 1.f, warp, lane);
-        gemm.fence_smem_writes();
-        __syncthreads();
-        // dQ columns per product: 64 per warpgroup, so a lone warpgroup (the default Hopper CTA) takes
-        // kD / 64 products: its 64 x 128 float32 accumulator would not fit beside dK and dV (spills).
-        constexpr int kDqCols = kD < 64 * Gemm::kWarpGroups ? kD : 64 * Gemm::kWarpGroups;
-        constexpr int kDqColPasses = kD / kDqCols;
-#pragma unroll
-        for (int c = 0; c < kDqColPasses; ++c) {
-          // Columns [c kDqCols, (c + 1) kDqCols) of K: the (kBlockN, kDqCols) tile at c kBlockN kDqCols
-          // (the 64-column blocks of the swizzled rows follow each other).
-          auto acc_dq = gemm.template acc_tn<kBlockM, kDqCols>();
-          gemm.template tn<kBlockM, kBlockN, kDqCols>(acc_dq, sdS, sK + c * kBlockN * kDqCols);
-          if (c == 0)
-            out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS, acc_dq);
-          else
-            gemm.template wait<0>(acc_dq);
-          add_dq<kBlockM, kDqCols>(gemm, acc_dq, static_cast<float*>(p.dq_accum) + c * kDqCols,
-                                   reinterpret_cast<const int64_t*>(small(s, L::kRowOff)));
-        }
-      } else {
-        out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this
-      }
+      gemm.template ss<kBlockN, kBlockM>(acc_s, sK, sQ(s));
+      gemm.template ss<kBlockN, kBlockM>(acc_dp, sV, sdO(s));
+      gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
+      if (!full)
+        mask_inverse_tile<Traits>(s_rc, s_inv, org, warp, lane);
+      probabilities_t(s_rc, s_lse, p.scale_log2, lane);
+      convert_fragment_into(acc_s, rP);
+      out_gemm.template rs<kBlockM>(acc_dv, rP, sdO(s) + kBlockM * col0);  // dV += P^T dO
+      gemm.template wait<1>(acc_dp);                                       // dP^T done, dV in flight
+      score_grads_t(dp_rc, s_rc, s_dlt, lane);
+      convert_fragment_into(acc_dp, rdS);
+      out_gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s) + kBlockM * col0);  // dK += dS^T Q
+      out_gemm.template wait<0>(acc_dv, acc_dk, rP, rdS);  // stage s is read by nothing after this
     }
 
     // Epilogue: dK * scale and dV -> smem -> rows of dk/dv (or d_add_k/d_add_v). One pass: over K and

@@ -120,8 +120,8 @@ int main() {
     ba.d_add_v = dav;
     ba.D = c.D;
     ba.scale = fa.scale;
-    // Both backward kernel sets where the Hopper one can run (deterministic, and adding dQ with
-    // atomics), results poisoned before each.
+    // Both backward kernel sets where the Hopper one can run (deterministic, and the
+    // non-deterministic warp-specialized kernel adding dQ), results poisoned before each.
     bool bwd_ok = true;
     for (int32_t mode : {0, 1, 2}) {
       const int32_t arch = mode == 2 ? fused::FwdArgs::kPortable : fused::FwdArgs::kHopper;

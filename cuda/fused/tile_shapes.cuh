@@ -282,6 +282,12 @@ constexpr int kHopperDqBlockM = 64;
 #endif
 template <int kRank>
 using HopperBwdTiles = BwdTileConfigs<kRank, 64, kHopperBwdBlockN, kHopperDqBlockN, kHopperDqBlockM>;
+// The Hopper backward's non-deterministic mode (hopper/mainloop_bwd.cuh: one warp-specialized kernel
+// adds dK, dV and dQ): CTAs of 128 keys on two consumer warpgroups, Q tiles of 64; configuration i is
+// HopperBwdTiles' i with twice its keys (1-D 128; 2-D 16x8, 8x16; 3-D 4x4x8, 2x8x8). Its dQ tiles are
+// unused.
+template <int kRank>
+using HopperBwdWsTiles = BwdTileConfigs<kRank, 64, 128, kHopperDqBlockN, kHopperDqBlockM>;
 
 // Host-side description of one configuration (extents per axis; axes past the rank are 1; warp: a
 // query-stationary configuration's warp box, zeros for the backward's).

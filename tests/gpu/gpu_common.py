@@ -123,8 +123,8 @@ def bwd_tiles_of(case, backend, dtype, bwd_tiles=None, deterministic_backward=No
 
 
 def adds_dq(case, backend, dtype, deterministic_backward=None, bwd_tiles=None) -> bool:
-    """Whether the call's fused backward adds dQ with atomics (na{r}d's deterministic_backward=False
-    on the Hopper kernels): its dq is then not bitwise reproducible."""
+    """Whether the call's fused backward adds dQ in its Hopper kernel (na{r}d's
+    deterministic_backward=False on the Hopper kernels): its dq is then not bitwise reproducible."""
     from jax_na import _checks
 
     if deterministic_backward or _checks.backend_family(backend) != "fused":

@@ -5,8 +5,8 @@ The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at
 128, problems with many KV tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional
 keys/values), head dim 32 on the portable kernels, head dim 256 (and head dims padded to it),
 padded head dims (D != D_v), float32 (portable set), scales <= 0, the Hopper backward's two modes
-(bitwise determinism by default; dQ added with atomics with deterministic_backward=False, on the
-edge cases too), the persistent Hopper forward with 3 CTAs (many query tiles per CTA), a jitted
+(bitwise determinism by default; with deterministic_backward=False one warp-specialized kernel for
+dK, dV and dQ, on the edge cases too), the persistent Hopper forward with 3 CTAs (many query tiles per CTA), a jitted
 gradient through the Flax layers, and a forward whose tensors have more than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
 """
@@ -74,8 +74,8 @@ def test_edge_cases_native_head_dims(backend, case, dtype):
 
 @pytest.mark.parametrize("case,dtype", NATIVE, ids=[f"{c.id}-{jnp.dtype(d).name}" for c, d in NATIVE])
 def test_edge_cases_atomic_dq(case, dtype):
-    """The same with deterministic_backward=False: the Hopper backward adds dQ with atomics (the
-    portable kernels, and the reference on CPU, stay deterministic)."""
+    """The same with deterministic_backward=False: the Hopper backward's warp-specialized kernel adds
+    dQ (the portable kernels, and the reference on CPU, stay deterministic)."""
     check_case(case, KERNEL_SETS[0], dtype, seed=helpers.seed_of(case), deterministic_backward=False)
 
 

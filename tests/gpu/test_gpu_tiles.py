@@ -15,7 +15,8 @@ The backward section does the same for the backward's configurations (backward_q
 backward_kv_tile_shape, listed by jax_na.fused_tile_configs(..., backward=True)): each one of each
 kernel set, pinned by name with both shapes given, on geometries that stress the dK/dV kernel's
 tiling, every gradient against the float64 reference (poisoned memory, bitwise equal over two runs);
-the Hopper set's alternatives with deterministic_backward=False (atomic dQ); and "fused" with the
+the Hopper set's non-deterministic configurations (deterministic_backward=False: dQ added by its
+warp-specialized kernel); and "fused" with the
 shapes of either set (a portable-only configuration then adds dQ without atomics).
 """
 
@@ -374,25 +375,25 @@ def test_every_backward_configuration_head_dim_32(rank, c, g):
     check_backward(case, backend, dtype, bq, bkv, seed=helpers.seed_of(case) + 7 * c)
 
 
-def _hopper_alt_params():
+def _hopper_nondeterministic_params():
     params = []
-    for rank in (2, 3):
-        for c, (q, kv) in enumerate(jax_na.fused_tile_configs(rank, "bfloat16", 128, backward=True)["fused_sm90"]):
-            if c == 0:
-                continue
+    for rank in (1, 2, 3):
+        for c, (q, kv) in enumerate(jax_na.fused_tile_configs(rank, "bfloat16", 128, backward=True,
+                                                              deterministic_backward=False)["fused_sm90"]):
             for g, (dtype, D) in enumerate([(jnp.bfloat16, 128), (jnp.float16, 64)]):
                 params.append(pytest.param(rank, c, g, dtype, D, id=f"{rank}d-c{c}-q{_shape_id(q)}-kv{_shape_id(kv)}-"
                                                                     f"{jnp.dtype(dtype).name}-D{D}-g{g}"))
     return params
 
 
-@pytest.mark.parametrize("rank,c,g,dtype,D", _hopper_alt_params())
-def test_hopper_backward_configurations_atomic_dq(rank, c, g, dtype, D):
-    """The Hopper set's alternative backward configurations with deterministic_backward=False: its
-    dK/dV kernel then adds dQ with float atomics (dq checked against the reference on both runs; dk,
-    dv and the additional keys'/values' gradients still bitwise reproducible)."""
+@pytest.mark.parametrize("rank,c,g,dtype,D", _hopper_nondeterministic_params())
+def test_hopper_nondeterministic_backward_configurations(rank, c, g, dtype, D):
+    """Every configuration of the Hopper set's non-deterministic backward (deterministic_backward=False:
+    one warp-specialized kernel of 128-key CTAs adds dK, dV and dQ, dQ with bulk reductions) on the
+    geometries: dq checked against the reference on both runs; dk, dv and the additional
+    keys'/values' gradients still bitwise reproducible."""
     backend = _backend("fused_sm90")
-    bq, bkv = jax_na.fused_tile_configs(rank, dtype, D, backward=True)["fused_sm90"][c]
+    bq, bkv = jax_na.fused_tile_configs(rank, dtype, D, backward=True, deterministic_backward=False)["fused_sm90"][c]
     case = _with_head_dim(BWD_GEOMETRIES[rank][g], D)
     atomic = check_backward(case, backend, dtype, bq, bkv, seed=helpers.seed_of(case) + 11,
                             deterministic_backward=False)
@@ -400,7 +401,7 @@ def test_hopper_backward_configurations_atomic_dq(rank, c, g, dtype, D):
 
 
 def _auto_bwd_params():
-    listed = jax_na.fused_tile_configs(2, "bfloat16", 128, backward=True)
+    listed = jax_na.fused_tile_configs(2, "bfloat16", 128, backward=True, deterministic_backward=False)
     union = list(dict.fromkeys(listed["fused_sm80"] + listed["fused_sm90"]))
     params = [pytest.param(q, kv, id=f"q{_shape_id(q)}-kv{_shape_id(kv)}") for q, kv in union]
     params.append(pytest.param(None, union[-1][1], id=f"qany-kv{_shape_id(union[-1][1])}"))
@@ -411,10 +412,10 @@ def _auto_bwd_params():
 def test_auto_backend_with_backward_tiles(bq, bkv):
     """backend "fused" with the backward shapes of either set and deterministic_backward=False
     (bfloat16, head dim 128, where "fused" runs the Hopper backward on a compute capability 9.0 GPU):
-    it runs the set that has them, a configuration only the portable set has without atomics (dq
-    bitwise reproducible), one of the Hopper set only with them (elsewhere a ValueError naming it); a
-    K/V shape alone that both sets have runs the Hopper backward where there is one."""
-    listed = jax_na.fused_tile_configs(2, "bfloat16", 128, backward=True)
+    it runs the set that has them (that mode's configurations), a configuration only the portable set
+    has deterministically (dq bitwise reproducible), one of the Hopper set only with dQ added by its
+    warp-specialized kernel (elsewhere a ValueError naming it)."""
+    listed = jax_na.fused_tile_configs(2, "bfloat16", 128, backward=True, deterministic_backward=False)
     has = lambda s: any(bq in (None, q) and bkv in (None, kv) for q, kv in listed[s])
     # at head dim 128 no (Q, K/V) pair is in both sets; a K/V shape alone can be
     assert has("fused_sm80") != has("fused_sm90") or bq is None

@@ -1,9 +1,8 @@
 // Host launch of one Hopper fused backward instantiation (included by hopper/bwd_<dtype>_hd<D>.cu only):
 // the portable backward's kernels (delta, query-stationary dQ, key-stationary dK/dV) on warpgroup
-// MMAs, with tiles sized for them.
+// MMAs, with tiles sized for them; in the non-deterministic mode the warp-specialized dK/dV/dQ kernel
+// instead of the last two.
 #pragma once
-
-#include <type_traits>
 
 #include "fused/hopper/gemm.cuh"
 #include "fused/hopper/mainloop_bwd.cuh"
@@ -23,8 +22,15 @@ struct Sm90DkdvDqLaunch {
   static auto kernel() { return fused_bwd_sm90_kernel<Traits>; }
   static constexpr int kThreads = Traits::kLaunchThreads;
   static constexpr int kSmem = BwdSm90Smem<Traits>::kBytes;
+  static constexpr bool kAddsDq = true;
 };
 
+// The tile configuration args.tiles_sm90 asks for. Deterministic (no dq_accum): HopperBwdTiles, dQ on
+// Q tiles of kHopperDqBlockM queries (64: one warpgroup) over 64-key tiles (wgmma N = 64 for S and dP),
+// dK/dV on kHopperBwdBlockN keys (64: one warpgroup), Q tiles of 64 queries (dK + dV + S^T + dP^T:
+// 192 accumulator registers per thread at D = 128); two CTAs per SM (tile_shapes.cuh). With a
+// dq_accum buffer (non-deterministic mode): HopperBwdWsTiles, one warp-specialized kernel of 128-key
+// CTAs that adds dQ there too, and no dQ kernel recomputing S and dP.
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
   using Configs = HopperBwdTiles<kRank>;
@@ -32,22 +38,14 @@ cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream
     using Shapes = typename Configs::template At<decltype(config)::value>;
     using DqTraits =
         FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, kHopperDqBlockM / 16, 2, typename Shapes::DqTiles>;
-#if defined(JNA_BWD_EXPERIMENT_WS)
     if (args.dq_accum != nullptr) {
-      // 128-key CTAs: the configuration's boxes with twice the keys.
-      using WsShapes = typename BwdTileConfigs<kRank, 64, 128, kHopperDqBlockN, kHopperDqBlockM>::template At<
-          decltype(config)::value>;
-      using KVTraits = HopperBwdTraits<BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, true, WsShapes>>;
+      using WsShapes = typename HopperBwdWsTiles<kRank>::template At<decltype(config)::value>;
+      using KVTraits = HopperBwdTraits<BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, WsShapes>>;
       return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>,
                                 Sm90DkdvDqLaunch<KVTraits>>(pr, args, stream);
     }
-#endif
-    auto launch = [&](auto dq_in_kernel) {
-      using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, kHopperBwdBlockN / 16, kHopperBwdBlockN, 64,
-                                   decltype(dq_in_kernel)::value, Shapes>;
-      return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
-    };
-    return args.dq_accum != nullptr ? launch(std::true_type{}) : launch(std::false_type{});
+    using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, kHopperBwdBlockN / 16, kHopperBwdBlockN, 64, Shapes>;
+    return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
   });
 }
 
