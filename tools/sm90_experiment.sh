@@ -19,9 +19,9 @@
 # NO_EXP (cuda/fused/NOTES.md, sessions 30-32) leave parts of the work out; their checks would fail by
 # design, so those variants run the timings only. The others (NO_UNIT_SKIP, UNIT_SKIP: the dK/dV units' skips off / on;
 # TWO_WARPGROUPS: the Hopper backward's former 128-key / 128-query CTAs) compute everything and are
-# checked. WS: the non-deterministic mode (--atomic) on the warp-specialized dK/dV/dQ kernel
-# (hopper/mainloop_bwd.cuh), checked; with WS_NO_DQ (no dQ product) or WS_NO_REDUCE (no dQ
-# reductions) timed only.
+# checked. Run with --atomic, a backward binary takes the non-deterministic mode (the warp-specialized
+# dK/dV/dQ kernel, hopper/mainloop_bwd.cuh); its knobs WS_NO_DQ (no dQ product) and WS_NO_REDUCE (no
+# dQ reductions) leave parts out and are timed only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 direction=$1 what=$2 dir=$3
