@@ -114,7 +114,13 @@ struct Sm90Gemm {
       cute::Layout<cute::Shape<cute::_1, cute::Int<kWarpGroups>, cute::_1>>{}));
 
   int tid;
-  __device__ __forceinline__ explicit Sm90Gemm(int tid_) : tid(tid_) {}
+  // The warpgroup's first thread, through a lane-0 shuffle so that ptxas knows it is warp-uniform:
+  // the slices that only make wgmma descriptors take it, and their descriptors then stay in uniform
+  // registers (the thread's own index put each descriptor in ordinary registers, moved to uniform
+  // ones per wgmma with R2UR). The accumulators' coordinates take `tid`.
+  int wg_tid;
+  __device__ __forceinline__ explicit Sm90Gemm(int tid_)
+      : tid(tid_), wg_tid(__shfl_sync(0xffffffffu, tid_ & ~127, 0)) {}
 
   template <int M, int N>
   __device__ __forceinline__ auto acc_tn() const {
@@ -133,7 +139,7 @@ struct Sm90Gemm {
   __device__ __forceinline__ void tn(Acc& acc, const Element* a, const Element* b) const {
     using namespace cute;
     MmaTN<M, N, K> mma;
-    auto thr = mma.get_thread_slice(tid);
+    auto thr = mma.get_thread_slice(wg_tid);
     Tensor sAt = make_tensor(make_smem_ptr(a), RowsT<K, M>{});
     Tensor sBt = make_tensor(make_smem_ptr(b), RowsT<K, N>{});
     wgmma_issue<true>(mma, thr.partition_fragment_A(sAt), thr.partition_fragment_B(sBt), acc);
@@ -148,7 +154,7 @@ struct Sm90Gemm {
   __device__ __forceinline__ void ss(Acc& acc, const Element* a, const Element* b) const {
     using namespace cute;
     MmaSS<N, kD> mma;
-    auto thr = mma.get_thread_slice(tid);
+    auto thr = mma.get_thread_slice(wg_tid);
     Tensor sA = make_tensor(make_smem_ptr(a), Rows<M>{});
     Tensor sB = make_tensor(make_smem_ptr(b), Rows<N>{});
     wgmma_issue<true>(mma, thr.partition_fragment_A(sA), thr.partition_fragment_B(sB), acc);
@@ -158,7 +164,7 @@ struct Sm90Gemm {
   __device__ __forceinline__ void rs(Acc& acc, TA& a, const Element* b) const {
     using namespace cute;
     MmaRS<kD, K> mma;
-    auto thr = mma.get_thread_slice(tid);
+    auto thr = mma.get_thread_slice(wg_tid);
     Tensor ra = make_tensor(a.data(), acc_to_gmma_a_layout(a.layout()));
     Tensor sBt = make_tensor(make_smem_ptr(b), RowsT<K>{});
     wgmma_issue<false>(mma, ra, thr.partition_fragment_B(sBt), acc);

@@ -206,8 +206,11 @@ __device__ __forceinline__ void fwd_consume(const HopperFwdParams& hp, const Fwd
 
   typename Traits::TiledMmaS mma_s;
   typename Traits::TiledMmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(ctid);
-  auto thr_o = mma_o.get_thread_slice(ctid);
+  // The slices only make wgmma descriptors (the accumulators are thread-independent fragments), so
+  // they take the warpgroup's first thread: warp-uniform, the descriptors then stay in uniform
+  // registers instead of moving there (R2UR) per wgmma.
+  auto thr_s = mma_s.get_thread_slice(wg_warp0 * 32);
+  auto thr_o = mma_o.get_thread_slice(wg_warp0 * 32);
   Tensor sQ = make_tensor(make_smem_ptr(sm.q), typename Traits::GmmaLayoutQ{});
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // wgmma descriptors
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kD>>{});
