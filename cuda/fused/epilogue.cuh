@@ -86,6 +86,26 @@ __device__ __forceinline__ void acc_to_smem(const TensorAcc& acc_rc, Element* sm
   }
 }
 
+// A fragment already converted to Element (rows, cols; the accumulator's layout, as acc_to_smem's
+// acc_rc) -> smem tile: the registers' pairs as they are, no float copy kept alive for the store.
+template <int kNWarps, class SmemLayout, class TensorRC>
+__device__ __forceinline__ void frag_to_smem(const TensorRC& rc, typename TensorRC::value_type* smem, int warp,
+                                             int lane) {
+  using namespace cute;
+  using Element = typename TensorRC::value_type;
+#pragma unroll
+  for (int r = 0; r < size<0>(rc); ++r) {
+    const int row = acc_row<kNWarps>(r, warp, lane);
+#pragma unroll
+    for (int c = 0; c < size<1>(rc); c += 2) {
+      cutlass::Array<Element, 2> pair;
+      pair[0] = rc(r, c);
+      pair[1] = rc(r, c + 1);
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(smem + SmemLayout{}(row, acc_col(c, lane))) = pair;
+    }
+  }
+}
+
 // acc_rc (rows, cols) -> Element pairs stored straight into gathered rows of `out` (row_off[r]: the
 // element offset of fragment row r, or -1 to skip), for kernels that cannot spare the smem a staged
 // store needs. A quad of lanes fills 16 contiguous bytes of a row per store; L2 merges the sectors.

@@ -8,9 +8,12 @@
 //     delta by cp.async), warp 1 adds each Q tile's dQ from smem into the float32 buffer with bulk
 //     reductions (cp.reduce.async.bulk, one per query row), warps 2-3 idle;
 //   two consumer warpgroups (threads 128-383), 64 keys each, per Q tile (keys as MMA rows):
-//     S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dV += P^T dO,
-//     dS^T = P^T (dP^T - delta), dK += dS^T Q, dS^T -> smem, then (after a 256-thread barrier: dQ
-//     needs both warpgroups' keys) dQ = dS K, each warpgroup 64 of its columns, -> smem for warp 1.
+//     S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dS^T = P^T (dP^T - delta)
+//     -> smem (from its bf16 registers), dV += P^T dO issued, a 256-thread barrier (dQ needs both
+//     warpgroups' keys), dQ = dS K (each warpgroup 64 of its columns) issued, then dK += dS^T Q, and
+//     dQ goes to smem for warp 1 while dK runs. This is FlashAttention-3's order; the order that
+//     issued dV and dK before the barrier and waited for all three products before dQ's stores was
+//     6-8% slower (H100, session 45).
 // dQ sums go to the buffer in whatever order the CTAs reach it: not deterministic (the deterministic
 // mode keeps the dQ kernel, launch_bwd.cuh). dK = scale * sum; dQ / scale is what the buffer holds
 // (the conversion kernel scales it).
@@ -59,8 +62,13 @@ struct HopperBwdTraits : KV {
   static constexpr int kLoadRowsPerPass = kLoadThreads / KV::kChunks;
   static constexpr int kLoadUnroll = 2;
   // 168 registers per thread at launch (384 threads); the producer gives back 128 of its 168.
+#if defined(JNA_BWD_EXPERIMENT_WS_REGS_240)  // experiment knob: the consumers at setmaxnreg's maximum
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+#else
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
+#endif
   static_assert(kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536, "setmaxnreg budget");
   // dQ tile rows in smem: kHeadDim floats plus 8 of padding (the fragment's float2 stores of 8 rows
   // then hit distinct banks); each row is one bulk reduction's source.
@@ -268,18 +276,18 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_bwd_sm90_kern
     Tensor dp_rc = make_tensor(acc_dp.data(), row_col(acc_dp.layout()));
     Tensor rP = make_tensor_like<Element>(acc_s);
     Tensor rdS = make_tensor_like<Element>(acc_dp);
+    // Order (as FlashAttention-3's backward): dS^T is written and dV issued before the warpgroups
+    // meet, dQ is issued before dK, and dQ goes to smem while dK runs.
     gemm.template ss<kBlockN, kBlockM>(acc_s, sK, sQ(s));
     gemm.template ss<kBlockN, kBlockM>(acc_dp, sV, sdO(s));
     gemm.template wait<1>(acc_s);  // S^T done, dP^T may still run
     if (!full) mask_inverse_tile<KV>(s_rc, s_inv, org, warp, lane);
     probabilities_t(s_rc, s_lse(s), p.scale_log2, lane);
     convert_fragment_into(acc_s, rP);
-    gemm.template rs<kBlockM>(acc_dv, rP, sdO(s));  // dV += P^T dO
-    gemm.template wait<1>(acc_dp);                  // dP^T done, dV in flight
+    gemm.template wait<0>(acc_dp);
     score_grads_t(dp_rc, s_rc, s_dlt(s), lane);
+    zero_rows_outside(dp_rc, key_rows);  // (dK rows of keys past the data are never stored)
     convert_fragment_into(acc_dp, rdS);
-    gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s));  // dK += dS^T Q
-    zero_rows_outside(dp_rc, key_rows);
     // dS^T (both warpgroups' 64 key rows) for dQ = dS K. Stage i & 1: the other warpgroup's dQ of
     // tile i - 1 may still read the other stage; the one of tile i - 2 completed before that
     // warpgroup reached tile i - 1's barrier.
@@ -287,8 +295,9 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_bwd_sm90_kern
     // than hoisted out of the loop (16 registers, which ptxas spilled and reloaded per tile).
     int lane_here;
     asm volatile("mov.b32 %0, %1;" : "=r"(lane_here) : "r"(lane));
-    acc_to_smem<KV::kNWarps, Element, typename KV::template SmemLayoutRows<kBlockN, kBlockM>>(dp_rc, sdS(s), 1.f, warp,
-                                                                                              lane_here);
+    frag_to_smem<KV::kNWarps, typename KV::template SmemLayoutRows<kBlockN, kBlockM>>(
+        make_tensor(rdS.data(), row_col(rdS.layout())), sdS(s), warp, lane_here);
+    gemm.template rs<kBlockM>(acc_dv, rP, sdO(s));  // dV += P^T dO, in flight across the barrier
     gemm.fence_smem_writes();
     cutlass::arch::NamedBarrier::sync(Traits::kConsumerThreads, kBwdDsBarrierId);
     auto acc_dq = gemm.template acc_tn<kBlockM, kD>();  // this warpgroup's kD / 2 columns
@@ -297,8 +306,9 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_bwd_sm90_kern
 #else
     gemm.template tn<kBlockM, kBlockN, kD>(acc_dq, sdS(s), sK);
 #endif
-    gemm.template wait<0>(acc_dv, acc_dk, rP, rdS, acc_dq);
-    Bar::arrive(&bars.empty[s]);  // Q, dO, lse, delta of stage s read
+    gemm.template wait<1>(acc_dv, rP);              // dV done, dQ in flight
+    gemm.template rs<kBlockM>(acc_dk, rdS, sQ(s));  // dK += dS^T Q
+    gemm.template wait<1>(acc_dq);                  // dQ done, dK in flight
     if (i > 0) Bar::wait(&bars.dq_empty, (i - 1) & 1);
     static_assert(decltype(size(acc_dq))::value % 2 == 0, "column pairs");
     // A thread's values sit at fixed offsets from its first one: one base address and immediates
@@ -311,6 +321,8 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_bwd_sm90_kern
                                  (get<1>(dq_coord(v)) - col0)) = make_float2(acc_dq(v), acc_dq(v + 1));
     cutlass::arch::fence_view_async_shared();  // for warp 1's bulk reductions (async proxy)
     Bar::arrive(&bars.dq_full);
+    gemm.template wait<0>(acc_dk, rdS);
+    Bar::arrive(&bars.empty[s]);  // Q, dO, lse, delta of stage s read
   }
 
   // Epilogue: dK * scale and dV -> smem (over K and V) -> rows of dk/dv (or d_add_k/d_add_v).
