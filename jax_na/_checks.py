@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -445,10 +446,30 @@ def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str, tiles: Fuse
     return arch == 90 or P == 128 or window_size >= 256
 
 
+# XLA's own switches for deterministic GPU ops; the last one in XLA_FLAGS wins, as in XLA's parser.
+XLA_DETERMINISM_FLAGS = ("--xla_gpu_deterministic_ops", "--xla_gpu_exclude_nondeterministic_ops")
+
+
+def xla_requests_determinism() -> bool:
+    """Whether ``XLA_FLAGS`` asks XLA for deterministic GPU ops (``--xla_gpu_deterministic_ops=true``
+    or ``--xla_gpu_exclude_nondeterministic_ops=true``): the default ``deterministic_backward`` then
+    follows it, as XLA's own scatter and convolution algorithms do."""
+    on = False
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        name, eq, value = flag.partition("=")
+        if name in XLA_DETERMINISM_FLAGS:
+            on = not eq or value.lower() in ("true", "1")
+    return on
+
+
 def deterministic_arg(value) -> bool:
-    """``deterministic_backward`` checked: a bool."""
+    """``deterministic_backward`` checked: a bool, or None for the default (deterministic exactly
+    when ``XLA_FLAGS`` asks XLA for deterministic ops, :func:`xla_requests_determinism`)."""
+    if value is None:
+        return xla_requests_determinism()
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"deterministic_backward must be True or False, got {value!r}")
+        raise ValueError(f"deterministic_backward must be True, False or None (the default: deterministic "
+                         f"only when XLA_FLAGS sets --xla_gpu_deterministic_ops), got {value!r}")
     return bool(value)
 
 
@@ -628,7 +649,7 @@ def _tiles_args(direction: str, prefix: str, configs_of, rank: int, query, value
 
 def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, is_causal, scale,
                    additional_keys, additional_values, backend, q_tile_shape=None, kv_tile_shape=None,
-                   deterministic_backward=True, backward_q_tile_shape=None, backward_kv_tile_shape=None):
+                   deterministic_backward=None, backward_q_tile_shape=None, backward_kv_tile_shape=None):
     """Validate a na{1,2,3}d call. Returns (NAParams, backend)."""
     _check_array("query", query, rank + 3, _layout(rank, "H", "D"))
     _check_array("key", key, rank + 3, _layout(rank, "H_kv", "D"))

@@ -50,7 +50,7 @@ def has_gemm_kernels() -> bool:
 
 
 def cuda_archs() -> str:
-    return _C.cuda_archs() if has_cuda_kernels() else ""
+    return _C.cuda_archs() if _C is not None and has_cuda_kernels() else ""
 
 
 @functools.lru_cache(maxsize=None)

@@ -81,7 +81,7 @@ _av.defvjp(_av_fwd, _av_bwd)
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
         additional_values, return_lse, backend, q_tile_shape=None, kv_tile_shape=None,
-        deterministic_backward=True, backward_q_tile_shape=None, backward_kv_tile_shape=None):
+        deterministic_backward=None, backward_q_tile_shape=None, backward_kv_tile_shape=None):
     params, backend = _checks.attention_args(rank, query, key, value, kernel_size, stride, dilation,
                                              is_causal, scale, additional_keys, additional_values, backend,
                                              q_tile_shape, kv_tile_shape, deterministic_backward,
@@ -212,17 +212,21 @@ _NA_DOC = """{rank}-D neighborhood attention.
         or tile shapes with a non-fused backend, is a ValueError. Other backends (auto on a
         platform without the fused kernels) compute the same function and ignore them; the
         backward has its own tiles.
-      deterministic_backward: True (default): every gradient bitwise reproducible. False: where the
-        fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16; under
-        "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more; every head
-        dim up to 128 on "fused_sm90"), one warp-specialized kernel computes dK, dV and dQ (CTAs of
-        128 keys: the configurations of ``fused_tile_configs(rank, dtype, head_dim, backward=True,
-        deterministic_backward=False)``), adding dQ into a float32 buffer in whatever order its
-        CTAs get there, so dq may differ in its last bits between runs; no second kernel
-        recomputes the scores for dQ. The backward alone measured 6-25% faster than the
-        deterministic default on p1, p2, p7 and p10 and 2.5% slower on p3 (H200, bfloat16, head dim
-        128; cuda/fused/NOTES.md, session 44). The other backends and the portable fused kernels
-        (e.g. head dim 32 or 64 with small windows) are deterministic either way.
+      deterministic_backward: None (default): False, unless ``XLA_FLAGS`` asks XLA for
+        deterministic GPU ops (``--xla_gpu_deterministic_ops=true``, or
+        ``--xla_gpu_exclude_nondeterministic_ops=true``), as XLA's own GPU ops choose. False: where
+        the fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16;
+        under "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more;
+        every head dim up to 128 on "fused_sm90"), one warp-specialized kernel computes dK, dV and
+        dQ (CTAs of 128 keys: the configurations of ``fused_tile_configs(rank, dtype, head_dim,
+        backward=True, deterministic_backward=False)``), adding dQ into a float32 buffer in
+        whatever order its CTAs get there, so dq may differ in its last bits between runs, and
+        the backward's workspace holds ``B*N*H*(P+1)`` floats (P: the padded head dim) instead of
+        ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone measured
+        3-29% faster than the deterministic kernels' on p1-p3 and p6-p10 (H100, bfloat16, head dim
+        128; cuda/fused/NOTES.md, session 45). True: every gradient bitwise reproducible (a dQ
+        kernel and a dK/dV kernel). The other backends and the portable fused kernels (e.g. head
+        dim 32 or 64 with small windows) are deterministic either way.
       backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
         each CTA of its key-stationary dK/dV kernel owns (kv) and the queries it takes per step
         (q); each configuration also sets the dQ kernel's tiles. Listed in
@@ -310,7 +314,7 @@ def _doc(template, rank):
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
          additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
-         kv_tile_shape=None, deterministic_backward=True, backward_q_tile_shape=None,
+         kv_tile_shape=None, deterministic_backward=None, backward_q_tile_shape=None,
          backward_kv_tile_shape=None):
     return _na(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
                additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward,
@@ -319,7 +323,7 @@ def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
 
 def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
          additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
-         kv_tile_shape=None, deterministic_backward=True, backward_q_tile_shape=None,
+         kv_tile_shape=None, deterministic_backward=None, backward_q_tile_shape=None,
          backward_kv_tile_shape=None):
     return _na(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
                additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward,
@@ -328,7 +332,7 @@ def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
 
 def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
          additional_keys=None, additional_values=None, return_lse=False, backend=None, q_tile_shape=None,
-         kv_tile_shape=None, deterministic_backward=True, backward_q_tile_shape=None,
+         kv_tile_shape=None, deterministic_backward=None, backward_q_tile_shape=None,
          backward_kv_tile_shape=None):
     return _na(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
                additional_values, return_lse, backend, q_tile_shape, kv_tile_shape, deterministic_backward,
@@ -360,7 +364,7 @@ def na3d_av(weights, value, kernel_size, dilation=1, is_causal=False, backend=No
 
 
 def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backward: bool = False,
-                       deterministic_backward: bool = True) -> dict[str, list]:
+                       deterministic_backward: bool | None = None) -> dict[str, list]:
     """The fused kernels' compiled tile configurations, the values ``q_tile_shape`` /
     ``kv_tile_shape`` (``backward_q_tile_shape`` / ``backward_kv_tile_shape`` with ``backward``) of
     ``na{rank}d`` may take, per kernel set.
@@ -372,7 +376,8 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
         256 on the portable set (float32: 64 or 128), to 64 or 128 on the Hopper one).
       backward: False: the forward's; True: the backward's (its dK/dV kernel's query and key tiles).
       deterministic_backward: with ``backward``, the configurations of that mode of ``na{rank}d``
-        (False: the Hopper set's non-deterministic kernel takes twice the keys per CTA).
+        (False: the Hopper set's non-deterministic kernel takes twice the keys per CTA; None: the
+        mode ``na{rank}d`` takes by default, ``XLA_FLAGS``' determinism flags).
 
     Returns:
       ``{"fused_sm80": [(q_tile_shape, kv_tile_shape), ...], "fused_sm90": [...]}``, the default

@@ -542,7 +542,7 @@ def yardstick(on_gpu: bool, dtype=jnp.bfloat16) -> tuple[str, str]:
 
 def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequence[str], reps: int = 20,
         budget_s: float = 4.0, self_attention: bool = True, progress=None,
-        deterministic_backward: bool = True, clocks: ClockSampler | None = None,
+        deterministic_backward: bool | None = None, clocks: ClockSampler | None = None,
         sustain_s: float = 0.0) -> list[dict]:
     """Time every backend (and dense self attention) on every problem and mode; one dict per row.
     ``clocks``: a running :class:`ClockSampler`; each timed row then carries the mean SM clock, board
@@ -764,9 +764,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pinned fused_sm80/fused_sm90 (on a GPU: fused, gemm, reference, naive); e.g. "
                         "fused_sm90,fused_sm80 compares the two kernel sets")
     r.add_argument("--no-self-attention", action="store_true", help="skip the dense self attention baseline")
-    r.add_argument("--nondeterministic-backward", action="store_true",
-                   help="na*d's deterministic_backward=False (the Hopper fused backward's warp-specialized "
-                        "kernel adds dQ)")
+    det = r.add_mutually_exclusive_group()
+    det.add_argument("--deterministic-backward", dest="deterministic_backward", action="store_const", const=True,
+                     default=None, help="na*d's deterministic_backward=True (the Hopper fused backward's dQ and "
+                                        "dK/dV kernels); default: na*d's default (XLA_FLAGS' determinism flags)")
+    det.add_argument("--nondeterministic-backward", dest="deterministic_backward", action="store_const",
+                     const=False, help="na*d's deterministic_backward=False (the Hopper fused backward's "
+                                       "warp-specialized kernel adds dQ)")
     r.add_argument("--reps", type=int, default=20, help="timing samples per entry (at most; a sample is one call, or the mean of a batch of calls under 20 ms)")
     r.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per entry at most")
     r.add_argument("--clocks", action="store_true",
@@ -860,7 +864,7 @@ def main(argv=None) -> int:
     progress = _progress(len(problems), not a.no_progress)
     try:
         rows = run(problems, backends, dtype, modes, a.reps, a.budget, not a.no_self_attention, progress,
-                   not a.nondeterministic_backward, clocks, a.sustain)
+                   a.deterministic_backward, clocks, a.sustain)
     finally:
         if clocks is not None:
             clocks.close()
@@ -868,7 +872,7 @@ def main(argv=None) -> int:
         progress.close()
     if a.json:
         _write_json(a.json, dict(kind="profile", problems=[p.to_json() for p in problems], rows=rows,
-                                 backends=backends, modes=modes, deterministic_backward=not a.nondeterministic_backward,
+                                 backends=backends, modes=modes, deterministic_backward=_checks.deterministic_arg(a.deterministic_backward),
                                  **_meta(dtype, on_gpu)))
         print(f"wrote {a.json}")
     if a.plot and plot(rows, a.plot, f"{dtype.name} on {device.device_kind if on_gpu else 'CPU'}"):

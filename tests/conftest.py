@@ -87,6 +87,16 @@ def pretend_kernels(monkeypatch):
 
 
 @pytest.fixture
+def xla_deterministic_ops(monkeypatch):
+    """XLA_FLAGS with ``--xla_gpu_deterministic_ops=true``: na*d's default ``deterministic_backward``
+    (None) then resolves to True. For tests of the deterministic mode's tiles and lowering that call
+    with the default; the non-deterministic mode is asked for by name there."""
+    import os
+
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true".strip())
+
+
+@pytest.fixture
 def any_gpu(monkeypatch):
     """Tile resolution only: a Hopper-only tile configuration resolves whatever GPU this machine has
     (on a GPU without the Hopper kernels it is refused; the tile tests' test_hopper_only_needs_hopper

@@ -25,10 +25,10 @@ def _arr(*shape, dtype=jnp.bfloat16):
     return jnp.asarray(R.standard_normal(shape), dtype)
 
 
-@pytest.mark.parametrize("value", [1, 0, None, "yes", np.int64(1), (True,)])
+@pytest.mark.parametrize("value", [1, 0, "yes", np.int64(1), (True,)])
 def test_bad_values(value):
     q = _arr(1, 8, 2, 16, dtype=jnp.float32)
-    with pytest.raises(ValueError, match="deterministic_backward must be True or False") as ei:
+    with pytest.raises(ValueError, match="deterministic_backward must be True, False or None") as ei:
         jax_na.na1d(q, q, q, 3, deterministic_backward=value)
     assert repr(value) in str(ei.value)
 
@@ -41,10 +41,42 @@ def test_params_carry_the_mode(value):
     assert params.deterministic is bool(value)
 
 
-def test_default_is_deterministic():
+# XLA_FLAGS -> the default mode (True: deterministic). The last determinism flag wins, as in XLA.
+XLA_FLAG_CASES = [
+    ("", False),
+    ("--xla_gpu_autotune_level=0", False),
+    ("--xla_gpu_deterministic_ops=true", True),
+    ("--xla_gpu_deterministic_ops", True),
+    ("--xla_gpu_deterministic_ops=1", True),
+    ("--xla_gpu_deterministic_ops=false", False),
+    ("--xla_gpu_exclude_nondeterministic_ops=true", True),
+    ("--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false", False),
+    ("--xla_gpu_autotune_level=2 --xla_gpu_deterministic_ops=True", True),
+]
+
+
+@pytest.mark.parametrize("flags,want", XLA_FLAG_CASES)
+def test_default_follows_xla_flags(monkeypatch, flags, want):
+    """None (the default of na*d, the Flax layers and fused_tile_configs) is deterministic exactly
+    when XLA_FLAGS asks XLA for deterministic GPU ops; an explicit bool wins over the flags."""
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    q = _arr(1, 8, 2, 16, dtype=jnp.float32)
+    for kw in ({}, {"deterministic_backward": None}):
+        params, _ = _checks.attention_args(1, q, q, q, 3, 1, 1, False, None, None, None, None, **kw)
+        assert params.deterministic is want, (flags, kw)
+    for explicit in (True, False):
+        params, _ = _checks.attention_args(1, q, q, q, 3, 1, 1, False, None, None, None, None,
+                                           deterministic_backward=explicit)
+        assert params.deterministic is explicit
+    assert jax_na.fused_tile_configs(1, backward=True) == jax_na.fused_tile_configs(
+        1, backward=True, deterministic_backward=want)
+
+
+def test_default_without_xla_flags_is_nondeterministic(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     q = _arr(1, 8, 2, 16, dtype=jnp.float32)
     params, _ = _checks.attention_args(1, q, q, q, 3, 1, 1, False, None, None, None, None)
-    assert params.deterministic is True
+    assert params.deterministic is False
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
@@ -135,3 +167,24 @@ def test_flax_layer_passes_it_on(pretend_kernels):
         loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32))
         line = _bwd_call(jax.grad(loss, argnums=1), params, x)
         assert _det_attr(line) == want, line
+
+
+@pytest.mark.parametrize("flags,want", [("", 0), ("--xla_gpu_deterministic_ops=true", 1)])
+def test_default_lowering_follows_xla_flags(pretend_kernels, monkeypatch, flags, want):
+    """A call without deterministic_backward (na2d and the Flax layer) lowers to the warp-specialized
+    kernel's attribute and workspace unless XLA_FLAGS asks for deterministic ops."""
+    from jax_na.flax import NeighborhoodAttention2D
+
+    pretend_kernels()
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    q = _arr(1, 8, 9, 2, 128)
+    loss = lambda q, k, v: jnp.sum(jax_na.na2d(q, k, v, 3).astype(jnp.float32))
+    line = _bwd_call(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
+    rows = 8 * 9 * 2
+    assert _det_attr(line) == want and _workspace_elems(line) == (rows if want else rows * 129), line
+    layer = NeighborhoodAttention2D(num_heads=2, kernel_size=3, dtype=jnp.bfloat16)
+    x = _arr(1, 8, 9, 256)
+    params = jax.eval_shape(layer.init, jax.random.key(0), x)
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    line = _bwd_call(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32)), argnums=1), params, x)
+    assert _det_attr(line) == want, line

@@ -27,6 +27,10 @@ from helpers import Case
 from jax_na import _checks, functional
 from jax_na._checks import FusedTiles
 
+# The default mode here is the deterministic one (XLA_FLAGS' flag, which na*d's default follows);
+# the non-deterministic lists and attributes are asked for with deterministic_backward=False.
+pytestmark = pytest.mark.usefixtures("xla_deterministic_ops")
+
 RANKS = (1, 2, 3)
 DTYPES = ("float16", "bfloat16", "float32")
 SETS = {"fused_sm80": "sm80", "fused_sm90": "sm90"}

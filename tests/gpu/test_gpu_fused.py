@@ -5,8 +5,8 @@ The shared sweep (test_gpu_naive.py) runs the fused kernels on the edge cases at
 128, problems with many KV tiles per query tile (2-D and 3-D, GQA, dilation, causal, additional
 keys/values), head dim 32 on the portable kernels, head dim 256 (and head dims padded to it),
 padded head dims (D != D_v), float32 (portable set), scales <= 0, the Hopper backward's two modes
-(bitwise determinism by default; with deterministic_backward=False one warp-specialized kernel for
-dK, dV and dQ, on the edge cases too), the persistent Hopper forward with 3 CTAs (many query tiles per CTA), a jitted
+(bitwise determinism with deterministic_backward=True; with False, the default without XLA's
+determinism flag, one warp-specialized kernel for dK, dV and dQ, on the edge cases too), the persistent Hopper forward with 3 CTAs (many query tiles per CTA), a jitted
 gradient through the Flax layers, and a forward whose tensors have more than 2**31 elements (64-bit offsets; marked ``large``: deselect with ``-m "gpu and not large"``).
 Tolerances: gpu_common.TOL (SEMANTICS.md) for out and gradients, 1e-5 for the float32 LSE.
 """

@@ -331,9 +331,11 @@ def _bwd_config_params():
     for kernel_set in KERNEL_SETS:
         for rank in (1, 2, 3):
             for g in range(len(BWD_GEOMETRIES[rank])):
-                for c in range(len(jax_na.fused_tile_configs(rank, "bfloat16", 128, backward=True)[kernel_set])):
+                for c in range(len(jax_na.fused_tile_configs(rank, "bfloat16", 128, backward=True,
+                                                              deterministic_backward=True)[kernel_set])):
                     dtype, D = COMBOS[(g + c) % len(COMBOS)]
-                    q, kv = jax_na.fused_tile_configs(rank, dtype, D, backward=True)[kernel_set][c]
+                    q, kv = jax_na.fused_tile_configs(rank, dtype, D, backward=True,
+                                                      deterministic_backward=True)[kernel_set][c]
                     params.append(pytest.param(
                         kernel_set, rank, c, g,
                         id=f"{kernel_set}-{rank}d-c{c}-q{_shape_id(q)}-kv{_shape_id(kv)}-"
@@ -343,11 +345,12 @@ def _bwd_config_params():
 
 @pytest.mark.parametrize("kernel_set,rank,c,g", _bwd_config_params())
 def test_every_backward_configuration(kernel_set, rank, c, g):
-    """Backward configuration c of ``kernel_set`` (both backward shapes given, backend pinned) on
-    geometry g: every gradient against the float64 reference."""
+    """Backward configuration c of ``kernel_set`` in the deterministic mode (both backward shapes
+    given, backend pinned) on geometry g: every gradient against the float64 reference (the
+    non-deterministic mode's: test_hopper_nondeterministic_backward_configurations)."""
     backend = _backend(kernel_set)
     dtype, D = COMBOS[(g + c) % len(COMBOS)]
-    configs = jax_na.fused_tile_configs(rank, dtype, D, backward=True)[kernel_set]
+    configs = jax_na.fused_tile_configs(rank, dtype, D, backward=True, deterministic_backward=True)[kernel_set]
     assert len(configs) == (1 if rank == 1 else 2)
     bq, bkv = configs[c]
     case = _with_head_dim(BWD_GEOMETRIES[rank][g], D)
