@@ -462,14 +462,28 @@ def xla_requests_determinism() -> bool:
     return on
 
 
-def deterministic_arg(value) -> bool:
-    """``deterministic_backward`` checked: a bool, or None for the default (deterministic exactly
-    when ``XLA_FLAGS`` asks XLA for deterministic ops, :func:`xla_requests_determinism`)."""
+# Padded head dims at which the default backward is the non-deterministic one: there the Hopper
+# warp-specialized dK/dV/dQ kernel measured 3-29% faster than the deterministic dQ + dK/dV kernels
+# (H100, bf16, backward alone and forward+backward through JAX); at 64 it measured 5-9% slower
+# (cuda/fused/NOTES.md, session 45), so the default stays deterministic there.
+NONDETERMINISTIC_DEFAULT_HEAD_DIMS = (128,)
+
+
+def deterministic_arg(value, dtype=None, head_dim: int | None = None, head_dim_v: int | None = None) -> bool:
+    """``deterministic_backward`` checked: a bool, or None for the default: deterministic when
+    ``XLA_FLAGS`` asks XLA for deterministic ops (:func:`xla_requests_determinism`) or where the
+    Hopper backward would run at a padded head dim outside ``NONDETERMINISTIC_DEFAULT_HEAD_DIMS``
+    (``dtype``, ``head_dim`` and ``head_dim_v``: the call's; without them, the head dim 128 rule)."""
     if value is None:
-        return xla_requests_determinism()
+        if xla_requests_determinism():
+            return True
+        if head_dim is None:
+            return False
+        P = fused_head_dim(head_dim, head_dim if head_dim_v is None else head_dim_v, dtype, "fused_sm90")
+        return P not in NONDETERMINISTIC_DEFAULT_HEAD_DIMS
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"deterministic_backward must be True, False or None (the default: deterministic "
-                         f"only when XLA_FLAGS sets --xla_gpu_deterministic_ops), got {value!r}")
+        raise ValueError(f"deterministic_backward must be True, False or None (the default: non-deterministic "
+                         f"at head dims 65-128 unless XLA_FLAGS sets --xla_gpu_deterministic_ops), got {value!r}")
     return bool(value)
 
 
@@ -692,7 +706,7 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
     params = window_params(rank, spatial, kernel_size, stride, dilation, is_causal, scale, D)
     backend = resolve_backend(backend, query.dtype, "na", query, value)
     window = (params.kernel_size, params.stride, params.dilation, params.is_causal)
-    deterministic = deterministic_arg(deterministic_backward)
+    deterministic = deterministic_arg(deterministic_backward, query.dtype, D, value.shape[-1])
     tiles = fwd_tiles_args(rank, query, value, backend, q_tile_shape, kv_tile_shape, window)
     bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
                                window, deterministic)

@@ -212,9 +212,11 @@ _NA_DOC = """{rank}-D neighborhood attention.
         or tile shapes with a non-fused backend, is a ValueError. Other backends (auto on a
         platform without the fused kernels) compute the same function and ignore them; the
         backward has its own tiles.
-      deterministic_backward: None (default): False, unless ``XLA_FLAGS`` asks XLA for
-        deterministic GPU ops (``--xla_gpu_deterministic_ops=true``, or
-        ``--xla_gpu_exclude_nondeterministic_ops=true``), as XLA's own GPU ops choose. False: where
+      deterministic_backward: None (default): the faster mode where it is measured faster: False at
+        head dims that the Hopper kernels pad to 128 (``max(D, D_v)`` 65-128), True at 64 and
+        below (there the deterministic kernels measured 5-9% faster), and True whenever
+        ``XLA_FLAGS`` asks XLA for deterministic GPU ops (``--xla_gpu_deterministic_ops=true`` or
+        ``--xla_gpu_exclude_nondeterministic_ops=true``), as XLA's own GPU ops do. False: where
         the fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16;
         under "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more;
         every head dim up to 128 on "fused_sm90"), one warp-specialized kernel computes dK, dV and
@@ -224,7 +226,7 @@ _NA_DOC = """{rank}-D neighborhood attention.
         the backward's workspace holds ``B*N*H*(P+1)`` floats (P: the padded head dim) instead of
         ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone measured
         3-29% faster than the deterministic kernels' on p1-p3 and p6-p10 (H100, bfloat16, head dim
-        128; cuda/fused/NOTES.md, session 45). True: every gradient bitwise reproducible (a dQ
+        128; forward+backward 2-27%; cuda/fused/NOTES.md, session 45). True: every gradient bitwise reproducible (a dQ
         kernel and a dK/dV kernel). The other backends and the portable fused kernels (e.g. head
         dim 32 or 64 with small windows) are deterministic either way.
       backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
@@ -377,7 +379,7 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
       backward: False: the forward's; True: the backward's (its dK/dV kernel's query and key tiles).
       deterministic_backward: with ``backward``, the configurations of that mode of ``na{rank}d``
         (False: the Hopper set's non-deterministic kernel takes twice the keys per CTA; None: the
-        mode ``na{rank}d`` takes by default, ``XLA_FLAGS``' determinism flags).
+        mode ``na{rank}d`` takes by default at this dtype and head dim).
 
     Returns:
       ``{"fused_sm80": [(q_tile_shape, kv_tile_shape), ...], "fused_sm90": [...]}``, the default
@@ -401,7 +403,7 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
     if not isinstance(backward, (bool, np.bool_)):
         raise ValueError(f"backward must be True or False, got {backward!r}")
     backward = bool(backward)
-    deterministic = _checks.deterministic_arg(deterministic_backward)
+    _checks.deterministic_arg(deterministic_backward)  # checked whatever the direction
     out = {}
     for backend, kernel_set in (("fused_sm80", "sm80"), ("fused_sm90", "sm90")):
         P = _checks.fused_head_dim(head_dim, head_dim, dtype, backend) if isinstance(head_dim, int) else None
@@ -409,6 +411,7 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
             raise ValueError(f"head_dim must be an int in 1..{_checks.fused_head_dims(dtype)[-1]} for "
                              f"{jnp.dtype(dtype).name}, got {head_dim!r}")
         if backward:
+            deterministic = _checks.deterministic_arg(deterministic_backward, dtype, head_dim if P else None)
             configs = _checks.fused_bwd_tile_configs(kernel_set, dtype, P, rank, deterministic) if P else ()
         else:
             configs = _checks.fused_fwd_tile_configs(kernel_set, dtype, P, rank) if P else ()

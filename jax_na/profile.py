@@ -872,7 +872,7 @@ def main(argv=None) -> int:
         progress.close()
     if a.json:
         _write_json(a.json, dict(kind="profile", problems=[p.to_json() for p in problems], rows=rows,
-                                 backends=backends, modes=modes, deterministic_backward=_checks.deterministic_arg(a.deterministic_backward),
+                                 backends=backends, modes=modes, deterministic_backward=a.deterministic_backward,
                                  **_meta(dtype, on_gpu)))
         print(f"wrote {a.json}")
     if a.plot and plot(rows, a.plot, f"{dtype.name} on {device.device_kind if on_gpu else 'CPU'}"):

@@ -57,10 +57,11 @@ XLA_FLAG_CASES = [
 
 @pytest.mark.parametrize("flags,want", XLA_FLAG_CASES)
 def test_default_follows_xla_flags(monkeypatch, flags, want):
-    """None (the default of na*d, the Flax layers and fused_tile_configs) is deterministic exactly
-    when XLA_FLAGS asks XLA for deterministic GPU ops; an explicit bool wins over the flags."""
+    """None (the default of na*d, the Flax layers and fused_tile_configs) at head dim 128 is
+    deterministic exactly when XLA_FLAGS asks XLA for deterministic GPU ops; an explicit bool wins
+    over the flags."""
     monkeypatch.setenv("XLA_FLAGS", flags)
-    q = _arr(1, 8, 2, 16, dtype=jnp.float32)
+    q = _arr(1, 8, 2, 128)
     for kw in ({}, {"deterministic_backward": None}):
         params, _ = _checks.attention_args(1, q, q, q, 3, 1, 1, False, None, None, None, None, **kw)
         assert params.deterministic is want, (flags, kw)
@@ -72,11 +73,41 @@ def test_default_follows_xla_flags(monkeypatch, flags, want):
         1, backward=True, deterministic_backward=want)
 
 
-def test_default_without_xla_flags_is_nondeterministic(monkeypatch):
+# (dtype, D, D_v, the default without XLA flags): non-deterministic where the Hopper kernels would
+# pad to 128 (NONDETERMINISTIC_DEFAULT_HEAD_DIMS), deterministic at 64 and below (measured faster
+# there) and where no Hopper kernel runs (head dims above 128; float32 has one mode anyway).
+HEAD_DIM_CASES = [
+    (jnp.bfloat16, 128, 128, False),
+    (jnp.float16, 100, 100, False),
+    (jnp.bfloat16, 64, 96, False),    # max(D, D_v) = 96: padded to 128
+    (jnp.bfloat16, 65, 65, False),
+    (jnp.bfloat16, 64, 64, True),
+    (jnp.float16, 32, 32, True),
+    (jnp.bfloat16, 8, 8, True),
+    (jnp.bfloat16, 256, 256, True),
+    (jnp.bfloat16, 129, 129, True),
+]
+
+
+@pytest.mark.parametrize("dtype,D,Dv,want", HEAD_DIM_CASES)
+def test_default_by_head_dim(monkeypatch, dtype, D, Dv, want):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    q = _arr(1, 8, 2, 16, dtype=jnp.float32)
-    params, _ = _checks.attention_args(1, q, q, q, 3, 1, 1, False, None, None, None, None)
-    assert params.deterministic is False
+    q = _arr(1, 8, 2, D, dtype=dtype)
+    v = _arr(1, 8, 2, Dv, dtype=dtype)
+    params, _ = _checks.attention_args(1, q, q, v, 3, 1, 1, False, None, None, None, None)
+    assert params.deterministic is want
+    assert _checks.deterministic_arg(None, dtype, D, Dv) is want
+    if max(D, Dv) <= 128:
+        listed = jax_na.fused_tile_configs(1, dtype, max(D, Dv), backward=True)
+        assert listed == jax_na.fused_tile_configs(1, dtype, max(D, Dv), backward=True, deterministic_backward=want)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+    params, _ = _checks.attention_args(1, q, q, v, 3, 1, 1, False, None, None, None, None)
+    assert params.deterministic is True
+
+
+def test_fused_tile_configs_checks_the_mode_forward_too():
+    with pytest.raises(ValueError, match="deterministic_backward must be True, False or None"):
+        jax_na.fused_tile_configs(1, deterministic_backward="no")
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
@@ -171,8 +202,9 @@ def test_flax_layer_passes_it_on(pretend_kernels):
 
 @pytest.mark.parametrize("flags,want", [("", 0), ("--xla_gpu_deterministic_ops=true", 1)])
 def test_default_lowering_follows_xla_flags(pretend_kernels, monkeypatch, flags, want):
-    """A call without deterministic_backward (na2d and the Flax layer) lowers to the warp-specialized
-    kernel's attribute and workspace unless XLA_FLAGS asks for deterministic ops."""
+    """A call without deterministic_backward at head dim 128 (na2d and the Flax layer, 2 heads of
+    128) lowers to the warp-specialized kernel's attribute and workspace unless XLA_FLAGS asks for
+    deterministic ops; at head dim 64 it lowers to the deterministic kernels either way."""
     from jax_na.flax import NeighborhoodAttention2D
 
     pretend_kernels()
@@ -188,3 +220,6 @@ def test_default_lowering_follows_xla_flags(pretend_kernels, monkeypatch, flags,
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     line = _bwd_call(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32)), argnums=1), params, x)
     assert _det_attr(line) == want, line
+    q64 = _arr(1, 8, 9, 2, 64)
+    line = _bwd_call(jax.grad(loss, argnums=(0, 1, 2)), q64, q64, q64)
+    assert _det_attr(line) == 1 and _workspace_elems(line) == rows, line

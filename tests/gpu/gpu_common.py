@@ -119,7 +119,7 @@ def bwd_tiles_of(case, backend, dtype, bwd_tiles=None, deterministic_backward=No
                               case.is_causal, case.scale, case.D)
     return _checks.bwd_tiles_args(case.rank, q, v, backend or "auto", bq, bkv,
                                   (p.kernel_size, p.stride, p.dilation, p.is_causal),
-                                  _checks.deterministic_arg(deterministic_backward))
+                                  _checks.deterministic_arg(deterministic_backward, dtype, case.D, case.Dv))
 
 
 def adds_dq(case, backend, dtype, deterministic_backward=None, bwd_tiles=None) -> bool:
@@ -127,7 +127,8 @@ def adds_dq(case, backend, dtype, deterministic_backward=None, bwd_tiles=None) -
     deterministic_backward=False on the Hopper kernels): its dq is then not bitwise reproducible."""
     from jax_na import _checks
 
-    if _checks.deterministic_arg(deterministic_backward) or _checks.backend_family(backend) != "fused":
+    if _checks.deterministic_arg(deterministic_backward, dtype, case.D, case.Dv) or \
+            _checks.backend_family(backend) != "fused":
         return False
     P = _checks.fused_head_dim(case.D, case.Dv, dtype, backend)
     ks = case.kernel_size if isinstance(case.kernel_size, (tuple, list)) else (case.kernel_size,) * case.rank
