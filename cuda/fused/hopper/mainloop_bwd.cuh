@@ -217,6 +217,21 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_bwd_sm90_kern
           offsets(walker.window_rows(ks, org));
         walker.advance(ks);
         Bar::wait(&bars.dq_full, i & 1);
+#if defined(JNA_BWD_EXPERIMENT_WS_REDUCE_RUNS)
+        // Experiment knob (wrong dQ, timed only): the same bytes in 8 reductions of 8 padded smem rows
+        // each instead of 64 of one row, to part the reductions' cost per operation from their bytes.
+        {
+          constexpr int kRun = 8;
+          static_assert(kBlockM / 32 == 2, "two row offsets per lane");
+          const int64_t run0 = __shfl_sync(0xffffffffu, off[0], (lane * kRun) % 32);
+          const int64_t run1 = __shfl_sync(0xffffffffu, off[1], (lane * kRun) % 32);
+          const int64_t first = lane * kRun < 32 ? run0 : run1;  // the run's first row
+          const int64_t last = pr.rows() * kD - int64_t(kRun) * Traits::kDqRowFloats;
+          if (lane < kBlockM / kRun && first >= 0 && first <= last)
+            bulk_reduce_add_f32(p.dq_accum + first, sdQ + lane * kRun * Traits::kDqRowFloats,
+                                kRun * Traits::kDqRowFloats * 4);
+        }
+#else
 #pragma unroll
         for (int j = 0; j < kBlockM / 32; ++j)
 #if defined(JNA_BWD_EXPERIMENT_WS_NO_REDUCE)  // experiment knob: the reductions' cost (dQ stays 0)
@@ -225,6 +240,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_bwd_sm90_kern
           if (off[j] >= 0)
 #endif
             bulk_reduce_add_f32(p.dq_accum + off[j], sdQ + (lane + 32 * j) * Traits::kDqRowFloats, kD * 4);
+#endif
         asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
         Bar::arrive(&bars.dq_empty);
