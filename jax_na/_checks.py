@@ -473,7 +473,8 @@ def deterministic_arg(value, dtype=None, head_dim: int | None = None, head_dim_v
     """``deterministic_backward`` checked: a bool, or None for the default: deterministic when
     ``XLA_FLAGS`` asks XLA for deterministic ops (:func:`xla_requests_determinism`) or where the
     Hopper backward would run at a padded head dim outside ``NONDETERMINISTIC_DEFAULT_HEAD_DIMS``
-    (``dtype``, ``head_dim`` and ``head_dim_v``: the call's; without them, the head dim 128 rule)."""
+    (``dtype``, ``head_dim`` and ``head_dim_v``: the call's; without a head dim: False, the mode of
+    head dim 128)."""
     if value is None:
         if xla_requests_determinism():
             return True
