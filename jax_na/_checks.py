@@ -446,25 +446,26 @@ def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str, tiles: Fuse
     return arch == 90 or P == 128 or window_size >= 256
 
 
-# XLA's own switches for deterministic GPU ops; the last one in XLA_FLAGS wins, as in XLA's parser.
+# XLA's own switches for deterministic GPU ops. XLA requires determinism when either is set (each
+# flag's last occurrence in XLA_FLAGS counts, as in XLA's parser).
 XLA_DETERMINISM_FLAGS = ("--xla_gpu_deterministic_ops", "--xla_gpu_exclude_nondeterministic_ops")
 
 
 def xla_requests_determinism() -> bool:
     """Whether ``XLA_FLAGS`` asks XLA for deterministic GPU ops (``--xla_gpu_deterministic_ops=true``
-    or ``--xla_gpu_exclude_nondeterministic_ops=true``): the default ``deterministic_backward`` then
-    follows it, as XLA's own scatter and convolution algorithms do."""
-    on = False
+    or ``--xla_gpu_exclude_nondeterministic_ops=true``, read when a call is traced): the default
+    ``deterministic_backward`` then follows it, as XLA's own scatter and convolution algorithms do."""
+    on = dict.fromkeys(XLA_DETERMINISM_FLAGS, False)
     for flag in os.environ.get("XLA_FLAGS", "").split():
         name, eq, value = flag.partition("=")
-        if name in XLA_DETERMINISM_FLAGS:
-            on = not eq or value.lower() in ("true", "1")
-    return on
+        if name in on:
+            on[name] = not eq or value.lower() in ("true", "1")
+    return any(on.values())
 
 
 # Padded head dims at which the default backward is the non-deterministic one: there the Hopper
-# warp-specialized dK/dV/dQ kernel measured 3-29% faster than the deterministic dQ + dK/dV kernels
-# (H100, bf16, backward alone and forward+backward through JAX); at 64 it measured 5-9% slower
+# warp-specialized dK/dV/dQ kernel took 3-29% less time than the deterministic dQ + dK/dV kernels
+# (H100, bf16, backward alone; forward+backward through JAX 2-24% less); at 64 it measured 5-9% slower
 # (cuda/fused/NOTES.md, session 45), so the default stays deterministic there.
 NONDETERMINISTIC_DEFAULT_HEAD_DIMS = (128,)
 
@@ -480,11 +481,14 @@ def deterministic_arg(value, dtype=None, head_dim: int | None = None, head_dim_v
             return True
         if head_dim is None:
             return False
+        if dtype is not None and jnp.dtype(dtype).itemsize != 2:
+            return True  # no Hopper kernel: the portable kernels have one (deterministic) mode
         P = fused_head_dim(head_dim, head_dim if head_dim_v is None else head_dim_v, dtype, "fused_sm90")
         return P not in NONDETERMINISTIC_DEFAULT_HEAD_DIMS
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"deterministic_backward must be True, False or None (the default: non-deterministic "
-                         f"at head dims 65-128 unless XLA_FLAGS sets --xla_gpu_deterministic_ops), got {value!r}")
+                         f"at 16-bit head dims 65-128 unless XLA_FLAGS sets --xla_gpu_deterministic_ops or "
+                         f"--xla_gpu_exclude_nondeterministic_ops), got {value!r}")
     return bool(value)
 
 
@@ -610,14 +614,16 @@ def bwd_tiles_args(rank: int, query, value, backend: str, q_tile_shape, kv_tile_
                        lambda ks, dtype, P, r: fused_bwd_tile_configs(ks, dtype, P, r, deterministic), rank,
                        query, value, backend, q_tile_shape, kv_tile_shape,
                        lambda dtype, P, fam: None if window is None else _chosen_bwd_tiles(
-                           rank, dtype, P, fam, tuple(query.shape[1:-2]), window, deterministic))
+                           rank, dtype, P, fam, tuple(query.shape[1:-2]), window, deterministic),
+                       f" with deterministic_backward={deterministic}")
 
 
 def _tiles_args(direction: str, prefix: str, configs_of, rank: int, query, value, backend: str, q_tile_shape,
-                kv_tile_shape, chooser) -> FusedTiles | None:
+                kv_tile_shape, chooser, mode_note: str = "") -> FusedTiles | None:
     """fwd_tiles_args / bwd_tiles_args: ``configs_of(kernel_set, dtype, P, rank)`` lists a set's
     configurations, ``chooser(dtype, P, fam)`` picks for a call that gives no shapes; the
-    arguments are named ``{prefix}q_tile_shape`` / ``{prefix}kv_tile_shape``."""
+    arguments are named ``{prefix}q_tile_shape`` / ``{prefix}kv_tile_shape``; ``mode_note`` goes into
+    the error for shapes nothing compiled has (the backward's mode)."""
     q_name, kv_name = f"{prefix}q_tile_shape", f"{prefix}kv_tile_shape"
     q_shape = _tile_shape(q_name, q_tile_shape, rank)
     kv_shape = _tile_shape(kv_name, kv_tile_shape, rank)
@@ -650,7 +656,7 @@ def _tiles_args(direction: str, prefix: str, configs_of, rank: int, query, value
     if sm80 < 0 and sm90 < 0:
         raise ValueError(f"no compiled fused {direction} tile configuration has {q_name}={q_shape}, "
                          f"{kv_name}={kv_shape} for {_dtype_name(dtype)} at head dim {P} in {rank}-D on "
-                         f"backend {fam!r}; allowed ({q_name} with {kv_name}): {'; '.join(listing)}")
+                         f"backend {fam!r}{mode_note}; allowed ({q_name} with {kv_name}): {'; '.join(listing)}")
     arch = FUSED_BACKENDS[fam]
     if arch == 0 and (sm80 < 0) != (sm90 < 0):
         arch = 80 if sm90 < 0 else 90
@@ -709,8 +715,20 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
     window = (params.kernel_size, params.stride, params.dilation, params.is_causal)
     deterministic = deterministic_arg(deterministic_backward, query.dtype, D, value.shape[-1])
     tiles = fwd_tiles_args(rank, query, value, backend, q_tile_shape, kv_tile_shape, window)
-    bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
-                               window, deterministic)
+    try:
+        bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
+                                   window, deterministic)
+    except ValueError as e:
+        # The default mode (None) with backward tile shapes only the other mode has: that mode runs
+        # them (a non-deterministic default never refuses the deterministic kernels' shapes).
+        if deterministic_backward is not None or deterministic or "no compiled fused backward" not in str(e):
+            raise
+        try:
+            bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
+                                       window, True)
+        except ValueError:
+            raise e from None
+        deterministic = True
     return dataclasses.replace(params, fwd_tiles=tiles, bwd_tiles=bwd_tiles, deterministic=deterministic), backend
 
 

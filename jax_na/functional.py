@@ -224,17 +224,19 @@ _NA_DOC = """{rank}-D neighborhood attention.
         backward=True, deterministic_backward=False)``), adding dQ into a float32 buffer in
         whatever order its CTAs get there, so dq may differ in its last bits between runs, and
         the backward's workspace holds ``B*N*H*(P+1)`` floats (P: the padded head dim) instead of
-        ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone measured
-        3-29% faster than the deterministic kernels' on p1-p3 and p6-p10 (H100, bfloat16, head dim
-        128; forward+backward 2-27%; cuda/fused/NOTES.md, session 45). True: every gradient bitwise reproducible (a dQ
-        kernel and a dK/dV kernel). The other backends and the portable fused kernels (e.g. head
+        ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone took 3-29%
+        less time than the deterministic kernels' on p1-p3 and p6-p10 (H100, bfloat16, head dim
+        128; forward+backward 2-24% less; cuda/fused/NOTES.md, session 45). True: every gradient
+        bitwise reproducible (a dQ kernel and a dK/dV kernel). The other backends and the portable fused kernels (e.g. head
         dim 32 or 64 with small windows) are deterministic either way.
       backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
         each CTA of its key-stationary dK/dV kernel owns (kv) and the queries it takes per step
-        (q); each configuration also sets the dQ kernel's tiles. Listed in
-        ``jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True)`` and checked as the
-        forward's; the alternatives are flatter boxes, for windows much shorter along the first
-        axis than along the others. None: chosen per call: per kernel set, the configuration whose
+        (q); each configuration also sets the dQ kernel's tiles (deterministic mode). Listed per
+        mode in ``jax_na.fused_tile_configs(rank, dtype, head_dim, backward=True,
+        deterministic_backward=...)`` (pass the call's mode) and checked as the forward's; with
+        the default mode, shapes only the deterministic mode has run that mode. The alternatives
+        are flatter boxes, for windows much shorter along the first axis than along the others.
+        None: chosen per call: per kernel set, the configuration whose
         dK/dV and dQ kernels compute the fewest pair-products for this problem (``jax_na.tile_model``),
         the default unless an alternative saves more than ``_checks.BWD_CHOICE_MARGIN`` of its
         products (2% portable, 8% Hopper); e.g. the flat key tiles for 3-D windows much shorter on

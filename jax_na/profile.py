@@ -415,12 +415,13 @@ def self_attention_callable(p: Problem, mode: str, implementation: str):
 class TileSweep:
     """How to sweep the tile shapes of one backend.
 
-    configs(problem, mode, dtype) -> the candidate tile configurations (dicts, JSON-serializable)
-    that are valid for the problem; make(problem, mode, config) -> a callable (q, k, v, dout) like
-    ``na_callable`` that runs the backend with that configuration.
+    configs(problem, mode, dtype, deterministic_backward=None) -> the candidate tile configurations
+    (dicts, JSON-serializable) that are valid for the problem (in mode fwdbwd, those of the backward
+    mode na{rank}d's ``deterministic_backward`` resolves to); make(problem, mode, config) -> a
+    callable (q, k, v, dout) like ``na_callable`` that runs the backend with that configuration.
     """
 
-    configs: Callable[[Problem, str, object], list]
+    configs: Callable[..., list]
     make: Callable[[Problem, str, dict], Callable]
 
 
@@ -449,21 +450,24 @@ def _register_fused_variants() -> None:
     def prefix(mode):  # the na{rank}d arguments a configuration sets: the forward's or the backward's
         return "" if mode == "fwd" else "backward_"
 
-    def configs(p, mode, dtype, only=None):
+    def configs(p, mode, dtype, deterministic_backward=None, only=None):
         if fits(p, "fused", mode, dtype):
             return []
+        # the backward's configurations are per mode: the one the call resolves to, named in each entry
+        mode_kw = {} if mode == "fwd" else {
+            "deterministic_backward": _checks.deterministic_arg(deterministic_backward, dtype, p.D)}
         out = []
         for name, backend in sets.items():
             if (only and backend != only) or fits(p, backend, mode, dtype):
                 continue
-            for q, kv in jax_na.fused_tile_configs(p.rank, dtype, p.D, backward=mode != "fwd")[backend]:
+            for q, kv in jax_na.fused_tile_configs(p.rank, dtype, p.D, backward=mode != "fwd", **mode_kw)[backend]:
                 out.append({"kernels": name, f"{prefix(mode)}q_tile_shape": list(q),
-                            f"{prefix(mode)}kv_tile_shape": list(kv)})
+                            f"{prefix(mode)}kv_tile_shape": list(kv), **mode_kw})
         return out
 
     def make(p, mode, cfg):
-        shapes = {k: tuple(v) for k, v in cfg.items() if k != "kernels"}
-        return na_callable(p, sets[cfg["kernels"]], mode, **shapes)
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != "kernels"}
+        return na_callable(p, sets[cfg["kernels"]], mode, **kw)
 
     register_tunable("fused", TileSweep(configs, make))
     for backend in sets.values():
@@ -471,10 +475,10 @@ def _register_fused_variants() -> None:
 
 
 def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None,
-                clocks: ClockSampler | None = None, sustain_s: float = 0.0):
+                clocks: ClockSampler | None = None, sustain_s: float = 0.0, deterministic_backward=None):
     """Time every tile configuration of every tunable backend; rows as ``run`` plus ``config`` and
-    ``best`` (the fastest configuration per problem, mode and backend). ``clocks`` and ``sustain_s``
-    as in :func:`run`."""
+    ``best`` (the fastest configuration per problem, mode and backend). ``clocks``, ``sustain_s`` and
+    ``deterministic_backward`` (the backward mode, None: na{rank}d's default) as in :func:`run`."""
     rows = []
     for p in problems:
         args = make_inputs(p, dtype)
@@ -482,7 +486,7 @@ def sweep_tiles(problems, backends, dtype, modes, reps, budget_s, progress=None,
             for b in backends:
                 sweep = TUNABLE_BACKENDS[b]
                 entries = []
-                for cfg in sweep.configs(p, mode, dtype):
+                for cfg in sweep.configs(p, mode, dtype, deterministic_backward=deterministic_backward):
                     window: list = []
                     try:
                         med, lo, hi, n = timeit(sweep.make(p, mode, cfg), args, reps, budget_s, window, sustain_s)
@@ -597,6 +601,8 @@ def run(problems: Iterable[Problem], backends: Sequence[str], dtype, modes: Sequ
                 if base:
                     row["speedup_vs_self"] = base / med
                     row["fraction_of_ideal"] = base / med / (p.N / p.W)
+                if mode != "fwd" and _checks.backend_family(b) == "fused":  # the mode the call resolved to
+                    row["deterministic_backward"] = _checks.deterministic_arg(deterministic_backward, dtype, p.D)
                 rows.append(_clocked(row, clocks, window))
                 _say(progress, format_row(row))
         for row in backward_rows(p, [r for r in rows if r["problem"] == p.id], itemsize):
@@ -767,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     det = r.add_mutually_exclusive_group()
     det.add_argument("--deterministic-backward", dest="deterministic_backward", action="store_const", const=True,
                      default=None, help="na*d's deterministic_backward=True (the Hopper fused backward's dQ and "
-                                        "dK/dV kernels); default: na*d's default (XLA_FLAGS' determinism flags)")
+                                        "dK/dV kernels); default: na*d's (non-deterministic at 16-bit head dims 65-128 unless "
+                                        "XLA_FLAGS asks for deterministic ops); also --sweep-tiles' backward mode")
     det.add_argument("--nondeterministic-backward", dest="deterministic_backward", action="store_const",
                      const=False, help="na*d's deterministic_backward=False (the Hopper fused backward's "
                                        "warp-specialized kernel adds dQ)")
@@ -873,6 +880,7 @@ def main(argv=None) -> int:
     if a.json:
         _write_json(a.json, dict(kind="profile", problems=[p.to_json() for p in problems], rows=rows,
                                  backends=backends, modes=modes, deterministic_backward=a.deterministic_backward,
+                                 xla_requests_determinism=_checks.xla_requests_determinism(),
                                  **_meta(dtype, on_gpu)))
         print(f"wrote {a.json}")
     if a.plot and plot(rows, a.plot, f"{dtype.name} on {device.device_kind if on_gpu else 'CPU'}"):
@@ -914,7 +922,8 @@ def _main_sweep(a, problems, modes, dtype) -> int:
     clocks = _start_clocks(a)
     progress = _progress(len(problems), not a.no_progress)
     try:
-        rows = sweep_tiles(problems, backends, dtype, modes, a.reps, a.budget, progress, clocks, a.sustain)
+        rows = sweep_tiles(problems, backends, dtype, modes, a.reps, a.budget, progress, clocks, a.sustain,
+                           a.deterministic_backward)
     finally:
         if clocks is not None:
             clocks.close()

@@ -41,7 +41,8 @@ def test_params_carry_the_mode(value):
     assert params.deterministic is bool(value)
 
 
-# XLA_FLAGS -> the default mode (True: deterministic). The last determinism flag wins, as in XLA.
+# XLA_FLAGS -> the default mode (True: deterministic). Each flag's last occurrence counts and either
+# one asks for determinism, as in XLA (RequireDeterminism).
 XLA_FLAG_CASES = [
     ("", False),
     ("--xla_gpu_autotune_level=0", False),
@@ -52,6 +53,9 @@ XLA_FLAG_CASES = [
     ("--xla_gpu_exclude_nondeterministic_ops=true", True),
     ("--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false", False),
     ("--xla_gpu_autotune_level=2 --xla_gpu_deterministic_ops=True", True),
+    ("--xla_gpu_deterministic_ops=true --xla_gpu_exclude_nondeterministic_ops=false", True),
+    ("--xla_gpu_exclude_nondeterministic_ops=true --xla_gpu_deterministic_ops=false", True),
+    ("--xla_gpu_exclude_nondeterministic_ops=false --xla_gpu_deterministic_ops=false", False),
 ]
 
 
@@ -86,6 +90,7 @@ HEAD_DIM_CASES = [
     (jnp.bfloat16, 8, 8, True),
     (jnp.bfloat16, 256, 256, True),
     (jnp.bfloat16, 129, 129, True),
+    (jnp.float32, 128, 128, True),
 ]
 
 
@@ -103,6 +108,27 @@ def test_default_by_head_dim(monkeypatch, dtype, D, Dv, want):
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
     params, _ = _checks.attention_args(1, q, q, v, 3, 1, 1, False, None, None, None, None)
     assert params.deterministic is True
+
+
+def test_default_mode_takes_the_deterministic_shapes(pretend_kernels, monkeypatch):
+    """Backward tile shapes only the deterministic mode has (the Hopper set's 64-key 8x8 with 8x8 at
+    head dim 128) run that mode under the default (None), and are refused, naming the mode, when
+    deterministic_backward=False asks for the other; the non-deterministic mode's shapes keep it."""
+    pretend_kernels()
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    q = _arr(1, 16, 16, 2, 128)
+    args = (2, q, q, q, 3, 1, 1, False, None, None, None, "fused")
+    det_only = dict(backward_q_tile_shape=(8, 8), backward_kv_tile_shape=(8, 8))
+    params, _ = _checks.attention_args(*args, **det_only)
+    assert params.deterministic is True and params.bwd_tiles.sm90 == 0
+    with pytest.raises(ValueError, match=r"deterministic_backward=False; allowed") as ei:
+        _checks.attention_args(*args, deterministic_backward=False, **det_only)
+    assert "backward_kv_tile_shape" in str(ei.value)
+    nd = jax_na.fused_tile_configs(2, "bfloat16", 128, backward=True, deterministic_backward=False)["fused_sm90"][0]
+    params, _ = _checks.attention_args(*args, backward_q_tile_shape=nd[0], backward_kv_tile_shape=nd[1])
+    assert params.deterministic is False and params.bwd_tiles.sm90 == 0
+    with pytest.raises(ValueError, match="deterministic_backward=False"):  # in neither mode
+        _checks.attention_args(*args, backward_q_tile_shape=(3, 3))
 
 
 def test_fused_tile_configs_checks_the_mode_forward_too():

@@ -166,12 +166,14 @@ def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsy
     made = []
 
     def fake_callable(p, backend, mode, q_tile_shape=None, kv_tile_shape=None, backward_q_tile_shape=None,
-                      backward_kv_tile_shape=None):
+                      backward_kv_tile_shape=None, deterministic_backward=None):
         if mode == "fwd":
             assert backward_q_tile_shape is None and backward_kv_tile_shape is None
+            assert deterministic_backward is None
             made.append((backend, q_tile_shape, kv_tile_shape))
         else:
             assert q_tile_shape is None and kv_tile_shape is None
+            assert isinstance(deterministic_backward, bool)  # the mode the configurations are of
             made.append((backend, backward_q_tile_shape, backward_kv_tile_shape))
         slow = backend == "fused_sm80"
         return jax.jit(lambda q, k, v, do: (q * 2.0 if slow else q) + k - v)
@@ -203,8 +205,19 @@ def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsy
     assert sorted(made) == sorted(want) and len(want) >= 2
     rows = [r for r in json.loads(out.read_text())["rows"] if "ms" in r]
     assert len(rows) == len(want) and all(r["mode"] == "fwdbwd" for r in rows)
-    assert all(set(r["config"]) == {"kernels", "backward_q_tile_shape", "backward_kv_tile_shape"} for r in rows)
+    assert all(set(r["config"]) == {"kernels", "backward_q_tile_shape", "backward_kv_tile_shape",
+                                    "deterministic_backward"} for r in rows)
     assert sum(r["best"] for r in rows) == 1
+    # the other backward mode: its configurations (the Hopper set's 128-key ones at head dim 128)
+    for flag, det in (("--deterministic-backward", True), ("--nondeterministic-backward", False)):
+        made.clear()
+        assert profile.main([*TINY, "--dtype", "bfloat16", "--head-dim", "128", "--mode", "fwdbwd", "--sweep-tiles",
+                             "--reps", "2", "--json", str(out), flag]) == 0
+        want = [(b, q, kv) for b, configs in jax_na.fused_tile_configs(
+            rank, "bfloat16", 128, backward=True, deterministic_backward=det).items() for q, kv in configs]
+        assert sorted(made) == sorted(want)
+        rows = [r for r in json.loads(out.read_text())["rows"] if "ms" in r]
+        assert rows and all(r["config"]["deterministic_backward"] is det for r in rows)
 
     # a pinned backend: that kernel set's configurations only
     made.clear()
@@ -463,3 +476,18 @@ def test_sweep_tiles_takes_clocks_and_sustain(tmp_path, monkeypatch, capsys):
     for r in rows:
         assert r["sm_mhz"] == 1500 and r["power_capped"] == 1.0 and r["clock_samples"] >= 1, r
     assert "[SM 1500 MHz, 690 W, power-capped 100%]" in capsys.readouterr().out
+
+
+def test_backward_mode_flags(tmp_path, monkeypatch):
+    """--deterministic-backward / --nondeterministic-backward reach the calls and the JSON (the two
+    exclude each other); without either, the JSON says None (na*d's default) and whether XLA_FLAGS
+    asks for determinism."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    with pytest.raises(SystemExit):
+        profile.main([*TINY, "--deterministic-backward", "--nondeterministic-backward"])
+    for flag, want in (([], None), (["--deterministic-backward"], True), (["--nondeterministic-backward"], False)):
+        out = tmp_path / f"p{len(flag)}{want}.json"
+        assert profile.main([*TINY, "--mode", "fwdbwd", "--reps", "2", "--no-progress", "--json", str(out), *flag]) == 0
+        d = json.loads(out.read_text())
+        assert d["deterministic_backward"] is want and d["xla_requests_determinism"] is False
+        assert any("ms" in r for r in d["rows"])
