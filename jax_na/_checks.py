@@ -719,9 +719,10 @@ def attention_args(rank: int, query, key, value, kernel_size, stride, dilation, 
         bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,
                                    window, deterministic)
     except ValueError as e:
-        # The default mode (None) with backward tile shapes only the other mode has: that mode runs
-        # them (a non-deterministic default never refuses the deterministic kernels' shapes).
-        if deterministic_backward is not None or deterministic or "no compiled fused backward" not in str(e):
+        # The default mode (None) with backward tile shapes only the deterministic mode has: that mode
+        # runs them (a non-deterministic default never refuses the deterministic kernels' shapes);
+        # shapes it refuses too keep the first error.
+        if deterministic_backward is not None or deterministic:
             raise
         try:
             bwd_tiles = bwd_tiles_args(rank, query, value, backend, backward_q_tile_shape, backward_kv_tile_shape,

@@ -227,8 +227,9 @@ _NA_DOC = """{rank}-D neighborhood attention.
         ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone took 3-29%
         less time than the deterministic kernels' on p1-p3 and p6-p10 (H100, bfloat16, head dim
         128; forward+backward 2-24% less; cuda/fused/NOTES.md, session 45). True: every gradient
-        bitwise reproducible (a dQ kernel and a dK/dV kernel). The other backends and the portable fused kernels (e.g. head
-        dim 32 or 64 with small windows) are deterministic either way.
+        bitwise reproducible (a dQ kernel and a dK/dV kernel). The other backends and the
+        portable fused kernels (e.g. head dim 32 or 64 with small windows) are deterministic
+        either way.
       backward_q_tile_shape, backward_kv_tile_shape: the fused backward's tile shapes: the keys
         each CTA of its key-stationary dK/dV kernel owns (kv) and the queries it takes per step
         (q); each configuration also sets the dQ kernel's tiles (deterministic mode). Listed per
@@ -405,7 +406,9 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
     if not isinstance(backward, (bool, np.bool_)):
         raise ValueError(f"backward must be True or False, got {backward!r}")
     backward = bool(backward)
-    _checks.deterministic_arg(deterministic_backward)  # checked whatever the direction
+    # checked whatever the direction; None resolves at this dtype and head dim, as na{rank}d's does
+    deterministic = _checks.deterministic_arg(deterministic_backward, dtype,
+                                              head_dim if isinstance(head_dim, int) else None)
     out = {}
     for backend, kernel_set in (("fused_sm80", "sm80"), ("fused_sm90", "sm90")):
         P = _checks.fused_head_dim(head_dim, head_dim, dtype, backend) if isinstance(head_dim, int) else None
@@ -413,7 +416,6 @@ def fused_tile_configs(rank: int, dtype="bfloat16", head_dim: int = 128, backwar
             raise ValueError(f"head_dim must be an int in 1..{_checks.fused_head_dims(dtype)[-1]} for "
                              f"{jnp.dtype(dtype).name}, got {head_dim!r}")
         if backward:
-            deterministic = _checks.deterministic_arg(deterministic_backward, dtype, head_dim if P else None)
             configs = _checks.fused_bwd_tile_configs(kernel_set, dtype, P, rank, deterministic) if P else ()
         else:
             configs = _checks.fused_fwd_tile_configs(kernel_set, dtype, P, rank) if P else ()
