@@ -434,8 +434,8 @@ def _check_fused(query, value, backend="fused"):
 
 def fused_bwd_adds_dq(dtype, P: int, window_size: int, backend: str, tiles: FusedTiles | None = None) -> bool:
     """Whether a non-deterministic fused backward at padded head dim ``P`` runs the Hopper kernels,
-    whose warp-specialized dK/dV/dQ kernel then adds dQ into a float32 workspace of ``P`` floats per
-    query row (the mirror of dispatch.cu's use_hopper for the backward; where the two disagree the
+    whose warp-specialized dK/dV/dQ kernel then adds dQ into a float32 workspace of ``P + 8`` floats per
+    query row (primitives.DQ_ACCUM_PAD; the mirror of dispatch.cu's use_hopper for the backward; where the two disagree the
     kernels stay correct: an unused workspace, or the deterministic Hopper backward). ``tiles``: the
     call's backward tile choice (a configuration only the portable set has runs that set)."""
     arch = tiles.arch if tiles is not None else FUSED_BACKENDS.get(backend, 0)  # 0: auto ("auto", "fused")

@@ -223,7 +223,7 @@ _NA_DOC = """{rank}-D neighborhood attention.
         dQ (CTAs of 128 keys: the configurations of ``fused_tile_configs(rank, dtype, head_dim,
         backward=True, deterministic_backward=False)``), adding dQ into a float32 buffer in
         whatever order its CTAs get there, so dq may differ in its last bits between runs, and
-        the backward's workspace holds ``B*N*H*(P+1)`` floats (P: the padded head dim) instead of
+        the backward's workspace holds ``B*N*H*(P+9)`` floats (P: the padded head dim) instead of
         ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone took 3-29%
         less time than the deterministic kernels' on p1-p3 and p6-p10 (H100, bfloat16, head dim
         128; forward+backward 2-24% less; cuda/fused/NOTES.md, session 45). True: every gradient

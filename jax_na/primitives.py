@@ -298,6 +298,11 @@ def _attrs(params: NAParams, with_scale=True):
     return attrs
 
 
+# Padding floats of each dQ accumulator row of the non-deterministic fused backward's workspace
+# (cuda/fused/fused_bwd.h, kDqAccumPad): rows of P + 8 floats, head-major.
+DQ_ACCUM_PAD = 8
+
+
 def workspace_size(kind: str, family: str, avals, params: NAParams, adds_dq: bool = False) -> int | None:
     """Elements of the float32 workspace result (the last result, docs/ffi.md) that the CUDA target of
     kernel family ``family`` for primitive ``kind`` takes, or None when it takes none. Leading batch
@@ -310,9 +315,10 @@ def workspace_size(kind: str, family: str, avals, params: NAParams, adds_dq: boo
     if family == "naive":  # [B, N, H, W + Na] float32 scores (twice in the backward) + one per row
         scores = rows * (params.window_size + add_k.shape[-3])
         return scores if kind == "fwd" else 2 * scores + rows
-    if family == "fused":  # the backward: delta per query token and head, and P dQ accumulators
+    if family == "fused":  # the backward: delta per query token and head, and dQ's accumulator rows
+        # of P + DQ_ACCUM_PAD floats (cuda/fused/fused_bwd.h's kDqAccumPad)
         # (the forward's workspace, one int32 tile counter, is not float32: _fused_impl asks for it)
-        return None if kind == "fwd" else rows * (1 + q.shape[-1] if adds_dq else 1)
+        return None if kind == "fwd" else rows * (1 + q.shape[-1] + DQ_ACCUM_PAD if adds_dq else 1)
     raise ValueError(f"unknown kernel family {family!r}")
 
 
@@ -374,7 +380,8 @@ def _fused_impl(kind, *args, params, backend):
         return [_last(out, Dv), lse]
 
     # Non-deterministic where the Hopper backward runs: its warp-specialized dK/dV/dQ kernel adds dQ
-    # into P more float32 workspace entries per query row, and no dQ kernel recomputes S and dP.
+    # into P + DQ_ACCUM_PAD more float32 workspace entries per query row, and no dQ kernel recomputes S
+    # and dP.
     # The backward's tile configuration per kernel set (backward_q_tile_shape / backward_kv_tile_shape).
     tiles = params.bwd_tiles or _checks.FusedTiles(int(arch), 0, 0)
     P = _checks.fused_head_dim(D, Dv, q.dtype, backend, tiles.arch)

@@ -494,7 +494,7 @@ def _fake_fused_ffi_call(seen, seen_arch=None):
             ws = result_shapes[5]
             rows = q.shape[0] * math.prod(q.shape[1:-2]) * q.shape[-2]
             assert int(deterministic) in (0, 1), deterministic  # 0: dQ accumulators too (test_backward_modes.py)
-            assert ws.shape == (rows * (1 if deterministic else P + 1),) and ws.dtype == jnp.float32
+            assert ws.shape == (rows * (1 if deterministic else P + 9),) and ws.dtype == jnp.float32
             grads = jax.vjp(fwd, q, k, v, ak, av)[1]((d_out, d_lse))
             return (*grads, jnp.zeros(ws.shape, ws.dtype))
         return run

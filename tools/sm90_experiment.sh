@@ -20,8 +20,8 @@
 # design, so those variants run the timings only. The others (NO_UNIT_SKIP, UNIT_SKIP: the dK/dV units' skips off / on;
 # TWO_WARPGROUPS: the Hopper backward's former 128-key / 128-query CTAs) compute everything and are
 # checked. Run with --atomic, a backward binary takes the non-deterministic mode (the warp-specialized
-# dK/dV/dQ kernel, hopper/mainloop_bwd.cuh); its knobs WS_NO_DQ (no dQ product), WS_NO_REDUCE (no
-# dQ reductions) and WS_REDUCE_RUNS (the same bytes in 8 reductions per tile, not 64) are timed only.
+# dK/dV/dQ kernel, hopper/mainloop_bwd.cuh); its knobs WS_NO_DQ (no dQ product) and WS_NO_REDUCE (no
+# dQ reductions) leave parts out and are timed only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 direction=$1 what=$2 dir=$3
@@ -58,7 +58,7 @@ for bin in "$dir"/*.flags; do
   name=$(basename "$bin" .flags)
   extra=()
   grep -q JNA_FWD_TRACE "$bin" && extra=(--trace --timing)  # timings and the phase trace only
-  grep -qE "JNA_BWD_EXPERIMENT_(NO_DQ_KERNEL|NO_DKDV_KERNEL|ONE_UNIT|NO_EXP|WS_NO_DQ|WS_NO_REDUCE|WS_REDUCE_RUNS)|JNA_FWD_EXPERIMENT_NO_(EXP|MASK)" "$bin" && extra=(--timing)  # parts left out
+  grep -qE "JNA_BWD_EXPERIMENT_(NO_DQ_KERNEL|NO_DKDV_KERNEL|ONE_UNIT|NO_EXP|WS_NO_DQ|WS_NO_REDUCE)|JNA_FWD_EXPERIMENT_NO_(EXP|MASK)" "$bin" && extra=(--timing)  # parts left out
   [ "$name" = head ] && extra=(--timing)
   echo "=== $name: $(cat "$bin")"
   timeout "${VARIANT_TIMEOUT:-120}" "$dir/$name" "$@" "${extra[@]}" > "$res/$name.out" 2>&1 || echo "rc=$? ($name)"

@@ -210,7 +210,7 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   // alignment, which their float4 accesses need (launch_bwd checks it); delta after them.
   float* ws_data = static_cast<float*>(workspace->untyped_data());
   args.dq_accum = deterministic != 0 ? nullptr : ws_data;
-  args.workspace = deterministic != 0 ? ws_data : ws_data + c.pr.B * c.pr.N * c.pr.H * c.D;
+  args.workspace = deterministic != 0 ? ws_data : ws_data + fused::bwd_dq_accum_floats(c.pr, c.D);
   args.D = static_cast<int32_t>(c.D);
   args.scale = scale;
   args.arch = static_cast<int32_t>(arch);

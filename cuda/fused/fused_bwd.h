@@ -59,9 +59,20 @@ struct BwdArgs {
 int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max, bool deterministic);
 int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max);
 
-// Workspace floats launch_bwd needs: delta, and with dq_accum (non-deterministic) its D floats per row.
+// dQ's float32 sums in the non-deterministic mode (BwdArgs::dq_accum): rows of D + kDqAccumPad floats,
+// head-major ([B, H, N]), so that the query rows of a Q tile that are consecutive tokens are one
+// contiguous run, added with one bulk reduction from the kernel's smem dQ tile, whose rows carry the
+// same padding (it keeps the fragment stores free of bank conflicts). The padding is neither zeroed
+// nor converted: the reductions add whatever the smem padding holds into it, and nothing reads it.
+constexpr int kDqAccumPad = 8;
+inline int64_t bwd_dq_accum_floats(const geo::Problem& pr, int64_t D) {
+  return pr.B * pr.N * pr.H * (D + kDqAccumPad);
+}
+
+// Workspace floats launch_bwd needs: with dq_accum (non-deterministic) its rows first, then delta
+// (one float per query row).
 inline int64_t bwd_workspace_floats(const geo::Problem& pr, int64_t D, bool deterministic) {
-  return pr.B * pr.N * pr.H * (deterministic ? 1 : 1 + D);
+  return pr.B * pr.N * pr.H + (deterministic ? 0 : bwd_dq_accum_floats(pr, D));
 }
 
 cudaError_t launch_bwd(const geo::Problem& pr, int rank, DType dtype, const BwdArgs& args, cudaStream_t stream);

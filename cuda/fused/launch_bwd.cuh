@@ -78,7 +78,8 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   const int64_t threads = rows * kTPR;
   const int64_t delta_blocks = (threads + 255) / 256;
   if (delta_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
-  fused_bwd_delta_kernel<Element, kHeadDim><<<static_cast<unsigned>(delta_blocks), 256, 0, stream>>>(
+  constexpr int kDqRowFloats = kHeadDim + kDqAccumPad;  // dq_accum's rows (fused_bwd.h)
+  fused_bwd_delta_kernel<Element, kHeadDim, kDqRowFloats><<<static_cast<unsigned>(delta_blocks), 256, 0, stream>>>(
       static_cast<const Element*>(args.out), static_cast<const Element*>(args.d_out), args.d_lse, args.workspace,
       kp.dq_accum, rows);
   cudaError_t st = cudaGetLastError();
@@ -107,12 +108,12 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
 #endif
   if constexpr (Dkdv::kAddsDq) {
     if (st != cudaSuccess) return st;
-    // 4) dq = scale * dq_accum (the dK/dV kernel added dQ / scale there).
-    const int64_t n8 = rows * kHeadDim / 8;
-    const int64_t convert_blocks = (n8 + 255) / 256;
+    // 4) dq = scale * dq_accum (the dK/dV kernel added dQ / scale there), head-major rows to [B, N, H, D].
+    const int64_t convert_blocks = (pr.N * (kHeadDim / 8) + 255) / 256;
     if (convert_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
-    fused_bwd_dq_convert_kernel<Element><<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
-        kp.dq_accum, static_cast<Element*>(args.dq), args.scale, n8);
+    fused_bwd_dq_convert_kernel<Element, kHeadDim, kDqRowFloats>
+        <<<dim3(static_cast<unsigned>(convert_blocks), static_cast<unsigned>(pr.H), static_cast<unsigned>(pr.B)), 256,
+           0, stream>>>(kp.dq_accum, static_cast<Element*>(args.dq), args.scale, pr.N);
     return cudaGetLastError();
   }
   return st;

@@ -58,8 +58,9 @@ struct BwdKernelParams {
   void* dv;
   void* d_add_k;
   void* d_add_v;
-  float* dq_accum;     // [B, N, H, D] float32, zeroed by the preprocessing kernel: dQ / scale where
-                       // the dK/dV kernel computes dQ (Traits::kDqInKernel), else null
+  float* dq_accum;     // head-major rows [B, H, N] of D + kDqAccumPad floats (fused_bwd.h), their D
+                       // columns zeroed by the preprocessing kernel: dQ / scale where the
+                       // warp-specialized kernel computes dQ (DkdvLaunch::kAddsDq), else null
   float scale;
   float scale_log2;
   int32_t q_tiles[3];      // dQ kernel: Q tiles per axis (as the forward)

@@ -12,9 +12,10 @@
 namespace jax_na {
 namespace fused {
 
-// kTPR threads per row, each 16 bytes (kElems elements) of O and dO (and zeroing the same kElems
-// floats of dq_accum unless it is null); rows = B * N * H.
-template <class Element, int kHeadDim>
+// kTPR threads per row, each 16 bytes (kElems elements) of O and dO (and zeroing kElems floats of
+// dq_accum row `row` unless it is null: every row's D columns, whatever query row it holds; its
+// kRowFloats - D padding floats are left as they are, nothing reads them); rows = B * N * H.
+template <class Element, int kHeadDim, int kRowFloats = kHeadDim>
 __global__ void __launch_bounds__(256) fused_bwd_delta_kernel(const Element* __restrict__ out,
                                                               const Element* __restrict__ d_out,
                                                               const float* __restrict__ d_lse,
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(256) fused_bwd_delta_kernel(const Element* __r
     if (dq_accum != nullptr) {
 #pragma unroll
       for (int i = 0; i < kElems; i += 4)
-        *reinterpret_cast<float4*>(dq_accum + off + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+        *reinterpret_cast<float4*>(dq_accum + row * kRowFloats + part * kElems + i) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
   }
 #pragma unroll
@@ -46,23 +47,32 @@ __global__ void __launch_bounds__(256) fused_bwd_delta_kernel(const Element* __r
   if (row < rows && part == 0) delta[row] = acc - d_lse[row];
 }
 
-// dq = scale * dq_accum in Element, 8 values per thread; n8 = (elements of dq) / 8.
-template <class Element>
+// dq = scale * dq_accum in Element: dq_accum's head-major rows ([B, H, N] of kRowFloats floats, the
+// first kHeadDim the sums) into dq's [B, N, H, kHeadDim]. Grid (x: N * kHeadDim / 8 in 256-thread
+// blocks, y: H, z: B), 8 values per thread: a warp reads 32 contiguous bytes per thread along a
+// row and writes whole 16-byte pieces of dq's rows.
+template <class Element, int kHeadDim, int kRowFloats>
 __global__ void __launch_bounds__(256) fused_bwd_dq_convert_kernel(const float* __restrict__ dq_accum,
                                                                    Element* __restrict__ dq, float scale,
-                                                                   int64_t n8) {
+                                                                   int64_t N) {
+  constexpr int kChunks = kHeadDim / 8;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= n8) return;
-  const float4 a = reinterpret_cast<const float4*>(dq_accum)[2 * t];
-  const float4 b = reinterpret_cast<const float4*>(dq_accum)[2 * t + 1];
-  const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  if (t >= N * kChunks) return;
+  const int64_t n = t / kChunks;
+  const int c = static_cast<int>(t % kChunks) * 8;
+  const int64_t h = blockIdx.y, H = gridDim.y, b = blockIdx.z;
+  const float* src = dq_accum + ((b * H + h) * N + n) * kRowFloats + c;
+  const float4 a = reinterpret_cast<const float4*>(src)[0];
+  const float4 e = reinterpret_cast<const float4*>(src)[1];
+  const float v[8] = {a.x, a.y, a.z, a.w, e.x, e.y, e.z, e.w};
   cutlass::Array<Element, 8> r;
 #pragma unroll
   for (int i = 0; i < 8; ++i) r[i] = static_cast<Element>(v[i] * scale);
   static_assert(sizeof(r) % 16 == 0, "16-byte stores");
+  Element* dst = dq + ((b * N + n) * H + h) * kHeadDim + c;
 #pragma unroll
   for (int i = 0; i < int(sizeof(r)) / 16; ++i)
-    reinterpret_cast<uint4*>(dq + 8 * t)[i] = reinterpret_cast<const uint4*>(&r)[i];
+    reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(&r)[i];
 }
 
 }  // namespace fused

@@ -129,7 +129,7 @@ int main() {
         continue;
       ba.arch = arch;
       ba.dq_accum = mode == 1 ? ws : nullptr;
-      ba.workspace = mode == 1 ? ws + nq : ws;
+      ba.workspace = mode == 1 ? ws + fused::bwd_dq_accum_floats(pr, c.D) : ws;
       for (auto [ptr, n] : {std::pair<void*, size_t>{dq, nq}, {dk, nk}, {dv, nk}, {dak, na}, {dav, na}})
         if (n) CK(cudaMemset(ptr, 0xff, n * 2));
       CK(fused::launch_bwd(pr, c.rank, DType::kBF16, ba, 0));

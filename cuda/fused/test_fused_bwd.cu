@@ -76,7 +76,9 @@ struct BwdBuffers {
     // float2 accesses), then delta.
     float* ws = static_cast<float*>(alloc(fused::bwd_workspace_floats(pr, D, !g_atomic) * 4, 0xFF));
     args.dq_accum = g_atomic ? ws : nullptr;
-    args.workspace = g_atomic ? ws + pr.B * pr.N * pr.H * D : ws;
+    // (delta's offset as the two modes' sizes differ: also right against an older fused_bwd.h, whose
+    // dq_accum had D floats per row, for sm90_experiment.sh's "head" variant)
+    args.workspace = g_atomic ? ws + (fused::bwd_workspace_floats(pr, D, false) - fused::bwd_workspace_floats(pr, D, true)) : ws;
   }
   ~BwdBuffers() {
     for (void* p : owned) cudaFree(p);

@@ -6,7 +6,7 @@
 //   producer warpgroup (threads 0-127): warp 0 loads each Q tile of the CTA's inverse neighbourhood
 //     into a 2-stage ring (Q and dO by TMA where the problem allows, else cp.async gathers; lse and
 //     delta by cp.async), warp 1 adds each Q tile's dQ from smem into the float32 buffer with bulk
-//     reductions (cp.reduce.async.bulk, one per query row), warps 2-3 idle;
+//     reductions (cp.reduce.async.bulk, one per run of consecutive tokens: head-major rows), warps 2-3 idle;
 //   two consumer warpgroups (threads 128-383), 64 keys each, per Q tile (keys as MMA rows):
 //     S^T = K Q^T, dP^T = V dO^T, P^T = exp(scale S^T - lse) (masked), dS^T = P^T (dP^T - delta)
 //     -> smem (from its bf16 registers), dV += P^T dO issued, a 256-thread barrier (dQ needs both
@@ -33,6 +33,7 @@
 #include "fused/bwd_tile_math.cuh"
 #include "fused/copy.cuh"
 #include "fused/epilogue.cuh"
+#include "fused/fused_bwd.h"  // kDqAccumPad: dq_accum's rows
 #include "fused/hopper/gemm.cuh"
 #include "fused/kernel_traits.cuh"  // before tma.cuh: tile_scheduler.cuh takes its Box
 #include "fused/hopper/tma.cuh"
@@ -71,7 +72,7 @@ struct HopperBwdTraits : KV {
 #endif
   static_assert(kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536, "setmaxnreg budget");
   // dQ tile rows in smem: kHeadDim floats plus 8 of padding (the fragment's float2 stores of 8 rows
-  // then hit distinct banks); each row is one bulk reduction's source.
+  // then hit distinct banks), as dq_accum's rows (kDqAccumPad): a run of rows is one bulk reduction.
   static constexpr int kDqRowFloats = KV::kHeadDim + 8;
   static constexpr int kSmemDS = KV::kBlockN * KV::kBlockM * int(sizeof(typename KV::Element));  // dS^T
 };
@@ -201,46 +202,64 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_bwd_sm90_kern
       }
       cp_async_wait<0>();
     } else if (warp == 1) {
-      // dQ of each Q tile: one bulk reduction per query row that is in the group.
+      // dQ of each Q tile into dq_accum's head-major rows (fused_bwd.h): one bulk reduction per run of
+      // smem rows whose query rows follow each other there, i.e. consecutive tokens of the tile's
+      // head (a 1-D tile is one run, a 2-D or 3-D tile one per line of its box along the last axis;
+      // dilation leaves runs of one row). Rows past the data or outside the group are skipped.
+      constexpr int kRowFloats = Traits::kDqRowFloats;
+      static_assert(kRowFloats == kD + kDqAccumPad, "the smem dQ rows are dq_accum's");
+      static_assert(kBlockM == 64, "two rows per lane: 64-bit row masks");
+      // dq_accum's rows of a tile: the walker's box (the same positions and limits) over head-major
+      // rows: q's token steps (multiples of H D elements) become steps of kRowFloats per token, and
+      // the base is the group's first token of the tile's head. Divisions once per CTA, none per tile.
+      const int64_t G = pr.groups(), H = pr.H, N = pr.N;
+      const int64_t tok0 = (ks.q_base / kD - ks.hkv * G) / H - ks.b * N;  // the group's first token
+      const int64_t acc_base = ((ks.b * H + ks.hkv * G) * N + tok0) * kRowFloats;
+      int64_t acc_step[3];
+#pragma unroll
+      for (int a = 0; a < 3; ++a) acc_step[a] = ks.q_step[a] / (H * kD) * kRowFloats;
       QTileWalker<KV> walker;
       for (int32_t i = 0; i < n_iters; ++i) {
         int32_t org[3];
         walker.origin(ks, org);
-        int64_t off[kBlockM / 32];
-        auto offsets = [&](const auto& rows) {
+        const int64_t base = acc_base + static_cast<int64_t>(walker.head) * N * kRowFloats;
+        int64_t acc[2];  // dq_accum offset of the tile's rows lane and lane + 32, or -1 for no row
+        auto offsets = [&](auto rows) {
+          rows.base = base;
 #pragma unroll
-          for (int j = 0; j < kBlockM / 32; ++j) off[j] = rows(lane + 32 * j);
+          for (int a = 0; a < 3; ++a) rows.step[a] = acc_step[a];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) acc[j] = rows(lane + 32 * j);
         };
         if (ks.is_add)
           offsets(walker.token_rows(ks, org));
         else
           offsets(walker.window_rows(ks, org));
         walker.advance(ks);
-        Bar::wait(&bars.dq_full, i & 1);
-#if defined(JNA_BWD_EXPERIMENT_WS_REDUCE_RUNS)
-        // Experiment knob (wrong dQ, timed only): the same bytes in 8 reductions of 8 padded smem rows
-        // each instead of 64 of one row, to part the reductions' cost per operation from their bytes.
-        {
-          constexpr int kRun = 8;
-          static_assert(kBlockM / 32 == 2, "two row offsets per lane");
-          const int64_t run0 = __shfl_sync(0xffffffffu, off[0], (lane * kRun) % 32);
-          const int64_t run1 = __shfl_sync(0xffffffffu, off[1], (lane * kRun) % 32);
-          const int64_t first = lane * kRun < 32 ? run0 : run1;  // the run's first row
-          const int64_t last = pr.rows() * kD - int64_t(kRun) * Traits::kDqRowFloats;
-          if (lane < kBlockM / kRun && first >= 0 && first <= last)
-            bulk_reduce_add_f32(p.dq_accum + first, sdQ + lane * kRun * Traits::kDqRowFloats,
-                                kRun * Traits::kDqRowFloats * 4);
-        }
-#else
+        // Row r continues a run when row r - 1 holds the dq_accum row before its own.
+        const int64_t last_of_first_half = __shfl_sync(0xffffffffu, acc[0], 31);
+        bool cont[2];
 #pragma unroll
-        for (int j = 0; j < kBlockM / 32; ++j)
+        for (int j = 0; j < 2; ++j) {
+          int64_t prev = __shfl_up_sync(0xffffffffu, acc[j], 1);
+          if (lane == 0) prev = j == 0 ? -1 : last_of_first_half;
+          cont[j] = acc[j] >= 0 && prev >= 0 && acc[j] == prev + kRowFloats;
+        }
+        const uint64_t cont_rows = uint64_t(__ballot_sync(0xffffffffu, cont[0])) |
+                                   (uint64_t(__ballot_sync(0xffffffffu, cont[1])) << 32);
+        Bar::wait(&bars.dq_full, i & 1);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int r = lane + 32 * j;
+          const uint64_t anew = r == 63 ? 0 : ~cont_rows >> (r + 1);  // bit k: row r + 1 + k starts anew
+          const int len = anew ? __ffsll(static_cast<long long>(anew)) : 64 - r;
 #if defined(JNA_BWD_EXPERIMENT_WS_NO_REDUCE)  // experiment knob: the reductions' cost (dQ stays 0)
-          if (off[j] >= 0 && p.scale == 12345.f)
+          if (acc[j] >= 0 && !cont[j] && p.scale == 12345.f)
 #else
-          if (off[j] >= 0)
+          if (acc[j] >= 0 && !cont[j])
 #endif
-            bulk_reduce_add_f32(p.dq_accum + off[j], sdQ + (lane + 32 * j) * Traits::kDqRowFloats, kD * 4);
-#endif
+            bulk_reduce_add_f32(p.dq_accum + acc[j], sdQ + r * kRowFloats, len * kRowFloats * 4);
+        }
         asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
         Bar::arrive(&bars.dq_empty);
