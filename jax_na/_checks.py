@@ -464,9 +464,9 @@ def xla_requests_determinism() -> bool:
 
 
 # Padded head dims at which the default backward is the non-deterministic one: there the Hopper
-# warp-specialized dK/dV/dQ kernel took 3-29% less time than the deterministic dQ + dK/dV kernels
-# (H100, bf16, backward alone; forward+backward through JAX 2-24% less); at 64 it measured 5-9% slower
-# (cuda/fused/NOTES.md, session 45), so the default stays deterministic there.
+# warp-specialized dK/dV/dQ kernel took 4-32% less time than the deterministic dQ + dK/dV kernels
+# (H100, bf16, backward alone; forward+backward through JAX 4-26% less); at 64 it measured 5-9% slower
+# (cuda/fused/NOTES.md, sessions 45-46), so the default stays deterministic there.
 NONDETERMINISTIC_DEFAULT_HEAD_DIMS = (128,)
 
 

@@ -224,9 +224,9 @@ _NA_DOC = """{rank}-D neighborhood attention.
         backward=True, deterministic_backward=False)``), adding dQ into a float32 buffer in
         whatever order its CTAs get there, so dq may differ in its last bits between runs, and
         the backward's workspace holds ``B*N*H*(P+9)`` floats (P: the padded head dim) instead of
-        ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone took 3-29%
+        ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone took 4-32%
         less time than the deterministic kernels' on p1-p3 and p6-p10 (H100, bfloat16, head dim
-        128; forward+backward 2-24% less; cuda/fused/NOTES.md, session 45). True: every gradient
+        128; forward+backward 4-26% less; cuda/fused/NOTES.md, sessions 45-46). True: every gradient
         bitwise reproducible (a dQ kernel and a dK/dV kernel). The other backends and the
         portable fused kernels (e.g. head dim 32 or 64 with small windows) are deterministic
         either way.
