@@ -464,10 +464,11 @@ def xla_requests_determinism() -> bool:
 
 
 # Padded head dims at which the default backward is the non-deterministic one: there the Hopper
-# warp-specialized dK/dV/dQ kernel took 4-32% less time than the deterministic dQ + dK/dV kernels
-# (H100, bf16, backward alone; forward+backward through JAX 4-26% less); at 64 it measured 5-9% slower
-# (cuda/fused/NOTES.md, sessions 45-46), so the default stays deterministic there.
-NONDETERMINISTIC_DEFAULT_HEAD_DIMS = (128,)
+# warp-specialized dK/dV/dQ kernel takes less time than the deterministic dQ + dK/dV kernels (H100,
+# bf16, backward alone; cuda/fused/NOTES.md): at 128 4-32% less (forward+backward through JAX 4-26%
+# less; sessions 45-46), at 64 11-22% less since its dQ reductions go by runs of tokens (p11 2.77 vs
+# 3.34 ms, p1 2.24 vs 2.88, p2 1.03 vs 1.27, p3 2.24 vs 2.50; session 47; 5-9% more before).
+NONDETERMINISTIC_DEFAULT_HEAD_DIMS = (64, 128)
 
 
 def deterministic_arg(value, dtype=None, head_dim: int | None = None, head_dim_v: int | None = None) -> bool:
@@ -487,7 +488,7 @@ def deterministic_arg(value, dtype=None, head_dim: int | None = None, head_dim_v
         return P not in NONDETERMINISTIC_DEFAULT_HEAD_DIMS
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"deterministic_backward must be True, False or None (the default: non-deterministic "
-                         f"at 16-bit head dims 65-128 unless XLA_FLAGS sets --xla_gpu_deterministic_ops or "
+                         f"at 16-bit head dims up to 128 unless XLA_FLAGS sets --xla_gpu_deterministic_ops or "
                          f"--xla_gpu_exclude_nondeterministic_ops), got {value!r}")
     return bool(value)
 
@@ -535,15 +536,16 @@ PORTABLE_IDLE_WEIGHT = 0.25
 PORTABLE_WARP_PAIR_COST = {16: 1.0, 32: 0.9}
 
 
-def _least_work(configs, work, eligible=lambda c: True, margin: float = 0.0) -> int:
-    """Index of the eligible configuration with the least work (the first of equals; 0 when fewer
-    than two are eligible). An alternative must do less than ``1 - margin`` of the default's work
-    (configuration 0, when eligible) to replace it."""
+def _least_work(configs, work, eligible=lambda c: True, margin: float = 0.0, base: int = 0) -> int:
+    """Index of the eligible configuration with the least work (the first of equals; ``base`` when
+    fewer than two are eligible). An alternative must do less than ``1 - margin`` of the work of
+    configuration ``base`` (0, the default, unless BWD_CHOICE_BASE names another), when eligible,
+    to replace it."""
     if sum(bool(eligible(c)) for c in configs) < 2:
-        return 0
+        return base
     costs = [work(*c) if eligible(c) else math.inf for c in configs]
     best = costs.index(min(costs))
-    return 0 if costs[0] < math.inf and costs[best] >= (1.0 - margin) * costs[0] else best
+    return base if costs[base] < math.inf and costs[best] >= (1.0 - margin) * costs[base] else best
 
 
 # Per kernel set, the fraction of the default's pair-products a backward alternative must save to
@@ -553,6 +555,13 @@ def _least_work(configs, work, eligible=lambda c: True, margin: float = 0.0) -> 
 # vs 3.77, 152.8 vs 149.5); saving 28.5% (3x13x13 over 16x32x32) they ran 18% faster (2.61 vs 3.16).
 # Portable: saving 6-10% (p3, p10, p9) the flat tiles ran 3-6% faster.
 BWD_CHOICE_MARGIN = {"sm80": 0.02, "sm90": 0.08}
+# (kernel set, deterministic, rank): the configuration the alternatives are measured against where it
+# is not configuration 0 (the kernels' default). Hopper's non-deterministic 3-D kernel runs faster
+# per pair on its flat tiles (2x4x8 queries, 2x8x8 keys: 8 runs of consecutive tokens per Q tile, so
+# 8 dQ reductions per step against 16 for 4x4x4): H100, bf16, backward alone (standalone, session
+# 47), flat against the default, ms: D = 128 p3 3.02 vs 3.31 (the same pairs), p8 138.2 vs 149.5
+# (4.6% fewer pairs, inside the margin), p9 84.2 vs 101.2, p10 2.16 vs 2.61; D = 64 p3 2.10 vs 2.23.
+BWD_CHOICE_BASE = {("sm90", False, 3): 1}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -575,6 +584,14 @@ def _chosen_fwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 
+def bwd_choice_base(kernel_set: str, deterministic: bool, rank: int, n_configs: int) -> int:
+    """The backward configuration of ``kernel_set`` that a call without backward tile shapes runs
+    unless an alternative saves BWD_CHOICE_MARGIN of its pair-products (BWD_CHOICE_BASE; 0 where it
+    names none or the set has fewer configurations)."""
+    base = BWD_CHOICE_BASE.get((kernel_set, bool(deterministic), rank), 0)
+    return base if base < n_configs else 0
+
+
 @functools.lru_cache(maxsize=1024)
 def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window: tuple,
                       deterministic: bool = True) -> FusedTiles | None:
@@ -589,7 +606,7 @@ def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
         index.append(_least_work(
             [(q, kv, *dq[i]) for i, (q, kv) in enumerate(configs)],
             lambda q, kv, dq_q, dq_kv: tile_model.backward_work(axes(), ks, q, kv, dq_q, dq_kv, deterministic),
-            margin=BWD_CHOICE_MARGIN[ks]))
+            margin=BWD_CHOICE_MARGIN[ks], base=bwd_choice_base(ks, deterministic, rank, len(configs))))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None
 
 

@@ -212,10 +212,9 @@ _NA_DOC = """{rank}-D neighborhood attention.
         or tile shapes with a non-fused backend, is a ValueError. Other backends (auto on a
         platform without the fused kernels) compute the same function and ignore them; the
         backward has its own tiles.
-      deterministic_backward: None (default): the faster mode where it is measured faster: False at
-        head dims that the Hopper kernels pad to 128 (``max(D, D_v)`` 65-128), True at 64 and
-        below (there the deterministic kernels measured 5-9% faster), and True whenever
-        ``XLA_FLAGS`` asks XLA for deterministic GPU ops (``--xla_gpu_deterministic_ops=true`` or
+      deterministic_backward: None (default): the mode measured faster: False at 16-bit head dims
+        up to 128 (``max(D, D_v)``; the Hopper kernels pad to 64 or 128), True above 128 and in
+        float32 (where only deterministic kernels run), and True whenever ``XLA_FLAGS`` asks XLA for deterministic GPU ops (``--xla_gpu_deterministic_ops=true`` or
         ``--xla_gpu_exclude_nondeterministic_ops=true``), as XLA's own GPU ops do. False: where
         the fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16;
         under "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more;
@@ -226,7 +225,8 @@ _NA_DOC = """{rank}-D neighborhood attention.
         the backward's workspace holds ``B*N*H*(P+9)`` floats (P: the padded head dim) instead of
         ``B*N*H``; no second kernel recomputes the scores for dQ. Its backward alone took 4-32%
         less time than the deterministic kernels' on p1-p3 and p6-p10 (H100, bfloat16, head dim
-        128; forward+backward 4-26% less; cuda/fused/NOTES.md, sessions 45-46). True: every gradient
+        128; forward+backward 4-26% less; sessions 45-46) and 11-22% less on p1-p3 and p11 at
+        head dim 64 (session 47; cuda/fused/NOTES.md). True: every gradient
         bitwise reproducible (a dQ kernel and a dK/dV kernel). The other backends and the
         portable fused kernels (e.g. head dim 32 or 64 with small windows) are deterministic
         either way.

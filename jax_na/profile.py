@@ -773,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     det = r.add_mutually_exclusive_group()
     det.add_argument("--deterministic-backward", dest="deterministic_backward", action="store_const", const=True,
                      default=None, help="na*d's deterministic_backward=True (the Hopper fused backward's dQ and "
-                                        "dK/dV kernels); default: na*d's (non-deterministic at 16-bit head dims 65-128 unless "
+                                        "dK/dV kernels); default: na*d's (non-deterministic at 16-bit head dims up to 128 unless "
                                         "XLA_FLAGS asks for deterministic ops); also --sweep-tiles' backward mode")
     det.add_argument("--nondeterministic-backward", dest="deterministic_backward", action="store_const",
                      const=False, help="na*d's deterministic_backward=False (the Hopper fused backward's "

@@ -5,7 +5,7 @@ use_bias, dtype, param_dtype, kernel_init, bias_init, dropout_rate, deterministi
 parameters of ``jax_na.na{1,2,3}d``, ``backend``, the fused forward's ``q_tile_shape`` /
 ``kv_tile_shape`` and the fused backward's ``backward_q_tile_shape`` / ``backward_kv_tile_shape``
 (None: the default; see ``jax_na.fused_tile_configs``) and ``deterministic_backward``
-(``na{1,2,3}d``'s: None, the default, is False at head dims 65-128 unless ``XLA_FLAGS`` asks for
+(``na{1,2,3}d``'s: None, the default, is False at 16-bit head dims up to 128 unless ``XLA_FLAGS`` asks for
 deterministic ops: the Hopper fused backward then computes dK, dV and dQ in one warp-specialized
 kernel, dQ not bitwise reproducible; True: the deterministic kernels; see ``na{1,2,3}d``;
 ``deterministic`` is dropout's, as in Flax).
