@@ -241,7 +241,9 @@ _NA_DOC = """{rank}-D neighborhood attention.
         dK/dV and dQ kernels compute the fewest pair-products for this problem (``jax_na.tile_model``),
         the default unless an alternative saves more than ``_checks.BWD_CHOICE_MARGIN`` of its
         products (2% portable, 8% Hopper); e.g. the flat key tiles for 3-D windows much shorter on
-        the first axis.
+        the first axis. In 3-D the Hopper non-deterministic mode starts from its flat tiles instead
+        (``_checks.BWD_CHOICE_BASE``: half the dQ reductions per step; measured faster on p3, p8,
+        p9, p10).
 
     Returns:
       ``{o}`` in the input dtype, and the LSE when ``return_lse``.
