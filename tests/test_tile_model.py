@@ -293,3 +293,23 @@ def test_tile_work_tool_portable_warp_bound(tmp_path):
     assert round(chosen[0]["efficiency"], 2) == 0.62
     assert round(r["bound_warp"], 2) == 0.73 and tuple(r["bound_warp_box"]) == (2, 4, 4)
     assert round(r["bound64"], 2) == 0.64 and r["bound_warp"] > r["bound64"]
+
+
+def test_tile_work_tool_nondeterministic_backward(tmp_path):
+    """tools/tile_work.py lists the Hopper non-deterministic backward's configurations: on p3 both walk
+    the same pairs (0.33 useful, 7200 steps) and the flat one, which the chooser takes in that mode
+    (_checks.BWD_CHOICE_BASE), adds dQ in 8 reductions per step where 4x4x4 needs 16; 1-D needs one."""
+    import json
+    import os
+    import runpy
+
+    tool = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "tile_work.py"))
+    out = tmp_path / "nd.json"
+    assert tool["main"](["--problem", "p3-3d", "p1-1d-long", "--json", str(out)]) == 0
+    p3, p1 = json.loads(out.read_text())
+    c0, c1 = p3["bwd_nondeterministic"]
+    assert (tuple(c0["q"]), tuple(c1["q"])) == ((4, 4, 4), (2, 4, 8)) and c1["chosen"] and not c0["chosen"]
+    assert c0["steps"] == c1["steps"] == 7200 and round(c0["efficiency"], 2) == round(c1["efficiency"], 2) == 0.33
+    assert (c0["dq_reductions_per_step"], c1["dq_reductions_per_step"]) == (16, 8)
+    (only,) = p1["bwd_nondeterministic"]
+    assert only["chosen"] and only["dq_reductions_per_step"] == 1 and round(only["efficiency"], 2) == 0.94

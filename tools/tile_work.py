@@ -10,6 +10,9 @@ cuda/fused/tile_scheduler.cuh, the window geometry of jax_na.geometry); this pri
 - backward: the same for the dK/dV kernel (its MMA units skipping on their own, and the CTA's
   whole walk) and for the dQ kernel of each backward configuration, and the backward's
   pair-products (4 per dK/dV pair, 3 per dQ pair) over the ideal 5 per useful pair;
+- bwd-nd (Hopper): the non-deterministic mode's warp-specialized kernel, per configuration: its
+  CTA walk's useful fraction, its steps, and its dQ reductions per step (one per run of consecutive
+  tokens in the Q tile; session 47 measured fewer reductions faster at equal pairs);
 - bound: a Q box of 64 queries (one wgmma) that computed exactly the union of its queries'
   windows, for its best power-of-two shape: what no tiling of 64-query MMAs can beat; for the
   portable set also the box of one warp of the chooser's configuration (16 or 32 queries: the
@@ -19,7 +22,7 @@ cuda/fused/tile_scheduler.cuh, the window geometry of jax_na.geometry); this pri
   (this table) and rate.
 
 A star marks the configuration the chooser takes for the problem (jax_na._checks; it counts the
-dK/dV kernel's CTA walk, not its units' skips: tile_model.backward_work).
+dK/dV kernel's CTA walk, not its units' skips: tile_model.backward_work; bwd-nd: in that mode).
 
 Usage: python tools/tile_work.py [--set sm90|sm80] [--problem p3-3d ...] [--times profile.json]
        [--json out.json]
@@ -66,6 +69,13 @@ def union_bound(axes, rank: int, rows: int = 64) -> tuple[float, tuple]:
     return best
 
 
+def dq_runs(p: Problem, q_tile) -> int:
+    """dQ reductions per step of the warp-specialized backward: one per run of consecutive tokens of
+    the Q tile (a line of its box along the last axis; one per row where that axis is dilated). At
+    most: a box spanning a whole line makes longer runs."""
+    return math.prod(q_tile) if p.dilation[-1] > 1 else math.prod(q_tile[:-1])
+
+
 def analyse(p: Problem, kernel_set: str) -> dict:
     axes = tile_model.problem_axes(p.spatial, p.kernel, p.stride, p.dilation, p.causal)
     useful = tile_model.useful_pairs(axes)
@@ -95,6 +105,15 @@ def analyse(p: Problem, kernel_set: str) -> dict:
                            "dq_efficiency": useful / dq,
                            "products_over_ideal": (4 * dkdv + 3 * dq) / (5 * useful),
                            "products_cta_walk_over_ideal": (4 * dkdv_cta + 3 * dq) / (5 * useful)})
+    if kernel_set == "sm90":  # the non-deterministic mode's warp-specialized kernel (dQ added by it)
+        nd_pick = _checks._chosen_bwd_tiles(p.rank, DTYPE, P, "fused", p.spatial, window, False)
+        nd_index = getattr(nd_pick, kernel_set, 0) if nd_pick else 0
+        out["bwd_nondeterministic"] = []
+        for i, (q, kv) in enumerate(_checks.fused_bwd_tile_configs(kernel_set, DTYPE, P, p.rank, False)):
+            cta = tile_model.key_stationary_pairs(axes, q, kv)
+            out["bwd_nondeterministic"].append({
+                "q": q, "kv": kv, "chosen": i == nd_index, "efficiency": useful / cta,
+                "steps": cta // (math.prod(q) * math.prod(kv)), "dq_reductions_per_step": dq_runs(p, q)})
     out["bound64"], out["bound64_box"] = union_bound(axes, p.rank)
     if rows:  # the portable warps skip K/V tiles per warp box
         out["bound_warp_rows"] = rows[fwd_index]
@@ -136,6 +155,9 @@ def main(argv=None) -> int:
                   f"dK/dV {c['dkdv_efficiency']:.2f} (CTA walk {c['dkdv_cta_efficiency']:.2f})  dQ ({_fmt(c['dq_q'])} / {_fmt(c['dq_kv'])}) "
                   f"{c['dq_efficiency']:.2f}  products {c['products_over_ideal']:.2f}x ideal "
                   f"({c['products_cta_walk_over_ideal']:.2f}x with the CTA walk)")
+        for c in r.get("bwd_nondeterministic", []):
+            print(f"  bwd-nd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  CTA walk "
+                  f"{c['efficiency']:.2f}  {c['steps']} steps  {c['dq_reductions_per_step']} dQ reductions per step")
         if p.id in fwd_tflops:
             eff = next(c["efficiency"] for c in r["fwd"] if c["chosen"])
             r["fwd_rate_on_computed_tflops"] = fwd_tflops[p.id] / eff
