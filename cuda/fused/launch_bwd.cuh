@@ -24,8 +24,9 @@ cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int heads, int64_t batc
   return launch_with_smem(kernel, grid, threads, smem, kp, stream);
 }
 
-// The key-stationary kernel of a backward: its function, threads per CTA and smem, and whether it
-// adds dQ into the float32 buffer args.dq_accum itself (kAddsDq: then the dQ kernel does not run).
+// The key-stationary kernel of a backward: its function, threads per CTA and smem, whether it adds dQ
+// into the float32 buffer args.dq_accum itself (kAddsDq: then the dQ kernel does not run), and its
+// CTAs per SM for the key tiles' order (kResidentPerSm; 0: raster order, kv_tile_grid).
 // Here the synchronous dK/dV kernel of mainloop_bwd_dkdv.cuh; the Hopper non-deterministic mode has
 // its own (hopper/launch_bwd.cuh).
 template <class KVTraits, class KVGemm>
@@ -34,6 +35,7 @@ struct DkdvLaunch {
   static constexpr int kThreads = KVTraits::kNThreads;
   static constexpr int kSmem = DkdvSmem<KVTraits>::kBytes;
   static constexpr bool kAddsDq = false;
+  static constexpr int kResidentPerSm = 0;  // key tiles in raster order (kv_tile_grid)
 };
 
 // The three launches of the backward with the given tilings and MMA policies (Sm80Gemm here, Sm90Gemm
@@ -90,7 +92,16 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   if (!tiles_per_axis<typename DqTraits::QTile>(pr, kp.q_tiles, &q_blocks)) return cudaErrorInvalidValue;
   // 3) dK/dV (key-stationary) over the window keys, then the additional keys.
   int64_t kv_blocks = 0;
-  if (!tiles_per_axis<typename KVTraits::KVTile>(pr, kp.kv_tiles, &kv_blocks)) return cudaErrorInvalidValue;
+  int sms = 0;
+  if (Dkdv::kResidentPerSm > 0) {
+    const cudaError_t st_sms = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms);
+    if (st_sms != cudaSuccess) return st_sms;
+  }
+#if defined(JNA_BWD_EXPERIMENT_RASTER_ORDER)  // experiment knob: raster order for every key-stationary grid
+  sms = 0;
+#endif
+  if (!kv_tile_grid<typename KVTraits::KVTile>(pr, int64_t{sms} * Dkdv::kResidentPerSm, &kp.kv_grid, &kv_blocks))
+    return cudaErrorInvalidValue;
   kp.n_window_ctas = static_cast<int32_t>(kv_blocks);
   const int64_t add_blocks = (pr.Na + KVTraits::kBlockN - 1) / KVTraits::kBlockN;
   if (kv_blocks + add_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, kDkdvMinBlocks<Traits>)
   if constexpr (kTma) {
     if (tid == 0) q_stages.init();
   }
-  KS::compute(p.pr, p.kv_tiles, p.n_window_ctas, ks, tid);
+  KS::compute(p.pr, p.kv_grid, p.n_window_ctas, ks, tid);
   __syncthreads();
   if (!ks.live) return;  // uniform over the CTA
   const geo::Problem& pr = p.pr;

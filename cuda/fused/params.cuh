@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "fused/tile_grid.h"
 #include "fused/trace.cuh"
 #include "geometry/window.cuh"
 
@@ -64,7 +65,7 @@ struct BwdKernelParams {
   float scale;
   float scale_log2;
   int32_t q_tiles[3];      // dQ kernel: Q tiles per axis (as the forward)
-  int32_t kv_tiles[3];     // dK/dV kernel: KV tiles per axis over the longest group
+  KVTileGrid kv_grid;      // dK/dV kernel: KV tiles per axis over the longest group, their order
   int32_t n_window_ctas;   // dK/dV kernel: CTAs of window keys (then the additional-keys CTAs)
   int32_t kv_tma;          // 1: kv_maps are set (Hopper dQ kernel, no dilation); 0: gathers
   int32_t q_tma;           // 1: q_maps are set (Hopper dK/dV kernel, no dilation); 0: gathers

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gemm_in_kernel(const __grid
   const int warp = tid / 32;
   const int lane = tid % 32;
   const geo::Problem& pr = p.pr;
-  KS::compute(pr, p.kv_tiles, p.n_kv_ctas, ks, tid);
+  KS::compute(pr, p.kv_grid, p.n_kv_ctas, ks, tid);
   __syncthreads();
   if (!ks.live) return;  // uniform over the CTA
   const int32_t n_iters = pr.groups() * ks.n_q_tiles;

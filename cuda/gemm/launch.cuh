@@ -96,7 +96,7 @@ cudaError_t run_in(const geo::Problem& pr, const naive::INArgs& args, cudaStream
   p.a = args.vals;
   p.out = args.out;
   int64_t blocks = 0;
-  if (!fused::tiles_per_axis<typename Traits::KVTile>(pr, p.kv_tiles, &blocks)) return cudaErrorInvalidValue;
+  if (!fused::kv_tile_grid<typename Traits::KVTile>(pr, 0, &p.kv_grid, &blocks)) return cudaErrorInvalidValue;
   p.n_kv_ctas = static_cast<int32_t>(blocks);
   return launch(gemm_in_kernel<Traits>, blocks, pr.Hkv, pr.B, Traits::kNThreads, InSmem<Traits>::kBytes, p, stream);
 }

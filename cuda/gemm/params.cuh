@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "fused/tile_grid.h"
 #include "geometry/window.cuh"
 
 namespace jax_na {
@@ -19,7 +20,7 @@ struct GemmParams {
   int32_t masked_neg_inf = 0;  // PN: masked window entries are -inf (scores) or 0 (raw products)
   int32_t stage_weights = 0;   // NN: the CTA's weight rows are copied to shared memory first
   int32_t q_tiles[3] = {1, 1, 1};   // PN, NN: Q tiles per axis (over the longest dilation group)
-  int32_t kv_tiles[3] = {1, 1, 1};  // IN: KV tiles per axis
+  fused::KVTileGrid kv_grid;         // IN: KV tiles per axis, raster order
   int32_t n_kv_ctas = 0;            // IN: CTAs of window keys (all of them: no additional keys)
   // Window index w = sum_a (key_a - start_a) w_stride[a]; bias index sum_a (key_a - query_a + k_a - 1)
   // rpb_stride[a] (SEMANTICS.md: row-major over the window axes and over the bias axes).

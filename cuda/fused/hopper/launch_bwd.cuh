@@ -23,6 +23,9 @@ struct Sm90DkdvDqLaunch {
   static constexpr int kThreads = Traits::kLaunchThreads;
   static constexpr int kSmem = BwdSm90Smem<Traits>::kBytes;
   static constexpr bool kAddsDq = true;
+  // One CTA per SM: the key tiles' order keeps the resident CTAs' queries few (kv_tile_grid). The
+  // deterministic kernels keep raster order (not measured with another).
+  static constexpr int kResidentPerSm = 1;
 };
 
 // The tile configuration args.tiles_sm90 asks for. Deterministic (no dq_accum): HopperBwdTiles, dQ on

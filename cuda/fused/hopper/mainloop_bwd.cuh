@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(Traits::kLaunchThreads, 1) fused_bwd_sm90_kern
     Bar::init(&bars.dq_empty, 32);
     cutlass::arch::fence_barrier_init();
   }
-  KS::compute(p.pr, p.kv_tiles, p.n_window_ctas, ks, tid);
+  KS::compute(p.pr, p.kv_grid, p.n_window_ctas, ks, tid);
   __syncthreads();  // schedule and mbarriers
   if (!ks.live) return;  // uniform over the CTA
   const geo::Problem& pr = p.pr;
