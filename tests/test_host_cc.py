@@ -6,6 +6,9 @@ on the host (no GPU, no CUDA needed):
 - cuda/fused/test_column_mask.cc: the fused kernels' per-row column words (cuda/fused/column_mask.cuh:
   which of a thread's score columns lie inside a row's window) on every power-of-two tile box of 32,
   64 and 128 keys.
+- cuda/fused/test_tile_grid.cc: the key-stationary grids' CTA order (cuda/fused/tile_grid.h): CTA
+  indices decode to every key tile once, and the order picked is the one the query-span model
+  prefers, a bound on the resident CTAs' queries counted one by one.
 - cuda/fused/test_smem_layouts.cu: the portable kernels' swizzled shared-memory tiles
   (cuda/fused/kernel_traits.cuh) for every instantiated dtype and head dim: bijective, chunks
   contiguous, ldmatrix reads free of bank conflicts. A host program too, but built with nvcc against
@@ -24,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_TESTS = [
     ("geometry/test_window.cc", ["test_window: OK", "inverse ranges"]),
     ("fused/test_column_mask.cc", ["test_column_mask: OK", "57818880 column bits checked, 0 wrong"]),
+    ("fused/test_tile_grid.cc", ["test_tile_grid: OK", "3000 problems, ", " checks, 0 failed"]),
 ]
 
 

@@ -11,7 +11,6 @@
 // ceil(Na / kBlockN) tiles of additional keys.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -436,8 +435,8 @@ struct KVScheduler {
     int32_t lin = static_cast<int32_t>(blockIdx.x);  // 32-bit, as in TileScheduler::compute
     int32_t t[3], g[3];
 #pragma unroll
-    for (int a = 0; a < 3; ++a) t[a] = lin / grid.stride[a] % grid.tiles[a];
-    lin /= grid.tiles[0] * grid.tiles[1] * grid.tiles[2];
+    for (int a = 0; a < 3; ++a) t[a] = grid.tile(lin, a);
+    lin = grid.group(lin);
 #pragma unroll
     for (int a = 2; a >= 0; --a) {
       g[a] = lin % pr.axis[a].d;
@@ -576,54 +575,13 @@ bool tiles_per_axis(const geo::Problem& pr, int32_t tiles[3], int64_t* blocks) {
   return *blocks <= std::numeric_limits<int32_t>::max();
 }
 
-// Host: the query positions (of one head and dilation group) whose windows meet the keys of the
-// first `resident` CTAs of a key-stationary grid whose axes run in `order` (fastest first): those CTAs
-// cover whole lines of the faster axes and part of the slowest one they reach, and each axis' keys
-// widen by the window (k - 1, either side's share), up to the group's length.
-inline double resident_query_span(const geo::Problem& pr, const int32_t tiles[3], const int32_t extent[3],
-                                  const int order[3], int64_t resident) {
-  double span = 1.0;
-  int64_t left = resident < 1 ? 1 : resident;
-  for (int i = 0; i < 3; ++i) {
-    const int a = order[i];
-    const int64_t n = left < tiles[a] ? left : tiles[a];
-    left = (left + tiles[a] - 1) / tiles[a];
-    const int64_t group_len = (pr.axis[a].L + pr.axis[a].d - 1) / pr.axis[a].d;
-    const int64_t rows = n * extent[a] + pr.axis[a].k - 1;
-    span *= static_cast<double>(rows < group_len ? rows : group_len);
-  }
-  return span;
-}
-
-// Host: the key tiles of Tile per axis (tiles_per_axis) and their order. `resident` CTAs (SMs times
-// CTAs per SM) run at once and share L2: the queries of their inverse neighbourhoods (Q, dO and, in
-// the warp-specialized backward, dQ's float32 sums) are what they read and write. Of the axis orders,
-// the one whose resident CTAs meet the fewest query positions (resident_query_span) replaces raster
-// order (last axis fastest) where it needs at most 90% of raster's: on p8 (H100, key tiles 2x8x8)
-// axis 0 fastest spans 30x48x39 query positions against raster's 23x48x80, and the backward took 4.5%
-// less time; where the spans tie (p6) raster order stays. resident = 0: raster order.
+// Host: the key tiles of Tile per axis (tiles_per_axis) and their order for `resident` CTAs at once
+// (order_kv_tiles; 0: raster order), and the grid's x extent; false when it does not fit.
 template <class Tile>
 bool kv_tile_grid(const geo::Problem& pr, int64_t resident, KVTileGrid* grid, int64_t* blocks) {
   if (!tiles_per_axis<Tile>(pr, grid->tiles, blocks)) return false;
   const int32_t extent[3] = {Tile::extent(0), Tile::extent(1), Tile::extent(2)};
-  int best[3] = {2, 1, 0};
-  if (resident > 0) {
-    const double raster = resident_query_span(pr, grid->tiles, extent, best, resident);
-    double best_span = 0.9 * raster;
-    int order[3] = {0, 1, 2};
-    do {
-      const double span = resident_query_span(pr, grid->tiles, extent, order, resident);
-      if (span < best_span) {
-        best_span = span;
-        for (int i = 0; i < 3; ++i) best[i] = order[i];
-      }
-    } while (std::next_permutation(order, order + 3));
-  }
-  int32_t stride = 1;
-  for (int i = 0; i < 3; ++i) {
-    grid->stride[best[i]] = stride;
-    stride *= grid->tiles[best[i]];
-  }
+  order_kv_tiles(pr, extent, resident, grid);
   return true;
 }
 
