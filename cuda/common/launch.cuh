@@ -47,18 +47,30 @@ inline cudaError_t current_device_attribute(int* value) {
   return cudaSuccess;
 }
 
-// The grid of a persistent kernel (one CTA per SM of the current device) over `tiles` work tiles:
-// min(tiles, SMs), or min(tiles, JAX_NA_PERSISTENT_CTAS) where that variable is set (read once:
-// tests use it to give each CTA many tiles of a small problem).
-inline cudaError_t persistent_ctas(int64_t tiles, unsigned* ctas) {
+// The CTAs of a kernel with `per_sm` CTAs per SM that run at once on the current device, or
+// JAX_NA_PERSISTENT_CTAS where that variable is set (read once): tests set it to make small problems
+// behave as on a GPU of that many SMs (persistent grids, the order of the key tiles).
+inline cudaError_t resident_ctas(int per_sm, int64_t* n) {
   static const int64_t cap = [] {
     const char* v = std::getenv("JAX_NA_PERSISTENT_CTAS");
     return v != nullptr ? std::strtoll(v, nullptr, 10) : 0;
   }();
+  if (cap > 0) {
+    *n = cap;
+    return cudaSuccess;
+  }
   int sms = 0;
   const cudaError_t st = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms);
   if (st != cudaSuccess) return st;
-  int64_t n = cap > 0 ? cap : sms;
+  *n = int64_t{sms} * per_sm;
+  return cudaSuccess;
+}
+
+// The grid of a persistent kernel (one CTA per SM: resident_ctas) over `tiles` work tiles.
+inline cudaError_t persistent_ctas(int64_t tiles, unsigned* ctas) {
+  int64_t n = 0;
+  const cudaError_t st = resident_ctas(1, &n);
+  if (st != cudaSuccess) return st;
   if (n > tiles) n = tiles;
   *ctas = static_cast<unsigned>(n < 1 ? 1 : n);
   return cudaSuccess;

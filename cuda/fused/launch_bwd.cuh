@@ -92,16 +92,15 @@ cudaError_t launch_bwd_kernels(const geo::Problem& pr, const BwdArgs& args, cuda
   if (!tiles_per_axis<typename DqTraits::QTile>(pr, kp.q_tiles, &q_blocks)) return cudaErrorInvalidValue;
   // 3) dK/dV (key-stationary) over the window keys, then the additional keys.
   int64_t kv_blocks = 0;
-  int sms = 0;
+  int64_t resident = 0;  // 0: raster order
   if (Dkdv::kResidentPerSm > 0) {
-    const cudaError_t st_sms = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms);
-    if (st_sms != cudaSuccess) return st_sms;
+    const cudaError_t st_res = resident_ctas(Dkdv::kResidentPerSm, &resident);
+    if (st_res != cudaSuccess) return st_res;
   }
 #if defined(JNA_BWD_EXPERIMENT_RASTER_ORDER)  // experiment knob: raster order for every key-stationary grid
-  sms = 0;
+  resident = 0;
 #endif
-  if (!kv_tile_grid<typename KVTraits::KVTile>(pr, int64_t{sms} * Dkdv::kResidentPerSm, &kp.kv_grid, &kv_blocks))
-    return cudaErrorInvalidValue;
+  if (!kv_tile_grid<typename KVTraits::KVTile>(pr, resident, &kp.kv_grid, &kv_blocks)) return cudaErrorInvalidValue;
   kp.n_window_ctas = static_cast<int32_t>(kv_blocks);
   const int64_t add_blocks = (pr.Na + KVTraits::kBlockN - 1) / KVTraits::kBlockN;
   if (kv_blocks + add_blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;

@@ -107,7 +107,9 @@ def test_persistent_forward_with_few_ctas():
     """The Hopper forward's persistent CTAs with only 3 of them (JAX_NA_PERSISTENT_CTAS, read once per
     process: a child process), so that each walks dozens of query tiles of one call, live ones and
     dead ones (dilation groups shorter than the tiled length), through its K/V ring: the native edge
-    cases and the many-tile problems, forward and backward against the float64 reference."""
+    cases and the many-tile problems, forward and backward against the float64 reference. The
+    warp-specialized backward then orders its key tiles for 3 resident CTAs (tile_grid.h), so these
+    small problems take axis orders other than raster."""
     if ON_CPU or not _ext.has_hopper_kernels():
         pytest.skip("needs the Hopper kernels on a compute capability 9.0 device")
     import subprocess
