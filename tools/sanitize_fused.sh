@@ -24,7 +24,8 @@ fi
 [ -x "$B/sanitize_fused" ] || { echo "no $B/sanitize_fused: run 'bash tools/sanitize_fused.sh build' first" >&2; exit 1; }
 rc=0
 for tool in memcheck racecheck synccheck; do
-  # Two persistent CTAs in the Hopper forward: each walks many query tiles of these small problems.
+  # Two persistent CTAs in the Hopper forward: each walks many query tiles of these small problems;
+  # the warp-specialized backward orders its key tiles for two resident CTAs (not raster on some).
   JAX_NA_PERSISTENT_CTAS=2 compute-sanitizer --tool $tool --print-limit 10 --error-exitcode 9 "$B/sanitize_fused" \
     > "$OUT/sanitize_$tool.log" 2>&1
   r=$?; [ $r -ne 0 ] && rc=$r
