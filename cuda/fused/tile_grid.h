@@ -44,8 +44,9 @@ inline double resident_query_span(const geo::Problem& pr, const int32_t tiles[3]
 // warp-specialized backward, dQ's float32 sums) are what they read and write. Of the axis orders,
 // the one whose resident CTAs meet the fewest query positions (resident_query_span) replaces raster
 // order (last axis fastest) where it needs at most 90% of raster's. On p8 (key tiles 2x8x8, 132
-// SMs) axis 0 fastest spans 30x48x39 query positions against raster's 23x48x80, and the backward
-// took 4.5% less time (H200); where the spans tie (p6) raster order stays. resident = 0: raster.
+// SMs) axis 0 fastest spans 30x48x39 query positions against raster's 23x48x80, and the
+// warp-specialized backward took 8% less time (p9: 10%; H100, cuda/fused/NOTES.md session 48); where
+// the spans tie (p6) raster order stays. resident = 0: raster.
 inline void order_kv_tiles(const geo::Problem& pr, const int32_t extent[3], int64_t resident, KVTileGrid* grid) {
   int best[3] = {2, 1, 0};
   if (resident > 0) {
