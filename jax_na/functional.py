@@ -214,7 +214,8 @@ _NA_DOC = """{rank}-D neighborhood attention.
         backward has its own tiles.
       deterministic_backward: None (default): the mode measured faster: False at 16-bit head dims
         up to 128 (``max(D, D_v)``; the Hopper kernels pad to 64 or 128), True above 128 and in
-        float32 (where only deterministic kernels run), and True whenever ``XLA_FLAGS`` asks XLA for deterministic GPU ops (``--xla_gpu_deterministic_ops=true`` or
+        float32 (where only deterministic kernels run), and True whenever ``XLA_FLAGS`` asks XLA
+        for deterministic GPU ops (``--xla_gpu_deterministic_ops=true`` or
         ``--xla_gpu_exclude_nondeterministic_ops=true``), as XLA's own GPU ops do. False: where
         the fused backward runs its Hopper kernels (compute capability 9.0 GPUs, float16/bfloat16;
         under "fused"/auto at head dim 128, and at head dim 64 for windows of 256 keys or more;

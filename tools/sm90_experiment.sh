@@ -21,7 +21,8 @@
 # TWO_WARPGROUPS: the Hopper backward's former 128-key / 128-query CTAs) compute everything and are
 # checked. Run with --atomic, a backward binary takes the non-deterministic mode (the warp-specialized
 # dK/dV/dQ kernel, hopper/mainloop_bwd.cuh); its knobs WS_NO_DQ (no dQ product) and WS_NO_REDUCE (no
-# dQ reductions) leave parts out and are timed only.
+# dQ reductions) leave parts out and are timed only; RASTER_ORDER (its key tiles in raster order, not
+# tile_grid.h's pick) computes everything and is checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 direction=$1 what=$2 dir=$3
