@@ -313,3 +313,30 @@ def test_tile_work_tool_nondeterministic_backward(tmp_path):
     assert (c0["dq_reductions_per_step"], c1["dq_reductions_per_step"]) == (16, 8)
     (only,) = p1["bwd_nondeterministic"]
     assert only["chosen"] and only["dq_reductions_per_step"] == 1 and round(only["efficiency"], 2) == 0.94
+
+
+def test_tile_work_tool_search(tmp_path):
+    """tools/tile_work.py --search N lists the N boxes with the fewest computed pairs, compiled or
+    not, best first: on p3 a one-plane K/V box under 8x4x4 queries (0.54 useful against the 4x4x8 /
+    2x8x8 default's 0.46) and 1x8x8 queries over 2x8x8 keys in the backward (0.37); on p1 the compiled
+    128 / 128 and 64 / 128. Its efficiencies are the model's, and "compiled" is the tile lists'."""
+    import json
+    import os
+    import runpy
+
+    tool = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "tile_work.py"))
+    out = tmp_path / "search.json"
+    assert tool["main"](["--problem", "p3-3d", "p1-1d-long", "--search", "3", "--json", str(out)]) == 0
+    p3, p1 = json.loads(out.read_text())
+    fwd, bwd = p3["search"]["fwd"], p3["search"]["bwd_nondeterministic"]
+    assert len(fwd) == len(bwd) == 3
+    assert [r["efficiency"] for r in fwd] == sorted((r["efficiency"] for r in fwd), reverse=True)
+    assert tuple(fwd[0]["q"]) == (8, 4, 4) and tuple(fwd[0]["kv"]) in ((1, 8, 16), (1, 16, 8))
+    assert round(fwd[0]["efficiency"], 3) == 0.544 > p3["fwd"][0]["efficiency"] + 0.08  # configuration 0
+    assert (tuple(bwd[0]["q"]), tuple(bwd[0]["kv"])) == ((1, 8, 8), (2, 8, 8)) and round(bwd[0]["efficiency"], 2) == 0.37
+    listed = {(tuple(c["q"]), tuple(c["kv"])) for c in p3["fwd"]}
+    assert all(r["compiled"] == ((tuple(r["q"]), tuple(r["kv"])) in listed) for r in fwd)
+    assert p1["search"]["fwd"][0]["compiled"] and tuple(p1["search"]["fwd"][0]["q"]) == (128,)
+    assert p1["search"]["bwd_nondeterministic"][0]["compiled"]
+    with pytest.raises(SystemExit):
+        tool["main"](["--set", "sm80", "--search", "2"])

@@ -19,13 +19,18 @@ cuda/fused/tile_scheduler.cuh, the window geometry of jax_na.geometry); this pri
   granularity at which its warps skip K/V tiles), what a key-exact walk of such warps would reach;
 - with ``--times`` (a ``python -m jax_na.profile --json`` file): the forward's rate on the pairs it
   computes (effective TFLOP/s / efficiency), which splits a low fraction of ideal into geometry
-  (this table) and rate.
+  (this table) and rate;
+- with ``--search N`` (Hopper set): the N power-of-two boxes, compiled or not, that compute the
+  fewest pairs in the Hopper forward (Q tiles of 128 queries halved along axis 0 between its two
+  warpgroups, K/V tiles of its default's keys) and in the non-deterministic backward's walk (64
+  queries per step, 128 keys per CTA), compiled ones marked with "c": where a new configuration
+  would pay (cuda/fused/NOTES.md, session 49).
 
 A star marks the configuration the chooser takes for the problem (jax_na._checks; it counts the
 dK/dV kernel's CTA walk, not its units' skips: tile_model.backward_work; bwd-nd: in that mode).
 
 Usage: python tools/tile_work.py [--set sm90|sm80] [--problem p3-3d ...] [--times profile.json]
-       [--json out.json]
+       [--search N] [--json out.json]
 Runs on CPU in seconds (no GPU and no extension needed).
 """
 
@@ -74,6 +79,31 @@ def dq_runs(p: Problem, q_tile) -> int:
     the Q tile (a line of its box along the last axis; one per row where that axis is dilated). At
     most: a box spanning a whole line makes longer runs."""
     return math.prod(q_tile) if p.dilation[-1] > 1 else math.prod(q_tile[:-1])
+
+
+def _boxes(size: int, rank: int, min_first: int = 1):
+    """The power-of-two boxes of ``size`` positions in ``rank`` axes (at least ``min_first`` on axis 0)."""
+    k = int(math.log2(size))
+    for split in itertools.product(range(k + 1), repeat=rank):
+        if sum(split) == k and (1 << split[0]) >= min_first:
+            yield tuple(1 << e for e in split)
+
+
+def search(p: Problem, top: int) -> dict:
+    """The ``top`` boxes of the Hopper forward and non-deterministic backward with the fewest computed
+    pairs on ``p`` (useful / computed, Q tile, K/V tile, compiled), best first."""
+    axes = tile_model.problem_axes(p.spatial, p.kernel, p.stride, p.dilation, p.causal)
+    useful = tile_model.useful_pairs(axes)
+    P = _checks.fused_head_dim(p.D, p.D, DTYPE)
+    fwd_compiled = _checks.fused_fwd_tile_configs("sm90", DTYPE, P, p.rank)
+    keys = math.prod(fwd_compiled[0][1])
+    fwd = [(useful / tile_model.forward_work(axes, "sm90", q, kv), q, kv, (q, kv) in fwd_compiled)
+           for q in _boxes(128, p.rank, 2) for kv in _boxes(keys, p.rank)]
+    bwd_compiled = _checks.fused_bwd_tile_configs("sm90", DTYPE, P, p.rank, False)
+    bwd = [(useful / tile_model.key_stationary_pairs(axes, q, kv), q, kv, (q, kv) in bwd_compiled)
+           for q in _boxes(64, p.rank) for kv in _boxes(128, p.rank)]
+    order = lambda rows: sorted(rows, key=lambda r: (-r[0], not r[3]))[:top]
+    return {"fwd": order(fwd), "bwd_nondeterministic": order(bwd)}
 
 
 def analyse(p: Problem, kernel_set: str) -> dict:
@@ -127,8 +157,12 @@ def main(argv=None) -> int:
     ap.add_argument("--problem", nargs="*", default=None, help="problem ids (default: the whole set)")
     ap.add_argument("--times", help="a `python -m jax_na.profile --json` file: the forward's rate on the "
                                     "pairs it computes")
+    ap.add_argument("--search", type=int, default=0, metavar="N",
+                    help="also the N boxes with the fewest computed pairs, compiled or not (Hopper set)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
+    if a.search < 0 or (a.search and a.set != "sm90"):
+        ap.error("--search takes a count >= 0 and the Hopper set (--set sm90)")
     probs = [BY_ID[i] for i in a.problem] if a.problem else PROBLEMS
     fwd_tflops = {}
     if a.times:
@@ -158,6 +192,13 @@ def main(argv=None) -> int:
         for c in r.get("bwd_nondeterministic", []):
             print(f"  bwd-nd {'*' if c['chosen'] else ' '} {_fmt(c['q']):>6} / {_fmt(c['kv']):6}  CTA walk "
                   f"{c['efficiency']:.2f}  {c['steps']} steps  {c['dq_reductions_per_step']} dQ reductions per step")
+        if a.search:
+            found = search(p, a.search)
+            r["search"] = {k: [{"efficiency": e, "q": q, "kv": kv, "compiled": c} for e, q, kv, c in rows]
+                           for k, rows in found.items()}
+            for k, rows in found.items():
+                print(f"  best {k}: " + ", ".join(f"{_fmt(q)} / {_fmt(kv)} {e:.2f}{' c' if c else ''}"
+                                                 for e, q, kv, c in rows))
         if p.id in fwd_tflops:
             eff = next(c["efficiency"] for c in r["fwd"] if c["chosen"])
             r["fwd_rate_on_computed_tflops"] = fwd_tflops[p.id] / eff
