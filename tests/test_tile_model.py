@@ -338,5 +338,9 @@ def test_tile_work_tool_search(tmp_path):
     assert all(r["compiled"] == ((tuple(r["q"]), tuple(r["kv"])) in listed) for r in fwd)
     assert p1["search"]["fwd"][0]["compiled"] and tuple(p1["search"]["fwd"][0]["q"]) == (128,)
     assert p1["search"]["bwd_nondeterministic"][0]["compiled"]
+    # head dim 32 (p4): the Hopper set's boxes at its padded head dim 64
+    assert tool["main"](["--problem", "p4-nat-small", "--search", "1", "--json", str(out)]) == 0
+    (p4,) = json.loads(out.read_text())
+    assert len(p4["search"]["fwd"]) == 1 and 0 < p4["search"]["fwd"][0]["efficiency"] <= 1
     with pytest.raises(SystemExit):
         tool["main"](["--set", "sm80", "--search", "2"])

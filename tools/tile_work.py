@@ -94,7 +94,7 @@ def search(p: Problem, top: int) -> dict:
     pairs on ``p`` (useful / computed, Q tile, K/V tile, compiled), best first."""
     axes = tile_model.problem_axes(p.spatial, p.kernel, p.stride, p.dilation, p.causal)
     useful = tile_model.useful_pairs(axes)
-    P = _checks.fused_head_dim(p.D, p.D, DTYPE)
+    P = _checks.fused_head_dim(p.D, p.D, DTYPE, "fused_sm90")  # (head dim 32 runs padded to 64 there)
     fwd_compiled = _checks.fused_fwd_tile_configs("sm90", DTYPE, P, p.rank)
     keys = math.prod(fwd_compiled[0][1])
     fwd = [(useful / tile_model.forward_work(axes, "sm90", q, kv), q, kv, (q, kv) in fwd_compiled)
