@@ -64,10 +64,7 @@ def union_bound(axes, rank: int, rows: int = 64) -> tuple[float, tuple]:
     union of their queries' windows (a perfect key gather, no K/V tile rounding)."""
     useful = tile_model.useful_pairs(axes)
     best = (0.0, ())
-    for split in itertools.product(range(int(math.log2(rows)) + 1), repeat=rank):
-        if sum(split) != int(math.log2(rows)):
-            continue
-        box = tuple(1 << s for s in split)
+    for box in _boxes(rows, rank):
         # a query box with a "K/V tile" of one key computes its windows' union exactly
         computed = tile_model.query_stationary_pairs(axes, box, box, (1,) * rank)
         best = max(best, (useful / computed, box))
