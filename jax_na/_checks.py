@@ -72,7 +72,8 @@ FUSED_FWD_TILES = {
                        3: (((2, 8, 8), (2, 4, 4)),)},
     ("sm90", "narrow"): {1: (((128,), (128,)),),
                          2: (((16, 8), (16, 8)), ((8, 16), (8, 16))),
-                         3: (((4, 4, 8), (2, 8, 8)), ((2, 8, 8), (2, 8, 8)), ((4, 4, 8), (2, 8, 4)))},
+                         3: (((4, 4, 8), (2, 8, 8)), ((2, 8, 8), (2, 8, 8)), ((4, 4, 8), (2, 8, 4)),
+                             ((8, 4, 4), (1, 8, 16)), ((4, 4, 8), (2, 16, 4)))},
 }
 # The fused backward's compiled tile configurations: (backward_q_tile_shape, backward_kv_tile_shape)
 # of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; each
@@ -96,13 +97,14 @@ FUSED_BWD_TILES = {
                    3: (((4, 4, 4), (4, 4, 4)), ((2, 4, 8), (1, 8, 8)))},
 }
 # The Hopper backward's non-deterministic mode (one warp-specialized kernel adds dK, dV and dQ; no dQ
-# kernel): 128 keys per CTA (two consumer warpgroups), 64 queries per step; configuration i is
-# FUSED_BWD_TILES[("sm90", 64)]'s i with twice its keys. Mirrors HopperBwdWsTiles in
-# cuda/fused/tile_shapes.cuh.
+# kernel): 128 keys per CTA (two consumer warpgroups), 64 queries per step; configurations 0 and 1 are
+# FUSED_BWD_TILES[("sm90", 64)]'s with twice their keys, 3-D adds 1x8x8 queries over 2x8x8 keys
+# (lines of 8 queries: fewer steps where the window is 13 long on the last axes, p3 6400 against
+# 7200). Mirrors HopperBwdWsTiles in cuda/fused/tile_shapes.cuh.
 FUSED_BWD_TILES_NONDETERMINISTIC = {
     "sm90": {1: (((64,), (128,)),),
              2: (((8, 8), (16, 8)), ((4, 16), (8, 16))),
-             3: (((4, 4, 4), (4, 4, 8)), ((2, 4, 8), (2, 8, 8)))},
+             3: (((4, 4, 4), (4, 4, 8)), ((2, 4, 8), (2, 8, 8)), ((1, 8, 8), (2, 8, 8)))},
 }
 # The dQ kernel's tiles in each backward configuration ((Q tile, K/V tile) of the query-stationary
 # kernel, in FUSED_BWD_TILES' order; the same for both portable step sizes), per kernel set and
@@ -602,9 +604,10 @@ def _chosen_bwd_tiles(rank: int, dtype, P: int, fam: str, spatial: tuple, window
     index = []
     for ks in ("sm80", "sm90"):
         configs = fused_bwd_tile_configs(ks, dtype, P, rank, deterministic)
-        dq = fused_bwd_dq_tiles(ks, P, rank)
+        # (the non-deterministic Hopper kernel runs no dQ kernel: its configurations have no dQ tiles)
+        dq = fused_bwd_dq_tiles(ks, P, rank) if deterministic or ks != "sm90" else ()
         index.append(_least_work(
-            [(q, kv, *dq[i]) for i, (q, kv) in enumerate(configs)],
+            [(q, kv, *(dq[i] if i < len(dq) else (None, None))) for i, (q, kv) in enumerate(configs)],
             lambda q, kv, dq_q, dq_kv: tile_model.backward_work(axes(), ks, q, kv, dq_q, dq_kv, deterministic),
             margin=BWD_CHOICE_MARGIN[ks], base=bwd_choice_base(ks, deterministic, rank, len(configs))))
     return FusedTiles(FUSED_BACKENDS[fam], *index) if any(index) else None

@@ -96,9 +96,10 @@ ffi::Error check_arch(const char* kT, int64_t arch) {
 }
 
 // tiles_sm80 / tiles_sm90: indices into the tile configurations of each kernel set (`configs`:
-// fused::fwd_tile_configs or fused::bwd_tile_configs); 0 (the default) always passes, -1 means that
-// set has no configuration with the shapes asked for (the other set must run: arch says which).
-using TileConfigsFn = int (*)(int, DType, int64_t, int, fused::TileConfig*, int);
+// fused::fwd_tile_configs, or fused::bwd_tile_configs of the call's mode); 0 (the default) always
+// passes, -1 means that set has no configuration with the shapes asked for (the other set must run:
+// arch says which).
+template <class TileConfigsFn>
 ffi::Error check_tiles(const char* kT, TileConfigsFn configs, const FusedCall& c, int64_t arch, int64_t tiles_sm80,
                        int64_t tiles_sm90) {
   const int64_t idx[2] = {tiles_sm80, tiles_sm90};
@@ -174,7 +175,11 @@ ffi::Error FusedBwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   if (auto e = decode_fused(kT, arch, q, k, v, add_k, add_v, {kernel_size, stride, dilation, is_causal}, &c);
       e.failure())
     return e;
-  if (auto e = check_tiles(kT, fused::bwd_tile_configs, c, arch, tiles_sm80, tiles_sm90); e.failure()) return e;
+  const bool det = deterministic != 0;  // the Hopper set's non-deterministic kernel has its own list
+  auto bwd_configs = [det](int a, DType dt, int64_t D, int rank, fused::TileConfig* out, int max) {
+    return fused::bwd_tile_configs(a, dt, D, rank, out, max, det);
+  };
+  if (auto e = check_tiles(kT, bwd_configs, c, arch, tiles_sm80, tiles_sm90); e.failure()) return e;
   const TokenTensor& qt = c.q;
   const auto qshape = token_shape(qt.B, qt.S, qt.heads, c.D);
   const auto rows = row_shape(qt.B, qt.S, qt.heads);

@@ -29,8 +29,12 @@ static bool g_atomic = false;  // --atomic
 static cudaError_t launch(const geo::Problem& pr, int rank, DType dt, const fused::BwdArgs& args_in) {
   fused::BwdArgs args = args_in;
   // Configuration g_tiles where the rank has it (the 16-bit head-dim-128 lists), else the default.
-  const int n90 = rank == 1 ? fused::HopperBwdTiles<1>::kCount
-                            : (rank == 2 ? fused::HopperBwdTiles<2>::kCount : fused::HopperBwdTiles<3>::kCount);
+  // (--atomic: the non-deterministic kernel's own list, HopperBwdWsTiles)
+  const int n90 = args.dq_accum != nullptr
+                      ? (rank == 1 ? fused::HopperBwdWsTiles<1>::kCount
+                                   : (rank == 2 ? fused::HopperBwdWsTiles<2>::kCount : fused::HopperBwdWsTiles<3>::kCount))
+                      : (rank == 1 ? fused::HopperBwdTiles<1>::kCount
+                                   : (rank == 2 ? fused::HopperBwdTiles<2>::kCount : fused::HopperBwdTiles<3>::kCount));
   constexpr int kD = kTestHeadDim;  // 128 unless an experiment build says otherwise
   const int n80 = rank == 1 ? fused::PortableBwdTiles<DType::kBF16, kD, 1>::kCount
                             : (rank == 2 ? fused::PortableBwdTiles<DType::kBF16, kD, 2>::kCount

@@ -164,7 +164,11 @@ using PortableFwdTilesFor =
 //   where the first axis' window is short (p3 0.927 vs 1.100 ms, p10 0.84 vs 0.97).
 // Alternatives: 2-D 8x16 over 8x16 (windows long on the last axis: 7x31 on 64x256 0.348 vs 0.462 ms;
 // p2 0.598 vs 0.609); 3-D 2x8x8 over 2x8x8 (windows long on every axis: p8 50.8 vs 51.4 ms, p9 29.1
-// vs 30.1) and 4x4x8 over the 64-key 2x8x4 (finer boxes for small windows).
+// vs 30.1) and 4x4x8 over the 64-key 2x8x4 (finer boxes for small windows); then two 128-key boxes
+// of one or two planes for windows short on the first axis, which the chooser's pair count
+// (tools/tile_work.py) takes on p3 (8x4x4 over 1x8x16: 0.54 of the pairs useful against the
+// default's 0.46; a warpgroup's 4x4x4 box meets its 10 planes of keys one by one) and p10 (4x4x8
+// over 2x16x4: 0.51 against 0.46).
 template <int kRank>
 struct HopperFwdTiles;
 template <>
@@ -175,7 +179,8 @@ struct HopperFwdTiles<2>
 template <>
 struct HopperFwdTiles<3>
     : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 8>>, Tiles<Box<2, 8, 8>, Box<1, 4, 4>, Box<2, 8, 8>>,
-                  Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>> {};
+                  Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, Tiles<Box<8, 4, 4>, Box<1, 4, 4>, Box<1, 8, 16>>,
+                  Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 16, 4>>> {};
 
 // Backward tilings: the KV tile a CTA of the key-stationary dK/dV kernel owns (kBlockN keys), the Q
 // tile of its inverse neighbourhood it takes per step (kBlockM queries), and the Tiles of the
@@ -283,11 +288,23 @@ constexpr int kHopperDqBlockM = 64;
 template <int kRank>
 using HopperBwdTiles = BwdTileConfigs<kRank, 64, kHopperBwdBlockN, kHopperDqBlockN, kHopperDqBlockM>;
 // The Hopper backward's non-deterministic mode (hopper/mainloop_bwd.cuh: one warp-specialized kernel
-// adds dK, dV and dQ): CTAs of 128 keys on two consumer warpgroups, Q tiles of 64; configuration i is
-// HopperBwdTiles' i with twice its keys (1-D 128; 2-D 16x8, 8x16; 3-D 4x4x8, 2x8x8). Its dQ tiles are
-// unused.
+// adds dK, dV and dQ): CTAs of 128 keys on two consumer warpgroups, Q tiles of 64; configurations 0
+// and 1 are HopperBwdTiles' with twice its keys (1-D 128; 2-D 16x8, 8x16; 3-D 4x4x8, 2x8x8), and 3-D
+// adds 1x8x8 queries over 2x8x8 keys: on axes 1 and 2 a line of 8 queries covers the inverse
+// neighbourhood of 8 keys in fewer tiles than two lines of 4 where the window is 13 long (p3: 6400
+// steps against configuration 1's 7200, the same 8 runs of consecutive tokens per Q tile;
+// tools/tile_work.py). Their dQ tiles are unused (no dQ kernel runs in this mode).
+template <int kRank, class Base = typename BwdTileConfigs<kRank, 64, 128, kHopperDqBlockN, kHopperDqBlockM>::List>
+struct HopperBwdWsTilesOf {
+  using type = Base;
+};
+template <class Base>
+struct HopperBwdWsTilesOf<3, Base> {
+  using type = typename ConcatConfigs<
+      Base, TileConfigs<BwdTiles<Box<1, 8, 8>, Box<2, 8, 8>, typename Base::template At<1>::DqTiles>>>::type;
+};
 template <int kRank>
-using HopperBwdWsTiles = BwdTileConfigs<kRank, 64, 128, kHopperDqBlockN, kHopperDqBlockM>;
+using HopperBwdWsTiles = typename HopperBwdWsTilesOf<kRank>::type;
 
 // Host-side description of one configuration (extents per axis; axes past the rank are 1; warp: a
 // query-stationary configuration's warp box, zeros for the backward's).

@@ -33,22 +33,31 @@ struct Sm90DkdvDqLaunch {
 // dK/dV on kHopperBwdBlockN keys (64: one warpgroup), Q tiles of 64 queries (dK + dV + S^T + dP^T:
 // 192 accumulator registers per thread at D = 128); two CTAs per SM (tile_shapes.cuh). With a
 // dq_accum buffer (non-deterministic mode): HopperBwdWsTiles, one warp-specialized kernel of 128-key
-// CTAs that adds dQ there too, and no dQ kernel recomputing S and dP.
+// CTAs that adds dQ there too, and no dQ kernel recomputing S and dP (its traits only size the maps
+// and grids launch_bwd_kernels computes for every mode).
+template <DType kDType, int kHeadDim, int kRank, class Shapes, class KVTraits, class Dkdv>
+cudaError_t launch_bwd_sm90_config(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
+  using DqTraits = FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, kHopperDqBlockM / 16, 2, typename Shapes::DqTiles>;
+  return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>, Dkdv>(pr, args, stream);
+}
+
 template <DType kDType, int kHeadDim, int kRank>
 cudaError_t run_bwd_sm90(const geo::Problem& pr, const BwdArgs& args, cudaStream_t stream) {
+  if (args.dq_accum != nullptr) {
+    using Configs = HopperBwdWsTiles<kRank>;
+    return with_tile_config<Configs>(args.tiles_sm90, [&](auto config) {
+      using Shapes = typename Configs::template At<decltype(config)::value>;
+      using KVTraits = HopperBwdTraits<BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, Shapes>>;
+      return launch_bwd_sm90_config<kDType, kHeadDim, kRank, Shapes, KVTraits, Sm90DkdvDqLaunch<KVTraits>>(pr, args,
+                                                                                                        stream);
+    });
+  }
   using Configs = HopperBwdTiles<kRank>;
   return with_tile_config<Configs>(args.tiles_sm90, [&](auto config) {
     using Shapes = typename Configs::template At<decltype(config)::value>;
-    using DqTraits =
-        FwdTraits<kDType, kHeadDim, kRank, kHopperDqBlockN, kHopperDqBlockM / 16, 2, typename Shapes::DqTiles>;
-    if (args.dq_accum != nullptr) {
-      using WsShapes = typename HopperBwdWsTiles<kRank>::template At<decltype(config)::value>;
-      using KVTraits = HopperBwdTraits<BwdKVTraits<kDType, kHeadDim, kRank, 8, 128, 64, WsShapes>>;
-      return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>,
-                                Sm90DkdvDqLaunch<KVTraits>>(pr, args, stream);
-    }
     using KVTraits = BwdKVTraits<kDType, kHeadDim, kRank, kHopperBwdBlockN / 16, kHopperBwdBlockN, 64, Shapes>;
-    return launch_bwd_kernels<DqTraits, KVTraits, Sm90Gemm<DqTraits>, Sm90Gemm<KVTraits>>(pr, args, stream);
+    return launch_bwd_sm90_config<kDType, kHeadDim, kRank, Shapes, KVTraits, DkdvLaunch<KVTraits, Sm90Gemm<KVTraits>>>(
+        pr, args, stream);
   });
 }
 
