@@ -168,7 +168,9 @@ using PortableFwdTilesFor =
 // of one or two planes for windows short on the first axis, which the chooser's pair count
 // (tools/tile_work.py) takes on p3 (8x4x4 over 1x8x16: 0.54 of the pairs useful against the
 // default's 0.46; a warpgroup's 4x4x4 box meets its 10 planes of keys one by one) and p10 (4x4x8
-// over 2x16x4: 0.51 against 0.46).
+// over 2x16x4: 0.51 against 0.46), one for windows long on the last axis: p8 (4x4x8 over 1x4x32:
+// 0.68 against 0.64), and 8x2x8 over 1x8x16 for small windows (3x7x7 over 8x64x64, 5x7x7 over
+// 16x56x56, 7x7x7 over 32^3: 0.23-0.29 against 0.14-0.19).
 template <int kRank>
 struct HopperFwdTiles;
 template <>
@@ -180,7 +182,8 @@ template <>
 struct HopperFwdTiles<3>
     : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 8>>, Tiles<Box<2, 8, 8>, Box<1, 4, 4>, Box<2, 8, 8>>,
                   Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, Tiles<Box<8, 4, 4>, Box<1, 4, 4>, Box<1, 8, 16>>,
-                  Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 16, 4>>> {};
+                  Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 16, 4>>, Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<1, 4, 32>>,
+                  Tiles<Box<8, 2, 8>, Box<1, 2, 8>, Box<1, 8, 16>>> {};
 
 // Backward tilings: the KV tile a CTA of the key-stationary dK/dV kernel owns (kBlockN keys), the Q
 // tile of its inverse neighbourhood it takes per step (kBlockM queries), and the Tiles of the
