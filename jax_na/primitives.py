@@ -386,6 +386,13 @@ def _fused_impl(kind, *args, params, backend):
     tiles = params.bwd_tiles or _checks.FusedTiles(int(arch), 0, 0)
     P = _checks.fused_head_dim(D, Dv, q.dtype, backend, tiles.arch)
     adds_dq = not params.deterministic and _checks.fused_bwd_adds_dq(q.dtype, P, params.window_size, backend, tiles)
+    if not params.deterministic and not adds_dq:
+        # The deterministic kernels take a call that asked for the other mode (the portable set runs it),
+        # but its Hopper index came from the non-deterministic kernel's list, which is longer: past the
+        # deterministic list it names nothing there, so the default stands in (those kernels run only
+        # where dispatch.cu and fused_bwd_adds_dq disagree, and then correctly in any configuration).
+        if tiles.sm90 >= len(_checks.fused_bwd_tile_configs("sm90", q.dtype, P, params.rank, True)):
+            tiles = dataclasses.replace(tiles, sm90=0)
     tile_attrs = dict(arch=np.int64(tiles.arch), tiles_sm80=np.int64(tiles.sm80), tiles_sm90=np.int64(tiles.sm90))
 
     def call(q, k, v, add_k, add_v, out, lse, d_out, d_lse):

@@ -728,6 +728,31 @@ def test_no_hopper_no_atomics(pretend_kernels):
     assert _tile_attrs(line) == (90, -1, 0), line
 
 
+@pytest.mark.parametrize("hopper,D,kernel,backend", [
+    (False, 128, (7, 13, 13), None),          # no Hopper GPU (an A100): the portable kernels
+    (True, 128, (7, 13, 13), "fused_sm80"),   # the portable set pinned
+    (True, 64, (2, 11, 11), "fused"),         # head dim 64, 242 keys: auto's rule takes the portable set
+])
+def test_nondeterministic_choice_where_the_deterministic_kernels_run(pretend_kernels, hopper, D, kernel, backend):
+    """Where a call asking for deterministic_backward=False runs the deterministic kernels, the Hopper
+    index its chooser took from the non-deterministic kernel's list (longer in 3-D: p3-like windows
+    take its third configuration) is not sent to the deterministic kernels, whose list has two: the
+    default stands in, so the target accepts the call."""
+    pretend_kernels(hopper=hopper)
+    q = _arr((1, 16, 32, 32, 2, D), jnp.bfloat16)
+    params = _checks.window_params(3, (16, 32, 32), kernel, 1, 1, False, head_dim=D)
+    window = (params.kernel_size, params.stride, params.dilation, params.is_causal)
+    spec = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    nd = _checks.bwd_tiles_args(3, spec, spec, backend or "auto", None, None, window, False)
+    n_det = len(_checks.fused_bwd_tile_configs("sm90", jnp.bfloat16, D, 3, True))
+    assert nd is not None and nd.sm90 >= n_det, nd   # what the lowering must not pass on
+    g = jax.grad(lambda q: jnp.sum(jax_na.na3d(q, q, q, kernel, backend=backend, deterministic_backward=False)
+                                   .astype(jnp.float32)))
+    (line,) = _calls(_cuda_hlo(g, q), "jax_na_fused_bwd")
+    assert _int_attr(line, "deterministic") == 1, line
+    assert _tile_attrs(line) == (nd.arch, nd.sm80, 0), line
+
+
 def test_fused_bwd_adds_dq(monkeypatch):
     """fused_bwd_adds_dq with a tile choice: False where the Hopper set has no configuration
     (tiles.sm90 < 0), else by tiles.arch (0: auto's rule; 90: always; 80: never)."""
