@@ -55,7 +55,9 @@ struct BwdArgs {
 // The backward's compiled tile configurations (the dK/dV kernel's Q tile per step and KV tile per
 // CTA) of the portable (arch 80) or Hopper (arch 90) kernels for (dtype, head dim, rank), as
 // fwd_tile_configs; !deterministic: the Hopper non-deterministic mode's (its CTAs take twice the keys).
-// Both modes have the same number of configurations (configuration i of one is i of the other).
+// The non-deterministic list starts with the deterministic one's configurations (their K/V boxes
+// twice as large) and may hold more (3-D: 1x8x8 over 2x8x8): an index names a configuration of
+// the call's mode only.
 int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max, bool deterministic);
 int bwd_tile_configs(int arch, DType dtype, int64_t D, int rank, TileConfig* out, int max);
 
