@@ -73,8 +73,7 @@ FUSED_FWD_TILES = {
     ("sm90", "narrow"): {1: (((128,), (128,)),),
                          2: (((16, 8), (16, 8)), ((8, 16), (8, 16))),
                          3: (((4, 4, 8), (2, 8, 8)), ((2, 8, 8), (2, 8, 8)), ((4, 4, 8), (2, 8, 4)),
-                             ((8, 4, 4), (1, 8, 16)), ((4, 4, 8), (2, 16, 4)), ((4, 4, 8), (1, 4, 32)),
-                             ((8, 2, 8), (1, 8, 16)))},
+                             ((8, 4, 4), (1, 8, 16)), ((4, 4, 8), (2, 16, 4)), ((8, 2, 8), (1, 8, 16)))},
 }
 # The fused backward's compiled tile configurations: (backward_q_tile_shape, backward_kv_tile_shape)
 # of its key-stationary dK/dV kernel (the queries it takes per step, the keys a CTA owns; each

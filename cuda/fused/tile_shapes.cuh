@@ -164,13 +164,14 @@ using PortableFwdTilesFor =
 //   where the first axis' window is short (p3 0.927 vs 1.100 ms, p10 0.84 vs 0.97).
 // Alternatives: 2-D 8x16 over 8x16 (windows long on the last axis: 7x31 on 64x256 0.348 vs 0.462 ms;
 // p2 0.598 vs 0.609); 3-D 2x8x8 over 2x8x8 (windows long on every axis: p8 50.8 vs 51.4 ms, p9 29.1
-// vs 30.1) and 4x4x8 over the 64-key 2x8x4 (finer boxes for small windows); then two 128-key boxes
-// of one or two planes for windows short on the first axis, which the chooser's pair count
-// (tools/tile_work.py) takes on p3 (8x4x4 over 1x8x16: 0.54 of the pairs useful against the
-// default's 0.46; a warpgroup's 4x4x4 box meets its 10 planes of keys one by one) and p10 (4x4x8
-// over 2x16x4: 0.51 against 0.46), one for windows long on the last axis: p8 (4x4x8 over 1x4x32:
-// 0.68 against 0.64), and 8x2x8 over 1x8x16 for small windows (3x7x7 over 8x64x64, 5x7x7 over
-// 16x56x56, 7x7x7 over 32^3: 0.23-0.29 against 0.14-0.19).
+// vs 30.1) and 4x4x8 over the 64-key 2x8x4 (finer boxes for small windows); then three 128-key
+// boxes of one or two key planes, which the chooser's pair count (tools/tile_work.py) takes where
+// the first axis' window is short (H100, session 50, standalone): p3 8x4x4 over 1x8x16 (0.54 of the
+// pairs useful against 0.46: a warpgroup's 4x4x4 box meets its planes of keys one by one; 0.704 vs
+// 0.781 ms), p10 4x4x8 over 2x16x4 (0.51 against 0.46; 0.622 vs 0.679 ms), small windows 8x2x8
+// over 1x8x16 (3x7x7 over 8x64x64 and 5x7x7 over 16x56x56: 0.23 / 0.27 against 0.14 / 0.17; 1.14
+// vs 1.69 and 1.06 vs 1.37 ms). (4x4x8 over 1x4x32, 5% fewer pairs on p8, measured 44.2 vs 44.4 ms:
+// not kept.)
 template <int kRank>
 struct HopperFwdTiles;
 template <>
@@ -182,8 +183,7 @@ template <>
 struct HopperFwdTiles<3>
     : TileConfigs<Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 8>>, Tiles<Box<2, 8, 8>, Box<1, 4, 4>, Box<2, 8, 8>>,
                   Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 8, 4>>, Tiles<Box<8, 4, 4>, Box<1, 4, 4>, Box<1, 8, 16>>,
-                  Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 16, 4>>, Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<1, 4, 32>>,
-                  Tiles<Box<8, 2, 8>, Box<1, 2, 8>, Box<1, 8, 16>>> {};
+                  Tiles<Box<4, 4, 8>, Box<1, 4, 4>, Box<2, 16, 4>>, Tiles<Box<8, 2, 8>, Box<1, 2, 8>, Box<1, 8, 16>>> {};
 
 // Backward tilings: the KV tile a CTA of the key-stationary dK/dV kernel owns (kBlockN keys), the Q
 // tile of its inverse neighbourhood it takes per step (kBlockM queries), and the Tiles of the
