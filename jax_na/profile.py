@@ -43,7 +43,7 @@ import jax_na
 from jax_na import _checks, _ext
 
 __all__ = [
-    "PROBLEMS", "BY_ID", "Problem", "TUNABLE_BACKENDS", "TileSweep", "register_tunable", "make_problem",
+    "PROBLEMS", "BY_ID", "problem_by_id", "Problem", "TUNABLE_BACKENDS", "TileSweep", "register_tunable", "make_problem",
     "parse_problem", "run", "timeit", "ClockSampler", "format_table", "main",
 ]
 
@@ -148,6 +148,20 @@ PROBLEMS = [
     _p("p11-1d-d64", 4, (16384,), 16, 64, 1023, causal=True),
 ]
 BY_ID = {p.id: p for p in PROBLEMS}
+
+
+def problem_by_id(name: str) -> Problem:
+    """The named problem of BENCHMARKS.md: its full id (``"p1-1d-long"``) or its number (``"p1"``).
+
+    Example: ``problem_by_id("p3").spatial == (16, 32, 32)``.
+    """
+    if name in BY_ID:
+        return BY_ID[name]
+    short = [p for p in PROBLEMS if p.id.split("-")[0] == name]
+    if len(short) == 1:
+        return short[0]
+    raise ValueError(f"unknown problem {name!r}; known: {', '.join(BY_ID)} (or their numbers, p1 to "
+                     f"p{len(PROBLEMS)})")
 
 # What `python -m jax_na.profile` runs without a problem on a machine without a GPU: small enough
 # for the reference backend on a laptop CPU (a 2-D NAT-like layer).
@@ -749,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("problem (a named one, or a custom one from --spatial)")
     g.add_argument("--problem", "--problems", dest="problem", default=None,
-                   help="comma list of problem ids of BENCHMARKS.md, or 'all'; --list shows them")
+                   help="comma list of problem ids of BENCHMARKS.md (p3-3d, or p3), or 'all'; --list shows them")
     g.add_argument("--list", action="store_true", help="list the named problems and exit")
     g.add_argument("--spatial", default=None, help="custom problem: spatial shape, e.g. 32768, 64x64, 8x32x32")
     g.add_argument("--rank", type=int, default=None, help="1, 2 or 3 (default: from --spatial)")
@@ -814,10 +828,11 @@ def _problems(a, on_gpu: bool) -> list[Problem]:
     for i in a.problem.split(","):
         if i == CPU_DEFAULT.id:
             out.append(CPU_DEFAULT)
-        elif i in BY_ID:
-            out.append(BY_ID[i])
         else:
-            raise ValueError(f"unknown problem {i!r}; known: {', '.join(BY_ID)}, {CPU_DEFAULT.id}")
+            try:
+                out.append(problem_by_id(i))
+            except ValueError as e:
+                raise ValueError(f"{e}, or {CPU_DEFAULT.id}") from None
     return out
 
 

@@ -231,7 +231,19 @@ def test_sweep_tiles_times_the_fused_configurations(tmp_path, monkeypatch, capsy
 
 def test_bad_problem_is_an_error(capsys):
     assert profile.main(["--problem", "nope"]) == 2
+    assert "unknown problem 'nope'" in capsys.readouterr().err
+    assert profile.main(["--problem", "p12"]) == 2
     assert profile.main(["--spatial", "8x8", "--kernel", "3x3x3"]) == 2
+
+
+def test_problems_by_number():
+    """--problem takes a problem's full id or its number: p1 is p1-1d-long, not p10 or p11."""
+    assert profile.problem_by_id("p1") is profile.BY_ID["p1-1d-long"]
+    assert profile.problem_by_id("p10") is profile.BY_ID["p10-video-causal"]
+    assert profile.problem_by_id("p3-3d").spatial == (16, 32, 32)
+    for bad in ("p", "p0", "3", "p1-1d"):
+        with pytest.raises(ValueError, match="unknown problem"):
+            profile.problem_by_id(bad)
 
 
 def test_nat_dinat_tiny_forward_and_train_step():

@@ -50,7 +50,7 @@ try:
 except ImportError:  # the source tree (the model needs no compiled extension)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jax_na import _checks, tile_model  # noqa: E402
-from jax_na.profile import BY_ID, PROBLEMS, Problem  # noqa: E402
+from jax_na.profile import PROBLEMS, Problem, problem_by_id  # noqa: E402
 
 DTYPE = jnp.dtype(jnp.bfloat16)
 
@@ -151,7 +151,7 @@ def analyse(p: Problem, kernel_set: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", default="sm90", choices=("sm90", "sm80"), help="kernel set (default: Hopper)")
-    ap.add_argument("--problem", nargs="*", default=None, help="problem ids (default: the whole set)")
+    ap.add_argument("--problem", nargs="*", default=None, help="problem ids, e.g. p3-3d or p3 (default: the whole set)")
     ap.add_argument("--times", help="a `python -m jax_na.profile --json` file: the forward's rate on the "
                                     "pairs it computes")
     ap.add_argument("--search", type=int, default=0, metavar="N",
@@ -160,7 +160,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.search < 0 or (a.search and a.set != "sm90"):
         ap.error("--search takes a count >= 0 and the Hopper set (--set sm90)")
-    probs = [BY_ID[i] for i in a.problem] if a.problem else PROBLEMS
+    try:
+        probs = [problem_by_id(i) for i in a.problem] if a.problem else PROBLEMS
+    except ValueError as e:
+        ap.error(str(e))
     fwd_tflops = {}
     if a.times:
         with open(a.times) as f:
