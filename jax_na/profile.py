@@ -163,6 +163,7 @@ def problem_by_id(name: str) -> Problem:
     raise ValueError(f"unknown problem {name!r}; known: {', '.join(BY_ID)} (or their numbers, p1 to "
                      f"p{len(PROBLEMS)})")
 
+
 # What `python -m jax_na.profile` runs without a problem on a machine without a GPU: small enough
 # for the reference backend on a laptop CPU (a 2-D NAT-like layer).
 CPU_DEFAULT = _p("cpu-small", 2, (32, 32), 4, 32, 7)
